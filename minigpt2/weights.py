@@ -1,0 +1,337 @@
+"""Reading and writing GPT-2 checkpoints in the official safetensors layout.
+
+The official checkpoint and minigpt2's model use the same tensor names, with three differences
+that this module translates, explicitly and in one place:
+
+    official checkpoint                       minigpt2                     why
+    ----------------------------------------  ---------------------------  -----------------------
+    [transformer.]wte.weight       (V, C)     wte.weight       (V, C)      prefix from transformers
+    [transformer.]wpe.weight       (P, C)     wpe.weight       (P, C)
+    [transformer.]h.N.ln_1.weight|bias (C,)   h.N.ln_1.weight|bias         same
+    [transformer.]h.N.attn.c_attn.weight  (C, 3C)   h.N.attn.c_attn.weight  (3C, C)  Conv1D: (in, out)
+    [transformer.]h.N.attn.c_attn.bias    (3C,)     h.N.attn.c_attn.bias    (3C,)
+    [transformer.]h.N.attn.c_proj.weight  (C, C)    h.N.attn.c_proj.weight  (C, C)   Conv1D, transposed
+    [transformer.]h.N.ln_2.weight|bias    (C,)      h.N.ln_2.weight|bias
+    [transformer.]h.N.mlp.c_fc.weight     (C, 4C)   h.N.mlp.c_fc.weight     (4C, C)  Conv1D, transposed
+    [transformer.]h.N.mlp.c_proj.weight   (4C, C)   h.N.mlp.c_proj.weight   (C, 4C)  Conv1D, transposed
+    [transformer.]ln_f.weight|bias        (C,)      ln_f.weight|bias
+    [transformer.]h.N.attn.bias, .masked_bias       (none)       causal-mask buffers, skipped
+    lm_head.weight  (optional)            (V, C)    = wte.weight             tied, must equal wte
+
+OpenAI's TensorFlow code used a "Conv1D" layer that is a plain matrix multiply with the weight
+stored (in, out); `nn.Linear` stores (out, in). On the square `attn.c_proj` a forgotten transpose
+still loads without a shape error and silently computes garbage, which is why the parity tests
+compare values, not shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import GPTConfig
+from .device import resolve_device, resolve_dtype
+from .errors import CheckpointError
+from .hub import OFFICIAL_REPOS, hub_file, local_path
+from .model import GPT
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+MASK_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+PREFIX = "transformer."
+
+
+def is_conv1d(name: str) -> bool:
+    """True for the four weights the official checkpoint stores transposed, (in, out)."""
+    return name.endswith(CONV1D_WEIGHTS)
+
+
+def official_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an official checkpoint of this shape holds (unprefixed), with its shape."""
+    with torch.device("meta"):
+        model = GPT(config)
+    shapes = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to wte.weight; not stored
+        shapes[name] = tuple(reversed(tensor.shape)) if is_conv1d(name) else tuple(tensor.shape)
+    return shapes
+
+
+# ----- finding the files ------------------------------------------------------------------
+
+
+def checkpoint_files(source: str | os.PathLike, revision: str | None = None) -> tuple[Path | None, Path]:
+    """(config.json or None, model.safetensors) for a source; see `minigpt2.hub` for the forms."""
+    path = local_path(source)
+    if path is None:
+        return hub_file(str(source), CONFIG_NAME, revision=revision), hub_file(
+            str(source), WEIGHTS_NAME, revision=revision
+        )
+    if path.is_dir():
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            extra = ""
+            if (path / f"{WEIGHTS_NAME}.index.json").exists():
+                extra = " It holds a sharded checkpoint (model.safetensors.index.json), which minigpt2 does not read yet."
+            elif (path / "pytorch_model.bin").exists():
+                extra = " It holds pytorch_model.bin, a pickle, which minigpt2 never loads: convert it to safetensors."
+            raise CheckpointError(f"directory '{path}' has no {WEIGHTS_NAME}.{extra}")
+        config = path / CONFIG_NAME
+        return (config if config.is_file() else None), weights
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(
+                f"'{path}' is not a .safetensors file; give a checkpoint directory, a .safetensors file or a model name"
+            )
+        return None, path
+    raise CheckpointError(
+        f"model '{source}' not found: it is not an existing file or directory, one of the known names "
+        f"({', '.join(OFFICIAL_REPOS)}), or a hub repo id ('owner/name')."
+    )
+
+
+def _read_config(path: Path) -> GPTConfig:
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read '{path}': {e}. It should be a GPT-2 config.json.") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"'{path}' is not a JSON object; it should be a GPT-2 config.json.")
+    return GPTConfig.from_hf_config(hf, where=str(path))
+
+
+def _infer_config(shapes: dict[str, tuple[int, ...]], where: Path) -> GPTConfig:
+    """The shape of a model from its tensors alone, for a bare .safetensors file.
+
+    Width and vocabulary come from `wte`, the context from `wpe`, the depth from the highest block
+    index. The head count is not stored anywhere; every official GPT-2 uses heads of 64, so
+    heads = width / 64.
+    """
+    for needed in ("wte.weight", "wpe.weight"):
+        if needed not in shapes:
+            raise CheckpointError(f"'{where}' has no tensor '{needed}'; it is not a GPT-2 checkpoint.")
+    vocab_size, n_embd = shapes["wte.weight"]
+    n_positions = shapes["wpe.weight"][0]
+    blocks = [int(m.group(1)) for name in shapes if (m := re.match(r"h\.(\d+)\.", name))]
+    if n_embd % 64:
+        raise CheckpointError(
+            f"'{where}': width {n_embd} is not a multiple of 64, so the head count cannot be inferred; "
+            "put a config.json beside the weights and load the directory."
+        )
+    return GPTConfig(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_layer=max(blocks, default=-1) + 1,
+        n_head=n_embd // 64,
+        n_embd=n_embd,
+    )
+
+
+# ----- loading ----------------------------------------------------------------------------
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError, or OSError for unreadable files
+        raise CheckpointError(
+            f"'{path}' is not a readable safetensors file ({e}). It is probably truncated or corrupted: "
+            "download or save it again (for a hub model, delete it from the Hugging Face cache first)."
+        ) from None
+
+
+def _match_keys(
+    stored: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: Path
+) -> dict[str, str]:
+    """Map each expected (unprefixed) name to its key in the file; raise on any mismatch."""
+    found: dict[str, str] = {}
+    unexpected: list[str] = []
+    for key in stored:
+        name = key.removeprefix(PREFIX)
+        if MASK_BUFFERS.fullmatch(name) or name == "lm_head.weight":
+            continue
+        if name in expected and name not in found:
+            found[name] = key
+        else:
+            unexpected.append(key)
+    problems = []
+    missing = [name for name in expected if name not in found]
+    if missing:
+        problems.append(f"missing tensors: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_names(unexpected)}")
+    wrong = [
+        f"{found[name]} is {list(stored[found[name]])}, expected {list(shape)}"
+        for name, shape in expected.items()
+        if name in found and tuple(stored[found[name]]) != shape
+    ]
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
+    if problems:
+        raise CheckpointError(
+            f"'{where}' does not match a GPT-2 of this shape ({'; '.join(problems)}). "
+            "Check that config.json belongs to these weights and that the file is a GPT-2 checkpoint."
+        )
+    return found
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_model(
+    source: str | os.PathLike = "gpt2",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    revision: str | None = None,
+) -> GPT:
+    """Load a GPT-2 from a model name, hub repo id, checkpoint directory or .safetensors file.
+
+    Args:
+        source: `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, a hub repo id in the GPT-2 layout,
+            a directory with config.json + model.safetensors, or a single .safetensors file.
+        device: where to put the model (`cpu`, `cuda`, `mps`, `auto`); default cpu.
+        dtype: parameter dtype (`float32`, `bfloat16`, `float16`, or a torch.dtype); default float32.
+        revision: a branch, tag or commit of a hub model.
+
+    The model is returned in eval mode. It records its `source`, so `save_model` can copy the
+    tokenizer files along. Loading is strict: a missing, unexpected or mis-shaped tensor raises
+    a `CheckpointError` naming it.
+    """
+    device = resolve_device(device or "cpu")
+    dtype = resolve_dtype(dtype or "float32", device)
+    config_path, weights_path = checkpoint_files(source, revision)
+
+    with _open_safetensors(weights_path) as f:
+        try:
+            stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except Exception as e:
+            raise CheckpointError(f"'{weights_path}' is corrupted ({e}); download or save it again.") from None
+        unprefixed = {key.removeprefix(PREFIX): shape for key, shape in stored.items()}
+        config = _read_config(config_path) if config_path else _infer_config(unprefixed, weights_path)
+        keys = _match_keys(stored, official_shapes(config), weights_path)
+
+        # Build the model without allocating or initialising random weights (meta device), then
+        # give it uninitialised storage and fill every tensor from the file, one at a time.
+        with torch.device("meta"):
+            model = GPT(config)
+        model.to_empty(device=device)
+        model.to(dtype)
+        model.tie_weights()  # to_empty gave wte and lm_head separate storage; share it again
+        params = model.state_dict()
+        with torch.no_grad():
+            for name, key in keys.items():
+                tensor = _get_tensor(f, key, weights_path)
+                params[name].copy_(tensor.t() if is_conv1d(name) else tensor)
+            lm_head = next((k for k in stored if k.removeprefix(PREFIX) == "lm_head.weight"), None)
+            if lm_head is not None and not torch.equal(_get_tensor(f, lm_head, weights_path), _get_tensor(f, keys["wte.weight"], weights_path)):
+                raise CheckpointError(
+                    f"'{weights_path}': lm_head.weight differs from wte.weight. minigpt2's GPT-2 ties the "
+                    "output layer to the token embedding, so an untied checkpoint cannot be loaded faithfully."
+                )
+    model.eval()
+    model.source = str(source)
+    return model
+
+
+def _get_tensor(f, key: str, where: Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except Exception as e:
+        raise CheckpointError(
+            f"'{where}': tensor {key} cannot be read ({e}); the file is probably truncated or corrupted: "
+            "download or save it again."
+        ) from None
+
+
+# ----- saving -----------------------------------------------------------------------------
+
+
+def save_model(
+    model: GPT,
+    directory: str | os.PathLike,
+    *,
+    tokenizer_source: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` as config.json + model.safetensors (+ vocab.json, merges.txt when known).
+
+    The layout is exactly what transformers' `save_pretrained` writes for a `GPT2LMHeadModel`
+    (`transformer.` prefix, Conv1D orientation, no lm_head: it is tied), so
+    `GPT2LMHeadModel.from_pretrained(directory)` and `load_model(directory)` both read it.
+
+    Tokenizer files are copied from `tokenizer_source`, or else from the source the model was
+    loaded from, when that has them. An existing checkpoint in `directory` is never replaced
+    unless `overwrite=True`; files are written under temporary names and renamed into place, so
+    an interrupted save leaves no half-written checkpoint behind.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot save to '{directory}': it is a file, not a directory.")
+    if not overwrite and any((directory / name).exists() for name in (WEIGHTS_NAME, CONFIG_NAME)):
+        raise CheckpointError(
+            f"'{directory}' already holds a checkpoint; choose another directory (nothing was overwritten)."
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        name = name.removeprefix("_orig_mod.")  # torch.compile's wrapper adds this prefix
+        if name == "lm_head.weight":
+            continue
+        tensor = tensor.detach().cpu()
+        tensors[PREFIX + name] = (tensor.t() if is_conv1d(name) else tensor).contiguous()
+
+    config = model.config.to_hf_config()
+    _write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_atomically(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+
+    tokenizer_dir = _tokenizer_dir(tokenizer_source, explicit=True) if tokenizer_source is not None else None
+    if tokenizer_dir is None and getattr(model, "source", None) is not None:
+        tokenizer_dir = _tokenizer_dir(model.source, explicit=False)
+    if tokenizer_dir is not None and tokenizer_dir.resolve() != directory.resolve():
+        for name in TOKENIZER_FILES:
+            _write_atomically(directory / name, lambda tmp, name=name: shutil.copyfile(tokenizer_dir / name, tmp))
+    return directory
+
+
+def _tokenizer_dir(source: str | os.PathLike, *, explicit: bool) -> Path | None:
+    """The directory holding a source's vocab.json and merges.txt (fetching them if from the hub)."""
+    from .tokenizer import tokenizer_files
+
+    try:
+        vocab, merges = tokenizer_files(source)
+    except CheckpointError:
+        if explicit:
+            raise
+        return None
+    if vocab.parent != merges.parent:  # hub cache snapshots keep both in one folder; be safe anyway
+        return None
+    return vocab.parent
+
+
+def _write_atomically(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
