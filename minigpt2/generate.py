@@ -1,89 +1,402 @@
 """Text generation: prefill the prompt once, then decode one token at a time from a KV cache.
 
-Small pure functions, in the style of gpt-fast: `prefill` runs the prompt through the model and
-fills the cache, `decode_one_token` feeds one new token, `sample_next` turns logits into a token.
-The model knows nothing about sampling, and the sampler nothing about the model.
+Small pure functions in the style of gpt-fast. The model knows nothing about sampling, and the
+sampler nothing about the model:
+
+    prefill           run the (left-padded) prompts through the model, filling the KV cache
+    decode_one_token  run one new token per sequence against the cache
+    sample_next       turn last-position logits into the next token ids
+    Utf8Guard         masks tokens that would make the output invalid UTF-8
+    generate_tokens   the loop: prefill, then sample / decode until done
+
+Batches hold prompts of different lengths by padding them on the *left*: every sequence's
+newest token then sits in the same cache slot, so one decode step serves them all. Each
+sequence's position ids start at 0 at its first real token, and an attention mask hides the
+padding, so a padded sequence computes exactly what it would alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import codecs
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch import nn
 
+from .errors import MiniGPT2Error
 from .model import GPT
+
+# ----- choosing the next token ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each next token.
+
+    greedy: always the most likely token (deterministic; the other settings are ignored
+        except the repetition penalty).
+    temperature: divides the logits; < 1 sharpens the distribution, > 1 flattens it; 0 is greedy.
+    top_k: sample only among the k most likely tokens (None or 0: all).
+    top_p: nucleus sampling: only among the most likely tokens whose probabilities add up to p.
+    repetition_penalty: > 1 makes tokens already in the text less likely (the CTRL paper's rule:
+        positive logits are divided by it, negative ones multiplied).
+    """
+
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise MiniGPT2Error(f"temperature must be 0 or more (0 means greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise MiniGPT2Error(f"top-k must be 0 (off) or a positive number of tokens, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise MiniGPT2Error(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise MiniGPT2Error(f"repetition penalty must be positive (1 is off), got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens that already occur (seen: (B, vocab) bool) less likely."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits of each row, set the rest to -inf."""
+    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities sum to at least p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, vocab)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # probability mass of the more likely tokens
+    drop_sorted = before >= p  # the first token always stays: nothing comes before it
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def sample_next(
-    logits: torch.Tensor,
-    *,
-    greedy: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Pick the next token from last-position logits (B, vocab); returns ids (B, 1).
+    """Pick one token per row from last-position logits (B, vocab); returns ids (B,).
 
-    Greedy takes the most likely token. Otherwise the logits are divided by `temperature`
-    (below 1 sharpens the distribution, above 1 flattens it), optionally cut to the `top_k`
-    most likely tokens, and one token is drawn from the softmax.
+    Logits already masked to -inf (by the UTF-8 guard, or top-k/top-p) are never drawn.
     """
-    if greedy or temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.greedy or sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k:
+        logits = top_k_filter(logits, sampling.top_k)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        logits = top_p_filter(logits, sampling.top_p)
     probs = torch.softmax(logits, dim=-1)  # (B, vocab)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
-def prefill(model: GPT, idx: torch.Tensor, kv_caches: nn.ModuleList) -> torch.Tensor:
-    """Run the prompt (B, T) through the model, filling the cache; return the last logits (B, vocab)."""
-    return model(idx, kv_caches=kv_caches, pos=0)[:, -1, :]
+# ----- never a broken character -----------------------------------------------------------
+
+# A UTF-8 validator as a finite automaton over bytes. The states say what the bytes so far
+# still owe: nothing (a character boundary), 1-3 continuation bytes, or one of the four lead
+# bytes whose *next* byte has a narrower range (to forbid overlong forms and surrogates).
+# Two more states refuse U+FFFD itself (EF BF BD): GPT-2's vocabulary has tokens that spell it,
+# learned from web text that already held replacement characters.
+ACCEPT, NEED1, NEED2, NEED3, AFTER_E0, AFTER_ED, AFTER_F0, AFTER_F4, AFTER_EF, AFTER_EFBF, REJECT = range(11)
+N_STATES = 10  # the live states; REJECT is where invalid input goes
 
 
-def decode_one_token(model: GPT, token: torch.Tensor, kv_caches: nn.ModuleList, pos: int) -> torch.Tensor:
-    """Feed one token per sequence (B, 1) at position `pos`; return its logits (B, vocab)."""
-    return model(token, kv_caches=kv_caches, pos=pos)[:, -1, :]
+def _utf8_transitions() -> np.ndarray:
+    """next_state[state, byte] for the UTF-8 automaton."""
+    t = np.full((N_STATES + 1, 256), REJECT, dtype=np.int64)
+    t[ACCEPT, 0x00:0x80] = ACCEPT  # ASCII
+    t[ACCEPT, 0xC2:0xE0] = NEED1  # 2-byte characters
+    t[ACCEPT, 0xE0] = AFTER_E0  # 3-byte: E0 must be followed by A0..BF
+    t[ACCEPT, 0xE1:0xF0] = NEED2
+    t[ACCEPT, 0xED] = AFTER_ED  # ED must be followed by 80..9F (no surrogates)
+    t[ACCEPT, 0xF0] = AFTER_F0  # 4-byte: F0 must be followed by 90..BF
+    t[ACCEPT, 0xF1:0xF4] = NEED3
+    t[ACCEPT, 0xF4] = AFTER_F4  # F4 must be followed by 80..8F (nothing above U+10FFFF)
+    t[ACCEPT, 0xEF] = AFTER_EF  # EF BF BD would be U+FFFD
+    t[NEED1, 0x80:0xC0] = ACCEPT
+    t[NEED2, 0x80:0xC0] = NEED1
+    t[NEED3, 0x80:0xC0] = NEED2
+    t[AFTER_E0, 0xA0:0xC0] = NEED1
+    t[AFTER_ED, 0x80:0xA0] = NEED1
+    t[AFTER_F0, 0x90:0xC0] = NEED2
+    t[AFTER_F4, 0x80:0x90] = NEED2
+    t[AFTER_EF, 0x80:0xC0] = NEED1
+    t[AFTER_EF, 0xBF] = AFTER_EFBF
+    t[AFTER_EFBF, 0x80:0xC0] = ACCEPT
+    t[AFTER_EFBF, 0xBD] = REJECT
+    return t
 
 
-@torch.no_grad()
+class Utf8Guard:
+    """Allows only tokens whose bytes keep the generated text valid UTF-8.
+
+    GPT-2's tokens are byte strings, and many are fragments of a multi-byte character. Sampling
+    freely, the model can put a fragment where it does not fit, and the text then holds bytes
+    that decode to U+FFFD. (U+FFFD spelled out by a token is refused as well.) The guard tracks each sequence's automaton state (what its pending
+    bytes still owe) and, at each step, masks every token that would lead to an invalid byte.
+
+    The work is done once per tokenizer: for every (state, token) pair, whether the token is
+    allowed and which state it leads to, as two (10, vocab) tables. A step then only gathers one
+    row of the table per sequence. `<|endoftext|>` and any ids the tokenizer lacks (a model
+    with a padded vocabulary) are allowed only at a character boundary, or never.
+    """
+
+    def __init__(
+        self,
+        token_bytes: Sequence[bytes | None],
+        special_ids: Sequence[int] = (),
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """token_bytes: each id's bytes (None: never allowed); special_ids: allowed at a boundary."""
+        trans = _utf8_transitions()
+        n = len(token_bytes)
+        lengths = np.array([len(b) if b is not None else 0 for b in token_bytes])
+        table = np.zeros((n, max(int(lengths.max()), 1)), dtype=np.int64)  # (vocab, longest token)
+        for i, b in enumerate(token_bytes):
+            if b:
+                table[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
+        states = np.repeat(np.arange(N_STATES)[:, None], n, axis=1)  # (10, vocab): start state per row
+        for j in range(table.shape[1]):  # advance every (state, token) pair one byte at a time
+            live = lengths > j
+            states[:, live] = trans[states[:, live], table[live, j]]
+        states[:, lengths == 0] = REJECT  # no bytes: unknown ids
+        special = [i for i in special_ids if i < n]
+        states[:, special] = REJECT
+        states[ACCEPT, special] = ACCEPT  # <|endoftext|> only at a character boundary
+        self.next_state = torch.from_numpy(states).to(device)  # (10, vocab)
+        self.allowed = self.next_state != REJECT  # (10, vocab)
+        # At the last step, only tokens that finish exactly on a character boundary.
+        self.completes = self.next_state == ACCEPT  # (10, vocab)
+
+    @classmethod
+    def for_tokenizer(cls, enc, vocab_size: int, device: torch.device | str = "cpu") -> Utf8Guard:
+        """The guard for a tiktoken encoding and a model with `vocab_size` logits."""
+        specials = [enc.encode_single_token(t) for t in enc.special_tokens_set]
+        token_bytes = [None if i in specials else _token_bytes(enc, i) for i in range(min(enc.n_vocab, vocab_size))]
+        token_bytes += [None] * (vocab_size - len(token_bytes))  # ids the tokenizer cannot decode
+        return cls(token_bytes, specials, device)
+
+    def mask(self, logits: torch.Tensor, states: torch.Tensor, last_step: bool = False) -> torch.Tensor:
+        """Set the logits (B, vocab) of forbidden tokens to -inf, given each row's state (B,)."""
+        allowed = (self.completes if last_step else self.allowed)[states]  # (B, vocab)
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Each row's state after appending its token (B,)."""
+        return self.next_state[states, tokens]
+
+
+def _token_bytes(enc, i: int) -> bytes | None:
+    try:
+        return enc.decode_single_token_bytes(i)
+    except KeyError:  # a hole in the vocabulary
+        return None
+
+
+class Utf8Stream:
+    """Turns a stream of token bytes into text, holding back a character until it is complete.
+
+    Decoding token by token with `bytes.decode` would print half characters (as U+FFFD) whenever
+    a token ends inside a character. The incremental decoder keeps those bytes until the rest
+    arrives; only bytes that can never become valid are shown as U+FFFD.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, data: bytes) -> str:
+        return self._decoder.decode(data)
+
+    def flush(self) -> str:
+        """Whatever is left at the end (a dangling partial character shows as U+FFFD)."""
+        return self._decoder.decode(b"", final=True)
+
+
+# ----- running the model ------------------------------------------------------------------
+
+
+def left_pad(rows: Sequence[Sequence[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → ids (B, T) left-padded with 0, and a mask (B, T) that is True on real tokens."""
+    T = max(len(r) for r in rows)
+    idx = torch.zeros(len(rows), T, dtype=torch.long)
+    valid = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if r:
+            idx[i, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+            valid[i, T - len(r) :] = True
+    return idx.to(device), valid.to(device)
+
+
+def padded_inputs(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Position ids (B, T) and attention mask (B, 1, T, T) for a left-padded prompt batch.
+
+    Without padding, the model's own causal path is used (mask None: the fastest kernels).
+    A padding slot attends to itself only, so its (unused) output stays finite: a row of
+    all-False would give NaN, and NaN keys and values would leak into real tokens' attention.
+    """
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+    if bool(valid.all()):
+        return positions, None
+    T = valid.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()  # (T, T)
+    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
+    mask = (causal & valid[:, None, :]) | eye  # (B, T, T)
+    return positions, mask[:, None]  # (B, 1, T, T)
+
+
+def prefill(model: GPT, idx: torch.Tensor, valid: torch.Tensor, kv_caches) -> torch.Tensor:
+    """Run the left-padded prompts (B, T) through the model, filling slots 0..T-1 of the cache.
+
+    Returns the logits of each prompt's last token (B, vocab). With `kv_caches=None` this is a
+    plain full forward pass, which is how generation without a cache works.
+    """
+    positions, mask = padded_inputs(valid)
+    return model(idx, kv_caches=kv_caches, pos=0, positions=positions, attn_mask=mask)[:, -1, :]
+
+
+def decode_one_token(
+    model: GPT, token: torch.Tensor, kv_caches, pos: int, positions: torch.Tensor, key_valid: torch.Tensor | None
+) -> torch.Tensor:
+    """Run one new token per sequence (B, 1) at cache slot `pos`; return its logits (B, vocab).
+
+    positions (B, 1) are the tokens' position ids; key_valid (B, pos+1) hides padding slots
+    (None when there is none: the single query may then see every cached key).
+    """
+    mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, pos+1)
+    return model(token, kv_caches=kv_caches, pos=pos, positions=positions, attn_mask=mask)[:, -1, :]
+
+
+def static_decoder(model: GPT, device: torch.device, compile: bool = True):
+    """A decode step with static shapes, by default compiled: the same graph at every position.
+
+    Eager decoding slices the cache to the filled length, so shapes change every step. This
+    step always attends over the whole cache with a mask, writes with a tensor position, and
+    takes only tensors, so torch.compile captures it once (with CUDA graphs on a GPU: mode
+    "reduce-overhead"), removing the per-layer Python and kernel-launch overhead that dominates
+    batch-1 decoding on a fast GPU.
+    """
+
+    def step(token, kv_caches, pos, positions, key_valid):
+        mask = key_valid[:, None, None, :]  # (B, 1, 1, max_len)
+        return model(token, kv_caches=kv_caches, pos=pos, positions=positions, attn_mask=mask)[:, -1, :]
+
+    if not compile:
+        return step
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
+
+
+@torch.inference_mode()
 def generate_tokens(
     model: GPT,
-    idx: torch.Tensor,
+    prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
+    sampling: Sampling = Sampling(),
     *,
-    greedy: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
     generator: torch.Generator | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield `max_new_tokens` new tokens (each (B, 1)) continuing the prompt `idx` (B, T).
+    guard: Utf8Guard | None = None,
+    eot_id: int | None = None,
+    use_cache: bool = True,
+    compile: bool = False,
+    static: bool | None = None,
+) -> Iterator[list[int]]:
+    """Yield the next token of every sequence, step by step, `max_new_tokens` times at most.
 
-    When the text fills the model's context, the cache is rebuilt from the last half of the
-    context (a sliding window), so generation can go on past n_positions tokens.
+    prompts: one token list per sequence (non-empty; lengths may differ). A prompt longer than
+        the context is cut to its last `n_positions` tokens.
+    guard: a `Utf8Guard` to keep the output valid UTF-8. At the last step it also insists on
+        a token that ends on a character boundary, so no partial character is left dangling.
+    eot_id: a sequence that draws it is finished; generation stops when all are.
+    use_cache: False recomputes the whole context at every step (for comparison).
+    compile: decode with a static-shape, torch.compile'd step (for GPUs).
+    static: decode with the static-shape step, compiled or not (default: when compiling).
+
+    When a sequence fills the context, all sequences continue from the most recent half of
+    their text (a sliding window): the cache is emptied and that half is prefilled again.
     """
     n_ctx = model.config.n_positions
-    idx = idx[:, -n_ctx:]
-    kv_caches = model.new_kv_caches(idx.size(0))
-    logits = prefill(model, idx, kv_caches)
-    pos = idx.size(1)
-    for _ in range(max_new_tokens):
-        token = sample_next(logits, greedy=greedy, temperature=temperature, top_k=top_k, generator=generator)
-        yield token
-        idx = torch.cat([idx, token], dim=1)  # (B, T + 1)
-        if pos == n_ctx:  # the context is full: keep the most recent half and start over
-            idx = idx[:, -(n_ctx // 2) :]
-            logits = prefill(model, idx, kv_caches)
-            pos = idx.size(1)
-        else:
-            logits = decode_one_token(model, token, kv_caches, pos)
+    device = model.wte.weight.device
+    B = len(prompts)
+    windows = [list(p[-n_ctx:]) for p in prompts]  # the tokens currently in the model's view
+    if any(not w for w in windows):
+        raise ValueError("every prompt needs at least one token (use <|endoftext|> for an empty prompt)")
+
+    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+    if sampling.repetition_penalty != 1.0:
+        for i, p in enumerate(prompts):
+            seen[i, torch.tensor(sorted(set(p)), device=device)] = True
+    states = torch.full((B,), ACCEPT, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    kv_caches = model.new_kv_caches(B) if use_cache else None
+    static = compile if static is None else static
+    step_fn = static_decoder(model, device, compile) if (use_cache and static) else None
+
+    def restart():
+        """Prefill the current windows; return (logits, next slot, key mask, next positions)."""
+        idx, valid = left_pad(windows, device)
+        logits = prefill(model, idx, valid, kv_caches)
+        key_valid = None if bool(valid.all()) and step_fn is None else valid
+        if step_fn is not None:  # static shapes: a key mask over the whole cache
+            key_valid = torch.zeros(B, n_ctx, dtype=torch.bool, device=device)
+            key_valid[:, : valid.size(1)] = valid
+        next_pos = valid.long().sum(dim=1, keepdim=True)  # (B, 1) position id of the next token
+        return logits, valid.size(1), key_valid, next_pos
+
+    logits, pos, key_valid, next_pos = restart()
+    for step in range(max_new_tokens):
+        logits = apply_repetition_penalty(logits.float(), seen, sampling.repetition_penalty)
+        if guard is not None:
+            logits = guard.mask(logits, states, last_step=step == max_new_tokens - 1)
+        token = sample_next(logits, sampling, generator)  # (B,)
+        if guard is not None:
+            states = guard.advance(states, token)
+        seen[torch.arange(B, device=device), token] = True
+        tokens = token.tolist()
+        yield tokens
+        if eot_id is not None:
+            done |= token == eot_id
+            if bool(done.all()):
+                return
+        if step == max_new_tokens - 1:
+            return
+
+        for w, t in zip(windows, tokens):
+            w.append(t)
+        if pos == n_ctx:  # the context is full: keep the most recent half and start again
+            windows = [w[-(n_ctx // 2) :] for w in windows]
+            logits, pos, key_valid, next_pos = restart()
+            continue
+        if not use_cache:
+            idx, valid = left_pad(windows, device)
+            logits = prefill(model, idx, valid, None)
             pos += 1
+            continue
+        token = token[:, None]  # (B, 1)
+        if step_fn is not None:
+            key_valid[:, pos] = True
+            logits = step_fn(token, kv_caches, torch.tensor(pos, device=device), next_pos, key_valid).clone()
+        else:
+            if key_valid is not None:
+                key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+            logits = decode_one_token(model, token, kv_caches, pos, next_pos, key_valid)
+        next_pos = next_pos + 1
+        pos += 1
 
 
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-    """The prompt followed by `max_new_tokens` generated tokens, (B, T + max_new_tokens)."""
-    new = list(generate_tokens(model, idx, max_new_tokens, **sampling))
-    return torch.cat([idx, *new], dim=1)
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(greedy=True), **kwargs) -> torch.Tensor:
+    """The prompts `idx` (B, T) followed by up to `max_new_tokens` generated tokens each."""
+    steps = list(generate_tokens(model, idx.tolist(), max_new_tokens, sampling, **kwargs))
+    new = torch.tensor(steps, dtype=torch.long, device=idx.device).T.reshape(idx.size(0), -1)  # (B, steps)
+    return torch.cat([idx, new], dim=1)

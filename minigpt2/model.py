@@ -62,13 +62,22 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k`, `v` (B, nh, T, hs) at positions pos..pos+T-1.
+    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `k`, `v` (B, nh, T, hs) in slots pos..pos+T-1 and return what the queries may read.
 
-        Returns the keys and values of positions 0..pos+T-1, each (B, nh, pos+T, hs): everything
-        the new queries may attend to.
+        With an int `pos` (eager generation) it returns the filled slots 0..pos+T-1, each
+        (B, nh, pos+T, hs), so attention costs grow with the text, not with the cache size.
+        With a tensor `pos` (compiled generation) it returns the whole buffers (B, nh, max_len,
+        hs): the same shapes at every step, which is what lets torch.compile and CUDA graphs
+        capture the step once; the caller's attention mask then hides the slots not yet written.
         """
-        end = pos + k.size(2)
+        T = k.size(2)
+        if isinstance(pos, torch.Tensor):
+            slots = pos + torch.arange(T, device=k.device)  # (T,)
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
+            return self.k, self.v
+        end = pos + T
         if end > self.k.size(2):
             raise ValueError(f"KV cache holds {self.k.size(2)} positions; cannot write up to {end}")
         self.k[:, :, pos:end] = k
@@ -122,7 +131,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        pos: int | torch.Tensor = 0,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (B, T, C)
@@ -130,8 +145,12 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
-            k, v = kv_cache.update(pos, k, v)  # (B, nh, S, hs) with S = pos + T
-        y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+            k, v = kv_cache.update(pos, k, v)  # (B, nh, S, hs) with S = pos + T (or the cache size)
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            y = causal_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, T, hs)
+        else:  # the caller's mask (B, 1, T, S), e.g. causal and hiding left padding
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -171,8 +190,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, pos)  # (B, T, C)
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        pos: int | torch.Tensor = 0,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, pos, attn_mask)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -245,7 +270,9 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         kv_caches: nn.ModuleList | list[KVCache] | None = None,
-        pos: int = 0,
+        pos: int | torch.Tensor = 0,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits for every position of `idx` (B, T).
 
@@ -256,21 +283,27 @@ class GPT(nn.Module):
                 cross-entropy loss is returned too.
             kv_caches: from `new_kv_caches`; keys and values of the tokens before `idx` are
                 read from it and those of `idx` are written to it.
-            pos: the position of `idx[:, 0]` in the text, i.e. how many tokens are already
-                cached. Without a cache, 0.
+            pos: the cache slot of `idx[:, 0]`, i.e. how many slots are already filled (an int,
+                or a 0-d tensor for static-shape compiled decoding). Without a cache, 0.
+            positions: position ids (T,) or (B, T) for the position embedding; by default
+                pos..pos+T-1. They differ from the slots when a batch is left-padded: each
+                sequence's first real token is position 0, wherever it sits.
+            attn_mask: a boolean (B, 1, T, S) mask, True where a query may attend to a key,
+                replacing the built-in causal mask (for padded batches).
 
         Returns:
             logits (B, T, vocab_size), or (logits, loss) when `targets` is given.
         """
         B, T = idx.shape
-        if pos + T > self.config.n_positions:
-            raise ValueError(
-                f"positions {pos}..{pos + T - 1} exceed the model's context of {self.config.n_positions} tokens"
-            )
-        positions = torch.arange(pos, pos + T, device=idx.device)  # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C) + (T, C) → (B, T, C)
+        if positions is None:
+            if pos + T > self.config.n_positions:
+                raise ValueError(
+                    f"positions {pos}..{pos + T - 1} exceed the model's context of {self.config.n_positions} tokens"
+                )
+            positions = torch.arange(pos, pos + T, device=idx.device)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C) + (T, C) or (B, T, C) → (B, T, C)
         for i, block in enumerate(self.h):
-            x = block(x, None if kv_caches is None else kv_caches[i], pos)  # (B, T, C)
+            x = block(x, None if kv_caches is None else kv_caches[i], pos, attn_mask)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:

@@ -58,7 +58,7 @@ def test_greedy_continuation_matches_transformers(pair):
     expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
                            pad_token_id=50256)
     for layout, model in ours.items():
-        got = generate(model, prompt, 20, greedy=True)
+        got = generate(model, prompt, 20)  # greedy by default
         assert got.tolist() == expected.tolist(), layout
 
 

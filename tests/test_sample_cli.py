@@ -1,6 +1,8 @@
 """`python sample.py` as a user runs it: a subprocess, a fresh environment, no network."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,9 @@ import pytest
 import torch
 from checkpoints import write_official_layout
 
-from minigpt2 import generate, load_model, load_tokenizer
+from minigpt2 import load_model, load_tokenizer
+from minigpt2.generate import Sampling
+from minigpt2.text import generate_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,23 +29,50 @@ def test_sample_from_the_hub_cache(hub_gpt2, hf_home):
                         hf_home=hf_home)
     assert result.returncode == 0, result.stderr
     # the same continuation as the library computes in-process
-    enc = load_tokenizer("gpt2")
-    prompt = enc.encode("今天的天气")
-    out = generate(load_model("gpt2"), torch.tensor([prompt]), 12, greedy=True)[0, len(prompt):].tolist()
-    assert result.stdout == "今天的天气" + enc.decode(out, errors="replace") + "\n"
+    expected = generate_text(load_model("gpt2"), load_tokenizer("gpt2"), ["今天的天气"], 12, Sampling(greedy=True))[0]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "=== gpt2 · prompt 1 ==="
+    assert "\n".join(lines[1:-1]) == "今天的天气" + expected.text
+    assert re.fullmatch(r"\[12 tokens · [\d.]+ tok/s · CJK \d+% · length\]", lines[-1])
+
+
+def test_json_records_for_several_prompts_samples_and_models(hub_gpt2, hf_home, tmp_path):
+    local = write_official_layout(hub_gpt2, tmp_path / "local")
+    result = run_sample("今天的天气", "Hello", "--model", "gpt2", "--model", str(local), "--num-samples", "2",
+                        "--max-new-tokens", "8", "--seed", "1", "--json", hf_home=hf_home)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    order = [(r["prompt"], r["model"], r["sample"]) for r in records]
+    assert order == [(p, m, i) for p in ("今天的天气", "Hello") for m in ("gpt2", str(local)) for i in (0, 1)]
+    for r in records:
+        assert r["tokens"] == 8 and r["finish_reason"] == "length" and 0 <= r["cjk_share"] <= 1
+        assert "\ufffd" not in r["text"]
+    # the same weights and seed under two names give the same samples: base and fine-tuned line up
+    assert records[0]["text"] == records[2]["text"] and records[1]["text"] == records[3]["text"]
 
 
 def test_sampling_with_a_seed_is_reproducible(hub_gpt2, hf_home):
     runs = [run_sample("Hello", "--seed", "3", "--max-new-tokens", "15", hf_home=hf_home) for _ in range(2)]
     assert runs[0].returncode == 0, runs[0].stderr
-    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("Hello")
+    assert runs[0].stdout.split("[")[0] == runs[1].stdout.split("[")[0]
     other = run_sample("Hello", "--seed", "4", "--max-new-tokens", "15", hf_home=hf_home)
-    assert other.stdout != runs[0].stdout
+    assert other.stdout.split("[")[0] != runs[0].stdout.split("[")[0]
 
 
-def test_generation_continues_past_the_context(hub_gpt2, hf_home):
-    result = run_sample("", "--model", "gpt2", "--max-new-tokens", "300", "--seed", "0", hf_home=hf_home)  # context 128
+def test_cache_and_no_cache_agree_past_the_context(hub_gpt2, hf_home):
+    args = ["", "--greedy", "--max-new-tokens", "200", "--json"]  # context 128: the window slides twice
+    cached, uncached = run_sample(*args, hf_home=hf_home), run_sample(*args, "--no-cache", hf_home=hf_home)
+    assert cached.returncode == 0, cached.stderr
+    a, b = json.loads(cached.stdout), json.loads(uncached.stdout)
+    assert a["text"] == b["text"] and a["tokens"] == 200
+
+
+def test_long_prompt_keeps_its_end(hub_gpt2, hf_home, tmp_path):
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("天" * 200, encoding="utf-8")  # 200+ tokens, context 128
+    result = run_sample("--prompt-file", str(prompt), "--max-new-tokens", "5", hf_home=hf_home)
     assert result.returncode == 0, result.stderr
+    assert "longer than the 128-token context; using its end" in result.stderr
 
 
 def assert_clean_error(result, *needles):
@@ -78,10 +109,27 @@ def test_bad_checkpoints(tmp_path, hub_gpt2):
                        "missing tensors: h.1.attn.c_attn.weight")
 
 
+def test_prompt_file_that_is_not_utf8(tmp_path):
+    bad = tmp_path / "gbk.txt"
+    bad.write_bytes("今天的天气".encode("utf-8")[:6] + "天气".encode("gbk"))
+    result = run_sample("--prompt-file", str(bad), hf_home=tmp_path)
+    assert_clean_error(result, str(bad), "not valid UTF-8", "byte 6")
+    missing = run_sample("--prompt-file", str(tmp_path / "nope.txt"), hf_home=tmp_path)
+    assert_clean_error(missing, "nope.txt")
+
+
+def test_no_prompt_at_all(tmp_path):
+    assert_clean_error(run_sample(hf_home=tmp_path), "no prompt given")
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--max-new-tokens", "-1"], "--max-new-tokens"),
-    (["--temperature", "-0.5"], "--temperature"),
-    (["--top-k", "-3"], "--top-k"),
+    (["--temperature", "-0.5"], "temperature must be 0 or more"),
+    (["--top-k", "-3"], "top-k must be 0"),
+    (["--top-p", "0"], "top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "top-p must be in (0, 1]"),
+    (["--repetition-penalty", "0"], "repetition penalty must be positive"),
+    (["--num-samples", "0"], "--num-samples"),
     (["--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "device"),
 ])
 def test_bad_options(tmp_path, args, needle):

@@ -1,0 +1,230 @@
+"""The token-level generation loop, the samplers, and the UTF-8 guard."""
+
+import codecs
+import itertools
+
+import pytest
+import torch
+
+from minigpt2 import GPT, GPTConfig, load_tokenizer
+from minigpt2.errors import MiniGPT2Error
+from minigpt2.generate import (
+    ACCEPT, AFTER_E0, AFTER_ED, AFTER_EF, AFTER_EFBF, AFTER_F0, AFTER_F4, NEED1, NEED2, NEED3, Sampling, Utf8Guard,
+    apply_repetition_penalty, generate_tokens, left_pad, prefill, sample_next,
+)
+
+
+def tiny(vocab_size=500, n_positions=32, seed=0, n_layer=2, n_embd=32, n_head=4):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
+
+
+def run(model, prompts, n, sampling=Sampling(greedy=True), **kw):
+    steps = list(generate_tokens(model, prompts, n, sampling, **kw))
+    return [list(col) for col in zip(*steps)]  # per sequence
+
+
+PROMPTS = [[5, 17, 300, 2], [9], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
+
+
+def test_cached_and_uncached_greedy_agree_across_the_context_boundary():
+    model = tiny()  # context 32: 70 new tokens cross it twice (sliding window)
+    cached = run(model, PROMPTS, 70)
+    uncached = run(model, PROMPTS, 70, use_cache=False)
+    assert cached == uncached
+    assert all(len(c) == 70 for c in cached)
+
+
+def test_static_shape_decoder_agrees_with_eager():
+    model = tiny()
+    assert run(model, PROMPTS, 45, static=True) == run(model, PROMPTS, 45)
+
+
+def test_compiled_decoder_agrees_with_eager():
+    model = tiny(n_positions=16)
+    assert run(model, PROMPTS[:2], 20, compile=True) == run(model, PROMPTS[:2], 20)
+
+
+def test_batched_prompts_give_the_same_tokens_as_one_at_a_time():
+    model = tiny()
+    batched = run(model, PROMPTS, 50)
+    alone = [run(model, [p], 50)[0] for p in PROMPTS]
+    assert batched == alone
+
+
+@torch.no_grad()
+def test_prefill_logits_equal_the_full_forward_even_when_padded():
+    model = tiny()
+    idx, valid = left_pad(PROMPTS, "cpu")
+    caches = model.new_kv_caches(len(PROMPTS))
+    last = prefill(model, idx, valid, caches)
+    for i, p in enumerate(PROMPTS):
+        full = model(torch.tensor([p]))[0, -1]
+        torch.testing.assert_close(last[i], full, rtol=0, atol=1e-5)
+
+
+def test_seed_reproducibility():
+    model = tiny()
+    s = Sampling(temperature=1.3, top_k=100)
+    a = run(model, PROMPTS, 30, s, generator=torch.Generator().manual_seed(1))
+    b = run(model, PROMPTS, 30, s, generator=torch.Generator().manual_seed(1))
+    c = run(model, PROMPTS, 30, s, generator=torch.Generator().manual_seed(2))
+    assert a == b and a != c
+
+
+def test_endoftext_stops_a_sequence():
+    model = tiny()
+    with torch.no_grad():  # make token 7 the certain next token everywhere
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(model.wte.weight[7] * 100)
+    steps = list(generate_tokens(model, PROMPTS, 10, Sampling(greedy=True), eot_id=7))
+    assert steps == [[7, 7, 7]]
+
+
+# ----- samplers: only allowed tokens, in the renormalised proportions ---------------------
+
+PROBS = torch.tensor([0.02, 0.30, 0.05, 0.20, 0.01, 0.15, 0.12, 0.10, 0.03, 0.02])
+DRAWS = 200_000
+
+
+def frequencies(sampling, seed=0):
+    logits = PROBS.log().expand(DRAWS, -1)
+    tokens = sample_next(logits, sampling, torch.Generator().manual_seed(seed))
+    return torch.bincount(tokens, minlength=len(PROBS)).double() / DRAWS
+
+
+def renormalised(keep):
+    p = torch.zeros_like(PROBS, dtype=torch.float64)
+    p[keep] = PROBS[keep].double()
+    return p / p.sum()
+
+
+# With 200k draws the standard error of a frequency is at most 0.0011, so 0.006 is > 5 sigma;
+# the nearest wrong answers (not renormalised, one token too many or too few) are > 0.02 away.
+TOL = 0.006
+
+
+def test_top_k_draws_only_the_k_best_in_renormalised_proportions():
+    freq = frequencies(Sampling(top_k=3))
+    expected = renormalised([1, 3, 5])
+    assert set(torch.nonzero(freq).flatten().tolist()) == {1, 3, 5}
+    assert (freq - expected).abs().max() < TOL
+    assert (renormalised([1, 3, 5, 6]) - expected).abs().max() > 3 * TOL  # the test can tell
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    # sorted: .30 .20 .15 .12 ... ; cumulative .30 .50 .65 .77: p=0.6 needs 3 tokens, p=0.65 also 3, 0.66 needs 4
+    for p, keep in [(0.6, [1, 3, 5]), (0.65, [1, 3, 5]), (0.66, [1, 3, 5, 6]), (0.25, [1])]:
+        freq = frequencies(Sampling(top_p=p))
+        assert set(torch.nonzero(freq).flatten().tolist()) == set(keep), p
+        assert (freq - renormalised(keep)).abs().max() < TOL, p
+
+
+def test_temperature_reshapes_the_distribution():
+    freq = frequencies(Sampling(temperature=0.5))
+    expected = PROBS.double() ** 2 / (PROBS.double() ** 2).sum()
+    assert (freq - expected).abs().max() < TOL
+    assert (PROBS.double() - expected).abs().max() > 3 * TOL
+
+
+def test_repetition_penalty_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1), "temperature"), (dict(top_k=-1), "top-k"), (dict(top_p=0), "top-p"),
+    (dict(top_p=1.01), "top-p"), (dict(repetition_penalty=0), "repetition penalty"),
+])
+def test_bad_sampling_settings(kwargs, message):
+    with pytest.raises(MiniGPT2Error, match=message):
+        Sampling(**kwargs)
+
+
+# ----- the UTF-8 guard --------------------------------------------------------------------
+
+# A byte string that leaves the automaton in each state.
+PENDING = {ACCEPT: b"", NEED1: b"\xc3", NEED2: b"\xe4", NEED3: b"\xf1", AFTER_E0: b"\xe0",
+           AFTER_ED: b"\xed", AFTER_F0: b"\xf0", AFTER_F4: b"\xf4", AFTER_EF: b"\xef", AFTER_EFBF: b"\xef\xbf"}
+
+
+def valid_prefix(data: bytes) -> bool:
+    """Can some continuation turn `data` into valid UTF-8? (Python's incremental decoder alone
+    is not enough: it accepts b"\xed\xa1" and only objects once the surrogate's third byte arrives.)"""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        if "\ufffd" in decoder.decode(data, final=False):
+            return False
+    except UnicodeDecodeError:
+        return False
+    pending = decoder.getstate()[0]
+    if not pending:
+        return True
+    need = {0xC: 2, 0xD: 2, 0xE: 3, 0xF: 4}[pending[0] >> 4] - len(pending)
+    # the edges of every continuation range UTF-8 allows: enough to find a completion if one exists
+    edges = (0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF)
+    return any(complete(pending + bytes(c)) for c in itertools.product(edges, repeat=need))
+
+
+def complete(data: bytes) -> bool:
+    """Valid UTF-8 that ends on a character boundary and holds no U+FFFD."""
+    try:
+        return "\ufffd" not in data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def enc(shared_data):
+    return load_tokenizer(shared_data / "gpt2")
+
+
+def test_guard_tables_agree_with_pythons_utf8_decoder_for_every_token(enc):
+    guard = Utf8Guard.for_tokenizer(enc, 50257)
+    for state, pending in PENDING.items():
+        assert valid_prefix(pending) and (state == ACCEPT) == complete(pending)
+        allowed = guard.allowed[state].tolist()
+        completes = guard.completes[state].tolist()
+        for i in range(50256):
+            data = pending + enc.decode_single_token_bytes(i)
+            assert allowed[i] == valid_prefix(data), (state, i)
+            assert completes[i] == (allowed[i] and complete(data)), (state, i)
+        assert allowed[50256] == (state == ACCEPT)  # <|endoftext|> only between characters
+
+
+def test_guard_masks_ids_beyond_the_tokenizer(enc):
+    guard = Utf8Guard.for_tokenizer(enc, 50304)  # a vocabulary padded to a multiple of 64
+    assert not guard.allowed[:, 50257:].any()
+
+
+def _sampled_bytes(enc, guard, seed):
+    model = tiny(vocab_size=50257, n_positions=64, seed=seed, n_embd=64)
+    prompts = [enc.encode(p) for p in ("今天的天气", "人工智能的未来", "红楼梦", "我")]
+    steps = generate_tokens(model, prompts, 500, Sampling(temperature=1.5), guard=guard,
+                            generator=torch.Generator().manual_seed(seed))
+    columns = list(zip(*steps))  # 4 × 500 = 2,000 tokens
+    return [b"".join(enc.decode_single_token_bytes(t) for t in col) for col in columns]
+
+
+def test_guard_keeps_hot_random_sampling_valid_utf8(enc):
+    guard = Utf8Guard.for_tokenizer(enc, 50257)
+    for data in _sampled_bytes(enc, guard, seed=3):
+        text = data.decode("utf-8")  # strict: raises on any invalid or dangling byte
+        assert "\ufffd" not in text
+    # the same run without the guard does produce broken characters: the test can fail
+    broken = [d for d in _sampled_bytes(enc, None, seed=3) if not complete(d)]
+    assert broken
+
+
+def test_guard_never_leaves_a_dangling_partial_character(enc):
+    guard = Utf8Guard.for_tokenizer(enc, 50257)
+    model = tiny(vocab_size=50257, n_positions=64, n_embd=64)
+    prompt = [enc.encode("天")]
+    for n in range(1, 7):
+        for seed in range(5):
+            steps = generate_tokens(model, prompt * 8, n, Sampling(temperature=3.0), guard=guard,
+                                    generator=torch.Generator().manual_seed(seed))
+            for col in zip(*steps):
+                assert complete(b"".join(enc.decode_single_token_bytes(t) for t in col))
