@@ -100,17 +100,22 @@ def checkpoint_files(source: str | os.PathLike, revision: str | None = None) -> 
     )
 
 
-def _read_config(path: Path) -> GPTConfig:
+def read_json_object(path: Path, expected: str) -> dict:
+    """A JSON file that must hold an object; `expected` says what it should be, for the error."""
     try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read '{path}': {e}. It should be a GPT-2 config.json.") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"'{path}' is not a JSON object; it should be a GPT-2 config.json.")
-    return GPTConfig.from_hf_config(hf, where=str(path))
+        raise CheckpointError(f"cannot read '{path}': {e}. It should be {expected}.") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"'{path}' is not a JSON object; it should be {expected}.")
+    return value
 
 
-def _infer_config(shapes: dict[str, tuple[int, ...]], where: Path) -> GPTConfig:
+def read_config(path: Path) -> GPTConfig:
+    return GPTConfig.from_hf_config(read_json_object(path, "a GPT-2 config.json"), where=str(path))
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], where: Path) -> GPTConfig:
     """The shape of a model from its tensors alone, for a bare .safetensors file.
 
     Width and vocabulary come from `wte`, the context from `wpe`, the depth from the highest block
@@ -140,7 +145,7 @@ def _infer_config(shapes: dict[str, tuple[int, ...]], where: Path) -> GPTConfig:
 # ----- loading ----------------------------------------------------------------------------
 
 
-def _open_safetensors(path: Path):
+def open_safetensors(path: Path):
     from safetensors import safe_open
 
     try:
@@ -152,7 +157,7 @@ def _open_safetensors(path: Path):
         ) from None
 
 
-def _match_keys(
+def match_keys(
     stored: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: Path
 ) -> dict[str, str]:
     """Map each expected (unprefixed) name to its key in the file; raise on any mismatch."""
@@ -216,14 +221,14 @@ def load_model(
     dtype = resolve_dtype(dtype or "float32", device)
     config_path, weights_path = checkpoint_files(source, revision)
 
-    with _open_safetensors(weights_path) as f:
+    with open_safetensors(weights_path) as f:
         try:
             stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         except Exception as e:
             raise CheckpointError(f"'{weights_path}' is corrupted ({e}); download or save it again.") from None
         unprefixed = {key.removeprefix(PREFIX): shape for key, shape in stored.items()}
-        config = _read_config(config_path) if config_path else _infer_config(unprefixed, weights_path)
-        keys = _match_keys(stored, official_shapes(config), weights_path)
+        config = read_config(config_path) if config_path else infer_config(unprefixed, weights_path)
+        keys = match_keys(stored, official_shapes(config), weights_path)
 
         # Build the model without allocating or initialising random weights (meta device), then
         # give it uninitialised storage and fill every tensor from the file, one at a time.
@@ -235,10 +240,10 @@ def load_model(
         params = model.state_dict()
         with torch.no_grad():
             for name, key in keys.items():
-                tensor = _get_tensor(f, key, weights_path)
+                tensor = get_tensor(f, key, weights_path)
                 params[name].copy_(tensor.t() if is_conv1d(name) else tensor)
             lm_head = next((k for k in stored if k.removeprefix(PREFIX) == "lm_head.weight"), None)
-            if lm_head is not None and not torch.equal(_get_tensor(f, lm_head, weights_path), _get_tensor(f, keys["wte.weight"], weights_path)):
+            if lm_head is not None and not torch.equal(get_tensor(f, lm_head, weights_path), get_tensor(f, keys["wte.weight"], weights_path)):
                 raise CheckpointError(
                     f"'{weights_path}': lm_head.weight differs from wte.weight. minigpt2's GPT-2 ties the "
                     "output layer to the token embedding, so an untied checkpoint cannot be loaded faithfully."
@@ -248,7 +253,7 @@ def load_model(
     return model
 
 
-def _get_tensor(f, key: str, where: Path) -> torch.Tensor:
+def get_tensor(f, key: str, where: Path) -> torch.Tensor:
     try:
         return f.get_tensor(key)
     except Exception as e:
@@ -299,15 +304,15 @@ def save_model(
         tensors[PREFIX + name] = (tensor.t() if is_conv1d(name) else tensor).contiguous()
 
     config = model.config.to_hf_config()
-    _write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_atomically(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
     tokenizer_dir = _tokenizer_dir(tokenizer_source, explicit=True) if tokenizer_source is not None else None
     if tokenizer_dir is None and getattr(model, "source", None) is not None:
         tokenizer_dir = _tokenizer_dir(model.source, explicit=False)
     if tokenizer_dir is not None and tokenizer_dir.resolve() != directory.resolve():
         for name in TOKENIZER_FILES:
-            _write_atomically(directory / name, lambda tmp, name=name: shutil.copyfile(tokenizer_dir / name, tmp))
+            write_atomically(directory / name, lambda tmp, name=name: shutil.copyfile(tokenizer_dir / name, tmp))
     return directory
 
 
@@ -326,7 +331,7 @@ def _tokenizer_dir(source: str | os.PathLike, *, explicit: bool) -> Path | None:
     return vocab.parent
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

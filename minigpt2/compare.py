@@ -1,0 +1,769 @@
+"""What fine-tuning changed in a GPT-2, where, and what it cost.
+
+A common first attempt at "did fine-tuning change the model?" takes one weight matrix before and
+after, computes five numbers — mean |A - B|, max |A - B|, the standard deviation of A - B, the mean
+row-wise cosine similarity and the mean row-wise Euclidean distance — sees a cosine of 0.9998 and
+concludes that the model "did not really learn much". Those numbers cannot say *which* layers
+moved, whether a small change is *structured* (a few directions, as fine-tuning updates usually
+are) or noise, what the change *does* to the model's computation, or how the model now fares on
+the new text versus the old. This module answers those four questions:
+
+1. **Weights** (`compare_weights`): every tensor of two checkpoints, streamed one at a time from
+   their safetensors files, with the five numbers above plus the ones that answer the question:
+   the relative change ||A - B|| / ||A|| (a cosine of 0.9998 is a relative change of about 2%,
+   which for a 768-wide matrix is a large, deliberate move) and, for matrices, the *structure* of
+   the update D = A - B: its stable rank ||D||_F^2 / ||D||_2^2 and how many singular directions
+   hold 90% of ||D||_F^2. A low-rank update is a learned change, not noise.
+2. **Activations** (`compare_activations`): forward hooks on every block record the hidden states
+   of both models on a prompt; where they start to differ shows which layer's change matters.
+   At the output, the KL divergence of the next-token distributions and each model's top-5.
+3. **Behaviour** (`evaluate_text`): loss, perplexity and bits per character of each model on a
+   text file — the new data (did it learn?) and the old (did it forget?).
+4. **Training runs** (`read_run`, `run_drift`): how each layer's drift grew over the steps, from
+   the snapshots the trainer wrote.
+
+`compare` does all four and returns one plain dict (JSON-ready, every figure in it);
+`minigpt2.report` turns that dict into a terminal report and a plot.
+
+Orientation. Metrics are computed on the tensors *as the official checkpoint stores them*. The
+four Conv1D weights (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) are stored (in, out),
+the transpose of minigpt2's `nn.Linear` (out, in) — see `minigpt2.weights`. Whole-tensor figures
+(relative change, stable rank, ...) do not depend on orientation, but the row-wise cosine and
+distance do: for those four weights a "row" is one *input* feature's outgoing weights.
+
+Memory. Weights are never held as two full models: one tensor of A and the same tensor of B are
+read, compared in float64 and dropped. Activations and behaviour need real forward passes, so
+model A is loaded, run on every prompt and text, and freed before B is loaded: peak memory is one
+model plus its small recorded outputs, so two `gpt2-xl` checkpoints compare on a 24 GB machine.
+
+Precision. Every metric is computed in float64 from the stored values, and the degenerate cases
+are defined rather than left to 0/0: identical checkpoints give exactly 0 differences, cosine 1,
+stable rank 0 and rank 0, never NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import GPTConfig
+from .device import resolve_device
+from .errors import CheckpointError, MiniGPT2Error
+from .tokenizer import load_tokenizer
+from .weights import (
+    MASK_BUFFERS,
+    PREFIX,
+    checkpoint_files,
+    get_tensor,
+    infer_config,
+    load_model,
+    match_keys,
+    official_shapes,
+    open_safetensors,
+    read_config,
+    read_json_object,
+)
+
+ORIENTATION = (
+    "tensors as the official checkpoint stores them: the Conv1D weights attn.c_attn, attn.c_proj, "
+    "mlp.c_fc and mlp.c_proj are (in, out), so their row-wise cosine and distance are per input feature"
+)
+BLOCK_KINDS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+ENERGY = 0.9  # "rank for 90% energy": singular directions holding this share of ||A - B||_F^2
+DEFAULT_MAX_EVAL_TOKENS = 32768
+
+
+# ----- one pair of tensors ----------------------------------------------------------------
+
+
+CHUNK_ELEMENTS = 1 << 22  # float64 entries per chunk: 32 MB, so wte's diff never exists whole
+
+
+def tensor_metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, float | int | None]:
+    """Every figure for one tensor, A (the reference) against B, in float64.
+
+    The five numbers of the motivating experiment, exactly as it computed them (on D = A - B):
+    `mean_abs_diff` = mean |D|, `max_abs_diff` = max |D|, `std_diff` = D.std() (PyTorch's
+    default, with Bessel's n - 1), `mean_row_cosine` = mean of F.cosine_similarity(A, B, dim=1)
+    (as `row_cosine` computes it), `mean_row_distance` = mean of torch.norm(A - B, dim=1). A 1-D
+    tensor (a bias, a LayerNorm scale) counts as a single row.
+
+    Then what answers "how much did it move": `relative_change` = ||D||_F / ||A||_F (infinite
+    when A is all zeros and B is not, 0 when both are equal), and for matrices `stable_rank` and
+    `rank_90` (see `update_structure`).
+
+    Rows that are exactly equal have cosine 1 even when they are zero; a zero row against a
+    non-zero one has cosine 0 (PyTorch's convention). So identical tensors give cosine 1 exactly,
+    not 1 ± rounding.
+
+    The rows are processed in chunks of about 4M entries: the float64 copies of the (50257, 768)
+    token embedding and its difference would otherwise take 1.2 GB on top of the model. Each
+    chunk adds to running sums (the standard deviation combines chunks with Chan's formula, as
+    exact as a two-pass computation) and, for a tall matrix, to the Gram matrix DᵀD.
+    """
+    rows_a = a.detach() if a.dim() == 2 else a.detach().reshape(1, -1)  # (rows, cols)
+    rows_b = b.detach() if b.dim() == 2 else b.detach().reshape(1, -1)
+    n_rows, n_cols = rows_a.shape
+    tall = a.dim() == 2 and n_rows >= n_cols
+    gram = torch.zeros(n_cols, n_cols, dtype=torch.float64) if tall else None
+    count, mean, m2 = 0, 0.0, 0.0  # running count, mean and sum of squared deviations of D
+    abs_sum = abs_max = cos_sum = dist_sum = sq_a = sq_d = 0.0
+    step = max(1, CHUNK_ELEMENTS // n_cols)
+    for i in range(0, n_rows, step):
+        ca = rows_a[i : i + step].to(torch.float64)  # (r, cols)
+        cb = rows_b[i : i + step].to(torch.float64)
+        cd = ca - cb
+        row_dist = torch.linalg.vector_norm(cd, dim=1)  # (r,)
+        row_a = torch.linalg.vector_norm(ca, dim=1)  # (r,)
+        cosine = row_cosine(ca, cb, row_a, torch.linalg.vector_norm(cb, dim=1))  # (r,)
+        cosine = torch.where(row_dist == 0, torch.ones_like(cosine), cosine.clamp(-1.0, 1.0))
+        cos_sum += cosine.sum().item()
+        dist_sum += row_dist.sum().item()
+        sq_d += (row_dist * row_dist).sum().item()
+        sq_a += (row_a * row_a).sum().item()
+        abs_sum += torch.linalg.vector_norm(cd, ord=1).item()  # sum |d|, without a temporary |D|
+        abs_max = max(abs_max, torch.linalg.vector_norm(cd, ord=math.inf).item())
+        n = cd.numel()
+        var, chunk_mean = (v.item() for v in torch.var_mean(cd, correction=0))
+        chunk_m2 = var * n
+        delta = chunk_mean - mean
+        m2 += chunk_m2 + delta * delta * count * n / (count + n)
+        mean += delta * n / (count + n)
+        count += n
+        if tall:
+            gram += cd.T @ cd  # (cols, cols)
+        del ca, cb, cd
+
+    norm_d, norm_a = math.sqrt(sq_d), math.sqrt(sq_a)
+    relative = 0.0 if norm_d == 0.0 else (math.inf if norm_a == 0.0 else norm_d / norm_a)
+    out: dict[str, float | int | None] = {
+        "mean_abs_diff": abs_sum / count,
+        "max_abs_diff": abs_max,
+        "std_diff": math.sqrt(m2 / (count - 1)) if count > 1 else 0.0,
+        "mean_row_cosine": cos_sum / n_rows,
+        "mean_row_distance": dist_sum / n_rows,
+        "relative_change": relative,
+        "norm_a": norm_a,
+        "norm_diff": norm_d,
+        "stable_rank": None,
+        "rank_90": None,
+    }
+    if a.dim() == 2:
+        if not tall:  # a wide matrix (in < out, like c_fc): DDᵀ is the small Gram, and D is small
+            d = rows_a.to(torch.float64) - rows_b.to(torch.float64)
+            gram = d @ d.T  # (rows, rows)
+        out.update(update_structure(gram, sq_d))
+    return out
+
+
+def row_cosine(a: torch.Tensor, b: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity, as `torch.nn.functional.cosine_similarity(a, b, dim=1)` defines
+    it (each norm clamped at eps = 1e-8), reusing row norms that are computed anyway: one pass
+    for the dot products instead of F.cosine_similarity's normalised copies of both inputs."""
+    dot = torch.einsum("ij,ij->i", a, b)  # (rows,)
+    return dot / (norm_a.clamp_min(1e-8) * norm_b.clamp_min(1e-8))
+
+
+def update_structure(gram: torch.Tensor, energy: float) -> dict[str, float | int]:
+    """How many directions a matrix update D really uses, from its Gram matrix.
+
+    - `stable_rank` = ||D||_F^2 / ||D||_2^2 = sum(s_i^2) / max(s_i^2): 1 for a rank-1 update, the
+      full rank for white noise, and never thrown off by tiny singular values the way the
+      ordinary rank is.
+    - `rank_90` = the smallest k whose top-k singular values hold 90% of ||D||_F^2.
+    Both are 0 for D = 0. `energy` is ||D||_F^2, summed from D itself.
+
+    The squared singular values s_i^2 of D are the eigenvalues of its Gram matrix DᵀD (or DDᵀ,
+    whichever is smaller): for the (50257, 768) token embedding that is a 768 x 768 symmetric
+    eigenproblem instead of an SVD of the whole matrix, several times faster. In float64 the
+    eigenvalues are accurate to about 1e-16 of the largest, far below the 10% energy threshold.
+
+    The eigensolver runs on one thread: MKL's multithreaded `syevd` on 768 x 768 took 2-10 s
+    instead of 0.05 s on a busy 2-core machine (threads waiting for each other), so the thread
+    count is lowered for this call and restored after it.
+    """
+    if energy == 0.0:
+        return {"stable_rank": 0.0, "rank_90": 0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s2 = torch.linalg.eigvalsh(gram / energy).clamp(min=0.0).flip(0)  # s_i^2 / ||D||^2, largest first
+    finally:
+        torch.set_num_threads(threads)
+    top = s2[0].item()
+    # The tolerance keeps an exact rank-r update (energy split so the top r hold 100%) at rank r
+    # despite rounding in the last place of the cumulative sum.
+    reached = torch.cumsum(s2, 0) >= ENERGY * (1 - 1e-12)
+    rank = int(torch.nonzero(reached)[0].item()) + 1 if reached.any() else int(s2.numel())
+    return {"stable_rank": 1.0 / top if top > 0 else 0.0, "rank_90": rank}
+
+
+# ----- checkpoints: shapes, names, streaming ----------------------------------------------
+
+
+def tensor_kind(name: str) -> tuple[str, str]:
+    """(layer, module kind) of an official tensor name: `h.3.mlp.c_fc.bias` -> ("h.3", "mlp.c_fc")."""
+    m = re.fullmatch(r"(h\.\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        return m.group(1), m.group(2)
+    module = name.rsplit(".", 1)[0]
+    return module, module  # wte, wpe, ln_f: a "layer" of their own
+
+
+def _stored_shapes(f) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def _checkpoint_config(config_path: Path | None, stored: dict[str, tuple[int, ...]], where: Path) -> GPTConfig:
+    unprefixed = {key.removeprefix(PREFIX): shape for key, shape in stored.items()}
+    return read_config(config_path) if config_path else infer_config(unprefixed, where)
+
+
+def _architecture_mismatch(
+    config_a: GPTConfig, config_b: GPTConfig, both_have_config: bool
+) -> list[str]:
+    fields = [("vocab_size", "vocab"), ("n_positions", "context"), ("n_layer", "layers"), ("n_embd", "width")]
+    if both_have_config:  # a bare .safetensors file only *guesses* its head count (width / 64)
+        fields.append(("n_head", "heads"))
+    return [
+        f"{label} {getattr(config_a, field)} vs {getattr(config_b, field)}"
+        for field, label in fields
+        if getattr(config_a, field) != getattr(config_b, field)
+    ]
+
+
+def compare_weights(a_source: str, b_source: str, *, revision: str | None = None) -> dict:
+    """Every tensor of A against the same tensor of B, streamed from the two safetensors files.
+
+    Both checkpoints are first checked to have the same architecture (vocabulary, context, layer
+    count, width) and every tensor a GPT-2 of that shape needs; all the problems found, on either
+    side, go into one `CheckpointError`. Then tensors are read one pair at a time, so memory holds
+    a few tensors, never a second model. `lm_head` is not compared: it is tied to `wte`.
+
+    Returns {"config", "tensors": [per tensor: name, layer, kind, shape, and `tensor_metrics`],
+    "layers", "kinds", "heatmap"} — see `summarise`.
+    """
+    files = {side: checkpoint_files(src, revision) for side, src in (("A", a_source), ("B", b_source))}
+    stored, configs = {}, {}
+    for side, (config_path, weights_path) in files.items():
+        with open_safetensors(weights_path) as f:  # the header only: names, shapes
+            try:
+                stored[side] = _stored_shapes(f)
+            except Exception as e:
+                raise CheckpointError(f"'{weights_path}' is corrupted ({e}); download or save it again.") from None
+        configs[side] = _checkpoint_config(config_path, stored[side], weights_path)
+
+    mismatch = _architecture_mismatch(
+        configs["A"], configs["B"], both_have_config=all(config is not None for config, _ in files.values())
+    )
+    if mismatch:
+        raise CheckpointError(
+            f"A and B have different architectures ({'; '.join(mismatch)}): A = {a_source}, B = {b_source}. "
+            "Weights can only be compared between checkpoints of the same shape."
+        )
+    expected = official_shapes(configs["A"])
+    keys, problems = {}, []
+    for side, (_, weights_path) in files.items():
+        try:
+            keys[side] = match_keys(stored[side], expected, weights_path)
+        except CheckpointError as e:
+            problems.append(f"{side}: {e}")
+    if problems:
+        raise CheckpointError(" / ".join(problems))
+
+    tensors = []
+    for name, shape in expected.items():
+        a = _read_tensor(files["A"][1], keys["A"][name])
+        b = _read_tensor(files["B"][1], keys["B"][name])
+        layer, kind = tensor_kind(name)
+        tensors.append({"name": name, "layer": layer, "kind": kind, "shape": list(shape), **tensor_metrics(a, b)})
+        del a, b
+    return {"config": _config_dict(configs["A"]), "tensors": tensors, **summarise(tensors, configs["A"].n_layer)}
+
+
+def _read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor from a safetensors file, opening and closing the file around it.
+
+    safetensors memory-maps the file, and every page read stays resident (and counted in the
+    process's memory) until the map is closed. Reopening per tensor (the header is a few KB of
+    JSON) keeps at most one tensor's pages mapped, instead of both checkpoints whole.
+    """
+    with open_safetensors(path) as f:
+        return get_tensor(f, key, path)
+
+
+def _config_dict(config: GPTConfig) -> dict:
+    return {k: getattr(config, k) for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")}
+
+
+def _pooled(rows: list[dict]) -> dict:
+    """Relative change of several tensors taken together: sqrt(sum ||D||^2) / sqrt(sum ||A||^2)."""
+    norm_d = math.sqrt(sum(r["norm_diff"] ** 2 for r in rows))
+    norm_a = math.sqrt(sum(r["norm_a"] ** 2 for r in rows))
+    relative = 0.0 if norm_d == 0 else (math.inf if norm_a == 0 else norm_d / norm_a)
+    return {"relative_change": relative, "norm_diff": norm_d, "norm_a": norm_a}
+
+
+def summarise(tensors: list[dict], n_layer: int) -> dict:
+    """Per-layer, per-module-kind and (layer x kind) summaries of the per-tensor figures.
+
+    A module's or layer's relative change pools its tensors (weights and biases together):
+    ||all of D|| / ||all of A||, the same figure as if they were one long vector. Averaging the
+    per-tensor ratios instead would let a tiny LayerNorm bias weigh as much as a 2.4M-entry
+    matrix.
+    """
+    by_layer: dict[str, list[dict]] = {}
+    by_kind: dict[str, list[dict]] = {}
+    by_cell: dict[tuple[str, str], list[dict]] = {}
+    for t in tensors:
+        by_layer.setdefault(t["layer"], []).append(t)
+        by_kind.setdefault(t["kind"], []).append(t)
+        by_cell.setdefault((t["layer"], t["kind"]), []).append(t)
+
+    layers = []
+    for layer, rows in by_layer.items():
+        cells = {kind: _pooled(by_cell[(layer, kind)])["relative_change"] for kind in dict.fromkeys(r["kind"] for r in rows)}
+        top_kind = max(cells, key=lambda k: cells[k])
+        layers.append({"layer": layer, **_pooled(rows), "most_changed_kind": top_kind})
+    kinds = []
+    for kind, rows in by_kind.items():
+        per_layer = {r["layer"]: _pooled(by_cell[(r["layer"], kind)])["relative_change"] for r in rows}
+        top_layer = max(per_layer, key=lambda k: per_layer[k])
+        kinds.append({"kind": kind, **_pooled(rows), "most_changed_layer": top_layer,
+                      "most_changed_layer_relative_change": per_layer[top_layer]})
+    heat_layers = [f"h.{i}" for i in range(n_layer)]
+    heatmap = {
+        "layers": heat_layers,
+        "kinds": list(BLOCK_KINDS),
+        "relative_change": [[_pooled(by_cell[(layer, kind)])["relative_change"] for kind in BLOCK_KINDS]
+                            for layer in heat_layers],
+    }
+    return {"layers": layers, "kinds": kinds, "heatmap": heatmap}
+
+
+# ----- activations ------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def block_outputs(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run `ids` (1, T) through `model`, recording every block's output with forward hooks.
+
+    Returns ([h.0 output, ..., h.{N-1} output], each (T, C) float64 on the CPU; last-position
+    logits (V,) float64). The hooks are removed in a `finally`, so even a failing forward pass
+    (a prompt too long, out of memory) leaves the model exactly as it was: a forgotten hook would
+    keep recording (and holding memory) on every later call.
+    """
+    outputs: dict[int, torch.Tensor] = {}
+
+    def recorder(i: int):
+        def hook(module, inputs, output):
+            outputs[i] = output[0].detach().to("cpu", torch.float64)  # (T, C) of batch row 0
+
+        return hook
+
+    handles = []
+    try:
+        for i, block in enumerate(model.h):
+            handles.append(block.register_forward_hook(recorder(i)))
+        logits = model(ids)  # (1, T, V)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [outputs[i] for i in range(len(model.h))], logits[0, -1].to("cpu", torch.float64)
+
+
+def hidden_drift(ha: torch.Tensor, hb: torch.Tensor) -> dict[str, float]:
+    """Cosine similarity (mean over tokens) and relative difference ||hA - hB|| / ||hA|| of one
+    block's outputs, each (T, C). Identical outputs give exactly 1 and 0."""
+    d = ha - hb
+    cosine = F.cosine_similarity(ha, hb, dim=1)
+    cosine = torch.where((d == 0).all(dim=1), torch.ones_like(cosine), cosine.clamp(-1.0, 1.0))
+    norm_d, norm_a = torch.linalg.vector_norm(d).item(), torch.linalg.vector_norm(ha).item()
+    relative = 0.0 if norm_d == 0 else (math.inf if norm_a == 0 else norm_d / norm_a)
+    return {"cosine": cosine.mean().item(), "relative_diff": relative}
+
+
+def kl_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
+    """KL(A || B) in nats of the two next-token distributions: how surprised B is by what A
+    expects. 0 for identical logits (clamped: rounding can give -1e-17)."""
+    log_a = torch.log_softmax(logits_a.to(torch.float64), -1)
+    log_b = torch.log_softmax(logits_b.to(torch.float64), -1)
+    return max(0.0, (log_a.exp() * (log_a - log_b)).sum().item())
+
+
+def token_text(enc, token: int) -> str:
+    """A token's text, safe to print. Byte-level BPE tokens are byte strings and need not be whole
+    UTF-8 characters (a Chinese character is often split over two tokens); such bytes are shown
+    escaped, `\\xe5\\xa4`, instead of as a misleading replacement character. Control characters
+    and spaces are made visible by repr-style escaping."""
+    raw = enc.decode_single_token_bytes(token)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(chr(b) if 32 <= b < 127 else f"\\x{b:02x}" for b in raw)
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def top_tokens(logits: torch.Tensor, enc, k: int = 5) -> list[dict]:
+    probs = torch.softmax(logits.to(torch.float64), -1)
+    p, ids = probs.topk(k)
+    return [{"id": int(i), "text": token_text(enc, int(i)), "prob": float(q)} for q, i in zip(p, ids)]
+
+
+def prompt_ids(enc, prompt: str, n_positions: int) -> tuple[list[int], bool]:
+    """Token ids of a prompt (<|endoftext|> for an empty one), keeping the last `n_positions`."""
+    ids = enc.encode(prompt, disallowed_special=()) or [enc.eot_token]
+    return ids[-n_positions:], len(ids) > n_positions
+
+
+def record_prompts(model, enc, prompts: list[str], device) -> list[dict]:
+    """One model's side of `compare_activations`: block outputs and last logits per prompt."""
+    records = []
+    for prompt in prompts:
+        ids, truncated = prompt_ids(enc, prompt, model.config.n_positions)
+        hiddens, logits = block_outputs(model, torch.tensor([ids], device=device))
+        records.append({"ids": ids, "truncated": truncated, "hiddens": hiddens, "logits": logits})
+    return records
+
+
+def compare_activations(prompts: list[str], records_a: list[dict], records_b: list[dict], enc) -> list[dict]:
+    """Per prompt: the drift of every block's output, KL(A || B) and both top-5 next tokens."""
+    results = []
+    for prompt, ra, rb in zip(prompts, records_a, records_b):
+        blocks = [{"block": f"h.{i}", **hidden_drift(ha, hb)} for i, (ha, hb) in enumerate(zip(ra["hiddens"], rb["hiddens"]))]
+        results.append({
+            "prompt": prompt,
+            "tokens": len(ra["ids"]),
+            "truncated": ra["truncated"],
+            "blocks": blocks,
+            "kl_a_b": kl_divergence(ra["logits"], rb["logits"]),
+            "top5_a": top_tokens(ra["logits"], enc),
+            "top5_b": top_tokens(rb["logits"], enc),
+        })
+    return results
+
+
+# ----- behaviour on text ------------------------------------------------------------------
+
+
+def read_text(path: str | Path) -> str:
+    """A text file as str, or a `MiniGPT2Error` naming the file (and the byte offset of the first
+    invalid byte, for a file that is not UTF-8)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MiniGPT2Error(f"cannot read text file '{path}': {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MiniGPT2Error(
+            f"text file '{path}' is not UTF-8: invalid byte 0x{data[e.start]:02x} at byte offset {e.start}. "
+            "Convert it to UTF-8 first (for example with iconv)."
+        ) from None
+    if not text:
+        raise MiniGPT2Error(f"text file '{path}' is empty; give a text to evaluate on")
+    return text
+
+
+def text_tokens(enc, text: str, max_tokens: int) -> tuple[list[int], int | None]:
+    """The first `max_tokens` tokens of `text`, and the text's total token count when it is known
+    (None when only a prefix was tokenized, to stay fast on a large file).
+
+    A prefix of 8 characters per wanted token is tokenized first (no GPT-2 token is that long
+    on ordinary prose); only if that yields too few tokens is the whole text tokenized. The
+    tokens of a prefix equal the whole text's except near the cut, which lies far beyond the
+    tokens kept.
+    """
+    if len(text) > 8 * max_tokens:
+        ids = enc.encode(text[: 8 * max_tokens], disallowed_special=())
+        if len(ids) > max_tokens + 64:
+            return ids[:max_tokens], None
+    ids = enc.encode(text, disallowed_special=())
+    return ids[:max_tokens], len(ids)
+
+
+def count_characters(enc, ids: list[int]) -> int:
+    """Characters of the text these tokens spell: the UTF-8 bytes that start a character (all but
+    the 0b10xxxxxx continuation bytes). For a whole text this is exactly len(text); when a cap
+    cuts a character in two, the character counts if its first byte is in."""
+    data = enc.decode_bytes(ids)
+    return sum(1 for byte in data if byte & 0xC0 != 0x80)
+
+
+@torch.inference_mode()
+def text_nats(model, ids: list[int], eot: int, device, batch_tokens: int = 1024) -> float:
+    """Total cross-entropy, in nats, of `model` predicting every token of `ids`.
+
+    The text is preceded by <|endoftext|> (as GPT-2 saw documents in training), so even the first
+    token is predicted, and cut into non-overlapping windows of the model's context: window w
+    reads tokens [w*ctx - 1, (w+1)*ctx - 1) (token -1 being <|endoftext|>) and predicts
+    [w*ctx, (w+1)*ctx). Each token is predicted
+    exactly once, from at most a context's worth of preceding text (less at a window's start:
+    the price of bounded time; a sliding window would cost ctx times more). Windows of equal length
+    are batched up to `batch_tokens` tokens per forward pass: the logits of 1024 tokens over the
+    50,257-token vocabulary already take 206 MB in float32.
+    """
+    ctx = model.config.n_positions
+    seq = torch.tensor([eot, *ids], dtype=torch.long)
+    windows = [(s, min(s + ctx, len(ids))) for s in range(0, len(ids), ctx)]  # predicted spans [s, e)
+    total = 0.0
+    full = [w for w in windows if w[1] - w[0] == ctx]
+    per_batch = max(1, batch_tokens // ctx)
+    groups = [full[i : i + per_batch] for i in range(0, len(full), per_batch)]
+    groups += [[w] for w in windows if w[1] - w[0] != ctx]
+    for group in groups:
+        inputs = torch.stack([seq[s:e] for s, e in group]).to(device)  # (B, T): token before each target
+        targets = torch.stack([seq[s + 1 : e + 1] for s, e in group]).to(device)  # (B, T)
+        logits = model(inputs)  # (B, T, V)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+    return total
+
+
+def evaluate_text(model, enc, ids: list[int], characters: int, device) -> dict[str, float]:
+    """Loss (nats per token), perplexity (e^loss) and bits per character of `model` on `ids`.
+
+    Bits per character = total nats / (ln 2 x characters). Unlike loss and perplexity it does not
+    depend on how many tokens the tokenizer spends per character, which for GPT-2's byte-level BPE
+    is about 0.25 for English but over 2 for Chinese, so it compares texts in different languages.
+    """
+    nats = text_nats(model, ids, enc.eot_token, device)
+    loss = nats / len(ids)
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "bits_per_char": nats / (math.log(2) * characters), "nats": nats}
+
+
+def prepare_texts(paths: list[str], enc, max_tokens: int) -> list[dict]:
+    """Read and tokenize every --text file up front, so a bad file fails before any model runs."""
+    texts = []
+    for path in paths:
+        ids, total = text_tokens(enc, read_text(path), max_tokens)
+        texts.append({"file": str(path), "ids": ids, "tokens": len(ids), "characters": count_characters(enc, ids),
+                      "tokens_in_file": total, "capped": total is None or total > len(ids)})
+    return texts
+
+
+# ----- training runs ----------------------------------------------------------------------
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run directory (run.json, snapshots.jsonl, step-*/ or final/), not a checkpoint."""
+    if not path.is_dir() or (path / "model.safetensors").exists():
+        return False
+    return ((path / "run.json").is_file() or (path / "snapshots.jsonl").is_file()
+            or (path / "final").is_dir() or any(path.glob("step-*")))
+
+
+def run_checkpoints(run: Path) -> list[Path]:
+    """The run's step-N checkpoints in step order."""
+    steps = [(int(m.group(1)), p) for p in run.glob("step-*") if p.is_dir() and (m := re.fullmatch(r"step-(\d+)", p.name))]
+    return [p for _, p in sorted(steps)]
+
+
+def run_final(run: Path) -> Path:
+    """The checkpoint a run stands for: `final/`, else its highest `step-N/`."""
+    if (run / "final" / "model.safetensors").is_file():
+        return run / "final"
+    steps = [p for p in run_checkpoints(run) if (p / "model.safetensors").is_file()]
+    if not steps:
+        raise MiniGPT2Error(f"training run '{run}' has no final/ or step-*/ checkpoint yet")
+    return steps[-1]
+
+
+def run_start(run: Path) -> str:
+    """The model a run started from: run.json's "model", else its first saved step (for a run
+    trained from a random initialisation, if it saved one)."""
+    info = read_run_json(run)
+    if info.get("model"):
+        return str(info["model"])
+    steps = [p for p in run_checkpoints(run) if (p / "model.safetensors").is_file()]
+    if not steps or steps[0] == run_final(run):
+        raise MiniGPT2Error(
+            f"training run '{run}' started from a random initialisation that was not saved; "
+            "give the model to compare with as a second argument"
+        )
+    return str(steps[0])
+
+
+def read_run_json(run: Path) -> dict:
+    path = run / "run.json"
+    return read_json_object(path, "a training run's run.json") if path.is_file() else {}
+
+
+def read_snapshots(run: Path) -> list[dict]:
+    """The trainer's snapshots.jsonl: one {"step", "tokens", "weights", "activations", "probe"}
+    object per line (see README). Blank lines are skipped; anything else malformed is an error
+    naming the line."""
+    path = run / "snapshots.jsonl"
+    snapshots = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MiniGPT2Error(f"cannot read '{path}': {e}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            snap = json.loads(line)
+            if not isinstance(snap, dict) or not isinstance(snap.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+            snap.setdefault("weights", {})
+            snap.setdefault("activations", {})
+        except ValueError as e:
+            raise MiniGPT2Error(f"'{path}' line {number} is not a valid snapshot: {e}") from None
+        snapshots.append(snap)
+    return sorted(snapshots, key=lambda s: s["step"])
+
+
+def tensor_norms(source: str, revision: str | None = None) -> dict[str, float]:
+    """||W|| of every tensor of a checkpoint (official names), streamed one tensor at a time."""
+    _, weights_path = checkpoint_files(source, revision)
+    with open_safetensors(weights_path) as f:
+        keys = list(f.keys())
+    norms = {}
+    for key in keys:
+        name = key.removeprefix(PREFIX)
+        if not MASK_BUFFERS.fullmatch(name) and name != "lm_head.weight":
+            norms[name] = torch.linalg.vector_norm(_read_tensor(weights_path, key).to(torch.float64)).item()
+    return norms
+
+
+def _layer_drift(changes: dict[str, float], norms: dict[str, float] | None) -> dict[str, float]:
+    """Per layer, from per-tensor relative changes: pooled when the starting norms are known.
+
+    Pooled is the figure of the per-layer weights table, ||all of W - W0|| / ||all of W0||, with
+    ||W - W0|| = change x ||W0|| (or the change itself for a tensor that started at zero, where
+    the trainer records the absolute change). Without the norms, the plain mean of the ratios,
+    in which a small LayerNorm bias counts as much as a large matrix.
+    """
+    groups: dict[str, list[tuple[float, float | None]]] = {}
+    for name, value in changes.items():
+        norm = None if norms is None else norms.get(name)
+        groups.setdefault(tensor_kind(name)[0], []).append((float(value), norm))
+    drift = {}
+    for layer, items in groups.items():
+        if any(norm is None for _, norm in items):
+            drift[layer] = sum(value for value, _ in items) / len(items)
+        else:
+            diff = math.sqrt(sum((value * norm if norm > 0 else value) ** 2 for value, norm in items))
+            base = math.sqrt(sum(norm**2 for _, norm in items))
+            drift[layer] = diff / base if base > 0 else diff
+    return drift
+
+
+def run_drift(snapshots: list[dict], start_norms: dict[str, float] | None = None) -> dict:
+    """Drift over steps, per layer, from the trainer's snapshots.
+
+    Weight drift of a layer at a step is its tensors' relative change from the start, pooled with
+    the norms of the starting model when they are given (see `_layer_drift`); activation drift is
+    the relative difference and cosine of each block's output on the probe prompt.
+    """
+    layers = []
+    for snap in snapshots:
+        for layer in list(dict.fromkeys(tensor_kind(n)[0] for n in snap["weights"])) + list(snap["activations"]):
+            if layer not in layers:
+                layers.append(layer)
+    order = {name: i for i, name in enumerate(["wte", "wpe"] + [f"h.{i}" for i in range(10_000)] + ["ln_f"])}
+    layers.sort(key=lambda name: order.get(name, len(order)))
+    steps = []
+    for snap in snapshots:
+        steps.append({
+            "step": snap["step"],
+            "tokens": snap.get("tokens"),
+            "weight_drift": _layer_drift(snap["weights"], start_norms),
+            "activation_drift": {b: float(v.get("relative_diff", math.nan)) for b, v in snap["activations"].items()},
+            "activation_cosine": {b: float(v.get("cosine", math.nan)) for b, v in snap["activations"].items()},
+        })
+    probe = next((s.get("probe") for s in reversed(snapshots) if s.get("probe") is not None), None)
+    return {"layers": layers, "probe": probe, "steps": steps, "pooled": start_norms is not None,
+            "snapshots": snapshots}
+
+
+# ----- the whole comparison ---------------------------------------------------------------
+
+
+def resolve_side(source: str) -> dict:
+    """What one command-line argument stands for: a model source, or a run and its checkpoint."""
+    path = Path(source)
+    if is_run_dir(path):
+        checkpoint = run_final(path)
+        return {"source": source, "checkpoint": str(checkpoint), "run": str(path)}
+    return {"source": source, "checkpoint": source, "run": None}
+
+
+def compare(
+    a: str,
+    b: str | None = None,
+    *,
+    prompts: list[str] = (),
+    texts: list[str] = (),
+    device: str | torch.device = "cpu",
+    max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS,
+    revision: str | None = None,
+) -> dict:
+    """Compare checkpoint A (the reference, e.g. before fine-tuning) with B (e.g. after).
+
+    `a` and `b` are anything `load_model` takes, or training run directories (standing for their
+    final checkpoint, and adding the run's drift over steps). With `b` omitted, `a` must be a run,
+    compared from the model it started from to its final checkpoint.
+
+    Returns a JSON-ready dict: {"a", "b" (what each side resolved to), "orientation", "config",
+    "weights" (see `compare_weights`), "activations" (per prompt, see `compare_activations`),
+    "behaviour" (per text: A's and B's loss, perplexity, bits per character), "runs" (drift over
+    steps per run given), "max_eval_tokens"}. Infinite values (a relative change from an all-zero
+    tensor) are kept as `math.inf`; `minigpt2.report.to_json` writes them as null.
+    """
+    if max_eval_tokens < 1:
+        raise MiniGPT2Error("the evaluation cap must be at least 1 token")
+    if b is None:
+        if not is_run_dir(Path(a)):
+            raise MiniGPT2Error(f"'{a}' is not a training run directory: give two models to compare")
+        side_a = {"source": run_start(Path(a)), "checkpoint": run_start(Path(a)), "run": None}
+        side_b = resolve_side(a)
+    else:
+        side_a, side_b = resolve_side(a), resolve_side(b)
+    device = resolve_device(device)
+
+    enc = prepared = None
+    if prompts or texts:  # read the texts first: a bad file should fail before minutes of work
+        enc = load_tokenizer(side_a["checkpoint"])
+        prepared = prepare_texts(list(texts), enc, max_eval_tokens)
+    weights = compare_weights(side_a["checkpoint"], side_b["checkpoint"], revision=revision)
+    runs = []
+    for side, info in (("A", side_a), ("B", side_b)):
+        if info["run"] and (Path(info["run"]) / "snapshots.jsonl").is_file():
+            snapshots = read_snapshots(Path(info["run"]))
+            try:  # the starting model's norms turn the snapshots' ratios into pooled per-layer figures
+                norms = tensor_norms(run_start(Path(info["run"])), revision)
+            except MiniGPT2Error:
+                norms = None  # a start that cannot be read (not cached, not saved): plain means
+            runs.append({"side": side, "path": info["run"], **run_drift(snapshots, norms)})
+
+    activations, behaviour = [], []
+    if enc is not None:
+        recorded, scores = {}, {}
+        for side, info in (("A", side_a), ("B", side_b)):
+            model = load_model(info["checkpoint"], device=device, revision=revision)
+            recorded[side] = record_prompts(model, enc, list(prompts), device)
+            scores[side] = [evaluate_text(model, enc, t["ids"], t["characters"], device) for t in prepared]
+            del model  # free A before loading B: one model in memory at a time
+        activations = compare_activations(list(prompts), recorded["A"], recorded["B"], enc)
+        for t, sa, sb in zip(prepared, scores["A"], scores["B"]):
+            behaviour.append({k: v for k, v in t.items() if k != "ids"} | {"a": sa, "b": sb})
+
+    return {
+        "a": side_a,
+        "b": side_b,
+        "orientation": ORIENTATION,
+        "config": weights.pop("config"),
+        "weights": weights,
+        "activations": activations,
+        "behaviour": behaviour,
+        "max_eval_tokens": max_eval_tokens,
+        "runs": runs,
+    }

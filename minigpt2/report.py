@@ -1,0 +1,341 @@
+"""Turning a `minigpt2.compare.compare` result into something to read: text, JSON, a plot.
+
+The comparison itself lives in `minigpt2.compare` and returns a plain dict; this module only
+presents it, so the figures in the terminal report, the JSON file and the plot are the same
+numbers by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import unicodedata
+import warnings
+from pathlib import Path
+
+from .errors import MiniGPT2Error
+from .weights import write_atomically
+
+# ----- numbers and tables -----------------------------------------------------------------
+
+
+def num(x, digits: int = 4) -> str:
+    """A figure for a table: `digits` significant digits, "-" for a missing one, "inf" spelled out."""
+    if x is None:
+        return "-"
+    if isinstance(x, int):
+        return str(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    return f"{x:.{digits}g}"
+
+
+def pct(x) -> str:
+    """A relative change as a percentage: 0.0213 -> "2.13%"."""
+    if x is None or math.isinf(x) or math.isnan(x):
+        return num(x)
+    return f"{100 * x:.3g}%" if x else "0"
+
+
+def cos(x) -> str:
+    """A cosine close to 1 needs its digits after the point: 0.9998 and 0.99999998 differ a lot."""
+    return "-" if x is None else f"{x:.8f}"
+
+
+def display_width(text: str) -> int:
+    """Columns a string takes in a terminal: East Asian wide characters (Chinese) take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def table(headers: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """Aligned columns: the first `left` columns left-aligned (names), the rest right (figures)."""
+    widths = [max(display_width(str(c)) for c in column) for column in zip(headers, *rows)]
+
+    def cell(i: int, text: str, width: int) -> str:
+        pad = " " * (width - display_width(text))
+        return text + pad if i < left else pad + text
+
+    def line(cells):
+        return "  ".join(cell(i, str(c), w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def quoted(text: str, limit: int = 40) -> str:
+    """A prompt for a heading: escaped like a JSON string, shortened when long."""
+    shown = json.dumps(text, ensure_ascii=False)
+    return shown if len(shown) <= limit else shown[: limit - 4] + '..."'
+
+
+def evenly(items: list, most: int) -> list:
+    """At most `most` items spread evenly over `items`, always keeping the first and the last."""
+    if len(items) <= most:
+        return list(items)
+    picks = sorted({round(i * (len(items) - 1) / (most - 1)) for i in range(most)})
+    return [items[i] for i in picks]
+
+
+# ----- the terminal report ----------------------------------------------------------------
+
+
+def render(result: dict, top: int = 10) -> str:
+    """The whole comparison as a readable report: one titled group of aligned tables per part."""
+    out: list[str] = []
+    out += _header(result)
+    out += _weights(result, top)
+    for number, act in enumerate(result["activations"], 1):
+        out += _activations(number, act)
+    if result["behaviour"]:
+        out += _behaviour(result)
+    for run in result["runs"]:
+        out += _run(run)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _side(info: dict) -> str:
+    if info["run"]:
+        return f"{info['source']}  (training run; its checkpoint {info['checkpoint']})"
+    return info["source"]
+
+
+def _header(result: dict) -> list[str]:
+    c = result["config"]
+    return [
+        f"A: {_side(result['a'])}",
+        f"B: {_side(result['b'])}",
+        f"architecture: {c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads, "
+        f"vocabulary {c['vocab_size']}, context {c['n_positions']}",
+        "",
+    ]
+
+
+def _weights(result: dict, top: int) -> list[str]:
+    w = result["weights"]
+    tensors = w["tensors"]
+    # A tensor that is all zeros in A (a bias of a freshly initialised model) has an infinite
+    # relative change; ranked first, those would push every informative row off the list.
+    from_zero = [t for t in tensors if math.isinf(t["relative_change"])]
+    ranked = sorted((t for t in tensors if not math.isinf(t["relative_change"])), key=lambda t: -t["relative_change"])
+    out = [
+        f"== Weights: the {min(top, len(tensors))} most changed of {len(tensors)} tensors, by relative change ||A-B||/||A|| ==",
+        f"   on the {result['orientation']}.",
+        "   rank90 = singular directions holding 90% of ||A-B||^2 (of min(shape)); stable rank = ||A-B||_F^2 / ||A-B||_2^2.",
+        "   mean|d|, max|d|, std(d), row cos, row dist: the five numbers of a plain diff (d = A - B), for reference.",
+    ]
+    rows = [
+        [t["name"], "x".join(map(str, t["shape"])), pct(t["relative_change"]),
+         "-" if t["rank_90"] is None else f"{t['rank_90']}/{min(t['shape'])}", num(t["stable_rank"], 3),
+         num(t["mean_abs_diff"], 3), num(t["max_abs_diff"], 3), num(t["std_diff"], 3),
+         cos(t["mean_row_cosine"]), num(t["mean_row_distance"], 3)]
+        for t in ranked[:top]
+    ]
+    out += table(["tensor", "shape", "rel.change", "rank90", "stable rank", "mean|d|", "max|d|", "std(d)",
+                  "row cos", "row dist"], rows)
+    if from_zero:
+        names = ", ".join(t["name"] for t in from_zero[:4]) + (f" and {len(from_zero) - 4} more" if len(from_zero) > 4 else "")
+        are = "tensors are" if len(from_zero) > 1 else "tensor is"
+        out.append(f"{len(from_zero)} {are} all zeros in A, so the relative change is infinite (not ranked): {names}")
+    out += ["", "== Weights per layer (all its tensors pooled: ||A-B|| / ||A||) =="]
+    out += table(["layer", "rel.change", "||A-B||", "||A||", "most changed module"],
+                 [[r["layer"], pct(r["relative_change"]), num(r["norm_diff"]), num(r["norm_a"]),
+                   r["most_changed_kind"] if r["norm_diff"] else "-"]
+                  for r in w["layers"]])
+    out += ["", "== Weights per module kind (pooled over the layers) =="]
+    out += table(["module", "rel.change", "||A-B||", "most changed in", "its rel.change"],
+                 [[r["kind"], pct(r["relative_change"]), num(r["norm_diff"]), r["most_changed_layer"] if r["norm_diff"] else "-",
+                   pct(r["most_changed_layer_relative_change"])] for r in w["kinds"]])
+    return out + [""]
+
+
+def _activations(number: int, act: dict) -> list[str]:
+    note = ", its last tokens (longer than the context)" if act["truncated"] else ""
+    out = [f"== Activations, prompt {number}: {quoted(act['prompt'])} ({act['tokens']} tokens{note}): "
+           "block outputs of A vs B =="]
+    rows = [[b["block"], cos(b["cosine"]), pct(b["relative_diff"])] for b in act["blocks"]]
+    out += table(["block", "cosine (mean over tokens)", "rel.diff ||hA-hB||/||hA||"], rows)
+    out.append(f"next token: KL(A||B) = {num(act['kl_a_b'])} nats")
+    for side in ("a", "b"):
+        shown = "  ".join(f"'{t['text']}' {pct(t['prob'])}" for t in act[f"top5_{side}"])
+        out.append(f"  top-5 of {side.upper()}: {shown}")
+    if any("\\x" in t["text"] for t in act["top5_a"] + act["top5_b"]):
+        out.append("  ('\\xNN': a token that is part of a UTF-8 character, such as half of a Chinese character)")
+    return out + [""]
+
+
+def _behaviour(result: dict) -> list[str]:
+    out = [
+        f"== Behaviour on text (first {result['max_eval_tokens']} tokens at most, --max-eval-tokens; "
+        "non-overlapping context windows) ==",
+        "   loss = nats per token; bpc = bits per character, comparable across languages.",
+    ]
+    rows = []
+    for t in result["behaviour"]:
+        a, b = t["a"], t["b"]
+        tokens = f"{t['tokens']}" + (f" of {t['tokens_in_file']}" if t["tokens_in_file"] is not None and t["capped"] else
+                                     " (capped)" if t["capped"] else "")
+        rows.append([Path(t["file"]).name, tokens, str(t["characters"]), num(a["loss"]), num(b["loss"]),
+                     f"{b['loss'] - a['loss']:+.4f}", num(a["perplexity"]), num(b["perplexity"]),
+                     num(a["bits_per_char"]), num(b["bits_per_char"])])
+    out += table(["text", "tokens", "chars", "loss A", "loss B", "B-A", "ppl A", "ppl B", "bpc A", "bpc B"], rows)
+    return out + [""]
+
+
+def _run(run: dict) -> list[str]:
+    steps = evenly(run["steps"], 8)
+    heading = f"== Drift over steps: training run {run['path']} (side {run['side']}"
+    heading += f", probe {quoted(run['probe'])}) ==" if run["probe"] is not None else ") =="
+    out = [heading]
+    if not steps:
+        return out + ["(snapshots.jsonl holds no snapshots)", ""]
+    if len(steps) < len(run["steps"]):
+        out.append(f"   {len(steps)} of {len(run['steps'])} snapshots shown; --json has them all.")
+    headers = ["layer"] + [f"step {s['step']}" for s in steps]
+    out.append("weights: relative change of the layer since the start, " + (
+        "all its tensors pooled (as in the per-layer table)" if run.get("pooled") else
+        "the mean over its tensors (the start model was not found to pool them)"))
+    out += table(headers, [[layer] + [pct(s["weight_drift"].get(layer)) for s in steps] for layer in run["layers"]
+                           if any(layer in s["weight_drift"] for s in steps)])
+    blocks = [layer for layer in run["layers"] if any(layer in s["activation_drift"] for s in steps)]
+    if blocks:
+        out.append("activations: relative difference of the block's output on the probe, vs the start")
+        out += table(headers, [[block] + [pct(s["activation_drift"].get(block)) for s in steps] for block in blocks])
+    return out + [""]
+
+
+# ----- files ------------------------------------------------------------------------------
+
+
+def check_new_file(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse to replace an existing file unless forced, and say so before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise MiniGPT2Error(f"'{path}' is a directory; give a file name")
+    if path.exists() and not force:
+        raise MiniGPT2Error(f"'{path}' already exists; choose another name or pass --force to replace it")
+    if not path.parent.is_dir():
+        raise MiniGPT2Error(f"cannot write '{path}': folder '{path.parent}' does not exist")
+    return path
+
+
+def finite(value):
+    """The result with every infinite or NaN float replaced by None: strict JSON has no Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(finite(result), ensure_ascii=False, indent=1, allow_nan=False) + "\n"
+
+
+def write_json(result: dict, path: str | os.PathLike, force: bool = False) -> Path:
+    """Every figure of the comparison as JSON (infinities as null), written atomically."""
+    path = check_new_file(path, force)
+    text = to_json(result)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return path
+
+
+def require_matplotlib():
+    """matplotlib, or a `MiniGPT2Error` saying how to install it (it is an optional extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MiniGPT2Error(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib "
+            "(or install minigpt2 with its 'plot' extra: pip install -e \".[plot]\")"
+        ) from None
+    return matplotlib
+
+
+def write_plot(result: dict, path: str | os.PathLike, force: bool = False) -> Path:
+    """A PNG: the (layers x module kinds) heatmap of relative weight change, the per-block
+    activation drift of every prompt, and a run's drift over steps when one was given."""
+    path = check_new_file(path, force)
+    matplotlib = require_matplotlib()
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit needed
+    from matplotlib import pyplot as plt
+
+    run = result["runs"][0] if result["runs"] else None
+    panels = 2 + (2 if run and run["steps"] else 0)
+    rows = panels // 2  # the comparison on top, a run's drift over steps below it
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 5.2 * rows), squeeze=False)
+    axes = axes.flatten()
+    try:
+        _plot_heatmap(fig, axes[0], result)
+        _plot_activations(axes[1], result)
+        if panels == 4:
+            _plot_steps(axes[2], run, "weight_drift", f"run {run['side']}: weights, relative change per layer vs step")
+            _plot_steps(axes[3], run, "activation_drift", f"run {run['side']}: block outputs on the probe, rel. diff vs step")
+        fig.suptitle(f"A = {result['a']['source']}   vs   B = {result['b']['source']}", fontsize=11)
+        with warnings.catch_warnings():  # the bundled fonts lack CJK glyphs (a path may have some)
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.tight_layout()
+            write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _plot_heatmap(fig, ax, result: dict) -> None:
+    heat = result["weights"]["heatmap"]
+    values = [[100 * v if v is not None and math.isfinite(v) else float("nan") for v in row]
+              for row in heat["relative_change"]]
+    image = ax.imshow(values, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(heat["kinds"])), heat["kinds"], rotation=35, ha="right", fontsize=8)
+    step = max(1, len(heat["layers"]) // 24)
+    ax.set_yticks(range(0, len(heat["layers"]), step), heat["layers"][::step], fontsize=8)
+    ax.set_title("relative weight change ||A-B||/||A|| (%)", fontsize=10)
+    if len(heat["layers"]) <= 16:
+        top = max((v for row in values for v in row if v == v), default=0)
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                if v == v:
+                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
+                            color="black" if v > 0.6 * top else "white")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+
+
+def _plot_activations(ax, result: dict) -> None:
+    ax.set_title("activation drift per block: ||hA-hB||/||hA|| (%)", fontsize=10)
+    if not result["activations"]:
+        ax.text(0.5, 0.5, "no --prompt given", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    for number, act in enumerate(result["activations"], 1):
+        ys = [100 * b["relative_diff"] if math.isfinite(b["relative_diff"]) else float("nan") for b in act["blocks"]]
+        # matplotlib's bundled fonts have no Chinese glyphs: such prompts go by their number
+        label = f"prompt {number}" + (f": {quoted(act['prompt'], 24)}" if act["prompt"].isascii() else "")
+        ax.plot(range(len(ys)), ys, marker="o", label=label)
+    blocks = [b["block"] for b in result["activations"][0]["blocks"]]
+    step = max(1, len(blocks) // 16)
+    ax.set_xticks(range(0, len(blocks), step), blocks[::step], fontsize=8)
+    ax.set_xlabel("block output")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _plot_steps(ax, run: dict, key: str, title: str) -> None:
+    from matplotlib import cm
+
+    steps = [s["step"] for s in run["steps"]]
+    layers = [layer for layer in run["layers"] if any(layer in s[key] for s in run["steps"])]
+    colours = cm.viridis([i / max(1, len(layers) - 1) for i in range(len(layers))])
+    for layer, colour in zip(layers, colours):
+        ys = [100 * s[key][layer] if s[key].get(layer) is not None else float("nan") for s in run["steps"]]
+        ax.plot(steps, ys, color=colour, label=layer, marker="." if len(steps) < 30 else None)
+    ax.set_title(title + " (%)", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2 if len(layers) > 8 else 1)
