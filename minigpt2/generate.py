@@ -68,20 +68,26 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k highest logits of each row, set the rest to -inf."""
-    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth, float("-inf"))
+def top_p_filter(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter on logits sorted in descending order (B, n).
 
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probabilities sum to at least p."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, vocab)
+    Keeps the smallest set of most likely tokens whose probabilities sum to at least p (the first
+    token always stays: nothing comes before it) and sets the rest to -inf.
+    """
     probs = torch.softmax(sorted_logits, dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs  # probability mass of the more likely tokens
-    drop_sorted = before >= p  # the first token always stays: nothing comes before it
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    return sorted_logits.masked_fill(before >= p, float("-inf"))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row (B, n) → (B,), drawn with probability `probs` (the exponential race).
+
+    With E_i ~ Exp(1) independent, argmax(p_i / E_i) is index i with probability p_i: the same
+    distribution as torch.multinomial, but a few element-wise operations instead of a cumulative
+    sum and search, and no host-device synchronisation on a GPU (gpt-fast's trick).
+    """
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race.clamp_min(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
 
 
 def sample_next(
@@ -89,17 +95,24 @@ def sample_next(
 ) -> torch.Tensor:
     """Pick one token per row from last-position logits (B, vocab); returns ids (B,).
 
-    Logits already masked to -inf (by the UTF-8 guard, or top-k/top-p) are never drawn.
+    Logits already masked to -inf (by the UTF-8 guard) are never drawn. With top-k, only the k
+    best logits go on (50 instead of 50,257 values to sort, softmax and draw from); top-p then
+    works on them in their sorted order.
     """
     if sampling.greedy or sampling.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / sampling.temperature
+    candidates = None  # the vocabulary ids of the columns of `logits`, when it is a subset
     if sampling.top_k:
-        logits = top_k_filter(logits, sampling.top_k)
+        logits, candidates = torch.topk(logits, min(sampling.top_k, logits.size(-1)), dim=-1)  # (B, k), sorted
     if sampling.top_p is not None and sampling.top_p < 1:
+        if candidates is None:
+            logits, candidates = torch.sort(logits, dim=-1, descending=True)  # (B, vocab)
         logits = top_p_filter(logits, sampling.top_p)
-    probs = torch.softmax(logits, dim=-1)  # (B, vocab)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+    choice = draw(torch.softmax(logits, dim=-1), generator)  # (B,)
+    if candidates is None:
+        return choice
+    return candidates.gather(-1, choice[:, None]).squeeze(-1)  # (B,)
 
 
 # ----- never a broken character -----------------------------------------------------------

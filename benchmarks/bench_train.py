@@ -1,0 +1,126 @@
+"""Training speed, side by side: minigpt2's training step vs transformers' GPT2LMHeadModel + AdamW.
+
+Both get the same random 124M-shape weights and the same token windows. minigpt2 runs
+`Trainer.train_step` (its real loop: AdamW with decay groups, clipping, the sampler); transformers
+runs what its Trainer runs underneath: `model(input_ids, labels=...)`, backward, gradient
+clipping at 1.0, torch's AdamW (default implementation), zero_grad. Steps alternate between the
+two (and which goes first), so a busy machine slows both alike; the median step time gives
+tokens/s, and the ratio is the median over neighbouring pairs of steps.
+
+    python benchmarks/bench_train.py                       # CPU: 4x128 and 1x512
+    python benchmarks/bench_train.py --device cuda --shapes 16x1024 --dtype bfloat16 [--compile]
+
+The last line is the ratio minigpt2 / transformers for every shape.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minigpt2 import GPT, GPTConfig
+from minigpt2.data import TokenFile
+from minigpt2.trainer import TrainConfig, Trainer, autocast_dtype, flops_per_token, peak_flops
+from minigpt2.weights import is_conv1d
+
+
+def transformers_model(config: GPTConfig, device):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                                    n_positions=config.n_positions, resid_pdrop=0.0, embd_pdrop=0.0,
+                                    attn_pdrop=0.0))
+    return hf.to(device).train()
+
+
+def same_weights(hf, config: GPTConfig) -> GPT:
+    ours = GPT(config)
+    with torch.no_grad():
+        theirs = hf.transformer.state_dict()
+        for name, p in ours.state_dict().items():
+            if name == "lm_head.weight":
+                continue
+            t = theirs[name]
+            p.copy_(t.t() if is_conv1d(name) else t)
+    return ours
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["4x128", "1x512"], help="BxT shapes (default 4x128 1x512)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per implementation and shape")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    dtype = autocast_dtype(args.dtype, device)
+    config = GPTConfig.from_preset("gpt2", dropout=0.0)
+    print(f"device {device}, autocast {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    ratios = []
+    for shape in args.shapes:
+        B, T = map(int, shape.split("x"))
+        hf = transformers_model(config, device)
+        ours = same_weights(hf, config)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokens = np.random.default_rng(0).integers(0, config.vocab_size, 200_000, dtype=np.uint16)
+            tokens.tofile(Path(tmp) / "tokens.bin")
+            data = TokenFile(Path(tmp) / "tokens.bin", chars=len(tokens))
+            trainer = Trainer(ours, data, {}, TrainConfig(steps=10_000, batch_size=B, seq_len=T, lr=1e-4, warmup=0),
+                              Path(tmp) / "run", device=device, dtype=dtype, compile=args.compile)
+            decay = [p for n, p in hf.named_parameters() if p.dim() >= 2 and "wte" not in n and "wpe" not in n]
+            other = [p for n, p in hf.named_parameters() if not (p.dim() >= 2 and "wte" not in n and "wpe" not in n)]
+            opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                                    lr=1e-4, betas=(0.9, 0.95))
+            hf_model = torch.compile(hf) if args.compile else hf
+
+            def hf_step(i):
+                x, _ = trainer.batch(i)  # the very windows minigpt2 trains on at step i
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    loss = hf_model(input_ids=x, labels=x).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            times = {"minigpt2": [], "transformers": []}
+            def ours_step(i):
+                trainer.step = i
+                trainer.train_step()
+
+            steps = {"minigpt2": ours_step, "transformers": hf_step}
+            for i in range(args.warmup + args.steps):
+                order = list(steps) if i % 2 == 0 else list(steps)[::-1]  # alternate who goes first
+                for name in order:
+                    start = time.perf_counter()
+                    steps[name](i)
+                    if i >= args.warmup:
+                        times[name].append(time.perf_counter() - start)
+        speeds = {k: B * T / statistics.median(v) for k, v in times.items()}
+        peak = peak_flops(device, dtype)
+        for name, speed in speeds.items():
+            mfu = f", MFU {100 * speed * flops_per_token(config, T) / peak:.1f}%" if peak else ""
+            print(f"{shape:>8} {name:<12} {speed:>10,.1f} tokens/s (median of {args.steps} steps; best "
+                  f"{B * T / min(times[name]):,.1f}{mfu})")
+        # The ratio of each pair of neighbouring steps (same moment, same machine load), then the
+        # median over pairs: robust against other jobs that come and go on a shared machine.
+        pairs = [hf / ours for ours, hf in zip(times["minigpt2"], times["transformers"])]
+        print(f"{shape:>8} paired step-time ratios transformers/minigpt2: " + " ".join(f"{r:.2f}" for r in pairs))
+        ratios.append((shape, statistics.median(pairs)))
+        del hf, ours, trainer, opt
+    print("minigpt2 / transformers: " + ", ".join(f"{shape} {r:.2f}x" for shape, r in ratios))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Watching a model change: how far each weight has moved, and how each block's output differs.
+
+Fine-tuning changes every tensor a little; the question is *where* it changes most. A snapshot
+compares the model now with the model it started from, in two ways:
+
+- weights: for every tensor W, the relative change ||W - W0|| / ||W0|| (Frobenius norms);
+- activations: forward hooks on every block `h.N` capture its output on a fixed probe prompt,
+  compared with the starting model's output on the same prompt: the mean over tokens of the
+  cosine similarity (did the direction of the hidden state change?) and the relative difference
+  ||h - h0|| / ||h0|| (how much did it change overall?).
+
+Hooks are always removed in a `finally`, so a failed forward pass never leaves one behind to fire
+during training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_PROBE = "今天的天气很好，我们一起去公园散步。The weather is nice today, so we went for a walk."
+
+
+def official_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under their official names (no lm_head: it is wte, tied)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        name = name.removeprefix("_orig_mod.")
+        if name != "lm_head.weight":
+            out[name] = tensor
+    return out
+
+
+@contextlib.contextmanager
+def capture_block_outputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside the `with`, every forward pass stores each block's output under "h.N"."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for i, block in enumerate(model.h):
+            def hook(module, inputs, output, name=f"h.{i}"):
+                captured[name] = output.detach().float()
+            handles.append(block.register_forward_hook(hook))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Snapshotter:
+    """Remembers the starting model (a float32 copy on the CPU) and measures drift from it."""
+
+    def __init__(self, model: nn.Module, probe_ids: list[int], probe_text: str = DEFAULT_PROBE) -> None:
+        self.probe_text = probe_text
+        self.probe_ids = probe_ids[: model.config.n_positions]
+        self.w0 = {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in official_tensors(model).items()}
+        self.h0 = self.block_outputs(model)
+
+    @torch.no_grad()
+    def block_outputs(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Each block's output (T, C) on the probe, in float32, with dropout off."""
+        was_training = model.training
+        device = next(model.parameters()).device
+        idx = torch.tensor([self.probe_ids], device=device)
+        model.eval()
+        try:
+            with capture_block_outputs(model) as captured:
+                model(idx)
+        finally:
+            model.train(was_training)
+        return {name: h[0].cpu() for name, h in captured.items()}
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module, step: int, tokens: int) -> dict:
+        """One line of snapshots.jsonl (see the module docstring for the measures)."""
+        weights = {}
+        for name, w in official_tensors(model).items():
+            w0 = self.w0[name]
+            diff = torch.linalg.vector_norm(w.detach().to("cpu", torch.float64) - w0.double()).item()
+            base = torch.linalg.vector_norm(w0.double()).item()
+            # A tensor that started at zero (a bias of a model trained from scratch) has no
+            # relative change; its absolute change is reported instead.
+            weights[name] = diff / base if base > 0 else diff
+        activations = {}
+        for name, h in self.block_outputs(model).items():
+            h0 = self.h0[name]
+            activations[name] = {
+                "cosine": F.cosine_similarity(h.double(), h0.double(), dim=-1).mean().item(),
+                "relative_diff": (torch.linalg.vector_norm((h - h0).double()) / torch.linalg.vector_norm(h0.double())).item(),
+            }
+        return {"step": step, "tokens": tokens, "weights": weights, "activations": activations, "probe": self.probe_text}
