@@ -6,10 +6,13 @@
         --tokenizer data/gpt2 --out runs/tiny --steps 200                         # tiny, from scratch
 
 Ctrl-C (or SIGTERM) saves a checkpoint and stops; --resume continues exactly where it stopped.
+
+    torchrun --nproc_per_node=8 train.py --data novels/ --out runs/zh [--shard]   # 8 GPUs, data parallel
 """
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -17,7 +20,9 @@ from pathlib import Path
 
 # Fixed for the life of a run: --resume refuses to change them (the batches would differ).
 FIXED_ON_RESUME = ("model", "init_preset", "n_layer", "n_head", "n_embd", "context", "data", "val_data", "val_fraction",
-                   "drop_lines", "encoding_errors", "seq_len", "batch_size", "grad_accum", "seed", "dropout", "tokenizer")
+                   "drop_lines", "encoding_errors", "seq_len", "seed", "dropout", "tokenizer")
+# --batch-size and --grad-accum may change on resume, but only together with the number of ranks:
+# the global batch (batch x accum x ranks windows per step) is what defines the batches.
 DEFAULTS = {"model": None, "batch_size": 4, "seq_len": None, "grad_accum": 1, "lr": 3e-4, "weight_decay": 0.1,
             "grad_clip": 1.0, "val_fraction": 0.005, "encoding_errors": "strict", "save_every": 1000,
             "eval_tokens": 65536, "snapshot_every": 0, "log_every": 10, "device": "auto", "dtype": "auto", "seed": 0}
@@ -69,14 +74,19 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     x.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="compute precision (default auto)")
     x.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+    x.add_argument("--shard", action="store_true", default=None,
+                   help="under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP) "
+                        "instead of a full copy on each; on one process it changes nothing")
+    x.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute each block's activations in backward: less memory, ~1/3 more compute")
     return p
 
 
-def merge_args(given: dict, out: Path, resume: bool) -> dict:
+def merge_args(given: dict, out: Path, resume: bool, ranks: int = 1) -> dict:
     """Defaults, then (when resuming) the run's saved arguments, then what was given now."""
     explicit = {k: v for k, v in given.items() if v is not None}
     if not resume:
-        return {**DEFAULTS, **explicit}
+        return {**DEFAULTS, **explicit, "ranks": ranks}
     from minigpt2 import MiniGPT2Error
 
     try:
@@ -90,7 +100,14 @@ def merge_args(given: dict, out: Path, resume: bool) -> dict:
     if any(k in explicit for k in ("steps", "epochs", "tokens")):
         for k in ("steps", "epochs", "tokens"):
             saved.pop(k, None)
-    return {**DEFAULTS, **saved, **explicit, "resume": True}
+    merged = {**DEFAULTS, **saved, **explicit, "resume": True, "ranks": ranks}
+    before = saved.get("batch_size", DEFAULTS["batch_size"]) * saved.get("grad_accum", 1) * saved.get("ranks", 1)
+    if merged["batch_size"] * merged["grad_accum"] * ranks != before:
+        raise MiniGPT2Error(
+            f"--resume must keep the global batch of {before} sequences per step (--batch-size x --grad-accum x "
+            f"ranks); with {ranks} rank(s) give --batch-size and --grad-accum whose product is {before / ranks:g}"
+        )
+    return merged
 
 
 def format_duration(seconds: float) -> str:
@@ -138,6 +155,9 @@ class Console:
             what = "resuming at" if r["resumed"] else "training from"
             print(f"{what} step {r['step']} of {r['steps']}: {r['params']:,} parameters, {r['tokens_per_step']:,} "
                   f"tokens per step, {r['device']}, {r['dtype']}", flush=True)
+            if r.get("ranks", 1) > 1:
+                print(f"{r['ranks']} ranks{' (sharded)' if r.get('sharded') else ''}: global batch {r['global_batch']} "
+                      f"sequences per step", flush=True)
         elif kind == "train":
             if r["step"] % self.log_every == 0 or r["step"] == self.steps or r["step"] == 1:
                 self.clear_bar()
@@ -161,31 +181,41 @@ class Console:
 
 def main(argv=None) -> int:
     ns = parser().parse_args(argv)
-    from minigpt2 import MiniGPT2Error
+    from minigpt2 import MiniGPT2Error, distributed
 
+    rank = os.environ.get("RANK", "0") if distributed.launched_by_torchrun() else "0"
+    where = "" if rank == "0" else f"(rank {rank}) "
     try:
         return run(ns)
     except MiniGPT2Error as e:
-        print(f"\nerror: {e}" if sys.stderr.isatty() else f"error: {e}", file=sys.stderr)
+        distributed.teardown()
+        print(f"\nerror: {where}{e}" if sys.stderr.isatty() else f"error: {where}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before training started (or a second Ctrl-C): nothing to save
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not distributed.is_peer_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {where}another process of this torchrun job failed or was stopped ({first}); the "
+              f"checkpoints already in '{ns.out}' are complete: continue with --resume", file=sys.stderr)
+        return 1
 
 
 def run(ns) -> int:
     import dataclasses
 
-    from minigpt2 import MiniGPT2Error, load_tokenizer
+    from minigpt2 import MiniGPT2Error, distributed, load_tokenizer
     from minigpt2.data import check_inputs, compile_drop_lines, prepare_corpus
-    from minigpt2.device import resolve_device
     from minigpt2.snapshots import DEFAULT_PROBE, Snapshotter
     from minigpt2.trainer import (TrainConfig, Trainer, autocast_dtype, check_out_dir, start_model, steps_for,
                                   tokenizer_source_for)
 
     out = Path(ns.out)
     resume_from = check_out_dir(out, ns.resume)
-    a = merge_args({k: v for k, v in vars(ns).items() if k not in ("out", "resume")}, out, ns.resume)
+    a = merge_args({k: v for k, v in vars(ns).items() if k not in ("out", "resume")}, out, ns.resume,
+                   ranks=distributed.world_size_from_env())
     if a.get("model") and a.get("init_preset"):
         raise MiniGPT2Error("give --model or --init-preset, not both")
     if not a.get("init_preset") and any(a.get(k) is not None for k in ("n_layer", "n_head", "n_embd", "context")):
@@ -194,8 +224,12 @@ def run(ns) -> int:
         raise MiniGPT2Error("--data is required: the text files, directories or globs to train on")
     source = None if a.get("init_preset") else (a.get("model") or "gpt2")
 
-    # 1. Check every input before anything heavy: a bad file fails in a second.
-    device = resolve_device(a["device"])
+    # 1. Check every input before anything heavy: a bad file fails in a second. Under torchrun,
+    # join the other ranks (after all have checked --out: nothing is written before that).
+    ctx = distributed.setup(a["device"])
+    ctx.barrier()
+    device = ctx.device
+    say = print if ctx.is_main else (lambda *args, **kwargs: None)
     dtype = autocast_dtype(a["dtype"], device)
     compile_drop_lines(a.get("drop_lines"))
     train_files = check_inputs(a["data"], a["encoding_errors"])
@@ -206,46 +240,49 @@ def run(ns) -> int:
     tok_source = a.get("tokenizer") or source or "gpt2"
     enc = load_tokenizer(tok_source)
     common = dict(drop_lines=a.get("drop_lines"), encoding_errors=a["encoding_errors"], cache_dir=a.get("cache_dir"))
-    corpus = prepare_corpus(train_files, enc, val_fraction=0.0 if val_files else a["val_fraction"], **common)
-    eval_sets = {}
-    if val_files:
-        eval_sets["val"] = prepare_corpus(val_files, enc, **common).train
-    elif corpus.val is not None and len(corpus.val) > 1:
-        eval_sets["val"] = corpus.val
-    for files in eval_files:
-        eval_sets[files[0].path.stem] = prepare_corpus(files, enc, **common).train
+    with ctx.main_first():  # rank 0 fills the cache; the others then read it
+        corpus = prepare_corpus(train_files, enc, val_fraction=0.0 if val_files else a["val_fraction"], **common)
+        eval_sets = {}
+        if val_files:
+            eval_sets["val"] = prepare_corpus(val_files, enc, **common).train
+        elif corpus.val is not None and len(corpus.val) > 1:
+            eval_sets["val"] = corpus.val
+        for files in eval_files:
+            eval_sets[files[0].path.stem] = prepare_corpus(files, enc, **common).train
     s = corpus.summary()
-    print(f"data: {len(s['files'])} file(s), {s['chars']:,} characters, {s['tokens']:,} tokens "
+    say(f"data: {len(s['files'])} file(s), {s['chars']:,} characters, {s['tokens']:,} tokens "
           f"({s['tokens_per_char']:.2f} tokens per character; {s['train_tokens']:,} for training"
           f"{', from the cache' if corpus.cached else ''})", flush=True)
     for name, data in eval_sets.items():
-        print(f"eval set {name}: {data.chars:,} characters, {len(data):,} tokens ({data.tokens_per_char:.2f} per character)")
+        say(f"eval set {name}: {data.chars:,} characters, {len(data):,} tokens ({data.tokens_per_char:.2f} per character)")
 
     # 3. The model, the plan, the trainer.
     overrides = {"n_layer": a.get("n_layer"), "n_head": a.get("n_head"), "n_embd": a.get("n_embd"),
                  "n_positions": a.get("context")}
     model = start_model(source, a.get("init_preset"), overrides, seed=a["seed"], dropout=a.get("dropout"))
     seq_len = a["seq_len"] or min(model.config.n_positions, 1024)
-    tokens_per_step = a["batch_size"] * seq_len * a["grad_accum"]
+    tokens_per_step = a["batch_size"] * seq_len * a["grad_accum"] * ctx.world_size
     steps = steps_for(steps=a.get("steps"), epochs=a.get("epochs"), tokens=a.get("tokens"),
                       train_tokens=len(corpus.train), tokens_per_step=tokens_per_step)
     config = TrainConfig(steps=steps, batch_size=a["batch_size"], seq_len=seq_len, grad_accum=a["grad_accum"],
                          lr=a["lr"], min_lr=a.get("min_lr"), warmup=a.get("warmup"), weight_decay=a["weight_decay"],
                          grad_clip=a["grad_clip"], eval_every=a.get("eval_every"), eval_tokens=a["eval_tokens"],
-                         save_every=a["save_every"], snapshot_every=a["snapshot_every"], seed=a["seed"])
+                         save_every=a["save_every"], snapshot_every=a["snapshot_every"], seed=a["seed"],
+                         ranks=ctx.world_size)
     snapshotter = None
     if config.snapshot_every:
         probe = a.get("probe") or DEFAULT_PROBE
         snapshotter = Snapshotter(model, enc.encode(probe), probe)
     trainer = Trainer(model, corpus.train, eval_sets, config, out, device=device, dtype=dtype,
                       compile=bool(a.get("compile")), tokenizer_source=tokenizer_source_for(tok_source),
-                      snapshotter=snapshotter)
+                      snapshotter=snapshotter, dist=ctx, shard=bool(a.get("shard")),
+                      activation_checkpointing=bool(a.get("activation_checkpointing")))
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         if trainer.step >= config.steps:
             raise MiniGPT2Error(f"the run in '{out}' already reached step {trainer.step} of {config.steps}; "
                                 "give a larger --steps (or --epochs/--tokens) to train further")
-    else:
+    elif ctx.is_main:
         info = {"model": source, "init_preset": a.get("init_preset"), "config": dataclasses.asdict(model.config),
                 "train": dataclasses.asdict(config), "args": a, "data": s,
                 "eval_sets": {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char}
@@ -265,8 +302,10 @@ def run(ns) -> int:
     console = Console(a["log_every"], show_mfu=trainer.peak_flops is not None)
     stopped = False
     for record in trainer.run():
-        console.show(record)
+        if ctx.is_main:
+            console.show(record)
         stopped = stopped or record["type"] == "stopped"
+    distributed.teardown()
     return 128 + getattr(signal, trainer.stop_reason or "SIGINT") if stopped else 0
 
 

@@ -435,8 +435,9 @@ class WindowSampler:
     a generator seeded with (seed, epoch): no state to save, and a resumed run that asks for
     batch i gets exactly the batch an uninterrupted run would have.
 
-    For data parallelism (several ranks), rank r of R would take windows (i * R + r) * B ... of
-    the same order, so ranks read disjoint windows of one shared permutation.
+    For data parallelism (several ranks), rank r of R reads its micro-batch i as batch i * R + r,
+    i.e. windows (i * R + r) * B ... of the same order: the ranks read disjoint windows of one
+    shared permutation, and a step covers the same windows whatever R is (see distributed.py).
     """
 
     def __init__(self, n_tokens: int, seq_len: int, batch_size: int, seed: int = 0) -> None:

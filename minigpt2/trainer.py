@@ -12,6 +12,8 @@
 
 Around it: mixed precision chosen per device, checkpoints that a resumed run continues from bit
 for bit, a stop on request (Ctrl-C / SIGTERM) that saves first, and a record for every event.
+Under torchrun the same loop runs on every rank, each on its own windows of the step's batch,
+with DDP or FSDP exchanging gradients; rank 0 alone logs and writes (see distributed.py).
 The trainer never prints: `Trainer.run()` yields records (dicts) and appends each to
 `RUN/log.jsonl`; the front end (`train.py`) decides how to show them.
 
@@ -46,6 +48,7 @@ from torch import nn
 
 from .config import GPTConfig
 from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows
+from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
 from .errors import CheckpointError, MiniGPT2Error
 from .model import GPT
 from .snapshots import Snapshotter
@@ -84,9 +87,10 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end (and on a stop request)
     snapshot_every: int = 0
     seed: int = 0
+    ranks: int = 1  # data-parallel processes (torchrun); each step covers batch x accum x ranks windows
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "ranks"):
             if getattr(self, name) < 1:
                 raise MiniGPT2Error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -101,8 +105,13 @@ class TrainConfig:
             raise MiniGPT2Error("--warmup, --min-lr, --grad-clip and --weight-decay must not be negative")
 
     @property
+    def global_batch(self) -> int:
+        """Windows (sequences) per optimizer step, over all ranks."""
+        return self.batch_size * self.grad_accum * self.ranks
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len * self.grad_accum
+        return self.global_batch * self.seq_len
 
 
 def steps_for(*, steps: int | None = None, epochs: float | None = None, tokens: int | None = None,
@@ -303,12 +312,24 @@ class Trainer:
         compile: wrap the model in `torch.compile` for training steps.
         tokenizer_source: where checkpoints copy vocab.json + merges.txt from.
         snapshotter: with `config.snapshot_every`, measures drift from the starting model.
+        dist: this process's place in a torchrun job (`distributed.setup`); None: one process.
+        shard: FSDP2 (`distributed.shard_model`) instead of DDP: weights, gradients and AdamW state
+            split over the ranks (with one process: one shard, i.e. the plain model).
+        activation_checkpointing: recompute each block's activations in backward.
     """
 
     def __init__(self, model: GPT, train: TokenFile, eval_sets: dict[str, TokenFile], config: TrainConfig,
                  out: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  compile: bool = False, tokenizer_source: str | os.PathLike | None = None,
-                 snapshotter: Snapshotter | None = None) -> None:
+                 snapshotter: Snapshotter | None = None, dist: Dist | None = None, shard: bool = False,
+                 activation_checkpointing: bool = False) -> None:
+        self.dist = dist or Dist(device=torch.device(device))
+        if config.ranks != self.dist.world_size:
+            raise MiniGPT2Error(f"TrainConfig.ranks is {config.ranks} but the job has {self.dist.world_size} rank(s)")
+        self.sharded = shard and self.dist.enabled
+        if self.sharded and snapshotter is not None:
+            raise MiniGPT2Error("--snapshot-every does not work with --shard (each rank holds only a slice of the "
+                                "weights); snapshot a run without --shard")
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -331,16 +352,23 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.raw_model = model.to(self.device)
         self.raw_model.train()
+        if activation_checkpointing:
+            checkpoint_blocks(self.raw_model)
+        if self.sharded:
+            shard_model(self.raw_model)  # in place: raw_model's parameters become this rank's slices
         # torch.compile fuses the many small element-wise kernels (GELU, LayerNorm, residual adds)
         # and removes Python overhead; the raw model stays around for saving and evaluation.
-        self.model = torch.compile(self.raw_model) if compile else self.raw_model
+        # Under torchrun without --shard, DDP wraps it (and is what gets compiled).
+        self.ddp = wrap_ddp(self.raw_model, self.dist) if self.dist.enabled and not self.sharded else None
+        train_module = self.ddp or self.raw_model
+        self.model = torch.compile(train_module) if compile else train_module
 
         groups = param_groups(self.raw_model, config.weight_decay)
         self.param_names = [name for g in groups for name in g.pop("names")]
         self.params = [p for g in groups for p in g["params"]]
         # The fused kernel updates every tensor in one pass (one launch on a GPU) instead of a
         # dozen element-wise passes over every tensor: less memory traffic, less overhead.
-        fused = self.device.type in ("cuda", "cpu")
+        fused = self.device.type in ("cuda", "cpu") and not self.sharded
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
                                            fused=fused)
         # fp16 has a narrow range: small gradients underflow to zero. The scaler multiplies the
@@ -349,11 +377,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
         self.flops_per_token = flops_per_token(self.raw_model.config, config.seq_len)
         self.peak_flops = peak_flops(self.device, dtype)
+        if self.peak_flops:
+            self.peak_flops *= self.dist.world_size  # MFU of the whole job: all GPUs' peak
 
         self.step = 0
         self.tokens = 0
         self.stop_reason: str | None = None
-        torch.manual_seed(config.seed)  # dropout's random numbers, reproducibly
+        # Dropout's random numbers, reproducibly; each rank its own stream (rank 0's is a
+        # one-process run's).
+        torch.manual_seed(config.seed + self.dist.rank)
 
     # ----- pieces of a step ---------------------------------------------------------------
 
@@ -362,8 +394,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets (B, T) of training micro-batch `index` (see `WindowSampler`)."""
-        offsets = self.sampler.offsets(index)
+        """Inputs and targets (B, T) of this rank's training micro-batch `index`: sampler batch
+        index * ranks + rank, so the ranks read disjoint windows (see `WindowSampler`)."""
+        offsets = self.sampler.offsets(index * self.dist.world_size + self.dist.rank)
         return self._inputs_targets(gather_windows(self.train_data.tokens, offsets, self.config.seq_len))
 
     def _inputs_targets(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,9 +409,11 @@ class Trainer:
         return windows[:, :-1], windows[:, 1:]
 
     def grad_sync(self, last_micro_step: bool):
-        """Where data parallelism would skip the gradient all-reduce until the last micro-step
-        (DDP's `no_sync()`); with one process there is nothing to synchronise."""
-        return contextlib.nullcontext()
+        """Data parallelism skips the gradient all-reduce until the last micro-step (DDP's
+        `no_sync()`, see `distributed.grad_sync`); with one process there is nothing to synchronise."""
+        if not self.dist.enabled:
+            return contextlib.nullcontext()
+        return grad_sync(self.ddp or self.raw_model, last_micro_step, self.sharded)
 
     def train_step(self) -> dict:
         """One optimizer step over `grad_accum` micro-batches; returns its train record."""
@@ -399,6 +434,8 @@ class Trainer:
                 self.scaler.scale(loss / c.grad_accum).backward()
             loss_sum += loss.detach()
         loss = (loss_sum / c.grad_accum).item()
+        if self.dist.enabled:  # the mean over the global batch (every rank gets the same number)
+            loss = self.dist.sum(loss)[0] / self.dist.world_size
 
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -413,7 +450,7 @@ class Trainer:
         # norm is that of the true gradient, not of the fp16 loss-scaled one.)
         self.scaler.unscale_(self.optimizer)
         clip = c.grad_clip if c.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip)).item()
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
@@ -451,14 +488,24 @@ class Trainer:
                 if seq_len < 1:
                     continue
                 offsets = eval_windows(len(data), seq_len, self.config.eval_tokens)
+                B, R, r = self.config.batch_size, self.dist.world_size, self.dist.rank
+                chunks = [np.array(offsets[i:i + B]) for i in range(0, len(offsets), B)]
                 nats, count = 0.0, 0
-                for i in range(0, len(offsets), self.config.batch_size):
-                    chunk = np.array(offsets[i:i + self.config.batch_size])
-                    x, y = self._inputs_targets(gather_windows(data.tokens, chunk, seq_len))
+                # Rank r evaluates chunks r, r + R, ...; the sums are added up over the ranks.
+                # A sharded model's forward is a collective, so there every rank runs the same
+                # number of them (a spare one, on chunk 0, counts nothing).
+                for j in range(math.ceil(len(chunks) / R)):
+                    index = j * R + r
+                    if index >= len(chunks) and not self.sharded:
+                        break
+                    x, y = self._inputs_targets(gather_windows(data.tokens, chunks[index % len(chunks)], seq_len))
                     with self.autocast():
                         _, loss = self.raw_model(x, y)
-                    nats += loss.item() * y.numel()
-                    count += y.numel()
+                    if index < len(chunks):
+                        nats += loss.item() * y.numel()
+                        count += y.numel()
+                nats, count = self.dist.sum(nats, count)
+                count = int(count)
                 mean = nats / count
                 records.append({"type": "eval", "step": self.step, "tokens": self.tokens, "set": name,
                                 "loss": mean, "ppl": math.exp(min(mean, 700.0)),
@@ -474,7 +521,8 @@ class Trainer:
 
         Everything goes into a hidden temporary folder first, which is renamed into place only
         when complete: a crash mid-save leaves a stray temporary folder, never a half checkpoint,
-        and an existing checkpoint is never written into.
+        and an existing checkpoint is never written into. Under torchrun only rank 0 writes (a
+        sharded model's full weights are first gathered to it, which every rank takes part in).
         """
         from safetensors.torch import save_file
 
@@ -482,13 +530,23 @@ class Trainer:
 
         name = name or f"step-{self.step:06d}"
         target = self.out / name
-        if target.exists() and name != "final":
-            return target  # this step was saved already (e.g. a stop request right after a save)
+        # This step was saved already (e.g. a stop request right after a save)? Rank 0 has seen
+        # its own rename, so every rank asks it: they must all take the same path below.
+        if name != "final" and self.dist.any(target.exists()):
+            return target
+        weights = None
+        if self.sharded:  # collectives: every rank, before rank 0 alone goes on
+            from .distributed import full_model_state, full_optimizer_state
+
+            weights = full_model_state(self.raw_model)
+            optim_state = full_optimizer_state(self.raw_model, self.optimizer)
+        if not self.dist.is_main:
+            return target
         tmp = self.out / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            save_model(self.raw_model, tmp, tokenizer_source=self.tokenizer_source)
-            tensors, state = self.state()
+            save_model(self.raw_model, tmp, tokenizer_source=self.tokenizer_source, state_dict=weights)
+            tensors, state = self.state(optim_state if self.sharded else None)
             save_file(tensors, str(tmp / STATE_TENSORS))
             (tmp / STATE_JSON).write_text(json.dumps(state, indent=2))
             if target.exists():  # final/ of a run that is being extended: swap, then delete
@@ -502,13 +560,21 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
 
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def state(self, full_optimizer_state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The trainer state as (tensors for safetensors, JSON-able dict): no pickle anywhere.
 
         The data position needs no state of its own: batch i is a pure function of (seed, i),
         see `WindowSampler`. Python's and NumPy's global generators are not used by the loop.
+        A sharded run passes its gathered optimizer state (keyed by parameter name); it is
+        written in the same layout, so any run can resume from any other.
         """
-        opt = self.optimizer.state_dict()
+        if full_optimizer_state is None:
+            opt = self.optimizer.state_dict()
+        else:
+            index = {name: i for i, name in enumerate(self.param_names)}
+            opt = {"state": {index[name]: entry for name, entry in full_optimizer_state["state"].items()},
+                   "param_groups": [{**g, "params": [index[name] for name in g["params"]]}
+                                    for g in full_optimizer_state["param_groups"]]}
         tensors = {}
         for index, entry in opt["state"].items():
             for key, value in entry.items():
@@ -524,7 +590,8 @@ class Trainer:
             "param_names": self.param_names,
             "param_groups": opt["param_groups"],
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "sampler": {"seed": self.config.seed, "next_batch": self.step * self.config.grad_accum},
+            "sampler": {"seed": self.config.seed, "next_batch": self.step * self.config.grad_accum * self.config.ranks},
+            "ranks": self.config.ranks,
         }
         return tensors, state
 
@@ -542,9 +609,6 @@ class Trainer:
             raise CheckpointError(f"cannot read the trainer state in '{path}': {e}") from None
         if state["param_names"] != self.param_names:
             raise CheckpointError(f"'{path}' was saved from a model with different parameters; cannot resume")
-        with torch.no_grad():
-            loaded = load_model(path, device=self.device)
-            self.raw_model.load_state_dict(loaded.state_dict())
         index = {name: i for i, name in enumerate(self.param_names)}
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
@@ -552,7 +616,19 @@ class Trainer:
                 name, field = key[len("optimizer."):].rsplit(".", 1)
                 opt_state.setdefault(index[name], {})[field] = value
         groups = [{**g, "betas": tuple(g["betas"])} for g in state["param_groups"]]
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        if self.sharded:  # every rank reads the full state and keeps its slices
+            from .distributed import load_full_state
+
+            loaded = load_model(path)
+            names = self.param_names
+            load_full_state(self.raw_model, self.optimizer, loaded.state_dict(),
+                            {"state": {names[i]: entry for i, entry in opt_state.items()},
+                             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]})
+        else:
+            with torch.no_grad():
+                loaded = load_model(path, device=self.device)
+                self.raw_model.load_state_dict(loaded.state_dict())
+            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(tensors["rng.torch_cpu"])
@@ -560,6 +636,10 @@ class Trainer:
         if cuda_states and self.device.type == "cuda" and len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
         self.step, self.tokens = state["step"], state["tokens"]
+        if self.dist.rank:  # the checkpoint holds rank 0's dropout stream; the others start anew
+            torch.manual_seed(self.config.seed + self.dist.rank + 1_000_003 * self.step)
+        if not self.dist.is_main:
+            return
         # Records of steps after this checkpoint (done, then lost when the run was stopped) are
         # dropped, so the log reads as one run; the redone steps log them again.
         for log in ("log.jsonl", "snapshots.jsonl"):
@@ -574,11 +654,15 @@ class Trainer:
         self.stop_reason = reason
 
     def _emit(self, record: dict, file: str = "log.jsonl") -> dict:
+        if not self.dist.is_main:  # every rank yields the records; only rank 0 logs them
+            return record
         with open(self.out / file, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         return record
 
     def _snapshot(self) -> dict:
+        if not self.dist.is_main:
+            return {"type": "snapshot", "step": self.step, "tokens": self.tokens}
         snap = self.snapshotter.measure(self.raw_model, self.step, self.tokens)
         self._emit(snap, "snapshots.jsonl")
         return self._emit({"type": "snapshot", "step": self.step, "tokens": self.tokens})
@@ -588,6 +672,7 @@ class Trainer:
         c = self.config
         first_step = self.step
         yield self._emit({"type": "start", "step": self.step, "steps": c.steps, "tokens_per_step": c.tokens_per_step,
+                          "ranks": c.ranks, "global_batch": c.global_batch, "sharded": self.sharded,
                           "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                           "params": self.raw_model.num_params(), "resumed": first_step > 0})
         if first_step == 0:
@@ -599,7 +684,10 @@ class Trainer:
         started = time.perf_counter()
         last_eval = self.step
         while self.step < c.steps:
-            if self.stop_reason is not None:
+            # A stop request reaches the ranks at different moments: they agree on it first,
+            # so all stop after the same step.
+            if self.dist.any(self.stop_reason is not None):
+                self.stop_reason = self.stop_reason or "SIGTERM"
                 path = self.save_checkpoint()
                 yield self._emit({"type": "stopped", "step": self.step, "tokens": self.tokens,
                                   "reason": self.stop_reason, "checkpoint": str(path)})

@@ -272,6 +272,7 @@ def save_model(
     *,
     tokenizer_source: str | os.PathLike | None = None,
     overwrite: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` as config.json + model.safetensors (+ vocab.json, merges.txt when known).
 
@@ -283,6 +284,9 @@ def save_model(
     loaded from, when that has them. An existing checkpoint in `directory` is never replaced
     unless `overwrite=True`; files are written under temporary names and renamed into place, so
     an interrupted save leaves no half-written checkpoint behind.
+
+    `state_dict` replaces `model.state_dict()` when the model's own tensors are not whole, e.g.
+    the full weights gathered from an FSDP-sharded model (`distributed.full_model_state`).
     """
     from safetensors.torch import save_file
 
@@ -296,7 +300,7 @@ def save_model(
     directory.mkdir(parents=True, exist_ok=True)
 
     tensors = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         name = name.removeprefix("_orig_mod.")  # torch.compile's wrapper adds this prefix
         if name == "lm_head.weight":
             continue
