@@ -9,11 +9,13 @@ tokens/s, and the ratio is the median over neighbouring pairs of steps.
 
     python benchmarks/bench_train.py                       # CPU: 4x128 and 1x512
     python benchmarks/bench_train.py --device cuda --shapes 16x1024 --dtype bfloat16 [--compile]
+    python benchmarks/bench_train.py --ranks 2              # data-parallel scaling: bench_distributed.py
 
 The last line is the ratio minigpt2 / transformers for every shape.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -52,6 +54,10 @@ def same_weights(hf, config: GPTConfig) -> GPT:
 
 
 def main() -> int:
+    if any(a == "--ranks" or a.startswith("--ranks=") for a in sys.argv[1:]):
+        # Data-parallel scaling (N torchrun ranks over 1) is its own script; same arguments.
+        script = Path(__file__).with_name("bench_distributed.py")
+        os.execv(sys.executable, [sys.executable, str(script), *sys.argv[1:]])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["4x128", "1x512"], help="BxT shapes (default 4x128 1x512)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per implementation and shape")
