@@ -52,6 +52,7 @@ from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_
 from .errors import CheckpointError, MiniGPT2Error
 from .model import GPT
 from .snapshots import Snapshotter
+from .weights import load_model, save_model, write_atomically
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -247,9 +248,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def tokenizer_source_for(source: str | os.PathLike | None) -> str | os.PathLike | None:
@@ -272,7 +272,6 @@ def start_model(source: str | None, preset: str | None = None, overrides: dict |
     Random init is seeded, so a resumed run can rebuild the exact starting weights (the
     snapshots measure drift from them) without storing a copy.
     """
-    from .weights import load_model
 
     if preset is not None:
         try:
@@ -526,7 +525,6 @@ class Trainer:
         """
         from safetensors.torch import save_file
 
-        from .weights import save_model
 
         name = name or f"step-{self.step:06d}"
         target = self.out / name
@@ -599,7 +597,6 @@ class Trainer:
         """Continue from a checkpoint: its weights, optimizer moments, step, RNG and scaler."""
         from safetensors.torch import load_file
 
-        from .weights import load_model
 
         path = Path(path)
         try:
