@@ -14,7 +14,7 @@ import sys
 
 from minigpt2 import MiniGPT2Error, load_model, load_tokenizer
 from minigpt2.device import resolve_device, resolve_dtype
-from minigpt2.generate import Sampling, Utf8Guard
+from minigpt2.generate import Sampling, Utf8Guard, prepare_for_decoding
 from minigpt2.text import encode_prompt, generate_text
 
 
@@ -35,7 +35,7 @@ def parse_args(argv):
     p.add_argument("--no-utf8-guard", action="store_true", help="let sampling produce invalid UTF-8 (shown as U+FFFD), as a naive sampler does")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on a GPU that has it, else float32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static shapes, CUDA graphs on a GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step: faster after a one-time compile of tens of seconds (CUDA graphs on a GPU)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole text for every token (slow; for comparison)")
     p.add_argument("--json", action="store_true", help="print one JSON record per sample instead of text")
     args = p.parse_args(argv)
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         dtype = resolve_dtype(args.dtype, device)
         models = []
         for source in args.model:
-            model = load_model(source, device=device, dtype=dtype)
+            model = prepare_for_decoding(load_model(source, device=device, dtype=dtype))
             enc = load_tokenizer(source)
             guard = False if args.no_utf8_guard else Utf8Guard.for_tokenizer(enc, model.config.vocab_size, device)
             models.append((source, model, enc, guard))
@@ -87,6 +87,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    try:
+        generate_all(args, prompts, models, device, dtype, out)
+    except MiniGPT2Error as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def generate_all(args, prompts, models, device, dtype, out) -> None:
     for p_index, prompt in enumerate(prompts):
         for source, model, enc, guard in models:
             _, truncated = encode_prompt(enc, prompt, model.config.n_positions)
@@ -122,7 +131,6 @@ def main(argv=None) -> int:
                     print(prompt + sample.text, end="", file=out)
                 print(f"\n[{len(sample.tokens)} tokens · {tokens_per_s:.1f} tok/s · CJK {sample.cjk_share:.0%} · "
                       f"{sample.finish_reason}]", file=out, flush=True)
-    return 0
 
 
 if __name__ == "__main__":

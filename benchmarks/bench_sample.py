@@ -3,11 +3,14 @@
 Both get the same random GPT-2 weights (124M shape by default), batch 1, a 16-token prompt,
 top-k sampling. The runs alternate (transformers, minigpt2, transformers, ...) and the median of
 each is reported, so a machine that gets busier in the middle slows both. minigpt2 runs as
-sample.py does by default: KV cache and UTF-8 guard on. Then minigpt2 with and without its KV
-cache at 500 new tokens. The last line is the ratio minigpt2 / transformers.
+sample.py does by default: KV cache and UTF-8 guard on. With --compile, minigpt2 as
+`sample.py --compile` joins the rotation (its one-time compilation is timed separately). Then
+minigpt2 with and without its KV cache at 500 new tokens. The last line is the ratio
+minigpt2 / transformers (with --compile, the compiled one).
 
     python benchmarks/bench_sample.py                      # CPU
-    python benchmarks/bench_sample.py --device cuda --compile
+    python benchmarks/bench_sample.py --compile            # CPU, eager and compiled
+    python benchmarks/bench_sample.py --device cuda --dtype bfloat16 --compile
 """
 
 import argparse
@@ -20,7 +23,7 @@ import torch
 
 from minigpt2 import GPT, GPTConfig, load_tokenizer
 from minigpt2.device import resolve_device, resolve_dtype
-from minigpt2.generate import Sampling, Utf8Guard, generate_tokens
+from minigpt2.generate import Sampling, Utf8Guard, generate_tokens, prepare_for_decoding
 
 
 def sync(device):
@@ -34,7 +37,7 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="minigpt2 with its compiled static decode step")
+    p.add_argument("--compile", action="store_true", help="also minigpt2 with its compiled decode step")
     p.add_argument("--no-cache-tokens", type=int, default=500, help="tokens for the cache vs no-cache run (0: skip)")
     p.add_argument("--layers", type=int, default=12, help="fewer for a quick check")
     args = p.parse_args()
@@ -51,6 +54,7 @@ def main():
         for name, param in ours.state_dict().items():
             w = sd["wte.weight" if name == "lm_head.weight" else name]
             param.copy_(w.t() if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else w)
+    prepare_for_decoding(ours)  # as sample.py does
 
     data = os.environ.get("MINIGPT2_SHARED_DATA")
     guard = None
@@ -69,34 +73,45 @@ def main():
         assert out.shape[1] == 16 + n_tokens
         return n_tokens / (time.perf_counter() - t)
 
-    def run_ours(n_tokens, use_cache=True):
+    def run_ours(n_tokens, use_cache=True, compile=False):
         sync(device)
         t = time.perf_counter()
         steps = list(generate_tokens(ours, prompt.tolist(), n_tokens, Sampling(top_k=50), guard=guard,
                                      generator=torch.Generator(device=device).manual_seed(0),
-                                     use_cache=use_cache, compile=args.compile))
+                                     use_cache=use_cache, compile=compile))
         sync(device)
         assert len(steps) == n_tokens
         return n_tokens / (time.perf_counter() - t)
 
-    run_hf(8), run_ours(min(n, 64))  # warm-up (and compilation)
-    hf_rates, our_rates = [], []
+    contestants = {"transformers generate": run_hf, "minigpt2": run_ours}
+    if args.compile:
+        contestants["minigpt2 --compile"] = lambda n_tokens: run_ours(n_tokens, compile=True)
+        t = time.perf_counter()
+        run_ours(min(n, 64), compile=True)  # compilation, for all the lengths to come
+        compile_s = time.perf_counter() - t
+    for run in contestants.values():
+        run(min(n, 64))  # warm-up
+    rates = {name: [] for name in contestants}
     for _ in range(args.rounds):
-        hf_rates.append(run_hf(n))
-        our_rates.append(run_ours(n))
-    hf_rate, our_rate = statistics.median(hf_rates), statistics.median(our_rates)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; dtype {str(dtype).removeprefix('torch.')}; {args.layers} layers; batch 1; 16-token prompt; "
-          f"{n} new tokens; top-k 50; UTF-8 guard {'on' if guard else 'off (no tokenizer files)'}"
-          + ("; minigpt2 compiled" if args.compile else ""))
-    print(f"transformers generate:  {hf_rate:8.1f} tok/s   (rounds: {', '.join(f'{r:.1f}' for r in hf_rates)})")
-    print(f"minigpt2:               {our_rate:8.1f} tok/s   (rounds: {', '.join(f'{r:.1f}' for r in our_rates)})")
+        for name, run in contestants.items():
+            rates[name].append(run(n))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {hw}; dtype {str(dtype).removeprefix('torch.')}; {args.layers} layers; batch 1; 16-token prompt; "
+          f"{n} new tokens; top-k 50; UTF-8 guard {'on' if guard else 'off (no tokenizer files)'}")
+    if args.compile:
+        print(f"minigpt2 --compile: first call (compilation) {compile_s:.1f} s")
+    for name, r in rates.items():
+        print(f"{name + ':':24s}{median[name]:8.1f} tok/s   (rounds: {', '.join(f'{x:.1f}' for x in r)})")
     if args.no_cache_tokens:
         m = args.no_cache_tokens
         cached, uncached = run_ours(m), run_ours(m, use_cache=False)
         print(f"minigpt2, {m} new tokens: cached {cached:.1f} tok/s, --no-cache {uncached:.1f} tok/s: "
               f"cache speedup {cached / uncached:.1f}x")
-    print(f"ratio minigpt2 / transformers: {our_rate / hf_rate:.2f}x")
+    hf_rate = median["transformers generate"]
+    print(f"ratio minigpt2 / transformers: {median['minigpt2'] / hf_rate:.2f}x")
+    if args.compile:
+        print(f"ratio minigpt2 --compile / transformers: {median['minigpt2 --compile'] / hf_rate:.2f}x")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ import itertools
 import pytest
 import torch
 
-from minigpt2 import GPT, GPTConfig, load_tokenizer
+from minigpt2 import GPT, GPTConfig, load_model, load_tokenizer, save_model
 from minigpt2.errors import MiniGPT2Error
 from minigpt2.generate import (
     ACCEPT, AFTER_E0, AFTER_ED, AFTER_EF, AFTER_EFBF, AFTER_F0, AFTER_F4, NEED1, NEED2, NEED3, Sampling, Utf8Guard,
-    apply_repetition_penalty, generate_tokens, left_pad, prefill, sample_next,
+    apply_repetition_penalty, generate_tokens, left_pad, prefill, prepare_for_decoding, sample_next,
 )
 
 
@@ -40,9 +40,27 @@ def test_static_shape_decoder_agrees_with_eager():
     assert run(model, PROMPTS, 45, static=True) == run(model, PROMPTS, 45)
 
 
-def test_compiled_decoder_agrees_with_eager():
-    model = tiny(n_positions=16)
-    assert run(model, PROMPTS[:2], 20, compile=True) == run(model, PROMPTS[:2], 20)
+@pytest.mark.parametrize("static", [None, True], ids=["cpu-default-dynamic-shapes", "static-shapes"])
+def test_compiled_decoder_agrees_with_eager(static):
+    model = tiny(n_positions=16)  # 20 new tokens cross the context: the window restarts once
+    assert run(model, PROMPTS[:2], 20, compile=True, static=static) == run(model, PROMPTS[:2], 20)
+
+
+def test_prepare_for_decoding_changes_the_layout_not_the_model(tmp_path):
+    model = tiny(vocab_size=500)
+    before = run(model, PROMPTS, 30)
+    idx = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        logits = model(idx)
+    assert prepare_for_decoding(model) is model
+    weight = model.lm_head.weight
+    assert weight is model.wte.weight  # still tied: one parameter
+    assert weight.shape == (500, 32) and weight.stride() == (1, 500)  # column by column
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), logits, rtol=0, atol=1e-6)
+    assert run(model, PROMPTS, 30) == before
+    reloaded = load_model(save_model(model, tmp_path / "saved"))  # still saves as an ordinary checkpoint
+    torch.testing.assert_close(reloaded.state_dict(), model.state_dict(), rtol=0, atol=0)
 
 
 def test_batched_prompts_give_the_same_tokens_as_one_at_a_time():
@@ -185,8 +203,8 @@ def test_guard_tables_agree_with_pythons_utf8_decoder_for_every_token(enc):
     guard = Utf8Guard.for_tokenizer(enc, 50257)
     for state, pending in PENDING.items():
         assert valid_prefix(pending) and (state == ACCEPT) == complete(pending)
-        allowed = guard.allowed[state].tolist()
-        completes = guard.completes[state].tolist()
+        allowed = (~guard.forbidden[state]).tolist()
+        completes = (~guard.unfinished[state]).tolist()
         for i in range(50256):
             data = pending + enc.decode_single_token_bytes(i)
             assert allowed[i] == valid_prefix(data), (state, i)
@@ -196,7 +214,7 @@ def test_guard_tables_agree_with_pythons_utf8_decoder_for_every_token(enc):
 
 def test_guard_masks_ids_beyond_the_tokenizer(enc):
     guard = Utf8Guard.for_tokenizer(enc, 50304)  # a vocabulary padded to a multiple of 64
-    assert not guard.allowed[:, 50257:].any()
+    assert guard.forbidden[:, 50257:].all()
 
 
 def _sampled_bytes(enc, guard, seed):

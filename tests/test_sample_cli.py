@@ -18,8 +18,8 @@ from minigpt2.text import generate_text
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_sample(*args, hf_home, timeout=120):
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+def run_sample(*args, hf_home, timeout=120, env=None):
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], capture_output=True, text=True,
                           encoding="utf-8", env=env, cwd=ROOT, timeout=timeout)
 
@@ -116,6 +116,12 @@ def test_prompt_file_that_is_not_utf8(tmp_path):
     assert_clean_error(result, str(bad), "not valid UTF-8", "byte 6")
     missing = run_sample("--prompt-file", str(tmp_path / "nope.txt"), hf_home=tmp_path)
     assert_clean_error(missing, "nope.txt")
+
+
+def test_compile_without_a_compiler(hub_gpt2, hf_home, tmp_path):
+    env = {"CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    result = run_sample("hi", "--compile", "--device", "cpu", "--max-new-tokens", "3", hf_home=hf_home, env=env)
+    assert_clean_error(result, "torch.compile could not compile the decode step", "no-such-g++", "without --compile")
 
 
 def test_no_prompt_at_all(tmp_path):
