@@ -18,6 +18,7 @@ padding, so a padded sequence computes exactly what it would alone.
 from __future__ import annotations
 
 import codecs
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -286,10 +287,11 @@ def decode_one_token(
 ) -> torch.Tensor:
     """Run one new token per sequence (B, 1) at cache slot `pos`; return its logits (B, vocab).
 
-    positions (B, 1) are the tokens' position ids; key_valid (B, pos+1) hides padding slots
-    (None when there is none: the single query may then see every cached key).
+    positions (B, 1) are the tokens' position ids; key_valid (B, S) hides padding slots (None
+    when there is none: the single query may then see every cached key). S is pos+1, or the
+    whole cache for the static-shape step, whose `pos` is then a 0-d tensor.
     """
-    mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, pos+1)
+    mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, S)
     return model(token, kv_caches=kv_caches, pos=pos, positions=positions, attn_mask=mask)[:, -1, :]
 
 
@@ -322,11 +324,7 @@ def static_decoder(model: GPT, device: torch.device, compile: bool = True):
     "reduce-overhead"), removing the per-layer Python and kernel-launch overhead that dominates
     batch-1 decoding on a fast GPU.
     """
-
-    def step(token, kv_caches, pos, positions, key_valid):
-        mask = key_valid[:, None, None, :]  # (B, 1, 1, max_len)
-        return model(token, kv_caches=kv_caches, pos=pos, positions=positions, attn_mask=mask)[:, -1, :]
-
+    step = functools.partial(decode_one_token, model)  # step(token, kv_caches, pos, positions, key_valid)
     if not compile:
         return step
     mode = "reduce-overhead" if device.type == "cuda" else None
