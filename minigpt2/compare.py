@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from .config import GPTConfig
 from .device import resolve_device
 from .errors import CheckpointError, MiniGPT2Error
+from .rundir import RunDir
 from .tokenizer import load_tokenizer
 from .weights import (
     MASK_BUFFERS,
@@ -66,7 +67,6 @@ from .weights import (
     official_shapes,
     open_safetensors,
     read_config,
-    read_json_object,
 )
 
 ORIENTATION = (
@@ -551,73 +551,19 @@ def prepare_texts(paths: list[str], enc, max_tokens: int) -> list[dict]:
 # ----- training runs ----------------------------------------------------------------------
 
 
-def is_run_dir(path: Path) -> bool:
-    """A training run directory (run.json, snapshots.jsonl, step-*/ or final/), not a checkpoint."""
-    if not path.is_dir() or (path / "model.safetensors").exists():
-        return False
-    return ((path / "run.json").is_file() or (path / "snapshots.jsonl").is_file()
-            or (path / "final").is_dir() or any(path.glob("step-*")))
-
-
-def run_checkpoints(run: Path) -> list[Path]:
-    """The run's step-N checkpoints in step order."""
-    steps = [(int(m.group(1)), p) for p in run.glob("step-*") if p.is_dir() and (m := re.fullmatch(r"step-(\d+)", p.name))]
-    return [p for _, p in sorted(steps)]
-
-
-def run_final(run: Path) -> Path:
-    """The checkpoint a run stands for: `final/`, else its highest `step-N/`."""
-    if (run / "final" / "model.safetensors").is_file():
-        return run / "final"
-    steps = [p for p in run_checkpoints(run) if (p / "model.safetensors").is_file()]
-    if not steps:
-        raise MiniGPT2Error(f"training run '{run}' has no final/ or step-*/ checkpoint yet")
-    return steps[-1]
-
-
-def run_start(run: Path) -> str:
+def run_start(run: RunDir) -> str:
     """The model a run started from: run.json's "model", else its first saved step (for a run
     trained from a random initialisation, if it saved one)."""
-    info = read_run_json(run)
+    info = run.read_info() or {}
     if info.get("model"):
         return str(info["model"])
-    steps = [p for p in run_checkpoints(run) if (p / "model.safetensors").is_file()]
-    if not steps or steps[0] == run_final(run):
+    steps = run.step_checkpoints()
+    if not steps or steps[0] == run.model_checkpoint():
         raise MiniGPT2Error(
-            f"training run '{run}' started from a random initialisation that was not saved; "
+            f"training run '{run.path}' started from a random initialisation that was not saved; "
             "give the model to compare with as a second argument"
         )
     return str(steps[0])
-
-
-def read_run_json(run: Path) -> dict:
-    path = run / "run.json"
-    return read_json_object(path, "a training run's run.json") if path.is_file() else {}
-
-
-def read_snapshots(run: Path) -> list[dict]:
-    """The trainer's snapshots.jsonl: one {"step", "tokens", "weights", "activations", "probe"}
-    object per line (see README). Blank lines are skipped; anything else malformed is an error
-    naming the line."""
-    path = run / "snapshots.jsonl"
-    snapshots = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MiniGPT2Error(f"cannot read '{path}': {e}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            snap = json.loads(line)
-            if not isinstance(snap, dict) or not isinstance(snap.get("step"), int):
-                raise ValueError("not an object with an integer 'step'")
-            snap.setdefault("weights", {})
-            snap.setdefault("activations", {})
-        except ValueError as e:
-            raise MiniGPT2Error(f"'{path}' line {number} is not a valid snapshot: {e}") from None
-        snapshots.append(snap)
-    return sorted(snapshots, key=lambda s: s["step"])
 
 
 def tensor_norms(source: str, revision: str | None = None) -> dict[str, float]:
@@ -656,6 +602,19 @@ def _layer_drift(changes: dict[str, float], norms: dict[str, float] | None) -> d
     return drift
 
 
+def run_curves(run: RunDir) -> dict:
+    """The run's learning curves from log.jsonl: training loss per step, and per eval set its loss and
+    bits per character at each evaluation (what a person looks at first)."""
+    train, evals = [], {}
+    for r in run.read_log():
+        if r.get("type") == "train":
+            train.append({"step": r["step"], "tokens": r.get("tokens"), "loss": r["loss"]})
+        elif r.get("type") == "eval":
+            evals.setdefault(r["set"], []).append({"step": r["step"], "tokens": r.get("tokens"), "loss": r["loss"],
+                                                   "bpc": r.get("bpc")})
+    return {"train": train, "eval": evals}
+
+
 def run_drift(snapshots: list[dict], start_norms: dict[str, float] | None = None) -> dict:
     """Drift over steps, per layer, from the trainer's snapshots.
 
@@ -689,10 +648,9 @@ def run_drift(snapshots: list[dict], start_norms: dict[str, float] | None = None
 
 def resolve_side(source: str) -> dict:
     """What one command-line argument stands for: a model source, or a run and its checkpoint."""
-    path = Path(source)
-    if is_run_dir(path):
-        checkpoint = run_final(path)
-        return {"source": source, "checkpoint": str(checkpoint), "run": str(path)}
+    if RunDir.is_run(source):
+        checkpoint = RunDir(source).model_checkpoint()
+        return {"source": source, "checkpoint": str(checkpoint), "run": str(source)}
     return {"source": source, "checkpoint": source, "run": None}
 
 
@@ -721,9 +679,10 @@ def compare(
     if max_eval_tokens < 1:
         raise MiniGPT2Error("the evaluation cap must be at least 1 token")
     if b is None:
-        if not is_run_dir(Path(a)):
+        if not RunDir.is_run(a):
             raise MiniGPT2Error(f"'{a}' is not a training run directory: give two models to compare")
-        side_a = {"source": run_start(Path(a)), "checkpoint": run_start(Path(a)), "run": None}
+        start = run_start(RunDir(a))
+        side_a = {"source": start, "checkpoint": start, "run": None}
         side_b = resolve_side(a)
     else:
         side_a, side_b = resolve_side(a), resolve_side(b)
@@ -736,13 +695,14 @@ def compare(
     weights = compare_weights(side_a["checkpoint"], side_b["checkpoint"], revision=revision)
     runs = []
     for side, info in (("A", side_a), ("B", side_b)):
-        if info["run"] and (Path(info["run"]) / "snapshots.jsonl").is_file():
-            snapshots = read_snapshots(Path(info["run"]))
+        if info["run"]:
+            run = RunDir(info["run"])
+            snapshots = run.read_snapshots()
             try:  # the starting model's norms turn the snapshots' ratios into pooled per-layer figures
-                norms = tensor_norms(run_start(Path(info["run"])), revision)
+                norms = tensor_norms(run_start(run), revision)
             except MiniGPT2Error:
                 norms = None  # a start that cannot be read (not cached, not saved): plain means
-            runs.append({"side": side, "path": info["run"], **run_drift(snapshots, norms)})
+            runs.append({"side": side, "path": info["run"], **run_drift(snapshots, norms), "curves": run_curves(run)})
 
     activations, behaviour = [], []
     if enc is not None:

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -42,7 +43,7 @@ import numpy as np
 from .errors import MiniGPT2Error
 
 CACHE_ENV = "MINIGPT2_CACHE"
-FORMAT_VERSION = 1  # bump when the token file layout or the cleaning rules change
+FORMAT_VERSION = 2  # bump when the token file layout, the cleaning rules or meta.json change
 READ_BLOCK = 1 << 20  # bytes per read when hashing and checking files
 CHUNK_CHARS = 1 << 18  # characters per tokenizer call (a few MB of RAM per thread at most)
 
@@ -211,13 +212,15 @@ class _TokenWriter:
     """Appends token ids to a uint16 file, counting tokens and the characters they encode."""
 
     def __init__(self, path: Path) -> None:
-        self.file = open(path, "wb")
+        self.file = open(path, "wb")  # noqa: SIM115 (closed by close())
         self.tokens = 0
         self.chars = 0
+        self.crc32 = 0  # of the bytes written: checked each time the cache is used
 
     def write(self, ids: list[int] | np.ndarray, chars: int = 0) -> None:
         arr = np.asarray(ids, dtype=np.uint16)
         arr.tofile(self.file)
+        self.crc32 = zlib.crc32(arr.tobytes(), self.crc32)
         self.tokens += len(arr)
         self.chars += chars
 
@@ -311,6 +314,7 @@ class Corpus:
     files: list[FileInfo]
     key: str
     cached: bool  # True when the token files came from the cache, without tokenizing
+    rebuilt_because: str | None = None  # why a damaged cache entry was tokenized again
 
     @property
     def chars(self) -> int:
@@ -330,6 +334,7 @@ class Corpus:
             "train_tokens": len(self.train),
             "val_tokens": len(self.val) if self.val is not None else 0,
             "cached": self.cached,
+            "rebuilt_because": self.rebuilt_because,
         }
 
 
@@ -381,6 +386,10 @@ def prepare_corpus(inputs: Iterable[str | os.PathLike] | list[FileInfo], enc, *,
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     entry = root / key
     cached = (entry / "meta.json").is_file()
+    damaged = verify_entry(entry, enc.n_vocab) if cached else None
+    if damaged is not None:  # never train on a damaged cache: move it out of the way, tokenize again
+        _discard_entry(entry)
+        cached = False
     if not cached:
         _build_entry(entry, files, enc, val_fraction=val_fraction, drop_lines=pattern,
                      encoding_errors=encoding_errors, threads=threads)
@@ -392,7 +401,41 @@ def prepare_corpus(inputs: Iterable[str | os.PathLike] | list[FileInfo], enc, *,
             "the input holds no text after cleaning"
             + (f" (--drop-lines {drop_lines!r} removed every line)" if drop_lines else "")
         )
-    return Corpus(train=train, val=val, files=files, key=key, cached=cached)
+    return Corpus(train=train, val=val, files=files, key=key, cached=cached, rebuilt_because=damaged)
+
+
+def verify_entry(entry: Path, vocab_size: int) -> str | None:
+    """Why a cache entry cannot be trusted, or None if it can.
+
+    The files are checked against what was recorded when they were written: their sizes, a CRC-32
+    of their bytes (a full read, ~0.1 s per 100 MB), and every id below the vocabulary size. A
+    truncated or overwritten token file would otherwise be trained on silently.
+    """
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        for part in ("train", "val"):
+            path = entry / f"{part}.bin"
+            size = path.stat().st_size
+            if size != 2 * meta[f"{part}_tokens"]:
+                return f"{path.name} holds {size // 2:,} tokens, {meta[f'{part}_tokens']:,} were written"
+            crc, biggest = 0, 0
+            with open(path, "rb") as f:
+                while block := f.read(1 << 24):
+                    crc = zlib.crc32(block, crc)
+                    biggest = max(biggest, int(np.frombuffer(block, dtype=np.uint16).max(initial=0)))
+            if crc != meta[f"{part}_crc32"]:
+                return f"{path.name} does not match its checksum"
+            if size and biggest >= vocab_size:
+                return f"{path.name} holds token id {biggest}, beyond the vocabulary of {vocab_size}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its files cannot be read ({e})"
+    return None
+
+
+def _discard_entry(entry: Path) -> None:
+    aside = entry.with_name(f".{entry.name}.damaged-{os.getpid()}")
+    os.rename(entry, aside)  # atomic: no other process can pick up a half-deleted entry
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _build_entry(entry: Path, files: list[FileInfo], enc, *, val_fraction, drop_lines, encoding_errors, threads) -> None:
@@ -410,8 +453,9 @@ def _build_entry(entry: Path, files: list[FileInfo], enc, *, val_fraction, drop_
         finally:
             head.close()
             tail.close()
-        meta = {"train_tokens": head.tokens, "train_chars": head.chars, "val_tokens": tail.tokens,
-                "val_chars": tail.chars, "files": [str(f.path) for f in files]}
+        meta = {"train_tokens": head.tokens, "train_chars": head.chars, "train_crc32": head.crc32,
+                "val_tokens": tail.tokens, "val_chars": tail.chars, "val_crc32": tail.crc32,
+                "vocab_size": enc.n_vocab, "files": [str(f.path) for f in files]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.rename(tmp, entry)

@@ -31,13 +31,21 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`auto` (or None) is bfloat16 on a GPU that supports it, float32 everywhere else."""
+    """The precision for `--dtype`, the one place that decides it (sampling and training alike).
+
+    `auto` (or None): bfloat16 on a GPU that has it, float16 on older GPUs, float32 on the CPU and
+    Apple's MPS. bfloat16 keeps float32's range, so nothing overflows; float16 does not, which is why
+    training then scales the loss (see the trainer), and why it is refused on a CPU, where it is
+    also slower than float32.
+    """
     if isinstance(name, torch.dtype):
         return name
     if name is None or name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if name not in DTYPES:
         raise MiniGPT2Error(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    if device.type == "cpu" and name == "float16":
+        raise MiniGPT2Error("float16 needs a GPU; on the CPU use float32 or bfloat16")
     return DTYPES[name]

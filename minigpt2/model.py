@@ -26,6 +26,7 @@ C = n_embd (width), nh = n_head, hs = head size = C / nh.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -242,6 +243,20 @@ class GPT(nn.Module):
         if isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    def set_dropout(self, p: float) -> None:
+        """Use dropout probability `p` everywhere from now on (the config records it too).
+
+        The official weights were trained with 0.1; fine-tuning on little text often wants more,
+        and a model only used for inference none. Dropout holds no weights, so this is safe at any
+        time. (It only acts in `train()` mode.)
+        """
+        self.config = dataclasses.replace(self.config, dropout=p)  # validates p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            if isinstance(module, CausalSelfAttention):
+                module.dropout = p
 
     def num_params(self) -> int:
         """Number of parameters, the tied embedding counted once (124,439,808 for `gpt2`)."""

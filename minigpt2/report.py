@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from .errors import MiniGPT2Error
-from .weights import write_atomically
+from .files import write_atomically
 
 # ----- numbers and tables -----------------------------------------------------------------
 

@@ -11,57 +11,39 @@
         now and then: evaluate, snapshot, save a checkpoint
 
 Around it: mixed precision chosen per device, checkpoints that a resumed run continues from bit
-for bit, a stop on request (Ctrl-C / SIGTERM) that saves first, and a record for every event.
-Under torchrun the same loop runs on every rank, each on its own windows of the step's batch,
-with DDP or FSDP exchanging gradients; rank 0 alone logs and writes (see distributed.py).
-The trainer never prints: `Trainer.run()` yields records (dicts) and appends each to
-`RUN/log.jsonl`; the front end (`train.py`) decides how to show them.
-
-The run directory:
-
-    RUN/run.json              where the run started from (model source or preset), config, arguments
-    RUN/log.jsonl             every record, one JSON object per line
-    RUN/snapshots.jsonl       with --snapshot-every: weight and activation drift (see snapshots.py)
-    RUN/step-000100/          a checkpoint: config.json, model.safetensors, vocab.json, merges.txt
-                              (what `load_model` and transformers read) + trainer_state.json and
-                              trainer_state.safetensors (optimizer, RNG, step: what --resume needs)
-    RUN/final/                the same, at the end
+for bit (their contents: `train_state.py`; where they go and how they are replaced safely:
+`rundir.py`), a stop on request (Ctrl-C, SIGTERM, SIGHUP) that saves first, and a record for
+every event. Under torchrun the same loop runs on every rank, each on its own windows of the
+step's batch, with DDP or FSDP exchanging gradients; rank 0 alone logs and writes (see
+distributed.py). The trainer never prints: `Trainer.run()` yields records (dicts) and appends each
+to RUN/log.jsonl; the front end (`train.py`) decides how to show them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import re
-import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import GPTConfig
 from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows
 from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
 from .errors import CheckpointError, MiniGPT2Error
+from .flops import flops_per_token, peak_flops
 from .model import GPT
+from .rundir import RunDir, dir_size, step_name
 from .snapshots import Snapshotter
-from .weights import load_model, save_model, write_atomically
-
-STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
-CHECKPOINT_RE = re.compile(r"step-(\d{6,})")
-
-# Dense bf16/fp16 tensor-core peak of the GPUs MFU is reported for (FLOP/s, no sparsity); the
-# first name found in torch.cuda.get_device_name() wins, so variants come before the plain name.
-PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
-              "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+from .train_state import optimizer_state, optimizer_tensors, read_state, restore_rng, rng_tensors, write_state
+from .weights import load_model, save_model
 
 
 class TrainingDiverged(MiniGPT2Error):
@@ -175,138 +157,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def autocast_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The compute precision for `--dtype` (`auto`: bf16 on GPUs that have it, fp16 on older
-    GPUs, fp32 on CPU and MPS). Weights and optimizer state always stay in float32: only the
-    forward and backward matmuls run in 16 bits, under autocast."""
-    from .device import DTYPES
-
-    if name in (None, "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name not in DTYPES:
-        raise MiniGPT2Error(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
-    dtype = DTYPES[name]
-    if device.type == "cpu" and dtype == torch.float16:
-        raise MiniGPT2Error("--dtype float16 needs a GPU; on the CPU use float32 or bfloat16")
-    return dtype
-
-
-def flops_per_token(config: GPTConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention's matmuls.
-
-    The position embedding is a lookup, not a matmul, so it is left out; the token embedding is
-    counted, since it is also the output layer's weight.
-    """
-    n = config.vocab_size * config.n_embd + config.n_layer * 12 * config.n_embd ** 2
-    return 6 * n + 12 * config.n_layer * config.n_embd * seq_len
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The GPU's dense 16-bit peak, for MFU; None where unknown (CPU, MPS, fp32, other GPUs)."""
-    if device.type != "cuda" or dtype == torch.float32:
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
-
-
-# ----- the run directory ------------------------------------------------------------------------
-
-
-def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in a run directory, (step, path), oldest first; `final` last."""
-    found = []
-    for path in Path(out).iterdir() if Path(out).is_dir() else []:
-        if (path / STATE_JSON).is_file() and (CHECKPOINT_RE.fullmatch(path.name) or path.name == "final"):
-            found.append((json.loads((path / STATE_JSON).read_text())["step"], path))
-    return sorted(found, key=lambda item: (item[0], item[1].name == "final"))
-
-
-def check_out_dir(out: Path, resume: bool) -> Path | None:
-    """Refuse to overwrite a run; for --resume, return the checkpoint to continue from."""
-    out = Path(out)
-    if not resume:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise MiniGPT2Error(
-                f"'{out}' already exists; pass --resume to continue that run, or choose a new --out "
-                "(nothing was overwritten)"
-            )
-        return None
-    if not (out / "run.json").is_file():
-        raise MiniGPT2Error(f"cannot resume: '{out}' is not a run directory (no run.json)")
-    found = checkpoints(out)
-    if not found:
-        raise MiniGPT2Error(f"cannot resume: '{out}' has no complete checkpoint yet; start it again without --resume")
-    return found[-1][1]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def tokenizer_source_for(source: str | os.PathLike | None) -> str | os.PathLike | None:
-    """`source` if its vocab.json + merges.txt can be found (to copy into checkpoints), else None."""
-    from .tokenizer import tokenizer_files
-
-    if source is None:
-        return None
-    try:
-        tokenizer_files(source)
-    except MiniGPT2Error:
-        return None
-    return source
-
-
-def start_model(source: str | None, preset: str | None = None, overrides: dict | None = None, *,
-                seed: int = 0, dropout: float | None = None) -> GPT:
-    """The model a run starts from: a loadable `source`, or random weights of a preset.
-
-    Random init is seeded, so a resumed run can rebuild the exact starting weights (the
-    snapshots measure drift from them) without storing a copy.
-    """
-
-    if preset is not None:
-        try:
-            config = GPTConfig.from_preset(preset, **{k: v for k, v in (overrides or {}).items() if v is not None})
-        except (ValueError, TypeError) as e:
-            raise MiniGPT2Error(f"--init-preset {preset}: {e}") from None
-        if dropout is not None:
-            config = dataclasses.replace(config, dropout=dropout)
-        torch.manual_seed(seed)
-        model = GPT(config)
-        model.source = None
-        return model
-    model = load_model(source)
-    if dropout is not None:
-        model.config = dataclasses.replace(model.config, dropout=dropout)
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = dropout
-            if hasattr(module, "dropout") and isinstance(module.dropout, float):
-                module.dropout = dropout
-    return model
-
-
-# ----- the trainer ------------------------------------------------------------------------------
+def perplexity(loss: float) -> float:
+    """e^loss, or infinity where that overflows (a loss above ~709 nats per token)."""
+    return math.exp(loss) if loss < 709 else math.inf
 
 
 class Trainer:
-    """Trains `model` on windows of `train` and evaluates it on `eval_sets`, writing into `out`.
+    """Trains `model` on windows of `train` and evaluates it on `eval_sets`, writing into `run`.
 
     Args:
         model: a `GPT` (float32 weights; it is moved to `device`).
         train: the training tokens.
         eval_sets: name → tokens, e.g. {"val": held-out tail, "鲁迅小说集": another text}.
         config: the `TrainConfig`.
-        out: the run directory (created; `run.json` is written by the caller).
+        run: the run directory (a `RunDir` or a path; `run.json` is written by the caller).
         device, dtype: where, and in which autocast precision, to compute.
         compile: wrap the model in `torch.compile` for training steps.
         tokenizer_source: where checkpoints copy vocab.json + merges.txt from.
@@ -315,35 +179,56 @@ class Trainer:
         shard: FSDP2 (`distributed.shard_model`) instead of DDP: weights, gradients and AdamW state
             split over the ranks (with one process: one shard, i.e. the plain model).
         activation_checkpointing: recompute each block's activations in backward.
+        keep_last: step checkpoints to keep (older ones are deleted once a newer one is complete;
+            `final/` is always kept); 0 keeps them all.
     """
 
     def __init__(self, model: GPT, train: TokenFile, eval_sets: dict[str, TokenFile], config: TrainConfig,
-                 out: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 compile: bool = False, tokenizer_source: str | os.PathLike | None = None,
-                 snapshotter: Snapshotter | None = None, dist: Dist | None = None, shard: bool = False,
-                 activation_checkpointing: bool = False) -> None:
+                 run: RunDir | str | os.PathLike, *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, compile: bool = False,
+                 tokenizer_source: str | os.PathLike | None = None, snapshotter: Snapshotter | None = None,
+                 dist: Dist | None = None, shard: bool = False, activation_checkpointing: bool = False,
+                 keep_last: int = 0) -> None:
         self.dist = dist or Dist(device=torch.device(device))
         if config.ranks != self.dist.world_size:
             raise MiniGPT2Error(f"TrainConfig.ranks is {config.ranks} but the job has {self.dist.world_size} rank(s)")
         self.sharded = shard and self.dist.enabled
         if self.sharded and snapshotter is not None:
-            raise MiniGPT2Error("--snapshot-every does not work with --shard (each rank holds only a slice of the "
-                                "weights); snapshot a run without --shard")
+            raise MiniGPT2Error("weight snapshots do not work with sharding (each rank holds only a slice of the "
+                                "weights); snapshot a run that is not sharded")
+        if config.seq_len > model.config.n_positions:
+            raise MiniGPT2Error(f"the sequence length {config.seq_len} is longer than the model's context of "
+                                f"{model.config.n_positions} tokens")
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run if isinstance(run, RunDir) else RunDir(run)
+        self.out = self.run_dir.path
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.train_data = train
         self.eval_sets = eval_sets
         self.tokenizer_source = tokenizer_source
         self.snapshotter = snapshotter
-        if config.seq_len > model.config.n_positions:
-            raise MiniGPT2Error(
-                f"--seq-len {config.seq_len} is longer than the model's context of {model.config.n_positions} tokens"
-            )
+        self.keep_last = keep_last
         self.sampler = WindowSampler(len(train), config.seq_len, config.batch_size, config.seed)
+        self._build_model(model, compile, activation_checkpointing)
+        self._build_optimizer()
+        self.flops_per_token = flops_per_token(self.raw_model.config, config.seq_len)
+        self.peak_flops = peak_flops(self.device, dtype)
+        if self.peak_flops:
+            self.peak_flops *= self.dist.world_size  # MFU of the whole job: all GPUs' peak
 
+        self.step = 0
+        self.tokens = 0
+        self.stop_reason: str | None = None
+        self.resumed_from: Path | None = None
+        self.timing = {"step": [], "eval": [], "save": []}  # seconds, for the ETA
+        # Dropout's random numbers, reproducibly; each rank its own stream (rank 0's is a
+        # one-process run's).
+        torch.manual_seed(config.seed + self.dist.rank)
+
+    def _build_model(self, model: GPT, compile: bool, activation_checkpointing: bool) -> None:
         if self.device.type == "cuda":
             # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8x faster, and
             # plenty for the parts autocast leaves in float32. A process-wide switch.
@@ -362,29 +247,19 @@ class Trainer:
         train_module = self.ddp or self.raw_model
         self.model = torch.compile(train_module) if compile else train_module
 
-        groups = param_groups(self.raw_model, config.weight_decay)
+    def _build_optimizer(self) -> None:
+        c = self.config
+        groups = param_groups(self.raw_model, c.weight_decay)
         self.param_names = [name for g in groups for name in g.pop("names")]
         self.params = [p for g in groups for p in g["params"]]
         # The fused kernel updates every tensor in one pass (one launch on a GPU) instead of a
         # dozen element-wise passes over every tensor: less memory traffic, less overhead.
         fused = self.device.type in ("cuda", "cpu") and not self.sharded
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
-                                           fused=fused)
+        self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), eps=1e-8, fused=fused)
         # fp16 has a narrow range: small gradients underflow to zero. The scaler multiplies the
         # loss by a large factor before backward and divides it out before the step, skipping
         # steps whose gradients overflowed. bf16 has float32's range and needs none of this.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
-        self.flops_per_token = flops_per_token(self.raw_model.config, config.seq_len)
-        self.peak_flops = peak_flops(self.device, dtype)
-        if self.peak_flops:
-            self.peak_flops *= self.dist.world_size  # MFU of the whole job: all GPUs' peak
-
-        self.step = 0
-        self.tokens = 0
-        self.stop_reason: str | None = None
-        # Dropout's random numbers, reproducibly; each rank its own stream (rank 0's is a
-        # one-process run's).
-        torch.manual_seed(config.seed + self.dist.rank)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
     # ----- pieces of a step ---------------------------------------------------------------
 
@@ -435,13 +310,8 @@ class Trainer:
         loss = (loss_sum / c.grad_accum).item()
         if self.dist.enabled:  # the mean over the global batch (every rank gets the same number)
             loss = self.dist.sum(loss)[0] / self.dist.world_size
-
         if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(
-                f"the training loss became {loss} at step {self.step + 1}; stopping before the update "
-                f"({self._last_good()}). Lower --lr, raise --warmup, or use --dtype float32/bfloat16."
-            )
+            self._diverged(f"the training loss became {loss}", "or use float32/bfloat16 instead of float16")
 
         # Clipping: one unlucky batch can produce a gradient many times larger than usual; an
         # AdamW step along it would undo many steps of progress. Rescaling the whole gradient
@@ -451,11 +321,7 @@ class Trainer:
         clip = c.grad_clip if c.grad_clip > 0 else float("inf")
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip)).item()
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(
-                f"the gradient norm became {grad_norm} at step {self.step + 1}; stopping before the update "
-                f"({self._last_good()}). Lower --lr or raise --warmup."
-            )
+            self._diverged(f"the gradient norm became {grad_norm}")
 
         self.scaler.step(self.optimizer)  # AdamW; the scaler skips the step if fp16 grads overflowed
         self.scaler.update()
@@ -472,94 +338,100 @@ class Trainer:
                 "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu, "step_s": seconds,
                 "epoch": self.tokens / len(self.train_data)}
 
-    def _last_good(self) -> str:
-        found = checkpoints(self.out)
-        return f"the last good checkpoint, {found[-1][1]}, is untouched" if found else "no checkpoint had been saved yet"
+    def _diverged(self, what: str, extra: str = "") -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        found = self.run_dir.checkpoints() if self.dist.is_main else []
+        last = (f"the last good checkpoint, {found[-1].path}, is untouched" if found
+                else "no checkpoint had been saved yet")
+        raise TrainingDiverged(f"{what} at step {self.step + 1}; stopping before the update ({last}). "
+                               f"Lower the learning rate, lengthen the warm-up{', ' + extra if extra else ''}.")
+
+    # ----- evaluation -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> list[dict]:
-        """Loss, perplexity and bits per character on each eval set (same windows every time)."""
-        records = []
+    def evaluate(self) -> Iterator[dict]:
+        """Loss, perplexity and bits per character on each eval set (same windows every time).
+
+        Yields an `eval_progress` record after every batch (for a progress bar; not logged) and
+        one `eval` record per set. A stop request ends it between two batches: the set being
+        evaluated is then dropped, never reported from part of its windows.
+        """
         self.raw_model.eval()  # dropout off
         try:
             for name, data in self.eval_sets.items():
-                seq_len = min(self.config.seq_len, len(data) - 1)
-                if seq_len < 1:
-                    continue
-                offsets = eval_windows(len(data), seq_len, self.config.eval_tokens)
-                B, R, r = self.config.batch_size, self.dist.world_size, self.dist.rank
-                chunks = [np.array(offsets[i:i + B]) for i in range(0, len(offsets), B)]
-                nats, count = 0.0, 0
-                # Rank r evaluates chunks r, r + R, ...; the sums are added up over the ranks.
-                # A sharded model's forward is a collective, so there every rank runs the same
-                # number of them (a spare one, on chunk 0, counts nothing).
-                for j in range(math.ceil(len(chunks) / R)):
-                    index = j * R + r
-                    if index >= len(chunks) and not self.sharded:
-                        break
-                    x, y = self._inputs_targets(gather_windows(data.tokens, chunks[index % len(chunks)], seq_len))
-                    with self.autocast():
-                        _, loss = self.raw_model(x, y)
-                    if index < len(chunks):
-                        nats += loss.item() * y.numel()
-                        count += y.numel()
-                nats, count = self.dist.sum(nats, count)
-                count = int(count)
-                mean = nats / count
-                records.append({"type": "eval", "step": self.step, "tokens": self.tokens, "set": name,
-                                "loss": mean, "ppl": math.exp(min(mean, 700.0)),
-                                "bpc": bits_per_char(mean, data.tokens_per_char), "eval_tokens": count})
+                record = yield from self._evaluate_set(name, data)
+                if record is None:  # stopped part way
+                    return
+                if record:  # {}: a set too short for one window
+                    yield record
         finally:
             self.raw_model.train()
-        return records
+
+    def _evaluate_set(self, name: str, data: TokenFile) -> Iterator[dict]:
+        seq_len = min(self.config.seq_len, len(data) - 1)
+        if seq_len < 1:
+            return {}
+        offsets = eval_windows(len(data), seq_len, self.config.eval_tokens)
+        B, R, r = self.config.batch_size, self.dist.world_size, self.dist.rank
+        chunks = [np.array(offsets[i:i + B]) for i in range(0, len(offsets), B)]
+        nats, count = 0.0, 0
+        # Rank r evaluates chunks r, r + R, ...; the sums are added up over the ranks. A sharded
+        # model's forward is a collective, so there every rank runs the same number of them (a
+        # spare one, on chunk 0, counts nothing).
+        rounds = math.ceil(len(chunks) / R)
+        for j in range(rounds):
+            if self.dist.any(self.stop_reason is not None):
+                return None
+            index = j * R + r
+            if index < len(chunks) or self.sharded:
+                x, y = self._inputs_targets(gather_windows(data.tokens, chunks[index % len(chunks)], seq_len))
+                with self.autocast():
+                    _, loss = self.raw_model(x, y)
+                if index < len(chunks):
+                    nats += loss.item() * y.numel()
+                    count += y.numel()
+            yield {"type": "eval_progress", "step": self.step, "set": name, "done": j + 1, "total": rounds}
+        nats, count = self.dist.sum(nats, count)
+        mean = nats / int(count)
+        return {"type": "eval", "step": self.step, "tokens": self.tokens, "set": name, "loss": mean,
+                "ppl": perplexity(mean), "bpc": bits_per_char(mean, data.tokens_per_char), "eval_tokens": int(count)}
 
     # ----- checkpoints ----------------------------------------------------------------------
 
     def save_checkpoint(self, name: str | None = None) -> Path:
-        """Write weights + trainer state to RUN/step-NNNNNN (or RUN/final), atomically.
+        """Write weights + trainer state to RUN/step-NNNNNN (or RUN/final), crash-safely.
 
-        Everything goes into a hidden temporary folder first, which is renamed into place only
-        when complete: a crash mid-save leaves a stray temporary folder, never a half checkpoint,
-        and an existing checkpoint is never written into. Under torchrun only rank 0 writes (a
-        sharded model's full weights are first gathered to it, which every rank takes part in).
+        `RunDir.save` writes into a hidden folder and renames it into place. Under torchrun only
+        rank 0 writes (a sharded model's full weights are first gathered to it, which every rank
+        takes part in). Older step checkpoints beyond `keep_last` are deleted afterwards.
         """
-        from safetensors.torch import save_file
-
-
-        name = name or f"step-{self.step:06d}"
-        target = self.out / name
-        # This step was saved already (e.g. a stop request right after a save)? Rank 0 has seen
-        # its own rename, so every rank asks it: they must all take the same path below.
-        if name != "final" and self.dist.any(target.exists()):
-            return target
-        weights = None
+        name = name or step_name(self.step)
+        weights = optim = None
         if self.sharded:  # collectives: every rank, before rank 0 alone goes on
             from .distributed import full_model_state, full_optimizer_state
 
             weights = full_model_state(self.raw_model)
-            optim_state = full_optimizer_state(self.raw_model, self.optimizer)
+            optim = full_optimizer_state(self.raw_model, self.optimizer)
+        target = self.out / name
         if not self.dist.is_main:
             return target
-        tmp = self.out / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+
+        def write(folder: Path) -> None:
+            save_model(self.raw_model, folder, tokenizer_source=self.tokenizer_source, state_dict=weights)
+            self.run_dir.stage("weights-written")
+            write_state(folder, *self.state(optim))
+
         try:
-            save_model(self.raw_model, tmp, tokenizer_source=self.tokenizer_source, state_dict=weights)
-            tensors, state = self.state(optim_state if self.sharded else None)
-            save_file(tensors, str(tmp / STATE_TENSORS))
-            (tmp / STATE_JSON).write_text(json.dumps(state, indent=2))
-            if target.exists():  # final/ of a run that is being extended: swap, then delete
-                old = self.out / f".{name}.old-{os.getpid()}"
-                os.rename(target, old)
-                os.rename(tmp, target)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
+            path = self.run_dir.save(name, write)
+        except OSError as e:
+            raise CheckpointError(f"could not save checkpoint {name} in '{self.out}': {e.strerror or e}. "
+                                  "The previous checkpoints are untouched; free some space and resume.") from None
+        if self.keep_last and name != "final":
+            self.run_dir.prune(self.keep_last)
+        return path
 
     def state(self, full_optimizer_state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The trainer state as (tensors for safetensors, JSON-able dict): no pickle anywhere.
+        """The trainer state as (tensors for safetensors, JSON-able dict): see `train_state.py`.
 
         The data position needs no state of its own: batch i is a pure function of (seed, i),
         see `WindowSampler`. Python's and NumPy's global generators are not used by the loop.
@@ -573,14 +445,7 @@ class Trainer:
             opt = {"state": {index[name]: entry for name, entry in full_optimizer_state["state"].items()},
                    "param_groups": [{**g, "params": [index[name] for name in g["params"]]}
                                     for g in full_optimizer_state["param_groups"]]}
-        tensors = {}
-        for index, entry in opt["state"].items():
-            for key, value in entry.items():
-                tensors[f"optimizer.{self.param_names[index]}.{key}"] = value.detach().cpu().contiguous()
-        tensors["rng.torch_cpu"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
+        tensors = {**optimizer_tensors(opt, self.param_names), **rng_tensors(self.device)}
         state = {
             "step": self.step,
             "tokens": self.tokens,
@@ -594,55 +459,63 @@ class Trainer:
         return tensors, state
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Continue from a checkpoint: its weights, optimizer moments, step, RNG and scaler."""
-        from safetensors.torch import load_file
+        """Continue from a checkpoint: its weights, optimizer moments, step, RNG and scaler.
 
-
+        Everything is read and checked before anything is changed, so a checkpoint that cannot
+        be read raises `CheckpointError` and leaves the trainer as it was.
+        """
         path = Path(path)
-        try:
-            state = json.loads((path / STATE_JSON).read_text())
-            tensors = load_file(str(path / STATE_TENSORS))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read the trainer state in '{path}': {e}") from None
+        state, tensors = read_state(path)
         if state["param_names"] != self.param_names:
-            raise CheckpointError(f"'{path}' was saved from a model with different parameters; cannot resume")
-        index = {name: i for i, name in enumerate(self.param_names)}
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                name, field = key[len("optimizer."):].rsplit(".", 1)
-                opt_state.setdefault(index[name], {})[field] = value
-        groups = [{**g, "betas": tuple(g["betas"])} for g in state["param_groups"]]
+            raise CheckpointError("it was saved from a model with different parameters")
+        opt = optimizer_state(tensors, state["param_groups"], self.param_names)
+        loaded = load_model(path, device="cpu" if self.sharded else self.device)
         if self.sharded:  # every rank reads the full state and keeps its slices
             from .distributed import load_full_state
 
-            loaded = load_model(path)
             names = self.param_names
             load_full_state(self.raw_model, self.optimizer, loaded.state_dict(),
-                            {"state": {names[i]: entry for i, entry in opt_state.items()},
-                             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]})
+                            {"state": {names[i]: entry for i, entry in opt["state"].items()},
+                             "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                              for g in opt["param_groups"]]})
         else:
             with torch.no_grad():
-                loaded = load_model(path, device=self.device)
                 self.raw_model.load_state_dict(loaded.state_dict())
-            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+            self.optimizer.load_state_dict(opt)
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(tensors["rng.torch_cpu"])
-        cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-        if cuda_states and self.device.type == "cuda" and len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+        restore_rng(tensors, self.device)
         self.step, self.tokens = state["step"], state["tokens"]
+        self.resumed_from = path
         if self.dist.rank:  # the checkpoint holds rank 0's dropout stream; the others start anew
             torch.manual_seed(self.config.seed + self.dist.rank + 1_000_003 * self.step)
-        if not self.dist.is_main:
-            return
-        # Records of steps after this checkpoint (done, then lost when the run was stopped) are
-        # dropped, so the log reads as one run; the redone steps log them again.
-        for log in ("log.jsonl", "snapshots.jsonl"):
-            records = read_jsonl(self.out / log)
-            if records:
-                _rewrite_jsonl(self.out / log, [r for r in records if r.get("step", 0) <= self.step])
+        if self.dist.is_main:
+            self.run_dir.forget_after(self.step)
+
+    def resume(self) -> list[dict]:
+        """Continue from the newest checkpoint that can be read, falling back past the others.
+
+        Returns one record per checkpoint skipped ({"path", "why"}). A damaged checkpoint is renamed
+        `NAME.damaged-N` (kept for inspection, never deleted), so it is not tried again and a fresh
+        checkpoint of the same step can take its name. With no usable checkpoint at all, the run
+        starts from step 0 (the model it was given).
+        """
+        skipped = []
+        for candidate in self.run_dir.resume_candidates():
+            try:
+                self.load_checkpoint(candidate.path)
+                break
+            except CheckpointError as e:
+                skipped.append({"path": str(candidate.path), "why": str(e)})
+                if self.dist.is_main:
+                    self._set_aside(candidate.path)
+        return skipped
+
+    def _set_aside(self, path: Path) -> None:
+        n = 1
+        while (aside := path.with_name(f"{path.name.lstrip('.')}.damaged-{n}")).exists():
+            n += 1
+        os.rename(path, aside)
 
     # ----- the loop ---------------------------------------------------------------------------
 
@@ -650,62 +523,105 @@ class Trainer:
         """Ask the loop to stop after the current step, saving a checkpoint first (signal-safe)."""
         self.stop_reason = reason
 
-    def _emit(self, record: dict, file: str = "log.jsonl") -> dict:
-        if not self.dist.is_main:  # every rank yields the records; only rank 0 logs them
-            return record
-        with open(self.out / file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    def _emit(self, record: dict) -> dict:
+        if self.dist.is_main and record["type"] != "eval_progress":  # every rank yields; rank 0 logs
+            self.run_dir.log(record)
         return record
 
     def _snapshot(self) -> dict:
-        if not self.dist.is_main:
-            return {"type": "snapshot", "step": self.step, "tokens": self.tokens}
-        snap = self.snapshotter.measure(self.raw_model, self.step, self.tokens)
-        self._emit(snap, "snapshots.jsonl")
+        if self.dist.is_main:
+            self.run_dir.add_snapshot(self.snapshotter.measure(self.raw_model, self.step, self.tokens))
         return self._emit({"type": "snapshot", "step": self.step, "tokens": self.tokens})
+
+    def _timed(self, kind: str, records: Iterator[dict]) -> Iterator[dict]:
+        started = time.perf_counter()
+        yield from records
+        self.timing[kind].append(time.perf_counter() - started)
+
+    def _evaluation(self) -> Iterator[dict]:
+        yield from self._timed("eval", (self._emit(r) for r in self.evaluate()))
+
+    def _save(self, name: str | None = None) -> Path:
+        started = time.perf_counter()
+        path = self.save_checkpoint(name)
+        self.timing["save"].append(time.perf_counter() - started)
+        return path
+
+    def _logged_step0_eval(self) -> bool:
+        """The step-0 evaluation is in the log already (a run resumed before its first checkpoint)."""
+        done = {r.get("set") for r in self.run_dir.read_log() if r.get("type") == "eval" and r.get("step") == 0}
+        return bool(self.eval_sets) and set(self.eval_sets) <= done
+
+    def eta(self) -> dict:
+        """Seconds left: steps at the measured step time, plus the evaluations and saves still due
+        at their measured durations (an evaluation's is known from step 0 on)."""
+        c = self.config
+
+        def due(every: int) -> int:
+            return sum(1 for s in range(self.step + 1, c.steps) if every and s % every == 0) + 1
+
+        mean = {k: (sum(v[-20:]) / len(v[-20:]) if v else 0.0) for k, v in self.timing.items()}
+        parts = {"steps": (c.steps - self.step) * mean["step"],
+                 "evals": due(c.eval_every) * mean["eval"] if self.eval_sets else 0.0,
+                 "saves": due(c.save_every) * mean["save"]}
+        return {"eta_s": sum(parts.values()), **{f"{k}_s": v for k, v in parts.items()},
+                "evals_left": due(c.eval_every) if self.eval_sets else 0, "saves_left": due(c.save_every)}
 
     def run(self) -> Iterator[dict]:
         """Train to `config.steps`, yielding every record as it happens (see the module docstring)."""
         c = self.config
         first_step = self.step
         yield self._emit({"type": "start", "step": self.step, "steps": c.steps, "tokens_per_step": c.tokens_per_step,
-                          "ranks": c.ranks, "global_batch": c.global_batch, "sharded": self.sharded,
-                          "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                          "params": self.raw_model.num_params(), "resumed": first_step > 0})
-        if first_step == 0:
+                          "tokens": c.steps * c.tokens_per_step, "ranks": c.ranks, "global_batch": c.global_batch,
+                          "sharded": self.sharded, "device": str(self.device),
+                          "dtype": str(self.dtype).removeprefix("torch."), "params": self.raw_model.num_params(),
+                          "trainable": sum(p.numel() for p in self.params), "resumed": self.resumed_from is not None})
+        last_eval = last_snapshot = None
+        if self.step == 0:
             # Where the starting model stands: the baseline every later evaluation is read against.
-            for record in self.evaluate():
-                yield self._emit(record)
-            if self.snapshotter is not None and c.snapshot_every:
+            if not self._logged_step0_eval():
+                yield from self._evaluation()
+            last_eval = 0
+            if self.snapshotter is not None and c.snapshot_every and self.stop_reason is None:
                 yield self._snapshot()
-        started = time.perf_counter()
-        last_eval = self.step
+                last_snapshot = 0
         while self.step < c.steps:
             # A stop request reaches the ranks at different moments: they agree on it first,
             # so all stop after the same step.
             if self.dist.any(self.stop_reason is not None):
-                self.stop_reason = self.stop_reason or "SIGTERM"
-                path = self.save_checkpoint()
-                yield self._emit({"type": "stopped", "step": self.step, "tokens": self.tokens,
-                                  "reason": self.stop_reason, "checkpoint": str(path)})
+                yield self._stopped(first_step)
                 return
             record = self.train_step()
-            elapsed = time.perf_counter() - started
-            record["eta_s"] = elapsed / (self.step - first_step) * (c.steps - self.step)
+            self.timing["step"].append(record["step_s"])
+            record.update(self.eta())
             yield self._emit(record)
             at = self.step
+            if at == first_step + 3:
+                yield {"type": "estimate", "step": at, **self.eta()}
             if c.eval_every and at % c.eval_every == 0 and at < c.steps:
-                for record in self.evaluate():
-                    yield self._emit(record)
+                yield from self._evaluation()
                 last_eval = at
             if self.snapshotter is not None and c.snapshot_every and at % c.snapshot_every == 0:
                 yield self._snapshot()
-            if c.save_every and at % c.save_every == 0 and at < c.steps:
-                path = self.save_checkpoint()
-                yield self._emit({"type": "checkpoint", "step": at, "tokens": self.tokens, "path": str(path)})
+                last_snapshot = at
+            if c.save_every and at % c.save_every == 0 and at < c.steps and self.stop_reason is None:
+                path = self._save()
+                yield self._emit({"type": "checkpoint", "step": at, "tokens": self.tokens, "path": str(path),
+                                  "bytes": dir_size(path) if self.dist.is_main else None})
         if last_eval != self.step:
-            for record in self.evaluate():
-                yield self._emit(record)
-        path = self.save_checkpoint("final")
+            yield from self._evaluation()
+        if self.snapshotter is not None and c.snapshot_every and last_snapshot != self.step:
+            yield self._snapshot()  # the drift curves end where the run ends
+        path = self._save("final")
         yield self._emit({"type": "done", "step": self.step, "tokens": self.tokens, "path": str(path),
-                          "seconds": time.perf_counter() - started})
+                          "bytes": dir_size(path) if self.dist.is_main else None})
+
+    def _stopped(self, first_step: int) -> dict:
+        self.stop_reason = self.stop_reason or "SIGTERM"
+        path = None
+        if self.step > first_step:
+            path = str(self._save())
+        elif self.resumed_from is not None:
+            path = str(self.resumed_from)  # nothing new since: the checkpoint resumed from stands
+        return self._emit({"type": "stopped", "step": self.step, "tokens": self.tokens,
+                           "reason": self.stop_reason, "checkpoint": path})

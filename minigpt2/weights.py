@@ -30,16 +30,18 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import GPTConfig
 from .device import resolve_device, resolve_dtype
+from . import files
 from .errors import CheckpointError
+from .files import write_atomically
 from .hub import OFFICIAL_REPOS, hub_file, local_path
 from .model import GPT
+from .rundir import RunDir
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -77,6 +79,8 @@ def checkpoint_files(source: str | os.PathLike, revision: str | None = None) -> 
         return hub_file(str(source), CONFIG_NAME, revision=revision), hub_file(
             str(source), WEIGHTS_NAME, revision=revision
         )
+    if path.is_dir() and not (path / WEIGHTS_NAME).exists() and RunDir.is_run(path):
+        path = RunDir(path).model_checkpoint()  # a training run stands for its final (or newest) checkpoint
     if path.is_dir():
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
@@ -101,14 +105,8 @@ def checkpoint_files(source: str | os.PathLike, revision: str | None = None) -> 
 
 
 def read_json_object(path: Path, expected: str) -> dict:
-    """A JSON file that must hold an object; `expected` says what it should be, for the error."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read '{path}': {e}. It should be {expected}.") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"'{path}' is not a JSON object; it should be {expected}.")
-    return value
+    """A JSON file that must hold an object, or a `CheckpointError` saying what it should be."""
+    return files.read_json_object(path, expected, CheckpointError)
 
 
 def read_config(path: Path) -> GPTConfig:
@@ -333,14 +331,3 @@ def _tokenizer_dir(source: str | os.PathLike, *, explicit: bool) -> Path | None:
     if vocab.parent != merges.parent:  # hub cache snapshots keep both in one folder; be safe anyway
         return None
     return vocab.parent
-
-
-def write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

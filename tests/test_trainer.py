@@ -11,8 +11,10 @@ from minigpt2 import load_model
 from minigpt2.data import prepare_corpus
 from minigpt2.snapshots import Snapshotter
 from minigpt2.tokenizer import encoding_from_files
-from minigpt2.trainer import (STATE_JSON, TrainConfig, Trainer, TrainingDiverged, checkpoints, lr_at, param_groups,
-                              read_jsonl, start_model, steps_for)
+from minigpt2.files import read_jsonl
+from minigpt2.launch import start_model
+from minigpt2.rundir import STATE_JSON, RunDir
+from minigpt2.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, param_groups, steps_for
 
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
 
@@ -38,6 +40,10 @@ def make_trainer(novels, out, *, model=None, tokenizer=None, **config):
     config = {"steps": 8, "batch_size": 4, "seq_len": 32, "eval_every": 0, "eval_tokens": 512, "lr": 3e-3, **config}
     return Trainer(model or tiny_model(), novels.train, {"val": novels.val}, TrainConfig(**config), out,
                    tokenizer_source=tokenizer)
+
+
+def checkpoints(run):
+    return [(c.step, c.path) for c in RunDir(run).checkpoints()]
 
 
 def records(trainer, kind=None, on=None):

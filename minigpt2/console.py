@@ -1,0 +1,198 @@
+"""What `train.py` shows: the table on stdout, a progress bar (or plain progress lines) on stderr.
+
+This is the training front end's display, kept out of `train.py` so the script stays a page long;
+it is the one place in the package that names command-line options, since it talks to the person
+who typed them. It writes only to the two streams it is given. If one goes away (the terminal was
+closed, `| head` exited), it stops writing to that one and training goes on: log.jsonl has every
+record anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+FLAG = {"steps": "--steps", "seq_len": "--seq-len", "batch_size": "--batch-size", "eval_every": "--eval-every",
+        "eval_tokens": "--eval-tokens", "save_every": "--save-every"}
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+class TrainConsole:
+    """Turns the trainer's records into lines for a person."""
+
+    def __init__(self, out=None, err=None, *, log_every: int = 10, show_mfu: bool = False) -> None:
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.log_every, self.show_mfu = log_every, show_mfu
+        self.tty = self._isatty(self.err)
+        self.header_done = False
+        self.steps = 0
+        self.bar_text = ""
+
+    @staticmethod
+    def _isatty(stream) -> bool:
+        try:
+            return stream.isatty()
+        except (ValueError, OSError):
+            return False
+
+    # ----- writing, surviving a closed stream -------------------------------------------------
+
+    def _write(self, which: str, text: str) -> None:
+        stream = getattr(self, which)
+        if stream is None:
+            return
+        try:
+            stream.write(text)
+            stream.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            setattr(self, which, None)  # gone: stop writing there
+            if which == "out":  # and keep Python from complaining about it at exit
+                try:
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                except (OSError, ValueError):
+                    pass
+
+    def line(self, text: str) -> None:
+        self.clear_bar()
+        self._write("out", text + "\n")
+        self.redraw()
+
+    def note(self, text: str) -> None:
+        self.clear_bar()
+        self._write("err", text + "\n")
+        self.redraw()
+
+    def bar(self, text: str) -> None:
+        """The progress line: redrawn in place on a terminal, a plain line otherwise."""
+        self.bar_text = text
+        if self.tty:
+            self._write("err", "\r" + text[:110].ljust(110))
+        else:
+            self._write("err", f"progress: {text}\n")
+
+    def clear_bar(self) -> None:
+        if self.tty and self.bar_text:
+            self._write("err", "\r" + " " * 110 + "\r")
+
+    def redraw(self) -> None:
+        if self.tty and self.bar_text:
+            self._write("err", "\r" + self.bar_text[:110].ljust(110))
+
+    # ----- records --------------------------------------------------------------------------
+
+    def show(self, r: dict) -> None:
+        handler = getattr(self, "_" + r["type"], None)
+        if handler is not None:
+            handler(r)
+
+    def _data(self, r):
+        if r.get("rebuilt_because"):
+            self.note(f"note: the cached tokens of this data could not be trusted ({r['rebuilt_because']}); "
+                      "tokenized again")
+        cached = ", from the cache" if r["cached"] else ""
+        self.line(f"data: {len(r['files'])} file(s), {r['chars']:,} characters, {r['tokens']:,} tokens "
+                  f"({r['tokens_per_char']:.2f} tokens per character; {r['train_tokens']:,} for training{cached})")
+        for name, d in r["eval_sets"].items():
+            self.line(f"eval set {name}: {d['chars']:,} characters, {d['tokens']:,} tokens "
+                      f"({d['tokens_per_char']:.2f} per character)")
+
+    def _recovered(self, r):
+        self.note(f"note: {r['message']}")
+
+    def _skipped(self, r):
+        self.note(f"note: skipped checkpoint {r['path']}: {r['why']}; it is kept, renamed, for inspection")
+
+    def _start(self, r):
+        self.steps = r["steps"]
+        what = f"resuming at step {r['step']}" if r["resumed"] else f"training from step {r['step']}"
+        trainable = (f" ({r['trainable']:,} trainable)" if r.get("trainable") and r["trainable"] != r["params"]
+                     else "")
+        self.line(f"{what} of {r['steps']}: {r['params']:,} parameters{trainable}, {r['tokens_per_step']:,} tokens "
+                  f"per step ({r['tokens']:,} in all), {r['device']}, {r['dtype']}")
+        if r.get("ranks", 1) > 1:
+            self.line(f"{r['ranks']} ranks{' (sharded)' if r.get('sharded') else ''}: global batch "
+                      f"{r['global_batch']} sequences per step")
+
+    def defaults(self, used: dict, device: str) -> None:
+        if used:
+            shown = ", ".join(f"{FLAG[k]} {v}" for k, v in used.items())
+            self.line(f"defaults for {'a GPU' if device.startswith('cuda') else 'this ' + device}: {shown} "
+                      "(give any of them to change it)")
+
+    def schedule(self, change: dict) -> None:
+        self.line(f"steps: {change['before']} -> {change['after']}: the learning-rate schedule now ends at step "
+                  f"{change['after']}; at step {change['step']} the rate is {change['lr_after']:.2e} "
+                  f"(it was {change['lr_before']:.2e})")
+
+    def _estimate(self, r):
+        parts = [f"{format_duration(r['steps_s'])} of steps"]
+        if r["evals_left"]:
+            parts.append(f"{r['evals_left']} evaluations {format_duration(r['evals_s'])}")
+        if r["saves_s"]:
+            parts.append(f"{r['saves_left']} saves {format_duration(r['saves_s'])}")
+        self.line(f"estimated time left: {format_duration(r['eta_s'])} ({', '.join(parts)})")
+
+    def _train(self, r):
+        if r["step"] % self.log_every == 0 or r["step"] == self.steps or r["step"] == 1:
+            self._row(r)
+        self._progress(r["step"], r["eta_s"])
+
+    def _progress(self, step: int, eta_s: float | None, doing: str = "") -> None:
+        done = step / max(self.steps, 1)
+        eta = f" ETA {format_duration(eta_s)}" if eta_s is not None else ""
+        if self.tty:
+            filled = int(30 * done)
+            self.bar(f"[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.steps} {100 * done:.0f}%{eta}{doing}")
+        elif not doing and (step % self.log_every == 0 or step == self.steps or step == 1):
+            self.bar(f"step {step}/{self.steps} ({100 * done:.0f}%),{eta}")
+
+    def _row(self, r):
+        if not self.header_done:
+            self.line(f"{'step':>7} | {'train loss':>10} | {'lr':>8} | {'grad norm':>9} | {'tokens/s':>9}"
+                      + (" |   MFU" if self.show_mfu else ""))
+            self.header_done = True
+        mfu = f" | {100 * r['mfu']:4.1f}%" if self.show_mfu and r.get("mfu") is not None else ""
+        self.line(f"{r['step']:>7} | {r['loss']:>10.4f} | {r['lr']:>8.2e} | {r['grad_norm']:>9.3f} | "
+                  f"{r['tokens_per_s']:>9,.0f}{mfu}")
+
+    def _eval_progress(self, r):
+        doing = f" · evaluating {r['set']} {r['done']}/{r['total']}"
+        if self.tty:
+            self._progress(r["step"], None, doing)
+        elif r["done"] == 1:
+            self.bar(f"step {r['step']}/{self.steps}: evaluating {r['set']} ({r['total']} batches)")
+
+    def _eval(self, r):
+        self.line(f"eval step {r['step']:>5} | {r['set']}: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, "
+                  f"bpc {r['bpc']:.4f} ({r['eval_tokens']:,} tokens)")
+
+    def _checkpoint(self, r):
+        self.line(f"saved {r['path']} (step {r['step']}, {format_bytes(r.get('bytes'))})")
+
+    _done = _checkpoint
+
+    def _stopped(self, r):
+        self.clear_bar()
+        self.bar_text = ""
+        if r["checkpoint"]:
+            self.note(f"stopped by {r['reason']} at step {r['step']}: saved {r['checkpoint']}; "
+                      "continue with --resume")
+        else:
+            self.note(f"stopped by {r['reason']} before the first step: nothing to save; "
+                      "run the same command again (or with --resume)")
+
+    def finish(self) -> None:
+        self.clear_bar()
+        self.bar_text = ""

@@ -1,0 +1,87 @@
+"""Small file helpers that every part of minigpt2 shares: atomic writes, JSON, JSON lines.
+
+Whatever minigpt2 writes is written under a temporary name in the same folder and renamed into
+place, so a crash, a full disk or Ctrl-C never leaves a half-written file where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import MiniGPT2Error
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, flush it to disk, rename it to `path`.
+
+    The rename is atomic: readers see the old file or the new one, never a mix. On any failure
+    (including KeyboardInterrupt) the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, value) -> None:
+    """`value` as indented UTF-8 JSON (Chinese stays readable), written atomically."""
+    write_text_atomically(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json_object(path: str | os.PathLike, expected: str, error: type[MiniGPT2Error] = MiniGPT2Error) -> dict:
+    """A JSON file that must hold an object; `expected` says what it should be, for the error."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"cannot read '{path}': {e}. It should be {expected}.") from None
+    if not isinstance(value, dict):
+        raise error(f"'{path}' is not a JSON object; it should be {expected}.")
+    return value
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every record of a JSON-lines file; [] if it does not exist.
+
+    A process killed in the middle of appending leaves a truncated last line: it is skipped (the
+    record was never complete). A bad line elsewhere is real damage and is skipped too, since a
+    log is for reading, not worth refusing a whole run over.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one record as one line (a single write, so lines never interleave)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def rewrite_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
