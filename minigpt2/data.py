@@ -39,16 +39,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import MiniGPT2Error
+from .errors import DataError, MiniGPT2Error  # noqa: F401  (DataError: re-exported, it used to live here)
 
 CACHE_ENV = "MINIGPT2_CACHE"
 FORMAT_VERSION = 1  # bump when the token file layout or the cleaning rules change
 READ_BLOCK = 1 << 20  # bytes per read when hashing and checking files
 CHUNK_CHARS = 1 << 18  # characters per tokenizer call (a few MB of RAM per thread at most)
-
-
-class DataError(MiniGPT2Error):
-    """A training or evaluation input that cannot be used (missing, empty, binary, not UTF-8...)."""
 
 
 # ----- finding and checking the input files -----------------------------------------------------
