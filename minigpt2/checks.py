@@ -18,16 +18,21 @@ import argparse
 import math
 import re
 
-from .errors import OptionError
+from .errors import CheckpointError, OptionError
+
+SEED_MAX = 2**63 - 1  # random seeds: 0 .. the largest signed 64-bit integer (torch, numpy and JSON all take it)
 
 
 def _range_text(low, high, low_open: bool, high_open: bool) -> str:
+    def show(x):
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
     if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"in {'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
     if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
+        return f"{'>' if low_open else '>='} {show(low)}"
     if high is not None:
-        return f"{'<' if high_open else '<='} {high:g}"
+        return f"{'<' if high_open else '<='} {show(high)}"
     return ""
 
 
@@ -116,3 +121,69 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         message = re.sub(r"^argument (\S+?)(/\S+)?: (must |is |has )", r"\1 \3", message)
         self.exit(2, f"error: {message}\n")
+
+
+# ----- will it fit? -----------------------------------------------------------------------
+
+
+def decode_memory_bytes(config, batch: int, prompt_tokens: int, dtype_bytes: int) -> int:
+    """Bytes that sampling `batch` sequences at once allocates beyond the model's weights.
+
+    The KV cache (keys and values, every layer, the whole context: 2 x n_layer x B x
+    n_positions x n_embd), the prefill's logits for every prompt position (B x T x vocab) and its
+    attention scores (B x heads x T x T), and a few float32 rows of next-token logits (B x vocab).
+    """
+    t = min(prompt_tokens, config.n_positions)
+    kv_cache = 2 * config.n_layer * batch * config.n_positions * config.n_embd * dtype_bytes
+    prefill = batch * t * config.vocab_size * dtype_bytes + batch * config.n_head * t * t * 4
+    logits = 4 * batch * config.vocab_size * 4  # float32 copies: scaled, softmax, noise, mask
+    return kv_cache + prefill + logits
+
+
+def available_memory(device) -> int | None:
+    """Free bytes on `device` (a torch.device): the GPU's free memory, or the kernel's estimate
+    of what can be allocated without swapping (MemAvailable in /proc/meminfo); None if unknown."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_decode_memory(config, batch: int, prompt_tokens: int, dtype_bytes: int, device) -> None:
+    """Refuse a batch whose sampling memory cannot fit, with the estimate, rather than being
+    killed by the kernel's out-of-memory killer a minute later (or swapping the machine to a halt)."""
+    need, free = decode_memory_bytes(config, batch, prompt_tokens, dtype_bytes), available_memory(device)
+    if free is not None and need > free:
+        raise OptionError(
+            "num_samples",
+            f"{batch} needs about {need / 2**30:,.1f} GiB to sample at once (mostly the KV cache: 2 x {config.n_layer} "
+            f"layers x {batch} x {config.n_positions} positions x {config.n_embd} x {dtype_bytes} bytes), but only "
+            f"{free / 2**30:,.1f} GiB is available on {device}; ask for fewer samples at a time",
+        )
+
+
+def check_vocab_fits(model_config, enc, *, model_name: str = "the model",
+                     tokenizer_name: str = "its tokenizer") -> None:
+    """Refuse a model with fewer token ids than its tokenizer produces.
+
+    Every id the tokenizer can emit indexes a row of the embedding; an id past the end is an
+    IndexError deep inside the forward pass (or a CUDA assert). A larger model vocabulary is
+    fine (padded vocabularies are common): the extra ids are never produced by the tokenizer,
+    and the sampler's UTF-8 guard never picks them.
+    """
+    if model_config.vocab_size < enc.n_vocab:
+        raise CheckpointError(
+            f"{model_name} has a vocabulary of {model_config.vocab_size} tokens, smaller than the "
+            f"{enc.n_vocab} of {tokenizer_name} (largest id {enc.n_vocab - 1}, <|endoftext|> is {enc.eot_token}): "
+            "they do not belong together; use the tokenizer the model was trained with"
+        )
