@@ -133,10 +133,6 @@ def run(args, out) -> int:
     return 0
 
 
-def dtype.itemsize -> int:
-    return dtype.itemsize
-
-
 def generate_all(args, prompts, models, device, dtype, out) -> None:
     for p_index, prompt in enumerate(prompts):
         for source, model, enc, guard in models:
