@@ -12,24 +12,26 @@ its drift over the training steps.
 """
 
 import argparse
+import os
 import sys
 
-from minigpt2 import MiniGPT2Error
+from minigpt2 import MiniGPT2Error, user_message
+from minigpt2.checks import ArgumentParser, arg_int
 from minigpt2.compare import DEFAULT_MAX_EVAL_TOKENS, compare
 from minigpt2.report import check_new_file, render, require_matplotlib, write_json, write_plot
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", help="model A, the reference (before): a model source or a training run directory")
     p.add_argument("b", nargs="?", help="model B (after); omit it when A is a run, to compare the run's start and end")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="compare the block activations and next-token predictions on this prompt (repeatable)")
     p.add_argument("--text", action="append", default=[], metavar="FILE",
                    help="loss, perplexity and bits per character of A and B on this UTF-8 text file (repeatable)")
-    p.add_argument("--max-eval-tokens", type=int, default=DEFAULT_MAX_EVAL_TOKENS, metavar="N",
+    p.add_argument("--max-eval-tokens", type=arg_int(low=1), default=DEFAULT_MAX_EVAL_TOKENS, metavar="N",
                    help=f"evaluate at most the first N tokens of each --text (default: {DEFAULT_MAX_EVAL_TOKENS})")
-    p.add_argument("--top", type=int, default=10, metavar="N", help="how many of the most changed tensors to list (default: 10)")
+    p.add_argument("--top", type=arg_int(low=0), default=10, metavar="N", help="how many of the most changed tensors to list (default: 10)")
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     p.add_argument("--plot", metavar="PATH.png", help="also draw the heatmap and drift curves into this PNG (needs matplotlib)")
     p.add_argument("--force", action="store_true", help="replace existing --json / --plot files")
@@ -38,11 +40,6 @@ def main(argv=None) -> int:
                         "weights are always compared on the CPU in float64")
     p.add_argument("--revision", help="a branch, tag or commit, for hub models")
     args = p.parse_args(argv)
-    if args.top < 0:
-        p.error("--top must be 0 or more")
-    if args.max_eval_tokens < 1:
-        p.error("--max-eval-tokens must be 1 or more")
-
     try:
         # Refuse existing output files before spending minutes on the comparison.
         for path in (args.json, args.plot):
@@ -58,9 +55,21 @@ def main(argv=None) -> int:
         if args.plot:
             print(f"wrote {write_plot(result, args.plot, force=args.force)}")
     except MiniGPT2Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(user_message(e))
+    except OSError as e:  # the filesystem's own errors: a full disk, a read-only folder, ...
+        if isinstance(e, BrokenPipeError):  # `| head`: the reader left; stop quietly (see sample.py)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+        return fail(f"{e.strerror or e}" + (f": '{e.filename}'" if e.filename else ""))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -16,13 +16,18 @@ import os
 import signal
 import sys
 
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    # Argument values are checked while parsing (finite, in range), before any data or model is
+    # loaded; a bad one is the single line "error: --lr must be a finite number > 0, got nan".
+    from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=None)
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="text files, directories (every .txt below) or globs")
     d.add_argument("--val-data", nargs="+", action="extend", metavar="PATH", help="held-out text (default: the tail of each --data document)")
-    d.add_argument("--val-fraction", type=float, help="share of each document held out when there is no --val-data (default 0.005)")
+    d.add_argument("--val-fraction", type=arg_float(low=0, high=1, high_open=True), help="share of each document held out when there is no --val-data (default 0.005)")
     d.add_argument("--eval-data", nargs="+", action="extend", metavar="FILE", help="more texts to evaluate on, each its own set")
     d.add_argument("--drop-lines", metavar="REGEX", help="leave out lines matching this regular expression")
     d.add_argument("--encoding-errors", choices=["strict", "replace"], help="non-UTF-8 bytes: an error (default) or U+FFFD")
@@ -31,39 +36,41 @@ def parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", help="what to fine-tune: gpt2[-medium|-large|-xl], a hub id, a checkpoint (default gpt2)")
     m.add_argument("--init-preset", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], help="start from random weights of this shape instead")
-    m.add_argument("--n-layer", type=int, help="with --init-preset: number of blocks")
-    m.add_argument("--n-head", type=int, help="with --init-preset: attention heads")
-    m.add_argument("--n-embd", type=int, help="with --init-preset: width")
-    m.add_argument("--context", type=int, help="with --init-preset: context length (positions)")
-    m.add_argument("--dropout", type=float, help="dropout probability (default: the model's own)")
+    m.add_argument("--n-layer", type=arg_int(low=1), help="with --init-preset: number of blocks")
+    m.add_argument("--n-head", type=arg_int(low=1), help="with --init-preset: attention heads")
+    m.add_argument("--n-embd", type=arg_int(low=1), help="with --init-preset: width")
+    m.add_argument("--context", type=arg_int(low=1), help="with --init-preset: context length (positions)")
+    m.add_argument("--dropout", type=arg_float(low=0, high=1, high_open=True), help="dropout probability (default: the model's own)")
     t = p.add_argument_group("training")
     t.add_argument("--out", required=True, help="run directory (must not exist, unless --resume)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--steps", type=int, help="optimizer steps (default: 1000 on a CPU, one epoch on a GPU)")
-    t.add_argument("--epochs", type=float, help="passes over the training text")
-    t.add_argument("--tokens", type=float, help="training tokens")
-    t.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 4)")
-    t.add_argument("--seq-len", type=int, help="tokens per sequence (default: 128 on a CPU, the model's context "
-                   "(at most 1024) on a GPU)")
-    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    t.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
-    t.add_argument("--min-lr", type=float, help="final learning rate (default lr / 10)")
-    t.add_argument("--warmup", type=int, help="warm-up steps (default 5%% of the steps, at most 1000)")
-    t.add_argument("--weight-decay", type=float, help="AdamW weight decay on the linear layers' weights (default 0.1)")
-    t.add_argument("--grad-clip", type=float, help="clip the gradient norm to this; 0 to turn off (default 1.0)")
-    t.add_argument("--seed", type=int, help="seed for init, batches and dropout (default 0)")
-    t.add_argument("--keep-last", type=int, help="step checkpoints to keep; older ones are deleted once a newer one "
-                   "is saved (final/ is always kept; 0 keeps all; default 3)")
+    t.add_argument("--steps", type=arg_int(low=1), help="optimizer steps (default: 1000 on a CPU, one epoch on a GPU)")
+    t.add_argument("--epochs", type=arg_float(low=0, low_open=True), help="passes over the training text")
+    t.add_argument("--tokens", type=arg_float(low=1), help="training tokens")
+    t.add_argument("--batch-size", type=arg_int(low=1), help="sequences per micro-batch (default 4)")
+    t.add_argument("--seq-len", type=arg_int(low=1), help="tokens per sequence (default: 128 on a CPU, the model's "
+                   "context (at most 1024) on a GPU)")
+    t.add_argument("--grad-accum", type=arg_int(low=1), help="micro-batches per optimizer step (default 1)")
+    t.add_argument("--lr", type=arg_float(low=0, low_open=True), help="peak learning rate (default 3e-4)")
+    t.add_argument("--min-lr", type=arg_float(low=0), help="final learning rate (default lr / 10)")
+    t.add_argument("--warmup", type=arg_int(low=0), help="warm-up steps (default 5%% of the steps, at most 1000)")
+    t.add_argument("--weight-decay", type=arg_float(low=0), help="AdamW weight decay on the linear layers' weights "
+                   "(default 0.1)")
+    t.add_argument("--grad-clip", type=arg_float(low=0), help="clip the gradient norm to this; 0 to turn off "
+                   "(default 1.0)")
+    t.add_argument("--seed", type=arg_int(low=0, high=SEED_MAX), help="seed for init, batches and dropout (default 0)")
+    t.add_argument("--keep-last", type=arg_int(low=0), help="step checkpoints to keep; older ones are deleted once a "
+                   "newer one is saved (final/ is always kept; 0 keeps all; default 3)")
     o = p.add_argument_group("evaluation, checkpoints, output")
-    o.add_argument("--eval-every", type=int, help="evaluate every N steps (default: 100 on a CPU, a tenth of the "
-                   "steps on a GPU)")
-    o.add_argument("--eval-tokens", type=int, help="tokens per eval set and evaluation (default 4096 on a CPU, "
-                   "65536 on a GPU)")
-    o.add_argument("--save-every", type=int, help="checkpoint every N steps; 0: only at the end (default 250 on a "
-                   "CPU, 1000 on a GPU)")
-    o.add_argument("--snapshot-every", type=int, help="record weight and activation drift every N steps")
+    o.add_argument("--eval-every", type=arg_int(low=0), help="evaluate every N steps (default: 100 on a CPU, a tenth "
+                   "of the steps on a GPU)")
+    o.add_argument("--eval-tokens", type=arg_int(low=1), help="tokens per eval set and evaluation (default 4096 on a "
+                   "CPU, 65536 on a GPU)")
+    o.add_argument("--save-every", type=arg_int(low=0), help="checkpoint every N steps; 0: only at the end (default "
+                   "250 on a CPU, 1000 on a GPU)")
+    o.add_argument("--snapshot-every", type=arg_int(low=0), help="record weight and activation drift every N steps")
     o.add_argument("--probe", help="probe prompt for the activation snapshots")
-    o.add_argument("--log-every", type=int, help="print a table row every N steps (default 10)")
+    o.add_argument("--log-every", type=arg_int(low=1), help="print a table row every N steps (default 10)")
     x = p.add_argument_group("hardware")
     x.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     x.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="compute precision (default auto)")
@@ -71,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--shard", action="store_true", default=None,
                    help="under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP) "
                         "instead of a full copy on each; on one process it changes nothing")
-    x.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice, one per core); "
+    x.add_argument("--threads", type=arg_int(low=1), help="CPU threads for PyTorch (default: its own choice, one per core); "
                    "on a machine shared with other jobs, 1 or 2 is often faster")
     x.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute each block's activations in backward: less memory, ~1/3 more compute")

@@ -6,7 +6,7 @@
 """
 
 from .config import PRESETS, GPTConfig
-from .errors import CheckpointError, MiniGPT2Error
+from .errors import CheckpointError, DataError, MiniGPT2Error, OptionError, OutputError, user_message
 from .generate import generate
 from .model import GPT, KVCache
 from .tokenizer import load_tokenizer
@@ -18,9 +18,13 @@ __all__ = [
     "PRESETS",
     "KVCache",
     "CheckpointError",
+    "DataError",
     "MiniGPT2Error",
+    "OptionError",
+    "OutputError",
     "generate",
     "load_model",
     "load_tokenizer",
     "save_model",
+    "user_message",
 ]

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checks import positive_int
 from .config import GPTConfig
 from .device import resolve_device
 from .errors import CheckpointError, MiniGPT2Error
@@ -390,10 +391,12 @@ def hidden_drift(ha: torch.Tensor, hb: torch.Tensor) -> dict[str, float]:
 
 def kl_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
     """KL(A || B) in nats of the two next-token distributions: how surprised B is by what A
-    expects. 0 for identical logits (clamped: rounding can give -1e-17)."""
+    expects. 0 for identical logits (clamped: rounding can give -1e-17). NaN stays NaN:
+    `max(0.0, nan)` is 0.0, which would report broken logits as identical."""
     log_a = torch.log_softmax(logits_a.to(torch.float64), -1)
     log_b = torch.log_softmax(logits_b.to(torch.float64), -1)
-    return max(0.0, (log_a.exp() * (log_a - log_b)).sum().item())
+    kl = (log_a.exp() * (log_a - log_b)).sum().item()
+    return kl if math.isnan(kl) else max(0.0, kl)
 
 
 def token_text(enc, token: int) -> str:
@@ -534,7 +537,7 @@ def evaluate_text(model, enc, ids: list[int], characters: int, device) -> dict[s
     """
     nats = text_nats(model, ids, enc.eot_token, device)
     loss = nats / len(ids)
-    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+    return {"loss": loss, "perplexity": math.inf if loss >= 700 else math.exp(loss),  # NaN stays NaN
             "bits_per_char": nats / (math.log(2) * characters), "nats": nats}
 
 
@@ -676,8 +679,7 @@ def compare(
     steps per run given), "max_eval_tokens"}. Infinite values (a relative change from an all-zero
     tensor) are kept as `math.inf`; `minigpt2.report.to_json` writes them as null.
     """
-    if max_eval_tokens < 1:
-        raise MiniGPT2Error("the evaluation cap must be at least 1 token")
+    positive_int("max_eval_tokens", max_eval_tokens)  # the evaluation cap, in tokens
     if b is None:
         if not RunDir.is_run(a):
             raise MiniGPT2Error(f"'{a}' is not a training run directory: give two models to compare")

@@ -13,7 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointError
+from .checks import finite, positive_int
+from .errors import CheckpointError, OptionError
 
 
 @dataclass(frozen=True)
@@ -40,17 +41,17 @@ class GPTConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        # OptionError is a ValueError too. Checked here, so a config.json with "n_head": "12" or
+        # "layer_norm_epsilon": -1 (or NaN, which passes every `< 0` test) never builds a model.
         for name in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            positive_int(name, getattr(self, name))
         if self.n_embd % self.n_head:
-            raise ValueError(
-                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+            raise OptionError(
+                "n_embd", f"({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                 "each head gets an equal slice of the width"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        finite("layer_norm_eps", self.layer_norm_eps, low=0, low_open=True)
+        finite("dropout", self.dropout, low=0, high=1, high_open=True)
 
     @property
     def head_size(self) -> int:
@@ -115,7 +116,7 @@ class GPTConfig:
         }
         n_embd = hf.get("n_embd", 768)
         n_inner = hf.get("n_inner")
-        if n_inner is not None and n_inner != 4 * n_embd:
+        if n_inner is not None and isinstance(n_embd, int) and n_inner != 4 * n_embd:
             unsupported["n_inner"] = (None, n_inner)
         for key, (want, got) in unsupported.items():
             if want != got:
@@ -133,9 +134,13 @@ class GPTConfig:
                 layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                 dropout=hf.get("resid_pdrop", 0.1),  # transformers' default too
             )
-        except ValueError as e:
-            raise CheckpointError(f"{where}: {e}") from None
+        except OptionError as e:  # named as in the file: layer_norm_epsilon, not layer_norm_eps
+            field = HF_NAMES.get(e.option, e.option)
+            raise CheckpointError(f"{where}: {field} {e.detail}; the file is damaged or not a GPT-2 config") from None
 
+
+# GPTConfig's field -> its name in a Hugging Face config.json, for error messages
+HF_NAMES = {"layer_norm_eps": "layer_norm_epsilon", "dropout": "resid_pdrop"}
 
 PRESETS: dict[str, GPTConfig] = {
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),  # 124M

@@ -40,16 +40,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import MiniGPT2Error
+from .errors import DataError, MiniGPT2Error  # noqa: F401  (DataError: re-exported, it used to live here)
 
 CACHE_ENV = "MINIGPT2_CACHE"
 FORMAT_VERSION = 2  # bump when the token file layout, the cleaning rules or meta.json change
 READ_BLOCK = 1 << 20  # bytes per read when hashing and checking files
 CHUNK_CHARS = 1 << 18  # characters per tokenizer call (a few MB of RAM per thread at most)
-
-
-class DataError(MiniGPT2Error):
-    """A training or evaluation input that cannot be used (missing, empty, binary, not UTF-8...)."""
 
 
 # ----- finding and checking the input files -----------------------------------------------------
@@ -70,6 +66,9 @@ def find_text_files(specs: Iterable[str | os.PathLike]) -> list[Path]:
             found = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not found:
                 raise DataError(f"directory '{path}' holds no .txt files; point --data at text files or a folder of them")
+        elif path.exists():  # /dev/null, a FIFO, a socket: exists, but holds no text to read twice
+            raise DataError(f"'{spec}' is not a regular file (a device, pipe or socket); give text files, "
+                            "directories or glob patterns")
         elif glob.has_magic(str(spec)):
             found = sorted(Path(p) for p in glob.glob(os.path.expanduser(str(spec)), recursive=True) if Path(p).is_file())
             if not found:
@@ -216,6 +215,7 @@ class _TokenWriter:
         self.tokens = 0
         self.chars = 0
         self.crc32 = 0  # of the bytes written: checked each time the cache is used
+        self.has_text = False  # anything but whitespace: blank lines alone are nothing to learn from
 
     def write(self, ids: list[int] | np.ndarray, chars: int = 0) -> None:
         arr = np.asarray(ids, dtype=np.uint16)
@@ -259,6 +259,7 @@ def _encode_into(enc, batch: list[str], writer: _TokenWriter, threads: int) -> N
         return
     for text, ids in zip(batch, enc.encode_ordinary_batch(batch, num_threads=threads)):
         writer.write(ids, chars=len(text))
+        writer.has_text = writer.has_text or not text.isspace()
 
 
 # ----- the cache ------------------------------------------------------------------------------
@@ -396,6 +397,13 @@ def prepare_corpus(inputs: Iterable[str | os.PathLike] | list[FileInfo], enc, *,
     meta = json.loads((entry / "meta.json").read_text())
     train = TokenFile(entry / "train.bin", meta["train_chars"], name="train")
     val = TokenFile(entry / "val.bin", meta["val_chars"], name="val") if val_fraction > 0 else None
+    if not meta.get("train_has_text", True):  # (entries cached before this flag existed: checked below)
+        raise DataError(
+            f"the input holds no text after cleaning: nothing is left after dropping the lines that match "
+            f"{drop_lines!r}, only blank lines (a pattern such as '.' matches every line that holds text); "
+            "give a narrower pattern" if drop_lines else
+            "the input holds no text after cleaning: only blank lines and spaces, nothing to train on"
+        )
     if train.chars == 0 or len(train) <= len(files):
         raise DataError(
             "the input holds no text after cleaning"
@@ -454,8 +462,8 @@ def _build_entry(entry: Path, files: list[FileInfo], enc, *, val_fraction, drop_
             head.close()
             tail.close()
         meta = {"train_tokens": head.tokens, "train_chars": head.chars, "train_crc32": head.crc32,
-                "val_tokens": tail.tokens, "val_chars": tail.chars, "val_crc32": tail.crc32,
-                "vocab_size": enc.n_vocab, "files": [str(f.path) for f in files]}
+                "train_has_text": head.has_text, "val_tokens": tail.tokens, "val_chars": tail.chars,
+                "val_crc32": tail.crc32, "vocab_size": enc.n_vocab, "files": [str(f.path) for f in files]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.rename(tmp, entry)

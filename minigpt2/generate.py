@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import codecs
 import functools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .errors import MiniGPT2Error
+from .checks import finite
+from .errors import MiniGPT2Error, OptionError
 from .model import GPT
 
 # ----- choosing the next token ------------------------------------------------------------
@@ -51,14 +53,23 @@ class Sampling:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise MiniGPT2Error(f"temperature must be 0 or more (0 means greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise MiniGPT2Error(f"top-k must be 0 (off) or a positive number of tokens, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise MiniGPT2Error(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise MiniGPT2Error(f"repetition penalty must be positive (1 is off), got {self.repetition_penalty}")
+        # NaN passes every `< 0` test and then samples garbage; inf divides the logits into NaN.
+        # So: finite first, then the range. A temperature below MIN_TEMPERATURE (other than 0)
+        # overflows float32 logits into inf, which softmax turns into NaN: 0 is the greedy setting.
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t == 0 or MIN_TEMPERATURE <= t < math.inf):
+            raise OptionError("temperature", f"must be 0 or more (0 means greedy): a finite number, 0 or at least "
+                                             f"{MIN_TEMPERATURE:g}, got {t!r}")
+        if self.top_k is not None:
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+                raise OptionError("top_k", f"must be 0 (off) or a positive number of tokens, got {self.top_k!r}")
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
+            raise OptionError("top_p", f"must be in (0, 1], got {p!r}")  # NaN fails `0 < p` too
+        finite("repetition_penalty", self.repetition_penalty, low=0, low_open=True)
+
+
+MIN_TEMPERATURE = 1e-6
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

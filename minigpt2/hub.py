@@ -15,6 +15,7 @@ revisions), so a model downloaded once is found again offline. Every failure bec
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -57,6 +58,19 @@ def hub_file(source: str, filename: str, *, revision: str | None = None) -> Path
     repo = repo_id(source)
     at = f" at revision {revision!r}" if revision else ""
     try:
+        try:  # the cache first: no network, no waiting
+            return Path(huggingface_hub.hf_hub_download(repo, filename, revision=revision, local_files_only=True))
+        except errors.LocalEntryNotFoundError:
+            if huggingface_hub.is_offline_mode():
+                raise
+        unreachable = hub_unreachable()
+        if unreachable:
+            raise CheckpointError(
+                f"'{filename}' of model '{repo}'{at} is not in the Hugging Face cache "
+                f"({huggingface_hub.constants.HF_HUB_CACHE}) and the hub could not be reached ({unreachable}). "
+                "Connect to the internet to download it once, or pass a local checkpoint directory or "
+                ".safetensors file instead."
+            )
         return Path(huggingface_hub.hf_hub_download(repo, filename, revision=revision))
     except errors.LocalEntryNotFoundError:
         cache = huggingface_hub.constants.HF_HUB_CACHE
@@ -98,3 +112,25 @@ def hub_file(source: str, filename: str, *, revision: str | None = None) -> Path
         ) from None
     except OSError as e:  # connection problems, HTTP errors, a cache we cannot write, ...
         raise CheckpointError(f"could not fetch '{filename}' of model '{repo}'{at}: {e}") from None
+
+
+PROBE_TIMEOUT_S = 5
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (None if it can), asked once per process in a few seconds.
+
+    Without this, a missing file with no network makes huggingface_hub retry for about 30 s,
+    printing a "Retrying in 8s" line each time, before the same "could not be reached" error.
+    One HEAD request to the endpoint, with a short timeout and no retries, tells the same.
+    """
+    import huggingface_hub
+    from huggingface_hub.utils import get_session
+
+    endpoint = huggingface_hub.constants.ENDPOINT
+    try:
+        get_session().head(endpoint, timeout=PROBE_TIMEOUT_S)
+    except Exception as e:  # httpx's ConnectError, TimeoutException, ...: the network's own errors
+        return f"{endpoint}: {str(e) or type(e).__name__}"
+    return None

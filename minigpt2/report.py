@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import unicodedata
 import warnings
 from pathlib import Path
 
-from .errors import MiniGPT2Error
+from .errors import MiniGPT2Error, OutputError
 from .files import write_atomically
 
 # ----- numbers and tables -----------------------------------------------------------------
@@ -211,14 +212,23 @@ def _run(run: dict) -> list[str]:
 
 
 def check_new_file(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to replace an existing file unless forced, and say so before any work is done."""
+    """Refuse to replace an existing file unless forced, and an output that cannot be written
+    (a missing or read-only folder, a full disk), before any work is done: a temporary file is
+    created in the folder and removed again."""
     path = Path(path)
     if path.is_dir():
-        raise MiniGPT2Error(f"'{path}' is a directory; give a file name")
+        raise OutputError(f"'{path}' is a directory; give a file name")
     if path.exists() and not force:
-        raise MiniGPT2Error(f"'{path}' already exists; choose another name or pass --force to replace it")
+        raise OutputError(f"'{path}' already exists; choose another name or pass --force to replace it")
     if not path.parent.is_dir():
-        raise MiniGPT2Error(f"cannot write '{path}': folder '{path.parent}' does not exist")
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise OutputError(f"cannot write '{path}': '{path.parent}' {what}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}': {e.strerror or e} (in '{path.parent}')") from None
     return path
 
 

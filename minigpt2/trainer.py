@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import SEED_MAX, finite, integer, non_negative_int, positive_int
 from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows
 from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
 from .errors import CheckpointError, MiniGPT2Error
@@ -73,19 +74,28 @@ class TrainConfig:
     ranks: int = 1  # data-parallel processes (torchrun); each step covers batch x accum x ranks windows
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "ranks"):
-            if getattr(self, name) < 1:
-                raise MiniGPT2Error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise MiniGPT2Error(f"--lr must be positive, got {self.lr}")
+        # Finite first, then the range: NaN passes every `< 0` test and would train one step of
+        # garbage before anything noticed. Errors name the field (`OptionError.option`); the
+        # script renders it as its flag.
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "ranks", "eval_tokens"):
+            positive_int(name, getattr(self, name))
+        for name in ("save_every", "snapshot_every"):
+            non_negative_int(name, getattr(self, name))
+        integer("seed", self.seed, low=0, high=SEED_MAX)
+        finite("lr", self.lr, low=0, low_open=True)
+        for name in ("weight_decay", "grad_clip"):
+            finite(name, getattr(self, name), low=0)
+        for name in ("beta1", "beta2"):
+            finite(name, getattr(self, name), low=0, high=1, high_open=True)
         if self.min_lr is None:
             self.min_lr = self.lr / 10
+        finite("min_lr", self.min_lr, low=0, high=self.lr)
         if self.warmup is None:
             self.warmup = min(1000, round(0.05 * self.steps))
+        non_negative_int("warmup", self.warmup)
         if self.eval_every is None:
             self.eval_every = max(1, self.steps // 10)
-        if self.warmup < 0 or self.min_lr < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise MiniGPT2Error("--warmup, --min-lr, --grad-clip and --weight-decay must not be negative")
+        non_negative_int("eval_every", self.eval_every)
 
     @property
     def global_batch(self) -> int:

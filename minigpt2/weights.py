@@ -91,7 +91,13 @@ def checkpoint_files(source: str | os.PathLike, revision: str | None = None) -> 
                 extra = " It holds pytorch_model.bin, a pickle, which minigpt2 never loads: convert it to safetensors."
             raise CheckpointError(f"directory '{path}' has no {WEIGHTS_NAME}.{extra}")
         config = path / CONFIG_NAME
-        return (config if config.is_file() else None), weights
+        if not config.is_file():
+            raise CheckpointError(
+                f"directory '{path}' has {WEIGHTS_NAME} but no {CONFIG_NAME}, which holds the model's shape (its head "
+                f"count cannot be read from the weights). Copy the {CONFIG_NAME} that belongs to these weights into it, "
+                f"or load '{weights}' itself to have the shape guessed (heads of 64, as in the official models)."
+            )
+        return config, weights
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CheckpointError(
@@ -212,8 +218,10 @@ def load_model(
         revision: a branch, tag or commit of a hub model.
 
     The model is returned in eval mode. It records its `source`, so `save_model` can copy the
-    tokenizer files along. Loading is strict: a missing, unexpected or mis-shaped tensor raises
-    a `CheckpointError` naming it.
+    tokenizer files along. Loading is strict: a missing, unexpected or mis-shaped tensor, an
+    integer or non-finite one, raises a `CheckpointError` naming it. `model.inferred_config` is
+    True for a bare .safetensors file, whose shape was inferred from its tensors (see
+    `infer_config`): a script may say so.
     """
     device = resolve_device(device or "cpu")
     dtype = resolve_dtype(dtype or "float32", device)
@@ -248,17 +256,37 @@ def load_model(
                 )
     model.eval()
     model.source = str(source)
+    model.inferred_config = config_path is None  # the caller may tell the user the shape was guessed
     return model
 
 
 def get_tensor(f, key: str, where: Path) -> torch.Tensor:
+    """One weight from an open safetensors file, refused unless it is floating point and finite.
+
+    An integer tensor would be cast silently to the model's dtype (a checkpoint that was
+    quantised or mislabelled), and a single NaN or inf spreads to every logit of every token:
+    the model "loads" and then writes garbage. Checking here, tensor by tensor, costs one pass
+    over each weight (a fraction of a second for the 124M model) and names the culprit.
+    """
     try:
-        return f.get_tensor(key)
+        tensor = f.get_tensor(key)
     except Exception as e:
         raise CheckpointError(
             f"'{where}': tensor {key} cannot be read ({e}); the file is probably truncated or corrupted: "
             "download or save it again."
         ) from None
+    if not tensor.is_floating_point():
+        raise CheckpointError(
+            f"'{where}': tensor {key} holds {str(tensor.dtype).removeprefix('torch.')} values, but GPT-2 weights are "
+            "floating point (float32, float16 or bfloat16); this is not a plain GPT-2 checkpoint (quantised?)."
+        )
+    if not torch.isfinite(tensor).all():
+        nans, infs = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        raise CheckpointError(
+            f"'{where}': tensor {key} holds non-finite values ({nans} NaN, {infs} inf of {tensor.numel()}); the "
+            "checkpoint is broken (a diverged training run?): use an earlier checkpoint."
+        )
+    return tensor
 
 
 # ----- saving -----------------------------------------------------------------------------

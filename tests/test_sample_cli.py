@@ -134,7 +134,7 @@ def test_no_prompt_at_all(tmp_path):
     (["--top-k", "-3"], "top-k must be 0"),
     (["--top-p", "0"], "top-p must be in (0, 1]"),
     (["--top-p", "1.5"], "top-p must be in (0, 1]"),
-    (["--repetition-penalty", "0"], "repetition penalty must be positive"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0"),
     (["--num-samples", "0"], "--num-samples"),
     (["--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "device"),
 ])

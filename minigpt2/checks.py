@@ -1,0 +1,189 @@
+"""Checking numbers at the boundary: the library's public functions and the scripts' arguments.
+
+Why a module for something as plain as "is lr positive?": NaN passes every comparison-based
+check (`nan < 0` and `nan <= 0` are both False), so `if lr <= 0: raise` lets `--lr nan` through
+to train one step of garbage and then blame the learning rate. Every float here must first be
+finite (`math.isfinite`), and then lie in an explicit range. Integers must be real ints, not
+bools (`True` is an int in Python) nor floats nor strings read from a JSON file.
+
+The library functions raise `OptionError(name, detail)`; the `arg_*` wrappers turn the same
+checks into argparse `type=` functions, so a script refuses a bad value while parsing its
+arguments, before any data or model is loaded. `ArgumentParser` prints argparse's errors as the
+single `error: ...` line every minigpt2 script uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+from .errors import CheckpointError, OptionError
+
+SEED_MAX = 2**63 - 1  # random seeds: 0 .. the largest signed 64-bit integer (torch, numpy and JSON all take it)
+
+
+def _range_text(low, high, low_open: bool, high_open: bool) -> str:
+    def show(x):
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {show(low)}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {show(high)}"
+    return ""
+
+
+def finite(name: str, value, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> float:
+    """`value` as a float, if it is a finite number in the range; else an `OptionError`.
+
+    `low_open` / `high_open` exclude the bound itself: finite("lr", x, low=0, low_open=True)
+    accepts every finite x > 0.
+    """
+    where = _range_text(low, high, low_open, high_open)
+    wanted = "a finite number" + (f" {where}" if where else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(name, f"must be {wanted}, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if (not math.isfinite(value)
+            or (low is not None and (value < low or (low_open and value == low)))
+            or (high is not None and (value > high or (high_open and value == high)))):
+        raise OptionError(name, f"must be {wanted}, got {value:g}")
+    return value
+
+
+def integer(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """`value` if it is an int (not a bool) in [low, high]; else an `OptionError`."""
+    where = _range_text(low, high, False, False)
+    wanted = "an integer" + (f" {where}" if where else "")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(name, f"must be {wanted}, got {value!r} ({type(value).__name__})")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise OptionError(name, f"must be {wanted}, got {value}")
+    return value
+
+
+def positive_int(name: str, value) -> int:
+    return integer(name, value, low=1)
+
+
+def non_negative_int(name: str, value) -> int:
+    return integer(name, value, low=0)
+
+
+# ----- argparse ---------------------------------------------------------------------------
+
+
+def arg_float(**limits):
+    """An argparse `type=` accepting a finite float within `limits` (the keywords of `finite`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        try:
+            return finite("value", value, **limits)
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(e.detail) from None
+
+    parse.__name__ = "number"
+    return parse
+
+
+def arg_int(**limits):
+    """An argparse `type=` accepting an integer within `limits` (the keywords of `integer`)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        try:
+            return integer("value", value, **limits)
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(e.detail) from None
+
+    parse.__name__ = "integer"
+    return parse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is the one line `error: ...` (exit status 2) that every
+    minigpt2 error is, instead of a usage block followed by `prog: error: ...`.
+
+    "argument --lr: must be ..." is shortened to "--lr must be ...", the wording `user_message`
+    gives the library's own `OptionError`s."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument (\S+?)(/\S+)?: (must |is |has )", r"\1 \3", message)
+        self.exit(2, f"error: {message}\n")
+
+
+# ----- will it fit? -----------------------------------------------------------------------
+
+
+def decode_memory_bytes(config, batch: int, prompt_tokens: int, dtype_bytes: int) -> int:
+    """Bytes that sampling `batch` sequences at once allocates beyond the model's weights.
+
+    The KV cache (keys and values, every layer, the whole context: 2 x n_layer x B x
+    n_positions x n_embd), the prefill's logits for every prompt position (B x T x vocab) and its
+    attention scores (B x heads x T x T), and a few float32 rows of next-token logits (B x vocab).
+    """
+    t = min(prompt_tokens, config.n_positions)
+    kv_cache = 2 * config.n_layer * batch * config.n_positions * config.n_embd * dtype_bytes
+    prefill = batch * t * config.vocab_size * dtype_bytes + batch * config.n_head * t * t * 4
+    logits = 4 * batch * config.vocab_size * 4  # float32 copies: scaled, softmax, noise, mask
+    return kv_cache + prefill + logits
+
+
+def available_memory(device) -> int | None:
+    """Free bytes on `device` (a torch.device): the GPU's free memory, or the kernel's estimate
+    of what can be allocated without swapping (MemAvailable in /proc/meminfo); None if unknown."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_decode_memory(config, batch: int, prompt_tokens: int, dtype_bytes: int, device) -> None:
+    """Refuse a batch whose sampling memory cannot fit, with the estimate, rather than being
+    killed by the kernel's out-of-memory killer a minute later (or swapping the machine to a halt)."""
+    need, free = decode_memory_bytes(config, batch, prompt_tokens, dtype_bytes), available_memory(device)
+    if free is not None and need > free:
+        raise OptionError(
+            "num_samples",
+            f"{batch} needs about {need / 2**30:,.1f} GiB to sample at once (mostly the KV cache: 2 x {config.n_layer} "
+            f"layers x {batch} x {config.n_positions} positions x {config.n_embd} x {dtype_bytes} bytes), but only "
+            f"{free / 2**30:,.1f} GiB is available on {device}; ask for fewer samples at a time",
+        )
+
+
+def check_vocab_fits(model_config, enc, *, model_name: str = "the model",
+                     tokenizer_name: str = "its tokenizer") -> None:
+    """Refuse a model with fewer token ids than its tokenizer produces.
+
+    Every id the tokenizer can emit indexes a row of the embedding; an id past the end is an
+    IndexError deep inside the forward pass (or a CUDA assert). A larger model vocabulary is
+    fine (padded vocabularies are common): the extra ids are never produced by the tokenizer,
+    and the sampler's UTF-8 guard never picks them.
+    """
+    if model_config.vocab_size < enc.n_vocab:
+        raise CheckpointError(
+            f"{model_name} has a vocabulary of {model_config.vocab_size} tokens, smaller than the "
+            f"{enc.n_vocab} of {tokenizer_name} (largest id {enc.n_vocab - 1}, <|endoftext|> is {enc.eot_token}): "
+            "they do not belong together; use the tokenizer the model was trained with"
+        )
