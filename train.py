@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     import torch
 
     from minigpt2 import MiniGPT2Error, distributed
+    from minigpt2.errors import user_message
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
         return train(ns)
     except MiniGPT2Error as e:
         distributed.teardown()
-        print(f"\nerror: {where}{e}" if sys.stderr.isatty() else f"error: {where}{e}", file=sys.stderr)
+        message = user_message(e, {"n_positions": "--context"})
+        print(f"\nerror: {where}{message}" if sys.stderr.isatty() else f"error: {where}{message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before training started (or a second Ctrl-C): nothing to save
         print("\ninterrupted", file=sys.stderr)

@@ -23,6 +23,10 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def format_bytes(n: int | None) -> str:
     if n is None:
         return "?"
@@ -111,6 +115,8 @@ class TrainConsole:
     def _recovered(self, r):
         self.note(f"note: {r['message']}")
 
+    _note = _recovered
+
     def _skipped(self, r):
         self.note(f"note: skipped checkpoint {r['path']}: {r['why']}; it is kept, renamed, for inspection")
 
@@ -139,9 +145,9 @@ class TrainConsole:
     def _estimate(self, r):
         parts = [f"{format_duration(r['steps_s'])} of steps"]
         if r["evals_left"]:
-            parts.append(f"{r['evals_left']} evaluations {format_duration(r['evals_s'])}")
+            parts.append(f"{plural(r['evals_left'], 'evaluation')} {format_duration(r['evals_s'])}")
         if r["saves_s"]:
-            parts.append(f"{r['saves_left']} saves {format_duration(r['saves_s'])}")
+            parts.append(f"{plural(r['saves_left'], 'save')} {format_duration(r['saves_s'])}")
         self.line(f"estimated time left: {format_duration(r['eta_s'])} ({', '.join(parts)})")
 
     def _train(self, r):

@@ -25,6 +25,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); give it the usual mode
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -32,6 +33,12 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

@@ -29,7 +29,7 @@ from . import distributed
 from .config import GPTConfig
 from .data import check_inputs, compile_drop_lines, default_cache_dir, prepare_corpus
 from .device import resolve_dtype
-from .errors import MiniGPT2Error
+from .errors import MiniGPT2Error, OptionError
 from .model import GPT
 from .rundir import RunDir, RunDirError, check_writable
 from .snapshots import DEFAULT_PROBE, Snapshotter
@@ -72,8 +72,8 @@ def merge_options(given: dict, saved: dict | None, device: torch.device, ranks: 
         return merged, used
     changed = [k for k in FIXED_ON_RESUME if k in explicit and explicit[k] != saved.get(k)]
     if changed:
-        raise RunDirError(f"a resumed run cannot change {', '.join(changed)}: it would no longer continue exactly; "
-                          "start a new run directory instead")
+        raise OptionError(changed[0], f"cannot change when a run is resumed (it was {saved.get(changed[0])!r}): the "
+                          "run would no longer continue exactly; start a new run directory instead")
     saved = dict(saved)
     if any(k in explicit for k in SIZE_OPTIONS):
         for k in SIZE_OPTIONS:
@@ -81,8 +81,8 @@ def merge_options(given: dict, saved: dict | None, device: torch.device, ranks: 
     merged = {**defaults, **saved, **explicit, "ranks": ranks}
     before = saved.get("batch_size", 4) * saved.get("grad_accum", 1) * saved.get("ranks", 1)
     if merged["batch_size"] * merged["grad_accum"] * ranks != before:
-        raise RunDirError(
-            f"a resumed run must keep its global batch of {before} sequences per step (batch size x gradient "
+        raise OptionError(
+            "batch_size", f"must keep a resumed run's global batch of {before} sequences per step (batch size x gradient "
             f"accumulation x ranks); with {ranks} rank(s), give a batch size and accumulation whose product is "
             f"{before / ranks:g}")
     return merged, []
@@ -227,6 +227,8 @@ def _setup(run: RunDir, saved: dict | None, given: dict, resume: bool, report: C
     skipped = trainer.resume() if resume else []
     for record in skipped:
         report({"type": "skipped", **record})
+    if resume and trainer.step == 0:
+        report({"type": "note", "message": f"no checkpoint in '{run.path}' to resume from: starting from step 0"})
     previous = _check_steps(trainer, saved, run)
     if ctx.is_main:
         check_free_space(run, checkpoint_bytes(model, sum(p.numel() for p in trainer.params)))

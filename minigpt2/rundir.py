@@ -51,6 +51,7 @@ STATE_TENSORS = "trainer_state.safetensors"
 CHECKPOINT_FILES = (CONFIG, WEIGHTS, STATE_TENSORS, STATE_JSON)  # the trainer writes them in this order
 FINAL = "final"
 STEP_NAME = re.compile(r"step-(\d{6,})")
+UNKNOWN_FINAL_STEP = 10**12  # a final/ whose step cannot be read sorts as the newest
 LEFTOVER = re.compile(r"\.(step-\d{6,}|final)\.(tmp|old)-(\d+)")
 
 
@@ -204,8 +205,8 @@ class RunDir:
             if not (name == FINAL or STEP_NAME.fullmatch(name)) or not is_complete(path):
                 continue
             step = checkpoint_step(path)
-            if step is None:
-                continue
+            if step is None:  # damaged: still listed (a resume names it and falls back), at its name's place
+                step = int(name.split("-")[1]) if name != FINAL else UNKNOWN_FINAL_STEP
             # The folder under its own name wins; of two hidden copies, the newer (tmp) one.
             rank = 2 if not leftover else (1 if leftover.group(2) == "tmp" else 0)
             current = found.get(name)

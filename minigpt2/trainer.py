@@ -571,6 +571,9 @@ class Trainer:
             return sum(1 for s in range(self.step + 1, c.steps) if every and s % every == 0) + 1
 
         mean = {k: (sum(v[-20:]) / len(v[-20:]) if v else 0.0) for k, v in self.timing.items()}
+        if not self.timing["eval"] and self.eval_sets:  # not measured yet: a forward pass is ~1/3 of a step
+            tokens = sum(min(c.eval_tokens, len(d)) for d in self.eval_sets.values())
+            mean["eval"] = mean["step"] * tokens / c.tokens_per_step / 3
         parts = {"steps": (c.steps - self.step) * mean["step"],
                  "evals": due(c.eval_every) * mean["eval"] if self.eval_sets else 0.0,
                  "saves": due(c.save_every) * mean["save"]}

@@ -65,8 +65,8 @@ def bad_inputs(tmp_path):
         "no .txt": (["--data", tmp_path / "no-text"], ["no-text' holds no .txt files"]),
         "no match": (["--data", tmp_path / "*.csv"], ["matches no files"]),
         "bad eval data": (["--data", tmp_path / "ok.txt", "--eval-data", tmp_path / "gone.txt"], ["gone.txt' does not exist"]),
-        "existing out": (["--data", tmp_path / "ok.txt", "--out", tmp_path / "used"], ["already exists", "--resume"]),
-        "resume nothing": (["--data", tmp_path / "ok.txt", "--out", tmp_path / "fresh", "--resume"], ["cannot resume"]),
+        "existing out": (["--data", tmp_path / "ok.txt", "--out", tmp_path / "used"], ["already holds a run", "resume"]),
+        "resume nothing": (["--out", tmp_path / "fresh", "--resume"], ["nothing to resume", "no run.json"]),
         "bad regex": (["--data", tmp_path / "ok.txt", "--drop-lines", "(("], ["not a valid regular expression"]),
     }
 
@@ -123,7 +123,7 @@ def test_fine_tune_evaluate_snapshot_save_resume(hub_gpt2, hf_home, shared_data,
     assert load_model(run / "final").state_dict()["h.0.attn.c_attn.weight"].ne(final.h[0].attn.c_attn.weight).any()
     changed = run_train("--out", run, "--resume", "--steps", "9", "--seq-len", "16", hf_home=hf_home,
                         token_cache=token_cache)
-    assert_clean_error(changed, "--resume cannot change --seq-len")
+    assert_clean_error(changed, "--seq-len cannot change when a run is resumed")
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(shared_data, tmp_path, token_cache):

@@ -1,0 +1,106 @@
+"""The run directory in-process: the lock, the tolerant log, listing, replacement, recovery and pruning."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minigpt2.rundir import CHECKPOINT_FILES, STATE_JSON, RunDir, RunDirError, check_writable
+
+
+def fake_checkpoint(folder, step, marker=""):
+    """A folder with every checkpoint file (contents do not matter to the listing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CHECKPOINT_FILES:
+        (folder / name).write_text(marker)
+    (folder / STATE_JSON).write_text(json.dumps({"step": step, "marker": marker}))
+    return folder
+
+
+def test_a_second_holder_is_refused_naming_the_first(tmp_path):
+    first = RunDir(tmp_path / "run")
+    first.lock()
+    with pytest.raises(RunDirError, match=rf"in use by another training process \(pid {os.getpid()} on "):
+        RunDir(tmp_path / "run").lock()
+    first.unlock()
+    second = RunDir(tmp_path / "run")
+    second.lock()  # released: free again
+    second.unlock()
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    code = ("import sys; from minigpt2.rundir import RunDir; RunDir(sys.argv[1]).lock(); "
+            "import os; os.kill(os.getpid(), 9)")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True)
+    assert result.returncode == -9
+    assert "pid" in (tmp_path / "run" / ".lock").read_text()  # the holder's note is still there...
+    RunDir(tmp_path / "run").lock()  # ...but the OS lock went with the process
+
+
+def test_log_reading_skips_a_line_cut_short(tmp_path):
+    run = RunDir(tmp_path)
+    run.log({"type": "train", "step": 1})
+    run.log({"type": "train", "step": 2})
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"type": "train", "st')  # the process died mid-write
+    assert [r["step"] for r in run.read_log()] == [1, 2]
+    run.forget_after(1)
+    assert [r["step"] for r in run.read_log()] == [1]
+
+
+def test_listing_finds_a_checkpoint_in_the_middle_of_its_replacement(tmp_path):
+    run = RunDir(tmp_path)
+    fake_checkpoint(tmp_path / "step-000002", 2)
+    fake_checkpoint(tmp_path / ".final.old-123", 4, "old")  # final/ was moved aside...
+    fake_checkpoint(tmp_path / ".final.tmp-123", 6, "new")  # ...the new one not yet moved in
+    (tmp_path / ".step-000008.tmp-77").mkdir()  # a save that died while writing
+    assert [(c.step, c.path.name) for c in run.checkpoints()] == [(2, "step-000002"), (6, ".final.tmp-123")]
+    assert run.model_checkpoint().name == ".final.tmp-123"
+    messages = run.recover()
+    assert any("restored final/ from a complete save" in m for m in messages)
+    assert any(".step-000008.tmp-77" in m and "incomplete" in m for m in messages)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "step-000002"]
+    assert json.loads((tmp_path / "final" / STATE_JSON).read_text())["marker"] == "new"
+
+
+def test_recover_puts_back_the_old_copy_when_the_new_one_is_incomplete(tmp_path):
+    fake_checkpoint(tmp_path / ".final.old-9", 4, "old")
+    (tmp_path / ".final.tmp-9").mkdir()
+    RunDir(tmp_path).recover()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert json.loads((tmp_path / "final" / STATE_JSON).read_text())["marker"] == "old"
+
+
+@pytest.mark.parametrize("stage", ["written", "moved-old-aside", "moved-new-in"])
+def test_an_exception_at_any_stage_of_a_replacement_leaves_a_complete_checkpoint(tmp_path, stage):
+    def fail(name):
+        if name == stage:
+            raise RuntimeError(f"crash at {name}")
+
+    fake_checkpoint(tmp_path / "final", 4, "old")
+    run = RunDir(tmp_path, fault=fail)
+    with pytest.raises(RuntimeError):
+        run.save("final", lambda folder: fake_checkpoint(folder, 6, "new"))
+    found = run.checkpoints()
+    assert found and found[-1].step in (4, 6)
+    RunDir(tmp_path).recover()
+    assert [c.path.name for c in RunDir(tmp_path).checkpoints()] == ["final"]
+
+
+def test_prune_keeps_the_newest_and_final(tmp_path):
+    for step in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path / f"step-{step:06d}", step)
+    fake_checkpoint(tmp_path / "final", 4)
+    removed = RunDir(tmp_path).prune(2)
+    assert sorted(p.name for p in removed) == ["step-000001", "step-000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "step-000003", "step-000004"]
+
+
+def test_unwritable_folders_are_named(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match="is a file, not a folder"):
+        check_writable(tmp_path / "file", "the run directory")
+    with pytest.raises(RunDirError, match="cannot write to the token cache folder '/proc/minigpt2'"):
+        check_writable("/proc/minigpt2", "the token cache folder")  # a read-only filesystem, even for root

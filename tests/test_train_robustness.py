@@ -1,0 +1,244 @@
+"""train.py against what goes wrong on real machines, each as a real subprocess run: a second process on
+the same run, a kill at every stage of a checkpoint save, damaged checkpoints, a run killed before its
+first save, signals (Ctrl-C during an evaluation, SIGHUP), and CPU defaults."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from minigpt2 import load_model
+from minigpt2.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--init-preset", "gpt2", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--context", "64"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return {**os.environ, "HF_HOME": str(tmp_path_factory.mktemp("hf")), "HF_HUB_OFFLINE": "1",
+            "PYTHONIOENCODING": "utf-8", "MINIGPT2_CACHE": str(tmp_path_factory.mktemp("tokens"))}
+
+
+@pytest.fixture(scope="module")
+def base_args(shared_data):
+    return ["--data", str(shared_data / "zh" / "西游记.txt"), *TINY, "--tokenizer", str(shared_data / "gpt2"),
+            "--batch-size", "2", "--seq-len", "16", "--eval-tokens", "64", "--device", "cpu"]
+
+
+def train(*args, env, timeout=240):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True,
+                          encoding="utf-8", env=env, cwd=ROOT, timeout=timeout)
+
+
+def start(*args, env):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env, cwd=ROOT)
+
+
+def wait_for(run: Path, proc, predicate, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate(RunDir(run).read_log()):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"train.py ended early: {proc.communicate()}")
+        time.sleep(0.1)
+    pytest.fail("timed out waiting for train.py")
+
+
+def trained_steps(log):
+    return sum(r["type"] == "train" for r in log)
+
+
+def one_error_line(result, *needles):
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_a_second_process_on_the_same_run_is_refused_at_once(base_args, env, tmp_path):
+    run = tmp_path / "run"
+    first = start(*base_args, "--steps", "100000", "--eval-every", "0", "--out", run, env=env)
+    try:
+        wait_for(run, first, lambda log: trained_steps(log) >= 1)
+        fresh = train(*base_args, "--steps", "10", "--out", run, env=env)
+        again = train("--out", run, "--resume", env=env)
+        for result in (fresh, again):
+            one_error_line(result, "in use by another training process", f"pid {first.pid} on ")
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 128 + signal.SIGINT
+    assert RunDir(run).checkpoints()  # the holder's run is intact and saved
+
+
+KILL = "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import train; from minigpt2 import distributed, launch\n" \
+       "stage, argv = sys.argv[2], sys.argv[3:]\n" \
+       "ns = train.parser().parse_args(argv)\n" \
+       "given = {k: v for k, v in vars(ns).items() if k not in ('out', 'resume', 'threads')}\n" \
+       "s = launch.setup(given, ns.out, ns.resume, lambda r: None, distributed.setup('cpu'))\n" \
+       "def fault(name):\n" \
+       "    if name == stage: os.kill(os.getpid(), signal.SIGKILL)\n" \
+       "s.trainer.run_dir.fault = fault\n" \
+       "for record in s.trainer.run(): pass\n"
+
+
+@pytest.mark.parametrize("stage", ["weights-written", "written", "moved-old-aside", "moved-new-in", "done"])
+def test_a_kill_at_any_stage_of_replacing_final_leaves_a_loadable_checkpoint_and_a_resumable_run(
+        base_args, env, tmp_path, stage):
+    run = tmp_path / "run"
+    args = [*base_args, "--eval-every", "0", "--save-every", "0", "--out", run]
+    assert train(*args, "--steps", "3", env=env).returncode == 0
+    before = load_file(str(run / "final" / "model.safetensors"))
+    # Extend the run to 5 steps; its only save replaces final/, and the process is SIGKILLed at `stage`.
+    killed = subprocess.run([sys.executable, "-c", KILL, str(ROOT), stage, "--out", str(run), "--resume",
+                             "--steps", "5"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    found = RunDir(run).checkpoints()
+    assert found and found[-1].step in (3, 5)
+    model = load_model(run)  # the run stands for a complete checkpoint, whatever the moment of the kill
+    assert model.config.n_layer == 2
+    resumed = train("--out", run, "--resume", "--steps", "6", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    if stage in ("weights-written", "written", "moved-old-aside", "moved-new-in"):
+        assert "note: " in resumed.stderr and "interrupted save" in resumed.stderr  # named
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+    assert [r["step"] for r in RunDir(run).read_log() if r["type"] == "train"][-1] == 6
+    assert any(not before[k].equal(v) for k, v in load_file(str(run / "final" / "model.safetensors")).items())
+
+
+def damage(checkpoint: Path, how: str) -> None:
+    state = checkpoint / "trainer_state.safetensors"
+    if how == "bad json":
+        (checkpoint / "trainer_state.json").write_text('{"step": 7, "tokens"')
+    elif how == "truncated":
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    elif how == "missing key":
+        tensors = load_file(str(state))
+        tensors.pop(next(k for k in tensors if k.endswith("exp_avg_sq")))
+        save_file(tensors, str(state))
+
+
+def test_resume_falls_back_past_damaged_checkpoints_and_ends_bit_equal(base_args, env, tmp_path):
+    args = [*base_args, "--steps", "8", "--eval-every", "4", "--save-every", "1", "--keep-last", "0", "--dropout", "0.1"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    first = [start(*args, "--out", full, env=env), start(*args, "--out", broken, env=env)]
+    for proc in first:
+        proc.communicate(timeout=240)
+        assert proc.returncode == 0
+    damage(broken / "final", "bad json")
+    damage(broken / "step-000007", "truncated")
+    damage(broken / "step-000006", "missing key")
+    resumed = train("--out", broken, "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    for name, why in (("final", "trainer_state.json cannot be read"),
+                      ("step-000007", "trainer_state.safetensors cannot be read"),
+                      ("step-000006", "lacks optimizer.")):
+        assert f"skipped checkpoint {broken / name}: {why}" in resumed.stderr
+        assert (broken / f"{name}.damaged-1").is_dir()  # kept for inspection
+    assert "resuming at step 5 of 8" in resumed.stdout
+    a = load_file(str(full / "final" / "model.safetensors"))
+    b = load_file(str(broken / "final" / "model.safetensors"))
+    assert all(a[k].equal(b[k]) for k in a)  # bit for bit, dropout included
+    losses = [[r["loss"] for r in RunDir(d).read_log() if r["type"] == "train"] for d in (full, broken)]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(base_args, env, tmp_path):
+    run = tmp_path / "run"
+    args = [*base_args, "--steps", "6", "--eval-every", "0", "--save-every", "0", "--out", run]
+    proc = start(*args, "--log-every", "1", env=env)
+    wait_for(run, proc, lambda log: trained_steps(log) >= 2)
+    proc.kill()
+    proc.communicate()
+    assert not RunDir(run).checkpoints()
+    refused = train(*args, env=env)  # a fresh start would overwrite it: refused, pointing to resume
+    one_error_line(refused, "already holds a run")
+    resumed = train(*args, "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "no checkpoint" in resumed.stderr and "starting from step 0" in resumed.stderr
+    assert [r["step"] for r in RunDir(run).read_log() if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    load_model(run / "final")
+
+
+def test_ctrl_c_during_an_evaluation_stops_within_seconds(shared_data, env, tmp_path):
+    # Every CPU default, except the model (random 124M weights cannot be downloaded here: a tiny one
+    # keeps the test short) and an evaluation made long on purpose: Lu Xun, 200k tokens.
+    run = tmp_path / "run"
+    proc = start("--data", shared_data / "zh" / "西游记.txt", *TINY, "--tokenizer", shared_data / "gpt2",
+                 "--eval-data", shared_data / "zh" / "鲁迅小说集.txt", "--eval-tokens", "200000", "--out", run, env=env)
+    wait_for(run, proc, lambda log: any(r["type"] == "eval" and r["set"] == "val" for r in log))
+    time.sleep(0.5)  # inside the long evaluation of the second set now
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    seconds = time.time() - sent
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert seconds < 10, seconds
+    assert "stopped by SIGINT before the first step: nothing to save" in stderr
+    assert "defaults for this cpu: --steps 1000, --seq-len 128, --batch-size 4, --eval-every 100" in stdout
+    assert not any(r["type"] == "eval" and r["set"] == "鲁迅小说集" for r in RunDir(run).read_log())  # discarded
+
+
+def test_sighup_saves_like_sigterm(base_args, env, tmp_path):
+    run = tmp_path / "run"
+    proc = start(*base_args, "--steps", "100000", "--eval-every", "0", "--out", run, env=env)
+    wait_for(run, proc, lambda log: trained_steps(log) >= 2)
+    proc.send_signal(signal.SIGHUP)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGHUP, stderr
+    stopped = [r for r in RunDir(run).read_log() if r["type"] == "stopped"][-1]
+    assert stopped["reason"] == "SIGHUP" and Path(stopped["checkpoint"]).name == f"step-{stopped['step']:06d}"
+    load_model(stopped["checkpoint"])
+
+
+def test_training_goes_on_when_stdout_goes_away(base_args, env, tmp_path):
+    run = tmp_path / "run"
+    proc = start(*base_args, "--steps", "8", "--eval-every", "4", "--log-every", "1", "--out", run, env=env)
+    proc.stdout.readline()
+    proc.stdout.close()  # like `| head -1`: the reader is gone
+    proc.wait(timeout=240)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+    assert [r["type"] for r in RunDir(run).read_log()][-1] == "done"
+
+
+def test_an_unwritable_run_or_cache_folder_fails_before_tokenizing(base_args, env, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    for args, needle in (([*base_args, "--out", tmp_path / "a-file"], "is a file, not a folder"),
+                         ([*base_args, "--out", tmp_path / "run", "--cache-dir", "/proc/minigpt2"],
+                          "cannot write to the token cache folder")):
+        result = train(*args, "--steps", "2", env=env)
+        one_error_line(result, needle)
+        assert "data:" not in result.stdout  # nothing was tokenized
+    assert not (tmp_path / "run").exists()
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_a_damaged_token_cache_is_named_and_rebuilt(base_args, env, tmp_path):
+    cache = tmp_path / "cache"
+    args = [*base_args, "--steps", "1", "--eval-every", "0", "--cache-dir", cache]
+    assert train(*args, "--out", tmp_path / "a", env=env).returncode == 0
+    entry = next(p for p in cache.iterdir() if (p / "meta.json").is_file())
+    tokens = (entry / "train.bin").read_bytes()
+    (entry / "train.bin").write_bytes(tokens[: len(tokens) // 3])
+    result = train(*args, "--out", tmp_path / "b", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "could not be trusted" in result.stderr and "train.bin holds" in result.stderr
+    assert (entry / "train.bin").read_bytes() == tokens
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["data"]["train_tokens"] == \
+        json.loads((tmp_path / "b" / "run.json").read_text())["data"]["train_tokens"]
