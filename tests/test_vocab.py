@@ -49,7 +49,7 @@ def reference_merges(texts, enc, n_merges):
     while len(merges) < n_merges:
         counts = Counter()
         for word, f in words:
-            for pair in zip(word, word[1:]):
+            for pair in zip(word, word[1:], strict=False):
                 counts[pair] += f
         best = None
         for pair in sorted((p for p in counts if counts[p] >= 2), key=lambda p: (-counts[p], p)):
@@ -209,3 +209,18 @@ def test_grown_checkpoint_matches_transformers(grown):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
     guard = Utf8Guard.for_tokenizer(new_enc, loaded.config.vocab_size)
     assert guard.mask(torch.zeros(1, 50457), torch.zeros(1, dtype=torch.long)).isinf().any()
+
+
+def test_compare_base_with_grown(grown):
+    """compare.py's weight comparison accepts a grown B: shared rows compared, new rows summarised."""
+    from minigpt2.compare import ORIENTATION, compare_weights
+    from minigpt2.report import _weights
+
+    model, big, _, folder, tmp = grown
+    base = save_model(model, tmp / "base")
+    grown_dir = save_model(big, tmp / "grown-ckpt", tokenizer_source=folder)
+    weights = compare_weights(str(base), str(grown_dir))
+    assert weights["new_rows"]["count"] == 200 and weights["new_rows"]["side"] == "B"
+    wte = next(t for t in weights["tensors"] if t["name"] == "wte.weight")
+    assert wte["shape"] == [50257, 64] and wte["relative_change"] == 0
+    assert "200 more token rows" in "\n".join(_weights({"weights": weights, "orientation": ORIENTATION}, 10))
