@@ -43,6 +43,7 @@ stable rank 0 and rank 0, never NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -259,32 +260,42 @@ def compare_weights(a_source: str, b_source: str, *, revision: str | None = None
                 raise CheckpointError(f"'{weights_path}' is corrupted ({e}); download or save it again.") from None
         configs[side] = _checkpoint_config(config_path, stored[side], weights_path)
 
+    # A grown vocabulary (vocab.py) adds rows after the shared ones: compare those, summarise the rest.
+    shared_vocab = min(configs["A"].vocab_size, configs["B"].vocab_size)
     mismatch = _architecture_mismatch(
-        configs["A"], configs["B"], both_have_config=all(config is not None for config, _ in files.values())
+        dataclasses.replace(configs["A"], vocab_size=shared_vocab),
+        dataclasses.replace(configs["B"], vocab_size=shared_vocab),
+        both_have_config=all(config is not None for config, _ in files.values()),
     )
     if mismatch:
         raise CheckpointError(
             f"A and B have different architectures ({'; '.join(mismatch)}): A = {a_source}, B = {b_source}. "
             "Weights can only be compared between checkpoints of the same shape."
         )
-    expected = official_shapes(configs["A"])
+    expected = official_shapes(dataclasses.replace(configs["A"], vocab_size=shared_vocab))
     keys, problems = {}, []
     for side, (_, weights_path) in files.items():
         try:
-            keys[side] = match_keys(stored[side], expected, weights_path)
+            keys[side] = match_keys(stored[side], official_shapes(configs[side]), weights_path)
         except CheckpointError as e:
             problems.append(f"{side}: {e}")
     if problems:
         raise CheckpointError(" / ".join(problems))
 
-    tensors = []
+    tensors, new_rows = [], None
     for name, shape in expected.items():
         a = _read_tensor(files["A"][1], keys["A"][name])
         b = _read_tensor(files["B"][1], keys["B"][name])
+        if name == "wte.weight" and a.shape != b.shape:
+            extra = (a if len(a) > len(b) else b)[shared_vocab:]  # (new rows, C)
+            new_rows = {"side": "A" if len(a) > len(b) else "B", "count": len(extra),
+                        "mean_norm": torch.linalg.vector_norm(extra.float(), dim=1).mean().item()}
+            a, b = a[:shared_vocab], b[:shared_vocab]
         layer, kind = tensor_kind(name)
         tensors.append({"name": name, "layer": layer, "kind": kind, "shape": list(shape), **tensor_metrics(a, b)})
         del a, b
-    return {"config": _config_dict(configs["A"]), "tensors": tensors, **summarise(tensors, configs["A"].n_layer)}
+    result = {"config": _config_dict(configs["A"]), "tensors": tensors, **summarise(tensors, configs["A"].n_layer)}
+    return result | ({"new_rows": new_rows} if new_rows is not None else {})
 
 
 def _read_tensor(path: Path, key: str) -> torch.Tensor:
@@ -399,6 +410,13 @@ def kl_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
     return kl if math.isnan(kl) else max(0.0, kl)
 
 
+def _shared_vocabulary(logits_a: torch.Tensor, logits_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logit vectors cut to the ids both models have (a grown vocabulary adds ids at the end),
+    so the KL compares next-token distributions over the tokens where the vocabularies agree."""
+    n = min(logits_a.size(-1), logits_b.size(-1))
+    return logits_a[..., :n], logits_b[..., :n]
+
+
 def token_text(enc, token: int) -> str:
     """A token's text, safe to print. Byte-level BPE tokens are byte strings and need not be whole
     UTF-8 characters (a Chinese character is often split over two tokens); such bytes are shown
@@ -444,7 +462,7 @@ def compare_activations(prompts: list[str], records_a: list[dict], records_b: li
             "tokens": len(ra["ids"]),
             "truncated": ra["truncated"],
             "blocks": blocks,
-            "kl_a_b": kl_divergence(ra["logits"], rb["logits"]),
+            "kl_a_b": kl_divergence(*_shared_vocabulary(ra["logits"], rb["logits"])),
             "top5_a": top_tokens(ra["logits"], enc),
             "top5_b": top_tokens(rb["logits"], enc),
         })

@@ -150,6 +150,10 @@ def _weights(result: dict, top: int) -> list[str]:
     out += table(["module", "rel.change", "||A-B||", "most changed in", "its rel.change"],
                  [[r["kind"], pct(r["relative_change"]), num(r["norm_diff"]), r["most_changed_layer"] if r["norm_diff"] else "-",
                    pct(r["most_changed_layer_relative_change"])] for r in w["kinds"]])
+    if w.get("new_rows"):  # a grown vocabulary: wte above compares the shared rows only
+        n = w["new_rows"]
+        out.append(f"{n['side']} has {n['count']} more token rows (a grown vocabulary), "
+                   f"mean norm {num(n['mean_norm'])}; wte above compares the shared rows")
     return out + [""]
 
 

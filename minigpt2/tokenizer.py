@@ -47,7 +47,8 @@ def encoding_from_files(vocab_path: str | os.PathLike, merges_path: str | os.Pat
 
     tiktoken merges the pair whose result has the lowest id first, so the ids in vocab.json must
     follow merge order: the 256 single bytes, then each merge's result in the order of
-    merges.txt. That holds for GPT-2 and is checked here, so a mismatched pair of files fails
+    merges.txt (skipping `<|endoftext|>`'s id: an extended vocabulary's merges continue after
+    50,256, see vocab.py). That holds for GPT-2 and is checked here, so a mismatched pair of files fails
     loudly instead of tokenizing differently from the model's training.
     """
     to_byte = byte_stand_ins()
@@ -72,6 +73,8 @@ def encoding_from_files(vocab_path: str | os.PathLike, merges_path: str | os.Pat
     for line in merge_lines:
         if not line or line.startswith("#version"):
             continue
+        if expected_rank == special.get(ENDOFTEXT):  # an extended vocabulary: merges resume after it
+            expected_rank += 1
         parts = line.split(" ")
         merged = b"".join(to_bytes(p, Path(merges_path)) for p in parts) if len(parts) == 2 else None
         if merged is None or ranks.get(merged) != expected_rank:

@@ -1,0 +1,226 @@
+"""Vocabulary extension: the BPE learner, the extended tokenizer files, and the grown model."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt2.bpe import _MergeRules, count_pretokens, learn_merges_from_counts
+from minigpt2.config import GPTConfig
+from minigpt2.data import check_inputs, read_chunks
+from minigpt2.generate import Utf8Guard
+from minigpt2.model import GPT
+from minigpt2.tokenizer import encoding_from_files, load_tokenizer
+from minigpt2.vocab import grow_model, learn_merges_cached, old_pieces, tokens_per_char, write_tokenizer_files
+from minigpt2.weights import load_model, save_model
+
+MIXED = "GPT-2 说：“Hello, 世界！” 😀🎉 naïve café\u200b　全角ＡＢＣ 1234 aaaa  \n\n\t'll 们们们们"
+
+
+@pytest.fixture(scope="module")
+def gpt2(shared_data):
+    return encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt")
+
+
+@pytest.fixture(scope="module")
+def small_corpus(shared_data) -> str:
+    zh = (shared_data / "zh" / "红楼梦.txt").read_text(encoding="utf-8")[:20000]
+    en = (shared_data / "en" / "sherlock_holmes.txt").read_text(encoding="utf-8")[:8000]
+    return zh + en + MIXED * 3
+
+
+def reference_merges(texts, enc, n_merges):
+    """Obviously-correct BPE continuation: recount every pair of every word at every step, take
+    the best allowed pair (count, then smallest bytes), check the rules against every token."""
+    words = [([enc.decode_single_token_bytes(t) for t in enc._encode_single_piece(w.encode())], f)
+             for w, f in count_pretokens(texts).items()]
+    tokens = {enc.decode_single_token_bytes(i) for i in range(enc.n_vocab) if i != enc.eot_token}
+
+    def allowed(left, right):
+        t = left + right
+        if t in tokens or any(k != len(left) and t[:k] in tokens and t[k:] in tokens for k in range(1, len(t))):
+            return False
+        return not any(len(u) > len(t) and ((u.startswith(t) and u[len(t):] in tokens)
+                                            or (u.endswith(t) and u[:-len(t)] in tokens)) for u in tokens)
+
+    merges, rejected = [], 0
+    while len(merges) < n_merges:
+        counts = Counter()
+        for word, f in words:
+            for pair in zip(word, word[1:], strict=False):
+                counts[pair] += f
+        best = None
+        for pair in sorted((p for p in counts if counts[p] >= 2), key=lambda p: (-counts[p], p)):
+            if allowed(*pair):
+                best = pair
+                break
+            rejected += 1
+        if best is None:
+            break
+        merges.append(best)
+        tokens.add(best[0] + best[1])
+        for word, _ in words:
+            i = 0
+            while i < len(word) - 1:
+                if (word[i], word[i + 1]) == best:
+                    word[i:i + 2] = [best[0] + best[1]]
+                i += 1
+    return merges, rejected
+
+
+def test_learner_matches_slow_reference(gpt2, small_corpus):
+    merges = learn_merges_from_counts(count_pretokens([small_corpus]), gpt2, 120)
+    expected, rejected = reference_merges([small_corpus], gpt2, 120)
+    assert len(merges) == 120
+    assert merges == expected
+    assert rejected > 0  # the rules were exercised: some frequent pairs were refused
+
+
+def test_rules_refuse_second_spellings():
+    rules = _MergeRules([b"a", b"b", b"c", b"ab", b"bc", b"abcd", b"d"])
+    assert not rules.allows(b"ab", b"c")  # abc = a + bc too
+    assert not rules.allows(b"a", b"b")  # ab exists already
+    assert not rules.allows(b"bc", b"d")  # abcd = a + bcd would become a second split
+    assert rules.allows(b"c", b"c")
+
+
+def write_extended(tmp_path, shared_data, enc, texts, n):
+    merges = learn_merges_from_counts(count_pretokens(texts), enc, n)
+    folder = write_tokenizer_files(tmp_path / "tok", shared_data / "gpt2" / "vocab.json",
+                                   shared_data / "gpt2" / "merges.txt", merges)
+    return merges, folder
+
+
+def slow_transformers_ids(folder: Path, text: str) -> list[int]:
+    """transformers' pair-ranked Python BPE (GPT-2's slow tokenizer, kept in ClvpTokenizer.bpe),
+    on GPT-2's pre-tokens: the reference for how merges.txt is read."""
+    import regex
+    from transformers.models.clvp.tokenization_clvp import ClvpTokenizer
+
+    from minigpt2.tokenizer import GPT2_PATTERN
+
+    slow = ClvpTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
+    ids = []
+    for piece in regex.findall(GPT2_PATTERN, text):
+        spelled = "".join(slow.byte_encoder[b] for b in piece.encode("utf-8"))
+        ids += [slow.encoder[t] for t in slow.bpe(spelled).split(" ")]
+    return ids
+
+
+def assert_tokenizers_agree(folder: Path, texts: list[str], slow_chars: int) -> None:
+    from transformers import GPT2TokenizerFast
+
+    enc = load_tokenizer(folder)
+    fast = GPT2TokenizerFast.from_pretrained(str(folder))
+    for text in texts:
+        ids = enc.encode_ordinary(text)
+        assert fast(text)["input_ids"] == ids
+        assert slow_transformers_ids(folder, text[:slow_chars]) == enc.encode_ordinary(text[:slow_chars])
+        assert enc.decode(ids) == text
+        assert fast.decode(ids, clean_up_tokenization_spaces=False) == text
+
+
+def test_extended_tokenizer_files_load_everywhere(tmp_path, shared_data, gpt2, small_corpus):
+    merges, folder = write_extended(tmp_path, shared_data, gpt2, [small_corpus], 300)
+    enc = load_tokenizer(folder)
+    assert enc.n_vocab == 50257 + 300 and enc.eot_token == 50256
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    assert sorted(vocab.values()) == list(range(50257 + 300))
+    assert [enc.decode_single_token_bytes(50257 + k) for k in range(300)] == [a + b for a, b in merges]
+    assert (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[-300:][0].count(" ") == 1
+    assert tokens_per_char(enc, small_corpus[:20000]) < tokens_per_char(gpt2, small_corpus[:20000])
+    assert_tokenizers_agree(folder, [small_corpus, MIXED], slow_chars=30000)
+
+
+@pytest.mark.slow
+def test_tokenizers_agree_at_8000_merges(tmp_path, shared_data, gpt2):
+    """8,000 merges from a novel; transformers (fast and slow) and tiktoken agree on all of Lu Xun,
+    a slice of each English text, mixed text and emoji."""
+    files = check_inputs([shared_data / "zh" / "红楼梦.txt"])
+    merges, _ = learn_merges_cached(files, gpt2, 8000, cache_dir=tmp_path / "cache")
+    assert len(merges) == 8000
+    again, cached = learn_merges_cached(files, gpt2, 8000, cache_dir=tmp_path / "cache")
+    assert cached and again == merges
+    folder = write_tokenizer_files(tmp_path / "tok", shared_data / "gpt2" / "vocab.json",
+                                   shared_data / "gpt2" / "merges.txt", merges)
+    texts = [(shared_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8"), MIXED * 20]
+    texts += [p.read_text(encoding="utf-8")[:100_000] for p in sorted((shared_data / "en").glob("*.txt"))]
+    assert_tokenizers_agree(folder, texts, slow_chars=100_000)
+    assert tokens_per_char(load_tokenizer(folder), texts[0]) < 1.0
+
+
+def test_pretokens_match_tiktoken(gpt2, shared_data):
+    text = "".join(read_chunks(shared_data / "en" / "tinyshakespeare.txt"))[:50000] + MIXED
+    pieces = count_pretokens([text])
+    from minigpt2.bpe import _PRETOKENIZER
+
+    ids = [t for p in _PRETOKENIZER.findall(text) for t in gpt2._encode_single_piece(p.encode())]
+    assert ids == gpt2.encode_ordinary(text) and sum(pieces.values()) > 1000
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory, shared_data, gpt2, small_corpus):
+    tmp = tmp_path_factory.mktemp("grown")
+    _, folder = write_extended(tmp, shared_data, gpt2, [small_corpus], 200)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64))
+    new_enc = load_tokenizer(folder)
+    return model, grow_model(model, gpt2, new_enc), new_enc, folder, tmp
+
+
+def test_grown_rows(grown, gpt2):
+    model, big, new_enc, _, _ = grown
+    assert big.config.vocab_size == new_enc.n_vocab == 50257 + 200
+    assert torch.equal(big.wte.weight[:50257], model.wte.weight)
+    assert big.lm_head.weight is big.wte.weight
+    for i in range(50257, new_enc.n_vocab):
+        token = new_enc.decode_single_token_bytes(i)
+        pieces = old_pieces(gpt2, token)
+        assert b"".join(gpt2.decode_single_token_bytes(p) for p in pieces) == token and max(pieces) < 50256
+        assert len(pieces) >= 2
+        torch.testing.assert_close(big.wte.weight[i], model.wte.weight[pieces].mean(0), rtol=0, atol=1e-7)
+    fragment = next(i for i in range(50257, new_enc.n_vocab) if not _is_utf8(new_enc.decode_single_token_bytes(i)))
+    assert old_pieces(gpt2, new_enc.decode_single_token_bytes(fragment))  # fragments decompose too
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_grown_checkpoint_matches_transformers(grown):
+    from transformers import GPT2LMHeadModel
+
+    _, big, new_enc, folder, tmp = grown
+    out = save_model(big, tmp / "ckpt", tokenizer_source=folder)
+    loaded = load_model(out)
+    assert load_tokenizer(out).n_vocab == loaded.config.vocab_size == big.config.vocab_size
+    ids = torch.tensor([new_enc.encode_ordinary("黛玉道：“宝玉来了。” Holmes said.")[:40] + [50256, 50257, 50400]])
+    assert ids.max() >= 50257
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        ours, theirs = loaded(ids), hf(ids).logits
+    assert ours.shape[-1] == 50457
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    guard = Utf8Guard.for_tokenizer(new_enc, loaded.config.vocab_size)
+    assert guard.mask(torch.zeros(1, 50457), torch.zeros(1, dtype=torch.long)).isinf().any()
+
+
+def test_compare_base_with_grown(grown):
+    """compare.py's weight comparison accepts a grown B: shared rows compared, new rows summarised."""
+    from minigpt2.compare import ORIENTATION, compare_weights
+    from minigpt2.report import _weights
+
+    model, big, _, folder, tmp = grown
+    base = save_model(model, tmp / "base")
+    grown_dir = save_model(big, tmp / "grown-ckpt", tokenizer_source=folder)
+    weights = compare_weights(str(base), str(grown_dir))
+    assert weights["new_rows"]["count"] == 200 and weights["new_rows"]["side"] == "B"
+    wte = next(t for t in weights["tensors"] if t["name"] == "wte.weight")
+    assert wte["shape"] == [50257, 64] and wte["relative_change"] == 0
+    assert "200 more token rows" in "\n".join(_weights({"weights": weights, "orientation": ORIENTATION}, 10))
