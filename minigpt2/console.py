@@ -112,6 +112,15 @@ class TrainConsole:
             self.line(f"eval set {name}: {d['chars']:,} characters, {d['tokens']:,} tokens "
                       f"({d['tokens_per_char']:.2f} per character)")
 
+    def _vocab(self, r):
+        cached = ", from the cache" if r["cached"] else f" in {format_duration(r['learn_seconds'])}"
+        self.line(f"vocabulary: {r['merges_learned']:,} new tokens learned{cached}; {r['vocab_size']:,} in all")
+        for name, t in r["texts"].items():
+            bpc = (f"; bits per character at step 0: {t['bits_per_char_before']:.3f} -> {t['bits_per_char_after']:.3f}"
+                   if "bits_per_char_after" in t else "")
+            self.line(f"  {name}: tokens per character {t['tokens_per_char_before']:.2f} -> "
+                      f"{t['tokens_per_char_after']:.2f}{bpc}")
+
     def _recovered(self, r):
         self.note(f"note: {r['message']}")
 

@@ -27,6 +27,7 @@ import torch
 
 from . import distributed
 from .config import GPTConfig
+from .checks import check_vocab_fits
 from .data import check_inputs, compile_drop_lines, default_cache_dir, prepare_corpus
 from .device import resolve_dtype
 from .errors import MiniGPT2Error, OptionError
@@ -39,7 +40,8 @@ from .weights import load_model
 
 # Fixed for the life of a run: --resume refuses to change them (the batches would differ).
 FIXED_ON_RESUME = ("model", "init_preset", "n_layer", "n_head", "n_embd", "context", "data", "val_data",
-                   "val_fraction", "drop_lines", "encoding_errors", "seq_len", "seed", "dropout", "tokenizer")
+                   "val_fraction", "drop_lines", "encoding_errors", "seq_len", "seed", "dropout", "tokenizer",
+                   "extend_vocab", "vocab_from")
 COMMON_DEFAULTS = {"model": None, "grad_accum": 1, "lr": 3e-4, "weight_decay": 0.1, "grad_clip": 1.0,
                    "val_fraction": 0.005, "encoding_errors": "strict", "snapshot_every": 0, "log_every": 10,
                    "device": "auto", "dtype": "auto", "seed": 0, "keep_last": 3}
@@ -199,14 +201,17 @@ def _setup(run: RunDir, saved: dict | None, given: dict, resume: bool, report: C
     source = None if o.get("init_preset") else (o.get("model") or "gpt2")
     tok_source = o.get("tokenizer") or source or "gpt2"
     enc = load_tokenizer(tok_source)
+    overrides = {"n_layer": o.get("n_layer"), "n_head": o.get("n_head"), "n_embd": o.get("n_embd"),
+                 "n_positions": o.get("context")}
+    model = start_model(source, o.get("init_preset"), overrides, seed=o["seed"], dropout=o.get("dropout"))
+    check_vocab_fits(model.config, enc)
+    if o.get("extend_vocab"):
+        model, enc, tok_source = _extended(model, enc, tok_source, o, run, train_files, eval_files, report, ctx)
     corpus, eval_sets = _tokenize(o, enc, train_files, val_files, eval_files, ctx)
     report({"type": "data", **corpus.summary(),
             "eval_sets": {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char}
                           for n, d in eval_sets.items()}})
 
-    overrides = {"n_layer": o.get("n_layer"), "n_head": o.get("n_head"), "n_embd": o.get("n_embd"),
-                 "n_positions": o.get("context")}
-    model = start_model(source, o.get("init_preset"), overrides, seed=o["seed"], dropout=o.get("dropout"))
     o["seq_len"] = o["seq_len"] or min(model.config.n_positions, 1024)
     tokens_per_step = o["batch_size"] * o["seq_len"] * o["grad_accum"] * ctx.world_size
     steps = steps_for(steps=o.get("steps"), epochs=o.get("epochs"), tokens=o.get("tokens"),
@@ -233,7 +238,7 @@ def _setup(run: RunDir, saved: dict | None, given: dict, resume: bool, report: C
     if ctx.is_main:
         check_free_space(run, checkpoint_bytes(model, sum(p.numel() for p in trainer.params)))
         if saved is None or trainer.step == 0:
-            run.write_info(_run_info(source, o, model, config, corpus, eval_sets, ctx.device, dtype))
+            run.write_info(_run_info(source, tok_source, o, model, config, corpus, eval_sets, ctx.device, dtype))
         elif previous is not None:
             update_steps(run, config.steps)
     change = None
@@ -243,6 +248,32 @@ def _setup(run: RunDir, saved: dict | None, given: dict, resume: bool, report: C
         change = {"before": previous, "after": steps, "step": trainer.step,
                   "lr_before": lr_at(trainer.step, old), "lr_after": lr_at(trainer.step, config)}
     return Setup(trainer, run, o, defaults_used, skipped, change)
+
+
+def _extended(model, enc, tok_source, o, run: RunDir, train_files, eval_files, report, ctx):
+    """The model and tokenizer grown by `extend_vocab` new tokens (see vocab.py).
+
+    Learned once: a fresh run learns the merges (or finds them cached) and writes the grown tokenizer
+    into RUN/tokenizer/; a resumed run reads it back from there and grows the model the same way
+    (the checkpoint's weights then replace the grown start).
+    """
+    from .tokenizer import encoding_from_files
+    from .vocab import extend_vocabulary, grow_model
+
+    folder = run.path / "tokenizer"
+    if (folder / "vocab.json").is_file():
+        new_enc = encoding_from_files(folder / "vocab.json", folder / "merges.txt")
+        return grow_model(model, enc, new_enc), new_enc, folder
+    base = tokenizer_files(tok_source)[0].parent
+    vocab_from = check_inputs(o["vocab_from"], o["encoding_errors"]) if o.get("vocab_from") else None
+    eval_texts = {files[0].path.stem: files[0].path.read_text(encoding="utf-8", errors="replace")[:200_000]
+                  for files in eval_files}
+    with ctx.main_first():
+        grown, new_enc, folder, summary = extend_vocabulary(
+            model, enc, train_files, o["extend_vocab"], tokenizer_dir=folder, base_tokenizer_dir=base,
+            vocab_from_files=vocab_from, eval_texts=eval_texts, cache_dir=o.get("cache_dir"))
+    report({"type": "vocab", **summary})
+    return grown, new_enc, folder
 
 
 def check_options(o: dict) -> None:
@@ -279,8 +310,9 @@ def _check_steps(trainer: Trainer, saved: dict | None, run: RunDir) -> int | Non
     return before if before is not None and before != steps else None
 
 
-def _run_info(source, o, model, config, corpus, eval_sets, device, dtype) -> dict:
+def _run_info(source, tok_source, o, model, config, corpus, eval_sets, device, dtype) -> dict:
     return {"model": source, "init_preset": o.get("init_preset"), "config": dataclasses.asdict(model.config),
+            "tokenizer": str(tok_source) if tok_source is not None else None,
             "train": dataclasses.asdict(config), "args": o, "data": corpus.summary(),
             "eval_sets": {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char}
                           for n, d in eval_sets.items()},
