@@ -340,3 +340,20 @@ def lora_summary(model: nn.Module) -> dict:
         "optimizer_state_bytes": 8 * trainable,
         "full_optimizer_state_bytes": 8 * (total - adapters),
     }
+
+
+def adapted_tensors(checkpoint: str | os.PathLike, names: Sequence[str]) -> dict | None:
+    """For `compare`: which of `names` (official tensor names) a LoRA checkpoint adapted.
+
+    Reads `checkpoint/adapter/adapter_config.json`; None when there is none (not a LoRA run's
+    checkpoint). Returns {"checkpoint", "r", "alpha", "targets", "adapted": [names]}: the weights
+    (not the biases) of the targeted layers, whose update has rank at most r.
+    """
+    config = read_adapter_config(checkpoint)
+    if config is None:
+        return None
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    pattern = re.compile(r"h\.\d+\.(" + "|".join(map(re.escape, targets)) + r")\.weight")
+    return {"checkpoint": str(checkpoint), "r": config.get("r"), "alpha": config.get("lora_alpha"),
+            "targets": targets, "adapted": [n for n in names if targets and pattern.fullmatch(n)]}

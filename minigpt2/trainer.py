@@ -50,6 +50,7 @@ from .config import GPTConfig
 from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows
 from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
 from .errors import CheckpointError, MiniGPT2Error
+from .lora import is_lora, load_lora_state, lora_settings, merged_state_dict, save_lora_state, save_peft_adapter
 from .model import GPT
 from .snapshots import Snapshotter
 from .weights import load_model, save_model, write_atomically
@@ -329,6 +330,9 @@ class Trainer:
         if self.sharded and snapshotter is not None:
             raise MiniGPT2Error("--snapshot-every does not work with --shard (each rank holds only a slice of the "
                                 "weights); snapshot a run without --shard")
+        if self.sharded and is_lora(model):
+            raise MiniGPT2Error("LoRA does not work with --shard yet (its adapters and optimizer state are small: "
+                                "train without --shard)")
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -540,11 +544,18 @@ class Trainer:
             optim_state = full_optimizer_state(self.raw_model, self.optimizer)
         if not self.dist.is_main:
             return target
+        lora = is_lora(self.raw_model)
         tmp = self.out / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            save_model(self.raw_model, tmp, tokenizer_source=self.tokenizer_source, state_dict=weights)
+            # LoRA: model.safetensors holds the merged model (the usual layout), adapter/ the
+            # adapters alone in PEFT's layout, the trainer state the adapters for resuming.
+            merged = merged_state_dict(self.raw_model, weights) if lora else weights
+            save_model(self.raw_model, tmp, tokenizer_source=self.tokenizer_source, state_dict=merged)
             tensors, state = self.state(optim_state if self.sharded else None)
+            if lora:
+                save_peft_adapter(self.raw_model, tmp / "adapter", getattr(self.raw_model, "source", None), weights)
+                tensors.update(save_lora_state(self.raw_model, weights))
             save_file(tensors, str(tmp / STATE_TENSORS))
             (tmp / STATE_JSON).write_text(json.dumps(state, indent=2))
             if target.exists():  # final/ of a run that is being extended: swap, then delete
@@ -590,6 +601,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "sampler": {"seed": self.config.seed, "next_batch": self.step * self.config.grad_accum * self.config.ranks},
             "ranks": self.config.ranks,
+            "lora": lora_settings(self.raw_model) if is_lora(self.raw_model) else None,
         }
         return tensors, state
 
@@ -606,6 +618,9 @@ class Trainer:
             raise CheckpointError(f"cannot read the trainer state in '{path}': {e}") from None
         if state["param_names"] != self.param_names:
             raise CheckpointError(f"'{path}' was saved from a model with different parameters; cannot resume")
+        lora = lora_settings(self.raw_model) if is_lora(self.raw_model) else None
+        if state.get("lora") != lora:
+            raise CheckpointError(f"'{path}' was saved with LoRA settings {state.get('lora')}, not {lora}; cannot resume")
         index = {name: i for i, name in enumerate(self.param_names)}
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
@@ -621,6 +636,9 @@ class Trainer:
             load_full_state(self.raw_model, self.optimizer, loaded.state_dict(),
                             {"state": {names[i]: entry for i, entry in opt_state.items()},
                              "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]})
+        elif lora:  # the base stays the start model; model.safetensors is merged (B @ A counted in)
+            load_lora_state(self.raw_model, tensors)
+            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         else:
             with torch.no_grad():
                 loaded = load_model(path, device=self.device)
