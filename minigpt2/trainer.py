@@ -331,8 +331,8 @@ class Trainer:
             raise MiniGPT2Error("--snapshot-every does not work with --shard (each rank holds only a slice of the "
                                 "weights); snapshot a run without --shard")
         if self.sharded and is_lora(model):
-            raise MiniGPT2Error("LoRA does not work with --shard yet (its adapters and optimizer state are small: "
-                                "train without --shard)")
+            raise MiniGPT2Error("LoRA does not work with a sharded model yet; its adapters and optimizer state "
+                                "are small, so train it unsharded")
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
