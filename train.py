@@ -76,6 +76,15 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--snapshot-every", type=arg_int(low=0), help="record weight and activation drift every N steps")
     o.add_argument("--probe", help="probe prompt for the activation snapshots")
     o.add_argument("--log-every", type=arg_int(low=1), help="print a table row every N steps (default 10)")
+    lo = p.add_argument_group("LoRA: learn a low-rank update instead of every weight")
+    lo.add_argument("--lora", type=arg_int(low=1), metavar="R", help="rank of the update of each targeted layer "
+                    "(e.g. 8); everything else stays frozen and AdamW keeps state only for the update")
+    lo.add_argument("--lora-alpha", type=arg_float(low=0, low_open=True), metavar="A", help="the update is scaled "
+                    "by A / R (default 8)")
+    lo.add_argument("--lora-dropout", type=arg_float(low=0, high=1, high_open=True), metavar="P",
+                    help="dropout on the update's input (default 0)")
+    lo.add_argument("--lora-targets", metavar="LIST", help="comma-separated layers of every block to adapt (default "
+                    "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj)")
     x = p.add_argument_group("hardware")
     x.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     x.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="compute precision (default auto)")

@@ -56,6 +56,7 @@ from .checks import positive_int
 from .config import GPTConfig
 from .device import resolve_device
 from .errors import CheckpointError, MiniGPT2Error
+from .lora import adapted_tensors
 from .rundir import RunDir
 from .tokenizer import load_tokenizer
 from .weights import (
@@ -713,6 +714,9 @@ def compare(
         enc = load_tokenizer(side_a["checkpoint"])
         prepared = prepare_texts(list(texts), enc, max_eval_tokens)
     weights = compare_weights(side_a["checkpoint"], side_b["checkpoint"], revision=revision)
+    # A LoRA run's checkpoint has adapter/ beside its merged weights: mark the adapted tensors.
+    names = [t["name"] for t in weights["tensors"]]
+    weights["lora"] = adapted_tensors(side_b["checkpoint"], names) or adapted_tensors(side_a["checkpoint"], names)
     runs = []
     for side, info in (("A", side_a), ("B", side_b)):
         if info["run"]:

@@ -121,6 +121,12 @@ class TrainConsole:
             self.line(f"  {name}: tokens per character {t['tokens_per_char_before']:.2f} -> "
                       f"{t['tokens_per_char_after']:.2f}{bpc}")
 
+    def _lora(self, r):
+        self.line(f"LoRA r={r['r']}, alpha={r['alpha']:g} on {', '.join(r['targets'])}: "
+                  f"{r['trainable_params']:,} trainable parameters ({100 * r['trainable_share']:.2f}%), AdamW state "
+                  f"{format_bytes(r['optimizer_state_bytes'])} (full fine-tuning: "
+                  f"{format_bytes(r['full_optimizer_state_bytes'])})")
+
     def _recovered(self, r):
         self.note(f"note: {r['message']}")
 

@@ -41,7 +41,7 @@ from .weights import load_model
 # Fixed for the life of a run: --resume refuses to change them (the batches would differ).
 FIXED_ON_RESUME = ("model", "init_preset", "n_layer", "n_head", "n_embd", "context", "data", "val_data",
                    "val_fraction", "drop_lines", "encoding_errors", "seq_len", "seed", "dropout", "tokenizer",
-                   "extend_vocab", "vocab_from")
+                   "extend_vocab", "vocab_from", "lora", "lora_alpha", "lora_dropout", "lora_targets")
 COMMON_DEFAULTS = {"model": None, "grad_accum": 1, "lr": 3e-4, "weight_decay": 0.1, "grad_clip": 1.0,
                    "val_fraction": 0.005, "encoding_errors": "strict", "snapshot_every": 0, "log_every": 10,
                    "device": "auto", "dtype": "auto", "seed": 0, "keep_last": 3}
@@ -207,6 +207,8 @@ def _setup(run: RunDir, saved: dict | None, given: dict, resume: bool, report: C
     check_vocab_fits(model.config, enc)
     if o.get("extend_vocab"):
         model, enc, tok_source = _extended(model, enc, tok_source, o, run, train_files, eval_files, report, ctx)
+    if o.get("lora"):
+        _with_lora(model, o, report)
     corpus, eval_sets = _tokenize(o, enc, train_files, val_files, eval_files, ctx)
     report({"type": "data", **corpus.summary(),
             "eval_sets": {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char}
@@ -276,6 +278,20 @@ def _extended(model, enc, tok_source, o, run: RunDir, train_files, eval_files, r
     return grown, new_enc, folder
 
 
+def _with_lora(model: GPT, o: dict, report) -> None:
+    """Freeze the model and give the targeted layers a low-rank update to learn (see lora.py).
+
+    A resumed run rebuilds the same: the start model (never a merged checkpoint) and the same
+    adapters; the trainer then loads the adapters' trained values from the checkpoint.
+    """
+    from .lora import TARGETS, apply_lora, lora_summary
+
+    targets = o.get("lora_targets") or ",".join(TARGETS)
+    apply_lora(model, o["lora"], alpha=o.get("lora_alpha"), dropout=o.get("lora_dropout") or 0.0,
+               targets=targets, seed=o["seed"])
+    report({"type": "lora", **lora_summary(model)})
+
+
 def check_options(o: dict) -> None:
     """The combinations no single option's check can see."""
     if o.get("model") and o.get("init_preset"):
@@ -284,6 +300,11 @@ def check_options(o: dict) -> None:
         raise MiniGPT2Error("the layer count, head count, width and context only apply to a preset")
     if not o.get("data"):
         raise MiniGPT2Error("no training data given: the text files, directories or globs to train on")
+    if o.get("lora") and o.get("extend_vocab"):
+        raise OptionError("lora", "cannot be combined with extending the vocabulary yet: LoRA freezes the embedding, "
+                          "so the new tokens' rows would never learn")
+    if not o.get("lora") and any(o.get(k) is not None for k in ("lora_alpha", "lora_dropout", "lora_targets")):
+        raise OptionError("lora", "is needed for the other LoRA settings (alpha, dropout, targets): give the rank")
 
 
 def _tokenize(o, enc, train_files, val_files, eval_files, ctx):

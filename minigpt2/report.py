@@ -128,8 +128,13 @@ def _weights(result: dict, top: int) -> list[str]:
         "   rank90 = singular directions holding 90% of ||A-B||^2 (of min(shape)); stable rank = ||A-B||_F^2 / ||A-B||_2^2.",
         "   mean|d|, max|d|, std(d), row cos, row dist: the five numbers of a plain diff (d = A - B), for reference.",
     ]
+    lora = w.get("lora")
+    adapted = set(lora["adapted"]) if lora else set()
+    if lora:
+        out.append(f"   LoRA (r={lora['r']}, alpha={lora['alpha']}, {lora['checkpoint']}): * marks the "
+                   f"{len(adapted)} adapted tensors, whose update has rank <= {lora['r']}; the others were frozen.")
     rows = [
-        [t["name"], "x".join(map(str, t["shape"])), pct(t["relative_change"]),
+        [t["name"] + (" *" if t["name"] in adapted else ""), "x".join(map(str, t["shape"])), pct(t["relative_change"]),
          "-" if t["rank_90"] is None else f"{t['rank_90']}/{min(t['shape'])}", num(t["stable_rank"], 3),
          num(t["mean_abs_diff"], 3), num(t["max_abs_diff"], 3), num(t["std_diff"], 3),
          cos(t["mean_row_cosine"]), num(t["mean_row_distance"], 3)]

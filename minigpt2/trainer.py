@@ -40,6 +40,7 @@ from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_
 from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
 from .errors import CheckpointError, MiniGPT2Error
 from .flops import flops_per_token, peak_flops
+from .lora import is_lora, load_lora_state, lora_settings, merged_state_dict, save_lora_state, save_peft_adapter
 from .model import GPT
 from .rundir import RunDir, dir_size, step_name
 from .snapshots import Snapshotter
@@ -206,6 +207,9 @@ class Trainer:
         if self.sharded and snapshotter is not None:
             raise MiniGPT2Error("weight snapshots do not work with sharding (each rank holds only a slice of the "
                                 "weights); snapshot a run that is not sharded")
+        if self.sharded and is_lora(model):
+            raise MiniGPT2Error("LoRA does not work with a sharded model yet; its adapters and optimizer state "
+                                "are small, so train it unsharded")
         if config.seq_len > model.config.n_positions:
             raise MiniGPT2Error(f"the sequence length {config.seq_len} is longer than the model's context of "
                                 f"{model.config.n_positions} tokens")
@@ -426,10 +430,19 @@ class Trainer:
         if not self.dist.is_main:
             return target
 
+        lora = is_lora(self.raw_model)
+
         def write(folder: Path) -> None:
-            save_model(self.raw_model, folder, tokenizer_source=self.tokenizer_source, state_dict=weights)
+            # LoRA: model.safetensors holds the merged model (the usual layout), adapter/ the
+            # adapters alone in PEFT's layout, the trainer state the adapters for resuming.
+            merged = merged_state_dict(self.raw_model, weights) if lora else weights
+            save_model(self.raw_model, folder, tokenizer_source=self.tokenizer_source, state_dict=merged)
             self.run_dir.stage("weights-written")
-            write_state(folder, *self.state(optim))
+            tensors, state = self.state(optim)
+            if lora:
+                save_peft_adapter(self.raw_model, folder / "adapter", getattr(self.raw_model, "source", None), weights)
+                tensors.update(save_lora_state(self.raw_model, weights))
+            write_state(folder, tensors, state)
 
         try:
             path = self.run_dir.save(name, write)
@@ -465,6 +478,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "sampler": {"seed": self.config.seed, "next_batch": self.step * self.config.grad_accum * self.config.ranks},
             "ranks": self.config.ranks,
+            "lora": lora_settings(self.raw_model) if is_lora(self.raw_model) else None,
         }
         return tensors, state
 
@@ -478,9 +492,15 @@ class Trainer:
         state, tensors = read_state(path)
         if state["param_names"] != self.param_names:
             raise CheckpointError("it was saved from a model with different parameters")
+        lora = lora_settings(self.raw_model) if is_lora(self.raw_model) else None
+        if state.get("lora") != lora:
+            raise CheckpointError(f"it was saved with LoRA settings {state.get('lora')}, not {lora}")
         opt = optimizer_state(tensors, state["param_groups"], self.param_names)
-        loaded = load_model(path, device="cpu" if self.sharded else self.device)
-        if self.sharded:  # every rank reads the full state and keeps its slices
+        if lora:  # the base stays the start model; model.safetensors is merged (B @ A counted in)
+            load_lora_state(self.raw_model, tensors)
+            self.optimizer.load_state_dict(opt)
+        elif self.sharded:
+            loaded = load_model(path, device="cpu")  # every rank reads the full state and keeps its slices
             from .distributed import load_full_state
 
             names = self.param_names
@@ -489,6 +509,7 @@ class Trainer:
                              "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
                                               for g in opt["param_groups"]]})
         else:
+            loaded = load_model(path, device=self.device)
             with torch.no_grad():
                 self.raw_model.load_state_dict(loaded.state_dict())
             self.optimizer.load_state_dict(opt)
