@@ -11,6 +11,7 @@ A second table holds valid but unusual inputs that must work.
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -218,8 +219,8 @@ def test_no_network_fails_in_seconds(world):
 @pytest.mark.slow
 def test_closed_pipe_ends_quietly(world, hf_home):
     """`sample.py ... | head -c 10`: the reader leaves early; no traceback, no 'Exception ignored'."""
-    cmd = (f"{sys.executable} {ROOT / 'sample.py'} '' --model {world['good']} --max-new-tokens 2000 "
-           "--no-utf8-guard | head -c 10")
+    cmd = (f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'sample.py'))} '' "
+           f"--model {shlex.quote(str(world['good']))} --max-new-tokens 2000 --no-utf8-guard | head -c 10")
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=180,
                           env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
     assert proc.returncode in (0, 141), proc.stderr
