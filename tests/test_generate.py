@@ -153,8 +153,10 @@ def test_repetition_penalty_rule():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-1), "temperature"), (dict(top_k=-1), "top-k"), (dict(top_p=0), "top-p"),
-    (dict(top_p=1.01), "top-p"), (dict(repetition_penalty=0), "repetition penalty"),
+    (dict(temperature=-1), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0), "top_p"),
+    (dict(top_p=1.01), "top_p"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(top_p=float("nan")), "top_p"), (dict(repetition_penalty=float("nan")), "repetition_penalty"),
 ])
 def test_bad_sampling_settings(kwargs, message):
     with pytest.raises(MiniGPT2Error, match=message):

@@ -1,0 +1,264 @@
+"""Bad input anywhere: one clear `error:` line, never a traceback, never a silent wrong answer.
+
+One table, one row per bad input, each run as a real subprocess of sample.py, compare.py or
+train.py. Every row must exit non-zero with exactly one line starting with `error:` that names
+the culprit, print no traceback, and leave every file already in the test folder byte-identical.
+The rows run a few at a time (each start imports torch, ~3 s on a shared CPU).
+
+A second table holds valid but unusual inputs that must work.
+"""
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import official_state_dict, random_hf_model, write_official_layout
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+NAN, INF = float("nan"), float("inf")
+PARALLEL = 4
+
+
+# ----- the checkpoints and files the rows use -------------------------------------------------
+
+
+def tokenizer_files(directory: Path, shared_data: Path) -> Path:
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(shared_data / "gpt2" / name, directory / name)
+    return directory
+
+
+def tampered(model, directory: Path, shared_data: Path, *, tensors=None, config=None, with_config=True) -> Path:
+    """A copy of `model` in the official layout, with some tensors or config.json fields replaced."""
+    directory.mkdir(parents=True)
+    state = official_state_dict(model)
+    state.update(tensors or {})
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if with_config:
+        hf = json.loads(model.config.to_json_string())
+        hf.update(config or {})
+        (directory / "config.json").write_text(json.dumps(hf))  # allow_nan: NaN is what a broken file holds
+    return tokenizer_files(directory, shared_data)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, shared_data, hub_gpt2):
+    root = tmp_path_factory.mktemp("bad inputs")
+    model = random_hf_model(n_layer=2, n_head=2, n_embd=64, n_positions=32, seed=5)
+    good = tokenizer_files(write_official_layout(model, root / "good"), shared_data)
+    wte = official_state_dict(model)["wte.weight"]
+    w = {"root": root, "good": good}
+    w["nan"] = tampered(model, root / "nan", shared_data, tensors={"h.1.mlp.c_fc.weight": torch.full((64, 256), NAN)})
+    inf_row = wte.clone().index_fill_(0, torch.tensor([7]), INF)
+    w["inf"] = tampered(model, root / "inf", shared_data, tensors={"wte.weight": inf_row})
+    int_gain = torch.ones(64, dtype=torch.int32)
+    w["int"] = tampered(model, root / "int", shared_data, tensors={"h.0.ln_1.weight": int_gain})
+    w["noconfig"] = tampered(model, root / "noconfig", shared_data, with_config=False)
+    w["eps-neg"] = tampered(model, root / "eps-neg", shared_data, config={"layer_norm_epsilon": -1e-5})
+    w["eps-nan"] = tampered(model, root / "eps-nan", shared_data, config={"layer_norm_epsilon": NAN})
+    w["eps-str"] = tampered(model, root / "eps-str", shared_data, config={"layer_norm_epsilon": "1e-5"})
+    w["head-str"] = tampered(model, root / "head-str", shared_data, config={"n_head": "2"})
+    w["layer-bool"] = tampered(model, root / "layer-bool", shared_data, config={"n_layer": True})
+    w["drop-2"] = tampered(model, root / "drop-2", shared_data, config={"resid_pdrop": 2.0})
+    small = random_hf_model(n_layer=1, n_head=2, n_embd=64, n_positions=32, vocab_size=1000, seed=6)
+    w["small-vocab"] = tokenizer_files(write_official_layout(small, root / "small-vocab"), shared_data)
+    nan_file = root / "nan.safetensors"
+    shutil.copyfile(w["nan"] / "model.safetensors", nan_file)
+    w["nan-file"] = nan_file
+    (root / "text.txt").write_text("天气很好。今天的天气不错。\n\n" * 50, encoding="utf-8")
+    (root / "prompt.txt").write_text("你好", encoding="utf-8")
+    (root / "a-file").write_text("not a folder")
+    (root / "readonly").mkdir()
+    (root / "exists.json").write_text("{}")
+    return w
+
+
+def rows(w):
+    """(name, script, args, culprit, extra env): every bad input and the text that must name it."""
+    r, good, text = w["root"], str(w["good"]), str(w["root"] / "text.txt")
+    sample = [  # sampling options: refused while parsing, before a model is loaded
+        ("temperature nan", ["hi", "--temperature", "nan"], "--temperature"),
+        ("temperature inf", ["hi", "--temperature", "inf"], "--temperature"),
+        ("temperature -1", ["hi", "--temperature", "-1"], "--temperature must be 0 or more"),
+        ("temperature 1e-30", ["hi", "--temperature", "1e-30"], "--temperature"),
+        ("temperature word", ["hi", "--temperature", "hot"], "--temperature must be a number"),
+        ("top-p nan", ["hi", "--top-p", "nan"], "--top-p"),
+        ("top-p 0", ["hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        ("top-p 2", ["hi", "--top-p", "2"], "--top-p must be in (0, 1]"),
+        ("top-k -1", ["hi", "--top-k", "-1"], "--top-k"),
+        ("top-k 1.5", ["hi", "--top-k", "1.5"], "--top-k must be an integer"),
+        ("repetition penalty nan", ["hi", "--repetition-penalty", "nan"], "--repetition-penalty"),
+        ("repetition penalty 0", ["hi", "--repetition-penalty", "0"], "--repetition-penalty"),
+        ("repetition penalty -inf", ["hi", "--repetition-penalty", "-inf"], "--repetition-penalty"),
+        ("num-samples 0", ["hi", "--num-samples", "0"], "--num-samples"),
+        ("num-samples -2", ["hi", "--num-samples", "-2"], "--num-samples"),
+        ("max-new-tokens -1", ["hi", "--max-new-tokens", "-1"], "--max-new-tokens"),
+        ("seed -1", ["hi", "--seed", "-1"], "--seed"),
+        ("seed 2**64", ["hi", "--seed", str(2**64)], "--seed"),
+        ("unknown option", ["hi", "--temprature", "1"], "--temprature"),
+        ("dtype", ["hi", "--dtype", "float8"], "--dtype"),
+        # checkpoints trusted too far
+        ("NaN weights", ["hi", "--model", str(w["nan"])], "h.1.mlp.c_fc.weight"),
+        ("NaN weights, bare file", ["hi", "--model", str(w["nan-file"])], "non-finite"),
+        ("inf weights", ["hi", "--model", str(w["inf"])], "wte.weight"),
+        ("integer tensor", ["hi", "--model", str(w["int"])], "h.0.ln_1.weight holds int32"),
+        ("directory without config.json", ["hi", "--model", str(w["noconfig"])], "no config.json"),
+        ("negative layer_norm_epsilon", ["hi", "--model", str(w["eps-neg"])], "layer_norm_epsilon"),
+        ("NaN layer_norm_epsilon", ["hi", "--model", str(w["eps-nan"])], "layer_norm_epsilon"),
+        ("string layer_norm_epsilon", ["hi", "--model", str(w["eps-str"])], "layer_norm_epsilon"),
+        ("string n_head", ["hi", "--model", str(w["head-str"])], "n_head"),
+        ("boolean n_layer", ["hi", "--model", str(w["layer-bool"])], "n_layer"),
+        ("dropout 2 in config.json", ["hi", "--model", str(w["drop-2"])], "resid_pdrop"),
+        ("vocabulary smaller than the tokenizer's", ["hi", "--model", str(w["small-vocab"])], "vocabulary of 1000"),
+        ("a file where a checkpoint folder should be", ["hi", "--model", str(r / "a-file")], "a-file"),
+        ("prompt file is a folder", ["--prompt-file", str(r), "--model", good], "prompt file"),
+        ("prompt file /dev/null-like missing", ["--prompt-file", str(r / "gone.txt"), "--model", good], "gone.txt"),
+        ("samples that cannot fit in memory", ["hi", "--model", good, "--num-samples", str(10**8)], "--num-samples"),
+        ("unknown device", ["hi", "--model", good, "--device", "tpu"], "device"),
+    ]
+    compare = [
+        ("compare: top -1", [good, good, "--top", "-1"], "--top"),
+        ("compare: max-eval-tokens 0", [good, good, "--max-eval-tokens", "0"], "--max-eval-tokens"),
+        ("compare: max-eval-tokens nan", [good, good, "--max-eval-tokens", "nan"], "--max-eval-tokens"),
+        ("compare: NaN weights in B", [good, str(w["nan"])], "h.1.mlp.c_fc.weight"),
+        ("compare: inf weights in A", [str(w["inf"]), good], "wte.weight"),
+        ("compare: integer tensor", [good, str(w["int"])], "int32"),
+        ("compare: no config.json", [good, str(w["noconfig"])], "no config.json"),
+        ("compare: bad config field", [str(w["eps-neg"]), good], "layer_norm_epsilon"),
+        ("compare: json into a missing folder", [good, good, "--json", str(r / "nowhere" / "x.json")], "nowhere"),
+        ("compare: json under a file", [good, good, "--json", str(r / "a-file" / "x.json")], "a-file"),
+        ("compare: json exists", [good, good, "--json", str(r / "exists.json")], "--force"),
+        ("compare: json is a folder", [good, good, "--json", str(r / "readonly")], "is a directory"),
+        ("compare: plot into a missing folder", [good, good, "--plot", str(r / "nowhere" / "p.png")], "nowhere"),
+        ("compare: text is /dev/null's cousin, a folder", [good, good, "--text", str(r)], "text file"),
+        ("compare: missing model", [good, str(r / "gone")], "gone"),
+    ]
+    data = ["--data", text, "--init-preset", "gpt2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+            "--context", "16", "--tokenizer", good, "--cache-dir", str(r / "token-cache"), "--device", "cpu"]
+    train = [(f"train: {flag} {value}", [*data, flag, value], flag) for flag, value in [
+        ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--min-lr", "nan"), ("--min-lr", "-1"),
+        ("--weight-decay", "nan"), ("--grad-clip", "nan"), ("--grad-clip", "-1"), ("--seed", "-1"),
+        ("--log-every", "0"), ("--dropout", "2"), ("--dropout", "nan"), ("--save-every", "-1"),
+        ("--eval-every", "-1"), ("--snapshot-every", "-1"), ("--seq-len", "0"), ("--batch-size", "0"),
+        ("--steps", "0"), ("--warmup", "-1"), ("--eval-tokens", "0"), ("--val-fraction", "1"),
+        ("--val-fraction", "nan"), ("--epochs", "nan"), ("--epochs", "0"), ("--tokens", "inf"),
+        ("--grad-accum", "0"), ("--n-layer", "0"), ("--context", "-4"), ("--steps", "1e3"),
+    ]] + [
+        ("train: --data /dev/null", ["--data", os.devnull, *data[2:]], "not a regular file"),
+        ("train: --drop-lines . leaves only blank lines", [*data, "--drop-lines", "."], "nothing is left"),
+    ]
+    offline = {"HF_HOME": str(r / "empty-hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    return ([(name, "sample.py", args, needle, {}) for name, args, needle in sample]
+            + [("no network, no cache: fails fast", "sample.py", ["hi", "--model", "gpt2"], "could not be reached",
+                offline)]
+            + [(name, "compare.py", args, needle, {}) for name, args, needle in compare]
+            + [(name, "train.py", [*args, "--out", str(r / "runs" / name.replace(" ", "_"))], needle, {})
+               for name, args, needle in train])
+
+
+# ----- running them ---------------------------------------------------------------------------
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "token-cache" not in p.parts}
+
+
+def start(script, args, hf_home, extra_env):
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", **extra_env}
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_every_bad_input_is_one_clear_error_line(world, hf_home):
+    table = rows(world)
+    assert len(table) >= 60
+    before = tree_digest(world["root"])
+    failures = []
+    for i in range(0, len(table), PARALLEL):
+        batch = [(row, start(row[1], row[2], hf_home, row[4])) for row in table[i:i + PARALLEL]]
+        for (name, script, _, needle, _), proc in batch:
+            stdout, stderr = proc.communicate(timeout=180)
+            errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+            problems = []
+            if proc.returncode == 0:
+                problems.append("exit status 0")
+            if "Traceback" in stderr:
+                problems.append("a traceback")
+            if len(errors) != 1:
+                problems.append(f"{len(errors)} error: lines")
+            elif needle not in errors[0]:
+                problems.append(f"{needle!r} not in the error line")
+            if problems:
+                failures.append(f"{name} ({script}): {', '.join(problems)}\n{stderr[-1500:]}")
+    assert not failures, "\n\n".join(failures)
+    assert tree_digest(world["root"]) == before  # nothing that was there changed
+
+
+@pytest.mark.slow
+def test_no_network_fails_in_seconds(world):
+    import time
+
+    env = {"HF_HOME": str(world["root"] / "empty-hf-2"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    began = time.monotonic()
+    proc = start("sample.py", ["hi", "--model", "gpt2"], world["root"] / "empty-hf-2", env)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and time.monotonic() - began < 20, stderr
+    assert [line for line in stderr.splitlines() if line.strip()] == [stderr.strip()], stderr  # one line, no retries
+
+
+@pytest.mark.slow
+def test_closed_pipe_ends_quietly(world, hf_home):
+    """`sample.py ... | head -c 10`: the reader leaves early; no traceback, no 'Exception ignored'."""
+    cmd = (f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'sample.py'))} '' "
+           f"--model {shlex.quote(str(world['good']))} --max-new-tokens 2000 --no-utf8-guard | head -c 10")
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode in (0, 141), proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert len(proc.stdout.encode()) == 10
+
+
+# ----- valid but unusual inputs that must work ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_unusual_but_valid_inputs_work(world, hf_home, shared_data):
+    from transformers import GPT2LMHeadModel
+
+    r = world["root"] / "unusual"
+    r.mkdir()
+    model = GPT2LMHeadModel.from_pretrained(world["good"])
+    half = tokenizer_files(write_official_layout(model.half(), r / "float16"), shared_data)
+    bf16 = tokenizer_files(write_official_layout(model.float().to(torch.bfloat16), r / "bfloat16"), shared_data)
+    model.float().save_pretrained(r / "save_pretrained")
+    tokenizer_files(r / "save_pretrained", shared_data)
+    spaced = shutil.copytree(world["good"], r / "with spaces 和汉字")
+    long_prompt = r / "long prompt.txt"
+    long_prompt.write_text("天气很好。" * 40, encoding="utf-8")  # > 32 tokens: longer than the context
+    bare = r / "bare 模型.safetensors"
+    shutil.copyfile(world["good"] / "model.safetensors", bare)
+    cases = {
+        "float16": ["hi", "--model", half], "bfloat16": ["hi", "--model", bf16],
+        "save_pretrained": ["hi", "--model", r / "save_pretrained"], "spaces and CJK": ["你好", "--model", spaced],
+        "long prompt": ["--prompt-file", long_prompt, "--model", world["good"]],
+        "bare file, shape inferred": ["hi", "--model", bare],
+    }
+    procs = {name: start("sample.py", [*args, "--max-new-tokens", "4", "--seed", "0"], hf_home, {})
+             for name, args in cases.items()}
+    results = {name: (proc, *proc.communicate(timeout=180)) for name, proc in procs.items()}
+    for name, (proc, stdout, stderr) in results.items():
+        assert proc.returncode == 0, f"{name}: {stderr}"
+        assert "[4 tokens" in stdout, f"{name}: {stdout}"
+        assert "error:" not in stderr and "Traceback" not in stderr, f"{name}: {stderr}"
+    assert "longer than the 32-token context" in results["long prompt"][2]
+    assert "shape was inferred" in results["bare file, shape inferred"][2]
