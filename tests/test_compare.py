@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error, load_model, save_model
+from minigpt2.rundir import RunDir
 from minigpt2.compare import (
     block_outputs,
     compare,
     compare_weights,
     count_characters,
-    read_snapshots,
     run_drift,
     tensor_metrics,
     token_text,
@@ -443,9 +443,9 @@ def test_a_finetuned_model_against_its_start(finetuned, shared_data, tmp_path):
     assert drift["pooled"]
     for layer in report["weights"]["layers"]:
         assert last["weight_drift"][layer["layer"]] == pytest.approx(layer["relative_change"], rel=1e-4)
-    snap = read_snapshots(run)[-1]["weights"]
+    snap = RunDir(run).read_snapshots()[-1]["weights"]
     h0 = [v for k, v in snap.items() if k.startswith("h.0.")]
-    assert run_drift(read_snapshots(run))["steps"][-1]["weight_drift"]["h.0"] == pytest.approx(sum(h0) / len(h0))
+    assert run_drift(RunDir(run).read_snapshots())["steps"][-1]["weight_drift"]["h.0"] == pytest.approx(sum(h0) / len(h0))
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -458,10 +458,9 @@ def test_a_run_alone_compares_its_start_and_end(finetuned):
     assert top["relative_change"] > 0.01
 
 
-def test_a_bad_snapshot_line_is_named(tmp_path):
-    (tmp_path / "snapshots.jsonl").write_text('{"step": 0, "weights": {}}\n{"step": oops}\n', encoding="utf-8")
-    with pytest.raises(MiniGPT2Error, match="line 2"):
-        read_snapshots(tmp_path)
+def test_a_snapshot_line_cut_short_is_skipped(tmp_path):
+    (tmp_path / "snapshots.jsonl").write_text('{"step": 0, "weights": {}}\n{"step": 5, "wei', encoding="utf-8")
+    assert [s["step"] for s in RunDir(tmp_path).read_snapshots()] == [0]  # a crash mid-write loses one line
 
 
 # ----- bad input, as a user meets it -----------------------------------------------------

@@ -27,7 +27,9 @@ from minigpt2.lora import (
 from minigpt2.report import render
 from minigpt2.snapshots import Snapshotter
 from minigpt2.tokenizer import encoding_from_files
-from minigpt2.trainer import STATE_JSON, STATE_TENSORS, TrainConfig, Trainer, checkpoints, param_groups, start_model
+from minigpt2.launch import start_model
+from minigpt2.rundir import STATE_JSON, STATE_TENSORS, RunDir
+from minigpt2.trainer import TrainConfig, Trainer, param_groups
 
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
 R, ALPHA = 2, 8.0
@@ -247,7 +249,7 @@ def test_a_lora_run_resumes_bit_for_bit_and_its_state_holds_only_adapters(corpus
 
     first = lora_trainer(corpus, base_dir, tmp_path / "split", **kw)
     assert train_losses(first, stop_at=3) == full_losses[:3]
-    assert [step for step, _ in checkpoints(tmp_path / "split")] == [3]
+    assert [c.step for c in RunDir(tmp_path / "split").checkpoints()] == [3]
     ckpt = tmp_path / "split" / "step-000003"
     state = load_file(str(ckpt / STATE_TENSORS))
     moments = [k for k in state if k.startswith("optimizer.")]
