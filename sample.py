@@ -16,8 +16,10 @@ import sys
 from minigpt2 import MiniGPT2Error, load_model, load_tokenizer, user_message
 from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int, check_decode_memory, check_vocab_fits
 from minigpt2.device import resolve_device, resolve_dtype
-from minigpt2.generate import Sampling, Utf8Guard, prepare_for_decoding
+from minigpt2.files import read_text_file
+from minigpt2.generate import Sampling, prepare_for_decoding
 from minigpt2.text import encode_prompt, generate_text
+from minigpt2.utf8 import Utf8Guard
 
 
 def parse_args(argv):
@@ -50,20 +52,6 @@ def parse_args(argv):
         p.error(user_message(e))
     args.model = args.model or ["gpt2"]
     return args
-
-
-def read_prompt_file(path: str) -> str:
-    try:
-        data = open(path, "rb").read()
-    except OSError as e:
-        raise MiniGPT2Error(f"cannot read prompt file '{path}': {e.strerror}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MiniGPT2Error(
-            f"prompt file '{path}' is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}); "
-            "save it as UTF-8 (for example `iconv -f GBK -t UTF-8`)"
-        ) from None
 
 
 def main(argv=None) -> int:
@@ -107,7 +95,7 @@ def closed_pipe() -> int:
 
 
 def run(args, out) -> int:
-    prompts = args.prompts + [read_prompt_file(f) for f in args.prompt_file]
+    prompts = args.prompts + [read_text_file(f, "prompt file") for f in args.prompt_file]
     if not prompts:
         raise MiniGPT2Error('no prompt given: pass one (or "" to start from <|endoftext|>), or --prompt-file FILE')
     device = resolve_device(args.device)

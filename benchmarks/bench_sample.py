@@ -23,7 +23,8 @@ import torch
 
 from minigpt2 import GPT, GPTConfig, load_tokenizer
 from minigpt2.device import resolve_device, resolve_dtype
-from minigpt2.generate import Sampling, Utf8Guard, generate_tokens, prepare_for_decoding
+from minigpt2.generate import Sampling, generate_tokens, prepare_for_decoding
+from minigpt2.utf8 import Utf8Guard
 
 
 def sync(device):

@@ -54,22 +54,26 @@ import torch.nn.functional as F
 
 from .checks import positive_int
 from .config import GPTConfig
+from .data import bits_per_char, perplexity
 from .device import resolve_device
 from .errors import CheckpointError, MiniGPT2Error
+from .files import read_text_file
 from .lora import adapted_tensors
 from .rundir import RunDir
+from .snapshots import capture_block_outputs, hidden_drift
+from .text import encode_prompt
 from .tokenizer import load_tokenizer
 from .weights import (
     MASK_BUFFERS,
     PREFIX,
+    checkpoint_config,
     checkpoint_files,
     get_tensor,
-    infer_config,
     load_model,
     match_keys,
     official_shapes,
     open_safetensors,
-    read_config,
+    read_header,
 )
 
 ORIENTATION = (
@@ -218,15 +222,6 @@ def tensor_kind(name: str) -> tuple[str, str]:
     return module, module  # wte, wpe, ln_f: a "layer" of their own
 
 
-def _stored_shapes(f) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-
-
-def _checkpoint_config(config_path: Path | None, stored: dict[str, tuple[int, ...]], where: Path) -> GPTConfig:
-    unprefixed = {key.removeprefix(PREFIX): shape for key, shape in stored.items()}
-    return read_config(config_path) if config_path else infer_config(unprefixed, where)
-
-
 def _architecture_mismatch(
     config_a: GPTConfig, config_b: GPTConfig, both_have_config: bool
 ) -> list[str]:
@@ -255,11 +250,8 @@ def compare_weights(a_source: str, b_source: str, *, revision: str | None = None
     stored, configs = {}, {}
     for side, (config_path, weights_path) in files.items():
         with open_safetensors(weights_path) as f:  # the header only: names, shapes
-            try:
-                stored[side] = _stored_shapes(f)
-            except Exception as e:
-                raise CheckpointError(f"'{weights_path}' is corrupted ({e}); download or save it again.") from None
-        configs[side] = _checkpoint_config(config_path, stored[side], weights_path)
+            stored[side] = read_header(f, weights_path)
+        configs[side] = checkpoint_config(config_path, stored[side], weights_path)
 
     # A grown vocabulary (vocab.py) adds rows after the shared ones: compare those, summarise the rest.
     shared_vocab = min(configs["A"].vocab_size, configs["B"].vocab_size)
@@ -364,41 +356,16 @@ def summarise(tensors: list[dict], n_layer: int) -> dict:
 
 @torch.inference_mode()
 def block_outputs(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Run `ids` (1, T) through `model`, recording every block's output with forward hooks.
+    """Run `ids` (1, T) through `model`, recording every block's output with forward hooks
+    (`snapshots.capture_block_outputs`, which always removes them again).
 
     Returns ([h.0 output, ..., h.{N-1} output], each (T, C) float64 on the CPU; last-position
-    logits (V,) float64). The hooks are removed in a `finally`, so even a failing forward pass
-    (a prompt too long, out of memory) leaves the model exactly as it was: a forgotten hook would
-    keep recording (and holding memory) on every later call.
+    logits (V,) float64).
     """
-    outputs: dict[int, torch.Tensor] = {}
-
-    def recorder(i: int):
-        def hook(module, inputs, output):
-            outputs[i] = output[0].detach().to("cpu", torch.float64)  # (T, C) of batch row 0
-
-        return hook
-
-    handles = []
-    try:
-        for i, block in enumerate(model.h):
-            handles.append(block.register_forward_hook(recorder(i)))
+    with capture_block_outputs(model) as captured:
         logits = model(ids)  # (1, T, V)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [outputs[i] for i in range(len(model.h))], logits[0, -1].to("cpu", torch.float64)
-
-
-def hidden_drift(ha: torch.Tensor, hb: torch.Tensor) -> dict[str, float]:
-    """Cosine similarity (mean over tokens) and relative difference ||hA - hB|| / ||hA|| of one
-    block's outputs, each (T, C). Identical outputs give exactly 1 and 0."""
-    d = ha - hb
-    cosine = F.cosine_similarity(ha, hb, dim=1)
-    cosine = torch.where((d == 0).all(dim=1), torch.ones_like(cosine), cosine.clamp(-1.0, 1.0))
-    norm_d, norm_a = torch.linalg.vector_norm(d).item(), torch.linalg.vector_norm(ha).item()
-    relative = 0.0 if norm_d == 0 else (math.inf if norm_a == 0 else norm_d / norm_a)
-    return {"cosine": cosine.mean().item(), "relative_diff": relative}
+    hiddens = [captured[f"h.{i}"][0].to("cpu", torch.float64) for i in range(len(model.h))]
+    return hiddens, logits[0, -1].to("cpu", torch.float64)
 
 
 def kl_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
@@ -437,17 +404,11 @@ def top_tokens(logits: torch.Tensor, enc, k: int = 5) -> list[dict]:
     return [{"id": int(i), "text": token_text(enc, int(i)), "prob": float(q)} for q, i in zip(p, ids)]
 
 
-def prompt_ids(enc, prompt: str, n_positions: int) -> tuple[list[int], bool]:
-    """Token ids of a prompt (<|endoftext|> for an empty one), keeping the last `n_positions`."""
-    ids = enc.encode(prompt, disallowed_special=()) or [enc.eot_token]
-    return ids[-n_positions:], len(ids) > n_positions
-
-
 def record_prompts(model, enc, prompts: list[str], device) -> list[dict]:
     """One model's side of `compare_activations`: block outputs and last logits per prompt."""
     records = []
     for prompt in prompts:
-        ids, truncated = prompt_ids(enc, prompt, model.config.n_positions)
+        ids, truncated = encode_prompt(enc, prompt, model.config.n_positions)
         hiddens, logits = block_outputs(model, torch.tensor([ids], device=device))
         records.append({"ids": ids, "truncated": truncated, "hiddens": hiddens, "logits": logits})
     return records
@@ -471,26 +432,6 @@ def compare_activations(prompts: list[str], records_a: list[dict], records_b: li
 
 
 # ----- behaviour on text ------------------------------------------------------------------
-
-
-def read_text(path: str | Path) -> str:
-    """A text file as str, or a `MiniGPT2Error` naming the file (and the byte offset of the first
-    invalid byte, for a file that is not UTF-8)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise MiniGPT2Error(f"cannot read text file '{path}': {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MiniGPT2Error(
-            f"text file '{path}' is not UTF-8: invalid byte 0x{data[e.start]:02x} at byte offset {e.start}. "
-            "Convert it to UTF-8 first (for example with iconv)."
-        ) from None
-    if not text:
-        raise MiniGPT2Error(f"text file '{path}' is empty; give a text to evaluate on")
-    return text
 
 
 def text_tokens(enc, text: str, max_tokens: int) -> tuple[list[int], int | None]:
@@ -556,15 +497,15 @@ def evaluate_text(model, enc, ids: list[int], characters: int, device) -> dict[s
     """
     nats = text_nats(model, ids, enc.eot_token, device)
     loss = nats / len(ids)
-    return {"loss": loss, "perplexity": math.inf if loss >= 700 else math.exp(loss),  # NaN stays NaN
-            "bits_per_char": nats / (math.log(2) * characters), "nats": nats}
+    return {"loss": loss, "perplexity": perplexity(loss), "bits_per_char": bits_per_char(loss, len(ids) / characters),
+            "nats": nats}
 
 
 def prepare_texts(paths: list[str], enc, max_tokens: int) -> list[dict]:
     """Read and tokenize every --text file up front, so a bad file fails before any model runs."""
     texts = []
     for path in paths:
-        ids, total = text_tokens(enc, read_text(path), max_tokens)
+        ids, total = text_tokens(enc, read_text_file(path, "text file"), max_tokens)
         texts.append({"file": str(path), "ids": ids, "tokens": len(ids), "characters": count_characters(enc, ids),
                       "tokens_in_file": total, "capped": total is None or total > len(ids)})
     return texts

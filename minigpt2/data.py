@@ -540,6 +540,12 @@ def eval_windows(n_tokens: int, seq_len: int, max_tokens: int | None = None) -> 
     return [k * seq_len for k in range(count)]
 
 
+def perplexity(loss_nats_per_token: float) -> float:
+    """e^loss: the number of equally likely tokens the model is as unsure as. Infinity where that
+    overflows (a loss above ~709 nats); NaN stays NaN, so a broken model never looks fine."""
+    return math.inf if loss_nats_per_token >= 709 else math.exp(loss_nats_per_token)
+
+
 def bits_per_char(loss_nats_per_token: float, tokens_per_char: float) -> float:
     """Convert a mean loss in nats per token into bits per character of the evaluated text.
 

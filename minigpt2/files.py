@@ -61,6 +61,27 @@ def read_json_object(path: str | os.PathLike, expected: str, error: type[MiniGPT
     return value
 
 
+def read_text_file(path: str | os.PathLike, what: str = "text file") -> str:
+    """A whole UTF-8 text file as str, or a `DataError` naming it: unreadable, a folder, not UTF-8
+    (with the offending byte and its offset, so the user can look at exactly that spot), or empty.
+    `what` says what the file is for ("prompt file", "text file")."""
+    from .errors import DataError
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {what} '{path}': {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} '{path}' is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}. "
+                        "Convert it to UTF-8 first (for example `iconv -f GBK -t UTF-8`)") from None
+    if not text:
+        raise DataError(f"{what} '{path}' is empty; give a file with text in it")
+    return text
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Every record of a JSON-lines file; [] if it does not exist.
 

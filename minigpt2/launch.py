@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .config import GPTConfig
 from .checks import check_vocab_fits
+from .config import GPTConfig
 from .data import check_inputs, compile_drop_lines, default_cache_dir, prepare_corpus
 from .device import resolve_dtype
 from .errors import MiniGPT2Error, OptionError

@@ -36,56 +36,6 @@ from torch import nn
 from .config import GPTConfig
 
 
-class KVCache(nn.Module):
-    """Keys and values of every token seen so far, for one attention layer.
-
-    When generating, token t+1 needs the keys and values of tokens 0..t. Those never change once
-    computed (a token only ever looks back), so instead of running the whole text through the
-    model again for every new token, we keep them here and compute only the new token's.
-
-    The buffers are allocated once at full length (gpt-fast's design): no reallocation while
-    generating, and fixed shapes that torch.compile and CUDA graphs can capture. They are not
-    persistent, so a cache never ends up in a state dict or a checkpoint.
-    """
-
-    def __init__(
-        self,
-        batch_size: int,
-        n_head: int,
-        max_len: int,
-        head_size: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        shape = (batch_size, n_head, max_len, head_size)  # (B, nh, max_len, hs)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k`, `v` (B, nh, T, hs) in slots pos..pos+T-1 and return what the queries may read.
-
-        With an int `pos` (eager generation) it returns the filled slots 0..pos+T-1, each
-        (B, nh, pos+T, hs), so attention costs grow with the text, not with the cache size.
-        With a tensor `pos` (compiled generation) it returns the whole buffers (B, nh, max_len,
-        hs): the same shapes at every step, which is what lets torch.compile and CUDA graphs
-        capture the step once; the caller's attention mask then hides the slots not yet written.
-        """
-        T = k.size(2)
-        if isinstance(pos, torch.Tensor):
-            slots = pos + torch.arange(T, device=k.device)  # (T,)
-            self.k.index_copy_(2, slots, k)
-            self.v.index_copy_(2, slots, v)
-            return self.k, self.v
-        end = pos + T
-        if end > self.k.size(2):
-            raise ValueError(f"KV cache holds {self.k.size(2)} positions; cannot write up to {end}")
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """Attention in which the T queries are the *last* T of the S keys, each seeing only the past.
 
@@ -125,8 +75,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
-        # q, k and v for all heads in one matrix multiply; the official checkpoint stores them
-        # concatenated the same way, as one (C, 3C) tensor.
+        # q, k and v for all heads in one matrix multiply. The official checkpoint stores them
+        # concatenated the same way, as one (C, 3C) tensor in Conv1D's (in, out) orientation;
+        # nn.Linear holds the transpose, (3C, C), and weights.py transposes on load and save.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         # Mixes the heads' outputs back into the residual stream.
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
@@ -238,6 +189,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        # `apply` visits children before their parent, so this runs after c_proj's own (nn.Linear)
+        # initialisation above and overrides it.
         if isinstance(module, (CausalSelfAttention, MLP)):
             nn.init.normal_(module.c_proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
         if isinstance(module, nn.LayerNorm):
@@ -327,3 +280,56 @@ class GPT(nn.Module):
         # loses too much precision in 16 bits.
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+
+# ----- for generation: the KV cache ------------------------------------------------------------
+
+
+class KVCache(nn.Module):
+    """Keys and values of every token seen so far, for one attention layer.
+
+    When generating, token t+1 needs the keys and values of tokens 0..t. Those never change once
+    computed (a token only ever looks back), so instead of running the whole text through the
+    model again for every new token, we keep them here and compute only the new token's.
+
+    The buffers are allocated once at full length (gpt-fast's design): no reallocation while
+    generating, and fixed shapes that torch.compile and CUDA graphs can capture. They are not
+    persistent, so a cache never ends up in a state dict or a checkpoint.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_head: int,
+        max_len: int,
+        head_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_size)  # (B, nh, max_len, hs)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `k`, `v` (B, nh, T, hs) in slots pos..pos+T-1 and return what the queries may read.
+
+        With an int `pos` (eager generation) it returns the filled slots 0..pos+T-1, each
+        (B, nh, pos+T, hs), so attention costs grow with the text, not with the cache size.
+        With a tensor `pos` (compiled generation) it returns the whole buffers (B, nh, max_len,
+        hs): the same shapes at every step, which is what lets torch.compile and CUDA graphs
+        capture the step once; the caller's attention mask then hides the slots not yet written.
+        """
+        T = k.size(2)
+        if isinstance(pos, torch.Tensor):
+            slots = pos + torch.arange(T, device=k.device)  # (T,)
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
+            return self.k, self.v
+        end = pos + T
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions; cannot write up to {end}")
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]

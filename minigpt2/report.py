@@ -277,44 +277,122 @@ def require_matplotlib():
 
 
 def write_plot(result: dict, path: str | os.PathLike, force: bool = False) -> Path:
-    """A PNG: the (layers x module kinds) heatmap of relative weight change, the per-block
-    activation drift of every prompt, and a run's drift over steps when one was given."""
+    """A PNG of what a person looks at first. For a training run: its learning curves on top
+    (training loss, and each eval set in bits per character), then the weights heatmap (every
+    layer, the embeddings and final LayerNorm included) beside the activation drift per block,
+    then how the weights and block outputs drifted over the steps. Without a run, the middle row."""
     path = check_new_file(path, force)
     matplotlib = require_matplotlib()
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit needed
     from matplotlib import pyplot as plt
 
     run = result["runs"][0] if result["runs"] else None
-    panels = 2 + (2 if run and run["steps"] else 0)
-    rows = panels // 2  # the comparison on top, a run's drift over steps below it
-    fig, axes = plt.subplots(rows, 2, figsize=(12, 5.2 * rows), squeeze=False)
-    axes = axes.flatten()
+    has_curves = bool(run and (run.get("curves", {}).get("train") or run.get("curves", {}).get("eval")))
+    has_steps = bool(run and run["steps"])
+    rows = 1 + has_curves + has_steps
+    fig, axes = plt.subplots(rows, 2, figsize=(13, 5 * rows), squeeze=False)
+    font = cjk_font()
     try:
-        _plot_heatmap(fig, axes[0], result)
-        _plot_activations(axes[1], result)
-        if panels == 4:
-            _plot_steps(axes[2], run, "weight_drift", f"run {run['side']}: weights, relative change per layer vs step")
-            _plot_steps(axes[3], run, "activation_drift", f"run {run['side']}: block outputs on the probe, rel. diff vs step")
+        row = 0
+        if has_curves:
+            _plot_curves(axes[0][0], axes[0][1], run)
+            row += 1
+        _plot_heatmap(fig, axes[row][0], result)
+        _plot_activations(axes[row][1], result, font)
+        if has_steps:
+            _plot_steps(axes[row + 1][0], run, "weight_drift", "weights: relative change per layer since the start")
+            _plot_steps(axes[row + 1][1], run, "activation_drift", "block outputs on the probe: rel. diff since the start")
         fig.suptitle(f"A = {result['a']['source']}   vs   B = {result['b']['source']}", fontsize=11)
-        with warnings.catch_warnings():  # the bundled fonts lack CJK glyphs (a path may have some)
+        with warnings.catch_warnings():  # without a CJK font, Chinese in a path shows as boxes
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")
             fig.tight_layout()
-            write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+            write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
     return path
 
 
-def _plot_heatmap(fig, ax, result: dict) -> None:
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Micro Hei", "WenQuanYi Zen Hei",
+             "PingFang SC", "Heiti SC", "Microsoft YaHei", "SimHei", "Noto Sans CJK JP", "AR PL UMing CN")
+
+
+def cjk_font() -> str | None:
+    """An installed font that has Chinese glyphs (matplotlib's own fonts have none), or None."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return next((name for name in CJK_FONTS if name in installed), None)
+
+
+def prompt_label(number: int, prompt: str, font: str | None) -> str:
+    """The legend entry of a prompt: its text, shortened, where it can be drawn; else its number
+    (a Chinese prompt without a CJK font would be a row of empty boxes)."""
+    if prompt.isascii() or font is not None:
+        return f"prompt {number}: {quoted(prompt, 28)}"
+    return f"prompt {number} (install a CJK font, e.g. fonts-noto-cjk, to see its text)"
+
+
+def _plot_curves(ax_loss, ax_bpc, run: dict) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    curves = run["curves"]
+    train = curves["train"]
+    if train:
+        steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+        ax_loss.plot(steps, losses, color="0.75", linewidth=0.8, label="each step")
+        window = max(1, len(losses) // 30)
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
+        ax_loss.plot(steps, smooth, color="tab:blue", label=f"mean of {window} steps" if window > 1 else "loss")
+        ax_loss.legend(fontsize=8)
+    ax_loss.set_title(f"run {run['side']}: training loss (nats per token)", fontsize=10)
+    for (name, points), colour in zip(curves["eval"].items(), _colours(len(curves["eval"]))):
+        ax_bpc.plot([p["step"] for p in points], [p["bpc"] for p in points], marker="o", color=colour,
+                    label=name if name.isascii() or cjk_font() else f"eval set {len(ax_bpc.lines) + 1}")
+    if curves["eval"]:
+        ax_bpc.legend(fontsize=8)
+    ax_bpc.set_title(f"run {run['side']}: evaluation, bits per character (lower is better)", fontsize=10)
+    for ax in (ax_loss, ax_bpc):
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+
+
+def _colours(n: int) -> list:
+    """n colours that can be told apart: tab10, then tab20 for more."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def heatmap_rows(result: dict) -> tuple[list[str], list[str], list[list[float]]]:
+    """(row labels, column labels, values in %) of the weights heatmap: a row per block with a
+    column per module kind, plus rows for the token and position embeddings and the final
+    LayerNorm, and a last column with each row's pooled change (the only cell those three have)."""
     heat = result["weights"]["heatmap"]
-    values = [[100 * v if v is not None and math.isfinite(v) else float("nan") for v in row]
-              for row in heat["relative_change"]]
+    pooled = {r["layer"]: r["relative_change"] for r in result["weights"]["layers"]}
+    kinds = list(heat["kinds"]) + ["(all)"]
+    rows, values = [], []
+    for layer in ["wte", "wpe", *heat["layers"], "ln_f"]:
+        if layer in heat["layers"]:
+            cells = list(heat["relative_change"][heat["layers"].index(layer)])
+        else:
+            cells = [None] * len(heat["kinds"])
+        rows.append(layer)
+        values.append([100 * v if v is not None and math.isfinite(v) else float("nan")
+                       for v in [*cells, pooled.get(layer)]])
+    return rows, kinds, values
+
+
+def _plot_heatmap(fig, ax, result: dict) -> None:
+    layers, kinds, values = heatmap_rows(result)
     image = ax.imshow(values, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(heat["kinds"])), heat["kinds"], rotation=35, ha="right", fontsize=8)
-    step = max(1, len(heat["layers"]) // 24)
-    ax.set_yticks(range(0, len(heat["layers"]), step), heat["layers"][::step], fontsize=8)
+    ax.set_xticks(range(len(kinds)), kinds, rotation=35, ha="right", fontsize=8)
+    step = max(1, len(layers) // 24)
+    ax.set_yticks(range(0, len(layers), step), layers[::step], fontsize=8)
     ax.set_title("relative weight change ||A-B||/||A|| (%)", fontsize=10)
-    if len(heat["layers"]) <= 16:
+    if len(layers) <= 20:
         top = max((v for row in values for v in row if v == v), default=0)
         for i, row in enumerate(values):
             for j, v in enumerate(row):
@@ -324,37 +402,40 @@ def _plot_heatmap(fig, ax, result: dict) -> None:
     fig.colorbar(image, ax=ax, fraction=0.046)
 
 
-def _plot_activations(ax, result: dict) -> None:
+def _plot_activations(ax, result: dict, font: str | None) -> None:
     ax.set_title("activation drift per block: ||hA-hB||/||hA|| (%)", fontsize=10)
     if not result["activations"]:
         ax.text(0.5, 0.5, "no --prompt given", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return
-    for number, act in enumerate(result["activations"], 1):
+    for (number, act), colour in zip(enumerate(result["activations"], 1), _colours(len(result["activations"]))):
         ys = [100 * b["relative_diff"] if math.isfinite(b["relative_diff"]) else float("nan") for b in act["blocks"]]
-        # matplotlib's bundled fonts have no Chinese glyphs: such prompts go by their number
-        label = f"prompt {number}" + (f": {quoted(act['prompt'], 24)}" if act["prompt"].isascii() else "")
-        ax.plot(range(len(ys)), ys, marker="o", label=label)
+        ax.plot(range(len(ys)), ys, marker="o", color=colour, label=prompt_label(number, act["prompt"], font))
     blocks = [b["block"] for b in result["activations"][0]["blocks"]]
     step = max(1, len(blocks) // 16)
     ax.set_xticks(range(0, len(blocks), step), blocks[::step], fontsize=8)
     ax.set_xlabel("block output")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    legend = ax.legend(fontsize=7)
+    if font is not None:
+        for text in legend.get_texts():
+            text.set_fontfamily(font)
 
 
 def _plot_steps(ax, run: dict, key: str, title: str) -> None:
-    from matplotlib import cm
+    from matplotlib.ticker import MaxNLocator
 
     steps = [s["step"] for s in run["steps"]]
     layers = [layer for layer in run["layers"] if any(layer in s[key] for s in run["steps"])]
-    colours = cm.viridis([i / max(1, len(layers) - 1) for i in range(len(layers))])
-    for layer, colour in zip(layers, colours):
+    styles = ("-", "--", ":", "-.")
+    for i, (layer, colour) in enumerate(zip(layers, _colours(len(layers)))):
         ys = [100 * s[key][layer] if s[key].get(layer) is not None else float("nan") for s in run["steps"]]
-        ax.plot(steps, ys, color=colour, label=layer, marker="." if len(steps) < 30 else None)
-    ax.set_title(title + " (%)", fontsize=10)
+        ax.plot(steps, ys, color=colour, linestyle=styles[i // 10 % len(styles)], label=layer,
+                marker="." if len(steps) < 30 else None)
+    ax.set_title(f"run {run['side']}: {title} (%)", fontsize=10)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2 if len(layers) > 8 else 1)

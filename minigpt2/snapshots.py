@@ -16,6 +16,7 @@ during training.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -54,6 +55,19 @@ def capture_block_outputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]
             handle.remove()
 
 
+def hidden_drift(ha: torch.Tensor, hb: torch.Tensor) -> dict[str, float]:
+    """How far one block's output B moved from A, each (T, C): the mean over tokens of their cosine
+    similarity, and the relative difference ||hA - hB|| / ||hA||. Identical outputs give exactly 1
+    and 0 (not 1 - rounding). The one measure of activation drift: snapshots during training and
+    `compare` afterwards both use it."""
+    d = ha - hb
+    cosine = F.cosine_similarity(ha, hb, dim=1)
+    cosine = torch.where((d == 0).all(dim=1), torch.ones_like(cosine), cosine.clamp(-1.0, 1.0))
+    norm_d, norm_a = torch.linalg.vector_norm(d).item(), torch.linalg.vector_norm(ha).item()
+    relative = 0.0 if norm_d == 0 else (math.inf if norm_a == 0 else norm_d / norm_a)
+    return {"cosine": cosine.mean().item(), "relative_diff": relative}
+
+
 class Snapshotter:
     """Remembers the starting model (a float32 copy on the CPU) and measures drift from it."""
 
@@ -90,9 +104,5 @@ class Snapshotter:
             weights[name] = diff / base if base > 0 else diff
         activations = {}
         for name, h in self.block_outputs(model).items():
-            h0 = self.h0[name]
-            activations[name] = {
-                "cosine": F.cosine_similarity(h.double(), h0.double(), dim=-1).mean().item(),
-                "relative_diff": (torch.linalg.vector_norm((h - h0).double()) / torch.linalg.vector_norm(h0.double())).item(),
-            }
+            activations[name] = hidden_drift(self.h0[name].double(), h.double())
         return {"step": step, "tokens": tokens, "weights": weights, "activations": activations, "probe": self.probe_text}

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import Sampling, Utf8Guard, Utf8Stream, generate_tokens
+from .generate import Sampling, generate_tokens
 from .model import GPT
+from .utf8 import Utf8Guard, Utf8Stream
 
 # Code point ranges counted as CJK: ideographs (with extensions and compatibility forms),
 # CJK punctuation, kana, Hangul, and full-width forms such as "，" and "！".

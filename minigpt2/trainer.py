@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .checks import SEED_MAX, finite, integer, non_negative_int, positive_int
-from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows
+from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows, perplexity
 from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
 from .errors import CheckpointError, MiniGPT2Error
 from .flops import flops_per_token, peak_flops
@@ -166,11 +166,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
         {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0},
     ]
-
-
-def perplexity(loss: float) -> float:
-    """e^loss, or infinity where that overflows (a loss above ~709 nats per token)."""
-    return math.exp(loss) if loss < 709 else math.inf
 
 
 class Trainer:

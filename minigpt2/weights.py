@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
+from . import files
 from .config import GPTConfig
 from .device import resolve_device, resolve_dtype
-from . import files
 from .errors import CheckpointError
 from .files import write_atomically
 from .hub import OFFICIAL_REPOS, hub_file, local_path
@@ -117,6 +117,20 @@ def read_json_object(path: Path, expected: str) -> dict:
 
 def read_config(path: Path) -> GPTConfig:
     return GPTConfig.from_hf_config(read_json_object(path, "a GPT-2 config.json"), where=str(path))
+
+
+def read_header(f, where: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape, from an open safetensors file's header (no data is read)."""
+    try:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"'{where}' is corrupted ({e}); download or save it again.") from None
+
+
+def checkpoint_config(config_path: Path | None, stored: dict[str, tuple[int, ...]], where: Path) -> GPTConfig:
+    """The model's shape: from config.json, or (a bare .safetensors file) inferred from its tensors."""
+    unprefixed = {key.removeprefix(PREFIX): shape for key, shape in stored.items()}
+    return read_config(config_path) if config_path else infer_config(unprefixed, where)
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], where: Path) -> GPTConfig:
@@ -228,12 +242,8 @@ def load_model(
     config_path, weights_path = checkpoint_files(source, revision)
 
     with open_safetensors(weights_path) as f:
-        try:
-            stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        except Exception as e:
-            raise CheckpointError(f"'{weights_path}' is corrupted ({e}); download or save it again.") from None
-        unprefixed = {key.removeprefix(PREFIX): shape for key, shape in stored.items()}
-        config = read_config(config_path) if config_path else infer_config(unprefixed, weights_path)
+        stored = read_header(f, weights_path)
+        config = checkpoint_config(config_path, stored, weights_path)
         keys = match_keys(stored, official_shapes(config), weights_path)
 
         # Build the model without allocating or initialising random weights (meta device), then

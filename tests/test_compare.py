@@ -484,7 +484,7 @@ def test_bad_inputs_give_one_clear_message(tmp_path, shared_data):
 
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("abcé".encode("latin-1"))
-    assert_clean_error(run_compare(a, b, "--text", latin1), "latin1.txt", "not UTF-8", "byte offset 3")
+    assert_clean_error(run_compare(a, b, "--text", latin1), "latin1.txt", "not valid UTF-8", "at offset 3")
 
     (tmp_path / "exists.json").write_text("{}")
     assert_clean_error(run_compare(a, b, "--json", tmp_path / "exists.json"), "already exists", "--force")

@@ -113,7 +113,7 @@ def test_prompt_file_that_is_not_utf8(tmp_path):
     bad = tmp_path / "gbk.txt"
     bad.write_bytes("今天的天气".encode("utf-8")[:6] + "天气".encode("gbk"))
     result = run_sample("--prompt-file", str(bad), hf_home=tmp_path)
-    assert_clean_error(result, str(bad), "not valid UTF-8", "byte 6")
+    assert_clean_error(result, str(bad), "not valid UTF-8", "at offset 6")
     missing = run_sample("--prompt-file", str(tmp_path / "nope.txt"), hf_home=tmp_path)
     assert_clean_error(missing, "nope.txt")
 

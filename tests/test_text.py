@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from minigpt2 import GPT, GPTConfig, load_tokenizer
-from minigpt2.generate import Sampling, Utf8Stream
+from minigpt2.generate import Sampling
+from minigpt2.utf8 import Utf8Stream
 from minigpt2.text import cjk_share, encode_prompt, generate_text
 
 

@@ -10,7 +10,7 @@ import torch
 from minigpt2.bpe import _MergeRules, count_pretokens, learn_merges_from_counts
 from minigpt2.config import GPTConfig
 from minigpt2.data import check_inputs, read_chunks
-from minigpt2.generate import Utf8Guard
+from minigpt2.utf8 import Utf8Guard
 from minigpt2.model import GPT
 from minigpt2.tokenizer import encoding_from_files, load_tokenizer
 from minigpt2.vocab import grow_model, learn_merges_cached, old_pieces, tokens_per_char, write_tokenizer_files
