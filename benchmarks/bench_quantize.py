@@ -40,17 +40,17 @@ TRAIN_NOVELS = ("红楼梦.txt", "西游记.txt", "水浒传.txt", "三国演义
 HELD_OUT = "鲁迅小说集.txt"
 
 
-def train_small(data: Path, steps: int, enc) -> GPT:
-    """A 4-layer, width-256 GPT-2 trained for `steps` steps of 8 x 128 tokens on the novels."""
+def train_small(data: Path, steps: int, batch_size: int, enc) -> GPT:
+    """A 4-layer, width-256 GPT-2 trained for `steps` steps of batch_size x 128 tokens on the novels."""
     corpus = prepare_corpus([data / "zh" / name for name in TRAIN_NOVELS], enc)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, n_positions=128, dropout=0.0))
-    config = TrainConfig(steps=steps, batch_size=8, seq_len=128, lr=2e-3, eval_every=0, eval_tokens=4096)
+    config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=128, lr=2e-3, eval_every=0, eval_tokens=4096)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, corpus.train, {}, config, Path(tmp) / "run", tokenizer_source=data / "gpt2")
         start = time.perf_counter()
         for record in trainer.run():
-            if record.get("type") == "train" and record["step"] % 50 == 0:
+            if record.get("type") == "train" and record["step"] % 25 == 0 or record["step"] == steps:
                 print(f"  step {record['step']}: loss {record['loss']:.3f}", flush=True)
         print(f"trained {steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
     return model.eval()
@@ -90,6 +90,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a trained checkpoint to measure instead of training one")
     p.add_argument("--steps", type=int, default=300, help="training steps for the small model (default 300)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows of 128 tokens per training step (default 8)")
     p.add_argument("--save", help="save the trained small model here (reuse it with --model)")
     p.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens to evaluate (default 32768)")
     args = p.parse_args()
@@ -103,7 +104,7 @@ def main() -> int:
         model = load_model(args.model)
     else:
         with torch.enable_grad():
-            model = train_small(data, args.steps, enc)
+            model = train_small(data, args.steps, args.batch_size, enc)
         if args.save:
             save_model(model, args.save, tokenizer_source=data / "gpt2", overwrite=True)
     c = model.config
