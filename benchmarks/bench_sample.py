@@ -5,8 +5,11 @@ top-k sampling. The runs alternate (transformers, minigpt2, transformers, ...) a
 each is reported, so a machine that gets busier in the middle slows both. minigpt2 runs as
 sample.py does by default: KV cache and UTF-8 guard on. With --compile, minigpt2 as
 `sample.py --compile` joins the rotation (its one-time compilation is timed separately). Then
-minigpt2 with and without its KV cache at 500 new tokens. The last line is the ratio
-minigpt2 / transformers (with --compile, the compiled one).
+minigpt2 with and without its KV cache at 500 new tokens. minigpt2 with int8 weight-only linear
+layers (`load_model(..., quantize="int8")`) is in the rotation too, and its quality is printed
+beside it: relative logits error and top-1 agreement against float32, on held-out text (Lu Xun,
+from $MINIGPT2_SHARED_DATA; random tokens without it). These are random weights: for quality on a
+trained model, see bench_quantize.py. The last line is the ratio minigpt2 int8 / transformers.
 
     python benchmarks/bench_sample.py                      # CPU
     python benchmarks/bench_sample.py --compile            # CPU, eager and compiled
@@ -14,6 +17,8 @@ minigpt2 / transformers (with --compile, the compiled one).
 """
 
 import argparse
+import copy
+import json
 import os
 import statistics
 import time
@@ -24,6 +29,7 @@ import torch
 from minigpt2 import GPT, GPTConfig, load_tokenizer
 from minigpt2.device import resolve_device, resolve_dtype
 from minigpt2.generate import Sampling, generate_tokens, prepare_for_decoding
+from minigpt2.quantize import quantize_model
 from minigpt2.utf8 import Utf8Guard
 
 
@@ -41,6 +47,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="also minigpt2 with its compiled decode step")
     p.add_argument("--no-cache-tokens", type=int, default=500, help="tokens for the cache vs no-cache run (0: skip)")
     p.add_argument("--layers", type=int, default=12, help="fewer for a quick check")
+    p.add_argument("--json-out", metavar="FILE", help="also write the figures to this JSON file")
     args = p.parse_args()
 
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -55,6 +62,7 @@ def main():
         for name, param in ours.state_dict().items():
             w = sd["wte.weight" if name == "lm_head.weight" else name]
             param.copy_(w.t() if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else w)
+    int8 = prepare_for_decoding(quantize_model(copy.deepcopy(ours)))  # as sample.py --quantize int8 does
     prepare_for_decoding(ours)  # as sample.py does
 
     data = os.environ.get("MINIGPT2_SHARED_DATA")
@@ -74,19 +82,21 @@ def main():
         assert out.shape[1] == 16 + n_tokens
         return n_tokens / (time.perf_counter() - t)
 
-    def run_ours(n_tokens, use_cache=True, compile=False):
+    def run_ours(n_tokens, use_cache=True, compile=False, model=ours):
         sync(device)
         t = time.perf_counter()
-        steps = list(generate_tokens(ours, prompt.tolist(), n_tokens, Sampling(top_k=50), guard=guard,
+        steps = list(generate_tokens(model, prompt.tolist(), n_tokens, Sampling(top_k=50), guard=guard,
                                      generator=torch.Generator(device=device).manual_seed(0),
                                      use_cache=use_cache, compile=compile))
         sync(device)
         assert len(steps) == n_tokens
         return n_tokens / (time.perf_counter() - t)
 
-    contestants = {"transformers generate": run_hf, "minigpt2": run_ours}
+    contestants = {"transformers generate": run_hf, "minigpt2": run_ours,
+                   "minigpt2 int8": lambda n_tokens: run_ours(n_tokens, model=int8)}
     if args.compile:
         contestants["minigpt2 --compile"] = lambda n_tokens: run_ours(n_tokens, compile=True)
+        contestants["minigpt2 int8 --compile"] = lambda n_tokens: run_ours(n_tokens, compile=True, model=int8)
     first_call_s = {}
     for name, run in contestants.items():  # warm-up (and compilation, for all the lengths to come)
         t = time.perf_counter()
@@ -109,10 +119,37 @@ def main():
         cached, uncached = run_ours(m), run_ours(m, use_cache=False)
         print(f"minigpt2, {m} new tokens: cached {cached:.1f} tok/s, --no-cache {uncached:.1f} tok/s: "
               f"cache speedup {cached / uncached:.1f}x")
+    quality = int8_quality(ours, int8, data, device)
+    print(f"minigpt2 int8 vs float32 on {quality['text']} ({quality['tokens']} tokens, random weights): logits error "
+          f"{quality['logits_error']:.2%}, top-1 agreement {quality['top1_agreement']:.2%}")
     hf_rate = median["transformers generate"]
-    print(f"ratio minigpt2 / transformers: {median['minigpt2'] / hf_rate:.2f}x")
+    ratios = {name: rate / hf_rate for name, rate in median.items() if name != "transformers generate"}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"device": hw, "dtype": str(dtype).removeprefix("torch."),
+                                                   "tokens_per_s": median, "first_call_s": first_call_s,
+                                                   "ratio_to_transformers": ratios, "int8_quality": quality}, indent=2))
+    print(f"ratio minigpt2 / transformers: {ratios['minigpt2']:.2f}x")
     if args.compile:
-        print(f"ratio minigpt2 --compile / transformers: {median['minigpt2 --compile'] / hf_rate:.2f}x")
+        print(f"ratio minigpt2 --compile / transformers: {ratios['minigpt2 --compile']:.2f}x")
+        print(f"ratio minigpt2 int8 --compile / transformers: {ratios['minigpt2 int8 --compile']:.2f}x")
+    print(f"ratio minigpt2 int8 / transformers: {ratios['minigpt2 int8']:.2f}x")
+
+
+@torch.inference_mode()
+def int8_quality(ours, int8, data, device, n_tokens=512):
+    """Relative logits error and top-1 agreement of the int8 model against float32, teacher-forced."""
+    text = Path(data or "") / "zh" / "鲁迅小说集.txt"
+    if data and text.is_file() and (Path(data) / "gpt2" / "vocab.json").is_file():
+        enc = load_tokenizer(Path(data) / "gpt2")
+        ids = enc.encode_ordinary(text.read_text(encoding="utf-8")[:20_000])[:n_tokens]
+        name = "鲁迅小说集"
+    else:
+        ids = torch.randint(0, 50257, (n_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+        name = "random tokens"
+    windows = torch.tensor(ids[: len(ids) // 128 * 128], device=device).view(-1, 128)  # (W, 128)
+    ref, q = ours(windows).float(), int8(windows).float()  # (W, 128, vocab)
+    return {"text": name, "tokens": windows.numel(), "logits_error": ((q - ref).norm() / ref.norm()).item(),
+            "top1_agreement": (q.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ The last line is the ratio minigpt2 / transformers for every shape.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -65,13 +66,16 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--layers", type=int, default=12, help="fewer blocks for a quick check (default 12)")
+    p.add_argument("--json-out", metavar="FILE", help="also write the figures to this JSON file")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = autocast_dtype(args.dtype, device)
-    config = GPTConfig.from_preset("gpt2", dropout=0.0)
+    config = GPTConfig.from_preset("gpt2", dropout=0.0, n_layer=args.layers)
     print(f"device {device}, autocast {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     ratios = []
+    results = {}
     for shape in args.shapes:
         B, T = map(int, shape.split("x"))
         hf = transformers_model(config, device)
@@ -123,7 +127,11 @@ def main() -> int:
         pairs = [hf / ours for ours, hf in zip(times["minigpt2"], times["transformers"])]
         print(f"{shape:>8} paired step-time ratios transformers/minigpt2: " + " ".join(f"{r:.2f}" for r in pairs))
         ratios.append((shape, statistics.median(pairs)))
+        mfus = {k: v * flops_per_token(config, T) / peak if peak else None for k, v in speeds.items()}
+        results[shape] = {k: {"tokens_per_s": speeds[k], "mfu": mfus[k]} for k in speeds} | {"ratio": ratios[-1][1]}
         del hf, ours, trainer, opt
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"device": str(device), "dtype": str(dtype), "shapes": results}))
     print("minigpt2 / transformers: " + ", ".join(f"{shape} {r:.2f}x" for shape, r in ratios))
     return 0
 

@@ -626,6 +626,7 @@ def compare(
     device: str | torch.device = "cpu",
     max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS,
     revision: str | None = None,
+    quantize: str | None = None,
 ) -> dict:
     """Compare checkpoint A (the reference, e.g. before fine-tuning) with B (e.g. after).
 
@@ -638,6 +639,9 @@ def compare(
     "behaviour" (per text: A's and B's loss, perplexity, bits per character), "runs" (drift over
     steps per run given), "max_eval_tokens"}. Infinite values (a relative change from an all-zero
     tensor) are kept as `math.inf`; `minigpt2.report.to_json` writes them as null.
+
+    `quantize="int8"` runs the prompts and texts through int8 weight-only models (a speed option;
+    see `minigpt2.quantize`); the weights themselves are always compared as stored.
     """
     positive_int("max_eval_tokens", max_eval_tokens)  # the evaluation cap, in tokens
     if b is None:
@@ -673,7 +677,7 @@ def compare(
     if enc is not None:
         recorded, scores = {}, {}
         for side, info in (("A", side_a), ("B", side_b)):
-            model = load_model(info["checkpoint"], device=device, revision=revision)
+            model = load_model(info["checkpoint"], device=device, revision=revision, quantize=quantize)
             recorded[side] = record_prompts(model, enc, list(prompts), device)
             scores[side] = [evaluate_text(model, enc, t["ids"], t["characters"], device) for t in prepared]
             del model  # free A before loading B: one model in memory at a time

@@ -221,6 +221,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     *,
     revision: str | None = None,
+    quantize: str | None = None,
 ) -> GPT:
     """Load a GPT-2 from a model name, hub repo id, checkpoint directory or .safetensors file.
 
@@ -230,6 +231,8 @@ def load_model(
         device: where to put the model (`cpu`, `cuda`, `mps`, `auto`); default cpu.
         dtype: parameter dtype (`float32`, `bfloat16`, `float16`, or a torch.dtype); default float32.
         revision: a branch, tag or commit of a hub model.
+        quantize: `int8` for int8 weight-only linear layers (faster decoding, inference only;
+            see `minigpt2.quantize`). The file itself is always the float weights.
 
     The model is returned in eval mode. It records its `source`, so `save_model` can copy the
     tokenizer files along. Loading is strict: a missing, unexpected or mis-shaped tensor, an
@@ -267,6 +270,10 @@ def load_model(
     model.eval()
     model.source = str(source)
     model.inferred_config = config_path is None  # the caller may tell the user the shape was guessed
+    if quantize is not None:
+        from .quantize import quantize_model
+
+        model = quantize_model(model, quantize)
     return model
 
 
@@ -326,6 +333,11 @@ def save_model(
     """
     from safetensors.torch import save_file
 
+    if getattr(model, "quantized", None):
+        raise CheckpointError(
+            f"this model is quantized ({model.quantized}) for inference; a checkpoint always holds the float "
+            "weights: save the model before quantizing it, or load the original checkpoint again."
+        )
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"cannot save to '{directory}': it is a file, not a directory.")

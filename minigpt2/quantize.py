@@ -1,0 +1,167 @@
+"""int8 weight-only quantization for faster decoding, applied at load time.
+
+Generating one token at a time multiplies a single hidden vector by every weight matrix of the
+model: each weight is read from memory once per token and used for one multiply-add. The
+arithmetic is trivial; the time goes into reading ~500 MB of float32 weights (GPT-2 small) per
+token. Decoding is *memory-bound*, so the way to go faster is to read fewer bytes.
+
+Weight-only int8 stores each linear weight as int8 (1 byte instead of 4) with one float scale per
+output channel (per row of the (out, in) matrix):
+
+    W[o, i]  ≈  scale[o] * q[o, i],    q in [-127, 127],   scale[o] = max_i |W[o, i]| / 127
+
+A per-row scale follows the row's own range, so one large row does not cost the others their
+precision; the rounding error is at most scale/2 per weight (about 0.2% of the row's largest
+value). The activations stay in float: only the weights are approximated.
+
+Which kernel does that fastest depends on the device:
+
+- CPU: PyTorch ships fbgemm's int8 GEMM (the kernel behind `torch.ao.quantization.quantize_dynamic`),
+  with weights prepacked once in the layout its VNNI/AVX-512 inner loops want. It needs the input
+  in 8 bits as well, and 8-bit activations alone would put several percent of error into the
+  logits. So `Int8Linear` feeds it two rows per input row: the activation quantized to 8 bits,
+  and its rounding remainder scaled up 127x and quantized again. Adding the two results back
+  (`y1 + y2 / 127`) is a ~15-bit activation, close enough to float that the error left is the
+  weights' own. Decoding is memory-bound, so the second row is free: the weights are still read
+  once per token, now for two rows instead of one.
+- Elsewhere (CUDA, or a bfloat16 model): `F.linear(x, q.to(x.dtype)) * scale`, the form
+  gpt-fast uses. Eagerly it converts the weight before the matmul; under torch.compile the
+  conversion is fused into the matmul, so the weight is read once, as int8.
+
+The model stays a `GPT` with the same module names (`h.0.attn.c_attn`, ...), so forward hooks
+keep working; only the `nn.Linear` objects are replaced. It is for inference only: quantized
+weights have no gradients, and `weights.save_model` refuses to write such a model (a checkpoint
+is always the float weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MiniGPT2Error
+from .model import GPT
+
+MODES = ("int8",)
+REMAINDER_GAIN = 127.0  # the rounding remainder of an 8-bit activation, scaled up before its second pass
+BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight (out, in) as int8 values (out, in) and a float32 scale per output row (out,).
+
+    Symmetric rounding: 0 stays exactly 0 and no zero point is needed, so the kernel's work is a
+    plain integer dot product followed by one multiply per output.
+    """
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # (out,): a row of zeros gets a harmless tiny scale
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+    return q, scale
+
+
+def cpu_int8_kernel_available() -> bool:
+    """True when this PyTorch build has fbgemm's int8 GEMM (x86 CPUs; not ARM builds)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@contextlib.contextmanager
+def _fbgemm_engine():
+    """Prepack with fbgemm: the default `x86` engine may pick oneDNN, which lacks the float-output op."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def prepack_for_cpu(q: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's packed form of an int8 weight (out, in) with per-row scales (no bias: added in float)."""
+    zero_points = torch.zeros(q.size(0), dtype=torch.long)
+    with warnings.catch_warnings(), _fbgemm_engine():
+        warnings.simplefilter("ignore")  # quantized tensor types are deprecated; the packed kernel is not
+        qweight = torch._make_per_channel_quantized_tensor(q.cpu(), scale.double().cpu(), zero_points, 0)
+        return torch.ops.quantized.linear_prepack(qweight, None)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is stored as int8 with one float scale per output channel.
+
+    y = x @ (scale[:, None] * q).T + bias, with q (out, in) int8 and scale (out,) float32: a
+    quarter of the bytes of a float32 weight, which is what a decode step spends its time
+    reading (see the module docstring). `weight` and `scale` are buffers, so `.to(device)` moves
+    them; the CPU kernel's packed copy is made once, when the layer is built on the CPU.
+    """
+
+    def __init__(self, linear: nn.Linear, *, refine_activations: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_weight(linear.weight)
+        self.register_buffer("weight", q)  # (out, in) int8
+        self.register_buffer("scale", scale)  # (out,) float32
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.register_buffer("bias", bias)  # (out,) float32 or None
+        # False feeds the CPU kernel 8-bit activations only (what quantize_dynamic does): faster
+        # to explain, several times the error. Kept for measuring that difference.
+        self.refine_activations = refine_activations
+        on_cpu = linear.weight.device.type == "cpu"
+        self._packed = prepack_for_cpu(q, scale) if on_cpu and cpu_int8_kernel_available() else None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            y = self._forward_fbgemm(x)
+        else:  # gpt-fast's form; fused into one int8-reading matmul under torch.compile
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _forward_fbgemm(self, x: torch.Tensor) -> torch.Tensor:
+        """fbgemm's int8 GEMM on the activation and on its rounding remainder, in one call."""
+        shape = x.shape
+        x2d = x.reshape(-1, self.in_features)  # (N, in)
+        step = max(float(x2d.abs().max()), 1e-12) / 127  # one scale for this call: quint8, zero point 128
+        if not self.refine_activations:
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2d, step, 128, self._packed)
+            return y.reshape(*shape[:-1], self.out_features)
+        remainder = x2d - torch.round(x2d / step) * step  # (N, in), each within ±step/2
+        both = torch.cat([x2d, remainder * REMAINDER_GAIN])  # (2N, in): still inside the 8-bit range
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(both, step, 128, self._packed)
+        n = x2d.size(0)
+        y = y[:n] + y[n:] / REMAINDER_GAIN  # (N, out)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_model(model: GPT, mode: str = "int8", *, lm_head: bool = False) -> GPT:
+    """Replace the model's linear layers by `Int8Linear`, in place; returns the model (in eval mode).
+
+    Every linear layer of the blocks is quantized. `lm_head` (the output layer, tied to the token
+    embedding) is quantized too when asked: it is a third of GPT-2 small's weights, but on our
+    2-core test CPU the int8 kernel was no faster than the float32 one for its 50,257 outputs
+    (see benchmarks/bench_quantize.py), and it carries the largest error straight into the logits,
+    so by default it stays float. The embeddings (`wte`, `wpe`) stay float: a lookup reads one row.
+    """
+    if mode not in MODES:
+        raise MiniGPT2Error(f"unknown quantization '{mode}'; the choices are: {', '.join(MODES)}")
+    if is_quantized(model):
+        raise MiniGPT2Error("this model is already quantized; quantize the float model once")
+    model.eval()
+    for block in model.h:
+        for name in BLOCK_LINEARS:
+            parent, attr = name.split(".")
+            owner = getattr(block, parent)
+            setattr(owner, attr, Int8Linear(getattr(owner, attr)))
+    if lm_head:
+        model.lm_head = Int8Linear(model.lm_head)  # wte keeps the float weight for lookups
+    model.quantized = mode
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True for a model that holds any `Int8Linear`."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())

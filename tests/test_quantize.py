@@ -1,0 +1,139 @@
+"""int8 weight-only quantization: accuracy bounds, module names and hooks, loading, saving, sample.py."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from checkpoints import random_hf_model, write_official_layout
+from torch import nn
+
+from minigpt2 import GPT, GPTConfig, MiniGPT2Error, load_model, save_model
+from minigpt2.quantize import Int8Linear, is_quantized, quantize_model, quantize_weight
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=512)).eval()
+
+
+def test_weight_rounding_error_is_at_most_half_a_step_per_row():
+    w = torch.randn(96, 64) * torch.logspace(-3, 0, 96)[:, None]  # rows of very different ranges
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and scale.shape == (96,)
+    assert q.abs().max() == 127  # each row's largest value uses the full range
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+@torch.inference_mode()
+def test_int8_linear_matches_float_linear():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    nn.init.normal_(linear.bias, std=0.1)
+    x = torch.randn(3, 5, 64)
+    x[..., 7] *= 20  # an outlier channel, as trained transformers have
+    layer = Int8Linear(linear)
+    y = layer(x)
+    assert y.shape == (3, 5, 96)
+    dequantized = F.linear(x, layer.weight.float() * layer.scale[:, None], layer.bias)
+    # the error left is the weights' own (activations are refined to ~15 bits): well under 1%
+    assert rel_error(y, dequantized) < 2e-3
+    assert rel_error(y, linear(x)) < 1e-2
+    # the generic path (CUDA, bfloat16) computes the same thing
+    generic = copy.deepcopy(layer)
+    generic._packed = None
+    assert rel_error(generic(x), dequantized) < 1e-5
+
+
+@torch.inference_mode()
+def test_refined_activations_lose_far_less_than_8_bit_activations():
+    torch.manual_seed(1)
+    linear = nn.Linear(128, 128)
+    x = torch.randn(4, 128)
+    x[:, 3] *= 30
+    layer = Int8Linear(linear)
+    refined = rel_error(layer(x), linear(x))
+    layer.refine_activations = False  # what quantize_dynamic does: activations in 8 bits
+    coarse = rel_error(layer(x), linear(x))
+    assert refined * 4 < coarse
+
+
+@torch.inference_mode()
+def test_quantized_model_stays_close_to_float32():
+    model = tiny_model()
+    idx = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    reference = model(idx)
+    quantized = quantize_model(copy.deepcopy(model))
+    logits = quantized(idx)
+    assert rel_error(logits, reference) < 0.02
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+    with_head = quantize_model(copy.deepcopy(model), lm_head=True)
+    assert isinstance(with_head.lm_head, Int8Linear) and isinstance(with_head.wte, nn.Embedding)
+    assert rel_error(with_head(idx), reference) < 0.03
+    # cached decoding of the quantized model gives the logits of its full forward pass
+    caches = quantized.new_kv_caches(4, 64)
+    quantized(idx[:, :31], kv_caches=caches, pos=0)
+    last = quantized(idx[:, 31:], kv_caches=caches, pos=31)[:, -1]
+    assert rel_error(last, logits[:, -1]) < 2e-3
+
+
+@torch.inference_mode()
+def test_module_names_stay_official_and_hooks_fire():
+    model = quantize_model(tiny_model())
+    names = {name for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    assert names == {f"h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.wte.weight  # still tied
+    seen = {}
+
+    def recorder(name):
+        def hook(module, inputs, output):
+            seen[name] = tuple(output.shape)
+
+        return hook
+
+    for name in ("h.1.attn.c_attn", "h.0.mlp.c_proj"):
+        model.get_submodule(name).register_forward_hook(recorder(name))
+    model(torch.zeros(1, 5, dtype=torch.long))
+    assert seen == {"h.1.attn.c_attn": (1, 5, 192), "h.0.mlp.c_proj": (1, 5, 64)}
+
+
+def test_load_quantized_and_refuse_to_save(tmp_path):
+    hf = random_hf_model(n_layer=2, n_head=2, n_embd=64, n_positions=64)
+    source = write_official_layout(hf, tmp_path / "ckpt")
+    model = load_model(source, quantize="int8")
+    assert is_quantized(model) and not is_quantized(load_model(source))
+    with pytest.raises(MiniGPT2Error, match="quantized"):
+        save_model(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    with pytest.raises(MiniGPT2Error, match="unknown quantization 'int4'"):
+        load_model(source, quantize="int4")
+    with pytest.raises(MiniGPT2Error, match="already quantized"):
+        quantize_model(model)
+
+
+def run_sample(*args, hf_home):
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], capture_output=True, text=True,
+                          encoding="utf-8", env=env, cwd=ROOT, timeout=120)
+
+
+def test_sample_cli_quantized_is_reproducible(hub_gpt2, hf_home):
+    args = ("今天的天气", "--model", "gpt2", "--quantize", "int8", "--seed", "5", "--max-new-tokens", "12",
+            "--device", "cpu", "--json")
+    first, second = run_sample(*args, hf_home=hf_home), run_sample(*args, hf_home=hf_home)
+    assert first.returncode == 0, first.stderr
+    text = [line.split('"tokens_per_second"')[0] for line in first.stdout.splitlines()]
+    assert text == [line.split('"tokens_per_second"')[0] for line in second.stdout.splitlines()]
+    assert '"tokens": 12' in first.stdout and "\\ufffd" not in first.stdout
+    bad = run_sample("hi", "--quantize", "int4", hf_home=hf_home)
+    assert bad.returncode != 0 and "--quantize" in bad.stderr
