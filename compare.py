@@ -1,7 +1,7 @@
 """Show what fine-tuning changed in a GPT-2, where, and what it cost.
 
     python compare.py gpt2 runs/zh/final
-    python compare.py gpt2 runs/zh --prompt "今天的天气" --text zh/鲁迅小说集.txt --text en/sherlock_holmes.txt \\
+    python compare.py gpt2 runs/zh --prompt "今天的天气" --text zh/鲁迅小说集.txt --text en/sherlock.txt \\
         --json compare.json --plot compare.png
     python compare.py runs/zh                      # a run alone: from its starting model to its final one
 
@@ -12,16 +12,15 @@ its drift over the training steps.
 """
 
 import argparse
-import os
 import sys
 
-from minigpt2 import MiniGPT2Error, user_message
 from minigpt2.checks import ArgumentParser, arg_int
-from minigpt2.compare import DEFAULT_MAX_EVAL_TOKENS, compare
-from minigpt2.report import check_new_file, render, require_matplotlib, write_json, write_plot
+from minigpt2.cli import run_script
+from minigpt2.compare import DEFAULT_MAX_EVAL_TOKENS
 
 
-def main(argv=None) -> int:
+# fmt: off
+def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", help="model A, the reference (before): a model source or a training run directory")
     p.add_argument("b", nargs="?", help="model B (after); omit it when A is a run, to compare the run's start and end")
@@ -31,48 +30,52 @@ def main(argv=None) -> int:
                    help="loss, perplexity and bits per character of A and B on this UTF-8 text file (repeatable)")
     p.add_argument("--max-eval-tokens", type=arg_int(low=1), default=DEFAULT_MAX_EVAL_TOKENS, metavar="N",
                    help=f"evaluate at most the first N tokens of each --text (default: {DEFAULT_MAX_EVAL_TOKENS})")
-    p.add_argument("--top", type=arg_int(low=0), default=10, metavar="N", help="how many of the most changed tensors to list (default: 10)")
+    p.add_argument("--top", type=arg_int(low=0), default=10, metavar="N", help="how many of the most changed tensors "
+                   "to list (default: 10)")
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
-    p.add_argument("--plot", metavar="PATH.png", help="also draw the heatmap and drift curves into this PNG (needs matplotlib)")
+    p.add_argument("--plot", metavar="PATH.png", help="also draw the learning curves, heatmap and drift into this PNG "
+                   "(needs matplotlib)")
     p.add_argument("--force", action="store_true", help="replace existing --json / --plot files")
     p.add_argument("--device", default="cpu",
                    help="where the forward passes for --prompt and --text run: cpu, cuda, mps or auto (default: cpu); "
                         "weights are always compared on the CPU in float64")
     p.add_argument("--revision", help="a branch, tag or commit, for hub models")
-    p.add_argument("--quantize", choices=["int8"],
-                   help="run --prompt and --text through int8 weight-only models: faster on a CPU, slightly different figures")
-    args = p.parse_args(argv)
-    try:
-        # Refuse existing output files before spending minutes on the comparison.
+    p.add_argument("--quantize", choices=["int8"], help="run --prompt and --text through int8 weight-only models: "
+                   "faster on a CPU, slightly different figures")
+    return p
+# fmt: on
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from minigpt2.compare import compare
+    from minigpt2.report import check_new_file, render, require_matplotlib, write_json, write_plot
+
+    def body() -> int:
+        # Refuse existing or unwritable output files before spending minutes on the comparison.
         for path in (args.json, args.plot):
             if path:
                 check_new_file(path, args.force)
         if args.plot:
             require_matplotlib()
-        result = compare(args.a, args.b, prompts=args.prompt, texts=args.text, device=args.device,
-                         max_eval_tokens=args.max_eval_tokens, revision=args.revision,
-                         quantize=args.quantize)
+        result = compare(
+            args.a,
+            args.b,
+            prompts=args.prompt,
+            texts=args.text,
+            device=args.device,
+            max_eval_tokens=args.max_eval_tokens,
+            revision=args.revision,
+            quantize=args.quantize,
+        )
         sys.stdout.write(render(result, top=args.top))
         if args.json:
             print(f"wrote {write_json(result, args.json, force=args.force)}")
         if args.plot:
             print(f"wrote {write_plot(result, args.plot, force=args.force)}")
-    except MiniGPT2Error as e:
-        return fail(user_message(e))
-    except OSError as e:  # the filesystem's own errors: a full disk, a read-only folder, ...
-        if isinstance(e, BrokenPipeError):  # `| head`: the reader left; stop quietly (see sample.py)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 141
-        return fail(f"{e.strerror or e}" + (f": '{e.filename}'" if e.filename else ""))
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+        return 0
 
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
+    return run_script(body)
 
 
 if __name__ == "__main__":

@@ -12,121 +12,107 @@ On a CPU the defaults are sized to show learning within minutes (they are printe
 """
 
 import argparse
-import os
 import signal
 import sys
 
+from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int
 
+PRESETS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+FLAGS = {"n_positions": "--context"}  # library parameter names that this script spells differently
+
+
+# fmt: off
 def parser() -> argparse.ArgumentParser:
-    # Argument values are checked while parsing (finite, in range), before any data or model is
-    # loaded; a bad one is the single line "error: --lr must be a finite number > 0, got nan".
-    from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int
-
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=None)
+    """Every option; values are checked here (finite, in range) before any data or model is loaded."""
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="text files, directories (every .txt below) or globs")
-    d.add_argument("--val-data", nargs="+", action="extend", metavar="PATH", help="held-out text (default: the tail of each --data document)")
-    d.add_argument("--val-fraction", type=arg_float(low=0, high=1, high_open=True), help="share of each document held out when there is no --val-data (default 0.005)")
-    d.add_argument("--eval-data", nargs="+", action="extend", metavar="FILE", help="more texts to evaluate on, each its own set")
+    d.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="text files, folders, globs")
+    d.add_argument("--val-data", nargs="+", action="extend", metavar="PATH", help="held-out text (default: the tail "
+                   "of each --data document)")
+    d.add_argument("--val-fraction", type=arg_float(low=0, high=1, high_open=True), help="share of each document held "
+                   "out when there is no --val-data (default 0.005)")
+    d.add_argument("--eval-data", nargs="+", action="extend", metavar="FILE", help="more texts to evaluate on")
     d.add_argument("--drop-lines", metavar="REGEX", help="leave out lines matching this regular expression")
-    d.add_argument("--encoding-errors", choices=["strict", "replace"], help="non-UTF-8 bytes: an error (default) or U+FFFD")
-    d.add_argument("--cache-dir", help="where token files are cached (default $MINIGPT2_CACHE or ~/.cache/minigpt2/tokens)")
-    d.add_argument("--extend-vocab", type=arg_int(low=1), metavar="N", help="learn N new tokens (BPE merges) from the "
-                   "training text, grow the tokenizer and the model's embedding with them (Chinese: ~2.1 -> ~0.9 "
-                   "tokens per character at 8000)")
-    d.add_argument("--vocab-from", nargs="+", action="extend", metavar="PATH", help="with --extend-vocab: learn the "
-                   "new tokens from these texts instead of --data")
+    d.add_argument("--encoding-errors", choices=["strict", "replace"], help="non-UTF-8 bytes: an error or U+FFFD")
+    d.add_argument("--cache-dir", help="token cache (default $MINIGPT2_CACHE or ~/.cache/minigpt2/tokens)")
     d.add_argument("--tokenizer", help="where vocab.json + merges.txt come from (default: the model's, or gpt2's)")
+    d.add_argument("--extend-vocab", type=arg_int(low=1), metavar="N", help="learn N new tokens from the training "
+                   "text; grow the tokenizer and the embedding (Chinese: 2.1 -> 0.9 tokens per character at 8000)")
+    d.add_argument("--vocab-from", nargs="+", action="extend", metavar="PATH", help="learn them from these texts")
     m = p.add_argument_group("model")
-    m.add_argument("--model", help="what to fine-tune: gpt2[-medium|-large|-xl], a hub id, a checkpoint (default gpt2)")
-    m.add_argument("--init-preset", choices=["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], help="start from random weights of this shape instead")
+    m.add_argument("--model", help="gpt2[-medium|-large|-xl], a hub id or a checkpoint to fine-tune (default gpt2)")
+    m.add_argument("--init-preset", choices=PRESETS, help="start from random weights of this shape instead")
     m.add_argument("--n-layer", type=arg_int(low=1), help="with --init-preset: number of blocks")
     m.add_argument("--n-head", type=arg_int(low=1), help="with --init-preset: attention heads")
     m.add_argument("--n-embd", type=arg_int(low=1), help="with --init-preset: width")
     m.add_argument("--context", type=arg_int(low=1), help="with --init-preset: context length (positions)")
-    m.add_argument("--dropout", type=arg_float(low=0, high=1, high_open=True), help="dropout probability (default: the model's own)")
-    t = p.add_argument_group("training")
-    t.add_argument("--out", required=True, help="run directory (must not exist, unless --resume)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--steps", type=arg_int(low=1), help="optimizer steps (default: 1000 on a CPU, one epoch on a GPU)")
+    m.add_argument("--dropout", type=arg_float(low=0, high=1, high_open=True), help="dropout (default: the model's)")
+    lo = p.add_argument_group("LoRA: learn a low-rank update of each targeted layer, everything else frozen")
+    lo.add_argument("--lora", type=arg_int(low=1), metavar="R", help="rank of the update (e.g. 8)")
+    lo.add_argument("--lora-alpha", type=arg_float(low=0, low_open=True), metavar="A", help="scale A/R (default 8)")
+    lo.add_argument("--lora-dropout", type=arg_float(low=0, high=1, high_open=True), metavar="P", help="(default 0)")
+    lo.add_argument("--lora-targets", metavar="LIST", help="comma-separated layers of each block "
+                    "(default attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj)")
+    t = p.add_argument_group("training (CPU defaults first, then GPU defaults)")
+    t.add_argument("--out", required=True, help="the run directory (must not hold a run, unless --resume)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest good checkpoint")
+    t.add_argument("--steps", type=arg_int(low=1), help="optimizer steps (default 1000; one epoch)")
     t.add_argument("--epochs", type=arg_float(low=0, low_open=True), help="passes over the training text")
     t.add_argument("--tokens", type=arg_float(low=1), help="training tokens")
     t.add_argument("--batch-size", type=arg_int(low=1), help="sequences per micro-batch (default 4)")
-    t.add_argument("--seq-len", type=arg_int(low=1), help="tokens per sequence (default: 128 on a CPU, the model's "
-                   "context (at most 1024) on a GPU)")
+    t.add_argument("--seq-len", type=arg_int(low=1), help="tokens per sequence (default 128; the context)")
     t.add_argument("--grad-accum", type=arg_int(low=1), help="micro-batches per optimizer step (default 1)")
     t.add_argument("--lr", type=arg_float(low=0, low_open=True), help="peak learning rate (default 3e-4)")
     t.add_argument("--min-lr", type=arg_float(low=0), help="final learning rate (default lr / 10)")
     t.add_argument("--warmup", type=arg_int(low=0), help="warm-up steps (default 5%% of the steps, at most 1000)")
-    t.add_argument("--weight-decay", type=arg_float(low=0), help="AdamW weight decay on the linear layers' weights "
-                   "(default 0.1)")
-    t.add_argument("--grad-clip", type=arg_float(low=0), help="clip the gradient norm to this; 0 to turn off "
-                   "(default 1.0)")
-    t.add_argument("--seed", type=arg_int(low=0, high=SEED_MAX), help="seed for init, batches and dropout (default 0)")
-    t.add_argument("--keep-last", type=arg_int(low=0), help="step checkpoints to keep; older ones are deleted once a "
-                   "newer one is saved (final/ is always kept; 0 keeps all; default 3)")
-    o = p.add_argument_group("evaluation, checkpoints, output")
-    o.add_argument("--eval-every", type=arg_int(low=0), help="evaluate every N steps (default: 100 on a CPU, a tenth "
-                   "of the steps on a GPU)")
-    o.add_argument("--eval-tokens", type=arg_int(low=1), help="tokens per eval set and evaluation (default 4096 on a "
-                   "CPU, 65536 on a GPU)")
-    o.add_argument("--save-every", type=arg_int(low=0), help="checkpoint every N steps; 0: only at the end (default "
-                   "250 on a CPU, 1000 on a GPU)")
+    t.add_argument("--weight-decay", type=arg_float(low=0), help="AdamW decay of the linear weights (default 0.1)")
+    t.add_argument("--grad-clip", type=arg_float(low=0), help="clip the gradient norm; 0: off (default 1.0)")
+    t.add_argument("--seed", type=arg_int(low=0, high=SEED_MAX), help="for init, batches and dropout (default 0)")
+    o = p.add_argument_group("evaluation, checkpoints, output (CPU defaults first, then GPU defaults)")
+    o.add_argument("--eval-every", type=arg_int(low=0), help="evaluate every N steps (default 100; steps/10)")
+    o.add_argument("--eval-tokens", type=arg_int(low=1), help="tokens per eval set (default 4096; 65536)")
+    o.add_argument("--save-every", type=arg_int(low=0), help="checkpoint every N steps; 0: at the end (250; 1000)")
+    o.add_argument("--keep-last", type=arg_int(low=0), help="step checkpoints kept (final/ always; 0: all; default 3)")
     o.add_argument("--snapshot-every", type=arg_int(low=0), help="record weight and activation drift every N steps")
     o.add_argument("--probe", help="probe prompt for the activation snapshots")
     o.add_argument("--log-every", type=arg_int(low=1), help="print a table row every N steps (default 10)")
-    lo = p.add_argument_group("LoRA: learn a low-rank update instead of every weight")
-    lo.add_argument("--lora", type=arg_int(low=1), metavar="R", help="rank of the update of each targeted layer "
-                    "(e.g. 8); everything else stays frozen and AdamW keeps state only for the update")
-    lo.add_argument("--lora-alpha", type=arg_float(low=0, low_open=True), metavar="A", help="the update is scaled "
-                    "by A / R (default 8)")
-    lo.add_argument("--lora-dropout", type=arg_float(low=0, high=1, high_open=True), metavar="P",
-                    help="dropout on the update's input (default 0)")
-    lo.add_argument("--lora-targets", metavar="LIST", help="comma-separated layers of every block to adapt (default "
-                    "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj)")
     x = p.add_argument_group("hardware")
     x.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    x.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="compute precision (default auto)")
+    x.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="compute precision")
+    x.add_argument("--threads", type=arg_int(low=1), help="CPU threads (default: one per core); on a machine "
+                   "shared with other jobs, 1 or 2 is often faster")
     x.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
-    x.add_argument("--shard", action="store_true", default=None,
-                   help="under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP) "
-                        "instead of a full copy on each; on one process it changes nothing")
-    x.add_argument("--threads", type=arg_int(low=1), help="CPU threads for PyTorch (default: its own choice, one per core); "
-                   "on a machine shared with other jobs, 1 or 2 is often faster")
-    x.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute each block's activations in backward: less memory, ~1/3 more compute")
+    x.add_argument("--shard", action="store_true", default=None, help="under torchrun: shard weights, gradients "
+                   "and AdamW state over the ranks (FSDP)")
+    x.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute each block's "
+                   "activations in backward: less memory, ~1/3 more compute")
     return p
+# fmt: on
 
 
 def main(argv=None) -> int:
     ns = parser().parse_args(argv)
     import torch
 
-    from minigpt2 import MiniGPT2Error, distributed
-    from minigpt2.errors import user_message
+    from minigpt2 import distributed
+    from minigpt2.cli import error, run_script
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    rank = os.environ.get("RANK", "0") if distributed.launched_by_torchrun() else "0"
-    where = "" if rank == "0" else f"(rank {rank}) "
-    try:
-        return train(ns)
-    except MiniGPT2Error as e:
-        distributed.teardown()
-        message = user_message(e, {"n_positions": "--context"})
-        print(f"\nerror: {where}{message}" if sys.stderr.isatty() else f"error: {where}{message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # before training started (or a second Ctrl-C): nothing to save
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if not distributed.is_peer_failure(e):
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {where}another process of this torchrun job failed or was stopped ({first}); the "
-              f"checkpoints already in '{ns.out}' are complete: continue with --resume", file=sys.stderr)
-        return 1
+
+    def body() -> int:
+        try:
+            return train(ns)
+        except Exception as e:
+            distributed.teardown()
+            if not distributed.is_peer_failure(e):
+                raise
+            return error(
+                f"{distributed.rank_prefix()}{distributed.peer_failure_message(e)}; the checkpoints already "
+                f"in '{ns.out}' are complete: continue with --resume"
+            )
+
+    return run_script(body, FLAGS, distributed.rank_prefix())
 
 
 def train(ns) -> int:
@@ -150,17 +136,16 @@ def train(ns) -> int:
         signal.signal(sig, on_signal)
     stopped = False
     for record in trainer.run():
+        stopped = stopped or record["type"] == "stopped"
         if ctx.is_main:
             console.show(record)
             if record["type"] == "start":
                 console.defaults({k: s.options[k] for k in s.defaults_used}, str(trainer.device))
-                if s.schedule_change:
-                    console.schedule(s.schedule_change)
-        stopped = stopped or record["type"] == "stopped"
+                console.schedule(s.schedule_change)
     console.finish()
     s.run.unlock()
     distributed.teardown()
-    return 128 + getattr(signal, trainer.stop_reason or "SIGINT") if stopped else 0
+    return 128 + getattr(signal, trainer.stop_reason, signal.SIGINT) if stopped else 0
 
 
 if __name__ == "__main__":

@@ -84,7 +84,10 @@ def run_naive(a: str, b: str) -> dict:
         diff = ta - tb
         _ = diff.abs().mean().item(), diff.abs().max().item(), diff.std().item()
         if ta.dim() == 2:
-            _ = torch.nn.functional.cosine_similarity(ta, tb, dim=1).mean().item(), torch.norm(diff, dim=1).mean().item()
+            _ = (
+                torch.nn.functional.cosine_similarity(ta, tb, dim=1).mean().item(),
+                torch.norm(diff, dim=1).mean().item(),
+            )
             s2 = torch.linalg.svdvals(diff) ** 2
             energy = s2.sum()
             rank = int((torch.cumsum(s2, 0) >= 0.9 * energy).nonzero()[0]) + 1
@@ -113,21 +116,32 @@ def main() -> int:
         a, b = make_checkpoints(directory)
         results = {}
         for impl in ("ours", "naive"):
-            child = subprocess.run([sys.executable, __file__, "--impl", impl, str(a), str(b)],
-                                   capture_output=True, text=True, check=True)
+            child = subprocess.run(
+                [sys.executable, __file__, "--impl", impl, str(a), str(b)], capture_output=True, text=True, check=True
+            )
             results[impl] = json.loads(child.stdout.strip().splitlines()[-1])
 
     ours, naive = results["ours"], results["naive"]
     # Zero-initialised biases have an infinite relative change in both; compare the finite ones.
-    gaps = [(abs(ours["figures"][n][0] - naive["figures"][n][0]) / naive["figures"][n][0], n)
-            for n in naive["figures"] if 0 < naive["figures"][n][0] < float("inf")]
+    gaps = [
+        (abs(ours["figures"][n][0] - naive["figures"][n][0]) / naive["figures"][n][0], n)
+        for n in naive["figures"]
+        if 0 < naive["figures"][n][0] < float("inf")
+    ]
     worst, worst_name = max(gaps)
     ranks_agree = all(ours["figures"][n][2] == naive["figures"][n][2] for n in naive["figures"])
     print("two GPT-2 (124M) checkpoints, weights only, every tensor incl. singular values")
-    print(f"ours  (streamed, float64, Gram eigenvalues): {ours['seconds']:6.2f} s, peak RSS {ours['peak_rss_mb']:7.0f} MB")
-    print(f"naive (transformers, float32 full svdvals):  {naive['seconds']:6.2f} s, peak RSS {naive['peak_rss_mb']:7.0f} MB")
-    print(f"agreement: relative change within {worst:.1e} (largest on {worst_name}: the naive float32 norm over all "
-          f"its entries loses digits); rank-90% {'identical' if ranks_agree else 'DIFFERS'} on all tensors")
+    print(
+        f"ours  (streamed, float64, Gram eigenvalues): {ours['seconds']:6.2f} s, peak RSS {ours['peak_rss_mb']:7.0f} MB"
+    )
+    print(
+        f"naive (transformers, float32 full svdvals):  {naive['seconds']:6.2f} s, "
+        f"peak RSS {naive['peak_rss_mb']:7.0f} MB"
+    )
+    print(
+        f"agreement: relative change within {worst:.1e} (largest on {worst_name}: the naive float32 norm over all "
+        f"its entries loses digits); rank-90% {'identical' if ranks_agree else 'DIFFERS'} on all tensors"
+    )
     print(f"time ratio naive/ours: {naive['seconds'] / ours['seconds']:.2f}x")
     return 0
 

@@ -38,8 +38,9 @@ print(json.dumps({"seconds": seconds, "tokens": corpus.tokens, "chars": corpus.c
 
 def measure(path: Path, gpt2: Path) -> dict:
     with tempfile.TemporaryDirectory() as cache:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(gpt2), cache], capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path), str(gpt2), cache], capture_output=True, text=True, check=True
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -62,14 +63,18 @@ def main() -> int:
             r = measure(path, data / "gpt2")
             r["mb"] = len(text) * times / 1e6
             results[times] = r
-            print(f"{times:>3}x: {r['mb']:7.1f} MB, {r['chars']:>11,} chars, {r['tokens']:>11,} tokens "
-                  f"({r['tokens'] / r['chars']:.2f}/char) in {r['seconds']:6.2f} s = {r['mb'] / r['seconds']:5.1f} MB/s; "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB (after imports {r['rss_before_mb']:.0f} MB)")
+            print(
+                f"{times:>3}x: {r['mb']:7.1f} MB, {r['chars']:>11,} chars, {r['tokens']:>11,} tokens "
+                f"({r['tokens'] / r['chars']:.2f}/char) in {r['seconds']:6.2f} s = {r['mb'] / r['seconds']:5.1f} MB/s; "
+                f"peak RSS {r['peak_rss_mb']:.0f} MB (after imports {r['rss_before_mb']:.0f} MB)"
+            )
             path.unlink()
     one, big = results[1], results[args.times]
-    print(f"tokenizing: {one['mb'] / one['seconds']:.1f} MB/s on {os.cpu_count()} cores (1x), "
-          f"{big['mb'] / big['seconds']:.1f} MB/s ({args.times}x); peak RSS {args.times}x - 1x = "
-          f"{big['peak_rss_mb'] - one['peak_rss_mb']:+.0f} MB")
+    print(
+        f"tokenizing: {one['mb'] / one['seconds']:.1f} MB/s on {os.cpu_count()} cores (1x), "
+        f"{big['mb'] / big['seconds']:.1f} MB/s ({args.times}x); peak RSS {args.times}x - 1x = "
+        f"{big['peak_rss_mb'] - one['peak_rss_mb']:+.0f} MB"
+    )
     return 0
 
 

@@ -45,10 +45,18 @@ def worker(args) -> None:
         tokens = np.random.default_rng(0).integers(0, config.vocab_size, 200_000, dtype=np.uint16)
         tokens.tofile(Path(tmp) / "tokens.bin")
         data = TokenFile(Path(tmp) / "tokens.bin", chars=len(tokens))
-        trainer = Trainer(model, data, {}, TrainConfig(steps=10_000, batch_size=B, seq_len=T, lr=1e-4, warmup=0,
-                                                       ranks=ctx.world_size),
-                          Path(tmp) / f"run-{ctx.rank}", device=ctx.device, dtype=autocast_dtype(args.dtype, ctx.device),
-                          compile=args.compile, dist=ctx, shard=args.shard)
+        trainer = Trainer(
+            model,
+            data,
+            {},
+            TrainConfig(steps=10_000, batch_size=B, seq_len=T, lr=1e-4, warmup=0, ranks=ctx.world_size),
+            Path(tmp) / f"run-{ctx.rank}",
+            device=ctx.device,
+            dtype=autocast_dtype(args.dtype, ctx.device),
+            compile=args.compile,
+            dist=ctx,
+            shard=args.shard,
+        )
         times = []
         for i in range(args.warmup + args.steps):
             start = time.perf_counter()
@@ -88,8 +96,16 @@ def main() -> int:
         env = {**os.environ}
         if args.device == "cpu":
             env["OMP_NUM_THREADS"] = str(max(1, cores // n))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               str(Path(__file__).resolve()), "--worker", *sys.argv[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            str(Path(__file__).resolve()),
+            "--worker",
+            *sys.argv[1:],
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         found = re.search(r"^RESULT (\d+) ([\d.]+)$", result.stdout, re.M)
         if result.returncode != 0 or not found:
@@ -97,8 +113,10 @@ def main() -> int:
             return 1
         speeds[n] = float(found.group(2))
         threads = env.get("OMP_NUM_THREADS", "default")
-        print(f"{n} rank(s){' (sharded)' if args.shard else ''}: {speeds[n]:,.1f} tokens/s "
-              f"(per-rank batch {args.shape}, {threads} threads per rank, {args.device})")
+        print(
+            f"{n} rank(s){' (sharded)' if args.shard else ''}: {speeds[n]:,.1f} tokens/s "
+            f"(per-rank batch {args.shape}, {threads} threads per rank, {args.device})"
+        )
     ratio = speeds[args.ranks] / speeds[1]
     print(f"{args.ranks} ranks / 1 rank: {ratio:.2f}x ({100 * ratio / args.ranks:.0f}% per rank)")
     return 0

@@ -45,8 +45,17 @@ def peft_step_fn(hf, trainer, r, device, dtype):
     """One training step of transformers + PEFT LoRA, on the windows minigpt2 trains on at step i."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(hf, LoraConfig(r=r, lora_alpha=DEFAULT_ALPHA, target_modules=list(TARGETS),
-                                          fan_in_fan_out=True, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        hf,
+        LoraConfig(
+            r=r,
+            lora_alpha=DEFAULT_ALPHA,
+            target_modules=list(TARGETS),
+            fan_in_fan_out=True,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        ),
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
@@ -89,8 +98,10 @@ def main() -> int:
     dtype = autocast_dtype(args.dtype, device)
     B, T = map(int, args.shape.split("x"))
     config = GPTConfig.from_preset("gpt2", dropout=0.0)
-    print(f"device {device}, autocast {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"shape {args.shape}, LoRA r={args.rank} alpha={DEFAULT_ALPHA:g} on {', '.join(TARGETS)}")
+    print(
+        f"device {device}, autocast {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"shape {args.shape}, LoRA r={args.rank} alpha={DEFAULT_ALPHA:g} on {', '.join(TARGETS)}"
+    )
 
     hf = transformers_model(config, device)
     full_model = same_weights(hf, config)
@@ -102,8 +113,10 @@ def main() -> int:
         tokens.tofile(tmp / "tokens.bin")
         data = TokenFile(tmp / "tokens.bin", chars=len(tokens))
         train = TrainConfig(steps=10_000, batch_size=B, seq_len=T, lr=1e-4, warmup=0)
-        trainers = {name: Trainer(model, data, {}, train, tmp / name, device=device, dtype=dtype)
-                    for name, model in (("minigpt2 full", full_model), ("minigpt2 LoRA", lora_model))}
+        trainers = {
+            name: Trainer(model, data, {}, train, tmp / name, device=device, dtype=dtype)
+            for name, model in (("minigpt2 full", full_model), ("minigpt2 LoRA", lora_model))
+        }
         peft_step, peft_trainable = peft_step_fn(hf, trainers["minigpt2 full"], args.rank, device, dtype)
         assert peft_trainable == summary["trainable_params"], (peft_trainable, summary["trainable_params"])
 
@@ -111,38 +124,49 @@ def main() -> int:
             def step(i):
                 trainer.step = i
                 trainer.train_step()
+
             return step
 
         steps = {name: ours(t) for name, t in trainers.items()} | {"PEFT LoRA": peft_step}
         times = {name: [] for name in steps}
         names = list(steps)
         for i in range(args.warmup + args.steps):
-            for name in names[i % 3:] + names[:i % 3]:  # rotate who goes first
+            for name in names[i % 3 :] + names[: i % 3]:  # rotate who goes first
                 start = time.perf_counter()
                 steps[name](i)
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
         for name, ts in times.items():
-            print(f"{name:<14} {statistics.median(ts):7.3f} s/step  {B * T / statistics.median(ts):8,.1f} tokens/s "
-                  f"(median of {args.steps}; best {min(ts):.3f} s)")
+            print(
+                f"{name:<14} {statistics.median(ts):7.3f} s/step  {B * T / statistics.median(ts):8,.1f} tokens/s "
+                f"(median of {args.steps}; best {min(ts):.3f} s)"
+            )
 
-        print(f"trainable: LoRA {summary['trainable_params']:,} of {summary['total_params']:,} "
-              f"({100 * summary['trainable_share']:.2f}%); full {full_model.num_params():,}")
-        print(f"AdamW moments (8 bytes per trainable number): LoRA {mib(summary['optimizer_state_bytes'])}, "
-              f"full {mib(summary['full_optimizer_state_bytes'])}")
+        print(
+            f"trainable: LoRA {summary['trainable_params']:,} of {summary['total_params']:,} "
+            f"({100 * summary['trainable_share']:.2f}%); full {full_model.num_params():,}"
+        )
+        print(
+            f"AdamW moments (8 bytes per trainable number): LoRA {mib(summary['optimizer_state_bytes'])}, "
+            f"full {mib(summary['full_optimizer_state_bytes'])}"
+        )
         sizes = {}
         for name, trainer in trainers.items():
             trainer.step = args.warmup + args.steps
             ckpt = trainer.save_checkpoint()
             sizes[name] = state_bytes(ckpt)
             adapter = f", adapter/ {mib(folder_bytes(ckpt / 'adapter'))}" if (ckpt / "adapter").is_dir() else ""
-            print(f"{name:<14} trainer_state.* {mib(sizes[name])}, model.safetensors "
-                  f"{mib((ckpt / 'model.safetensors').stat().st_size)}{adapter}")
+            print(
+                f"{name:<14} trainer_state.* {mib(sizes[name])}, model.safetensors "
+                f"{mib((ckpt / 'model.safetensors').stat().st_size)}{adapter}"
+            )
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    print(f"LoRA r={args.rank} / full: step time {med['minigpt2 LoRA'] / med['minigpt2 full']:.2f}x, "
-          f"trainer_state {sizes['minigpt2 full'] / sizes['minigpt2 LoRA']:.0f}x smaller; "
-          f"minigpt2 LoRA / PEFT LoRA step time {med['minigpt2 LoRA'] / med['PEFT LoRA']:.2f}x")
+    print(
+        f"LoRA r={args.rank} / full: step time {med['minigpt2 LoRA'] / med['minigpt2 full']:.2f}x, "
+        f"trainer_state {sizes['minigpt2 full'] / sizes['minigpt2 LoRA']:.0f}x smaller; "
+        f"minigpt2 LoRA / PEFT LoRA step time {med['minigpt2 LoRA'] / med['PEFT LoRA']:.2f}x"
+    )
     return 0
 
 

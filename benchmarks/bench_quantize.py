@@ -82,8 +82,11 @@ def variants(model: GPT) -> dict[str, GPT]:
     for m in act8.modules():
         if isinstance(m, Int8Linear):
             m.refine_activations = False
-    return {"int8 (default: blocks, output layer fp32)": default, "int8 + output layer int8": with_head,
-            "int8, 8-bit activations (quantize_dynamic-like)": act8}
+    return {
+        "int8 (default: blocks, output layer fp32)": default,
+        "int8 + output layer int8": with_head,
+        "int8, 8-bit activations (quantize_dynamic-like)": act8,
+    }
 
 
 def main() -> int:
@@ -109,9 +112,11 @@ def main() -> int:
             save_model(model, args.save, tokenizer_source=data / "gpt2", overwrite=True)
     c = model.config
     windows = held_out_windows(data, enc, c.n_positions, args.eval_tokens)
-    print(f"model: {c.n_layer} layers, width {c.n_embd}, context {c.n_positions}, {model.num_params():,} params; "
-          f"held-out: {HELD_OUT}, {windows[:, 1:].numel():,} predicted tokens; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(
+        f"model: {c.n_layer} layers, width {c.n_embd}, context {c.n_positions}, {model.num_params():,} params; "
+        f"held-out: {HELD_OUT}, {windows[:, 1:].numel():,} predicted tokens; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
     ref, ref_loss = logits_and_loss(model, windows)
     print(f"{'float32':50s} perplexity {math.exp(ref_loss):9.3f}")
     changes = {}
@@ -120,8 +125,10 @@ def main() -> int:
         rel = ((logits - ref).norm() / ref.norm()).item()
         top1 = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
         changes[name] = math.exp(loss) / math.exp(ref_loss) - 1
-        print(f"{name:50s} perplexity {math.exp(loss):9.3f} ({changes[name]:+.2%}); "
-              f"logits error {rel:.2%}; top-1 agreement {top1:.2%}")
+        print(
+            f"{name:50s} perplexity {math.exp(loss):9.3f} ({changes[name]:+.2%}); "
+            f"logits error {rel:.2%}; top-1 agreement {top1:.2%}"
+        )
     default = next(iter(changes))
     print(f"perplexity change int8 / float32 on {HELD_OUT}: {changes[default]:+.2%}")
     return 0

@@ -76,8 +76,15 @@ def main():
         sync(device)
         t = time.perf_counter()
         with torch.inference_mode():
-            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_tokens,
-                              min_new_tokens=n_tokens, do_sample=True, top_k=50, pad_token_id=50256)
+            out = hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=n_tokens,
+                min_new_tokens=n_tokens,
+                do_sample=True,
+                top_k=50,
+                pad_token_id=50256,
+            )
         sync(device)
         assert out.shape[1] == 16 + n_tokens
         return n_tokens / (time.perf_counter() - t)
@@ -85,15 +92,27 @@ def main():
     def run_ours(n_tokens, use_cache=True, compile=False, model=ours):
         sync(device)
         t = time.perf_counter()
-        steps = list(generate_tokens(model, prompt.tolist(), n_tokens, Sampling(top_k=50), guard=guard,
-                                     generator=torch.Generator(device=device).manual_seed(0),
-                                     use_cache=use_cache, compile=compile))
+        steps = list(
+            generate_tokens(
+                model,
+                prompt.tolist(),
+                n_tokens,
+                Sampling(top_k=50),
+                guard=guard,
+                generator=torch.Generator(device=device).manual_seed(0),
+                use_cache=use_cache,
+                compile=compile,
+            )
+        )
         sync(device)
         assert len(steps) == n_tokens
         return n_tokens / (time.perf_counter() - t)
 
-    contestants = {"transformers generate": run_hf, "minigpt2": run_ours,
-                   "minigpt2 int8": lambda n_tokens: run_ours(n_tokens, model=int8)}
+    contestants = {
+        "transformers generate": run_hf,
+        "minigpt2": run_ours,
+        "minigpt2 int8": lambda n_tokens: run_ours(n_tokens, model=int8),
+    }
     if args.compile:
         contestants["minigpt2 --compile"] = lambda n_tokens: run_ours(n_tokens, compile=True)
         contestants["minigpt2 int8 --compile"] = lambda n_tokens: run_ours(n_tokens, compile=True, model=int8)
@@ -108,8 +127,10 @@ def main():
             rates[name].append(run(n))
     median = {name: statistics.median(r) for name, r in rates.items()}
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {hw}; dtype {str(dtype).removeprefix('torch.')}; {args.layers} layers; batch 1; 16-token prompt; "
-          f"{n} new tokens; top-k 50; UTF-8 guard {'on' if guard else 'off (no tokenizer files)'}")
+    print(
+        f"device: {hw}; dtype {str(dtype).removeprefix('torch.')}; {args.layers} layers; batch 1; 16-token prompt; "
+        f"{n} new tokens; top-k 50; UTF-8 guard {'on' if guard else 'off (no tokenizer files)'}"
+    )
     if args.compile:
         print(f"minigpt2 --compile: first call (with compilation) {first_call_s['minigpt2 --compile']:.1f} s")
     for name, r in rates.items():
@@ -117,17 +138,31 @@ def main():
     if args.no_cache_tokens:
         m = args.no_cache_tokens
         cached, uncached = run_ours(m), run_ours(m, use_cache=False)
-        print(f"minigpt2, {m} new tokens: cached {cached:.1f} tok/s, --no-cache {uncached:.1f} tok/s: "
-              f"cache speedup {cached / uncached:.1f}x")
+        print(
+            f"minigpt2, {m} new tokens: cached {cached:.1f} tok/s, --no-cache {uncached:.1f} tok/s: "
+            f"cache speedup {cached / uncached:.1f}x"
+        )
     quality = int8_quality(ours, int8, data, device)
-    print(f"minigpt2 int8 vs float32 on {quality['text']} ({quality['tokens']} tokens, random weights): logits error "
-          f"{quality['logits_error']:.2%}, top-1 agreement {quality['top1_agreement']:.2%}")
+    print(
+        f"minigpt2 int8 vs float32 on {quality['text']} ({quality['tokens']} tokens, random weights): logits error "
+        f"{quality['logits_error']:.2%}, top-1 agreement {quality['top1_agreement']:.2%}"
+    )
     hf_rate = median["transformers generate"]
     ratios = {name: rate / hf_rate for name, rate in median.items() if name != "transformers generate"}
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"device": hw, "dtype": str(dtype).removeprefix("torch."),
-                                                   "tokens_per_s": median, "first_call_s": first_call_s,
-                                                   "ratio_to_transformers": ratios, "int8_quality": quality}, indent=2))
+        Path(args.json_out).write_text(
+            json.dumps(
+                {
+                    "device": hw,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "tokens_per_s": median,
+                    "first_call_s": first_call_s,
+                    "ratio_to_transformers": ratios,
+                    "int8_quality": quality,
+                },
+                indent=2,
+            )
+        )
     print(f"ratio minigpt2 / transformers: {ratios['minigpt2']:.2f}x")
     if args.compile:
         print(f"ratio minigpt2 --compile / transformers: {ratios['minigpt2 --compile']:.2f}x")
@@ -148,8 +183,12 @@ def int8_quality(ours, int8, data, device, n_tokens=512):
         name = "random tokens"
     windows = torch.tensor(ids[: len(ids) // 128 * 128], device=device).view(-1, 128)  # (W, 128)
     ref, q = ours(windows).float(), int8(windows).float()  # (W, 128, vocab)
-    return {"text": name, "tokens": windows.numel(), "logits_error": ((q - ref).norm() / ref.norm()).item(),
-            "top1_agreement": (q.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+    return {
+        "text": name,
+        "tokens": windows.numel(),
+        "logits_error": ((q - ref).norm() / ref.norm()).item(),
+        "top1_agreement": (q.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+    }
 
 
 if __name__ == "__main__":

@@ -36,9 +36,17 @@ def transformers_model(config: GPTConfig, device):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                                    n_positions=config.n_positions, resid_pdrop=0.0, embd_pdrop=0.0,
-                                    attn_pdrop=0.0))
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            n_embd=config.n_embd,
+            n_positions=config.n_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     return hf.to(device).train()
 
 
@@ -84,15 +92,26 @@ def main() -> int:
             tokens = np.random.default_rng(0).integers(0, config.vocab_size, 200_000, dtype=np.uint16)
             tokens.tofile(Path(tmp) / "tokens.bin")
             data = TokenFile(Path(tmp) / "tokens.bin", chars=len(tokens))
-            trainer = Trainer(ours, data, {}, TrainConfig(steps=10_000, batch_size=B, seq_len=T, lr=1e-4, warmup=0),
-                              Path(tmp) / "run", device=device, dtype=dtype, compile=args.compile)
+            trainer = Trainer(
+                ours,
+                data,
+                {},
+                TrainConfig(steps=10_000, batch_size=B, seq_len=T, lr=1e-4, warmup=0),
+                Path(tmp) / "run",
+                device=device,
+                dtype=dtype,
+                compile=args.compile,
+            )
             decay = [p for n, p in hf.named_parameters() if p.dim() >= 2 and "wte" not in n and "wpe" not in n]
             other = [p for n, p in hf.named_parameters() if not (p.dim() >= 2 and "wte" not in n and "wpe" not in n)]
-            opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                                    lr=1e-4, betas=(0.9, 0.95))
+            opt = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                lr=1e-4,
+                betas=(0.9, 0.95),
+            )
             hf_model = torch.compile(hf) if args.compile else hf
 
-            def hf_step(i):
+            def hf_step(i, trainer=trainer, hf_model=hf_model, hf=hf, opt=opt):
                 x, _ = trainer.batch(i)  # the very windows minigpt2 trains on at step i
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     loss = hf_model(input_ids=x, labels=x).loss
@@ -104,7 +123,8 @@ def main() -> int:
                     torch.cuda.synchronize()
 
             times = {"minigpt2": [], "transformers": []}
-            def ours_step(i):
+
+            def ours_step(i, trainer=trainer):
                 trainer.step = i
                 trainer.train_step()
 
@@ -120,8 +140,10 @@ def main() -> int:
         peak = peak_flops(device, dtype)
         for name, speed in speeds.items():
             mfu = f", MFU {100 * speed * flops_per_token(config, T) / peak:.1f}%" if peak else ""
-            print(f"{shape:>8} {name:<12} {speed:>10,.1f} tokens/s (median of {args.steps} steps; best "
-                  f"{B * T / min(times[name]):,.1f}{mfu})")
+            print(
+                f"{shape:>8} {name:<12} {speed:>10,.1f} tokens/s (median of {args.steps} steps; best "
+                f"{B * T / min(times[name]):,.1f}{mfu})"
+            )
         # The ratio of each pair of neighbouring steps (same moment, same machine load), then the
         # median over pairs: robust against other jobs that come and go on a shared machine.
         pairs = [hf / ours for ours, hf in zip(times["minigpt2"], times["transformers"])]
@@ -129,7 +151,7 @@ def main() -> int:
         ratios.append((shape, statistics.median(pairs)))
         mfus = {k: v * flops_per_token(config, T) / peak if peak else None for k, v in speeds.items()}
         results[shape] = {k: {"tokens_per_s": speeds[k], "mfu": mfus[k]} for k in speeds} | {"ratio": ratios[-1][1]}
-        del hf, ours, trainer, opt
+        del hf, ours, trainer, opt, hf_step, ours_step, steps
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"device": str(device), "dtype": str(dtype), "shapes": results}))
     print("minigpt2 / transformers: " + ", ".join(f"{shape} {r:.2f}x" for shape, r in ratios))

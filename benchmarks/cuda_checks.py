@@ -104,8 +104,15 @@ def check_training(device, dry_run):
         tokens.tofile(Path(tmp) / "t.bin")
         data = TokenFile(Path(tmp) / "t.bin", chars=len(tokens))
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        trainer = Trainer(model, data, {}, TrainConfig(steps=10, batch_size=2, seq_len=64, lr=1e-3, warmup=0),
-                          Path(tmp) / "run", device=device, dtype=dtype)
+        trainer = Trainer(
+            model,
+            data,
+            {},
+            TrainConfig(steps=10, batch_size=2, seq_len=64, lr=1e-3, warmup=0),
+            Path(tmp) / "run",
+            device=device,
+            dtype=dtype,
+        )
         losses = []
         for _ in range(6):
             trainer.step = 0  # the same batch every time
@@ -149,19 +156,30 @@ def run_memory(args, device) -> int:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        trainer = Trainer(model, data, {}, TrainConfig(steps=10, batch_size=B, seq_len=T, warmup=0), Path(tmp) / "run",
-                          device=device, dtype=dtype, activation_checkpointing=args.activation_checkpointing)
+        trainer = Trainer(
+            model,
+            data,
+            {},
+            TrainConfig(steps=10, batch_size=B, seq_len=T, warmup=0),
+            Path(tmp) / "run",
+            device=device,
+            dtype=dtype,
+            activation_checkpointing=args.activation_checkpointing,
+        )
         record = trainer.train_step()
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**30, "allocated on the GPU"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
     ac = "with" if args.activation_checkpointing else "without"
-    print(f"{args.preset} ({config.n_layer} layers) {args.shape} {ac} activation checkpointing: peak memory "
-          f"{peak:.2f} GiB ({kind}); {record['tokens_per_s']:,.0f} tokens/s (first step, includes warm-up)")
+    print(
+        f"{args.preset} ({config.n_layer} layers) {args.shape} {ac} activation checkpointing: peak memory "
+        f"{peak:.2f} GiB ({kind}); {record['tokens_per_s']:,.0f} tokens/s (first step, includes warm-up)"
+    )
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"peak_memory_gib": peak, "tokens_per_s": record["tokens_per_s"],
-                                                   "mfu": record["mfu"]}))
+        Path(args.json_out).write_text(
+            json.dumps({"peak_memory_gib": peak, "tokens_per_s": record["tokens_per_s"], "mfu": record["mfu"]})
+        )
     return 0
 
 

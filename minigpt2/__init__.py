@@ -3,28 +3,32 @@
     from minigpt2 import load_model, load_tokenizer
     model = load_model("gpt2")
     enc = load_tokenizer("gpt2")
+
+The names below that need PyTorch are imported on first use, so a script can check its options
+and print a usage error without paying the ~2 s of importing torch first.
 """
 
-from .config import PRESETS, GPTConfig
-from .errors import CheckpointError, DataError, MiniGPT2Error, OptionError, OutputError, user_message
-from .generate import generate
-from .model import GPT, KVCache
-from .tokenizer import load_tokenizer
-from .weights import load_model, save_model
+from __future__ import annotations
 
-__all__ = [
-    "GPT",
-    "GPTConfig",
-    "PRESETS",
-    "KVCache",
-    "CheckpointError",
-    "DataError",
-    "MiniGPT2Error",
-    "OptionError",
-    "OutputError",
-    "generate",
-    "load_model",
-    "load_tokenizer",
-    "save_model",
-    "user_message",
-]
+import importlib
+
+from .errors import CheckpointError, DataError, MiniGPT2Error, OptionError, OutputError, user_message
+
+_LAZY = {
+    "GPT": "model",
+    "KVCache": "model",
+    "GPTConfig": "config",
+    "PRESETS": "config",
+    "generate": "generate",
+    "load_tokenizer": "tokenizer",
+    "load_model": "weights",
+    "save_model": "weights",
+}
+
+__all__ = ["CheckpointError", "DataError", "MiniGPT2Error", "OptionError", "OutputError", "user_message", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'minigpt2' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

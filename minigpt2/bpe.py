@@ -130,7 +130,7 @@ def _merge_word(word: list[int], a: int, b: int, new: int) -> tuple[list[int], l
             out.extend(word[i:])
             break
         if word[j + 1] != b:
-            out.extend(word[i:j + 1])
+            out.extend(word[i : j + 1])
             i = j + 1
             continue
         out.extend(word[i:j])

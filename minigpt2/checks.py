@@ -36,8 +36,15 @@ def _range_text(low, high, low_open: bool, high_open: bool) -> str:
     return ""
 
 
-def finite(name: str, value, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False) -> float:
+def finite(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """`value` as a float, if it is a finite number in the range; else an `OptionError`.
 
     `low_open` / `high_open` exclude the bound itself: finite("lr", x, low=0, low_open=True)
@@ -48,9 +55,11 @@ def finite(name: str, value, *, low: float | None = None, high: float | None = N
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise OptionError(name, f"must be {wanted}, got {value!r} ({type(value).__name__})")
     value = float(value)
-    if (not math.isfinite(value)
-            or (low is not None and (value < low or (low_open and value == low)))
-            or (high is not None and (value > high or (high_open and value == high)))):
+    if (
+        not math.isfinite(value)
+        or (low is not None and (value < low or (low_open and value == low)))
+        or (high is not None and (value > high or (high_open and value == high)))
+    ):
         raise OptionError(name, f"must be {wanted}, got {value:g}")
     return value
 
@@ -172,8 +181,9 @@ def check_decode_memory(config, batch: int, prompt_tokens: int, dtype_bytes: int
         )
 
 
-def check_vocab_fits(model_config, enc, *, model_name: str = "the model",
-                     tokenizer_name: str = "its tokenizer") -> None:
+def check_vocab_fits(
+    model_config, enc, *, model_name: str = "the model", tokenizer_name: str = "its tokenizer"
+) -> None:
     """Refuse a model with fewer token ids than its tokenizer produces.
 
     Every id the tokenizer can emit indexes a row of the embedding; an id past the end is an

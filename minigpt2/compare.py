@@ -222,9 +222,7 @@ def tensor_kind(name: str) -> tuple[str, str]:
     return module, module  # wte, wpe, ln_f: a "layer" of their own
 
 
-def _architecture_mismatch(
-    config_a: GPTConfig, config_b: GPTConfig, both_have_config: bool
-) -> list[str]:
+def _architecture_mismatch(config_a: GPTConfig, config_b: GPTConfig, both_have_config: bool) -> list[str]:
     fields = [("vocab_size", "vocab"), ("n_positions", "context"), ("n_layer", "layers"), ("n_embd", "width")]
     if both_have_config:  # a bare .safetensors file only *guesses* its head count (width / 64)
         fields.append(("n_head", "heads"))
@@ -281,8 +279,11 @@ def compare_weights(a_source: str, b_source: str, *, revision: str | None = None
         b = _read_tensor(files["B"][1], keys["B"][name])
         if name == "wte.weight" and a.shape != b.shape:
             extra = (a if len(a) > len(b) else b)[shared_vocab:]  # (new rows, C)
-            new_rows = {"side": "A" if len(a) > len(b) else "B", "count": len(extra),
-                        "mean_norm": torch.linalg.vector_norm(extra.float(), dim=1).mean().item()}
+            new_rows = {
+                "side": "A" if len(a) > len(b) else "B",
+                "count": len(extra),
+                "mean_norm": torch.linalg.vector_norm(extra.float(), dim=1).mean().item(),
+            }
             a, b = a[:shared_vocab], b[:shared_vocab]
         layer, kind = tensor_kind(name)
         tensors.append({"name": name, "layer": layer, "kind": kind, "shape": list(shape), **tensor_metrics(a, b)})
@@ -332,21 +333,30 @@ def summarise(tensors: list[dict], n_layer: int) -> dict:
 
     layers = []
     for layer, rows in by_layer.items():
-        cells = {kind: _pooled(by_cell[(layer, kind)])["relative_change"] for kind in dict.fromkeys(r["kind"] for r in rows)}
+        cells = {
+            kind: _pooled(by_cell[(layer, kind)])["relative_change"] for kind in dict.fromkeys(r["kind"] for r in rows)
+        }
         top_kind = max(cells, key=lambda k: cells[k])
         layers.append({"layer": layer, **_pooled(rows), "most_changed_kind": top_kind})
     kinds = []
     for kind, rows in by_kind.items():
         per_layer = {r["layer"]: _pooled(by_cell[(r["layer"], kind)])["relative_change"] for r in rows}
         top_layer = max(per_layer, key=lambda k: per_layer[k])
-        kinds.append({"kind": kind, **_pooled(rows), "most_changed_layer": top_layer,
-                      "most_changed_layer_relative_change": per_layer[top_layer]})
+        kinds.append(
+            {
+                "kind": kind,
+                **_pooled(rows),
+                "most_changed_layer": top_layer,
+                "most_changed_layer_relative_change": per_layer[top_layer],
+            }
+        )
     heat_layers = [f"h.{i}" for i in range(n_layer)]
     heatmap = {
         "layers": heat_layers,
         "kinds": list(BLOCK_KINDS),
-        "relative_change": [[_pooled(by_cell[(layer, kind)])["relative_change"] for kind in BLOCK_KINDS]
-                            for layer in heat_layers],
+        "relative_change": [
+            [_pooled(by_cell[(layer, kind)])["relative_change"] for kind in BLOCK_KINDS] for layer in heat_layers
+        ],
     }
     return {"layers": layers, "kinds": kinds, "heatmap": heatmap}
 
@@ -418,16 +428,20 @@ def compare_activations(prompts: list[str], records_a: list[dict], records_b: li
     """Per prompt: the drift of every block's output, KL(A || B) and both top-5 next tokens."""
     results = []
     for prompt, ra, rb in zip(prompts, records_a, records_b):
-        blocks = [{"block": f"h.{i}", **hidden_drift(ha, hb)} for i, (ha, hb) in enumerate(zip(ra["hiddens"], rb["hiddens"]))]
-        results.append({
-            "prompt": prompt,
-            "tokens": len(ra["ids"]),
-            "truncated": ra["truncated"],
-            "blocks": blocks,
-            "kl_a_b": kl_divergence(*_shared_vocabulary(ra["logits"], rb["logits"])),
-            "top5_a": top_tokens(ra["logits"], enc),
-            "top5_b": top_tokens(rb["logits"], enc),
-        })
+        blocks = [
+            {"block": f"h.{i}", **hidden_drift(ha, hb)} for i, (ha, hb) in enumerate(zip(ra["hiddens"], rb["hiddens"]))
+        ]
+        results.append(
+            {
+                "prompt": prompt,
+                "tokens": len(ra["ids"]),
+                "truncated": ra["truncated"],
+                "blocks": blocks,
+                "kl_a_b": kl_divergence(*_shared_vocabulary(ra["logits"], rb["logits"])),
+                "top5_a": top_tokens(ra["logits"], enc),
+                "top5_b": top_tokens(rb["logits"], enc),
+            }
+        )
     return results
 
 
@@ -497,8 +511,12 @@ def evaluate_text(model, enc, ids: list[int], characters: int, device) -> dict[s
     """
     nats = text_nats(model, ids, enc.eot_token, device)
     loss = nats / len(ids)
-    return {"loss": loss, "perplexity": perplexity(loss), "bits_per_char": bits_per_char(loss, len(ids) / characters),
-            "nats": nats}
+    return {
+        "loss": loss,
+        "perplexity": perplexity(loss),
+        "bits_per_char": bits_per_char(loss, len(ids) / characters),
+        "nats": nats,
+    }
 
 
 def prepare_texts(paths: list[str], enc, max_tokens: int) -> list[dict]:
@@ -506,8 +524,16 @@ def prepare_texts(paths: list[str], enc, max_tokens: int) -> list[dict]:
     texts = []
     for path in paths:
         ids, total = text_tokens(enc, read_text_file(path, "text file"), max_tokens)
-        texts.append({"file": str(path), "ids": ids, "tokens": len(ids), "characters": count_characters(enc, ids),
-                      "tokens_in_file": total, "capped": total is None or total > len(ids)})
+        texts.append(
+            {
+                "file": str(path),
+                "ids": ids,
+                "tokens": len(ids),
+                "characters": count_characters(enc, ids),
+                "tokens_in_file": total,
+                "capped": total is None or total > len(ids),
+            }
+        )
     return texts
 
 
@@ -573,8 +599,9 @@ def run_curves(run: RunDir) -> dict:
         if r.get("type") == "train":
             train.append({"step": r["step"], "tokens": r.get("tokens"), "loss": r["loss"]})
         elif r.get("type") == "eval":
-            evals.setdefault(r["set"], []).append({"step": r["step"], "tokens": r.get("tokens"), "loss": r["loss"],
-                                                   "bpc": r.get("bpc")})
+            evals.setdefault(r["set"], []).append(
+                {"step": r["step"], "tokens": r.get("tokens"), "loss": r["loss"], "bpc": r.get("bpc")}
+            )
     return {"train": train, "eval": evals}
 
 
@@ -594,16 +621,19 @@ def run_drift(snapshots: list[dict], start_norms: dict[str, float] | None = None
     layers.sort(key=lambda name: order.get(name, len(order)))
     steps = []
     for snap in snapshots:
-        steps.append({
-            "step": snap["step"],
-            "tokens": snap.get("tokens"),
-            "weight_drift": _layer_drift(snap["weights"], start_norms),
-            "activation_drift": {b: float(v.get("relative_diff", math.nan)) for b, v in snap["activations"].items()},
-            "activation_cosine": {b: float(v.get("cosine", math.nan)) for b, v in snap["activations"].items()},
-        })
+        steps.append(
+            {
+                "step": snap["step"],
+                "tokens": snap.get("tokens"),
+                "weight_drift": _layer_drift(snap["weights"], start_norms),
+                "activation_drift": {
+                    b: float(v.get("relative_diff", math.nan)) for b, v in snap["activations"].items()
+                },
+                "activation_cosine": {b: float(v.get("cosine", math.nan)) for b, v in snap["activations"].items()},
+            }
+        )
     probe = next((s.get("probe") for s in reversed(snapshots) if s.get("probe") is not None), None)
-    return {"layers": layers, "probe": probe, "steps": steps, "pooled": start_norms is not None,
-            "snapshots": snapshots}
+    return {"layers": layers, "probe": probe, "steps": steps, "pooled": start_norms is not None, "snapshots": snapshots}
 
 
 # ----- the whole comparison ---------------------------------------------------------------

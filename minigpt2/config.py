@@ -47,8 +47,9 @@ class GPTConfig:
             positive_int(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise OptionError(
-                "n_embd", f"({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                "each head gets an equal slice of the width"
+                "n_embd",
+                f"({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                "each head gets an equal slice of the width",
             )
         finite("layer_norm_eps", self.layer_norm_eps, low=0, low_open=True)
         finite("dropout", self.dropout, low=0, high=1, high_open=True)

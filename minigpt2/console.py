@@ -12,8 +12,14 @@ from __future__ import annotations
 import os
 import sys
 
-FLAG = {"steps": "--steps", "seq_len": "--seq-len", "batch_size": "--batch-size", "eval_every": "--eval-every",
-        "eval_tokens": "--eval-tokens", "save_every": "--save-every"}
+FLAG = {
+    "steps": "--steps",
+    "seq_len": "--seq-len",
+    "batch_size": "--batch-size",
+    "eval_every": "--eval-every",
+    "eval_tokens": "--eval-tokens",
+    "save_every": "--save-every",
+}
 
 
 def format_duration(seconds: float) -> str:
@@ -103,29 +109,41 @@ class TrainConsole:
 
     def _data(self, r):
         if r.get("rebuilt_because"):
-            self.note(f"note: the cached tokens of this data could not be trusted ({r['rebuilt_because']}); "
-                      "tokenized again")
+            self.note(
+                f"note: the cached tokens of this data could not be trusted ({r['rebuilt_because']}); tokenized again"
+            )
         cached = ", from the cache" if r["cached"] else ""
-        self.line(f"data: {len(r['files'])} file(s), {r['chars']:,} characters, {r['tokens']:,} tokens "
-                  f"({r['tokens_per_char']:.2f} tokens per character; {r['train_tokens']:,} for training{cached})")
+        self.line(
+            f"data: {len(r['files'])} file(s), {r['chars']:,} characters, {r['tokens']:,} tokens "
+            f"({r['tokens_per_char']:.2f} tokens per character; {r['train_tokens']:,} for training{cached})"
+        )
         for name, d in r["eval_sets"].items():
-            self.line(f"eval set {name}: {d['chars']:,} characters, {d['tokens']:,} tokens "
-                      f"({d['tokens_per_char']:.2f} per character)")
+            self.line(
+                f"eval set {name}: {d['chars']:,} characters, {d['tokens']:,} tokens "
+                f"({d['tokens_per_char']:.2f} per character)"
+            )
 
     def _vocab(self, r):
         cached = ", from the cache" if r["cached"] else f" in {format_duration(r['learn_seconds'])}"
         self.line(f"vocabulary: {r['merges_learned']:,} new tokens learned{cached}; {r['vocab_size']:,} in all")
         for name, t in r["texts"].items():
-            bpc = (f"; bits per character at step 0: {t['bits_per_char_before']:.3f} -> {t['bits_per_char_after']:.3f}"
-                   if "bits_per_char_after" in t else "")
-            self.line(f"  {name}: tokens per character {t['tokens_per_char_before']:.2f} -> "
-                      f"{t['tokens_per_char_after']:.2f}{bpc}")
+            bpc = (
+                f"; bits per character at step 0: {t['bits_per_char_before']:.3f} -> {t['bits_per_char_after']:.3f}"
+                if "bits_per_char_after" in t
+                else ""
+            )
+            self.line(
+                f"  {name}: tokens per character {t['tokens_per_char_before']:.2f} -> "
+                f"{t['tokens_per_char_after']:.2f}{bpc}"
+            )
 
     def _lora(self, r):
-        self.line(f"LoRA r={r['r']}, alpha={r['alpha']:g} on {', '.join(r['targets'])}: "
-                  f"{r['trainable_params']:,} trainable parameters ({100 * r['trainable_share']:.2f}%), AdamW state "
-                  f"{format_bytes(r['optimizer_state_bytes'])} (full fine-tuning: "
-                  f"{format_bytes(r['full_optimizer_state_bytes'])})")
+        self.line(
+            f"LoRA r={r['r']}, alpha={r['alpha']:g} on {', '.join(r['targets'])}: "
+            f"{r['trainable_params']:,} trainable parameters ({100 * r['trainable_share']:.2f}%), AdamW state "
+            f"{format_bytes(r['optimizer_state_bytes'])} (full fine-tuning: "
+            f"{format_bytes(r['full_optimizer_state_bytes'])})"
+        )
 
     def _recovered(self, r):
         self.note(f"note: {r['message']}")
@@ -138,24 +156,33 @@ class TrainConsole:
     def _start(self, r):
         self.steps = r["steps"]
         what = f"resuming at step {r['step']}" if r["resumed"] else f"training from step {r['step']}"
-        trainable = (f" ({r['trainable']:,} trainable)" if r.get("trainable") and r["trainable"] != r["params"]
-                     else "")
-        self.line(f"{what} of {r['steps']}: {r['params']:,} parameters{trainable}, {r['tokens_per_step']:,} tokens "
-                  f"per step ({r['tokens']:,} in all), {r['device']}, {r['dtype']}")
+        trainable = f" ({r['trainable']:,} trainable)" if r.get("trainable") and r["trainable"] != r["params"] else ""
+        self.line(
+            f"{what} of {r['steps']}: {r['params']:,} parameters{trainable}, {r['tokens_per_step']:,} tokens "
+            f"per step ({r['tokens']:,} in all), {r['device']}, {r['dtype']}"
+        )
         if r.get("ranks", 1) > 1:
-            self.line(f"{r['ranks']} ranks{' (sharded)' if r.get('sharded') else ''}: global batch "
-                      f"{r['global_batch']} sequences per step")
+            self.line(
+                f"{r['ranks']} ranks{' (sharded)' if r.get('sharded') else ''}: global batch "
+                f"{r['global_batch']} sequences per step"
+            )
 
     def defaults(self, used: dict, device: str) -> None:
         if used:
             shown = ", ".join(f"{FLAG[k]} {v}" for k, v in used.items())
-            self.line(f"defaults for {'a GPU' if device.startswith('cuda') else 'this ' + device}: {shown} "
-                      "(give any of them to change it)")
+            self.line(
+                f"defaults for {'a GPU' if device.startswith('cuda') else 'this ' + device}: {shown} "
+                "(give any of them to change it)"
+            )
 
-    def schedule(self, change: dict) -> None:
-        self.line(f"steps: {change['before']} -> {change['after']}: the learning-rate schedule now ends at step "
-                  f"{change['after']}; at step {change['step']} the rate is {change['lr_after']:.2e} "
-                  f"(it was {change['lr_before']:.2e})")
+    def schedule(self, change: dict | None) -> None:
+        if change is None:
+            return
+        self.line(
+            f"steps: {change['before']} -> {change['after']}: the learning-rate schedule now ends at step "
+            f"{change['after']}; at step {change['step']} the rate is {change['lr_after']:.2e} "
+            f"(it was {change['lr_before']:.2e})"
+        )
 
     def _estimate(self, r):
         parts = [f"{format_duration(r['steps_s'])} of steps"]
@@ -181,12 +208,16 @@ class TrainConsole:
 
     def _row(self, r):
         if not self.header_done:
-            self.line(f"{'step':>7} | {'train loss':>10} | {'lr':>8} | {'grad norm':>9} | {'tokens/s':>9}"
-                      + (" |   MFU" if self.show_mfu else ""))
+            self.line(
+                f"{'step':>7} | {'train loss':>10} | {'lr':>8} | {'grad norm':>9} | {'tokens/s':>9}"
+                + (" |   MFU" if self.show_mfu else "")
+            )
             self.header_done = True
         mfu = f" | {100 * r['mfu']:4.1f}%" if self.show_mfu and r.get("mfu") is not None else ""
-        self.line(f"{r['step']:>7} | {r['loss']:>10.4f} | {r['lr']:>8.2e} | {r['grad_norm']:>9.3f} | "
-                  f"{r['tokens_per_s']:>9,.0f}{mfu}")
+        self.line(
+            f"{r['step']:>7} | {r['loss']:>10.4f} | {r['lr']:>8.2e} | {r['grad_norm']:>9.3f} | "
+            f"{r['tokens_per_s']:>9,.0f}{mfu}"
+        )
 
     def _eval_progress(self, r):
         doing = f" · evaluating {r['set']} {r['done']}/{r['total']}"
@@ -196,8 +227,10 @@ class TrainConsole:
             self.bar(f"step {r['step']}/{self.steps}: evaluating {r['set']} ({r['total']} batches)")
 
     def _eval(self, r):
-        self.line(f"eval step {r['step']:>5} | {r['set']}: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, "
-                  f"bpc {r['bpc']:.4f} ({r['eval_tokens']:,} tokens)")
+        self.line(
+            f"eval step {r['step']:>5} | {r['set']}: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, "
+            f"bpc {r['bpc']:.4f} ({r['eval_tokens']:,} tokens)"
+        )
 
     def _checkpoint(self, r):
         self.line(f"saved {r['path']} (step {r['step']}, {format_bytes(r.get('bytes'))})")
@@ -208,11 +241,12 @@ class TrainConsole:
         self.clear_bar()
         self.bar_text = ""
         if r["checkpoint"]:
-            self.note(f"stopped by {r['reason']} at step {r['step']}: saved {r['checkpoint']}; "
-                      "continue with --resume")
+            self.note(f"stopped by {r['reason']} at step {r['step']}: saved {r['checkpoint']}; continue with --resume")
         else:
-            self.note(f"stopped by {r['reason']} before the first step: nothing to save; "
-                      "run the same command again (or with --resume)")
+            self.note(
+                f"stopped by {r['reason']} before the first step: nothing to save; "
+                "run the same command again (or with --resume)"
+            )
 
     def finish(self) -> None:
         self.clear_bar()

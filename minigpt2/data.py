@@ -34,9 +34,9 @@ import re
 import shutil
 import tempfile
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -65,12 +65,18 @@ def find_text_files(specs: Iterable[str | os.PathLike]) -> list[Path]:
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not found:
-                raise DataError(f"directory '{path}' holds no .txt files; point --data at text files or a folder of them")
+                raise DataError(
+                    f"directory '{path}' holds no .txt files; point --data at text files or a folder of them"
+                )
         elif path.exists():  # /dev/null, a FIFO, a socket: exists, but holds no text to read twice
-            raise DataError(f"'{spec}' is not a regular file (a device, pipe or socket); give text files, "
-                            "directories or glob patterns")
+            raise DataError(
+                f"'{spec}' is not a regular file (a device, pipe or socket); give text files, "
+                "directories or glob patterns"
+            )
         elif glob.has_magic(str(spec)):
-            found = sorted(Path(p) for p in glob.glob(os.path.expanduser(str(spec)), recursive=True) if Path(p).is_file())
+            found = sorted(
+                Path(p) for p in glob.glob(os.path.expanduser(str(spec)), recursive=True) if Path(p).is_file()
+            )
             if not found:
                 raise DataError(f"the pattern '{spec}' matches no files")
         else:
@@ -118,7 +124,8 @@ def check_text_file(path: Path, encoding_errors: str = "strict") -> FileInfo:
                 except UnicodeDecodeError as e:
                     offset = size - pending + e.start
                     raise DataError(
-                        f"'{path}' is not valid UTF-8: byte 0x{block[max(e.start - pending, 0)]:02x} at offset {offset} "
+                        f"'{path}' is not valid UTF-8: byte 0x{block[max(e.start - pending, 0)]:02x} "
+                        f"at offset {offset} "
                         f"({e.reason}). Convert the file to UTF-8, or pass --encoding-errors replace to "
                         "replace undecodable bytes with U+FFFD"
                     ) from None
@@ -144,9 +151,15 @@ def check_text_file(path: Path, encoding_errors: str = "strict") -> FileInfo:
 # ----- cleaning and tokenizing, in chunks ------------------------------------------------------
 
 
-def read_chunks(path: Path, *, encoding_errors: str = "strict", drop_lines: re.Pattern | None = None,
-                start_char: int = 0, stop_char: int | None = None,
-                chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
+def read_chunks(
+    path: Path,
+    *,
+    encoding_errors: str = "strict",
+    drop_lines: re.Pattern | None = None,
+    start_char: int = 0,
+    stop_char: int | None = None,
+    chunk_chars: int = CHUNK_CHARS,
+) -> Iterator[str]:
     """The cleaned text of `path` in pieces of about `chunk_chars` characters.
 
     Line ends are normalised to "\\n" (as Python's text mode does); lines matching `drop_lines`
@@ -228,10 +241,18 @@ class _TokenWriter:
         self.file.close()
 
 
-def tokenize_documents(files: list[FileInfo], enc, head: _TokenWriter, tail: _TokenWriter | None, *,
-                       tail_fraction: float = 0.0, drop_lines: re.Pattern | None = None,
-                       encoding_errors: str = "strict", threads: int | None = None,
-                       chunk_chars: int = CHUNK_CHARS) -> None:
+def tokenize_documents(
+    files: list[FileInfo],
+    enc,
+    head: _TokenWriter,
+    tail: _TokenWriter | None,
+    *,
+    tail_fraction: float = 0.0,
+    drop_lines: re.Pattern | None = None,
+    encoding_errors: str = "strict",
+    threads: int | None = None,
+    chunk_chars: int = CHUNK_CHARS,
+) -> None:
     """Tokenize every file into `head` (and the tail of each into `tail`), EOT before each part.
 
     Chunks are handed to tiktoken's batch encoder a few at a time, so every core works and at most
@@ -245,8 +266,14 @@ def tokenize_documents(files: list[FileInfo], enc, head: _TokenWriter, tail: _To
         for writer, start, stop in parts:
             writer.write([eot])
             batch: list[str] = []
-            for chunk in read_chunks(info.path, encoding_errors=encoding_errors, drop_lines=drop_lines,
-                                     start_char=start, stop_char=stop, chunk_chars=chunk_chars):
+            for chunk in read_chunks(
+                info.path,
+                encoding_errors=encoding_errors,
+                drop_lines=drop_lines,
+                start_char=start,
+                stop_char=stop,
+                chunk_chars=chunk_chars,
+            ):
                 batch.append(chunk)
                 if len(batch) >= 2 * threads:
                     _encode_into(enc, batch, writer, threads)
@@ -295,7 +322,9 @@ class TokenFile:
     tokens: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.tokens = np.memmap(self.path, dtype=np.uint16, mode="r") if self.path.stat().st_size else np.zeros(0, np.uint16)
+        self.tokens = (
+            np.memmap(self.path, dtype=np.uint16, mode="r") if self.path.stat().st_size else np.zeros(0, np.uint16)
+        )
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -356,9 +385,16 @@ def compile_drop_lines(drop_lines: str | None) -> re.Pattern | None:
         raise DataError(f"--drop-lines {drop_lines!r} is not a valid regular expression: {e}") from None
 
 
-def prepare_corpus(inputs: Iterable[str | os.PathLike] | list[FileInfo], enc, *, val_fraction: float = 0.0,
-                   drop_lines: str | None = None, encoding_errors: str = "strict",
-                   cache_dir: str | os.PathLike | None = None, threads: int | None = None) -> Corpus:
+def prepare_corpus(
+    inputs: Iterable[str | os.PathLike] | list[FileInfo],
+    enc,
+    *,
+    val_fraction: float = 0.0,
+    drop_lines: str | None = None,
+    encoding_errors: str = "strict",
+    cache_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+) -> Corpus:
     """Tokenize the inputs (paths, directories, globs, or `check_inputs`' result), or reuse the
     cached result.
 
@@ -392,8 +428,15 @@ def prepare_corpus(inputs: Iterable[str | os.PathLike] | list[FileInfo], enc, *,
         _discard_entry(entry)
         cached = False
     if not cached:
-        _build_entry(entry, files, enc, val_fraction=val_fraction, drop_lines=pattern,
-                     encoding_errors=encoding_errors, threads=threads)
+        _build_entry(
+            entry,
+            files,
+            enc,
+            val_fraction=val_fraction,
+            drop_lines=pattern,
+            encoding_errors=encoding_errors,
+            threads=threads,
+        )
     meta = json.loads((entry / "meta.json").read_text())
     train = TokenFile(entry / "train.bin", meta["train_chars"], name="train")
     val = TokenFile(entry / "val.bin", meta["val_chars"], name="val") if val_fraction > 0 else None
@@ -401,8 +444,9 @@ def prepare_corpus(inputs: Iterable[str | os.PathLike] | list[FileInfo], enc, *,
         raise DataError(
             f"the input holds no text after cleaning: nothing is left after dropping the lines that match "
             f"{drop_lines!r}, only blank lines (a pattern such as '.' matches every line that holds text); "
-            "give a narrower pattern" if drop_lines else
-            "the input holds no text after cleaning: only blank lines and spaces, nothing to train on"
+            "give a narrower pattern"
+            if drop_lines
+            else "the input holds no text after cleaning: only blank lines and spaces, nothing to train on"
         )
     if train.chars == 0 or len(train) <= len(files):
         raise DataError(
@@ -446,7 +490,9 @@ def _discard_entry(entry: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _build_entry(entry: Path, files: list[FileInfo], enc, *, val_fraction, drop_lines, encoding_errors, threads) -> None:
+def _build_entry(
+    entry: Path, files: list[FileInfo], enc, *, val_fraction, drop_lines, encoding_errors, threads
+) -> None:
     """Tokenize into a temporary folder beside the entry, then rename it into place (atomic)."""
     if enc.n_vocab > 65536:
         raise DataError(f"the tokenizer has {enc.n_vocab} ids, too many for uint16 token files")
@@ -456,14 +502,30 @@ def _build_entry(entry: Path, files: list[FileInfo], enc, *, val_fraction, drop_
         head = _TokenWriter(tmp / "train.bin")
         tail = _TokenWriter(tmp / "val.bin")
         try:
-            tokenize_documents(files, enc, head, tail if val_fraction > 0 else None, tail_fraction=val_fraction,
-                               drop_lines=drop_lines, encoding_errors=encoding_errors, threads=threads)
+            tokenize_documents(
+                files,
+                enc,
+                head,
+                tail if val_fraction > 0 else None,
+                tail_fraction=val_fraction,
+                drop_lines=drop_lines,
+                encoding_errors=encoding_errors,
+                threads=threads,
+            )
         finally:
             head.close()
             tail.close()
-        meta = {"train_tokens": head.tokens, "train_chars": head.chars, "train_crc32": head.crc32,
-                "train_has_text": head.has_text, "val_tokens": tail.tokens, "val_chars": tail.chars,
-                "val_crc32": tail.crc32, "vocab_size": enc.n_vocab, "files": [str(f.path) for f in files]}
+        meta = {
+            "train_tokens": head.tokens,
+            "train_chars": head.chars,
+            "train_crc32": head.crc32,
+            "train_has_text": head.has_text,
+            "val_tokens": tail.tokens,
+            "val_chars": tail.chars,
+            "val_crc32": tail.crc32,
+            "vocab_size": enc.n_vocab,
+            "files": [str(f.path) for f in files],
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.rename(tmp, entry)
@@ -524,7 +586,7 @@ class WindowSampler:
 
 def gather_windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> np.ndarray:
     """(len(offsets), seq_len + 1) int64 array of the windows starting at `offsets`."""
-    return np.stack([np.asarray(tokens[o:o + seq_len + 1], dtype=np.int64) for o in offsets])
+    return np.stack([np.asarray(tokens[o : o + seq_len + 1], dtype=np.int64) for o in offsets])
 
 
 def eval_windows(n_tokens: int, seq_len: int, max_tokens: int | None = None) -> list[int]:

@@ -26,7 +26,9 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MiniGPT2Error(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise MiniGPT2Error(f"device {name!r} asked for, but Apple's MPS is not available here; use --device cpu or auto")
+        raise MiniGPT2Error(
+            f"device {name!r} asked for, but Apple's MPS is not available here; use --device cpu or auto"
+        )
     return device
 
 

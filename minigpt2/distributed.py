@@ -104,14 +104,27 @@ def setup(device_name: str = "auto") -> Dist:
         raise MiniGPT2Error("torchrun needs CUDA GPUs or the CPU; Apple MPS has no distributed backend")
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
-            raise MiniGPT2Error(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; "
-                                "give torchrun --nproc_per_node at most that")
+            raise MiniGPT2Error(
+                f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; "
+                "give torchrun --nproc_per_node at most that"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
     return Dist(rank=rank, world_size=world, local_rank=local, device=device, enabled=True)
+
+
+def rank_prefix() -> str:
+    """ "(rank N) " for messages of a rank other than 0 of a torchrun job, else ""."""
+    rank = os.environ.get("RANK", "0") if launched_by_torchrun() else "0"
+    return "" if rank == "0" else f"(rank {rank}) "
+
+
+def peer_failure_message(error: BaseException) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"another process of this torchrun job failed or was stopped ({first})"
 
 
 def teardown() -> None:

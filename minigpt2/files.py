@@ -75,8 +75,10 @@ def read_text_file(path: str | os.PathLike, what: str = "text file") -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{what} '{path}' is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}. "
-                        "Convert it to UTF-8 first (for example `iconv -f GBK -t UTF-8`)") from None
+        raise DataError(
+            f"{what} '{path}' is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}. "
+            "Convert it to UTF-8 first (for example `iconv -f GBK -t UTF-8`)"
+        ) from None
     if not text:
         raise DataError(f"{what} '{path}' is empty; give a file with text in it")
     return text

@@ -13,8 +13,16 @@ from .config import GPTConfig
 
 # Dense bf16/fp16 tensor-core peak of the GPUs MFU is reported for (FLOP/s, no sparsity); the
 # first name found in torch.cuda.get_device_name() wins, so variants come before the plain name.
-PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
-              "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "4090": 165e12,
+}
 
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:

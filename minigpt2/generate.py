@@ -57,8 +57,10 @@ class Sampling:
         # overflows float32 logits into inf, which softmax turns into NaN: 0 is the greedy setting.
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t == 0 or MIN_TEMPERATURE <= t < math.inf):
-            raise OptionError("temperature", f"must be 0 or more (0 means greedy): a finite number, 0 or at least "
-                                             f"{MIN_TEMPERATURE:g}, got {t!r}")
+            raise OptionError(
+                "temperature",
+                f"must be 0 or more (0 means greedy): a finite number, 0 or at least {MIN_TEMPERATURE:g}, got {t!r}",
+            )
         if self.top_k is not None:
             if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
                 raise OptionError("top_k", f"must be 0 (off) or a positive number of tokens, got {self.top_k!r}")
@@ -69,6 +71,9 @@ class Sampling:
 
 
 MIN_TEMPERATURE = 1e-6
+
+
+GREEDY = Sampling(greedy=True)  # the default of every entry point: deterministic, as transformers' generate
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -101,9 +106,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return (probs / race.clamp_min(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
 
 
-def sample_next(
-    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row from last-position logits (B, vocab); returns ids (B,).
 
     Logits already masked to -inf (by the UTF-8 guard) are never drawn. With top-k, only the k
@@ -240,12 +243,40 @@ def compiled(fn, **options):
     return call
 
 
+class Picker:
+    """The choosing side of a generation, step after step: the repetition penalty's memory of each
+    text's tokens, the UTF-8 guard's state of each, and the draw itself."""
+
+    def __init__(self, prompts, vocab_size: int, sampling: Sampling, generator, guard: Utf8Guard | None, device):
+        self.sampling, self.generator, self.guard = sampling, generator, guard
+        self.rows = torch.arange(len(prompts), device=device)
+        self.states = torch.full((len(prompts),), ACCEPT, dtype=torch.long, device=device)  # UTF-8 automaton
+        self.seen = None  # (B, vocab): which tokens each text holds, for the repetition penalty
+        if sampling.repetition_penalty != 1.0:
+            self.seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+            for i, p in enumerate(prompts):
+                self.seen[i, torch.tensor(sorted(set(p)), device=device)] = True
+
+    def __call__(self, logits: torch.Tensor, last_step: bool = False) -> torch.Tensor:
+        """The next token (B,) of every sequence from its last-position logits (B, vocab)."""
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits.float(), self.seen, self.sampling.repetition_penalty)
+        if self.guard is not None:
+            logits = self.guard.mask(logits, self.states, last_step=last_step)
+        token = sample_next(logits, self.sampling, self.generator)  # (B,)
+        if self.guard is not None:
+            self.states = self.guard.advance(self.states, token)
+        if self.seen is not None:
+            self.seen[self.rows, token] = True
+        return token
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: GPT,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
     *,
     generator: torch.Generator | None = None,
     guard: Utf8Guard | None = None,
@@ -277,12 +308,7 @@ def generate_tokens(
     if any(not w for w in windows):
         raise ValueError("every prompt needs at least one token (use <|endoftext|> for an empty prompt)")
 
-    seen = None  # (B, vocab): which tokens each text holds, for the repetition penalty
-    if sampling.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        for i, p in enumerate(prompts):
-            seen[i, torch.tensor(sorted(set(p)), device=device)] = True
-    states = torch.full((B,), ACCEPT, dtype=torch.long, device=device)
+    pick = Picker(prompts, model.config.vocab_size, sampling, generator, guard, device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     kv_caches = model.new_kv_caches(B) if use_cache else None
     static = (compile and device.type == "cuda") if static is None else static
@@ -302,15 +328,7 @@ def generate_tokens(
 
     logits, pos, key_valid, next_pos = restart()
     for step in range(max_new_tokens):
-        if seen is not None:
-            logits = apply_repetition_penalty(logits.float(), seen, sampling.repetition_penalty)
-        if guard is not None:
-            logits = guard.mask(logits, states, last_step=step == max_new_tokens - 1)
-        token = sample_next(logits, sampling, generator)  # (B,)
-        if guard is not None:
-            states = guard.advance(states, token)
-        if seen is not None:
-            seen[torch.arange(B, device=device), token] = True
+        token = pick(logits, last_step=step == max_new_tokens - 1)  # (B,)
         tokens = token.tolist()
         yield tokens
         if eot_id is not None:
@@ -343,7 +361,7 @@ def generate_tokens(
         pos += 1
 
 
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(greedy=True), **kwargs) -> torch.Tensor:
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling = GREEDY, **kwargs) -> torch.Tensor:
     """The prompts `idx` (B, T) followed by up to `max_new_tokens` generated tokens each."""
     steps = list(generate_tokens(model, idx.tolist(), max_new_tokens, sampling, **kwargs))
     new = torch.tensor(steps, dtype=torch.long, device=idx.device).T.reshape(idx.size(0), -1)  # (B, steps)

@@ -96,7 +96,9 @@ def hub_file(source: str, filename: str, *, revision: str | None = None) -> Path
             f"{', '.join(OFFICIAL_REPOS)}; or give a checkpoint directory or .safetensors file."
         ) from None
     except errors.RevisionNotFoundError:
-        raise CheckpointError(f"model '{repo}' has no revision {revision!r}; check the branch, tag or commit.") from None
+        raise CheckpointError(
+            f"model '{repo}' has no revision {revision!r}; check the branch, tag or commit."
+        ) from None
     except errors.EntryNotFoundError:
         hint = (
             " minigpt2 reads only safetensors weights (never pickled .bin files); convert the "

@@ -39,19 +39,63 @@ from .trainer import TrainConfig, Trainer, lr_at, steps_for
 from .weights import load_model
 
 # Fixed for the life of a run: --resume refuses to change them (the batches would differ).
-FIXED_ON_RESUME = ("model", "init_preset", "n_layer", "n_head", "n_embd", "context", "data", "val_data",
-                   "val_fraction", "drop_lines", "encoding_errors", "seq_len", "seed", "dropout", "tokenizer",
-                   "extend_vocab", "vocab_from", "lora", "lora_alpha", "lora_dropout", "lora_targets")
-COMMON_DEFAULTS = {"model": None, "grad_accum": 1, "lr": 3e-4, "weight_decay": 0.1, "grad_clip": 1.0,
-                   "val_fraction": 0.005, "encoding_errors": "strict", "snapshot_every": 0, "log_every": 10,
-                   "device": "auto", "dtype": "auto", "seed": 0, "keep_last": 3}
+FIXED_ON_RESUME = (
+    "model",
+    "init_preset",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "context",
+    "data",
+    "val_data",
+    "val_fraction",
+    "drop_lines",
+    "encoding_errors",
+    "seq_len",
+    "seed",
+    "dropout",
+    "tokenizer",
+    "extend_vocab",
+    "vocab_from",
+    "lora",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+)
+COMMON_DEFAULTS = {
+    "model": None,
+    "grad_accum": 1,
+    "lr": 3e-4,
+    "weight_decay": 0.1,
+    "grad_clip": 1.0,
+    "val_fraction": 0.005,
+    "encoding_errors": "strict",
+    "snapshot_every": 0,
+    "log_every": 10,
+    "device": "auto",
+    "dtype": "auto",
+    "seed": 0,
+    "keep_last": 3,
+}
 # On a GPU: long sequences, one epoch, thorough evaluations. On a CPU a step of GPT-2 (124M) at 4 x 128
 # tokens takes ~2.5 s on two cores, so one epoch of a novel would take a day: there the defaults show
 # learning within minutes (an evaluation every ~4 minutes) and finish in about 45 minutes.
-GPU_DEFAULTS = {"batch_size": 4, "seq_len": None, "steps": None, "eval_every": None, "eval_tokens": 65536,
-                "save_every": 1000}
-CPU_DEFAULTS = {"batch_size": 4, "seq_len": 128, "steps": 1000, "eval_every": 100, "eval_tokens": 4096,
-                "save_every": 250}
+GPU_DEFAULTS = {
+    "batch_size": 4,
+    "seq_len": None,
+    "steps": None,
+    "eval_every": None,
+    "eval_tokens": 65536,
+    "save_every": 1000,
+}
+CPU_DEFAULTS = {
+    "batch_size": 4,
+    "seq_len": 128,
+    "steps": 1000,
+    "eval_every": 100,
+    "eval_tokens": 4096,
+    "save_every": 250,
+}
 SIZE_OPTIONS = ("steps", "epochs", "tokens")
 
 
@@ -74,8 +118,11 @@ def merge_options(given: dict, saved: dict | None, device: torch.device, ranks: 
         return merged, used
     changed = [k for k in FIXED_ON_RESUME if k in explicit and explicit[k] != saved.get(k)]
     if changed:
-        raise OptionError(changed[0], f"cannot change when a run is resumed (it was {saved.get(changed[0])!r}): the "
-                          "run would no longer continue exactly; start a new run directory instead")
+        raise OptionError(
+            changed[0],
+            f"cannot change when a run is resumed (it was {saved.get(changed[0])!r}): the "
+            "run would no longer continue exactly; start a new run directory instead",
+        )
     saved = dict(saved)
     if any(k in explicit for k in SIZE_OPTIONS):
         for k in SIZE_OPTIONS:
@@ -84,9 +131,11 @@ def merge_options(given: dict, saved: dict | None, device: torch.device, ranks: 
     before = saved.get("batch_size", 4) * saved.get("grad_accum", 1) * saved.get("ranks", 1)
     if merged["batch_size"] * merged["grad_accum"] * ranks != before:
         raise OptionError(
-            "batch_size", f"must keep a resumed run's global batch of {before} sequences per step (batch size x gradient "
+            "batch_size",
+            f"must keep a resumed run's global batch of {before} sequences per step (batch size x gradient "
             f"accumulation x ranks); with {ranks} rank(s), give a batch size and accumulation whose product is "
-            f"{before / ranks:g}")
+            f"{before / ranks:g}",
+        )
     return merged, []
 
 
@@ -109,8 +158,14 @@ def tokenizer_source_for(source: str | os.PathLike | None) -> str | os.PathLike 
     return source
 
 
-def start_model(source: str | None, preset: str | None = None, overrides: dict | None = None, *,
-                seed: int = 0, dropout: float | None = None) -> GPT:
+def start_model(
+    source: str | None,
+    preset: str | None = None,
+    overrides: dict | None = None,
+    *,
+    seed: int = 0,
+    dropout: float | None = None,
+) -> GPT:
     """The model a run starts from: a loadable `source`, or random weights of a preset.
 
     Random init is seeded, so a resumed run can rebuild the exact starting weights (the
@@ -158,14 +213,17 @@ def open_run(out: str | os.PathLike, resume: bool, is_main: bool) -> tuple[RunDi
     if not resume:
         if not run.is_empty():
             run.unlock()
-            raise RunDirError(f"'{run.path}' already holds a run; continue it with resume, or choose a new run "
-                              "directory (nothing was overwritten)")
+            raise RunDirError(
+                f"'{run.path}' already holds a run; continue it with resume, or choose a new run "
+                "directory (nothing was overwritten)"
+            )
         return run, None
     return run, (info or {}).get("args")
 
 
-def setup(given: dict, out: str | os.PathLike, resume: bool, report: Callable[[dict], None],
-          ctx: distributed.Dist) -> Setup:
+def setup(
+    given: dict, out: str | os.PathLike, resume: bool, report: Callable[[dict], None], ctx: distributed.Dist
+) -> Setup:
     """Everything before the loop (see the module docstring), checking the cheap things first.
 
     If it fails before the run has written anything, a run directory it created is removed again:
@@ -182,8 +240,9 @@ def setup(given: dict, out: str | os.PathLike, resume: bool, report: Callable[[d
         raise
 
 
-def _setup(run: RunDir, saved: dict | None, given: dict, resume: bool, report: Callable[[dict], None],
-           ctx: distributed.Dist) -> Setup:
+def _setup(
+    run: RunDir, saved: dict | None, given: dict, resume: bool, report: Callable[[dict], None], ctx: distributed.Dist
+) -> Setup:
     if ctx.is_main:
         for message in run.recover():
             report({"type": "recovered", "message": message})
@@ -201,8 +260,12 @@ def _setup(run: RunDir, saved: dict | None, given: dict, resume: bool, report: C
     source = None if o.get("init_preset") else (o.get("model") or "gpt2")
     tok_source = o.get("tokenizer") or source or "gpt2"
     enc = load_tokenizer(tok_source)
-    overrides = {"n_layer": o.get("n_layer"), "n_head": o.get("n_head"), "n_embd": o.get("n_embd"),
-                 "n_positions": o.get("context")}
+    overrides = {
+        "n_layer": o.get("n_layer"),
+        "n_head": o.get("n_head"),
+        "n_embd": o.get("n_embd"),
+        "n_positions": o.get("context"),
+    }
     model = start_model(source, o.get("init_preset"), overrides, seed=o["seed"], dropout=o.get("dropout"))
     check_vocab_fits(model.config, enc)
     if o.get("extend_vocab"):
@@ -210,27 +273,63 @@ def _setup(run: RunDir, saved: dict | None, given: dict, resume: bool, report: C
     if o.get("lora"):
         _with_lora(model, o, report)
     corpus, eval_sets = _tokenize(o, enc, train_files, val_files, eval_files, ctx)
-    report({"type": "data", **corpus.summary(),
-            "eval_sets": {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char}
-                          for n, d in eval_sets.items()}})
+    report(
+        {
+            "type": "data",
+            **corpus.summary(),
+            "eval_sets": {
+                n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char}
+                for n, d in eval_sets.items()
+            },
+        }
+    )
 
     o["seq_len"] = o["seq_len"] or min(model.config.n_positions, 1024)
     tokens_per_step = o["batch_size"] * o["seq_len"] * o["grad_accum"] * ctx.world_size
-    steps = steps_for(steps=o.get("steps"), epochs=o.get("epochs"), tokens=o.get("tokens"),
-                      train_tokens=len(corpus.train), tokens_per_step=tokens_per_step)
-    config = TrainConfig(steps=steps, batch_size=o["batch_size"], seq_len=o["seq_len"], grad_accum=o["grad_accum"],
-                         lr=o["lr"], min_lr=o.get("min_lr"), warmup=o.get("warmup"), weight_decay=o["weight_decay"],
-                         grad_clip=o["grad_clip"], eval_every=o.get("eval_every"), eval_tokens=o["eval_tokens"],
-                         save_every=o["save_every"], snapshot_every=o["snapshot_every"], seed=o["seed"],
-                         ranks=ctx.world_size)
+    steps = steps_for(
+        steps=o.get("steps"),
+        epochs=o.get("epochs"),
+        tokens=o.get("tokens"),
+        train_tokens=len(corpus.train),
+        tokens_per_step=tokens_per_step,
+    )
+    config = TrainConfig(
+        steps=steps,
+        batch_size=o["batch_size"],
+        seq_len=o["seq_len"],
+        grad_accum=o["grad_accum"],
+        lr=o["lr"],
+        min_lr=o.get("min_lr"),
+        warmup=o.get("warmup"),
+        weight_decay=o["weight_decay"],
+        grad_clip=o["grad_clip"],
+        eval_every=o.get("eval_every"),
+        eval_tokens=o["eval_tokens"],
+        save_every=o["save_every"],
+        snapshot_every=o["snapshot_every"],
+        seed=o["seed"],
+        ranks=ctx.world_size,
+    )
     snapshotter = None
     if config.snapshot_every:
         probe = o.get("probe") or DEFAULT_PROBE
         snapshotter = Snapshotter(model, enc.encode(probe, disallowed_special=()), probe)
-    trainer = Trainer(model, corpus.train, eval_sets, config, run, device=ctx.device, dtype=dtype,
-                      compile=bool(o.get("compile")), tokenizer_source=tokenizer_source_for(tok_source),
-                      snapshotter=snapshotter, dist=ctx, shard=bool(o.get("shard")),
-                      activation_checkpointing=bool(o.get("activation_checkpointing")), keep_last=o["keep_last"])
+    trainer = Trainer(
+        model,
+        corpus.train,
+        eval_sets,
+        config,
+        run,
+        device=ctx.device,
+        dtype=dtype,
+        compile=bool(o.get("compile")),
+        tokenizer_source=tokenizer_source_for(tok_source),
+        snapshotter=snapshotter,
+        dist=ctx,
+        shard=bool(o.get("shard")),
+        activation_checkpointing=bool(o.get("activation_checkpointing")),
+        keep_last=o["keep_last"],
+    )
     skipped = trainer.resume() if resume else []
     for record in skipped:
         report({"type": "skipped", **record})
@@ -245,10 +344,21 @@ def _setup(run: RunDir, saved: dict | None, given: dict, resume: bool, report: C
             update_steps(run, config.steps)
     change = None
     if previous is not None:
-        old = TrainConfig(**{**dataclasses.asdict(config), "steps": previous, "warmup": o.get("warmup"),
-                             "eval_every": o.get("eval_every")})
-        change = {"before": previous, "after": steps, "step": trainer.step,
-                  "lr_before": lr_at(trainer.step, old), "lr_after": lr_at(trainer.step, config)}
+        old = TrainConfig(
+            **{
+                **dataclasses.asdict(config),
+                "steps": previous,
+                "warmup": o.get("warmup"),
+                "eval_every": o.get("eval_every"),
+            }
+        )
+        change = {
+            "before": previous,
+            "after": steps,
+            "step": trainer.step,
+            "lr_before": lr_at(trainer.step, old),
+            "lr_after": lr_at(trainer.step, config),
+        }
     return Setup(trainer, run, o, defaults_used, skipped, change)
 
 
@@ -268,12 +378,22 @@ def _extended(model, enc, tok_source, o, run: RunDir, train_files, eval_files, r
         return grow_model(model, enc, new_enc), new_enc, folder
     base = tokenizer_files(tok_source)[0].parent
     vocab_from = check_inputs(o["vocab_from"], o["encoding_errors"]) if o.get("vocab_from") else None
-    eval_texts = {files[0].path.stem: files[0].path.read_text(encoding="utf-8", errors="replace")[:200_000]
-                  for files in eval_files}
+    eval_texts = {
+        files[0].path.stem: files[0].path.read_text(encoding="utf-8", errors="replace")[:200_000]
+        for files in eval_files
+    }
     with ctx.main_first():
         grown, new_enc, folder, summary = extend_vocabulary(
-            model, enc, train_files, o["extend_vocab"], tokenizer_dir=folder, base_tokenizer_dir=base,
-            vocab_from_files=vocab_from, eval_texts=eval_texts, cache_dir=o.get("cache_dir"))
+            model,
+            enc,
+            train_files,
+            o["extend_vocab"],
+            tokenizer_dir=folder,
+            base_tokenizer_dir=base,
+            vocab_from_files=vocab_from,
+            eval_texts=eval_texts,
+            cache_dir=o.get("cache_dir"),
+        )
     report({"type": "vocab", **summary})
     return grown, new_enc, folder
 
@@ -287,8 +407,14 @@ def _with_lora(model: GPT, o: dict, report) -> None:
     from .lora import TARGETS, apply_lora, lora_summary
 
     targets = o.get("lora_targets") or ",".join(TARGETS)
-    apply_lora(model, o["lora"], alpha=o.get("lora_alpha"), dropout=o.get("lora_dropout") or 0.0,
-               targets=targets, seed=o["seed"])
+    apply_lora(
+        model,
+        o["lora"],
+        alpha=o.get("lora_alpha"),
+        dropout=o.get("lora_dropout") or 0.0,
+        targets=targets,
+        seed=o["seed"],
+    )
     report({"type": "lora", **lora_summary(model)})
 
 
@@ -301,8 +427,11 @@ def check_options(o: dict) -> None:
     if not o.get("data"):
         raise MiniGPT2Error("no training data given: the text files, directories or globs to train on")
     if o.get("lora") and o.get("extend_vocab"):
-        raise OptionError("lora", "cannot be combined with extending the vocabulary yet: LoRA freezes the embedding, "
-                          "so the new tokens' rows would never learn")
+        raise OptionError(
+            "lora",
+            "cannot be combined with extending the vocabulary yet: LoRA freezes the embedding, "
+            "so the new tokens' rows would never learn",
+        )
     if not o.get("lora") and any(o.get(k) is not None for k in ("lora_alpha", "lora_dropout", "lora_targets")):
         raise OptionError("lora", "is needed for the other LoRA settings (alpha, dropout, targets): give the rank")
 
@@ -325,20 +454,30 @@ def _check_steps(trainer: Trainer, saved: dict | None, run: RunDir) -> int | Non
     """A resumed run must have steps left; returns the previously planned steps if they changed."""
     steps = trainer.config.steps
     if trainer.step >= steps:
-        raise RunDirError(f"the run in '{run.path}' already reached step {trainer.step} of {steps}; give a larger "
-                          "number of steps (or epochs, or tokens) to train further")
+        raise RunDirError(
+            f"the run in '{run.path}' already reached step {trainer.step} of {steps}; give a larger "
+            "number of steps (or epochs, or tokens) to train further"
+        )
     before = (run.read_info() or {}).get("train", {}).get("steps") if saved is not None else None
     return before if before is not None and before != steps else None
 
 
 def _run_info(source, tok_source, o, model, config, corpus, eval_sets, device, dtype) -> dict:
-    return {"model": source, "init_preset": o.get("init_preset"), "config": dataclasses.asdict(model.config),
-            "tokenizer": str(tok_source) if tok_source is not None else None,
-            "train": dataclasses.asdict(config), "args": o, "data": corpus.summary(),
-            "eval_sets": {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char}
-                          for n, d in eval_sets.items()},
-            "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "model": source,
+        "init_preset": o.get("init_preset"),
+        "config": dataclasses.asdict(model.config),
+        "tokenizer": str(tok_source) if tok_source is not None else None,
+        "train": dataclasses.asdict(config),
+        "args": o,
+        "data": corpus.summary(),
+        "eval_sets": {
+            n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char} for n, d in eval_sets.items()
+        },
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def update_steps(run: RunDir, steps: int) -> None:
@@ -358,5 +497,7 @@ def check_free_space(run: RunDir, needed: int) -> None:
     """Refuse to start when the disk cannot hold even one checkpoint (a full disk found after an hour)."""
     free = shutil.disk_usage(run.path).free
     if free < needed:
-        raise RunDirError(f"the disk holding '{run.path}' has {free / 1e9:.2f} GB free, but one checkpoint of this "
-                          f"model takes about {needed / 1e9:.2f} GB; free some space or choose another folder")
+        raise RunDirError(
+            f"the disk holding '{run.path}' has {free / 1e9:.2f} GB free, but one checkpoint of this "
+            f"model takes about {needed / 1e9:.2f} GB; free some space or choose another folder"
+        )

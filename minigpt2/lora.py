@@ -70,8 +70,9 @@ class LoRALinear(nn.Module):
     - dropout, on the adapter's input only: the frozen path sees x unchanged.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         self.base = base
         self.r = r
@@ -126,8 +127,14 @@ def check_settings(r: int, alpha: float, dropout: float, targets: Sequence[str])
     return targets
 
 
-def apply_lora(model: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.0,
-               targets: Sequence[str] | str = TARGETS, seed: int | None = None) -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    r: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: Sequence[str] | str = TARGETS,
+    seed: int | None = None,
+) -> nn.Module:
     """Freeze every weight of `model` (a GPT) and wrap the `targets` of every block in `LoRALinear`.
 
     In place; returns the model. `targets` are module paths inside a block (a comma-separated
@@ -213,8 +220,11 @@ def adapter_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None =
     Small (r · (in + out) per layer), detached, on the CPU, contiguous: ready for safetensors.
     """
     source = model.state_dict() if state_dict is None else state_dict
-    return {name.removeprefix("_orig_mod."): t.detach().cpu().contiguous()
-            for name, t in source.items() if ADAPTER_NAME.search(name)}
+    return {
+        name.removeprefix("_orig_mod."): t.detach().cpu().contiguous()
+        for name, t in source.items()
+        if ADAPTER_NAME.search(name)
+    }
 
 
 def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -222,12 +232,17 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
     expected = adapter_state(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{n} is {list(tensors[n].shape)}, expected {list(expected[n].shape)}"
-             for n in expected if n in tensors and tensors[n].shape != expected[n].shape]
+    wrong = [
+        f"{n} is {list(tensors[n].shape)}, expected {list(expected[n].shape)}"
+        for n in expected
+        if n in tensors and tensors[n].shape != expected[n].shape
+    ]
     if missing or unexpected or wrong:
-        problems = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
-                    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong))
-                    if items]
+        problems = [
+            f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong))
+            if items
+        ]
         raise CheckpointError(
             f"the saved LoRA adapters do not match this model's ({'; '.join(problems)}). "
             "Use the same rank and target layers as the run that saved them."
@@ -252,7 +267,7 @@ def load_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     rebuilds the run's start model, applies LoRA with the same settings, then calls this. Loading
     the merged weights as the base would add B @ A twice.
     """
-    load_adapter_state(model, {k[len(STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)})
+    load_adapter_state(model, {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)})
 
 
 # ----- PEFT's adapter layout ------------------------------------------------------------------------
@@ -285,8 +300,12 @@ def peft_config(model: nn.Module, base_model_name_or_path: str | os.PathLike | N
     }
 
 
-def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | os.PathLike | None,
-                      state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_peft_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | os.PathLike | None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the adapter as PEFT saves it: adapter_config.json + adapter_model.safetensors.
 
     `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), directory)` then
@@ -355,5 +374,10 @@ def adapted_tensors(checkpoint: str | os.PathLike, names: Sequence[str]) -> dict
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     pattern = re.compile(r"h\.\d+\.(" + "|".join(map(re.escape, targets)) + r")\.weight")
-    return {"checkpoint": str(checkpoint), "r": config.get("r"), "alpha": config.get("lora_alpha"),
-            "targets": targets, "adapted": [n for n in names if targets and pattern.fullmatch(n)]}
+    return {
+        "checkpoint": str(checkpoint),
+        "r": config.get("r"),
+        "alpha": config.get("lora_alpha"),
+        "targets": targets,
+        "adapted": [n for n in names if targets and pattern.fullmatch(n)],
+    }

@@ -123,49 +123,99 @@ def _weights(result: dict, top: int) -> list[str]:
     from_zero = [t for t in tensors if math.isinf(t["relative_change"])]
     ranked = sorted((t for t in tensors if not math.isinf(t["relative_change"])), key=lambda t: -t["relative_change"])
     out = [
-        f"== Weights: the {min(top, len(tensors))} most changed of {len(tensors)} tensors, by relative change ||A-B||/||A|| ==",
+        f"== Weights: the {min(top, len(tensors))} most changed of {len(tensors)} tensors, "
+        "by relative change ||A-B||/||A|| ==",
         f"   on the {result['orientation']}.",
-        "   rank90 = singular directions holding 90% of ||A-B||^2 (of min(shape)); stable rank = ||A-B||_F^2 / ||A-B||_2^2.",
+        "   rank90 = singular directions holding 90% of ||A-B||^2 (of min(shape)); "
+        "stable rank = ||A-B||_F^2 / ||A-B||_2^2.",
         "   mean|d|, max|d|, std(d), row cos, row dist: the five numbers of a plain diff (d = A - B), for reference.",
     ]
     lora = w.get("lora")
     adapted = set(lora["adapted"]) if lora else set()
     if lora:
-        out.append(f"   LoRA (r={lora['r']}, alpha={lora['alpha']}, {lora['checkpoint']}): * marks the "
-                   f"{len(adapted)} adapted tensors, whose update has rank <= {lora['r']}; the others were frozen.")
+        out.append(
+            f"   LoRA (r={lora['r']}, alpha={lora['alpha']}, {lora['checkpoint']}): * marks the "
+            f"{len(adapted)} adapted tensors, whose update has rank <= {lora['r']}; the others were frozen."
+        )
     rows = [
-        [t["name"] + (" *" if t["name"] in adapted else ""), "x".join(map(str, t["shape"])), pct(t["relative_change"]),
-         "-" if t["rank_90"] is None else f"{t['rank_90']}/{min(t['shape'])}", num(t["stable_rank"], 3),
-         num(t["mean_abs_diff"], 3), num(t["max_abs_diff"], 3), num(t["std_diff"], 3),
-         cos(t["mean_row_cosine"]), num(t["mean_row_distance"], 3)]
+        [
+            t["name"] + (" *" if t["name"] in adapted else ""),
+            "x".join(map(str, t["shape"])),
+            pct(t["relative_change"]),
+            "-" if t["rank_90"] is None else f"{t['rank_90']}/{min(t['shape'])}",
+            num(t["stable_rank"], 3),
+            num(t["mean_abs_diff"], 3),
+            num(t["max_abs_diff"], 3),
+            num(t["std_diff"], 3),
+            cos(t["mean_row_cosine"]),
+            num(t["mean_row_distance"], 3),
+        ]
         for t in ranked[:top]
     ]
-    out += table(["tensor", "shape", "rel.change", "rank90", "stable rank", "mean|d|", "max|d|", "std(d)",
-                  "row cos", "row dist"], rows)
+    out += table(
+        [
+            "tensor",
+            "shape",
+            "rel.change",
+            "rank90",
+            "stable rank",
+            "mean|d|",
+            "max|d|",
+            "std(d)",
+            "row cos",
+            "row dist",
+        ],
+        rows,
+    )
     if from_zero:
-        names = ", ".join(t["name"] for t in from_zero[:4]) + (f" and {len(from_zero) - 4} more" if len(from_zero) > 4 else "")
+        names = ", ".join(t["name"] for t in from_zero[:4]) + (
+            f" and {len(from_zero) - 4} more" if len(from_zero) > 4 else ""
+        )
         are = "tensors are" if len(from_zero) > 1 else "tensor is"
         out.append(f"{len(from_zero)} {are} all zeros in A, so the relative change is infinite (not ranked): {names}")
     out += ["", "== Weights per layer (all its tensors pooled: ||A-B|| / ||A||) =="]
-    out += table(["layer", "rel.change", "||A-B||", "||A||", "most changed module"],
-                 [[r["layer"], pct(r["relative_change"]), num(r["norm_diff"]), num(r["norm_a"]),
-                   r["most_changed_kind"] if r["norm_diff"] else "-"]
-                  for r in w["layers"]])
+    out += table(
+        ["layer", "rel.change", "||A-B||", "||A||", "most changed module"],
+        [
+            [
+                r["layer"],
+                pct(r["relative_change"]),
+                num(r["norm_diff"]),
+                num(r["norm_a"]),
+                r["most_changed_kind"] if r["norm_diff"] else "-",
+            ]
+            for r in w["layers"]
+        ],
+    )
     out += ["", "== Weights per module kind (pooled over the layers) =="]
-    out += table(["module", "rel.change", "||A-B||", "most changed in", "its rel.change"],
-                 [[r["kind"], pct(r["relative_change"]), num(r["norm_diff"]), r["most_changed_layer"] if r["norm_diff"] else "-",
-                   pct(r["most_changed_layer_relative_change"])] for r in w["kinds"]])
+    out += table(
+        ["module", "rel.change", "||A-B||", "most changed in", "its rel.change"],
+        [
+            [
+                r["kind"],
+                pct(r["relative_change"]),
+                num(r["norm_diff"]),
+                r["most_changed_layer"] if r["norm_diff"] else "-",
+                pct(r["most_changed_layer_relative_change"]),
+            ]
+            for r in w["kinds"]
+        ],
+    )
     if w.get("new_rows"):  # a grown vocabulary: wte above compares the shared rows only
         n = w["new_rows"]
-        out.append(f"{n['side']} has {n['count']} more token rows (a grown vocabulary), "
-                   f"mean norm {num(n['mean_norm'])}; wte above compares the shared rows")
+        out.append(
+            f"{n['side']} has {n['count']} more token rows (a grown vocabulary), "
+            f"mean norm {num(n['mean_norm'])}; wte above compares the shared rows"
+        )
     return out + [""]
 
 
 def _activations(number: int, act: dict) -> list[str]:
     note = ", its last tokens (longer than the context)" if act["truncated"] else ""
-    out = [f"== Activations, prompt {number}: {quoted(act['prompt'])} ({act['tokens']} tokens{note}): "
-           "block outputs of A vs B =="]
+    out = [
+        f"== Activations, prompt {number}: {quoted(act['prompt'])} ({act['tokens']} tokens{note}): "
+        "block outputs of A vs B =="
+    ]
     rows = [[b["block"], cos(b["cosine"]), pct(b["relative_diff"])] for b in act["blocks"]]
     out += table(["block", "cosine (mean over tokens)", "rel.diff ||hA-hB||/||hA||"], rows)
     out.append(f"next token: KL(A||B) = {num(act['kl_a_b'])} nats")
@@ -186,11 +236,27 @@ def _behaviour(result: dict) -> list[str]:
     rows = []
     for t in result["behaviour"]:
         a, b = t["a"], t["b"]
-        tokens = f"{t['tokens']}" + (f" of {t['tokens_in_file']}" if t["tokens_in_file"] is not None and t["capped"] else
-                                     " (capped)" if t["capped"] else "")
-        rows.append([Path(t["file"]).name, tokens, str(t["characters"]), num(a["loss"]), num(b["loss"]),
-                     f"{b['loss'] - a['loss']:+.4f}", num(a["perplexity"]), num(b["perplexity"]),
-                     num(a["bits_per_char"]), num(b["bits_per_char"])])
+        tokens = f"{t['tokens']}" + (
+            f" of {t['tokens_in_file']}"
+            if t["tokens_in_file"] is not None and t["capped"]
+            else " (capped)"
+            if t["capped"]
+            else ""
+        )
+        rows.append(
+            [
+                Path(t["file"]).name,
+                tokens,
+                str(t["characters"]),
+                num(a["loss"]),
+                num(b["loss"]),
+                f"{b['loss'] - a['loss']:+.4f}",
+                num(a["perplexity"]),
+                num(b["perplexity"]),
+                num(a["bits_per_char"]),
+                num(b["bits_per_char"]),
+            ]
+        )
     out += table(["text", "tokens", "chars", "loss A", "loss B", "B-A", "ppl A", "ppl B", "bpc A", "bpc B"], rows)
     return out + [""]
 
@@ -205,11 +271,22 @@ def _run(run: dict) -> list[str]:
     if len(steps) < len(run["steps"]):
         out.append(f"   {len(steps)} of {len(run['steps'])} snapshots shown; --json has them all.")
     headers = ["layer"] + [f"step {s['step']}" for s in steps]
-    out.append("weights: relative change of the layer since the start, " + (
-        "all its tensors pooled (as in the per-layer table)" if run.get("pooled") else
-        "the mean over its tensors (the start model was not found to pool them)"))
-    out += table(headers, [[layer] + [pct(s["weight_drift"].get(layer)) for s in steps] for layer in run["layers"]
-                           if any(layer in s["weight_drift"] for s in steps)])
+    out.append(
+        "weights: relative change of the layer since the start, "
+        + (
+            "all its tensors pooled (as in the per-layer table)"
+            if run.get("pooled")
+            else "the mean over its tensors (the start model was not found to pool them)"
+        )
+    )
+    out += table(
+        headers,
+        [
+            [layer] + [pct(s["weight_drift"].get(layer)) for s in steps]
+            for layer in run["layers"]
+            if any(layer in s["weight_drift"] for s in steps)
+        ],
+    )
     blocks = [layer for layer in run["layers"] if any(layer in s["activation_drift"] for s in steps)]
     if blocks:
         out.append("activations: relative difference of the block's output on the probe, vs the start")
@@ -301,7 +378,9 @@ def write_plot(result: dict, path: str | os.PathLike, force: bool = False) -> Pa
         _plot_activations(axes[row][1], result, font)
         if has_steps:
             _plot_steps(axes[row + 1][0], run, "weight_drift", "weights: relative change per layer since the start")
-            _plot_steps(axes[row + 1][1], run, "activation_drift", "block outputs on the probe: rel. diff since the start")
+            _plot_steps(
+                axes[row + 1][1], run, "activation_drift", "block outputs on the probe: rel. diff since the start"
+            )
         fig.suptitle(f"A = {result['a']['source']}   vs   B = {result['b']['source']}", fontsize=11)
         with warnings.catch_warnings():  # without a CJK font, Chinese in a path shows as boxes
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")
@@ -312,8 +391,19 @@ def write_plot(result: dict, path: str | os.PathLike, force: bool = False) -> Pa
     return path
 
 
-CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Micro Hei", "WenQuanYi Zen Hei",
-             "PingFang SC", "Heiti SC", "Microsoft YaHei", "SimHei", "Noto Sans CJK JP", "AR PL UMing CN")
+CJK_FONTS = (
+    "Noto Sans CJK SC",
+    "Noto Sans SC",
+    "Source Han Sans SC",
+    "WenQuanYi Micro Hei",
+    "WenQuanYi Zen Hei",
+    "PingFang SC",
+    "Heiti SC",
+    "Microsoft YaHei",
+    "SimHei",
+    "Noto Sans CJK JP",
+    "AR PL UMing CN",
+)
 
 
 def cjk_font() -> str | None:
@@ -341,14 +431,21 @@ def _plot_curves(ax_loss, ax_bpc, run: dict) -> None:
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
         ax_loss.plot(steps, losses, color="0.75", linewidth=0.8, label="each step")
         window = max(1, len(losses) // 30)
-        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-                  for i in range(len(losses))]
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         ax_loss.plot(steps, smooth, color="tab:blue", label=f"mean of {window} steps" if window > 1 else "loss")
         ax_loss.legend(fontsize=8)
     ax_loss.set_title(f"run {run['side']}: training loss (nats per token)", fontsize=10)
     for (name, points), colour in zip(curves["eval"].items(), _colours(len(curves["eval"]))):
-        ax_bpc.plot([p["step"] for p in points], [p["bpc"] for p in points], marker="o", color=colour,
-                    label=name if name.isascii() or cjk_font() else f"eval set {len(ax_bpc.lines) + 1}")
+        ax_bpc.plot(
+            [p["step"] for p in points],
+            [p["bpc"] for p in points],
+            marker="o",
+            color=colour,
+            label=name if name.isascii() or cjk_font() else f"eval set {len(ax_bpc.lines) + 1}",
+        )
     if curves["eval"]:
         ax_bpc.legend(fontsize=8)
     ax_bpc.set_title(f"run {run['side']}: evaluation, bits per character (lower is better)", fontsize=10)
@@ -380,8 +477,9 @@ def heatmap_rows(result: dict) -> tuple[list[str], list[str], list[list[float]]]
         else:
             cells = [None] * len(heat["kinds"])
         rows.append(layer)
-        values.append([100 * v if v is not None and math.isfinite(v) else float("nan")
-                       for v in [*cells, pooled.get(layer)]])
+        values.append(
+            [100 * v if v is not None and math.isfinite(v) else float("nan") for v in [*cells, pooled.get(layer)]]
+        )
     return rows, kinds, values
 
 
@@ -397,8 +495,15 @@ def _plot_heatmap(fig, ax, result: dict) -> None:
         for i, row in enumerate(values):
             for j, v in enumerate(row):
                 if v == v:
-                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
-                            color="black" if v > 0.6 * top else "white")
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.2g}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if v > 0.6 * top else "white",
+                    )
     fig.colorbar(image, ax=ax, fraction=0.046)
 
 
@@ -431,8 +536,14 @@ def _plot_steps(ax, run: dict, key: str, title: str) -> None:
     styles = ("-", "--", ":", "-.")
     for i, (layer, colour) in enumerate(zip(layers, _colours(len(layers)))):
         ys = [100 * s[key][layer] if s[key].get(layer) is not None else float("nan") for s in run["steps"]]
-        ax.plot(steps, ys, color=colour, linestyle=styles[i // 10 % len(styles)], label=layer,
-                marker="." if len(steps) < 30 else None)
+        ax.plot(
+            steps,
+            ys,
+            color=colour,
+            linestyle=styles[i // 10 % len(styles)],
+            label=layer,
+            marker="." if len(steps) < 30 else None,
+        )
     ax.set_title(f"run {run['side']}: {title} (%)", fontsize=10)
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -129,12 +129,16 @@ class RunDir:
             f.seek(0)
             holder = f.read().strip()
             f.close()
-            raise RunDirError(f"'{self.path}' is in use by another training process ({_describe(holder)}); "
-                              "wait for it to finish or stop it, or choose another run directory") from None
+            raise RunDirError(
+                f"'{self.path}' is in use by another training process ({_describe(holder)}); "
+                "wait for it to finish or stop it, or choose another run directory"
+            ) from None
         f.seek(0)
         f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                            "since": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        f.write(
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            + "\n"
+        )
         f.flush()
         self._lock_file = f
 
@@ -224,7 +228,8 @@ class RunDir:
         if done:
             return done[-1].path
         with_weights = [c for c in self.checkpoints()] or [
-            Checkpoint(p, int(m.group(1))) for p in self.path.iterdir()
+            Checkpoint(p, int(m.group(1)))
+            for p in self.path.iterdir()
             if (m := STEP_NAME.fullmatch(p.name)) and (p / WEIGHTS).is_file() and (p / CONFIG).is_file()
         ]
         if not with_weights:
@@ -233,8 +238,11 @@ class RunDir:
 
     def step_checkpoints(self) -> list[Path]:
         """The step-N folders that hold weights, in step order (for comparing a run's start)."""
-        steps = [(int(m.group(1)), p) for p in self.path.iterdir()
-                 if (m := STEP_NAME.fullmatch(p.name)) and (p / WEIGHTS).is_file()]
+        steps = [
+            (int(m.group(1)), p)
+            for p in self.path.iterdir()
+            if (m := STEP_NAME.fullmatch(p.name)) and (p / WEIGHTS).is_file()
+        ]
         return [p for _, p in sorted(steps)]
 
     def recover(self) -> list[str]:
@@ -245,8 +253,10 @@ class RunDir:
         messages = []
         if not self.path.is_dir():
             return messages
-        leftovers = sorted((p for p in self.path.iterdir() if LEFTOVER.fullmatch(p.name)),
-                           key=lambda p: LEFTOVER.fullmatch(p.name).group(2) == "old")  # tmp first
+        leftovers = sorted(
+            (p for p in self.path.iterdir() if LEFTOVER.fullmatch(p.name)),
+            key=lambda p: LEFTOVER.fullmatch(p.name).group(2) == "old",
+        )  # tmp first
         for path in leftovers:
             name, kind, _ = LEFTOVER.fullmatch(path.name).groups()
             target = self.path / name
@@ -294,7 +304,9 @@ class RunDir:
     def prune(self, keep_last: int, protect: set[Path] = frozenset()) -> list[Path]:
         """Delete all but the newest `keep_last` step checkpoints (never `final/` or `protect`)."""
         steps = [c.path for c in self.checkpoints() if STEP_NAME.fullmatch(c.path.name)]
-        doomed = [p for p in steps[: max(0, len(steps) - keep_last)] if p.resolve() not in {q.resolve() for q in protect}]
+        doomed = [
+            p for p in steps[: max(0, len(steps) - keep_last)] if p.resolve() not in {q.resolve() for q in protect}
+        ]
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
         return doomed

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,10 @@ def capture_block_outputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]
     handles = []
     try:
         for i, block in enumerate(model.h):
+
             def hook(module, inputs, output, name=f"h.{i}"):
                 captured[name] = output.detach().float()
+
             handles.append(block.register_forward_hook(hook))
         yield captured
     finally:
@@ -105,4 +107,10 @@ class Snapshotter:
         activations = {}
         for name, h in self.block_outputs(model).items():
             activations[name] = hidden_drift(self.h0[name].double(), h.double())
-        return {"step": step, "tokens": tokens, "weights": weights, "activations": activations, "probe": self.probe_text}
+        return {
+            "step": step,
+            "tokens": tokens,
+            "weights": weights,
+            "activations": activations,
+            "probe": self.probe_text,
+        }

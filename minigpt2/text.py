@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import Sampling, generate_tokens
+from .generate import GREEDY, Sampling, generate_tokens
 from .model import GPT
 from .utf8 import Utf8Guard, Utf8Stream
 
@@ -64,6 +64,16 @@ class Sample:
     def cjk_share(self) -> float:
         return cjk_share(self.text)
 
+    def record(self) -> dict:
+        """The sample as JSON-ready figures (sample.py --json)."""
+        return {
+            "text": self.text,
+            "tokens": len(self.tokens),
+            "finish_reason": self.finish_reason,
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "cjk_share": round(self.cjk_share, 4),
+        }
+
 
 class _Row:
     """The text side of one sequence: decoding, stop strings, what was already shown."""
@@ -103,6 +113,44 @@ class _Row:
         return piece
 
 
+@dataclass
+class Sampler:
+    """A model ready to sample from: loaded, checked against its tokenizer, laid out for decoding."""
+
+    source: str
+    model: GPT
+    enc: object  # tiktoken.Encoding
+    guard: Utf8Guard | None
+    inferred_config: bool  # a bare .safetensors file: its shape was inferred from the tensors
+
+
+def load_for_sampling(
+    source: str,
+    prompts: Sequence[str],
+    num_samples: int,
+    *,
+    device,
+    dtype,
+    quantize: str | None = None,
+    utf8_guard: bool = True,
+) -> Sampler:
+    """Load `source` for `generate_text`, refusing what would fail later: a vocabulary smaller than
+    the tokenizer's, or a batch (prompts x `num_samples`) whose KV cache cannot fit in memory."""
+    from .checks import check_decode_memory, check_vocab_fits
+    from .generate import prepare_for_decoding
+    from .tokenizer import load_tokenizer
+    from .weights import load_model
+
+    model = load_model(source, device=device, dtype=dtype, quantize=quantize)
+    enc = load_tokenizer(source)
+    check_vocab_fits(model.config, enc, model_name=f"model '{source}'", tokenizer_name="its tokenizer")
+    longest = max(len(enc.encode_ordinary(p)) for p in prompts) + 1
+    check_decode_memory(model.config, num_samples, longest, dtype.itemsize, device)
+    model = prepare_for_decoding(model)
+    guard = Utf8Guard.for_tokenizer(enc, model.config.vocab_size, device) if utf8_guard else None
+    return Sampler(source, model, enc, guard, getattr(model, "inferred_config", False))
+
+
 def encode_prompt(enc, prompt: str, n_ctx: int) -> tuple[list[int], bool]:
     """Token ids of a prompt: `<|endoftext|>` if empty, the last `n_ctx` if too long (then True)."""
     ids = enc.encode_ordinary(prompt) or [enc.eot_token]
@@ -114,7 +162,7 @@ def generate_text(
     enc,
     prompts: Sequence[str],
     max_new_tokens: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
     *,
     num_samples: int = 1,
     stop: Sequence[str] = (),
@@ -126,6 +174,9 @@ def generate_text(
     on_text: Callable[[int, str], None] | None = None,
 ) -> list[Sample]:
     """Continue each prompt `num_samples` times; samples are returned prompt by prompt.
+
+    The default `sampling` is greedy, as for `generate` and `generate_tokens` (and transformers'
+    generate): pass e.g. `Sampling(top_k=50)`, what sample.py uses, to draw.
 
     All samples run as one batch. `on_text(i, piece)` is called with new text of sample i as
     soon as it is whole characters (and cannot be the start of a stop string). With the UTF-8
@@ -153,8 +204,15 @@ def generate_text(
 
     start = time.perf_counter()
     steps = generate_tokens(
-        model, ids, max_new_tokens, sampling, generator=generator, guard=guard or None,
-        eot_id=enc.eot_token if stop_at_endoftext else None, use_cache=use_cache, compile=compile,
+        model,
+        ids,
+        max_new_tokens,
+        sampling,
+        generator=generator,
+        guard=guard or None,
+        eot_id=enc.eot_token if stop_at_endoftext else None,
+        use_cache=use_cache,
+        compile=compile,
     )
     for tokens in steps:
         for i, (row, token) in enumerate(zip(rows, tokens)):

@@ -42,7 +42,9 @@ def byte_stand_ins() -> dict[str, int]:
     return table
 
 
-def encoding_from_files(vocab_path: str | os.PathLike, merges_path: str | os.PathLike, name: str = "gpt2") -> tiktoken.Encoding:
+def encoding_from_files(
+    vocab_path: str | os.PathLike, merges_path: str | os.PathLike, name: str = "gpt2"
+) -> tiktoken.Encoding:
     """A tiktoken Encoding from a GPT-2 style `vocab.json` + `merges.txt`.
 
     tiktoken merges the pair whose result has the lowest id first, so the ids in vocab.json must
@@ -63,7 +65,9 @@ def encoding_from_files(vocab_path: str | os.PathLike, merges_path: str | os.Pat
         vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
         merge_lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read the tokenizer files ({e}); they should be GPT-2's vocab.json and merges.txt") from None
+        raise CheckpointError(
+            f"cannot read the tokenizer files ({e}); they should be GPT-2's vocab.json and merges.txt"
+        ) from None
 
     special = {token: vocab.pop(token) for token in (ENDOFTEXT,) if token in vocab}
     ranks = {to_bytes(token, Path(vocab_path)): rank for token, rank in vocab.items()}
@@ -113,7 +117,9 @@ def load_tokenizer(source: str | os.PathLike = "gpt2", *, revision: str | None =
     errors = []
     for candidate in dict.fromkeys([str(source), "gpt2"]):
         try:
-            return encoding_from_files(*tokenizer_files(candidate, revision=revision if candidate == str(source) else None))
+            return encoding_from_files(
+                *tokenizer_files(candidate, revision=revision if candidate == str(source) else None)
+            )
         except CheckpointError as e:
             errors.append(str(e))
     if not huggingface_hub.is_offline_mode():

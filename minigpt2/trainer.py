@@ -108,8 +108,14 @@ class TrainConfig:
         return self.global_batch * self.seq_len
 
 
-def steps_for(*, steps: int | None = None, epochs: float | None = None, tokens: int | None = None,
-              train_tokens: int, tokens_per_step: int) -> int:
+def steps_for(
+    *,
+    steps: int | None = None,
+    epochs: float | None = None,
+    tokens: int | None = None,
+    train_tokens: int,
+    tokens_per_step: int,
+) -> int:
     """The number of optimizer steps for `--steps`, `--epochs` or `--tokens` (one epoch if none)."""
     given = [x for x in (steps, epochs, tokens) if x is not None]
     if len(given) > 1:
@@ -189,25 +195,43 @@ class Trainer:
             `final/` is always kept); 0 keeps them all.
     """
 
-    def __init__(self, model: GPT, train: TokenFile, eval_sets: dict[str, TokenFile], config: TrainConfig,
-                 run: RunDir | str | os.PathLike, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, compile: bool = False,
-                 tokenizer_source: str | os.PathLike | None = None, snapshotter: Snapshotter | None = None,
-                 dist: Dist | None = None, shard: bool = False, activation_checkpointing: bool = False,
-                 keep_last: int = 0) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        train: TokenFile,
+        eval_sets: dict[str, TokenFile],
+        config: TrainConfig,
+        run: RunDir | str | os.PathLike,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        compile: bool = False,
+        tokenizer_source: str | os.PathLike | None = None,
+        snapshotter: Snapshotter | None = None,
+        dist: Dist | None = None,
+        shard: bool = False,
+        activation_checkpointing: bool = False,
+        keep_last: int = 0,
+    ) -> None:
         self.dist = dist or Dist(device=torch.device(device))
         if config.ranks != self.dist.world_size:
             raise MiniGPT2Error(f"TrainConfig.ranks is {config.ranks} but the job has {self.dist.world_size} rank(s)")
         self.sharded = shard and self.dist.enabled
         if self.sharded and snapshotter is not None:
-            raise MiniGPT2Error("weight snapshots do not work with sharding (each rank holds only a slice of the "
-                                "weights); snapshot a run that is not sharded")
+            raise MiniGPT2Error(
+                "weight snapshots do not work with sharding (each rank holds only a slice of the "
+                "weights); snapshot a run that is not sharded"
+            )
         if self.sharded and is_lora(model):
-            raise MiniGPT2Error("LoRA does not work with a sharded model yet; its adapters and optimizer state "
-                                "are small, so train it unsharded")
+            raise MiniGPT2Error(
+                "LoRA does not work with a sharded model yet; its adapters and optimizer state "
+                "are small, so train it unsharded"
+            )
         if config.seq_len > model.config.n_positions:
-            raise MiniGPT2Error(f"the sequence length {config.seq_len} is longer than the model's context of "
-                                f"{model.config.n_positions} tokens")
+            raise MiniGPT2Error(
+                f"the sequence length {config.seq_len} is longer than the model's context of "
+                f"{model.config.n_positions} tokens"
+            )
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -343,17 +367,29 @@ class Trainer:
         seconds = time.perf_counter() - started
         tokens_per_s = c.tokens_per_step / seconds
         mfu = tokens_per_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
-        return {"type": "train", "step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr,
-                "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu, "step_s": seconds,
-                "epoch": self.tokens / len(self.train_data)}
+        return {
+            "type": "train",
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "step_s": seconds,
+            "epoch": self.tokens / len(self.train_data),
+        }
 
     def _diverged(self, what: str, extra: str = "") -> None:
         self.optimizer.zero_grad(set_to_none=True)
         found = self.run_dir.checkpoints() if self.dist.is_main else []
-        last = (f"the last good checkpoint, {found[-1].path}, is untouched" if found
-                else "no checkpoint had been saved yet")
-        raise TrainingDiverged(f"{what} at step {self.step + 1}; stopping before the update ({last}). "
-                               f"Lower the learning rate, lengthen the warm-up{', ' + extra if extra else ''}.")
+        last = (
+            f"the last good checkpoint, {found[-1].path}, is untouched" if found else "no checkpoint had been saved yet"
+        )
+        raise TrainingDiverged(
+            f"{what} at step {self.step + 1}; stopping before the update ({last}). "
+            f"Lower the learning rate, lengthen the warm-up{', ' + extra if extra else ''}."
+        )
 
     # ----- evaluation -------------------------------------------------------------------------
 
@@ -382,7 +418,7 @@ class Trainer:
             return {}
         offsets = eval_windows(len(data), seq_len, self.config.eval_tokens)
         B, R, r = self.config.batch_size, self.dist.world_size, self.dist.rank
-        chunks = [np.array(offsets[i:i + B]) for i in range(0, len(offsets), B)]
+        chunks = [np.array(offsets[i : i + B]) for i in range(0, len(offsets), B)]
         nats, count = 0.0, 0
         # Rank r evaluates chunks r, r + R, ...; the sums are added up over the ranks. A sharded
         # model's forward is a collective, so there every rank runs the same number of them (a
@@ -402,8 +438,16 @@ class Trainer:
             yield {"type": "eval_progress", "step": self.step, "set": name, "done": j + 1, "total": rounds}
         nats, count = self.dist.sum(nats, count)
         mean = nats / int(count)
-        return {"type": "eval", "step": self.step, "tokens": self.tokens, "set": name, "loss": mean,
-                "ppl": perplexity(mean), "bpc": bits_per_char(mean, data.tokens_per_char), "eval_tokens": int(count)}
+        return {
+            "type": "eval",
+            "step": self.step,
+            "tokens": self.tokens,
+            "set": name,
+            "loss": mean,
+            "ppl": perplexity(mean),
+            "bpc": bits_per_char(mean, data.tokens_per_char),
+            "eval_tokens": int(count),
+        }
 
     # ----- checkpoints ----------------------------------------------------------------------
 
@@ -442,8 +486,10 @@ class Trainer:
         try:
             path = self.run_dir.save(name, write)
         except OSError as e:
-            raise CheckpointError(f"could not save checkpoint {name} in '{self.out}': {e.strerror or e}. "
-                                  "The previous checkpoints are untouched; free some space and resume.") from None
+            raise CheckpointError(
+                f"could not save checkpoint {name} in '{self.out}': {e.strerror or e}. "
+                "The previous checkpoints are untouched; free some space and resume."
+            ) from None
         if self.keep_last and name != "final":
             self.run_dir.prune(self.keep_last)
         return path
@@ -460,9 +506,12 @@ class Trainer:
             opt = self.optimizer.state_dict()
         else:
             index = {name: i for i, name in enumerate(self.param_names)}
-            opt = {"state": {index[name]: entry for name, entry in full_optimizer_state["state"].items()},
-                   "param_groups": [{**g, "params": [index[name] for name in g["params"]]}
-                                    for g in full_optimizer_state["param_groups"]]}
+            opt = {
+                "state": {index[name]: entry for name, entry in full_optimizer_state["state"].items()},
+                "param_groups": [
+                    {**g, "params": [index[name] for name in g["params"]]} for g in full_optimizer_state["param_groups"]
+                ],
+            }
         tensors = {**optimizer_tensors(opt, self.param_names), **rng_tensors(self.device)}
         state = {
             "step": self.step,
@@ -499,10 +548,15 @@ class Trainer:
             from .distributed import load_full_state
 
             names = self.param_names
-            load_full_state(self.raw_model, self.optimizer, loaded.state_dict(),
-                            {"state": {names[i]: entry for i, entry in opt["state"].items()},
-                             "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                                              for g in opt["param_groups"]]})
+            load_full_state(
+                self.raw_model,
+                self.optimizer,
+                loaded.state_dict(),
+                {
+                    "state": {names[i]: entry for i, entry in opt["state"].items()},
+                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt["param_groups"]],
+                },
+            )
         else:
             loaded = load_model(path, device=self.device)
             with torch.no_grad():
@@ -590,21 +644,39 @@ class Trainer:
         if not self.timing["eval"] and self.eval_sets:  # not measured yet: a forward pass is ~1/3 of a step
             tokens = sum(min(c.eval_tokens, len(d)) for d in self.eval_sets.values())
             mean["eval"] = mean["step"] * tokens / c.tokens_per_step / 3
-        parts = {"steps": (c.steps - self.step) * mean["step"],
-                 "evals": due(c.eval_every) * mean["eval"] if self.eval_sets else 0.0,
-                 "saves": due(c.save_every) * mean["save"]}
-        return {"eta_s": sum(parts.values()), **{f"{k}_s": v for k, v in parts.items()},
-                "evals_left": due(c.eval_every) if self.eval_sets else 0, "saves_left": due(c.save_every)}
+        parts = {
+            "steps": (c.steps - self.step) * mean["step"],
+            "evals": due(c.eval_every) * mean["eval"] if self.eval_sets else 0.0,
+            "saves": due(c.save_every) * mean["save"],
+        }
+        return {
+            "eta_s": sum(parts.values()),
+            **{f"{k}_s": v for k, v in parts.items()},
+            "evals_left": due(c.eval_every) if self.eval_sets else 0,
+            "saves_left": due(c.save_every),
+        }
 
     def run(self) -> Iterator[dict]:
         """Train to `config.steps`, yielding every record as it happens (see the module docstring)."""
         c = self.config
         first_step = self.step
-        yield self._emit({"type": "start", "step": self.step, "steps": c.steps, "tokens_per_step": c.tokens_per_step,
-                          "tokens": c.steps * c.tokens_per_step, "ranks": c.ranks, "global_batch": c.global_batch,
-                          "sharded": self.sharded, "device": str(self.device),
-                          "dtype": str(self.dtype).removeprefix("torch."), "params": self.raw_model.num_params(),
-                          "trainable": sum(p.numel() for p in self.params), "resumed": self.resumed_from is not None})
+        yield self._emit(
+            {
+                "type": "start",
+                "step": self.step,
+                "steps": c.steps,
+                "tokens_per_step": c.tokens_per_step,
+                "tokens": c.steps * c.tokens_per_step,
+                "ranks": c.ranks,
+                "global_batch": c.global_batch,
+                "sharded": self.sharded,
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "params": self.raw_model.num_params(),
+                "trainable": sum(p.numel() for p in self.params),
+                "resumed": self.resumed_from is not None,
+            }
+        )
         last_eval = last_snapshot = None
         if self.step == 0:
             # Where the starting model stands: the baseline every later evaluation is read against.
@@ -635,15 +707,29 @@ class Trainer:
                 last_snapshot = at
             if c.save_every and at % c.save_every == 0 and at < c.steps and self.stop_reason is None:
                 path = self._save()
-                yield self._emit({"type": "checkpoint", "step": at, "tokens": self.tokens, "path": str(path),
-                                  "bytes": dir_size(path) if self.dist.is_main else None})
+                yield self._emit(
+                    {
+                        "type": "checkpoint",
+                        "step": at,
+                        "tokens": self.tokens,
+                        "path": str(path),
+                        "bytes": dir_size(path) if self.dist.is_main else None,
+                    }
+                )
         if last_eval != self.step:
             yield from self._evaluation()
         if self.snapshotter is not None and c.snapshot_every and last_snapshot != self.step:
             yield self._snapshot()  # the drift curves end where the run ends
         path = self._save("final")
-        yield self._emit({"type": "done", "step": self.step, "tokens": self.tokens, "path": str(path),
-                          "bytes": dir_size(path) if self.dist.is_main else None})
+        yield self._emit(
+            {
+                "type": "done",
+                "step": self.step,
+                "tokens": self.tokens,
+                "path": str(path),
+                "bytes": dir_size(path) if self.dist.is_main else None,
+            }
+        )
 
     def _stopped(self, first_step: int) -> dict:
         self.stop_reason = self.stop_reason or "SIGTERM"
@@ -652,5 +738,12 @@ class Trainer:
             path = str(self._save())
         elif self.resumed_from is not None:
             path = str(self.resumed_from)  # nothing new since: the checkpoint resumed from stands
-        return self._emit({"type": "stopped", "step": self.step, "tokens": self.tokens,
-                           "reason": self.stop_reason, "checkpoint": path})
+        return self._emit(
+            {
+                "type": "stopped",
+                "step": self.step,
+                "tokens": self.tokens,
+                "reason": self.stop_reason,
+                "checkpoint": path,
+            }
+        )

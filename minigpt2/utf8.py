@@ -58,8 +58,9 @@ class Utf8Guard:
 
     GPT-2's tokens are byte strings, and many are fragments of a multi-byte character. Sampling
     freely, the model can put a fragment where it does not fit, and the text then holds bytes
-    that decode to U+FFFD. (U+FFFD spelled out by a token is refused as well.) The guard tracks each sequence's automaton state (what its pending
-    bytes still owe) and, at each step, masks every token that would lead to an invalid byte.
+    that decode to U+FFFD. (U+FFFD spelled out by a token is refused as well.) The guard tracks
+    each sequence's automaton state (what its pending bytes still owe) and, at each step, masks
+    every token that would lead to an invalid byte.
 
     The work is done once per tokenizer: for every (state, token) pair, whether the token is
     allowed and which state it leads to, as two (10, vocab) tables. A step then only gathers one

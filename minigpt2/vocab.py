@@ -61,15 +61,20 @@ def _check_room(enc, n_merges: int) -> None:
 
 def merges_cache_path(files: list[FileInfo], enc, n_merges: int, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the merges learned from these files' contents, on this tokenizer, are cached."""
-    key_material = {"format": MERGES_FORMAT, "files": [f.sha256 for f in files],
-                    "tokenizer": tokenizer_fingerprint(enc), "merges": n_merges}
+    key_material = {
+        "format": MERGES_FORMAT,
+        "files": [f.sha256 for f in files],
+        "tokenizer": tokenizer_fingerprint(enc),
+        "merges": n_merges,
+    }
     key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:32]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return root / f"merges-{key}.json"
 
 
-def learn_merges_cached(files: list[FileInfo], enc, n_merges: int,
-                        cache_dir: str | os.PathLike | None = None) -> tuple[list[tuple[bytes, bytes]], bool]:
+def learn_merges_cached(
+    files: list[FileInfo], enc, n_merges: int, cache_dir: str | os.PathLike | None = None
+) -> tuple[list[tuple[bytes, bytes]], bool]:
     """The merges learned from `files` (data.check_inputs' result), and whether they came from the
     cache. Like the token cache, entries are keyed by the files' contents, the tokenizer and N, so
     the same corpus is learned once; the JSON file is written atomically."""
@@ -82,8 +87,11 @@ def learn_merges_cached(files: list[FileInfo], enc, n_merges: int,
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged entry: learn again and replace it
     merges = learn_merges((chunk for f in files for chunk in read_chunks(f.path)), enc, n_merges)
-    entry = {"files": [str(f.path) for f in files], "requested": n_merges,
-             "merges": [[a.hex(), b.hex()] for a, b in merges]}
+    entry = {
+        "files": [str(f.path) for f in files],
+        "requested": n_merges,
+        "merges": [[a.hex(), b.hex()] for a, b in merges],
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(entry)))
     return merges, False
@@ -92,8 +100,12 @@ def learn_merges_cached(files: list[FileInfo], enc, n_merges: int,
 # ----- tokenizer files ----------------------------------------------------------------------
 
 
-def write_tokenizer_files(directory: str | os.PathLike, base_vocab_path: str | os.PathLike,
-                          base_merges_path: str | os.PathLike, new_merges: list[tuple[bytes, bytes]]) -> Path:
+def write_tokenizer_files(
+    directory: str | os.PathLike,
+    base_vocab_path: str | os.PathLike,
+    base_merges_path: str | os.PathLike,
+    new_merges: list[tuple[bytes, bytes]],
+) -> Path:
     """Write `vocab.json` + `merges.txt` of the base tokenizer extended by `new_merges`.
 
     GPT-2's format: tokens spelled with the byte stand-ins, the new merges appended to merges.txt
@@ -116,8 +128,10 @@ def write_tokenizer_files(directory: str | os.PathLike, base_vocab_path: str | o
     for left, right in new_merges:
         token = spell(left + right)
         if token in vocab:
-            raise VocabError(f"the merge {left!r} + {right!r} gives an existing token; "
-                             "these merges were not learned for this tokenizer")
+            raise VocabError(
+                f"the merge {left!r} + {right!r} gives an existing token; "
+                "these merges were not learned for this tokenizer"
+            )
         vocab[token] = next_id
         next_id += 1
         lines.append(f"{spell(left)} {spell(right)}")
@@ -207,10 +221,19 @@ def _file_text(path: Path, limit: int | None = None) -> str:
         return f.read(limit if limit is not None else -1)
 
 
-def extend_vocabulary(model: GPT, enc, files: list[FileInfo], n_merges: int, *, tokenizer_dir: str | os.PathLike,
-                      base_tokenizer_dir: str | os.PathLike, vocab_from_files: list[FileInfo] | None = None,
-                      eval_texts: dict[str, str] | None = None, cache_dir: str | os.PathLike | None = None,
-                      bpc_chars: int = 2000) -> tuple[GPT, object, Path, dict]:
+def extend_vocabulary(
+    model: GPT,
+    enc,
+    files: list[FileInfo],
+    n_merges: int,
+    *,
+    tokenizer_dir: str | os.PathLike,
+    base_tokenizer_dir: str | os.PathLike,
+    vocab_from_files: list[FileInfo] | None = None,
+    eval_texts: dict[str, str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    bpc_chars: int = 2000,
+) -> tuple[GPT, object, Path, dict]:
     """Learn `n_merges` merges, write the extended tokenizer into `tokenizer_dir`, grow the model.
 
     Args:
@@ -240,11 +263,19 @@ def extend_vocabulary(model: GPT, enc, files: list[FileInfo], n_merges: int, *, 
 
     texts = {f"train:{f.path.name}": _file_text(f.path, 1 << 20) for f in files}
     texts.update(eval_texts or {})
-    report = {"merges_requested": n_merges, "merges_learned": len(merges), "vocab_size": new_enc.n_vocab,
-              "learn_seconds": learn_seconds, "cached": cached, "texts": {}}
+    report = {
+        "merges_requested": n_merges,
+        "merges_learned": len(merges),
+        "vocab_size": new_enc.n_vocab,
+        "learn_seconds": learn_seconds,
+        "cached": cached,
+        "texts": {},
+    }
     for name, text in texts.items():
-        entry = {"tokens_per_char_before": tokens_per_char(enc, text),
-                 "tokens_per_char_after": tokens_per_char(new_enc, text)}
+        entry = {
+            "tokens_per_char_before": tokens_per_char(enc, text),
+            "tokens_per_char_after": tokens_per_char(new_enc, text),
+        }
         if eval_texts and name in eval_texts:
             entry["bits_per_char_before"] = bits_per_char_of(model, enc, text, bpc_chars)
             entry["bits_per_char_after"] = bits_per_char_of(grown, new_enc, text, bpc_chars)
@@ -252,5 +283,16 @@ def extend_vocabulary(model: GPT, enc, files: list[FileInfo], n_merges: int, *, 
     return grown, new_enc, tokenizer_dir, report
 
 
-__all__ = ["ENDOFTEXT", "VocabError", "bits_per_char_of", "extend_vocabulary", "grow_model", "learn_merges",
-           "learn_merges_cached", "merges_cache_path", "old_pieces", "tokens_per_char", "write_tokenizer_files"]
+__all__ = [
+    "ENDOFTEXT",
+    "VocabError",
+    "bits_per_char_of",
+    "extend_vocabulary",
+    "grow_model",
+    "learn_merges",
+    "learn_merges_cached",
+    "merges_cache_path",
+    "old_pieces",
+    "tokens_per_char",
+    "write_tokenizer_files",
+]

@@ -86,7 +86,9 @@ def checkpoint_files(source: str | os.PathLike, revision: str | None = None) -> 
         if not weights.is_file():
             extra = ""
             if (path / f"{WEIGHTS_NAME}.index.json").exists():
-                extra = " It holds a sharded checkpoint (model.safetensors.index.json), which minigpt2 does not read yet."
+                extra = (
+                    " It holds a sharded checkpoint (model.safetensors.index.json), which minigpt2 does not read yet."
+                )
             elif (path / "pytorch_model.bin").exists():
                 extra = " It holds pytorch_model.bin, a pickle, which minigpt2 never loads: convert it to safetensors."
             raise CheckpointError(f"directory '{path}' has no {WEIGHTS_NAME}.{extra}")
@@ -94,7 +96,8 @@ def checkpoint_files(source: str | os.PathLike, revision: str | None = None) -> 
         if not config.is_file():
             raise CheckpointError(
                 f"directory '{path}' has {WEIGHTS_NAME} but no {CONFIG_NAME}, which holds the model's shape (its head "
-                f"count cannot be read from the weights). Copy the {CONFIG_NAME} that belongs to these weights into it, "
+                f"count cannot be read from the weights). Copy the {CONFIG_NAME} that belongs to these weights "
+                "into it, "
                 f"or load '{weights}' itself to have the shape guessed (heads of 64, as in the official models)."
             )
         return config, weights
@@ -175,9 +178,7 @@ def open_safetensors(path: Path):
         ) from None
 
 
-def match_keys(
-    stored: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: Path
-) -> dict[str, str]:
+def match_keys(stored: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: Path) -> dict[str, str]:
     """Map each expected (unprefixed) name to its key in the file; raise on any mismatch."""
     found: dict[str, str] = {}
     unexpected: list[str] = []
@@ -201,7 +202,9 @@ def match_keys(
         if name in found and tuple(stored[found[name]]) != shape
     ]
     if wrong:
-        problems.append("wrong shapes: " + "; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
+        problems.append(
+            "wrong shapes: " + "; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        )
     if problems:
         raise CheckpointError(
             f"'{where}' does not match a GPT-2 of this shape ({'; '.join(problems)}). "
@@ -262,7 +265,9 @@ def load_model(
                 tensor = get_tensor(f, key, weights_path)
                 params[name].copy_(tensor.t() if is_conv1d(name) else tensor)
             lm_head = next((k for k in stored if k.removeprefix(PREFIX) == "lm_head.weight"), None)
-            if lm_head is not None and not torch.equal(get_tensor(f, lm_head, weights_path), get_tensor(f, keys["wte.weight"], weights_path)):
+            if lm_head is not None and not torch.equal(
+                get_tensor(f, lm_head, weights_path), get_tensor(f, keys["wte.weight"], weights_path)
+            ):
                 raise CheckpointError(
                     f"'{weights_path}': lm_head.weight differs from wte.weight. minigpt2's GPT-2 ties the "
                     "output layer to the token embedding, so an untied checkpoint cannot be loaded faithfully."

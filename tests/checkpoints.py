@@ -22,8 +22,14 @@ def random_hf_model(*, n_layer, n_head, n_embd, n_positions=128, vocab_size=5025
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=vocab_size,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        n_positions=n_positions,
+        vocab_size=vocab_size,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     model = GPT2LMHeadModel(config).eval()
     # transformers' init leaves biases and LayerNorms at 0 / 1; randomise them too, so that a

@@ -17,7 +17,6 @@ for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
     os.environ.pop(var, None)
 
 import pytest  # noqa: E402
-
 from checkpoints import populate_hub_cache, random_hf_model  # noqa: E402
 
 DATA_ENV = "MINIGPT2_SHARED_DATA"
@@ -38,8 +37,7 @@ def shared_data() -> Path:
     path = Path(value) if value else None
     if path is None or not (path / "gpt2" / "vocab.json").is_file():
         reason = (
-            f"shared data not found: set {DATA_ENV} to the folder holding gpt2/vocab.json, zh/ and en/ "
-            f"(now {value!r})"
+            f"shared data not found: set {DATA_ENV} to the folder holding gpt2/vocab.json, zh/ and en/ (now {value!r})"
         )
         if os.environ.get("CI"):
             pytest.fail(reason)

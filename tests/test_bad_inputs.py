@@ -141,41 +141,105 @@ def rows(w):
         ("compare: text is /dev/null's cousin, a folder", [good, good, "--text", str(r)], "text file"),
         ("compare: missing model", [good, str(r / "gone")], "gone"),
     ]
-    data = ["--data", text, "--init-preset", "gpt2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-            "--context", "16", "--tokenizer", good, "--cache-dir", str(r / "token-cache"), "--device", "cpu"]
-    train = [(f"train: {flag} {value}", [*data, flag, value], flag) for flag, value in [
-        ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--min-lr", "nan"), ("--min-lr", "-1"),
-        ("--weight-decay", "nan"), ("--grad-clip", "nan"), ("--grad-clip", "-1"), ("--seed", "-1"),
-        ("--log-every", "0"), ("--dropout", "2"), ("--dropout", "nan"), ("--save-every", "-1"),
-        ("--eval-every", "-1"), ("--snapshot-every", "-1"), ("--seq-len", "0"), ("--batch-size", "0"),
-        ("--steps", "0"), ("--warmup", "-1"), ("--eval-tokens", "0"), ("--val-fraction", "1"),
-        ("--val-fraction", "nan"), ("--epochs", "nan"), ("--epochs", "0"), ("--tokens", "inf"),
-        ("--grad-accum", "0"), ("--n-layer", "0"), ("--context", "-4"), ("--steps", "1e3"),
-    ]] + [
+    data = [
+        "--data",
+        text,
+        "--init-preset",
+        "gpt2",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "16",
+        "--context",
+        "16",
+        "--tokenizer",
+        good,
+        "--cache-dir",
+        str(r / "token-cache"),
+        "--device",
+        "cpu",
+    ]
+    train = [
+        (f"train: {flag} {value}", [*data, flag, value], flag)
+        for flag, value in [
+            ("--lr", "nan"),
+            ("--lr", "inf"),
+            ("--lr", "0"),
+            ("--min-lr", "nan"),
+            ("--min-lr", "-1"),
+            ("--weight-decay", "nan"),
+            ("--grad-clip", "nan"),
+            ("--grad-clip", "-1"),
+            ("--seed", "-1"),
+            ("--log-every", "0"),
+            ("--dropout", "2"),
+            ("--dropout", "nan"),
+            ("--save-every", "-1"),
+            ("--eval-every", "-1"),
+            ("--snapshot-every", "-1"),
+            ("--seq-len", "0"),
+            ("--batch-size", "0"),
+            ("--steps", "0"),
+            ("--warmup", "-1"),
+            ("--eval-tokens", "0"),
+            ("--val-fraction", "1"),
+            ("--val-fraction", "nan"),
+            ("--epochs", "nan"),
+            ("--epochs", "0"),
+            ("--tokens", "inf"),
+            ("--grad-accum", "0"),
+            ("--n-layer", "0"),
+            ("--context", "-4"),
+            ("--steps", "1e3"),
+        ]
+    ] + [
         ("train: --data /dev/null", ["--data", os.devnull, *data[2:]], "not a regular file"),
         ("train: --drop-lines . leaves only blank lines", [*data, "--drop-lines", "."], "nothing is left"),
     ]
     offline = {"HF_HOME": str(r / "empty-hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
-    return ([(name, "sample.py", args, needle, {}) for name, args, needle in sample]
-            + [("no network, no cache: fails fast", "sample.py", ["hi", "--model", "gpt2"], "could not be reached",
-                offline)]
-            + [(name, "compare.py", args, needle, {}) for name, args, needle in compare]
-            + [(name, "train.py", [*args, "--out", str(r / "runs" / name.replace(" ", "_"))], needle, {})
-               for name, args, needle in train])
+    return (
+        [(name, "sample.py", args, needle, {}) for name, args, needle in sample]
+        + [
+            (
+                "no network, no cache: fails fast",
+                "sample.py",
+                ["hi", "--model", "gpt2"],
+                "could not be reached",
+                offline,
+            )
+        ]
+        + [(name, "compare.py", args, needle, {}) for name, args, needle in compare]
+        + [
+            (name, "train.py", [*args, "--out", str(r / "runs" / name.replace(" ", "_"))], needle, {})
+            for name, args, needle in train
+        ]
+    )
 
 
 # ----- running them ---------------------------------------------------------------------------
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "token-cache" not in p.parts}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "token-cache" not in p.parts
+    }
 
 
 def start(script, args, hf_home, extra_env):
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", **extra_env}
-    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.slow
@@ -185,7 +249,7 @@ def test_every_bad_input_is_one_clear_error_line(world, hf_home):
     before = tree_digest(world["root"])
     failures = []
     for i in range(0, len(table), PARALLEL):
-        batch = [(row, start(row[1], row[2], hf_home, row[4])) for row in table[i:i + PARALLEL]]
+        batch = [(row, start(row[1], row[2], hf_home, row[4])) for row in table[i : i + PARALLEL]]
         for (name, script, _, needle, _), proc in batch:
             stdout, stderr = proc.communicate(timeout=180)
             errors = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -219,10 +283,17 @@ def test_no_network_fails_in_seconds(world):
 @pytest.mark.slow
 def test_closed_pipe_ends_quietly(world, hf_home):
     """`sample.py ... | head -c 10`: the reader leaves early; no traceback, no 'Exception ignored'."""
-    cmd = (f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'sample.py'))} '' "
-           f"--model {shlex.quote(str(world['good']))} --max-new-tokens 2000 --no-utf8-guard | head -c 10")
-    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    cmd = (
+        f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'sample.py'))} '' "
+        f"--model {shlex.quote(str(world['good']))} --max-new-tokens 2000 --no-utf8-guard | head -c 10"
+    )
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", cmd],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode in (0, 141), proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
     assert len(proc.stdout.encode()) == 10
@@ -248,13 +319,17 @@ def test_unusual_but_valid_inputs_work(world, hf_home, shared_data):
     bare = r / "bare 模型.safetensors"
     shutil.copyfile(world["good"] / "model.safetensors", bare)
     cases = {
-        "float16": ["hi", "--model", half], "bfloat16": ["hi", "--model", bf16],
-        "save_pretrained": ["hi", "--model", r / "save_pretrained"], "spaces and CJK": ["你好", "--model", spaced],
+        "float16": ["hi", "--model", half],
+        "bfloat16": ["hi", "--model", bf16],
+        "save_pretrained": ["hi", "--model", r / "save_pretrained"],
+        "spaces and CJK": ["你好", "--model", spaced],
         "long prompt": ["--prompt-file", long_prompt, "--model", world["good"]],
         "bare file, shape inferred": ["hi", "--model", bare],
     }
-    procs = {name: start("sample.py", [*args, "--max-new-tokens", "4", "--seed", "0"], hf_home, {})
-             for name, args in cases.items()}
+    procs = {
+        name: start("sample.py", [*args, "--max-new-tokens", "4", "--seed", "0"], hf_home, {})
+        for name, args in cases.items()
+    }
     results = {name: (proc, *proc.communicate(timeout=180)) for name, proc in procs.items()}
     for name, (proc, stdout, stderr) in results.items():
         assert proc.returncode == 0, f"{name}: {stderr}"

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error, load_model, save_model
-from minigpt2.rundir import RunDir
 from minigpt2.compare import (
     block_outputs,
     compare,
@@ -26,6 +25,7 @@ from minigpt2.compare import (
     token_text,
 )
 from minigpt2.report import finite, render, to_json, write_json, write_plot
+from minigpt2.rundir import RunDir
 from minigpt2.tokenizer import encoding_from_files
 from minigpt2.weights import is_conv1d
 
@@ -55,8 +55,15 @@ def tiny_pair(tmp_path: Path, shared_data: Path, config: GPTConfig = TINY, chang
 
 def run_compare(*args, timeout=180):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
-    return subprocess.run([sys.executable, str(ROOT / "compare.py"), *map(str, args)], capture_output=True,
-                          text=True, encoding="utf-8", env=env, cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "compare.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def assert_clean_error(result, *needles):
@@ -281,7 +288,9 @@ def test_text_figures_equal_a_separate_forward_pass(tmp_path, shared_data):
                 nats += loss.item() * (end - start)
         assert result["behaviour"][0][side]["loss"] == pytest.approx(nats / len(ids), rel=1e-5)
         assert result["behaviour"][0][side]["perplexity"] == pytest.approx(math.exp(nats / len(ids)), rel=1e-5)
-        assert result["behaviour"][0][side]["bits_per_char"] == pytest.approx(nats / (math.log(2) * len(text)), rel=1e-5)
+        assert result["behaviour"][0][side]["bits_per_char"] == pytest.approx(
+            nats / (math.log(2) * len(text)), rel=1e-5
+        )
 
     capped = compare(a, b, texts=[str(path)], max_eval_tokens=40)["behaviour"][0]
     assert capped["tokens"] == 40 and capped["capped"] and capped["characters"] == count_characters(enc, ids[:40])
@@ -316,7 +325,9 @@ def test_infinite_relative_change_is_null_in_json(tmp_path, shared_data):
     t = next(t for t in result["weights"]["tensors"] if t["name"] == "h.0.ln_1.bias")
     assert t["relative_change"] == math.inf
     assert json.loads(to_json(result))["weights"]["tensors"][3]["relative_change"] is None
-    assert "1 tensor is all zeros in A, so the relative change is infinite (not ranked): h.0.ln_1.bias" in render(result)
+    assert "1 tensor is all zeros in A, so the relative change is infinite (not ranked): h.0.ln_1.bias" in render(
+        result
+    )
     assert "inf" in render(result)  # in the per-layer and per-kind tables
 
 
@@ -355,8 +366,11 @@ def train(model, ids: torch.Tensor, steps: int, *, lr: float, seed: int, batch: 
 
 
 def official_tensors(model) -> dict[str, torch.Tensor]:
-    return {n: (p.detach().T if is_conv1d(n) else p.detach()).clone() for n, p in model.state_dict().items()
-            if n != "lm_head.weight"}
+    return {
+        n: (p.detach().T if is_conv1d(n) else p.detach()).clone()
+        for n, p in model.state_dict().items()
+        if n != "lm_head.weight"
+    }
 
 
 def make_finetuned_run(shared_data: Path, root: Path) -> tuple[Path, Path, Path]:
@@ -391,14 +405,23 @@ def make_finetuned_run(shared_data: Path, root: Path) -> tuple[Path, Path, Path]
         model.eval()
         w = official_tensors(model)
         h, _ = block_outputs(model, probe)
-        lines.append(json.dumps({
-            "step": step, "tokens": step * 4 * 32,
-            "weights": {n: (torch.norm(w[n] - w0[n]) / torch.norm(w0[n])).item() for n in w},
-            "activations": {f"h.{i}": {"cosine": torch.cosine_similarity(a, b, dim=1).mean().item(),
-                                       "relative_diff": (torch.norm(b - a) / torch.norm(a)).item()}
-                            for i, (a, b) in enumerate(zip(h0, h))},
-            "probe": PROBE,
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "step": step,
+                    "tokens": step * 4 * 32,
+                    "weights": {n: (torch.norm(w[n] - w0[n]) / torch.norm(w0[n])).item() for n in w},
+                    "activations": {
+                        f"h.{i}": {
+                            "cosine": torch.cosine_similarity(a, b, dim=1).mean().item(),
+                            "relative_diff": (torch.norm(b - a) / torch.norm(a)).item(),
+                        }
+                        for i, (a, b) in enumerate(zip(h0, h))
+                    },
+                    "probe": PROBE,
+                }
+            )
+        )
         if step == 10:
             save_model(model, run / f"step-{step:06d}")
         model.train()
@@ -418,9 +441,26 @@ def finetuned(shared_data, tmp_path_factory):
 def test_a_finetuned_model_against_its_start(finetuned, shared_data, tmp_path):
     start, run, en = finetuned
     zh = shared_data / "zh" / "鲁迅小说集.txt"
-    out = run_compare(start, run, "--prompt", PROBE, "--prompt", "It is a truth", "--text", zh, "--text", en,
-                      "--max-eval-tokens", "2048", "--top", "5", "--json", tmp_path / "r.json",
-                      "--plot", tmp_path / "r.png")
+    out = run_compare(
+        start,
+        run,
+        "--prompt",
+        PROBE,
+        "--prompt",
+        "It is a truth",
+        "--text",
+        zh,
+        "--text",
+        en,
+        "--max-eval-tokens",
+        "2048",
+        "--top",
+        "5",
+        "--json",
+        tmp_path / "r.json",
+        "--plot",
+        tmp_path / "r.png",
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     chinese, english = report["behaviour"]
@@ -428,8 +468,14 @@ def test_a_finetuned_model_against_its_start(finetuned, shared_data, tmp_path):
     assert english["b"]["loss"] > english["a"]["loss"]  # and forgot some of the old one
     assert chinese["tokens"] == english["tokens"] == 2048 and chinese["capped"]
     assert report["b"]["checkpoint"] == str(run / "final")
-    for heading in ("== Weights: the 5 most changed", "== Weights per layer", "== Weights per module kind",
-                    "== Activations, prompt 1", "== Behaviour on text", "== Drift over steps"):
+    for heading in (
+        "== Weights: the 5 most changed",
+        "== Weights per layer",
+        "== Weights per module kind",
+        "== Activations, prompt 1",
+        "== Behaviour on text",
+        "== Drift over steps",
+    ):
         assert heading in out.stdout, heading
     assert out.stdout.count("\n") > 60 and "鲁迅小说集.txt" in out.stdout
 
@@ -445,7 +491,9 @@ def test_a_finetuned_model_against_its_start(finetuned, shared_data, tmp_path):
         assert last["weight_drift"][layer["layer"]] == pytest.approx(layer["relative_change"], rel=1e-4)
     snap = RunDir(run).read_snapshots()[-1]["weights"]
     h0 = [v for k, v in snap.items() if k.startswith("h.0.")]
-    assert run_drift(RunDir(run).read_snapshots())["steps"][-1]["weight_drift"]["h.0"] == pytest.approx(sum(h0) / len(h0))
+    assert run_drift(RunDir(run).read_snapshots())["steps"][-1]["weight_drift"]["h.0"] == pytest.approx(
+        sum(h0) / len(h0)
+    )
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -25,11 +25,17 @@ def test_hf_config_round_trip_and_transformers_agrees():
         # transformers reads our config.json into the same shape
         t = GPT2Config(**hf)
         assert (t.n_layer, t.n_head, t.n_embd, t.n_positions, t.vocab_size) == (
-            config.n_layer, config.n_head, config.n_embd, config.n_positions, config.vocab_size)
+            config.n_layer,
+            config.n_head,
+            config.n_embd,
+            config.n_positions,
+            config.vocab_size,
+        )
     # and we read transformers' own config.json
     t = GPT2Config(n_layer=5, n_head=3, n_embd=63, n_positions=77, layer_norm_epsilon=1e-6, resid_pdrop=0.2)
     assert GPTConfig.from_hf_config(t.to_dict()) == GPTConfig(
-        n_layer=5, n_head=3, n_embd=63, n_positions=77, layer_norm_eps=1e-6, dropout=0.2)
+        n_layer=5, n_head=3, n_embd=63, n_positions=77, layer_norm_eps=1e-6, dropout=0.2
+    )
 
 
 def test_preset_overrides():

@@ -6,8 +6,17 @@ import re
 import numpy as np
 import pytest
 
-from minigpt2.data import (DataError, WindowSampler, bits_per_char, check_inputs, eval_windows, find_text_files,
-                           gather_windows, prepare_corpus, read_chunks)
+from minigpt2.data import (
+    DataError,
+    WindowSampler,
+    bits_per_char,
+    check_inputs,
+    eval_windows,
+    find_text_files,
+    gather_windows,
+    prepare_corpus,
+    read_chunks,
+)
 from minigpt2.tokenizer import encoding_from_files
 
 
@@ -38,8 +47,9 @@ def test_chunked_tokenization_equals_whole_text(enc, novel_head, shared_data):
 
 
 def test_windows_decode_to_slices_of_the_source(enc, novel_head, shared_data, tmp_path):
-    corpus = prepare_corpus([novel_head, shared_data / "en" / "sherlock_holmes.txt"], enc, val_fraction=0.02,
-                            cache_dir=tmp_path)
+    corpus = prepare_corpus(
+        [novel_head, shared_data / "en" / "sherlock_holmes.txt"], enc, val_fraction=0.02, cache_dir=tmp_path
+    )
     sources = [normalised(novel_head).encode(), normalised(shared_data / "en" / "sherlock_holmes.txt").encode()]
     sampler = WindowSampler(len(corpus.train), seq_len=48, batch_size=8, seed=3)
     eot = enc.eot_token
@@ -104,7 +114,10 @@ def test_finding_files(tmp_path):
         (tmp_path / name).write_text("x")
     assert [p.name for p in find_text_files([tmp_path])] == ["1.txt", "2.txt"]
     assert [p.name for p in find_text_files([str(tmp_path / "*.md"), tmp_path / "1.txt", tmp_path])] == [
-        "notes.md", "1.txt", "2.txt"]
+        "notes.md",
+        "1.txt",
+        "2.txt",
+    ]
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no .txt files"):
         find_text_files([tmp_path / "empty"])

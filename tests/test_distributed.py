@@ -22,8 +22,20 @@ from safetensors.torch import load_file
 from minigpt2 import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--init-preset", "gpt2", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--context", "64",
-        "--dropout", "0"]
+TINY = [
+    "--init-preset",
+    "gpt2",
+    "--n-layer",
+    "2",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "64",
+    "--context",
+    "64",
+    "--dropout",
+    "0",
+]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
@@ -35,9 +47,37 @@ def setup(shared_data, tmp_path_factory):
     other = (shared_data / "zh" / "水浒传.txt").read_text(encoding="utf-8")[:5000]
     (root / "other.txt").write_text(other, encoding="utf-8")
     # 13 eval windows of 32 tokens per set: uneven over 2 ranks at 2 per batch (a spare forward).
-    common = ["--data", root / "text.txt", "--val-fraction", "0.05", "--eval-data", root / "other.txt", *TINY, "--tokenizer", shared_data / "gpt2", "--cache-dir", root / "cache",
-              "--seq-len", "32", "--steps", "4", "--save-every", "2", "--eval-every", "2", "--eval-tokens", "416",
-              "--lr", "1e-3", "--warmup", "1", "--log-every", "1", "--device", "cpu"]
+    common = [
+        "--data",
+        root / "text.txt",
+        "--val-fraction",
+        "0.05",
+        "--eval-data",
+        root / "other.txt",
+        *TINY,
+        "--tokenizer",
+        shared_data / "gpt2",
+        "--cache-dir",
+        root / "cache",
+        "--seq-len",
+        "32",
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-tokens",
+        "416",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "1",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
     return root, common, env
 
@@ -45,8 +85,15 @@ def setup(shared_data, tmp_path_factory):
 def train(setup, out, *args, ranks=1, check=True, timeout=180):
     root, common, env = setup
     launcher = TORCHRUN if ranks == 2 else [sys.executable]
-    result = subprocess.run([*launcher, str(ROOT / "train.py"), *map(str, common), "--out", str(out), *map(str, args)],
-                            capture_output=True, text=True, encoding="utf-8", env=env, cwd=ROOT, timeout=timeout)
+    result = subprocess.run(
+        [*launcher, str(ROOT / "train.py"), *map(str, common), "--out", str(out), *map(str, args)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -73,7 +120,7 @@ def assert_same_run(a, b, steps=(1, 2, 3, 4)):
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-5, msg=name)
-    assert (lb[steps[-1]] != la[1])  # it trained: the loss moved
+    assert lb[steps[-1]] != la[1]  # it trained: the loss moved
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +148,9 @@ def test_two_ranks_match_one_and_only_rank_0_writes(setup, one_rank):
 
 def test_sharded_with_activation_checkpointing_matches_one_rank(setup, one_rank):
     out = setup[0] / "fsdp"
-    result = train(setup, out, "--batch-size", "2", "--grad-accum", "2", "--shard", "--activation-checkpointing",
-                   ranks=2)
+    result = train(
+        setup, out, "--batch-size", "2", "--grad-accum", "2", "--shard", "--activation-checkpointing", ranks=2
+    )
     assert "2 ranks (sharded)" in result.stdout
     assert_same_run(one_rank, out)
     # The checkpoint is one ordinary model.safetensors that load_model reads, with full tensors.
@@ -138,7 +186,9 @@ def worker_pids(launcher_pid):
         for children in Path(f"/proc/{pid}/task").glob("*/children"):
             pids += [int(c) for c in children.read_text().split()]
         try:
-            env = dict(line.split("=", 1) for line in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in line)
+            env = dict(
+                line.split("=", 1) for line in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in line
+            )
         except OSError:
             continue
         if "RANK" in env and "TORCHELASTIC_RUN_ID" in env and pid != launcher_pid:
@@ -149,10 +199,24 @@ def worker_pids(launcher_pid):
 def test_killing_one_rank_stops_the_job_and_the_last_checkpoint_loads(setup):
     root, common, env = setup
     out = root / "killed"
-    cmd = [*TORCHRUN, str(ROOT / "train.py"), *map(str, common), "--out", str(out), "--batch-size", "2",
-           "--steps", "100000", "--save-every", "2", "--eval-every", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
-                            env=env, cwd=ROOT)
+    cmd = [
+        *TORCHRUN,
+        str(ROOT / "train.py"),
+        *map(str, common),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--steps",
+        "100000",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env, cwd=ROOT
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:

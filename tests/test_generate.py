@@ -1,6 +1,5 @@
 """The token-level generation loop, the samplers, and the UTF-8 guard."""
 
-
 import pytest
 import torch
 
@@ -19,10 +18,12 @@ from minigpt2.generate import (
 
 def tiny(vocab_size=500, n_positions=32, seed=0, n_layer=2, n_embd=32, n_head=4):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
+    return GPT(
+        GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    ).eval()
 
 
-def run(model, prompts, n, sampling=Sampling(greedy=True), **kw):
+def run(model, prompts, n, sampling=GREEDY, **kw):
     steps = list(generate_tokens(model, prompts, n, sampling, **kw))
     return [list(col) for col in zip(*steps)]  # per sequence
 
@@ -155,12 +156,20 @@ def test_repetition_penalty_rule():
     assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-1), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0), "top_p"),
-    (dict(top_p=1.01), "top_p"), (dict(repetition_penalty=0), "repetition_penalty"),
-    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
-    (dict(top_p=float("nan")), "top_p"), (dict(repetition_penalty=float("nan")), "repetition_penalty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.01), "top_p"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+    ],
+)
 def test_bad_sampling_settings(kwargs, message):
     with pytest.raises(MiniGPT2Error, match=message):
         Sampling(**kwargs)

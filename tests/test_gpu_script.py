@@ -9,9 +9,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.sh"
-PARTS = ["checks", "train 1x32 minigpt2", "train 1x32 transformers", "sample transformers generate",
-         "sample minigpt2", "sample minigpt2 int8", "sample int8 quality", "distributed 2 ranks", "gpt2-xl 1 step",
-         "gpt2-xl 1 step, act. ckpt"]
+PARTS = [
+    "checks",
+    "train 1x32 minigpt2",
+    "train 1x32 transformers",
+    "sample transformers generate",
+    "sample minigpt2",
+    "sample minigpt2 int8",
+    "sample int8 quality",
+    "distributed 2 ranks",
+    "gpt2-xl 1 step",
+    "gpt2-xl 1 step, act. ckpt",
+]
 
 
 def test_gpu_script_is_valid_bash():
@@ -22,12 +31,14 @@ def test_gpu_script_is_valid_bash():
 @pytest.mark.slow
 def test_gpu_script_dry_run_prints_every_part(tmp_path):
     env = {**os.environ, "GPU_RESULTS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=600)
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+    )
     assert result.returncode == 0, result.stderr
-    table = result.stdout[result.stdout.index("| part "):]
-    rows = {cells[0]: cells for line in table.splitlines()[2:]
-            if (cells := [c.strip() for c in line.strip("|").split("|")])}
+    table = result.stdout[result.stdout.index("| part ") :]
+    rows = {
+        cells[0]: cells for line in table.splitlines()[2:] if (cells := [c.strip() for c in line.strip("|").split("|")])
+    }
     assert list(rows) == PARTS, table
     for name, cells in rows.items():
         expected = "skipped: 1 GPU" if name.startswith("distributed") else "ok"

@@ -23,7 +23,9 @@ def test_load_tokenizer_from_the_cache(hub_gpt2, hf_home):
 
 
 def test_offline_and_not_cached(hub_gpt2):
-    with pytest.raises(CheckpointError, match=r"openai-community/gpt2-medium.*not in the Hugging Face cache.*HF_HUB_OFFLINE=1"):
+    with pytest.raises(
+        CheckpointError, match=r"openai-community/gpt2-medium.*not in the Hugging Face cache.*HF_HUB_OFFLINE=1"
+    ):
         load_model("gpt2-medium")
     with pytest.raises(CheckpointError, match="someone/missing"):
         load_model("someone/missing")

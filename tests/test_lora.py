@@ -14,6 +14,7 @@ from minigpt2 import MiniGPT2Error, load_model, save_model
 from minigpt2.compare import compare
 from minigpt2.data import prepare_corpus
 from minigpt2.errors import CheckpointError
+from minigpt2.launch import start_model
 from minigpt2.lora import (
     TARGETS,
     LoRALinear,
@@ -25,10 +26,9 @@ from minigpt2.lora import (
     save_lora_state,
 )
 from minigpt2.report import render
+from minigpt2.rundir import STATE_JSON, STATE_TENSORS, RunDir
 from minigpt2.snapshots import Snapshotter
 from minigpt2.tokenizer import encoding_from_files
-from minigpt2.launch import start_model
-from minigpt2.rundir import STATE_JSON, STATE_TENSORS, RunDir
 from minigpt2.trainer import TrainConfig, Trainer, param_groups
 
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
@@ -53,8 +53,9 @@ def corpus(shared_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_dir(shared_data, tmp_path_factory):
     """The base model, saved: a run starts from it, and PEFT applies the adapter to it."""
-    return save_model(tiny_model(seed=7), tmp_path_factory.mktemp("base") / "base",
-                      tokenizer_source=shared_data / "gpt2")
+    return save_model(
+        tiny_model(seed=7), tmp_path_factory.mktemp("base") / "base", tokenizer_source=shared_data / "gpt2"
+    )
 
 
 def lora_trainer(corpus, base_dir, out, *, seed=1, lora_dropout=0.0, snapshotter=None, **config):
@@ -62,10 +63,25 @@ def lora_trainer(corpus, base_dir, out, *, seed=1, lora_dropout=0.0, snapshotter
     apply_lora(model, R, ALPHA, dropout=lora_dropout, targets=TRAINED, seed=seed)
     if snapshotter:
         snapshotter = Snapshotter(model, list(range(100, 120)))
-    config = {"steps": 6, "batch_size": 4, "seq_len": 32, "eval_every": 0, "eval_tokens": 256, "lr": 1e-2,
-              "warmup": 0, **config}
-    return Trainer(model, corpus.train, {"val": corpus.val}, TrainConfig(**config), out,
-                   tokenizer_source=base_dir, snapshotter=snapshotter)
+    config = {
+        "steps": 6,
+        "batch_size": 4,
+        "seq_len": 32,
+        "eval_every": 0,
+        "eval_tokens": 256,
+        "lr": 1e-2,
+        "warmup": 0,
+        **config,
+    }
+    return Trainer(
+        model,
+        corpus.train,
+        {"val": corpus.val},
+        TrainConfig(**config),
+        out,
+        tokenizer_source=base_dir,
+        snapshotter=snapshotter,
+    )
 
 
 def train_losses(trainer, stop_at=None):
@@ -110,8 +126,9 @@ def test_step_zero_is_the_base_model_exactly_and_hooks_still_see_the_layer():
 def test_only_the_adapters_are_trainable_and_optimised():
     model = apply_lora(tiny_model(), 8, targets="attn.c_attn,mlp.c_fc")
     names = [n for g in param_groups(model, 0.1) for n in g["names"]]
-    assert names == [f"h.{i}.{m}.lora_{ab}.weight" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")
-                     for ab in "AB"]
+    assert names == [
+        f"h.{i}.{m}.lora_{ab}.weight" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc") for ab in "AB"
+    ]
     s = lora_summary(model)
     expected = 2 * 8 * ((64 + 192) + (64 + 256))
     assert s["trainable_params"] == expected == sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -123,20 +140,26 @@ def test_only_the_adapters_are_trainable_and_optimised():
     assert (s["r"], s["alpha"], s["targets"]) == (8, 8.0, ["attn.c_attn", "mlp.c_fc"])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"r": 0}, "rank must be a whole number of at least 1"),
-    ({"r": 2.5}, "rank must be a whole number"),
-    ({"r": True}, "rank must be a whole number"),
-    ({"alpha": 0}, "alpha must be a positive finite number"),
-    ({"alpha": math.nan}, "alpha must be a positive finite number"),
-    ({"alpha": math.inf}, "alpha must be a positive finite number"),
-    ({"dropout": 1.0}, "dropout must be at least 0 and below 1"),
-    ({"dropout": -0.1}, "dropout must be at least 0 and below 1"),
-    ({"targets": ("attn.c_attn", "attn.c_atn")}, "unknown LoRA target 'attn.c_atn'; the layers that can be adapted "
-                                                 "are attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"),
-    ({"targets": ()}, "no LoRA target given"),
-    ({"targets": "mlp.c_fc,mlp.c_fc"}, "named twice"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"r": 0}, "rank must be a whole number of at least 1"),
+        ({"r": 2.5}, "rank must be a whole number"),
+        ({"r": True}, "rank must be a whole number"),
+        ({"alpha": 0}, "alpha must be a positive finite number"),
+        ({"alpha": math.nan}, "alpha must be a positive finite number"),
+        ({"alpha": math.inf}, "alpha must be a positive finite number"),
+        ({"dropout": 1.0}, "dropout must be at least 0 and below 1"),
+        ({"dropout": -0.1}, "dropout must be at least 0 and below 1"),
+        (
+            {"targets": ("attn.c_attn", "attn.c_atn")},
+            "unknown LoRA target 'attn.c_atn'; the layers that can be adapted "
+            "are attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj",
+        ),
+        ({"targets": ()}, "no LoRA target given"),
+        ({"targets": "mlp.c_fc,mlp.c_fc"}, "named twice"),
+    ],
+)
 def test_bad_settings_are_refused_with_what_is_allowed(kwargs, message):
     model = tiny_model()
     with pytest.raises(MiniGPT2Error, match=message):
@@ -254,8 +277,9 @@ def test_a_lora_run_resumes_bit_for_bit_and_its_state_holds_only_adapters(corpus
     state = load_file(str(ckpt / STATE_TENSORS))
     moments = [k for k in state if k.startswith("optimizer.")]
     assert moments and all(".lora_A.weight." in k or ".lora_B.weight." in k for k in moments)
-    assert {k for k in state if k.startswith("lora.")} == {f"lora.h.{i}.{m}.lora_{ab}.weight" for i in range(2)
-                                                          for m in TRAINED for ab in "AB"}
+    assert {k for k in state if k.startswith("lora.")} == {
+        f"lora.h.{i}.{m}.lora_{ab}.weight" for i in range(2) for m in TRAINED for ab in "AB"
+    }
     assert json.loads((ckpt / STATE_JSON).read_text())["lora"]["r"] == R
     adapters = sum(v.numel() for k, v in state.items() if k.startswith("lora."))
     assert sum(state[k].numel() for k in moments if not k.endswith(".step")) == 2 * adapters
@@ -281,4 +305,5 @@ def test_resuming_with_other_lora_settings_is_refused(trained, corpus, base_dir,
 def test_all_targets_by_default():
     model = apply_lora(tiny_model(), 1)
     assert [n for n, m in model.named_modules() if isinstance(m, LoRALinear)] == [
-        f"h.{i}.{t}" for i in range(2) for t in TARGETS]
+        f"h.{i}.{t}" for i in range(2) for t in TARGETS
+    ]

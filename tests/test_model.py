@@ -39,7 +39,9 @@ def test_logits_match_transformers(pair, shared_data):
     hf, ours = pair
     n = hf.config.n_positions
     inputs = {
-        "random ids": torch.randint(0, hf.config.vocab_size, (2, min(n, 256)), generator=torch.Generator().manual_seed(0)),
+        "random ids": torch.randint(
+            0, hf.config.vocab_size, (2, min(n, 256)), generator=torch.Generator().manual_seed(0)
+        ),
         "zh/en text": _text_ids(shared_data, min(n, 256)),
     }
     for name, idx in inputs.items():
@@ -55,8 +57,9 @@ def test_logits_match_transformers(pair, shared_data):
 def test_greedy_continuation_matches_transformers(pair):
     hf, ours = pair
     prompt = torch.randint(0, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
-    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
-                           pad_token_id=50256)
+    expected = hf.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False, pad_token_id=50256
+    )
     for layout, model in ours.items():
         got = generate(model, prompt, 20)  # greedy by default
         assert got.tolist() == expected.tolist(), layout
@@ -116,7 +119,9 @@ def test_every_diagram_box_is_a_hookable_module_named_like_the_checkpoint():
     model = tiny_model()
     names = dict(model.named_modules())
     expected = ["wte", "wpe", "ln_f", "lm_head"] + [
-        f"h.{i}.{part}" for i in range(3) for part in ("ln_1", "attn", "attn.c_attn", "attn.c_proj", "ln_2", "mlp", "mlp.c_fc", "mlp.c_proj")
+        f"h.{i}.{part}"
+        for i in range(3)
+        for part in ("ln_1", "attn", "attn.c_attn", "attn.c_proj", "ln_2", "mlp", "mlp.c_fc", "mlp.c_proj")
     ]
     assert set(expected) <= set(names)
     seen = {}

@@ -31,8 +31,9 @@ def test_a_second_holder_is_refused_naming_the_first(tmp_path):
 
 
 def test_the_lock_dies_with_its_process(tmp_path):
-    code = ("import sys; from minigpt2.rundir import RunDir; RunDir(sys.argv[1]).lock(); "
-            "import os; os.kill(os.getpid(), 9)")
+    code = (
+        "import sys; from minigpt2.rundir import RunDir; RunDir(sys.argv[1]).lock(); import os; os.kill(os.getpid(), 9)"
+    )
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True)
     assert result.returncode == -9
     assert "pid" in (tmp_path / "run" / ".lock").read_text()  # the holder's note is still there...

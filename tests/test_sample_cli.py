@@ -20,13 +20,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_sample(*args, hf_home, timeout=120, env=None):
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], capture_output=True, text=True,
-                          encoding="utf-8", env=env, cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), *args],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def test_sample_from_the_hub_cache(hub_gpt2, hf_home):
-    result = run_sample("今天的天气", "--model", "gpt2", "--greedy", "--max-new-tokens", "12", "--device", "cpu",
-                        hf_home=hf_home)
+    result = run_sample(
+        "今天的天气", "--model", "gpt2", "--greedy", "--max-new-tokens", "12", "--device", "cpu", hf_home=hf_home
+    )
     assert result.returncode == 0, result.stderr
     # the same continuation as the library computes in-process
     expected = generate_text(load_model("gpt2"), load_tokenizer("gpt2"), ["今天的天气"], 12, Sampling(greedy=True))[0]
@@ -38,8 +46,22 @@ def test_sample_from_the_hub_cache(hub_gpt2, hf_home):
 
 def test_json_records_for_several_prompts_samples_and_models(hub_gpt2, hf_home, tmp_path):
     local = write_official_layout(hub_gpt2, tmp_path / "local")
-    result = run_sample("今天的天气", "Hello", "--model", "gpt2", "--model", str(local), "--num-samples", "2",
-                        "--max-new-tokens", "8", "--seed", "1", "--json", hf_home=hf_home)
+    result = run_sample(
+        "今天的天气",
+        "Hello",
+        "--model",
+        "gpt2",
+        "--model",
+        str(local),
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "1",
+        "--json",
+        hf_home=hf_home,
+    )
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     order = [(r["prompt"], r["model"], r["sample"]) for r in records]
@@ -105,13 +127,15 @@ def test_bad_checkpoints(tmp_path, hub_gpt2):
     tensors = load_file(str(good / "model.safetensors"))
     del tensors["h.1.attn.c_attn.weight"]
     save_file(tensors, str(tmp_path / "missing.safetensors"))
-    assert_clean_error(run_sample("hi", "--model", str(tmp_path / "missing.safetensors"), hf_home=tmp_path),
-                       "missing tensors: h.1.attn.c_attn.weight")
+    assert_clean_error(
+        run_sample("hi", "--model", str(tmp_path / "missing.safetensors"), hf_home=tmp_path),
+        "missing tensors: h.1.attn.c_attn.weight",
+    )
 
 
 def test_prompt_file_that_is_not_utf8(tmp_path):
     bad = tmp_path / "gbk.txt"
-    bad.write_bytes("今天的天气".encode("utf-8")[:6] + "天气".encode("gbk"))
+    bad.write_bytes("今天的天气".encode()[:6] + "天气".encode("gbk"))
     result = run_sample("--prompt-file", str(bad), hf_home=tmp_path)
     assert_clean_error(result, str(bad), "not valid UTF-8", "at offset 6")
     missing = run_sample("--prompt-file", str(tmp_path / "nope.txt"), hf_home=tmp_path)
@@ -128,16 +152,19 @@ def test_no_prompt_at_all(tmp_path):
     assert_clean_error(run_sample(hf_home=tmp_path), "no prompt given")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--max-new-tokens", "-1"], "--max-new-tokens"),
-    (["--temperature", "-0.5"], "temperature must be 0 or more"),
-    (["--top-k", "-3"], "top-k must be 0"),
-    (["--top-p", "0"], "top-p must be in (0, 1]"),
-    (["--top-p", "1.5"], "top-p must be in (0, 1]"),
-    (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0"),
-    (["--num-samples", "0"], "--num-samples"),
-    (["--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "device"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["--temperature", "-0.5"], "temperature must be 0 or more"),
+        (["--top-k", "-3"], "top-k must be 0"),
+        (["--top-p", "0"], "top-p must be in (0, 1]"),
+        (["--top-p", "1.5"], "top-p must be in (0, 1]"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0"),
+        (["--num-samples", "0"], "--num-samples"),
+        (["--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "device"),
+    ],
+)
 def test_bad_options(tmp_path, args, needle):
     result = run_sample("hi", *args, hf_home=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr and needle in result.stderr, result.stderr

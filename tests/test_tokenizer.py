@@ -7,8 +7,16 @@ import pytest
 from minigpt2 import CheckpointError, load_tokenizer
 from minigpt2.tokenizer import byte_stand_ins
 
-TEXTS = ["zh/红楼梦.txt", "zh/西游记.txt", "zh/水浒传.txt", "zh/三国演义.txt", "zh/鲁迅小说集.txt",
-         "en/pride_and_prejudice.txt", "en/sherlock_holmes.txt", "en/tinyshakespeare.txt"]
+TEXTS = [
+    "zh/红楼梦.txt",
+    "zh/西游记.txt",
+    "zh/水浒传.txt",
+    "zh/三国演义.txt",
+    "zh/鲁迅小说集.txt",
+    "en/pride_and_prejudice.txt",
+    "en/sherlock_holmes.txt",
+    "en/tinyshakespeare.txt",
+]
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,25 @@ def train_cmd(*args):
 
 
 def env_for(hf_home, token_cache):
-    return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8",
-            "MINIGPT2_CACHE": str(token_cache)}
+    return {
+        **os.environ,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONIOENCODING": "utf-8",
+        "MINIGPT2_CACHE": str(token_cache),
+    }
 
 
 def run_train(*args, hf_home, token_cache, timeout=240):
-    return subprocess.run(train_cmd(*args), capture_output=True, text=True, encoding="utf-8",
-                          env=env_for(hf_home, token_cache), cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        train_cmd(*args),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env_for(hf_home, token_cache),
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def log(run_dir):
@@ -60,12 +72,20 @@ def bad_inputs(tmp_path):
         "missing": (["--data", tmp_path / "nope.txt"], ["nope.txt' does not exist"]),
         "empty": (["--data", tmp_path / "empty.txt"], ["empty.txt' is empty"]),
         "binary": (["--data", tmp_path / "image.txt"], ["image.txt' looks like a binary file"]),
-        "not utf-8": (["--data", tmp_path / "latin1.txt"],
-                      ["latin1.txt' is not valid UTF-8: byte 0xe9 at offset 16", "--encoding-errors replace"]),
+        "not utf-8": (
+            ["--data", tmp_path / "latin1.txt"],
+            ["latin1.txt' is not valid UTF-8: byte 0xe9 at offset 16", "--encoding-errors replace"],
+        ),
         "no .txt": (["--data", tmp_path / "no-text"], ["no-text' holds no .txt files"]),
         "no match": (["--data", tmp_path / "*.csv"], ["matches no files"]),
-        "bad eval data": (["--data", tmp_path / "ok.txt", "--eval-data", tmp_path / "gone.txt"], ["gone.txt' does not exist"]),
-        "existing out": (["--data", tmp_path / "ok.txt", "--out", tmp_path / "used"], ["already holds a run", "resume"]),
+        "bad eval data": (
+            ["--data", tmp_path / "ok.txt", "--eval-data", tmp_path / "gone.txt"],
+            ["gone.txt' does not exist"],
+        ),
+        "existing out": (
+            ["--data", tmp_path / "ok.txt", "--out", tmp_path / "used"],
+            ["already holds a run", "resume"],
+        ),
         "resume nothing": (["--out", tmp_path / "fresh", "--resume"], ["nothing to resume", "no run.json"]),
         "bad regex": (["--data", tmp_path / "ok.txt", "--drop-lines", "(("], ["not a valid regular expression"]),
     }
@@ -75,12 +95,18 @@ def test_every_bad_input_fails_before_any_model_is_loaded(tmp_path, token_cache)
     # --model gpt2 with an empty, offline Hugging Face cache: had the model (or its tokenizer) been
     # loaded first, the error would be about the cache instead. The cases run side by side.
     procs, cases = {}, bad_inputs(tmp_path)
-    for case, (args, needles) in cases.items():
+    for case, (args, _needles) in cases.items():
         if "--out" not in args:
             args = [*args, "--out", tmp_path / f"run-{case}"]
-        procs[case] = subprocess.Popen(train_cmd(*args, "--model", "gpt2"), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True, encoding="utf-8", cwd=ROOT,
-                                       env=env_for(tmp_path / "empty-hf", token_cache))
+        procs[case] = subprocess.Popen(
+            train_cmd(*args, "--model", "gpt2"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            cwd=ROOT,
+            env=env_for(tmp_path / "empty-hf", token_cache),
+        )
     for case, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=120)
         result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
@@ -91,10 +117,35 @@ def test_every_bad_input_fails_before_any_model_is_loaded(tmp_path, token_cache)
 def test_fine_tune_evaluate_snapshot_save_resume(hub_gpt2, hf_home, shared_data, tmp_path, token_cache):
     run = tmp_path / "run"
     (tmp_path / "latin1.txt").write_bytes("天气很好。\n".encode() * 50 + b"caf\xe9\n")
-    args = ["--data", shared_data / "zh" / "西游记.txt", tmp_path / "latin1.txt", "--encoding-errors", "replace",
-            "--eval-data", shared_data / "en" / "sherlock_holmes.txt", "--model", "gpt2", "--out", run,
-            "--batch-size", "2", "--seq-len", "32", "--eval-every", "3", "--save-every", "3",
-            "--snapshot-every", "3", "--eval-tokens", "256", "--log-every", "2", "--device", "cpu"]
+    args = [
+        "--data",
+        shared_data / "zh" / "西游记.txt",
+        tmp_path / "latin1.txt",
+        "--encoding-errors",
+        "replace",
+        "--eval-data",
+        shared_data / "en" / "sherlock_holmes.txt",
+        "--model",
+        "gpt2",
+        "--out",
+        run,
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "3",
+        "--save-every",
+        "3",
+        "--snapshot-every",
+        "3",
+        "--eval-tokens",
+        "256",
+        "--log-every",
+        "2",
+        "--device",
+        "cpu",
+    ]
     result = run_train(*args, "--steps", "6", hf_home=hf_home, token_cache=token_cache)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -121,18 +172,44 @@ def test_fine_tune_evaluate_snapshot_save_resume(hub_gpt2, hf_home, shared_data,
     assert "from the cache" in more.stdout and "resuming at step 6 of 8" in more.stdout
     assert [r["step"] for r in log(run) if r["type"] == "train"] == list(range(1, 9))
     assert load_model(run / "final").state_dict()["h.0.attn.c_attn.weight"].ne(final.h[0].attn.c_attn.weight).any()
-    changed = run_train("--out", run, "--resume", "--steps", "9", "--seq-len", "16", hf_home=hf_home,
-                        token_cache=token_cache)
+    changed = run_train(
+        "--out", run, "--resume", "--steps", "9", "--seq-len", "16", hf_home=hf_home, token_cache=token_cache
+    )
     assert_clean_error(changed, "--seq-len cannot change when a run is resumed")
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(shared_data, tmp_path, token_cache):
     run = tmp_path / "run"
-    args = ["--data", shared_data / "zh" / "三国演义.txt", *TINY, "--tokenizer", shared_data / "gpt2",
-            "--batch-size", "2", "--seq-len", "16", "--eval-tokens", "64", "--eval-every", "0", "--save-every", "0",
-            "--device", "cpu", "--out", run]
-    proc = subprocess.Popen(train_cmd(*args, "--steps", "100000"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, encoding="utf-8", env=env_for(tmp_path / "hf", token_cache), cwd=ROOT)
+    args = [
+        "--data",
+        shared_data / "zh" / "三国演义.txt",
+        *TINY,
+        "--tokenizer",
+        shared_data / "gpt2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-tokens",
+        "64",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        run,
+    ]
+    proc = subprocess.Popen(
+        train_cmd(*args, "--steps", "100000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        env=env_for(tmp_path / "hf", token_cache),
+        cwd=ROOT,
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -153,8 +230,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(shared_data, tmp_path, t
     load_model(checkpoint)
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
-    result = run_train("--out", run, "--resume", "--steps", stopped["step"] + 2, hf_home=tmp_path / "hf",
-                       token_cache=token_cache)
+    result = run_train(
+        "--out", run, "--resume", "--steps", stopped["step"] + 2, hf_home=tmp_path / "hf", token_cache=token_cache
+    )
     assert result.returncode == 0, result.stderr
     assert [r["step"] for r in log(run) if r["type"] == "train"] == list(range(1, stopped["step"] + 3))
     load_model(run / "final")

@@ -24,24 +24,56 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return {**os.environ, "HF_HOME": str(tmp_path_factory.mktemp("hf")), "HF_HUB_OFFLINE": "1",
-            "PYTHONIOENCODING": "utf-8", "MINIGPT2_CACHE": str(tmp_path_factory.mktemp("tokens"))}
+    return {
+        **os.environ,
+        "HF_HOME": str(tmp_path_factory.mktemp("hf")),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONIOENCODING": "utf-8",
+        "MINIGPT2_CACHE": str(tmp_path_factory.mktemp("tokens")),
+    }
 
 
 @pytest.fixture(scope="module")
 def base_args(shared_data):
-    return ["--data", str(shared_data / "zh" / "西游记.txt"), *TINY, "--tokenizer", str(shared_data / "gpt2"),
-            "--batch-size", "2", "--seq-len", "16", "--eval-tokens", "64", "--device", "cpu"]
+    return [
+        "--data",
+        str(shared_data / "zh" / "西游记.txt"),
+        *TINY,
+        "--tokenizer",
+        str(shared_data / "gpt2"),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-tokens",
+        "64",
+        "--device",
+        "cpu",
+    ]
 
 
 def train(*args, env, timeout=240):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True,
-                          encoding="utf-8", env=env, cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def start(*args, env):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def wait_for(run: Path, proc, predicate, timeout=180):
@@ -84,27 +116,36 @@ def test_a_second_process_on_the_same_run_is_refused_at_once(base_args, env, tmp
     assert RunDir(run).checkpoints()  # the holder's run is intact and saved
 
 
-KILL = "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import train; from minigpt2 import distributed, launch\n" \
-       "stage, argv = sys.argv[2], sys.argv[3:]\n" \
-       "ns = train.parser().parse_args(argv)\n" \
-       "given = {k: v for k, v in vars(ns).items() if k not in ('out', 'resume', 'threads')}\n" \
-       "s = launch.setup(given, ns.out, ns.resume, lambda r: None, distributed.setup('cpu'))\n" \
-       "def fault(name):\n" \
-       "    if name == stage: os.kill(os.getpid(), signal.SIGKILL)\n" \
-       "s.trainer.run_dir.fault = fault\n" \
-       "for record in s.trainer.run(): pass\n"
+KILL = (
+    "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import train; from minigpt2 import distributed, launch\n"
+    "stage, argv = sys.argv[2], sys.argv[3:]\n"
+    "ns = train.parser().parse_args(argv)\n"
+    "given = {k: v for k, v in vars(ns).items() if k not in ('out', 'resume', 'threads')}\n"
+    "s = launch.setup(given, ns.out, ns.resume, lambda r: None, distributed.setup('cpu'))\n"
+    "def fault(name):\n"
+    "    if name == stage: os.kill(os.getpid(), signal.SIGKILL)\n"
+    "s.trainer.run_dir.fault = fault\n"
+    "for record in s.trainer.run(): pass\n"
+)
 
 
 @pytest.mark.parametrize("stage", ["weights-written", "written", "moved-old-aside", "moved-new-in", "done"])
 def test_a_kill_at_any_stage_of_replacing_final_leaves_a_loadable_checkpoint_and_a_resumable_run(
-        base_args, env, tmp_path, stage):
+    base_args, env, tmp_path, stage
+):
     run = tmp_path / "run"
     args = [*base_args, "--eval-every", "0", "--save-every", "0", "--out", run]
     assert train(*args, "--steps", "3", env=env).returncode == 0
     before = load_file(str(run / "final" / "model.safetensors"))
     # Extend the run to 5 steps; its only save replaces final/, and the process is SIGKILLed at `stage`.
-    killed = subprocess.run([sys.executable, "-c", KILL, str(ROOT), stage, "--out", str(run), "--resume",
-                             "--steps", "5"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL, str(ROOT), stage, "--out", str(run), "--resume", "--steps", "5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=240,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     found = RunDir(run).checkpoints()
     assert found and found[-1].step in (3, 5)
@@ -133,7 +174,19 @@ def damage(checkpoint: Path, how: str) -> None:
 
 
 def test_resume_falls_back_past_damaged_checkpoints_and_ends_bit_equal(base_args, env, tmp_path):
-    args = [*base_args, "--steps", "8", "--eval-every", "4", "--save-every", "1", "--keep-last", "0", "--dropout", "0.1"]
+    args = [
+        *base_args,
+        "--steps",
+        "8",
+        "--eval-every",
+        "4",
+        "--save-every",
+        "1",
+        "--keep-last",
+        "0",
+        "--dropout",
+        "0.1",
+    ]
     full, broken = tmp_path / "full", tmp_path / "broken"
     first = [start(*args, "--out", full, env=env), start(*args, "--out", broken, env=env)]
     for proc in first:
@@ -144,9 +197,11 @@ def test_resume_falls_back_past_damaged_checkpoints_and_ends_bit_equal(base_args
     damage(broken / "step-000006", "missing key")
     resumed = train("--out", broken, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr
-    for name, why in (("final", "trainer_state.json cannot be read"),
-                      ("step-000007", "trainer_state.safetensors cannot be read"),
-                      ("step-000006", "lacks optimizer.")):
+    for name, why in (
+        ("final", "trainer_state.json cannot be read"),
+        ("step-000007", "trainer_state.safetensors cannot be read"),
+        ("step-000006", "lacks optimizer."),
+    ):
         assert f"skipped checkpoint {broken / name}: {why}" in resumed.stderr
         assert (broken / f"{name}.damaged-1").is_dir()  # kept for inspection
     assert "resuming at step 5 of 8" in resumed.stdout
@@ -178,8 +233,20 @@ def test_ctrl_c_during_an_evaluation_stops_within_seconds(shared_data, env, tmp_
     # Every CPU default, except the model (random 124M weights cannot be downloaded here: a tiny one
     # keeps the test short) and an evaluation made long on purpose: Lu Xun, 200k tokens.
     run = tmp_path / "run"
-    proc = start("--data", shared_data / "zh" / "西游记.txt", *TINY, "--tokenizer", shared_data / "gpt2",
-                 "--eval-data", shared_data / "zh" / "鲁迅小说集.txt", "--eval-tokens", "200000", "--out", run, env=env)
+    proc = start(
+        "--data",
+        shared_data / "zh" / "西游记.txt",
+        *TINY,
+        "--tokenizer",
+        shared_data / "gpt2",
+        "--eval-data",
+        shared_data / "zh" / "鲁迅小说集.txt",
+        "--eval-tokens",
+        "200000",
+        "--out",
+        run,
+        env=env,
+    )
     wait_for(run, proc, lambda log: any(r["type"] == "eval" and r["set"] == "val" for r in log))
     time.sleep(0.5)  # inside the long evaluation of the second set now
     sent = time.time()
@@ -219,9 +286,13 @@ def test_training_goes_on_when_stdout_goes_away(base_args, env, tmp_path):
 
 def test_an_unwritable_run_or_cache_folder_fails_before_tokenizing(base_args, env, tmp_path):
     (tmp_path / "a-file").write_text("x")
-    for args, needle in (([*base_args, "--out", tmp_path / "a-file"], "is a file, not a folder"),
-                         ([*base_args, "--out", tmp_path / "run", "--cache-dir", "/proc/minigpt2"],
-                          "cannot write to the token cache folder")):
+    for args, needle in (
+        ([*base_args, "--out", tmp_path / "a-file"], "is a file, not a folder"),
+        (
+            [*base_args, "--out", tmp_path / "run", "--cache-dir", "/proc/minigpt2"],
+            "cannot write to the token cache folder",
+        ),
+    ):
         result = train(*args, "--steps", "2", env=env)
         one_error_line(result, needle)
         assert "data:" not in result.stdout  # nothing was tokenized
@@ -240,5 +311,7 @@ def test_a_damaged_token_cache_is_named_and_rebuilt(base_args, env, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "could not be trusted" in result.stderr and "train.bin holds" in result.stderr
     assert (entry / "train.bin").read_bytes() == tokens
-    assert json.loads((tmp_path / "a" / "run.json").read_text())["data"]["train_tokens"] == \
-        json.loads((tmp_path / "b" / "run.json").read_text())["data"]["train_tokens"]
+    assert (
+        json.loads((tmp_path / "a" / "run.json").read_text())["data"]["train_tokens"]
+        == json.loads((tmp_path / "b" / "run.json").read_text())["data"]["train_tokens"]
+    )

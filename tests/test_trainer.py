@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 
 from minigpt2 import load_model
 from minigpt2.data import prepare_corpus
-from minigpt2.snapshots import Snapshotter
-from minigpt2.tokenizer import encoding_from_files
 from minigpt2.files import read_jsonl
 from minigpt2.launch import start_model
 from minigpt2.rundir import STATE_JSON, RunDir
+from minigpt2.snapshots import Snapshotter
+from minigpt2.tokenizer import encoding_from_files
 from minigpt2.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, param_groups, steps_for
 
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
@@ -38,8 +38,9 @@ def tiny_model(seed=0, dropout=0.0):
 
 def make_trainer(novels, out, *, model=None, tokenizer=None, **config):
     config = {"steps": 8, "batch_size": 4, "seq_len": 32, "eval_every": 0, "eval_tokens": 512, "lr": 3e-3, **config}
-    return Trainer(model or tiny_model(), novels.train, {"val": novels.val}, TrainConfig(**config), out,
-                   tokenizer_source=tokenizer)
+    return Trainer(
+        model or tiny_model(), novels.train, {"val": novels.val}, TrainConfig(**config), out, tokenizer_source=tokenizer
+    )
 
 
 def checkpoints(run):
@@ -60,7 +61,9 @@ def test_adamw_groups_decay_only_linear_weights():
     groups = param_groups(tiny_model(), 0.1)
     decay, no_decay = groups[0]["names"], groups[1]["names"]
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
-    assert decay == [f"h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert decay == [
+        f"h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
     assert {"wte.weight", "wpe.weight", "ln_f.weight", "h.0.ln_1.bias", "h.1.mlp.c_fc.bias"} <= set(no_decay)
     assert "lm_head.weight" not in decay + no_decay  # tied to wte: one tensor, optimised once
     assert len(decay) + len(no_decay) == len(list(tiny_model().parameters()))
@@ -133,13 +136,20 @@ def test_nan_stops_and_leaves_the_last_checkpoint_untouched(novels, tmp_path):
     def remember(trainer, r):
         seen.append(r)
         if r["type"] == "checkpoint":
-            digests.update({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "run" / "step-000004").iterdir()})
+            digests.update(
+                {
+                    p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                    for p in (tmp_path / "run" / "step-000004").iterdir()
+                }
+            )
 
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 6.*step-000004, is untouched"):
         records(trainer, on=remember)
     assert [r["step"] for r in seen if r["type"] == "train"] == [1, 2, 3, 4, 5]
     assert [p.name for _, p in checkpoints(tmp_path / "run")] == ["step-000004"]
-    assert digests == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "run" / "step-000004").iterdir()}
+    assert digests == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "run" / "step-000004").iterdir()
+    }
     assert torch.isfinite(load_model(tmp_path / "run" / "step-000004").wte.weight).all()
 
 
@@ -149,8 +159,9 @@ def test_checkpoints_load_in_transformers_and_hold_no_pickles(novels, shared_dat
     trainer = make_trainer(novels, tmp_path / "run", steps=3, tokenizer=shared_data / "gpt2")
     records(trainer)
     final = tmp_path / "run" / "final"
-    assert sorted(p.name for p in final.iterdir()) == sorted([
-        "config.json", "model.safetensors", "vocab.json", "merges.txt", STATE_JSON, "trainer_state.safetensors"])
+    assert sorted(p.name for p in final.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "vocab.json", "merges.txt", STATE_JSON, "trainer_state.safetensors"]
+    )
     ours = load_model(final)
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), trainer.raw_model.state_dict().values()))
     theirs = GPT2LMHeadModel.from_pretrained(final).eval()

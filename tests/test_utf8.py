@@ -25,11 +25,23 @@ from minigpt2.utf8 import (
 
 def tiny(vocab_size=50257, n_positions=64, seed=0, n_layer=2, n_embd=64, n_head=4):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
+    return GPT(
+        GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    ).eval()
 
 
-PENDING = {ACCEPT: b"", NEED1: b"\xc3", NEED2: b"\xe4", NEED3: b"\xf1", AFTER_E0: b"\xe0",
-           AFTER_ED: b"\xed", AFTER_F0: b"\xf0", AFTER_F4: b"\xf4", AFTER_EF: b"\xef", AFTER_EFBF: b"\xef\xbf"}
+PENDING = {
+    ACCEPT: b"",
+    NEED1: b"\xc3",
+    NEED2: b"\xe4",
+    NEED3: b"\xf1",
+    AFTER_E0: b"\xe0",
+    AFTER_ED: b"\xed",
+    AFTER_F0: b"\xf0",
+    AFTER_F4: b"\xf4",
+    AFTER_EF: b"\xef",
+    AFTER_EFBF: b"\xef\xbf",
+}
 
 
 def valid_prefix(data: bytes) -> bool:
@@ -84,8 +96,9 @@ def test_guard_masks_ids_beyond_the_tokenizer(enc):
 def _sampled_bytes(enc, guard, seed):
     model = tiny(vocab_size=50257, n_positions=64, seed=seed, n_embd=64)
     prompts = [enc.encode(p) for p in ("今天的天气", "人工智能的未来", "红楼梦", "我")]
-    steps = generate_tokens(model, prompts, 500, Sampling(temperature=1.5), guard=guard,
-                            generator=torch.Generator().manual_seed(seed))
+    steps = generate_tokens(
+        model, prompts, 500, Sampling(temperature=1.5), guard=guard, generator=torch.Generator().manual_seed(seed)
+    )
     columns = list(zip(*steps))  # 4 × 500 = 2,000 tokens
     return [b"".join(enc.decode_single_token_bytes(t) for t in col) for col in columns]
 
@@ -106,7 +119,13 @@ def test_guard_never_leaves_a_dangling_partial_character(enc):
     prompt = [enc.encode("天")]
     for n in range(1, 7):
         for seed in range(5):
-            steps = generate_tokens(model, prompt * 8, n, Sampling(temperature=3.0), guard=guard,
-                                    generator=torch.Generator().manual_seed(seed))
+            steps = generate_tokens(
+                model,
+                prompt * 8,
+                n,
+                Sampling(temperature=3.0),
+                guard=guard,
+                generator=torch.Generator().manual_seed(seed),
+            )
             for col in zip(*steps):
                 assert complete(b"".join(enc.decode_single_token_bytes(t) for t in col))

@@ -10,9 +10,9 @@ import torch
 from minigpt2.bpe import _MergeRules, count_pretokens, learn_merges_from_counts
 from minigpt2.config import GPTConfig
 from minigpt2.data import check_inputs, read_chunks
-from minigpt2.utf8 import Utf8Guard
 from minigpt2.model import GPT
 from minigpt2.tokenizer import encoding_from_files, load_tokenizer
+from minigpt2.utf8 import Utf8Guard
 from minigpt2.vocab import grow_model, learn_merges_cached, old_pieces, tokens_per_char, write_tokenizer_files
 from minigpt2.weights import load_model, save_model
 
@@ -34,16 +34,21 @@ def small_corpus(shared_data) -> str:
 def reference_merges(texts, enc, n_merges):
     """Obviously-correct BPE continuation: recount every pair of every word at every step, take
     the best allowed pair (count, then smallest bytes), check the rules against every token."""
-    words = [([enc.decode_single_token_bytes(t) for t in enc._encode_single_piece(w.encode())], f)
-             for w, f in count_pretokens(texts).items()]
+    words = [
+        ([enc.decode_single_token_bytes(t) for t in enc._encode_single_piece(w.encode())], f)
+        for w, f in count_pretokens(texts).items()
+    ]
     tokens = {enc.decode_single_token_bytes(i) for i in range(enc.n_vocab) if i != enc.eot_token}
 
     def allowed(left, right):
         t = left + right
         if t in tokens or any(k != len(left) and t[:k] in tokens and t[k:] in tokens for k in range(1, len(t))):
             return False
-        return not any(len(u) > len(t) and ((u.startswith(t) and u[len(t):] in tokens)
-                                            or (u.endswith(t) and u[:-len(t)] in tokens)) for u in tokens)
+        return not any(
+            len(u) > len(t)
+            and ((u.startswith(t) and u[len(t) :] in tokens) or (u.endswith(t) and u[: -len(t)] in tokens))
+            for u in tokens
+        )
 
     merges, rejected = [], 0
     while len(merges) < n_merges:
@@ -65,7 +70,7 @@ def reference_merges(texts, enc, n_merges):
             i = 0
             while i < len(word) - 1:
                 if (word[i], word[i + 1]) == best:
-                    word[i:i + 2] = [best[0] + best[1]]
+                    word[i : i + 2] = [best[0] + best[1]]
                 i += 1
     return merges, rejected
 
@@ -88,8 +93,9 @@ def test_rules_refuse_second_spellings():
 
 def write_extended(tmp_path, shared_data, enc, texts, n):
     merges = learn_merges_from_counts(count_pretokens(texts), enc, n)
-    folder = write_tokenizer_files(tmp_path / "tok", shared_data / "gpt2" / "vocab.json",
-                                   shared_data / "gpt2" / "merges.txt", merges)
+    folder = write_tokenizer_files(
+        tmp_path / "tok", shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt", merges
+    )
     return merges, folder
 
 
@@ -143,8 +149,9 @@ def test_tokenizers_agree_at_8000_merges(tmp_path, shared_data, gpt2):
     assert len(merges) == 8000
     again, cached = learn_merges_cached(files, gpt2, 8000, cache_dir=tmp_path / "cache")
     assert cached and again == merges
-    folder = write_tokenizer_files(tmp_path / "tok", shared_data / "gpt2" / "vocab.json",
-                                   shared_data / "gpt2" / "merges.txt", merges)
+    folder = write_tokenizer_files(
+        tmp_path / "tok", shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt", merges
+    )
     texts = [(shared_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8"), MIXED * 20]
     texts += [p.read_text(encoding="utf-8")[:100_000] for p in sorted((shared_data / "en").glob("*.txt"))]
     assert_tokenizers_agree(folder, texts, slow_chars=100_000)

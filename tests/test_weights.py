@@ -131,10 +131,15 @@ def _edit(official, tmp_path, edit):
     "edit, message",
     [
         (lambda t: t.pop("h.1.mlp.c_fc.bias"), r"missing tensors: h\.1\.mlp\.c_fc\.bias"),
-        (lambda t: t.__setitem__("h.0.attn.c_proj.weight", torch.zeros(128, 100)),
-         r"wrong shapes: h\.0\.attn\.c_proj\.weight is \[128, 100\], expected \[128, 128\]"),
+        (
+            lambda t: t.__setitem__("h.0.attn.c_proj.weight", torch.zeros(128, 100)),
+            r"wrong shapes: h\.0\.attn\.c_proj\.weight is \[128, 100\], expected \[128, 128\]",
+        ),
         (lambda t: t.__setitem__("h.0.attn.extra", torch.zeros(3)), r"unexpected tensors: h\.0\.attn\.extra"),
-        (lambda t: t.__setitem__("lm_head.weight", torch.randn_like(t["wte.weight"])), "lm_head.weight differs from wte.weight"),
+        (
+            lambda t: t.__setitem__("lm_head.weight", torch.randn_like(t["wte.weight"])),
+            "lm_head.weight differs from wte.weight",
+        ),
     ],
 )
 def test_checkpoint_mismatches_are_named(official, tmp_path, edit, message):
