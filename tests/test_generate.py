@@ -1,4 +1,4 @@
-"""The token-level generation loop, the samplers, and the UTF-8 guard."""
+"""The token-level generation loop and the samplers (the UTF-8 guard: test_utf8.py)."""
 
 import pytest
 import torch
@@ -6,6 +6,7 @@ import torch
 from minigpt2 import GPT, GPTConfig, load_model, save_model
 from minigpt2.errors import MiniGPT2Error
 from minigpt2.generate import (
+    GREEDY,
     Sampling,
     apply_repetition_penalty,
     generate_tokens,
