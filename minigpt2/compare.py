@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from .checks import positive_int
 from .config import GPTConfig
-from .data import bits_per_char, perplexity
+from .data import bits_per_char, perplexity, tokenizer_fingerprint
 from .device import resolve_device
 from .errors import CheckpointError, MiniGPT2Error
 from .files import read_text_file
@@ -519,17 +519,25 @@ def evaluate_text(model, enc, ids: list[int], characters: int, device) -> dict[s
     }
 
 
-def prepare_texts(paths: list[str], enc, max_tokens: int) -> list[dict]:
-    """Read and tokenize every --text file up front, so a bad file fails before any model runs."""
+def prepare_texts(paths: list[str], enc_a, enc_b, max_tokens: int) -> list[dict]:
+    """Read and tokenize every --text file up front, so a bad file fails before any model runs.
+
+    Each side reads the text with its own tokenizer (a grown vocabulary spends fewer tokens on
+    it): the cap of `max_tokens` is applied to A's tokens, and B gets the same stretch of text, so
+    bits per character compare the two on exactly the same characters.
+    """
+    same = enc_b is enc_a or tokenizer_fingerprint(enc_a) == tokenizer_fingerprint(enc_b)
     texts = []
     for path in paths:
-        ids, total = text_tokens(enc, read_text_file(path, "text file"), max_tokens)
+        ids, total = text_tokens(enc_a, read_text_file(path, "text file"), max_tokens)
+        ids_b = ids if same else enc_b.encode(enc_a.decode(ids).rstrip("\ufffd"), disallowed_special=())
         texts.append(
             {
                 "file": str(path),
-                "ids": ids,
+                "ids": {"A": ids, "B": ids_b},
                 "tokens": len(ids),
-                "characters": count_characters(enc, ids),
+                "tokens_b": len(ids_b),
+                "characters": count_characters(enc_a, ids),
                 "tokens_in_file": total,
                 "capped": total is None or total > len(ids),
             }
@@ -686,8 +694,8 @@ def compare(
 
     enc = prepared = None
     if prompts or texts:  # read the texts first: a bad file should fail before minutes of work
-        enc = load_tokenizer(side_a["checkpoint"])
-        prepared = prepare_texts(list(texts), enc, max_eval_tokens)
+        enc = {"A": load_tokenizer(side_a["checkpoint"]), "B": load_tokenizer(side_b["checkpoint"])}
+        prepared = prepare_texts(list(texts), enc["A"], enc["B"], max_eval_tokens)
     weights = compare_weights(side_a["checkpoint"], side_b["checkpoint"], revision=revision)
     # A LoRA run's checkpoint has adapter/ beside its merged weights: mark the adapted tensors.
     names = [t["name"] for t in weights["tensors"]]
@@ -708,10 +716,12 @@ def compare(
         recorded, scores = {}, {}
         for side, info in (("A", side_a), ("B", side_b)):
             model = load_model(info["checkpoint"], device=device, revision=revision, quantize=quantize)
-            recorded[side] = record_prompts(model, enc, list(prompts), device)
-            scores[side] = [evaluate_text(model, enc, t["ids"], t["characters"], device) for t in prepared]
+            # Prompts go in as A's tokens on both sides (a grown vocabulary keeps A's ids), so the two
+            # models' block outputs are compared on the same input; texts in each side's own tokens.
+            recorded[side] = record_prompts(model, enc["A"], list(prompts), device)
+            scores[side] = [evaluate_text(model, enc[side], t["ids"][side], t["characters"], device) for t in prepared]
             del model  # free A before loading B: one model in memory at a time
-        activations = compare_activations(list(prompts), recorded["A"], recorded["B"], enc)
+        activations = compare_activations(list(prompts), recorded["A"], recorded["B"], enc["A"])
         for t, sa, sb in zip(prepared, scores["A"], scores["B"]):
             behaviour.append({k: v for k, v in t.items() if k != "ids"} | {"a": sa, "b": sb})
 

@@ -243,6 +243,8 @@ def _behaviour(result: dict) -> list[str]:
             if t["capped"]
             else ""
         )
+        if t.get("tokens_b", t["tokens"]) != t["tokens"]:
+            tokens += f" (B: {t['tokens_b']})"
         rows.append(
             [
                 Path(t["file"]).name,
@@ -258,6 +260,11 @@ def _behaviour(result: dict) -> list[str]:
             ]
         )
     out += table(["text", "tokens", "chars", "loss A", "loss B", "B-A", "ppl A", "ppl B", "bpc A", "bpc B"], rows)
+    if any(t.get("tokens_b", t["tokens"]) != t["tokens"] for t in result["behaviour"]):
+        out.append(
+            "   A and B read the text with different tokenizers (B's count in brackets): compare their bits per "
+            "character; loss and perplexity are per token of each one's own."
+        )
     return out + [""]
 
 
