@@ -4,11 +4,13 @@
     python compare.py gpt2 runs/zh --prompt "今天的天气" --text zh/鲁迅小说集.txt --text en/sherlock.txt \\
         --json compare.json --plot compare.png
     python compare.py runs/zh                      # a run alone: from its starting model to its final one
+    python compare.py base runs/full runs/lora4 --text zh.txt --text en.txt --plot tradeoff.png   # several
 
 A (the first argument) is the reference, usually the model before fine-tuning; B the one after.
 Each is anything --model takes in sample.py (a name, a hub repo id, a checkpoint directory, a
 .safetensors file) or a training run directory, which stands for its final checkpoint and adds
-its drift over the training steps.
+its drift over the training steps. With several B's, one table (and plot) of what each learned
+on the first --text and lost on the second: a trade-off, e.g. full fine-tuning against LoRA.
 """
 
 import argparse
@@ -23,7 +25,8 @@ from minigpt2.compare import DEFAULT_MAX_EVAL_TOKENS
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", help="model A, the reference (before): a model source or a training run directory")
-    p.add_argument("b", nargs="?", help="model B (after); omit it when A is a run, to compare the run's start and end")
+    p.add_argument("b", nargs="*", help="model B (after); omit it when A is a run, to compare the run's start and "
+                   "end; several: a trade-off table of them all against A")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="compare the block activations and next-token predictions on this prompt (repeatable)")
     p.add_argument("--text", action="append", default=[], metavar="FILE",
@@ -48,8 +51,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from minigpt2.compare import compare
-    from minigpt2.report import check_new_file, render, require_matplotlib, write_json, write_plot
+    from minigpt2.compare import compare, compare_many
+    from minigpt2.report import (
+        check_new_file,
+        render,
+        render_many,
+        require_matplotlib,
+        write_json,
+        write_plot,
+        write_tradeoff_plot,
+    )
 
     def body() -> int:
         # Refuse existing or unwritable output files before spending minutes on the comparison.
@@ -58,21 +69,24 @@ def main(argv=None) -> int:
                 check_new_file(path, args.force)
         if args.plot:
             require_matplotlib()
-        result = compare(
-            args.a,
-            args.b,
-            prompts=args.prompt,
+        common = dict(
             texts=args.text,
             device=args.device,
             max_eval_tokens=args.max_eval_tokens,
             revision=args.revision,
             quantize=args.quantize,
         )
-        sys.stdout.write(render(result, top=args.top))
+        if len(args.b) > 1:
+            result = compare_many(args.a, args.b, **common)
+            sys.stdout.write(render_many(result))
+        else:
+            result = compare(args.a, args.b[0] if args.b else None, prompts=args.prompt, **common)
+            sys.stdout.write(render(result, top=args.top))
         if args.json:
             print(f"wrote {write_json(result, args.json, force=args.force)}")
         if args.plot:
-            print(f"wrote {write_plot(result, args.plot, force=args.force)}")
+            draw = write_tradeoff_plot if len(args.b) > 1 else write_plot
+            print(f"wrote {draw(result, args.plot, force=args.force)}")
         return 0
 
     return run_script(body)

@@ -736,3 +736,53 @@ def compare(
         "max_eval_tokens": max_eval_tokens,
         "runs": runs,
     }
+
+
+def compare_many(
+    a: str,
+    others: list[str],
+    *,
+    texts: list[str],
+    device: str | torch.device = "cpu",
+    max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS,
+    revision: str | None = None,
+    quantize: str | None = None,
+) -> dict:
+    """A against several models at once, for a trade-off: e.g. the base, a full fine-tune and LoRA
+    fine-tunes of two ranks, on the new language's text and on the old one's.
+
+    Per model: how far its weights moved from A (all tensors pooled, and the largest update rank
+    among the matrices, with the LoRA rank if it is an adapted checkpoint) and its loss and bits
+    per character on every text, each model reading the same characters with its own tokenizer.
+    Returns {"a", "models": [{"source", "checkpoint", "weights", "behaviour": [per text]}], "texts",
+    "max_eval_tokens"}; `minigpt2.report.render_many` and `write_tradeoff_plot` present it.
+    """
+    positive_int("max_eval_tokens", max_eval_tokens)
+    if not texts:
+        raise MiniGPT2Error("comparing several models needs at least one text to evaluate them on")
+    sides = [resolve_side(source) for source in [a, *others]]
+    device = resolve_device(device)
+    encs = [load_tokenizer(side["checkpoint"]) for side in sides]
+    prepared = [prepare_texts(list(texts), encs[0], enc, max_eval_tokens) for enc in encs]
+    models = []
+    for side, enc, side_texts in zip(sides, encs, prepared):
+        weights = None
+        if side is not sides[0]:
+            found = compare_weights(sides[0]["checkpoint"], side["checkpoint"], revision=revision)
+            matrices = [t["rank_90"] for t in found["tensors"] if t["rank_90"] is not None]
+            lora = adapted_tensors(side["checkpoint"], [t["name"] for t in found["tensors"]])
+            weights = {
+                **_pooled(found["tensors"]),
+                "max_rank_90": max(matrices, default=None),
+                "lora_r": lora["r"] if lora else None,
+            }
+        model = load_model(side["checkpoint"], device=device, revision=revision, quantize=quantize)
+        scores = [evaluate_text(model, enc, t["ids"]["B"], t["characters"], device) for t in side_texts]
+        del model
+        models.append({**side, "weights": weights, "behaviour": scores})
+    return {
+        "a": sides[0],
+        "models": models,
+        "max_eval_tokens": max_eval_tokens,
+        "texts": [{k: v for k, v in t.items() if k != "ids"} for t in prepared[0]],
+    }

@@ -557,3 +557,75 @@ def _plot_steps(ax, run: dict, key: str, title: str) -> None:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2 if len(layers) > 8 else 1)
+
+
+# ----- several models: the trade-off table and plot ---------------------------------------
+
+
+def render_many(result: dict) -> str:
+    """The trade-off of several models against A as one table: weights moved, bits per character on
+    every text and its change from A (negative: better)."""
+    names = [Path(t["file"]).name for t in result["texts"]]
+    headers = ["model", "weights moved", "max rank90", *[f"bpc {n}" for n in names], *[f"vs A {n}" for n in names]]
+    base = result["models"][0]["behaviour"]
+    rows = []
+    for model in result["models"]:
+        w = model["weights"]
+        rank = "-" if not w or w["max_rank_90"] is None else str(w["max_rank_90"])
+        if w and w["lora_r"]:
+            rank += f" (LoRA r={w['lora_r']})"
+        bpc = [score["bits_per_char"] for score in model["behaviour"]]
+        rows.append(
+            [
+                model["source"],
+                pct(w["relative_change"]) if w else "(A)",
+                rank,
+                *[num(b) for b in bpc],
+                *[f"{b - a['bits_per_char']:+.3f}" for b, a in zip(bpc, base)],
+            ]
+        )
+    out = [
+        f"A: {result['a']['source']}",
+        f"== Several models against A: bits per character on the first {result['max_eval_tokens']} tokens "
+        "(of A's tokenizer) of each text ==",
+        "   weights moved = ||W - W_A|| / ||W_A|| over all tensors; max rank90 = the largest number of singular "
+        "directions holding 90% of a matrix's update.",
+    ]
+    return "\n".join(out + table(headers, rows)) + "\n"
+
+
+def write_tradeoff_plot(result: dict, path: str | os.PathLike, force: bool = False) -> Path:
+    """A PNG: each model as a point, its change in bits per character on the first text (learned,
+    to the left is better) against the second (forgotten, up is worse)."""
+    path = check_new_file(path, force)
+    matplotlib = require_matplotlib()
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    texts = [Path(t["file"]).name for t in result["texts"]]
+    base = result["models"][0]["behaviour"]
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    try:
+        for model, colour in zip(result["models"], _colours(len(result["models"]))):
+            delta = [m["bits_per_char"] - a["bits_per_char"] for m, a in zip(model["behaviour"], base)]
+            x, y = delta[0], delta[1] if len(delta) > 1 else 0.0
+            ax.scatter([x], [y], color=colour, s=60, zorder=3)
+            ax.annotate(
+                Path(model["source"]).name or model["source"],
+                (x, y),
+                textcoords="offset points",
+                xytext=(6, 6),
+                fontsize=9,
+            )
+        ax.axhline(0, color="0.6", linewidth=0.8)
+        ax.axvline(0, color="0.6", linewidth=0.8)
+        label = [t if t.isascii() or cjk_font() else f"text {i + 1}" for i, t in enumerate(texts)]
+        ax.set_xlabel(f"change in bits per character on {label[0]} (learned: left is better)")
+        ax.set_ylabel(f"change on {label[1]} (forgotten: up is worse)" if len(texts) > 1 else "")
+        ax.set_title(f"against A = {result['a']['source']}", fontsize=10)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+    return path
