@@ -647,6 +647,14 @@ def run_drift(snapshots: list[dict], start_norms: dict[str, float] | None = None
 # ----- the whole comparison ---------------------------------------------------------------
 
 
+def tokenizer_or(source: str, fallback):
+    """`source`'s own tokenizer, or `fallback` (A's) for a checkpoint saved without one."""
+    try:
+        return load_tokenizer(source)
+    except CheckpointError:
+        return fallback
+
+
 def resolve_side(source: str) -> dict:
     """What one command-line argument stands for: a model source, or a run and its checkpoint."""
     if RunDir.is_run(source):
@@ -694,7 +702,8 @@ def compare(
 
     enc = prepared = None
     if prompts or texts:  # read the texts first: a bad file should fail before minutes of work
-        enc = {"A": load_tokenizer(side_a["checkpoint"]), "B": load_tokenizer(side_b["checkpoint"])}
+        enc_a = load_tokenizer(side_a["checkpoint"])
+        enc = {"A": enc_a, "B": tokenizer_or(side_b["checkpoint"], enc_a)}
         prepared = prepare_texts(list(texts), enc["A"], enc["B"], max_eval_tokens)
     weights = compare_weights(side_a["checkpoint"], side_b["checkpoint"], revision=revision)
     # A LoRA run's checkpoint has adapter/ beside its merged weights: mark the adapted tensors.
@@ -762,7 +771,8 @@ def compare_many(
         raise MiniGPT2Error("comparing several models needs at least one text to evaluate them on")
     sides = [resolve_side(source) for source in [a, *others]]
     device = resolve_device(device)
-    encs = [load_tokenizer(side["checkpoint"]) for side in sides]
+    encs = [load_tokenizer(sides[0]["checkpoint"])]
+    encs += [tokenizer_or(side["checkpoint"], encs[0]) for side in sides[1:]]
     prepared = [prepare_texts(list(texts), encs[0], enc, max_eval_tokens) for enc in encs]
     models = []
     for side, enc, side_texts in zip(sides, encs, prepared):

@@ -223,18 +223,17 @@ class RunDir:
         return list(reversed(self.checkpoints()))
 
     def model_checkpoint(self) -> Path:
-        """The checkpoint the run stands for: `final/`, else its newest checkpoint with weights."""
-        done = [c for c in self.checkpoints() if _base_name(c.path) == FINAL]
-        if done:
-            return done[-1].path
-        with_weights = [c for c in self.checkpoints()] or [
-            Checkpoint(p, int(m.group(1)))
-            for p in self.path.iterdir()
-            if (m := STEP_NAME.fullmatch(p.name)) and (p / WEIGHTS).is_file() and (p / CONFIG).is_file()
-        ]
-        if not with_weights:
+        """The checkpoint the run stands for, to load as a model: `final/`, else its newest complete
+        checkpoint, else its newest step folder holding weights (a model needs no trainer state)."""
+        if (self.path / FINAL / WEIGHTS).is_file() and (self.path / FINAL / CONFIG).is_file():
+            return self.path / FINAL
+        complete = self.checkpoints()
+        if complete:
+            return complete[-1].path
+        steps = [p for p in self.step_checkpoints() if (p / CONFIG).is_file()]
+        if not steps:
             raise RunDirError(f"training run '{self.path}' has no checkpoint yet: it stopped before its first save")
-        return max(with_weights, key=lambda c: c.step).path
+        return steps[-1]
 
     def step_checkpoints(self) -> list[Path]:
         """The step-N folders that hold weights, in step order (for comparing a run's start)."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt2 import GPT, GPTConfig, MiniGPT2Error, load_model, save_model
+from minigpt2 import GPT, GPTConfig, MiniGPT2Error, distributed, launch, load_model, save_model
 from minigpt2.compare import (
     block_outputs,
     compare,
@@ -365,18 +365,11 @@ def train(model, ids: torch.Tensor, steps: int, *, lr: float, seed: int, batch: 
     model.eval()
 
 
-def official_tensors(model) -> dict[str, torch.Tensor]:
-    return {
-        n: (p.detach().T if is_conv1d(n) else p.detach()).clone()
-        for n, p in model.state_dict().items()
-        if n != "lm_head.weight"
-    }
-
-
 def make_finetuned_run(shared_data: Path, root: Path) -> tuple[Path, Path, Path]:
-    """START: a tiny GPT-2 taught some English (Shakespeare); RUN: START fine-tuned on Chinese, in
-    the training-run layout (run.json, step-*/, final/, snapshots.jsonl computed from the real
-    weights); and a held-out stretch of the same English text, the "old data" to check forgetting.
+    """START: a tiny GPT-2 taught some English (Shakespeare); RUN: START fine-tuned on Chinese by
+    minigpt2's own trainer, set up as train.py sets it up (so the run directory compare.py reads is
+    the one the trainer writes: run.json, log.jsonl, snapshots.jsonl, step-*/, final/); and a
+    held-out stretch of the same English text, the "old data" to check forgetting.
 
     A model this small, trained for seconds, only knows the few thousand tokens it saw, so the
     English it is evaluated on must be the same kind of English: Shakespeare it has not seen."""
@@ -385,51 +378,35 @@ def make_finetuned_run(shared_data: Path, root: Path) -> tuple[Path, Path, Path]
     english = torch.tensor(enc.encode(shakespeare[:60_000]))
     held_out = root / "shakespeare-held-out.txt"
     held_out.write_text(shakespeare[-30_000:], encoding="utf-8")
-    chinese = torch.tensor(enc.encode((shared_data / "zh" / "红楼梦.txt").read_text(encoding="utf-8")[:30_000]))
+    chinese = root / "红楼梦-start.txt"
+    chinese.write_text((shared_data / "zh" / "红楼梦.txt").read_text(encoding="utf-8")[:30_000], encoding="utf-8")
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=32))
     train(model, english, 20, lr=1e-2, seed=1)
     start = save_model(model, root / "start", tokenizer_source=tokenizer_dir(shared_data))
 
+    options = {
+        "data": [str(chinese)],
+        "model": str(start),
+        "steps": FINETUNE_STEPS,
+        "batch_size": 4,
+        "seq_len": 32,
+        "lr": 1e-2,
+        "warmup": 0,
+        "weight_decay": 0.0,
+        "eval_every": 0,
+        "eval_tokens": 64,
+        "save_every": 10,
+        "snapshot_every": SNAPSHOT_EVERY,
+        "probe": PROBE,
+        "device": "cpu",
+        "cache_dir": str(root / "tokens"),
+    }
     run = root / "run"
-    run.mkdir()
-    (run / "run.json").write_text(json.dumps({"model": str(start)}), encoding="utf-8")
-    w0 = official_tensors(model)
-    probe = torch.tensor([enc.encode(PROBE)])
-    h0, _ = block_outputs(model, probe)
-    lines = []
-
-    def snapshot(step):
-        if step % SNAPSHOT_EVERY:
-            return
-        model.eval()
-        w = official_tensors(model)
-        h, _ = block_outputs(model, probe)
-        lines.append(
-            json.dumps(
-                {
-                    "step": step,
-                    "tokens": step * 4 * 32,
-                    "weights": {n: (torch.norm(w[n] - w0[n]) / torch.norm(w0[n])).item() for n in w},
-                    "activations": {
-                        f"h.{i}": {
-                            "cosine": torch.cosine_similarity(a, b, dim=1).mean().item(),
-                            "relative_diff": (torch.norm(b - a) / torch.norm(a)).item(),
-                        }
-                        for i, (a, b) in enumerate(zip(h0, h))
-                    },
-                    "probe": PROBE,
-                }
-            )
-        )
-        if step == 10:
-            save_model(model, run / f"step-{step:06d}")
-        model.train()
-
-    snapshot(0)
-    train(model, chinese, FINETUNE_STEPS, lr=1e-2, seed=2, on_step=snapshot)
-    save_model(model, run / "final")
-    (run / "snapshots.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    setup = launch.setup(options, run, False, lambda record: None, distributed.setup("cpu"))
+    for _ in setup.trainer.run():
+        pass
+    setup.run.unlock()
     return start, run, held_out
 
 
