@@ -138,7 +138,7 @@ def test_two_ranks_match_one_and_only_rank_0_writes(setup, one_rank):
     assert result.stdout.count("training from step 0") == 1  # only rank 0 prints
     assert_same_run(one_rank, out)
     # One writer: exactly these entries, no temporary folders, each record logged once.
-    assert sorted(p.name for p in out.iterdir()) == ["final", "log.jsonl", "run.json", "step-000002"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "final", "log.jsonl", "run.json", "step-000002"]
     assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]
     assert len(records(out, "start")) == 1
     state = json.loads((out / "final" / "trainer_state.json").read_text())
@@ -156,7 +156,7 @@ def test_sharded_with_activation_checkpointing_matches_one_rank(setup, one_rank)
     # The checkpoint is one ordinary model.safetensors that load_model reads, with full tensors.
     model = load_model(out / "final")
     assert model.h[0].attn.c_attn.weight.shape == (192, 64)
-    assert sorted(p.name for p in out.iterdir()) == ["final", "log.jsonl", "run.json", "step-000002"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "final", "log.jsonl", "run.json", "step-000002"]
 
 
 def test_activation_checkpointing_changes_nothing_on_one_process(setup, one_rank):

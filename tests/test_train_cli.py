@@ -158,7 +158,11 @@ def test_fine_tune_evaluate_snapshot_save_resume(hub_gpt2, hf_home, shared_data,
     records = log(run)
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert {r["set"] for r in records if r["type"] == "eval"} == {"val", "sherlock_holmes"}
-    assert sorted(p.name for p in run.iterdir() if not p.name.endswith(("json", "jsonl"))) == ["final", "step-000003"]
+    assert sorted(p.name for p in run.iterdir() if not p.name.endswith(("json", "jsonl"))) == [
+        ".lock",
+        "final",
+        "step-000003",
+    ]
     snaps = [json.loads(line) for line in (run / "snapshots.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [s["step"] for s in snaps] == [0, 3, 6] and "h.1.mlp.c_proj.weight" in snaps[-1]["weights"]
     final = load_model(run / "final")
@@ -228,7 +232,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(shared_data, tmp_path, t
     checkpoint = Path(stopped["checkpoint"])
     assert checkpoint.name == f"step-{stopped['step']:06d}" and stopped["step"] >= 3
     load_model(checkpoint)
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".lock"]  # no temporary folders left
 
     result = run_train(
         "--out", run, "--resume", "--steps", stopped["step"] + 2, hf_home=tmp_path / "hf", token_cache=token_cache
