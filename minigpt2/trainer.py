@@ -48,6 +48,11 @@ from .train_state import optimizer_state, optimizer_tensors, read_state, restore
 from .weights import load_model, save_model
 
 
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint of another model (other parameters, other LoRA settings): a resume
+    stops there rather than falling back, since every checkpoint of the run would differ alike."""
+
+
 class TrainingDiverged(MiniGPT2Error):
     """The loss became NaN or infinite: the run stops before the bad update is applied."""
 
@@ -532,13 +537,18 @@ class Trainer:
         Everything is read and checked before anything is changed, so a checkpoint that cannot
         be read raises `CheckpointError` and leaves the trainer as it was.
         """
-        path = Path(path)
+        try:
+            self._load_checkpoint(Path(path))
+        except CheckpointError as e:
+            raise type(e)(f"cannot resume from '{path}': {e}") from None
+
+    def _load_checkpoint(self, path: Path) -> None:
         state, tensors = read_state(path)
         if state["param_names"] != self.param_names:
-            raise CheckpointError("it was saved from a model with different parameters")
+            raise CheckpointMismatch("it was saved from a model with different parameters")
         lora = lora_settings(self.raw_model) if is_lora(self.raw_model) else None
         if state.get("lora") != lora:
-            raise CheckpointError(f"it was saved with LoRA settings {state.get('lora')}, not {lora}")
+            raise CheckpointMismatch(f"it was saved with LoRA settings {state.get('lora')}, not {lora}")
         opt = optimizer_state(tensors, state["param_groups"], self.param_names)
         if lora:  # the base stays the start model; model.safetensors is merged (B @ A counted in)
             load_lora_state(self.raw_model, tensors)
@@ -583,8 +593,10 @@ class Trainer:
         skipped = []
         for candidate in self.run_dir.resume_candidates():
             try:
-                self.load_checkpoint(candidate.path)
+                self._load_checkpoint(candidate.path)
                 break
+            except CheckpointMismatch as e:  # readable, but of another model: every one would be
+                raise CheckpointMismatch(f"cannot resume from '{candidate.path}': {e}") from None
             except CheckpointError as e:
                 skipped.append({"path": str(candidate.path), "why": str(e)})
                 if self.dist.is_main:
