@@ -284,7 +284,8 @@ def _setup(
         }
     )
 
-    o["seq_len"] = o["seq_len"] or min(model.config.n_positions, 1024)
+    if "seq_len" in defaults_used or not o["seq_len"]:  # a default is a cap: a shorter context is used whole
+        o["seq_len"] = min(o["seq_len"] or 1024, model.config.n_positions)
     tokens_per_step = o["batch_size"] * o["seq_len"] * o["grad_accum"] * ctx.world_size
     steps = steps_for(
         steps=o.get("steps"),
