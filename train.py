@@ -104,8 +104,9 @@ def main(argv=None) -> int:
         try:
             return train(ns)
         except Exception as e:
+            peer_failed = distributed.is_peer_failure(e)  # (asks the process group: before teardown)
             distributed.teardown()
-            if not distributed.is_peer_failure(e):
+            if not peer_failed:
                 raise
             return error(
                 f"{distributed.rank_prefix()}{distributed.peer_failure_message(e)}; the checkpoints already "
