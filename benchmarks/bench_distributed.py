@@ -33,7 +33,8 @@ def worker(args) -> None:
     sys.path.insert(0, str(ROOT))
     from minigpt2 import GPT, GPTConfig, distributed
     from minigpt2.data import TokenFile
-    from minigpt2.trainer import TrainConfig, Trainer, autocast_dtype
+    from minigpt2.device import resolve_dtype
+    from minigpt2.trainer import TrainConfig, Trainer
 
     ctx = distributed.setup(args.device)
     B, T = map(int, args.shape.split("x"))
@@ -52,7 +53,7 @@ def worker(args) -> None:
             TrainConfig(steps=10_000, batch_size=B, seq_len=T, lr=1e-4, warmup=0, ranks=ctx.world_size),
             Path(tmp) / f"run-{ctx.rank}",
             device=ctx.device,
-            dtype=autocast_dtype(args.dtype, ctx.device),
+            dtype=resolve_dtype(args.dtype, ctx.device),
             compile=args.compile,
             dist=ctx,
             shard=args.shard,

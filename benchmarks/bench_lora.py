@@ -34,8 +34,10 @@ import torch
 
 from minigpt2 import GPTConfig
 from minigpt2.data import TokenFile
+from minigpt2.device import resolve_dtype
 from minigpt2.lora import DEFAULT_ALPHA, TARGETS, apply_lora, lora_summary
-from minigpt2.trainer import STATE_JSON, STATE_TENSORS, TrainConfig, Trainer, autocast_dtype
+from minigpt2.rundir import STATE_JSON, STATE_TENSORS
+from minigpt2.trainer import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import same_weights, transformers_model  # noqa: E402
@@ -95,7 +97,7 @@ def main() -> int:
     p.add_argument("--dtype", default="auto")
     args = p.parse_args()
     device = torch.device(args.device)
-    dtype = autocast_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device)
     B, T = map(int, args.shape.split("x"))
     config = GPTConfig.from_preset("gpt2", dropout=0.0)
     print(

@@ -28,7 +28,9 @@ import torch
 
 from minigpt2 import GPT, GPTConfig
 from minigpt2.data import TokenFile
-from minigpt2.trainer import TrainConfig, Trainer, autocast_dtype, flops_per_token, peak_flops
+from minigpt2.device import resolve_dtype
+from minigpt2.flops import flops_per_token, peak_flops
+from minigpt2.trainer import TrainConfig, Trainer
 from minigpt2.weights import is_conv1d
 
 
@@ -78,7 +80,7 @@ def main() -> int:
     p.add_argument("--json-out", metavar="FILE", help="also write the figures to this JSON file")
     args = p.parse_args()
     device = torch.device(args.device)
-    dtype = autocast_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device)
     config = GPTConfig.from_preset("gpt2", dropout=0.0, n_layer=args.layers)
     print(f"device {device}, autocast {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
