@@ -121,7 +121,74 @@ def check_training(device, dry_run):
     return f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
-CHECKS = [check_load_and_forward, check_bfloat16, check_int8, check_compiled_decoding, check_training]
+def check_fp16_and_lora(device, dry_run):
+    """fp16 training with its gradient scaler, and a LoRA model's bf16 training: both lower the loss,
+    and LoRA leaves every base weight as it was (float32 stand-ins on the CPU)."""
+    from minigpt2.lora import apply_lora
+
+    results = []
+    for name, dtype, lora in (("fp16", torch.float16, False), ("LoRA bf16", torch.bfloat16, True)):
+        model = small_model(dry_run)
+        if lora:
+            apply_lora(model, 4, seed=0)
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        with tempfile.TemporaryDirectory() as tmp:
+            tokens = np.random.default_rng(0).integers(0, 50257, 4096, dtype=np.uint16)
+            tokens.tofile(Path(tmp) / "t.bin")
+            config = TrainConfig(steps=10, batch_size=2, seq_len=64, lr=3e-3, warmup=0)
+            trainer = Trainer(
+                model,
+                TokenFile(Path(tmp) / "t.bin", chars=len(tokens)),
+                {},
+                config,
+                Path(tmp) / "run",
+                device=device,
+                dtype=dtype if device.type == "cuda" else torch.float32,
+            )
+            losses = []
+            for _ in range(6):
+                trainer.step = 0
+                losses.append(trainer.train_step()["loss"])
+        assert losses[-1] < losses[0], f"{name}: loss did not fall: {losses}"
+        moved = [
+            n for n, p in model.named_parameters() if n in base and not torch.equal(p.detach().cpu(), base[n].cpu())
+        ]
+        assert not moved, f"{name}: frozen weights moved: {moved[:3]}"
+        results.append(f"{name} loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return "; ".join(results)
+
+
+def check_transformers_parity(device, dry_run):
+    """The same random weights in transformers' GPT2LMHeadModel give the same logits on the device."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from minigpt2.weights import is_conv1d
+
+    torch.manual_seed(0)
+    n_layer, n_embd = (2, 64) if dry_run else (12, 768)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_embd // 64 or 1, n_embd=n_embd)).eval().to(device)
+    ours = GPT(GPTConfig(n_layer=n_layer, n_head=n_embd // 64 or 1, n_embd=n_embd)).eval().to(device)
+    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+    torch.backends.cuda.matmul.allow_tf32 = False  # the trainer turned TF32 on for the process: exact matmuls here
+    with torch.no_grad():
+        for name, param in ours.state_dict().items():
+            w = sd["wte.weight" if name == "lm_head.weight" else name]
+            param.copy_(w.t() if is_conv1d(name) else w)
+        idx = torch.randint(0, 50257, (2, 128), generator=torch.Generator().manual_seed(3)).to(device)
+        err = (ours(idx) - hf(idx).logits).abs().max().item()
+    assert err < 1e-3, f"max |logit difference| {err:.2e}"
+    return f"max |logit difference| vs transformers: {err:.1e}"
+
+
+CHECKS = [
+    check_load_and_forward,
+    check_bfloat16,
+    check_int8,
+    check_compiled_decoding,
+    check_training,
+    check_fp16_and_lora,
+    check_transformers_parity,
+]
 
 
 def run_checks(args, device) -> int:

@@ -40,7 +40,7 @@ else
     CHECKS=()
     XL=(--preset gpt2-xl --shape 4x1024)
     GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-    T_CHECKS=75 T_TRAIN=150 T_SAMPLE=150 T_DIST=120 T_XL=60  # 495 s at most on one GPU
+    T_CHECKS=120 T_TRAIN=150 T_SAMPLE=150 T_DIST=120 T_XL=60  # 540 s at most on one GPU
 fi
 echo "results in $OUT; $GPUS GPU(s); dry run: $DRY"
 
