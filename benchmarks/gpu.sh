@@ -104,6 +104,8 @@ s = load("sample")
 for name, rate in s.get("tokens_per_s", {}).items():
     ratio = s["ratio_to_transformers"].get(name, 1.0)
     rows.append((f"sample {name}", fmt(rate, ",.1f"), "-", f"{ratio:.2f}x", "-", status("sample")))
+for name, why in s.get("failed", {}).items():
+    rows.append((f"sample {name}", "-", "-", "-", "-", "failed: " + why.split("(")[0].strip()[:40]))
 if s:
     q = s["int8_quality"]
     rows.append(("sample int8 quality", f"err {q['logits_error']:.2%}", "-", f"top-1 {q['top1_agreement']:.1%}", "-",
