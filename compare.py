@@ -38,7 +38,8 @@ def main(argv=None) -> int:
                         "weights are always compared on the CPU in float64")
     p.add_argument("--revision", help="a branch, tag or commit, for hub models")
     p.add_argument("--quantize", choices=["int8"],
-                   help="run --prompt and --text through int8 weight-only models: faster on a CPU, slightly different figures")
+                   help="run --prompt and --text through int8 weight-only models: the figures int8 decoding would give "
+                        "(not faster here: whole texts are bound by arithmetic, not by reading weights)")
     args = p.parse_args(argv)
     if args.top < 0:
         p.error("--top must be 0 or more")
