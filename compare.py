@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
                         "weights are always compared on the CPU in float64")
     p.add_argument("--revision", help="a branch, tag or commit, for hub models")
     p.add_argument("--quantize", choices=["int8"], help="run --prompt and --text through int8 weight-only models: "
-                   "faster on a CPU, slightly different figures")
+                   "the figures int8 decoding would give (not faster: whole texts are bound by arithmetic)")
     return p
 # fmt: on
 

@@ -11,7 +11,9 @@ takes a trained checkpoint (--model), then compares float32 with every quantizat
 
 Variants: minigpt2's default `quantize="int8"` (block linears int8, activations refined to ~15
 bits, output layer float32); the same with the output layer int8 too; and the blocks fed 8-bit
-activations only, as `torch.ao.quantization.quantize_dynamic` does (CPU only).
+activations only, as `torch.ao.quantization.quantize_dynamic` does (CPU only). Every variant
+runs through the kernel decoding uses (fbgemm's int8 GEMM), even for these 128-token windows,
+which outside this script go to a dequantized float matmul (see `FBGEMM_MAX_ROWS`).
 
     MINIGPT2_SHARED_DATA=/work/shared/data python benchmarks/bench_quantize.py [--steps 300] [--save DIR]
     python benchmarks/bench_quantize.py --model DIR
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import minigpt2.quantize
 from minigpt2 import GPT, GPTConfig, load_model, load_tokenizer, save_model
 from minigpt2.data import prepare_corpus
 from minigpt2.quantize import Int8Linear, quantize_model
@@ -50,7 +53,7 @@ def train_small(data: Path, steps: int, batch_size: int, enc) -> GPT:
         trainer = Trainer(model, corpus.train, {}, config, Path(tmp) / "run", tokenizer_source=data / "gpt2")
         start = time.perf_counter()
         for record in trainer.run():
-            if record.get("type") == "train" and record["step"] % 25 == 0 or record["step"] == steps:
+            if record.get("type") == "train" and (record["step"] % 25 == 0 or record["step"] == steps):
                 print(f"  step {record['step']}: loss {record['loss']:.3f}", flush=True)
         print(f"trained {steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
     return model.eval()
@@ -95,7 +98,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300, help="training steps for the small model (default 300)")
     p.add_argument("--batch-size", type=int, default=8, help="windows of 128 tokens per training step (default 8)")
     p.add_argument("--save", help="save the trained small model here (reuse it with --model)")
-    p.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens to evaluate (default 32768)")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to evaluate (default 8192)")
     args = p.parse_args()
     data = Path(os.environ.get("MINIGPT2_SHARED_DATA", ""))
     if not (data / "zh" / HELD_OUT).is_file():
@@ -118,6 +121,7 @@ def main() -> int:
         f"{torch.get_num_threads()} CPU threads"
     )
     ref, ref_loss = logits_and_loss(model, windows)
+    minigpt2.quantize.FBGEMM_MAX_ROWS = 1 << 30  # measure the decoding kernel's numbers on every window
     print(f"{'float32':50s} perplexity {math.exp(ref_loss):9.3f}")
     changes = {}
     for name, m in variants(model).items():

@@ -686,8 +686,9 @@ def compare(
     steps per run given), "max_eval_tokens"}. Infinite values (a relative change from an all-zero
     tensor) are kept as `math.inf`; `minigpt2.report.to_json` writes them as null.
 
-    `quantize="int8"` runs the prompts and texts through int8 weight-only models (a speed option;
-    see `minigpt2.quantize`); the weights themselves are always compared as stored.
+    `quantize="int8"` runs the prompts and texts through int8 weight-only models (see
+    `minigpt2.quantize`): what int8 decoding would score. Whole texts are bound by arithmetic, not
+    by reading weights, so on a CPU this is not faster. The weights are always compared as stored.
     """
     positive_int("max_eval_tokens", max_eval_tokens)  # the evaluation cap, in tokens
     if b is None:

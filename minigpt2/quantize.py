@@ -24,7 +24,9 @@ Which kernel does that fastest depends on the device:
   (`y1 + y2 / 127`) is a ~15-bit activation, close enough to float that the error left is the
   weights' own. Decoding is memory-bound, so the second row is free: the weights are still read
   once per token, now for two rows instead of one.
-- Elsewhere (CUDA, or a bfloat16 model): `F.linear(x, q.to(x.dtype)) * scale`, the form
+  That pays only while few rows go through at once (decoding); many rows at once (a prompt, a
+  text evaluation) are bound by arithmetic, not memory, and take the next path instead.
+- Elsewhere (CUDA, a bfloat16 model, many rows): `F.linear(x, q.to(x.dtype)) * scale`, the form
   gpt-fast uses. Eagerly it converts the weight before the matmul; under torch.compile the
   conversion is fused into the matmul, so the weight is read once, as int8.
 
@@ -48,6 +50,12 @@ from .model import GPT
 
 MODES = ("int8",)
 REMAINDER_GAIN = 127.0  # the rounding remainder of an 8-bit activation, scaled up before its second pass
+# Up to this many input rows (tokens x sequences) a CPU call goes to fbgemm's int8 kernel. A
+# decode step has one row per sequence and is bound by reading the weights, which int8 makes 4x
+# cheaper. A prompt or a text evaluation has hundreds of rows and is bound by arithmetic, where
+# fbgemm measured several times slower than a float32 matmul on our 2-core test CPU: those calls
+# multiply by the dequantized weight instead (same values, the int8 rounding and nothing else).
+FBGEMM_MAX_ROWS = 16
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -115,12 +123,14 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        rows = x.numel() // self.in_features
+        if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32 and rows <= FBGEMM_MAX_ROWS:
             y = self._forward_fbgemm(x)
         else:  # gpt-fast's form; fused into one int8-reading matmul under torch.compile
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    @torch.compiler.disable  # an opaque packed kernel and a data-dependent scale: nothing for the compiler to fuse
     def _forward_fbgemm(self, x: torch.Tensor) -> torch.Tensor:
         """fbgemm's int8 GEMM on the activation and on its rounding remainder, in one call."""
         shape = x.shape
