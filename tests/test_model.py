@@ -145,7 +145,9 @@ def test_every_diagram_box_is_a_hookable_module_named_like_the_checkpoint():
 def test_lm_head_is_tied_and_init_follows_gpt2():
     model = tiny_model(n_layer=8, n_embd=64)
     assert model.lm_head.weight is model.wte.weight
-    assert model.num_params() == sum(p.numel() for n, p in model.named_parameters())  # counted once
+    c = model.config  # the tied matrix counted once: embeddings, 12 C^2 + 13 C per block, final LayerNorm
+    expected = (c.vocab_size + c.n_positions) * c.n_embd + c.n_layer * (12 * c.n_embd**2 + 13 * c.n_embd) + 2 * c.n_embd
+    assert model.num_params() == expected
     std_proj = model.h[0].attn.c_proj.weight.std().item()
     std_fc = model.h[0].mlp.c_fc.weight.std().item()
     assert abs(std_fc - 0.02) < 0.002
