@@ -663,6 +663,34 @@ def resolve_side(source: str) -> dict:
     return {"source": source, "checkpoint": source, "run": None}
 
 
+def run_record(side: str, path: str, revision: str | None) -> dict:
+    """A training run's drift over steps (pooled with its start model's norms when that can be read)
+    and its learning curves, for one side of a comparison."""
+    run = RunDir(path)
+    try:  # the starting model's norms turn the snapshots' ratios into pooled per-layer figures
+        norms = tensor_norms(run_start(run), revision)
+    except MiniGPT2Error:
+        norms = None  # a start that cannot be read (not cached, not saved): plain means
+    return {"side": side, "path": path, **run_drift(run.read_snapshots(), norms), "curves": run_curves(run)}
+
+
+def _forward_passes(side_a, side_b, enc, prompts, prepared, device, revision, quantize) -> tuple[list, list]:
+    """(activations per prompt, behaviour per text): each model loaded in turn and freed before the
+    next, so memory holds one model at a time."""
+    recorded, scores = {}, {}
+    for side, info in (("A", side_a), ("B", side_b)):
+        model = load_model(info["checkpoint"], device=device, revision=revision, quantize=quantize)
+        # Prompts go in as A's tokens on both sides (a grown vocabulary keeps A's ids), so the two
+        # models' block outputs are compared on the same input; texts in each side's own tokens.
+        recorded[side] = record_prompts(model, enc["A"], list(prompts), device)
+        scores[side] = [evaluate_text(model, enc[side], t["ids"][side], t["characters"], device) for t in prepared]
+        del model
+    activations = compare_activations(list(prompts), recorded["A"], recorded["B"], enc["A"])
+    behaviour = [{k: v for k, v in t.items() if k != "ids"} | {"a": sa, "b": sb}
+                 for t, sa, sb in zip(prepared, scores["A"], scores["B"])]  # fmt: skip
+    return activations, behaviour
+
+
 def compare(
     a: str,
     b: str | None = None,
@@ -710,30 +738,10 @@ def compare(
     # A LoRA run's checkpoint has adapter/ beside its merged weights: mark the adapted tensors.
     names = [t["name"] for t in weights["tensors"]]
     weights["lora"] = adapted_tensors(side_b["checkpoint"], names) or adapted_tensors(side_a["checkpoint"], names)
-    runs = []
-    for side, info in (("A", side_a), ("B", side_b)):
-        if info["run"]:
-            run = RunDir(info["run"])
-            snapshots = run.read_snapshots()
-            try:  # the starting model's norms turn the snapshots' ratios into pooled per-layer figures
-                norms = tensor_norms(run_start(run), revision)
-            except MiniGPT2Error:
-                norms = None  # a start that cannot be read (not cached, not saved): plain means
-            runs.append({"side": side, "path": info["run"], **run_drift(snapshots, norms), "curves": run_curves(run)})
-
+    runs = [run_record(side, info["run"], revision) for side, info in (("A", side_a), ("B", side_b)) if info["run"]]
     activations, behaviour = [], []
     if enc is not None:
-        recorded, scores = {}, {}
-        for side, info in (("A", side_a), ("B", side_b)):
-            model = load_model(info["checkpoint"], device=device, revision=revision, quantize=quantize)
-            # Prompts go in as A's tokens on both sides (a grown vocabulary keeps A's ids), so the two
-            # models' block outputs are compared on the same input; texts in each side's own tokens.
-            recorded[side] = record_prompts(model, enc["A"], list(prompts), device)
-            scores[side] = [evaluate_text(model, enc[side], t["ids"][side], t["characters"], device) for t in prepared]
-            del model  # free A before loading B: one model in memory at a time
-        activations = compare_activations(list(prompts), recorded["A"], recorded["B"], enc["A"])
-        for t, sa, sb in zip(prepared, scores["A"], scores["B"]):
-            behaviour.append({k: v for k, v in t.items() if k != "ids"} | {"a": sa, "b": sb})
+        activations, behaviour = _forward_passes(side_a, side_b, enc, prompts, prepared, device, revision, quantize)
 
     return {
         "a": side_a,

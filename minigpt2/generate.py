@@ -299,66 +299,87 @@ def generate_tokens(
         CUDA). On a CPU it is slower: it attends over every slot of the cache at every step.
 
     When a sequence fills the context, all sequences continue from the most recent half of
-    their text (a sliding window): the cache is emptied and that half is prefilled again.
+    their text (a sliding window): see `Decoder.advance`.
     """
-    n_ctx = model.config.n_positions
-    device = model.wte.weight.device
-    B = len(prompts)
-    windows = [list(p[-n_ctx:]) for p in prompts]  # the tokens currently in the model's view
+    windows = [list(p[-model.config.n_positions :]) for p in prompts]  # the tokens in the model's view
     if any(not w for w in windows):
         raise ValueError("every prompt needs at least one token (use <|endoftext|> for an empty prompt)")
-
+    device = model.wte.weight.device
     pick = Picker(prompts, model.config.vocab_size, sampling, generator, guard, device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    kv_caches = model.new_kv_caches(B) if use_cache else None
-    static = (compile and device.type == "cuda") if static is None else static
-    step_fn = static_decoder(model, device, compile) if (use_cache and static) else None
-    decode = compiled(decode_one_token, dynamic=True) if (compile and not static) else decode_one_token
-
-    def restart():
-        """Prefill the current windows; return (logits, next slot, key mask, next positions)."""
-        idx, valid = left_pad(windows, device)
-        logits = prefill(model, idx, valid, kv_caches)
-        key_valid = None if bool(valid.all()) and step_fn is None else valid
-        if step_fn is not None:  # static shapes: a key mask over the whole cache
-            key_valid = torch.zeros(B, n_ctx, dtype=torch.bool, device=device)
-            key_valid[:, : valid.size(1)] = valid
-        next_pos = valid.long().sum(dim=1, keepdim=True)  # (B, 1) position id of the next token
-        return logits, valid.size(1), key_valid, next_pos
-
-    logits, pos, key_valid, next_pos = restart()
+    decoder = Decoder(model, windows, use_cache=use_cache, compile=compile, static=static)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    logits = decoder.start()
     for step in range(max_new_tokens):
         token = pick(logits, last_step=step == max_new_tokens - 1)  # (B,)
-        tokens = token.tolist()
-        yield tokens
+        yield token.tolist()
         if eot_id is not None:
             done |= token == eot_id
             if bool(done.all()):
                 return
-        if step == max_new_tokens - 1:
-            return
+        if step < max_new_tokens - 1:
+            logits = decoder.advance(token)
 
-        for w, t in zip(windows, tokens):
+
+class Decoder:
+    """The model side of a generation: the KV caches, the cache slot to write next, each sequence's
+    next position id and which cached keys are real (not padding); `start` prefills the prompts,
+    `advance` appends one token per sequence and returns the logits of the next.
+
+    Three ways to run a decode step: eager, with shapes that grow with the text; compiled for
+    growing shapes (`torch.compile(dynamic=True)`, the CPU's way); or the static-shape step over
+    the whole cache (CUDA graphs on a GPU). Without a cache every step runs the whole text again.
+    """
+
+    def __init__(self, model: GPT, windows: list[list[int]], *, use_cache=True, compile=False, static=None):
+        self.model, self.windows, self.use_cache = model, windows, use_cache
+        self.device = model.wte.weight.device
+        self.kv_caches = model.new_kv_caches(len(windows)) if use_cache else None
+        static = (compile and self.device.type == "cuda") if static is None else static
+        self.step_fn = static_decoder(model, self.device, compile) if (use_cache and static) else None
+        self.decode = compiled(decode_one_token, dynamic=True) if (compile and not static) else decode_one_token
+
+    def start(self) -> torch.Tensor:
+        """Prefill the current windows; the last position's logits (B, vocab)."""
+        idx, valid = left_pad(self.windows, self.device)
+        logits = prefill(self.model, idx, valid, self.kv_caches)
+        self.pos = valid.size(1)  # the next cache slot
+        self.next_pos = valid.long().sum(dim=1, keepdim=True)  # (B, 1) position id of the next token
+        self.key_valid = None if bool(valid.all()) and self.step_fn is None else valid
+        if self.step_fn is not None:  # static shapes: a key mask over the whole cache
+            self.key_valid = torch.zeros(len(self.windows), self.model.config.n_positions, dtype=torch.bool,
+                                         device=self.device)  # fmt: skip
+            self.key_valid[:, : valid.size(1)] = valid
+        return logits
+
+    def advance(self, token: torch.Tensor) -> torch.Tensor:
+        """Append `token` (B,) to every sequence; the logits (B, vocab) of the token after it.
+
+        When a sequence fills the context, all continue from the most recent half of their text
+        (a sliding window): the cache is emptied and that half is prefilled again.
+        """
+        n_ctx = self.model.config.n_positions
+        for w, t in zip(self.windows, token.tolist()):
             w.append(t)
-        if pos == n_ctx:  # the context is full: keep the most recent half and start again
-            windows = [w[-(n_ctx // 2) :] for w in windows]
-            logits, pos, key_valid, next_pos = restart()
-            continue
-        if not use_cache:
-            idx, valid = left_pad(windows, device)
-            logits = prefill(model, idx, valid, None)
-            pos += 1
-            continue
+        if self.pos == n_ctx:  # the context is full: keep the most recent half and start again
+            self.windows[:] = [w[-(n_ctx // 2) :] for w in self.windows]
+            return self.start()
+        if not self.use_cache:
+            idx, valid = left_pad(self.windows, self.device)
+            self.pos += 1
+            return prefill(self.model, idx, valid, None)
         token = token[:, None]  # (B, 1)
-        if step_fn is not None:
-            key_valid[:, pos] = True
-            logits = step_fn(token, kv_caches, torch.tensor(pos, device=device), next_pos, key_valid).clone()
+        if self.step_fn is not None:
+            self.key_valid[:, self.pos] = True
+            pos = torch.tensor(self.pos, device=self.device)
+            logits = self.step_fn(token, self.kv_caches, pos, self.next_pos, self.key_valid).clone()
         else:
-            if key_valid is not None:
-                key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-            logits = decode(model, token, kv_caches, pos, next_pos, key_valid)
-        next_pos = next_pos + 1
-        pos += 1
+            if self.key_valid is not None:
+                real = torch.ones(len(self.windows), 1, dtype=torch.bool, device=self.device)
+                self.key_valid = torch.cat([self.key_valid, real], dim=1)
+            logits = self.decode(self.model, token, self.kv_caches, self.pos, self.next_pos, self.key_valid)
+        self.next_pos = self.next_pos + 1
+        self.pos += 1
+        return logits
 
 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling = GREEDY, **kwargs) -> torch.Tensor:

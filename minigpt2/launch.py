@@ -249,88 +249,24 @@ def _setup(
     if resume and saved is None and not given.get("data"):
         raise RunDirError(f"nothing to resume in '{run.path}': it holds no run.json; start it with its data")
     o, defaults_used = merge_options(given, saved, ctx.device, ranks=ctx.world_size)
-    check_options(o)
-    check_writable(o.get("cache_dir") or default_cache_dir(), "the token cache folder")
-    compile_drop_lines(o.get("drop_lines"))
-    train_files = check_inputs(o["data"], o["encoding_errors"])
-    val_files = check_inputs(o["val_data"], o["encoding_errors"]) if o.get("val_data") else None
-    eval_files = [check_inputs([f], o["encoding_errors"]) for f in o.get("eval_data") or []]
+    files = _check_inputs(o)
     dtype = resolve_dtype(o["dtype"], ctx.device)
-
-    source = None if o.get("init_preset") else (o.get("model") or "gpt2")
-    tok_source = o.get("tokenizer") or source or "gpt2"
-    enc = load_tokenizer(tok_source)
-    overrides = {
-        "n_layer": o.get("n_layer"),
-        "n_head": o.get("n_head"),
-        "n_embd": o.get("n_embd"),
-        "n_positions": o.get("context"),
-    }
-    model = start_model(source, o.get("init_preset"), overrides, seed=o["seed"], dropout=o.get("dropout"))
-    check_vocab_fits(model.config, enc)
-    if o.get("extend_vocab"):
-        model, enc, tok_source = _extended(model, enc, tok_source, o, run, train_files, eval_files, report, ctx)
-    if o.get("lora"):
-        _with_lora(model, o, report)
-    corpus, eval_sets = _tokenize(o, enc, train_files, val_files, eval_files, ctx)
-    report(
-        {
-            "type": "data",
-            **corpus.summary(),
-            "eval_sets": {
-                n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char}
-                for n, d in eval_sets.items()
-            },
-        }
-    )
+    source, model, enc, tok_source = _start(o, run, files, report, ctx)
+    corpus, eval_sets = _tokenize(o, enc, *files, ctx)
+    sets = {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char} for n, d in eval_sets.items()}
+    report({"type": "data", **corpus.summary(), "eval_sets": sets})
 
     if "seq_len" in defaults_used or not o["seq_len"]:  # a default is a cap: a shorter context is used whole
         o["seq_len"] = min(o["seq_len"] or 1024, model.config.n_positions)
-    tokens_per_step = o["batch_size"] * o["seq_len"] * o["grad_accum"] * ctx.world_size
-    steps = steps_for(
-        steps=o.get("steps"),
-        epochs=o.get("epochs"),
-        tokens=o.get("tokens"),
-        train_tokens=len(corpus.train),
-        tokens_per_step=tokens_per_step,
-    )
-    config = TrainConfig(
-        steps=steps,
-        batch_size=o["batch_size"],
-        seq_len=o["seq_len"],
-        grad_accum=o["grad_accum"],
-        lr=o["lr"],
-        min_lr=o.get("min_lr"),
-        warmup=o.get("warmup"),
-        weight_decay=o["weight_decay"],
-        grad_clip=o["grad_clip"],
-        eval_every=o.get("eval_every"),
-        eval_tokens=o["eval_tokens"],
-        save_every=o["save_every"],
-        snapshot_every=o["snapshot_every"],
-        seed=o["seed"],
-        ranks=ctx.world_size,
-    )
+    config = train_config(o, len(corpus.train), ctx.world_size)
     snapshotter = None
     if config.snapshot_every:
         probe = o.get("probe") or DEFAULT_PROBE
         snapshotter = Snapshotter(model, enc.encode(probe, disallowed_special=()), probe)
-    trainer = Trainer(
-        model,
-        corpus.train,
-        eval_sets,
-        config,
-        run,
-        device=ctx.device,
-        dtype=dtype,
-        compile=bool(o.get("compile")),
-        tokenizer_source=tokenizer_source_for(tok_source),
-        snapshotter=snapshotter,
-        dist=ctx,
-        shard=bool(o.get("shard")),
-        activation_checkpointing=bool(o.get("activation_checkpointing")),
-        keep_last=o["keep_last"],
-    )
+    trainer = Trainer(model, corpus.train, eval_sets, config, run, device=ctx.device, dtype=dtype,
+                      compile=bool(o.get("compile")), tokenizer_source=tokenizer_source_for(tok_source),
+                      snapshotter=snapshotter, dist=ctx, shard=bool(o.get("shard")), keep_last=o["keep_last"],
+                      activation_checkpointing=bool(o.get("activation_checkpointing")))  # fmt: skip
     skipped = trainer.resume() if resume else []
     for record in skipped:
         report({"type": "skipped", **record})
@@ -343,24 +279,56 @@ def _setup(
             run.write_info(_run_info(source, tok_source, o, model, config, corpus, eval_sets, ctx.device, dtype))
         elif previous is not None:
             update_steps(run, config.steps)
-    change = None
-    if previous is not None:
-        old = TrainConfig(
-            **{
-                **dataclasses.asdict(config),
-                "steps": previous,
-                "warmup": o.get("warmup"),
-                "eval_every": o.get("eval_every"),
-            }
-        )
-        change = {
-            "before": previous,
-            "after": steps,
-            "step": trainer.step,
-            "lr_before": lr_at(trainer.step, old),
-            "lr_after": lr_at(trainer.step, config),
-        }
+    change = schedule_change(config, previous, trainer.step, o) if previous is not None else None
     return Setup(trainer, run, o, defaults_used, skipped, change)
+
+
+def _check_inputs(o: dict) -> tuple:
+    """(training files, validation files or None, [files of each eval set]), all checked: the cheap
+    pass that makes a bad file or folder fail in a second, before a model is loaded."""
+    check_options(o)
+    check_writable(o.get("cache_dir") or default_cache_dir(), "the token cache folder")
+    compile_drop_lines(o.get("drop_lines"))
+    errors = o["encoding_errors"]
+    train_files = check_inputs(o["data"], errors)
+    val_files = check_inputs(o["val_data"], errors) if o.get("val_data") else None
+    return train_files, val_files, [check_inputs([f], errors) for f in o.get("eval_data") or []]
+
+
+def _start(o: dict, run: RunDir, files: tuple, report, ctx) -> tuple:
+    """(source, the model to train, its tokenizer, where the tokenizer's files are): the start
+    model or a preset, grown by `extend_vocab` and wrapped with LoRA when asked."""
+    source = None if o.get("init_preset") else (o.get("model") or "gpt2")
+    tok_source = o.get("tokenizer") or source or "gpt2"
+    enc = load_tokenizer(tok_source)
+    sizes = {"n_layer": o.get("n_layer"), "n_head": o.get("n_head"), "n_embd": o.get("n_embd"),
+             "n_positions": o.get("context")}  # fmt: skip
+    model = start_model(source, o.get("init_preset"), sizes, seed=o["seed"], dropout=o.get("dropout"))
+    check_vocab_fits(model.config, enc)
+    if o.get("extend_vocab"):
+        model, enc, tok_source = _extended(model, enc, tok_source, o, run, files[0], files[2], report, ctx)
+    if o.get("lora"):
+        _with_lora(model, o, report)
+    return source, model, enc, tok_source
+
+
+TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def train_config(o: dict, train_tokens: int, ranks: int) -> TrainConfig:
+    """The loop's settings from the options; `steps` from steps, epochs or tokens (one epoch if none)."""
+    tokens_per_step = o["batch_size"] * o["seq_len"] * o["grad_accum"] * ranks
+    steps = steps_for(steps=o.get("steps"), epochs=o.get("epochs"), tokens=o.get("tokens"),
+                      train_tokens=train_tokens, tokens_per_step=tokens_per_step)  # fmt: skip
+    return TrainConfig(**{**{k: o[k] for k in TRAIN_FIELDS if o.get(k) is not None}, "steps": steps, "ranks": ranks})
+
+
+def schedule_change(config: TrainConfig, previous_steps: int, step: int, o: dict) -> dict:
+    """How a resumed run's learning rate changes when its step count does (the cosine is stretched)."""
+    old = TrainConfig(**{**dataclasses.asdict(config), "steps": previous_steps, "warmup": o.get("warmup"),
+                         "eval_every": o.get("eval_every")})  # fmt: skip
+    return {"before": previous_steps, "after": config.steps, "step": step, "lr_before": lr_at(step, old),
+            "lr_after": lr_at(step, config)}  # fmt: skip
 
 
 def _extended(model, enc, tok_source, o, run: RunDir, train_files, eval_files, report, ctx):
@@ -438,6 +406,8 @@ def check_options(o: dict) -> None:
 
 
 def _tokenize(o, enc, train_files, val_files, eval_files, ctx):
+    """The training corpus and the eval sets (val: --val-data, else the held-out tails), tokenized
+    once into the cache (rank 0 first under torchrun)."""
     common = dict(drop_lines=o.get("drop_lines"), encoding_errors=o["encoding_errors"], cache_dir=o.get("cache_dir"))
     with ctx.main_first():  # rank 0 fills the cache; the others then read it
         corpus = prepare_corpus(train_files, enc, val_fraction=0.0 if val_files else o["val_fraction"], **common)

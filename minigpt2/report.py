@@ -115,9 +115,18 @@ def _header(result: dict) -> list[str]:
     ]
 
 
+TENSOR_COLUMNS = ["tensor", "shape", "rel.change", "rank90", "stable rank", "mean|d|", "max|d|", "std(d)", "row cos",
+                  "row dist"]  # fmt: skip
+
+
 def _weights(result: dict, top: int) -> list[str]:
     w = result["weights"]
-    tensors = w["tensors"]
+    return _tensors(result, top) + _layers(w) + _new_rows(w) + [""]
+
+
+def _tensors(result: dict, top: int) -> list[str]:
+    """The most changed tensors, ranked, with the figures of a plain diff beside them."""
+    tensors = result["weights"]["tensors"]
     # A tensor that is all zeros in A (a bias of a freshly initialised model) has an infinite
     # relative change; ranked first, those would push every informative row off the list.
     from_zero = [t for t in tensors if math.isinf(t["relative_change"])]
@@ -130,84 +139,48 @@ def _weights(result: dict, top: int) -> list[str]:
         "stable rank = ||A-B||_F^2 / ||A-B||_2^2.",
         "   mean|d|, max|d|, std(d), row cos, row dist: the five numbers of a plain diff (d = A - B), for reference.",
     ]
-    lora = w.get("lora")
+    lora = result["weights"].get("lora")
     adapted = set(lora["adapted"]) if lora else set()
     if lora:
         out.append(
             f"   LoRA (r={lora['r']}, alpha={lora['alpha']}, {lora['checkpoint']}): * marks the "
             f"{len(adapted)} adapted tensors, whose update has rank <= {lora['r']}; the others were frozen."
         )
-    rows = [
-        [
-            t["name"] + (" *" if t["name"] in adapted else ""),
-            "x".join(map(str, t["shape"])),
-            pct(t["relative_change"]),
-            "-" if t["rank_90"] is None else f"{t['rank_90']}/{min(t['shape'])}",
-            num(t["stable_rank"], 3),
-            num(t["mean_abs_diff"], 3),
-            num(t["max_abs_diff"], 3),
-            num(t["std_diff"], 3),
-            cos(t["mean_row_cosine"]),
-            num(t["mean_row_distance"], 3),
-        ]
-        for t in ranked[:top]
-    ]
-    out += table(
-        [
-            "tensor",
-            "shape",
-            "rel.change",
-            "rank90",
-            "stable rank",
-            "mean|d|",
-            "max|d|",
-            "std(d)",
-            "row cos",
-            "row dist",
-        ],
-        rows,
-    )
+    rows = [[t["name"] + (" *" if t["name"] in adapted else ""), "x".join(map(str, t["shape"])),
+             pct(t["relative_change"]), "-" if t["rank_90"] is None else f"{t['rank_90']}/{min(t['shape'])}",
+             num(t["stable_rank"], 3), num(t["mean_abs_diff"], 3), num(t["max_abs_diff"], 3), num(t["std_diff"], 3),
+             cos(t["mean_row_cosine"]), num(t["mean_row_distance"], 3)]
+            for t in ranked[:top]]  # fmt: skip
+    out += table(TENSOR_COLUMNS, rows)
     if from_zero:
         names = ", ".join(t["name"] for t in from_zero[:4]) + (
             f" and {len(from_zero) - 4} more" if len(from_zero) > 4 else ""
         )
         are = "tensors are" if len(from_zero) > 1 else "tensor is"
         out.append(f"{len(from_zero)} {are} all zeros in A, so the relative change is infinite (not ranked): {names}")
-    out += ["", "== Weights per layer (all its tensors pooled: ||A-B|| / ||A||) =="]
-    out += table(
-        ["layer", "rel.change", "||A-B||", "||A||", "most changed module"],
-        [
-            [
-                r["layer"],
-                pct(r["relative_change"]),
-                num(r["norm_diff"]),
-                num(r["norm_a"]),
-                r["most_changed_kind"] if r["norm_diff"] else "-",
-            ]
-            for r in w["layers"]
-        ],
-    )
-    out += ["", "== Weights per module kind (pooled over the layers) =="]
-    out += table(
-        ["module", "rel.change", "||A-B||", "most changed in", "its rel.change"],
-        [
-            [
-                r["kind"],
-                pct(r["relative_change"]),
-                num(r["norm_diff"]),
-                r["most_changed_layer"] if r["norm_diff"] else "-",
-                pct(r["most_changed_layer_relative_change"]),
-            ]
-            for r in w["kinds"]
-        ],
-    )
-    if w.get("new_rows"):  # a grown vocabulary: wte above compares the shared rows only
-        n = w["new_rows"]
-        out.append(
-            f"{n['side']} has {n['count']} more token rows (a grown vocabulary), "
-            f"mean norm {num(n['mean_norm'])}; wte above compares the shared rows"
-        )
-    return out + [""]
+    return out
+
+
+def _layers(w: dict) -> list[str]:
+    """The change pooled per layer, and per module kind over the layers: where the model moved."""
+    layers = [[r["layer"], pct(r["relative_change"]), num(r["norm_diff"]), num(r["norm_a"]),
+               r["most_changed_kind"] if r["norm_diff"] else "-"] for r in w["layers"]]  # fmt: skip
+    kinds = [[r["kind"], pct(r["relative_change"]), num(r["norm_diff"]),
+              r["most_changed_layer"] if r["norm_diff"] else "-", pct(r["most_changed_layer_relative_change"])]
+             for r in w["kinds"]]  # fmt: skip
+    return (["", "== Weights per layer (all its tensors pooled: ||A-B|| / ||A||) =="]
+            + table(["layer", "rel.change", "||A-B||", "||A||", "most changed module"], layers)
+            + ["", "== Weights per module kind (pooled over the layers) =="]
+            + table(["module", "rel.change", "||A-B||", "most changed in", "its rel.change"], kinds))  # fmt: skip
+
+
+def _new_rows(w: dict) -> list[str]:
+    """A grown vocabulary (`--extend-vocab`): wte is compared on the shared rows, the rest summarised."""
+    n = w.get("new_rows")
+    if not n:
+        return []
+    return [f"{n['side']} has {n['count']} more token rows (a grown vocabulary), mean norm {num(n['mean_norm'])}; "
+            "wte above compares the shared rows"]  # fmt: skip
 
 
 def _activations(number: int, act: dict) -> list[str]:

@@ -262,6 +262,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self.resumed_from: Path | None = None
         self.timing = {"step": [], "eval": [], "save": []}  # seconds, for the ETA
+        self.last = {"eval": None, "snapshot": None}  # the step each was last done at
         # Dropout's random numbers, reproducibly; each rank its own stream (rank 0's is a
         # one-process run's).
         torch.manual_seed(config.seed + self.dist.rank)
@@ -621,6 +622,7 @@ class Trainer:
         return record
 
     def _snapshot(self) -> dict:
+        self.last["snapshot"] = self.step
         if self.dist.is_main:
             self.run_dir.add_snapshot(self.snapshotter.measure(self.raw_model, self.step, self.tokens))
         return self._emit({"type": "snapshot", "step": self.step, "tokens": self.tokens})
@@ -632,6 +634,7 @@ class Trainer:
 
     def _evaluation(self) -> Iterator[dict]:
         yield from self._timed("eval", (self._emit(r) for r in self.evaluate()))
+        self.last["eval"] = self.step
 
     def _save(self, name: str | None = None) -> Path:
         started = time.perf_counter()
@@ -672,32 +675,14 @@ class Trainer:
         """Train to `config.steps`, yielding every record as it happens (see the module docstring)."""
         c = self.config
         first_step = self.step
-        yield self._emit(
-            {
-                "type": "start",
-                "step": self.step,
-                "steps": c.steps,
-                "tokens_per_step": c.tokens_per_step,
-                "tokens": c.steps * c.tokens_per_step,
-                "ranks": c.ranks,
-                "global_batch": c.global_batch,
-                "sharded": self.sharded,
-                "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."),
-                "params": self.raw_model.num_params(),
-                "trainable": sum(p.numel() for p in self.params),
-                "resumed": self.resumed_from is not None,
-            }
-        )
-        last_eval = last_snapshot = None
+        yield self._emit(self._start_record())
         if self.step == 0:
             # Where the starting model stands: the baseline every later evaluation is read against.
             if not self._logged_step0_eval():
                 yield from self._evaluation()
-            last_eval = 0
+            self.last["eval"] = 0
             if self.snapshotter is not None and c.snapshot_every and self.stop_reason is None:
                 yield self._snapshot()
-                last_snapshot = 0
         while self.step < c.steps:
             # A stop request reaches the ranks at different moments: they agree on it first,
             # so all stop after the same step.
@@ -706,42 +691,38 @@ class Trainer:
                 return
             record = self.train_step()
             self.timing["step"].append(record["step_s"])
-            record.update(self.eta())
-            yield self._emit(record)
-            at = self.step
-            if at == first_step + 3:
-                yield {"type": "estimate", "step": at, **self.eta()}
-            if c.eval_every and at % c.eval_every == 0 and at < c.steps:
-                yield from self._evaluation()
-                last_eval = at
-            if self.snapshotter is not None and c.snapshot_every and at % c.snapshot_every == 0:
-                yield self._snapshot()
-                last_snapshot = at
-            if c.save_every and at % c.save_every == 0 and at < c.steps and self.stop_reason is None:
-                path = self._save()
-                yield self._emit(
-                    {
-                        "type": "checkpoint",
-                        "step": at,
-                        "tokens": self.tokens,
-                        "path": str(path),
-                        "bytes": dir_size(path) if self.dist.is_main else None,
-                    }
-                )
-        if last_eval != self.step:
+            yield self._emit({**record, **self.eta()})
+            if self.step == first_step + 3:
+                yield {"type": "estimate", "step": self.step, **self.eta()}
+            yield from self._periodic()
+        if self.last["eval"] != self.step:
             yield from self._evaluation()
-        if self.snapshotter is not None and c.snapshot_every and last_snapshot != self.step:
+        if self.snapshotter is not None and c.snapshot_every and self.last["snapshot"] != self.step:
             yield self._snapshot()  # the drift curves end where the run ends
-        path = self._save("final")
-        yield self._emit(
-            {
-                "type": "done",
-                "step": self.step,
-                "tokens": self.tokens,
-                "path": str(path),
-                "bytes": dir_size(path) if self.dist.is_main else None,
-            }
-        )
+        yield self._saved("done", self._save("final"))
+
+    def _periodic(self) -> Iterator[dict]:
+        """What is due after this step: an evaluation, a snapshot, a checkpoint (none after the last
+        step, which ends with all three anyway, nor a checkpoint when a stop will save one)."""
+        c, at = self.config, self.step
+        if c.eval_every and at % c.eval_every == 0 and at < c.steps:
+            yield from self._evaluation()
+        if self.snapshotter is not None and c.snapshot_every and at % c.snapshot_every == 0:
+            yield self._snapshot()
+        if c.save_every and at % c.save_every == 0 and at < c.steps and self.stop_reason is None:
+            yield self._saved("checkpoint", self._save())
+
+    def _start_record(self) -> dict:
+        c = self.config
+        return {"type": "start", "step": self.step, "steps": c.steps, "tokens_per_step": c.tokens_per_step,
+                "tokens": c.steps * c.tokens_per_step, "ranks": c.ranks, "global_batch": c.global_batch,
+                "sharded": self.sharded, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "params": self.raw_model.num_params(), "trainable": sum(p.numel() for p in self.params),
+                "resumed": self.resumed_from is not None}  # fmt: skip
+
+    def _saved(self, kind: str, path: Path) -> dict:
+        size = dir_size(path) if self.dist.is_main else None
+        return self._emit({"type": kind, "step": self.step, "tokens": self.tokens, "path": str(path), "bytes": size})
 
     def _stopped(self, first_step: int) -> dict:
         self.stop_reason = self.stop_reason or "SIGTERM"
