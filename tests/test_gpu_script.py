@@ -43,7 +43,7 @@ def test_gpu_script_dry_run_prints_every_part(tmp_path):
     for name, cells in rows.items():
         expected = "skipped: 1 GPU" if name.startswith("distributed") else "ok"
         assert cells[-1] == expected, table
-    assert rows["checks"][1] == "5/5 passed"
+    assert rows["checks"][1] == "7/7 passed"  # every check of benchmarks/cuda_checks.py
     assert re.fullmatch(r"[\d,.]+", rows["sample minigpt2 int8"][1]) and rows["sample minigpt2 int8"][3].endswith("x")
     assert re.fullmatch(r"[\d.]+ GiB", rows["gpt2-xl 1 step"][4])
     assert (tmp_path / "train.json").is_file() and (tmp_path / "sample.json").is_file()
