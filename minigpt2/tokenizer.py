@@ -21,6 +21,7 @@ import tiktoken
 
 from .errors import CheckpointError
 from .hub import OFFICIAL_REPOS, hub_file, local_path
+from .rundir import RunDir
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -97,6 +98,8 @@ def tokenizer_files(source: str | os.PathLike = "gpt2", *, revision: str | None 
     path = local_path(source)
     if path is None:
         return tuple(hub_file(str(source), name, revision=revision) for name in ("vocab.json", "merges.txt"))
+    if RunDir.is_run(path):  # a training run: the tokenizer of the checkpoint it stands for
+        path = RunDir(path).model_checkpoint()
     folder = path if path.is_dir() else path.parent
     files = folder / "vocab.json", folder / "merges.txt"
     if not all(f.is_file() for f in files):

@@ -159,6 +159,14 @@ def test_sharded_with_activation_checkpointing_matches_one_rank(setup, one_rank)
     assert sorted(p.name for p in out.iterdir()) == [".lock", "final", "log.jsonl", "run.json", "step-000002"]
 
 
+def test_lora_on_two_ranks_matches_one(setup):
+    one, two = setup[0] / "lora-one", setup[0] / "lora-two"
+    train(setup, one, "--batch-size", "4", "--grad-accum", "2", "--lora", "2")
+    train(setup, two, "--batch-size", "2", "--grad-accum", "2", "--lora", "2", ranks=2)
+    assert_same_run(one, two)
+    assert (two / "final" / "adapter" / "adapter_config.json").is_file()
+
+
 def test_activation_checkpointing_changes_nothing_on_one_process(setup, one_rank):
     out = setup[0] / "ac"
     train(setup, out, "--batch-size", "4", "--grad-accum", "2", "--activation-checkpointing")

@@ -260,6 +260,24 @@ def test_ctrl_c_during_an_evaluation_stops_within_seconds(shared_data, env, tmp_
     assert not any(r["type"] == "eval" and r["set"] == "鲁迅小说集" for r in RunDir(run).read_log())  # discarded
 
 
+def test_ctrl_c_after_a_step_with_cpu_defaults_saves_within_seconds(shared_data, env, tmp_path):
+    # Every CPU default but the model (tiny, with a 64-token context: the default 128-token
+    # sequences are capped to it).
+    run = tmp_path / "run"
+    proc = start("--data", shared_data / "zh" / "西游记.txt", *TINY, "--tokenizer", shared_data / "gpt2", "--out", run,
+                 env=env)  # fmt: skip
+    wait_for(run, proc, lambda log: trained_steps(log) >= 1)
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert time.time() - sent < 10
+    assert "defaults for this cpu: --steps 1000, --seq-len 64, --batch-size 4" in stdout
+    stopped = [r for r in RunDir(run).read_log() if r["type"] == "stopped"][-1]
+    assert f"stopped by SIGINT at step {stopped['step']}: saved" in stderr
+    assert load_model(run).config.n_positions == 64
+
+
 def test_sighup_saves_like_sigterm(base_args, env, tmp_path):
     run = tmp_path / "run"
     proc = start(*base_args, "--steps", "100000", "--eval-every", "0", "--out", run, env=env)

@@ -231,3 +231,39 @@ def test_compare_base_with_grown(grown):
     wte = next(t for t in weights["tensors"] if t["name"] == "wte.weight")
     assert wte["shape"] == [50257, 64] and wte["relative_change"] == 0
     assert "200 more token rows" in "\n".join(_weights({"weights": weights, "orientation": ORIENTATION}, 10))
+
+
+@pytest.mark.slow
+def test_train_py_grows_once_and_a_grown_run_resumes_bit_for_bit(shared_data, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    text = tmp_path / "zh.txt"
+    text.write_text((shared_data / "zh" / "西游记.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    args = ["--data", text, "--init-preset", "gpt2", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+            "--context", "32", "--tokenizer", shared_data / "gpt2", "--extend-vocab", "40", "--batch-size", "2",
+            "--steps", "4", "--save-every", "2", "--eval-every", "0", "--eval-tokens", "64", "--keep-last", "0",
+            "--dropout", "0.1", "--cache-dir", tmp_path / "cache", "--device", "cpu"]  # fmt: skip
+
+    def train(*extra):
+        result = subprocess.run([sys.executable, str(root / "train.py"), *map(str, extra)], capture_output=True,
+                                text=True, encoding="utf-8", cwd=root, timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    first = train(*args, "--out", tmp_path / "full")
+    assert "vocabulary: 40 new tokens learned" in first and "50,297 in all" in first
+    train(*args, "--out", tmp_path / "split")
+    shutil.rmtree(tmp_path / "split" / "final")  # as if it had stopped at step 2
+    resumed = train("--out", tmp_path / "split", "--resume")
+    assert "resuming at step 2 of 4" in resumed and "vocabulary:" not in resumed  # never learned again
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
+    assert a["transformer.wte.weight"].shape[0] == 50297 and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / "full" / "final" / name).read_bytes() == (tmp_path / "split" / "final" / name).read_bytes()
+    assert load_tokenizer(tmp_path / "split").n_vocab == 50297
