@@ -66,7 +66,7 @@ def find_text_files(specs: Iterable[str | os.PathLike]) -> list[Path]:
             found = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not found:
                 raise DataError(
-                    f"directory '{path}' holds no .txt files; point --data at text files or a folder of them"
+                    f"directory '{path}' holds no .txt files; point `data` at text files or a folder of them"
                 )
         elif path.exists():  # /dev/null, a FIFO, a socket: exists, but holds no text to read twice
             raise DataError(
@@ -126,7 +126,7 @@ def check_text_file(path: Path, encoding_errors: str = "strict") -> FileInfo:
                     raise DataError(
                         f"'{path}' is not valid UTF-8: byte 0x{block[max(e.start - pending, 0)]:02x} "
                         f"at offset {offset} "
-                        f"({e.reason}). Convert the file to UTF-8, or pass --encoding-errors replace to "
+                        f"({e.reason}). Convert the file to UTF-8, or pass `encoding_errors='replace'` to "
                         "replace undecodable bytes with U+FFFD"
                     ) from None
                 digest.update(block)
@@ -139,12 +139,12 @@ def check_text_file(path: Path, encoding_errors: str = "strict") -> FileInfo:
             except UnicodeDecodeError:
                 raise DataError(
                     f"'{path}' is not valid UTF-8: it ends in the middle of a character (offset {size}). "
-                    "Convert the file to UTF-8, or pass --encoding-errors replace"
+                    "Convert the file to UTF-8, or pass `encoding_errors='replace'`"
                 ) from None
     except OSError as e:
         raise DataError(f"cannot read '{path}': {e.strerror or e}") from None
     if size == 0:
-        raise DataError(f"'{path}' is empty; remove it from --data or give the right file")
+        raise DataError(f"'{path}' is empty; remove it from `data` or give the right file")
     return FileInfo(path=path, sha256=digest.hexdigest(), bytes=size, chars=chars - crlf)
 
 
@@ -372,7 +372,7 @@ def check_inputs(specs: Iterable[str | os.PathLike], encoding_errors: str = "str
     """Find every input file and check it (exists, not empty, not binary, UTF-8): the cheap pass
     that makes a bad input fail at once, before a tokenizer or a model is loaded."""
     if encoding_errors not in ("strict", "replace"):
-        raise DataError(f"--encoding-errors must be 'strict' or 'replace', not {encoding_errors!r}")
+        raise DataError(f"`encoding_errors` must be 'strict' or 'replace', not {encoding_errors!r}")
     return [check_text_file(p, encoding_errors) for p in find_text_files(specs)]
 
 
@@ -382,7 +382,7 @@ def compile_drop_lines(drop_lines: str | None) -> re.Pattern | None:
     try:
         return re.compile(drop_lines)
     except re.error as e:
-        raise DataError(f"--drop-lines {drop_lines!r} is not a valid regular expression: {e}") from None
+        raise DataError(f"`drop_lines` {drop_lines!r} is not a valid regular expression: {e}") from None
 
 
 def prepare_corpus(
@@ -403,7 +403,7 @@ def prepare_corpus(
     corpus starts at once.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise DataError(f"`val_fraction` must be in [0, 1), got {val_fraction}")
     pattern = compile_drop_lines(drop_lines)
     inputs = list(inputs)
     if inputs and all(isinstance(x, FileInfo) for x in inputs):
@@ -451,7 +451,7 @@ def prepare_corpus(
     if train.chars == 0 or len(train) <= len(files):
         raise DataError(
             "the input holds no text after cleaning"
-            + (f" (--drop-lines {drop_lines!r} removed every line)" if drop_lines else "")
+            + (f" (`drop_lines` {drop_lines!r} removed every line)" if drop_lines else "")
         )
     return Corpus(train=train, val=val, files=files, key=key, cached=cached, rebuilt_because=damaged)
 
@@ -557,8 +557,8 @@ class WindowSampler:
     def __init__(self, n_tokens: int, seq_len: int, batch_size: int, seed: int = 0) -> None:
         if n_tokens < seq_len + 1:
             raise DataError(
-                f"the training text has {n_tokens} tokens, fewer than one window of --seq-len {seq_len} + 1; "
-                "give more text or a shorter --seq-len"
+                f"the training text has {n_tokens} tokens, fewer than one window of `seq_len` {seq_len} + 1; "
+                "give more text or a shorter `seq_len`"
             )
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.windows_per_epoch = (n_tokens - 1) // seq_len

@@ -24,10 +24,10 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     except RuntimeError:
         raise MiniGPT2Error(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MiniGPT2Error(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu or auto")
+        raise MiniGPT2Error(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU; use `device=cpu` or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise MiniGPT2Error(
-            f"device {name!r} asked for, but Apple's MPS is not available here; use --device cpu or auto"
+            f"device {name!r} asked for, but Apple's MPS is not available here; use `device=cpu` or auto"
         )
     return device
 

@@ -16,6 +16,8 @@ bug in minigpt2.
 
 from __future__ import annotations
 
+import re
+
 
 class MiniGPT2Error(Exception):
     """A problem with the user's input (a checkpoint, a model name, a file, an option)."""
@@ -51,6 +53,9 @@ class OutputError(MiniGPT2Error):
     existing file, a missing or read-only folder, a full disk."""
 
 
+PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)(?:='?([^'`]*)'?)?`")
+
+
 def flag_name(option: str) -> str:
     """The conventional command-line spelling of a parameter: top_p -> --top-p."""
     return "--" + option.replace("_", "-")
@@ -61,10 +66,18 @@ def user_message(error: BaseException, flag_names: dict[str, str] | None = None)
 
     An `OptionError` is named the way the user typed it: `flag_names` maps the library's
     parameter names to the script's flags where they differ ({"n_positions": "--context"});
-    any other name becomes `--name-with-dashes`. Other errors are shown as they are, on one line.
+    any other name becomes `--name-with-dashes`. Other errors are shown as they are, on one line,
+    with the parameters they name in backticks (`encoding_errors='replace'`) turned into flags
+    (--encoding-errors replace) the same way.
     """
     if isinstance(error, OptionError):
         name = (flag_names or {}).get(error.option) or flag_name(error.option)
         return f"{name} {error.detail}"
     text = str(error).strip() or type(error).__name__
-    return " ".join(text.splitlines())
+
+    def flag(m: re.Match) -> str:
+        name = (flag_names or {}).get(m.group(1)) or flag_name(m.group(1))
+        return name + (f" {m.group(2)}" if m.group(2) else "")
+
+    # A message may name a parameter as Python spells it, in backticks: `seq_len`, `encoding_errors='replace'`.
+    return PARAMETER.sub(flag, " ".join(text.splitlines()))

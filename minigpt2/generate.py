@@ -237,7 +237,7 @@ def compiled(fn, **options):
             reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise MiniGPT2Error(
                 f"torch.compile could not compile the decode step ({reason.strip()}); "
-                "generate without compiling (sample.py without --compile): the tokens are the same"
+                "generate without compiling (`compile` off): the tokens are the same"
             ) from None
 
     return call

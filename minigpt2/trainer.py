@@ -124,13 +124,13 @@ def steps_for(
     """The number of optimizer steps for `--steps`, `--epochs` or `--tokens` (one epoch if none)."""
     given = [x for x in (steps, epochs, tokens) if x is not None]
     if len(given) > 1:
-        raise MiniGPT2Error("give only one of --steps, --epochs and --tokens")
+        raise MiniGPT2Error("give only one of `steps`, `epochs` and `tokens`")
     if steps is not None:
         return steps
     if tokens is None:
         tokens = (1.0 if epochs is None else epochs) * train_tokens
     if tokens <= 0:
-        raise MiniGPT2Error("--epochs and --tokens must be positive")
+        raise MiniGPT2Error("`epochs` and `tokens` must be positive")
     return max(1, math.ceil(tokens / tokens_per_step))
 
 
