@@ -145,7 +145,9 @@ def test_prompt_file_that_is_not_utf8(tmp_path):
 def test_compile_without_a_compiler(hub_gpt2, hf_home, tmp_path):
     env = {"CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     result = run_sample("hi", "--compile", "--device", "cpu", "--max-new-tokens", "3", hf_home=hf_home, env=env)
-    assert_clean_error(result, "torch.compile could not compile the decode step", "no-such-g++", "without compiling (--compile off)")
+    assert_clean_error(
+        result, "torch.compile could not compile the decode step", "no-such-g++", "without compiling (--compile off)"
+    )
 
 
 def test_no_prompt_at_all(tmp_path):
