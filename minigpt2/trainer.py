@@ -602,6 +602,8 @@ class Trainer:
                 skipped.append({"path": str(candidate.path), "why": str(e)})
                 if self.dist.is_main:
                     self._set_aside(candidate.path)
+        if self.resumed_from is None and self.dist.is_main:  # from step 0: its step-0 evaluation stays logged
+            self.run_dir.forget_after(0)
         return skipped
 
     def _set_aside(self, path: Path) -> None:

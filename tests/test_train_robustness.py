@@ -200,7 +200,7 @@ def test_resume_falls_back_past_damaged_checkpoints_and_ends_bit_equal(base_args
     for name, why in (
         ("final", "trainer_state.json cannot be read"),
         ("step-000007", "trainer_state.safetensors cannot be read"),
-        ("step-000006", "lacks optimizer."),
+        ("step-000006", "trainer_state.safetensors lacks optimizer."),
     ):
         assert f"skipped checkpoint {broken / name}: {why}" in resumed.stderr
         assert (broken / f"{name}.damaged-1").is_dir()  # kept for inspection
