@@ -256,7 +256,7 @@ def test_ctrl_c_during_an_evaluation_stops_within_seconds(shared_data, env, tmp_
     assert proc.returncode == 128 + signal.SIGINT, stderr
     assert seconds < 10, seconds
     assert "stopped by SIGINT before the first step: nothing to save" in stderr
-    assert "defaults for this cpu: --steps 1000, --seq-len 128, --batch-size 4, --eval-every 100" in stdout
+    assert "defaults for this cpu: --batch-size 4, --seq-len 128, --steps 500, --eval-every 50" in stdout
     assert not any(r["type"] == "eval" and r["set"] == "鲁迅小说集" for r in RunDir(run).read_log())  # discarded
 
 
@@ -272,7 +272,7 @@ def test_ctrl_c_after_a_step_with_cpu_defaults_saves_within_seconds(shared_data,
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT, stderr
     assert time.time() - sent < 10
-    assert "defaults for this cpu: --steps 1000, --seq-len 64, --batch-size 4" in stdout
+    assert "defaults for this cpu: --batch-size 4, --seq-len 64, --steps 500" in stdout
     stopped = [r for r in RunDir(run).read_log() if r["type"] == "stopped"][-1]
     assert f"stopped by SIGINT at step {stopped['step']}: saved" in stderr
     assert load_model(run).config.n_positions == 64
