@@ -4,6 +4,7 @@ first save, signals (Ctrl-C during an evaluation, SIGHUP), and CPU defaults."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,36 +130,41 @@ KILL = (
 )
 
 
-@pytest.mark.parametrize("stage", ["weights-written", "written", "moved-old-aside", "moved-new-in", "done"])
+STAGES = ["weights-written", "written", "moved-old-aside", "moved-new-in", "done"]
+
+
 def test_a_kill_at_any_stage_of_replacing_final_leaves_a_loadable_checkpoint_and_a_resumable_run(
-    base_args, env, tmp_path, stage
+    base_args, env, tmp_path
 ):
-    run = tmp_path / "run"
-    args = [*base_args, "--eval-every", "0", "--save-every", "0", "--out", run]
-    assert train(*args, "--steps", "3", env=env).returncode == 0
-    before = load_file(str(run / "final" / "model.safetensors"))
-    # Extend the run to 5 steps; its only save replaces final/, and the process is SIGKILLed at `stage`.
-    killed = subprocess.run(
-        [sys.executable, "-c", KILL, str(ROOT), stage, "--out", str(run), "--resume", "--steps", "5"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=240,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    found = RunDir(run).checkpoints()
-    assert found and found[-1].step in (3, 5)
-    model = load_model(run)  # the run stands for a complete checkpoint, whatever the moment of the kill
-    assert model.config.n_layer == 2
-    resumed = train("--out", run, "--resume", "--steps", "6", env=env)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "Traceback" not in resumed.stderr
-    if stage in ("weights-written", "written", "moved-old-aside", "moved-new-in"):
-        assert "note: " in resumed.stderr and "interrupted save" in resumed.stderr  # named
-    assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]
-    assert [r["step"] for r in RunDir(run).read_log() if r["type"] == "train"][-1] == 6
-    assert any(not before[k].equal(v) for k, v in load_file(str(run / "final" / "model.safetensors")).items())
+    # One run of 3 steps, copied once per stage; each copy is extended to 5 steps, and that run's
+    # only save (replacing final/) is SIGKILLed at its stage. The copies run side by side.
+    first = tmp_path / "first"
+    args = [*base_args, "--eval-every", "0", "--save-every", "0"]
+    assert train(*args, "--steps", "3", "--out", first, env=env).returncode == 0
+    before = load_file(str(first / "final" / "model.safetensors"))
+    runs = {stage: tmp_path / stage for stage in STAGES}
+    for run in runs.values():
+        shutil.copytree(first, run)
+    killed = {stage: subprocess.Popen([sys.executable, "-c", KILL, str(ROOT), stage, "--out", str(run), "--resume",
+                                       "--steps", "5"], stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+              for stage, run in runs.items()}  # fmt: skip
+    for stage, proc in killed.items():
+        stderr = proc.communicate(timeout=240)[1]
+        assert proc.returncode == -signal.SIGKILL, (stage, stderr)
+        found = RunDir(runs[stage]).checkpoints()
+        assert found and found[-1].step in (3, 5), stage
+        assert load_model(runs[stage]).config.n_layer == 2  # the run stands for a complete checkpoint
+    resumed = {stage: start("--out", run, "--resume", "--steps", "6", env=env) for stage, run in runs.items()}
+    for stage, proc in resumed.items():
+        stdout, stderr = proc.communicate(timeout=240)
+        run = runs[stage]
+        assert proc.returncode == 0 and "Traceback" not in stderr, (stage, stderr)
+        if stage != "done":
+            assert "note: " in stderr and "interrupted save" in stderr, (stage, stderr)  # named
+        assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".lock"], stage
+        assert [r["step"] for r in RunDir(run).read_log() if r["type"] == "train"][-1] == 6, stage
+        after = load_file(str(run / "final" / "model.safetensors"))
+        assert any(not before[k].equal(v) for k, v in after.items()), stage
 
 
 def damage(checkpoint: Path, how: str) -> None:
