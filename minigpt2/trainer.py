@@ -22,7 +22,6 @@ to RUN/log.jsonl; the front end (`train.py`) decides how to show them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import time
@@ -38,19 +37,13 @@ from torch import nn
 from .checks import SEED_MAX, finite, integer, non_negative_int, positive_int
 from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows, perplexity
 from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
-from .errors import CheckpointError, MiniGPT2Error
+from .errors import MiniGPT2Error
 from .flops import flops_per_token, peak_flops
-from .lora import is_lora, load_lora_state, lora_settings, merged_state_dict, save_lora_state, save_peft_adapter
+from .lora import is_lora
 from .model import GPT
-from .rundir import RunDir, dir_size, step_name
+from .rundir import RunDir, dir_size
 from .snapshots import Snapshotter
-from .train_state import optimizer_state, optimizer_tensors, read_state, restore_rng, rng_tensors, write_state
-from .weights import load_model, save_model
-
-
-class CheckpointMismatch(CheckpointError):
-    """A readable checkpoint of another model (other parameters, other LoRA settings): a resume
-    stops there rather than falling back, since every checkpoint of the run would differ alike."""
+from .train_state import CheckpointIO
 
 
 class TrainingDiverged(MiniGPT2Error):
@@ -179,7 +172,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-class Trainer:
+class Trainer(CheckpointIO):
     """Trains `model` on windows of `train` and evaluates it on `eval_sets`, writing into `run`.
 
     Args:
@@ -454,163 +447,6 @@ class Trainer:
             "bpc": bits_per_char(mean, data.tokens_per_char),
             "eval_tokens": int(count),
         }
-
-    # ----- checkpoints ----------------------------------------------------------------------
-
-    def save_checkpoint(self, name: str | None = None) -> Path:
-        """Write weights + trainer state to RUN/step-NNNNNN (or RUN/final), crash-safely.
-
-        `RunDir.save` writes into a hidden folder and renames it into place. Under torchrun only
-        rank 0 writes (a sharded model's full weights are first gathered to it, which every rank
-        takes part in). Older step checkpoints beyond `keep_last` are deleted afterwards.
-        """
-        name = name or step_name(self.step)
-        weights = optim = None
-        if self.sharded:  # collectives: every rank, before rank 0 alone goes on
-            from .distributed import full_model_state, full_optimizer_state
-
-            weights = full_model_state(self.raw_model)
-            optim = full_optimizer_state(self.raw_model, self.optimizer)
-        target = self.out / name
-        if not self.dist.is_main:
-            return target
-
-        lora = is_lora(self.raw_model)
-
-        def write(folder: Path) -> None:
-            # LoRA: model.safetensors holds the merged model (the usual layout), adapter/ the
-            # adapters alone in PEFT's layout, the trainer state the adapters for resuming.
-            merged = merged_state_dict(self.raw_model, weights) if lora else weights
-            save_model(self.raw_model, folder, tokenizer_source=self.tokenizer_source, state_dict=merged)
-            self.run_dir.stage("weights-written")
-            tensors, state = self.state(optim)
-            if lora:
-                save_peft_adapter(self.raw_model, folder / "adapter", getattr(self.raw_model, "source", None), weights)
-                tensors.update(save_lora_state(self.raw_model, weights))
-            write_state(folder, tensors, state)
-
-        try:
-            path = self.run_dir.save(name, write)
-        except OSError as e:
-            raise CheckpointError(
-                f"could not save checkpoint {name} in '{self.out}': {e.strerror or e}. "
-                "The previous checkpoints are untouched; free some space and resume."
-            ) from None
-        if self.keep_last and name != "final":
-            self.run_dir.prune(self.keep_last)
-        return path
-
-    def state(self, full_optimizer_state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The trainer state as (tensors for safetensors, JSON-able dict): see `train_state.py`.
-
-        The data position needs no state of its own: batch i is a pure function of (seed, i),
-        see `WindowSampler`. Python's and NumPy's global generators are not used by the loop.
-        A sharded run passes its gathered optimizer state (keyed by parameter name); it is
-        written in the same layout, so any run can resume from any other.
-        """
-        if full_optimizer_state is None:
-            opt = self.optimizer.state_dict()
-        else:
-            index = {name: i for i, name in enumerate(self.param_names)}
-            opt = {
-                "state": {index[name]: entry for name, entry in full_optimizer_state["state"].items()},
-                "param_groups": [
-                    {**g, "params": [index[name] for name in g["params"]]} for g in full_optimizer_state["param_groups"]
-                ],
-            }
-        tensors = {**optimizer_tensors(opt, self.param_names), **rng_tensors(self.device)}
-        state = {
-            "step": self.step,
-            "tokens": self.tokens,
-            "config": dataclasses.asdict(self.config),
-            "param_names": self.param_names,
-            "param_groups": opt["param_groups"],
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "sampler": {"seed": self.config.seed, "next_batch": self.step * self.config.grad_accum * self.config.ranks},
-            "ranks": self.config.ranks,
-            "lora": lora_settings(self.raw_model) if is_lora(self.raw_model) else None,
-        }
-        return tensors, state
-
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Continue from a checkpoint: its weights, optimizer moments, step, RNG and scaler.
-
-        Everything is read and checked before anything is changed, so a checkpoint that cannot
-        be read raises `CheckpointError` and leaves the trainer as it was.
-        """
-        try:
-            self._load_checkpoint(Path(path))
-        except CheckpointError as e:
-            raise type(e)(f"cannot resume from '{path}': {e}") from None
-
-    def _load_checkpoint(self, path: Path) -> None:
-        state, tensors = read_state(path)
-        if state["param_names"] != self.param_names:
-            raise CheckpointMismatch("it was saved from a model with different parameters")
-        lora = lora_settings(self.raw_model) if is_lora(self.raw_model) else None
-        if state.get("lora") != lora:
-            raise CheckpointMismatch(f"it was saved with LoRA settings {state.get('lora')}, not {lora}")
-        opt = optimizer_state(tensors, state["param_groups"], self.param_names)
-        if lora:  # the base stays the start model; model.safetensors is merged (B @ A counted in)
-            load_lora_state(self.raw_model, tensors)
-            self.optimizer.load_state_dict(opt)
-        elif self.sharded:
-            loaded = load_model(path, device="cpu")  # every rank reads the full state and keeps its slices
-            from .distributed import load_full_state
-
-            names = self.param_names
-            load_full_state(
-                self.raw_model,
-                self.optimizer,
-                loaded.state_dict(),
-                {
-                    "state": {names[i]: entry for i, entry in opt["state"].items()},
-                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt["param_groups"]],
-                },
-            )
-        else:
-            loaded = load_model(path, device=self.device)
-            with torch.no_grad():
-                self.raw_model.load_state_dict(loaded.state_dict())
-            self.optimizer.load_state_dict(opt)
-        if state.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        restore_rng(tensors, self.device)
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.resumed_from = path
-        if self.dist.rank:  # the checkpoint holds rank 0's dropout stream; the others start anew
-            torch.manual_seed(self.config.seed + self.dist.rank + 1_000_003 * self.step)
-        if self.dist.is_main:
-            self.run_dir.forget_after(self.step)
-
-    def resume(self) -> list[dict]:
-        """Continue from the newest checkpoint that can be read, falling back past the others.
-
-        Returns one record per checkpoint skipped ({"path", "why"}). A damaged checkpoint is renamed
-        `NAME.damaged-N` (kept for inspection, never deleted), so it is not tried again and a fresh
-        checkpoint of the same step can take its name. With no usable checkpoint at all, the run
-        starts from step 0 (the model it was given).
-        """
-        skipped = []
-        for candidate in self.run_dir.resume_candidates():
-            try:
-                self._load_checkpoint(candidate.path)
-                break
-            except CheckpointMismatch as e:  # readable, but of another model: every one would be
-                raise CheckpointMismatch(f"cannot resume from '{candidate.path}': {e}") from None
-            except CheckpointError as e:
-                skipped.append({"path": str(candidate.path), "why": str(e)})
-                if self.dist.is_main:
-                    self._set_aside(candidate.path)
-        if self.resumed_from is None and self.dist.is_main:  # from step 0: its step-0 evaluation stays logged
-            self.run_dir.forget_after(0)
-        return skipped
-
-    def _set_aside(self, path: Path) -> None:
-        n = 1
-        while (aside := path.with_name(f"{path.name.lstrip('.')}.damaged-{n}")).exists():
-            n += 1
-        os.rename(path, aside)
 
     # ----- the loop ---------------------------------------------------------------------------
 
