@@ -3,9 +3,10 @@ with `--extend-vocab`, for the same wall-clock time of training, through the rea
 
 1. A small GPT-2 is trained from scratch on the four shared novels with GPT-2's tokenizer (the
    "model that already knows some Chinese"; GPT-2 itself cannot be downloaded here).
-2. It is continued twice for the same seconds of training (counted from each run's first step, so
-   start-up and the learning of the merges are not counted; then Ctrl-C, which saves):
-   as it is, and grown with `--extend-vocab N` (the merges are learned, and cached, beforehand).
+2. It is continued twice, side by side on one thread each (so both see the same machine), for the
+   same seconds of training counted from each run's first step (start-up and the learning of the
+   merges are not counted; then Ctrl-C, which saves): as it is, and grown with `--extend-vocab N`
+   (the merges are learned, and cached, beforehand).
 3. Both are measured the same way: bits per character on held-out Lu Xun (compare.py, each with
    its own tokenizer, on the same characters) and Chinese characters generated per second
    (sample.py, the same prompts and seeds).
@@ -40,26 +41,32 @@ def run(*args, timeout=3600):
     return result.stdout
 
 
-def train_for(seconds: float, args: list, out: Path) -> tuple[float, int, int]:
-    """Run train.py until `seconds` after its first training step, then Ctrl-C (it saves)."""
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *map(str, args), "--out", out],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    log = out / "log.jsonl"
-    while not (log.exists() and '"type": "train"' in log.read_text(encoding="utf-8")):
-        if proc.poll() is not None:
-            sys.exit(f"train.py ended early: {proc.stderr.read()}")
+def train_side_by_side(seconds: float, runs: dict[str, list]) -> dict[str, dict]:
+    """Run each train.py (one thread each, at the same time, so both see the same machine) until
+    `seconds` after its first training step, then Ctrl-C it (it saves)."""
+    procs, started = {}, {}
+    for name, args in runs.items():
+        procs[name] = subprocess.Popen([sys.executable, "train.py", *map(str, args), "--threads", "1"], cwd=ROOT,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    logs = {name: Path(args[args.index("--out") + 1]) / "log.jsonl" for name, args in runs.items()}
+    while any(proc.returncode is None for proc in procs.values()):
+        for name, proc in procs.items():
+            if proc.returncode is not None:
+                continue
+            if proc.poll() is not None:
+                sys.exit(f"train.py ({name}) ended early: {proc.stderr.read()}")
+            log = logs[name]
+            if name not in started and log.exists() and '"type": "train"' in log.read_text(encoding="utf-8"):
+                started[name] = time.time()
+            if name in started and time.time() - started[name] >= seconds:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=600)
         time.sleep(0.2)
-    started = time.time()
-    time.sleep(seconds)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=600)
-    steps = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if '"train"' in line]
-    return time.time() - started, steps[-1]["step"], steps[-1]["tokens"]
+    results = {}
+    for name in procs:
+        steps = [json.loads(line) for line in logs[name].read_text(encoding="utf-8").splitlines() if '"train"' in line]
+        results[name] = {"steps": steps[-1]["step"], "tokens": steps[-1]["tokens"], "seconds": seconds}
+    return results
 
 
 def chars_per_second(model: Path, seed: int) -> float:
@@ -115,16 +122,15 @@ def main() -> int:
     learn_merges_cached(check_inputs(novels), load_tokenizer(data / "gpt2"), args.merges, root / "cache")
     print(f"{args.merges} merges learned (or found cached) in {time.time() - t:.0f} s")
 
-    results = {}
+    runs = {}
     for name, extra in (("as is", []), ("grown", ["--extend-vocab", args.merges])):
         out = root / name.replace(" ", "-")
-        seconds, steps, tokens = train_for(
-            args.seconds,
-            [*common, *env_cache, "--model", base / "final", "--lr", "1e-3", "--steps", 100000, *extra],
-            out,
-        )
-        results[name] = {"out": out, "seconds": seconds, "steps": steps, "tokens": tokens}
-        print(f"{name}: {steps} steps, {tokens:,} tokens in {seconds:.0f} s of training")
+        runs[name] = [*common, *env_cache, "--model", base / "final", "--lr", "1e-3", "--steps", 100000, *extra,
+                      "--out", out]  # fmt: skip
+    results = train_side_by_side(args.seconds, runs)
+    for name, r in results.items():
+        r["out"] = root / name.replace(" ", "-")
+        print(f"{name}: {r['steps']} steps, {r['tokens']:,} tokens in {r['seconds']:.0f} s of training")
     run(
         "compare.py",
         base / "final",
