@@ -364,7 +364,7 @@ def write_plot(result: dict, path: str | os.PathLike, force: bool = False) -> Pa
         fig.suptitle(f"A = {result['a']['source']}   vs   B = {result['b']['source']}", fontsize=11)
         with warnings.catch_warnings():  # without a CJK font, Chinese in a path shows as boxes
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-            fig.tight_layout()
+            fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title above the panels
             write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
@@ -428,6 +428,8 @@ def _plot_curves(ax_loss, ax_bpc, run: dict) -> None:
         )
     if curves["eval"]:
         ax_bpc.legend(fontsize=8)
+    else:
+        ax_bpc.text(0.5, 0.5, "no evaluations in this run", ha="center", va="center", transform=ax_bpc.transAxes)
     ax_bpc.set_title(f"run {run['side']}: evaluation, bits per character (lower is better)", fontsize=10)
     for ax in (ax_loss, ax_bpc):
         ax.set_xlabel("step")
