@@ -415,6 +415,7 @@ def finetuned(shared_data, tmp_path_factory):
     return make_finetuned_run(shared_data, tmp_path_factory.mktemp("finetune"))
 
 
+@pytest.mark.slow
 def test_a_finetuned_model_against_its_start(finetuned, shared_data, tmp_path):
     start, run, en = finetuned
     zh = shared_data / "zh" / "鲁迅小说集.txt"
@@ -474,6 +475,7 @@ def test_a_finetuned_model_against_its_start(finetuned, shared_data, tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_a_run_alone_compares_its_start_and_end(finetuned):
     start, run, _ = finetuned
     result = compare(str(run))
@@ -491,6 +493,7 @@ def test_a_snapshot_line_cut_short_is_skipped(tmp_path):
 # ----- bad input, as a user meets it -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_clear_message(tmp_path, shared_data):
     from safetensors.torch import load_file, save_file
 

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 
 from minigpt2 import load_model
 
+pytestmark = pytest.mark.slow  # real subprocess runs (torchrun / train.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--init-preset",

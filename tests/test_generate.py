@@ -45,6 +45,7 @@ def test_static_shape_decoder_agrees_with_eager():
     assert run(model, PROMPTS, 45, static=True) == run(model, PROMPTS, 45)
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("static", [None, True], ids=["cpu-default-dynamic-shapes", "static-shapes"])
 def test_compiled_decoder_agrees_with_eager(static):
     model = tiny(n_positions=16)  # 20 new tokens cross the context: the window restarts once

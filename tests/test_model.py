@@ -17,7 +17,9 @@ CONFIGS = {
 TOLERANCE = 1e-4  # max abs difference of float32 logits
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(
+    scope="module", params=[pytest.param(n, marks=[pytest.mark.slow] if n == "124M" else []) for n in CONFIGS]
+)
 def pair(request, tmp_path_factory):
     """(transformers model, minigpt2 model loaded from its checkpoint) in both layouts."""
     hf = random_hf_model(**CONFIGS[request.param], seed=7)

@@ -134,6 +134,7 @@ def run_sample(*args, hf_home):
     )
 
 
+@pytest.mark.slow
 def test_sample_cli_quantized_is_reproducible(hub_gpt2, hf_home):
     args = (
         "今天的天气",

@@ -44,6 +44,7 @@ def test_sample_from_the_hub_cache(hub_gpt2, hf_home):
     assert re.fullmatch(r"\[12 tokens · [\d.]+ tok/s · CJK \d+% · length\]", lines[-1])
 
 
+@pytest.mark.slow
 def test_json_records_for_several_prompts_samples_and_models(hub_gpt2, hf_home, tmp_path):
     local = write_official_layout(hub_gpt2, tmp_path / "local")
     result = run_sample(
@@ -73,6 +74,7 @@ def test_json_records_for_several_prompts_samples_and_models(hub_gpt2, hf_home, 
     assert records[0]["text"] == records[2]["text"] and records[1]["text"] == records[3]["text"]
 
 
+@pytest.mark.slow
 def test_sampling_with_a_seed_is_reproducible(hub_gpt2, hf_home):
     runs = [run_sample("Hello", "--seed", "3", "--max-new-tokens", "15", hf_home=hf_home) for _ in range(2)]
     assert runs[0].returncode == 0, runs[0].stderr
@@ -81,6 +83,7 @@ def test_sampling_with_a_seed_is_reproducible(hub_gpt2, hf_home):
     assert other.stdout.split("[")[0] != runs[0].stdout.split("[")[0]
 
 
+@pytest.mark.slow
 def test_cache_and_no_cache_agree_past_the_context(hub_gpt2, hf_home):
     args = ["", "--greedy", "--max-new-tokens", "200", "--json"]  # context 128: the window slides twice
     cached, uncached = run_sample(*args, hf_home=hf_home), run_sample(*args, "--no-cache", hf_home=hf_home)
@@ -89,6 +92,7 @@ def test_cache_and_no_cache_agree_past_the_context(hub_gpt2, hf_home):
     assert a["text"] == b["text"] and a["tokens"] == 200
 
 
+@pytest.mark.slow
 def test_long_prompt_keeps_its_end(hub_gpt2, hf_home, tmp_path):
     prompt = tmp_path / "long.txt"
     prompt.write_text("天" * 200, encoding="utf-8")  # 200+ tokens, context 128
@@ -142,6 +146,7 @@ def test_prompt_file_that_is_not_utf8(tmp_path):
     assert_clean_error(missing, "nope.txt")
 
 
+@pytest.mark.slow
 def test_compile_without_a_compiler(hub_gpt2, hf_home, tmp_path):
     env = {"CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     result = run_sample("hi", "--compile", "--device", "cpu", "--max-new-tokens", "3", hf_home=hf_home, env=env)

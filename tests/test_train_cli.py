@@ -12,6 +12,8 @@ import pytest
 
 from minigpt2 import load_model
 
+pytestmark = pytest.mark.slow  # real subprocess runs (torchrun / train.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--init-preset", "gpt2", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--context", "64"]
 

@@ -103,6 +103,7 @@ def _sampled_bytes(enc, guard, seed):
     return [b"".join(enc.decode_single_token_bytes(t) for t in col) for col in columns]
 
 
+@pytest.mark.slow
 def test_guard_keeps_hot_random_sampling_valid_utf8(enc):
     guard = Utf8Guard.for_tokenizer(enc, 50257)
     for data in _sampled_bytes(enc, guard, seed=3):

@@ -218,6 +218,7 @@ def test_grown_checkpoint_matches_transformers(grown):
     assert guard.mask(torch.zeros(1, 50457), torch.zeros(1, dtype=torch.long)).isinf().any()
 
 
+@pytest.mark.slow
 def test_compare_base_with_grown(grown):
     """compare.py's weight comparison accepts a grown B: shared rows compared, new rows summarised."""
     from minigpt2.compare import ORIENTATION, compare_weights
