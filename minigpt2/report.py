@@ -585,8 +585,9 @@ def write_tradeoff_plot(result: dict, path: str | os.PathLike, force: bool = Fal
             delta = [m["bits_per_char"] - a["bits_per_char"] for m, a in zip(model["behaviour"], base)]
             x, y = delta[0], delta[1] if len(delta) > 1 else 0.0
             ax.scatter([x], [y], color=colour, s=60, zorder=3)
+            name = "A" if model is result["models"][0] else Path(model["source"]).name or model["source"]
             ax.annotate(
-                Path(model["source"]).name or model["source"],
+                name,
                 (x, y),
                 textcoords="offset points",
                 xytext=(6, 6),
