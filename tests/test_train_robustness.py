@@ -262,7 +262,7 @@ def test_ctrl_c_during_an_evaluation_stops_within_seconds(shared_data, env, tmp_
     assert proc.returncode == 128 + signal.SIGINT, stderr
     assert seconds < 10, seconds
     assert "stopped by SIGINT before the first step: nothing to save" in stderr
-    assert "defaults for this cpu: --batch-size 4, --seq-len 128, --steps 500, --eval-every 50" in stdout
+    assert "defaults for this cpu: --batch-size 4, --seq-len 64, --steps 500, --eval-every 50" in stdout
     assert not any(r["type"] == "eval" and r["set"] == "鲁迅小说集" for r in RunDir(run).read_log())  # discarded
 
 
