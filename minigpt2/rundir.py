@@ -66,10 +66,6 @@ class Checkpoint:
     path: Path
     step: int
 
-    @property
-    def name(self) -> str:
-        return self.path.name
-
 
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
@@ -204,17 +200,14 @@ class RunDir:
             return []
         found: dict[str, Checkpoint] = {}
         for path in sorted(self.path.iterdir()):
-            leftover = LEFTOVER.fullmatch(path.name)
-            name = leftover.group(1) if leftover else path.name
+            name = _base_name(path)
             if not (name == FINAL or STEP_NAME.fullmatch(name)) or not is_complete(path):
                 continue
             step = checkpoint_step(path)
             if step is None:  # damaged: still listed (a resume names it and falls back), at its name's place
                 step = int(name.split("-")[1]) if name != FINAL else UNKNOWN_FINAL_STEP
-            # The folder under its own name wins; of two hidden copies, the newer (tmp) one.
-            rank = 2 if not leftover else (1 if leftover.group(2) == "tmp" else 0)
             current = found.get(name)
-            if current is None or rank > _rank(current.path):
+            if current is None or _rank(path) > _rank(current.path):
                 found[name] = Checkpoint(path, step)
         return sorted(found.values(), key=lambda c: (c.step, _base_name(c.path) == FINAL))
 
@@ -317,6 +310,7 @@ def _base_name(path: Path) -> str:
 
 
 def _rank(path: Path) -> int:
+    """Which copy of a checkpoint wins: the folder under its own name, else the newer hidden (tmp) one."""
     m = LEFTOVER.fullmatch(path.name)
     return 2 if not m else (1 if m.group(2) == "tmp" else 0)
 
