@@ -347,27 +347,28 @@ def write_plot(result: dict, path: str | os.PathLike, force: bool = False) -> Pa
     has_curves = bool(run and (run.get("curves", {}).get("train") or run.get("curves", {}).get("eval")))
     has_steps = bool(run and run["steps"])
     rows = 1 + has_curves + has_steps
-    fig, axes = plt.subplots(rows, 2, figsize=(13, 5 * rows), squeeze=False)
     font = cjk_font()
-    try:
-        row = 0
-        if has_curves:
-            _plot_curves(axes[0][0], axes[0][1], run)
-            row += 1
-        _plot_heatmap(fig, axes[row][0], result)
-        _plot_activations(axes[row][1], result, font)
-        if has_steps:
-            _plot_steps(axes[row + 1][0], run, "weight_drift", "weights: relative change per layer since the start")
-            _plot_steps(
-                axes[row + 1][1], run, "activation_drift", "block outputs on the probe: rel. diff since the start"
-            )
-        fig.suptitle(f"A = {result['a']['source']}   vs   B = {result['b']['source']}", fontsize=11)
-        with warnings.catch_warnings():  # without a CJK font, Chinese in a path shows as boxes
-            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-            fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title above the panels
-            write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    with cjk_fallback(matplotlib, font):  # for every text of the figure, until it is saved
+        fig, axes = plt.subplots(rows, 2, figsize=(13, 5 * rows), squeeze=False)
+        try:
+            row = 0
+            if has_curves:
+                _plot_curves(axes[0][0], axes[0][1], run, font)
+                row += 1
+            _plot_heatmap(fig, axes[row][0], result)
+            _plot_activations(axes[row][1], result, font)
+            if has_steps:
+                _plot_steps(axes[row + 1][0], run, "weight_drift", "weights: relative change per layer since the start")
+                _plot_steps(
+                    axes[row + 1][1], run, "activation_drift", "block outputs on the probe: rel. diff since the start"
+                )
+            fig.suptitle(f"A = {result['a']['source']}   vs   B = {result['b']['source']}", fontsize=11)
+            with warnings.catch_warnings():  # without a CJK font, Chinese in a path shows as boxes
+                warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+                fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title above the panels
+                write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        finally:
+            plt.close(fig)
     return path
 
 
@@ -394,6 +395,14 @@ def cjk_font() -> str | None:
     return next((name for name in CJK_FONTS if name in installed), None)
 
 
+def cjk_fallback(matplotlib, font: str | None):
+    """Text drawn inside this context falls back to `font` for the glyphs matplotlib's own font
+    lacks (Chinese), so every label, title and legend shows them; nothing changes without one."""
+    import contextlib
+
+    return matplotlib.rc_context({"font.family": ["DejaVu Sans", font]}) if font else contextlib.nullcontext()
+
+
 def prompt_label(number: int, prompt: str, font: str | None) -> str:
     """The legend entry of a prompt: its text, shortened, where it can be drawn; else its number
     (a Chinese prompt without a CJK font would be a row of empty boxes)."""
@@ -402,7 +411,7 @@ def prompt_label(number: int, prompt: str, font: str | None) -> str:
     return f"prompt {number} (install a CJK font, e.g. fonts-noto-cjk, to see its text)"
 
 
-def _plot_curves(ax_loss, ax_bpc, run: dict) -> None:
+def _plot_curves(ax_loss, ax_bpc, run: dict, font: str | None) -> None:
     from matplotlib.ticker import MaxNLocator
 
     curves = run["curves"]
@@ -424,7 +433,7 @@ def _plot_curves(ax_loss, ax_bpc, run: dict) -> None:
             [p["bpc"] for p in points],
             marker="o",
             color=colour,
-            label=name if name.isascii() or cjk_font() else f"eval set {len(ax_bpc.lines) + 1}",
+            label=name if name.isascii() or font else f"eval set {len(ax_bpc.lines) + 1}",
         )
     if curves["eval"]:
         ax_bpc.legend(fontsize=8)
@@ -504,10 +513,7 @@ def _plot_activations(ax, result: dict, font: str | None) -> None:
     ax.set_xlabel("block output")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    legend = ax.legend(fontsize=7)
-    if font is not None:
-        for text in legend.get_texts():
-            text.set_fontfamily(font)
+    ax.legend(fontsize=7)
 
 
 def _plot_steps(ax, run: dict, key: str, title: str) -> None:
@@ -579,29 +585,31 @@ def write_tradeoff_plot(result: dict, path: str | os.PathLike, force: bool = Fal
 
     texts = [Path(t["file"]).name for t in result["texts"]]
     base = result["models"][0]["behaviour"]
-    fig, ax = plt.subplots(figsize=(7, 5.5))
-    try:
-        for model, colour in zip(result["models"], _colours(len(result["models"]))):
-            delta = [m["bits_per_char"] - a["bits_per_char"] for m, a in zip(model["behaviour"], base)]
-            x, y = delta[0], delta[1] if len(delta) > 1 else 0.0
-            ax.scatter([x], [y], color=colour, s=60, zorder=3)
-            name = "A" if model is result["models"][0] else Path(model["source"]).name or model["source"]
-            ax.annotate(
-                name,
-                (x, y),
-                textcoords="offset points",
-                xytext=(6, 6),
-                fontsize=9,
-            )
-        ax.axhline(0, color="0.6", linewidth=0.8)
-        ax.axvline(0, color="0.6", linewidth=0.8)
-        label = [t if t.isascii() or cjk_font() else f"text {i + 1}" for i, t in enumerate(texts)]
-        ax.set_xlabel(f"change in bits per character on {label[0]} (learned: left is better)")
-        ax.set_ylabel(f"change on {label[1]} (forgotten: up is worse)" if len(texts) > 1 else "")
-        ax.set_title(f"against A = {result['a']['source']}", fontsize=10)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    font = cjk_font()
+    with cjk_fallback(matplotlib, font):  # for every text of the figure, until it is saved
+        fig, ax = plt.subplots(figsize=(7, 5.5))
+        try:
+            for model, colour in zip(result["models"], _colours(len(result["models"]))):
+                delta = [m["bits_per_char"] - a["bits_per_char"] for m, a in zip(model["behaviour"], base)]
+                x, y = delta[0], delta[1] if len(delta) > 1 else 0.0
+                ax.scatter([x], [y], color=colour, s=60, zorder=3)
+                name = "A" if model is result["models"][0] else Path(model["source"]).name or model["source"]
+                ax.annotate(
+                    name,
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(6, 6),
+                    fontsize=9,
+                )
+            ax.axhline(0, color="0.6", linewidth=0.8)
+            ax.axvline(0, color="0.6", linewidth=0.8)
+            label = [t if t.isascii() or font else f"text {i + 1}" for i, t in enumerate(texts)]
+            ax.set_xlabel(f"change in bits per character on {label[0]} (learned: left is better)")
+            ax.set_ylabel(f"change on {label[1]} (forgotten: up is worse)" if len(texts) > 1 else "")
+            ax.set_title(f"against A = {result['a']['source']}", fontsize=10)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        finally:
+            plt.close(fig)
     return path
