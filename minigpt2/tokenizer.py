@@ -131,6 +131,8 @@ def load_tokenizer(source: str | os.PathLike = "gpt2", *, revision: str | None =
         except Exception as e:  # network or cache failures inside tiktoken
             errors.append(f"tiktoken's gpt2 download failed: {e}")
     raise CheckpointError(
-        f"no GPT-2 tokenizer found for '{source}': " + " / ".join(errors) + ". Put vocab.json and merges.txt "
+        f"no GPT-2 tokenizer found for '{source}': "
+        + " / ".join(e.rstrip(".") for e in errors)
+        + ". Put vocab.json and merges.txt "
         f"beside the checkpoint, or run once with a network so the '{OFFICIAL_REPOS['gpt2']}' files are cached."
     )
