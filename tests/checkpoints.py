@@ -4,6 +4,7 @@ transformers' `GPT2LMHeadModel` is the reference: we make one from random weight
 it out (a) exactly as the official hub file is laid out (no `transformer.` prefix, Conv1D
 weights (in, out), the `attn.bias` mask buffers present, no `lm_head`) or (b) with
 `save_pretrained`, and (c) into a Hugging Face cache folder, as `hf_hub_download` leaves it.
+`tiny_gpt` is a small minigpt2 model from random weights, for tests that need no checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from minigpt2 import GPT, GPTConfig
+
+
+def tiny_gpt(vocab_size=500, n_positions=32, seed=0, n_layer=2, n_embd=32, n_head=4) -> GPT:
+    """A small minigpt2 GPT from seeded random weights, in eval mode."""
+    torch.manual_seed(seed)
+    return GPT(
+        GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    ).eval()
 
 
 def random_hf_model(*, n_layer, n_head, n_embd, n_positions=128, vocab_size=50257, seed=0):

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import official_state_dict, random_hf_model, write_official_layout
+from clis import ROOT, offline_env, start_script
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
 NAN, INF = float("nan"), float("inf")
 PARALLEL = 4
 
@@ -229,19 +229,6 @@ def tree_digest(root: Path) -> dict[str, str]:
     }
 
 
-def start(script, args, hf_home, extra_env):
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", **extra_env}
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / script), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        env=env,
-        cwd=ROOT,
-    )
-
-
 @pytest.mark.slow
 def test_every_bad_input_is_one_clear_error_line(world, hf_home):
     table = rows(world)
@@ -249,7 +236,9 @@ def test_every_bad_input_is_one_clear_error_line(world, hf_home):
     before = tree_digest(world["root"])
     failures = []
     for i in range(0, len(table), PARALLEL):
-        batch = [(row, start(row[1], row[2], hf_home, row[4])) for row in table[i : i + PARALLEL]]
+        batch = [
+            (row, start_script(row[1], *row[2], env=offline_env(hf_home, **row[4]))) for row in table[i : i + PARALLEL]
+        ]
         for (name, script, _, needle, _), proc in batch:
             stdout, stderr = proc.communicate(timeout=180)
             errors = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -274,7 +263,7 @@ def test_no_network_fails_in_seconds(world):
 
     env = {"HF_HOME": str(world["root"] / "empty-hf-2"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
     began = time.monotonic()
-    proc = start("sample.py", ["hi", "--model", "gpt2"], world["root"] / "empty-hf-2", env)
+    proc = start_script("sample.py", "hi", "--model", "gpt2", env=offline_env(world["root"] / "empty-hf-2", **env))
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1 and time.monotonic() - began < 20, stderr
     assert [line for line in stderr.splitlines() if line.strip()] == [stderr.strip()], stderr  # one line, no retries
@@ -327,7 +316,7 @@ def test_unusual_but_valid_inputs_work(world, hf_home, shared_data):
         "bare file, shape inferred": ["hi", "--model", bare],
     }
     procs = {
-        name: start("sample.py", [*args, "--max-new-tokens", "4", "--seed", "0"], hf_home, {})
+        name: start_script("sample.py", *args, "--max-new-tokens", "4", "--seed", "0", env=offline_env(hf_home))
         for name, args in cases.items()
     }
     results = {name: (proc, *proc.communicate(timeout=180)) for name, proc in procs.items()}

@@ -4,15 +4,14 @@ runs it on a tiny model fine-tuned here, in the test, on the shared Chinese text
 
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from clis import run_script
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error, distributed, launch, load_model, save_model
 from minigpt2.compare import (
@@ -29,7 +28,6 @@ from minigpt2.rundir import RunDir
 from minigpt2.tokenizer import encoding_from_files
 from minigpt2.weights import is_conv1d
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(n_layer=3, n_head=2, n_embd=32, n_positions=32)
 
 
@@ -54,16 +52,7 @@ def tiny_pair(tmp_path: Path, shared_data: Path, config: GPTConfig = TINY, chang
 
 
 def run_compare(*args, timeout=180):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "compare.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env=env,
-        cwd=ROOT,
-        timeout=timeout,
-    )
+    return run_script("compare.py", *args, timeout=timeout)
 
 
 def assert_clean_error(result, *needles):

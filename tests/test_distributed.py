@@ -10,20 +10,19 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from clis import offline_env, run_script, start_script
 from safetensors.torch import load_file
 
 from minigpt2 import load_model
 
 pytestmark = pytest.mark.slow  # real subprocess runs (torchrun / train.py)
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--init-preset",
     "gpt2",
@@ -80,22 +79,14 @@ def setup(shared_data, tmp_path_factory):
         "--device",
         "cpu",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    env = offline_env(OMP_NUM_THREADS="1")
     return root, common, env
 
 
 def train(setup, out, *args, ranks=1, check=True, timeout=180):
     root, common, env = setup
-    launcher = TORCHRUN if ranks == 2 else [sys.executable]
-    result = subprocess.run(
-        [*launcher, str(ROOT / "train.py"), *map(str, common), "--out", str(out), *map(str, args)],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env=env,
-        cwd=ROOT,
-        timeout=timeout,
-    )
+    launcher = TORCHRUN if ranks == 2 else None
+    result = run_script("train.py", *common, "--out", out, *args, env=env, timeout=timeout, launcher=launcher)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -209,24 +200,8 @@ def worker_pids(launcher_pid):
 def test_killing_one_rank_stops_the_job_and_the_last_checkpoint_loads(setup):
     root, common, env = setup
     out = root / "killed"
-    cmd = [
-        *TORCHRUN,
-        str(ROOT / "train.py"),
-        *map(str, common),
-        "--out",
-        str(out),
-        "--batch-size",
-        "2",
-        "--steps",
-        "100000",
-        "--save-every",
-        "2",
-        "--eval-every",
-        "0",
-    ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env, cwd=ROOT
-    )
+    args = ["--out", out, "--batch-size", "2", "--steps", "100000", "--save-every", "2", "--eval-every", "0"]
+    proc = start_script("train.py", *common, *args, env=env, launcher=TORCHRUN)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from checkpoints import tiny_gpt
 
-from minigpt2 import GPT, GPTConfig, load_model, save_model
+from minigpt2 import load_model, save_model
 from minigpt2.errors import MiniGPT2Error
 from minigpt2.generate import (
     GREEDY,
@@ -17,13 +18,6 @@ from minigpt2.generate import (
 )
 
 
-def tiny(vocab_size=500, n_positions=32, seed=0, n_layer=2, n_embd=32, n_head=4):
-    torch.manual_seed(seed)
-    return GPT(
-        GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-    ).eval()
-
-
 def run(model, prompts, n, sampling=GREEDY, **kw):
     steps = list(generate_tokens(model, prompts, n, sampling, **kw))
     return [list(col) for col in zip(*steps)]  # per sequence
@@ -33,7 +27,7 @@ PROMPTS = [[5, 17, 300, 2], [9], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
 
 
 def test_cached_and_uncached_greedy_agree_across_the_context_boundary():
-    model = tiny()  # context 32: 70 new tokens cross it twice (sliding window)
+    model = tiny_gpt()  # context 32: 70 new tokens cross it twice (sliding window)
     cached = run(model, PROMPTS, 70)
     uncached = run(model, PROMPTS, 70, use_cache=False)
     assert cached == uncached
@@ -41,19 +35,19 @@ def test_cached_and_uncached_greedy_agree_across_the_context_boundary():
 
 
 def test_static_shape_decoder_agrees_with_eager():
-    model = tiny()
+    model = tiny_gpt()
     assert run(model, PROMPTS, 45, static=True) == run(model, PROMPTS, 45)
 
 
 @pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("static", [None, True], ids=["cpu-default-dynamic-shapes", "static-shapes"])
 def test_compiled_decoder_agrees_with_eager(static):
-    model = tiny(n_positions=16)  # 20 new tokens cross the context: the window restarts once
+    model = tiny_gpt(n_positions=16)  # 20 new tokens cross the context: the window restarts once
     assert run(model, PROMPTS[:2], 20, compile=True, static=static) == run(model, PROMPTS[:2], 20)
 
 
 def test_prepare_for_decoding_changes_the_layout_not_the_model(tmp_path):
-    model = tiny(vocab_size=500)
+    model = tiny_gpt(vocab_size=500)
     before = run(model, PROMPTS, 30)
     idx = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
@@ -70,7 +64,7 @@ def test_prepare_for_decoding_changes_the_layout_not_the_model(tmp_path):
 
 
 def test_batched_prompts_give_the_same_tokens_as_one_at_a_time():
-    model = tiny()
+    model = tiny_gpt()
     batched = run(model, PROMPTS, 50)
     alone = [run(model, [p], 50)[0] for p in PROMPTS]
     assert batched == alone
@@ -78,7 +72,7 @@ def test_batched_prompts_give_the_same_tokens_as_one_at_a_time():
 
 @torch.no_grad()
 def test_prefill_logits_equal_the_full_forward_even_when_padded():
-    model = tiny()
+    model = tiny_gpt()
     idx, valid = left_pad(PROMPTS, "cpu")
     caches = model.new_kv_caches(len(PROMPTS))
     last = prefill(model, idx, valid, caches)
@@ -88,7 +82,7 @@ def test_prefill_logits_equal_the_full_forward_even_when_padded():
 
 
 def test_seed_reproducibility():
-    model = tiny()
+    model = tiny_gpt()
     s = Sampling(temperature=1.3, top_k=100)
     a = run(model, PROMPTS, 30, s, generator=torch.Generator().manual_seed(1))
     b = run(model, PROMPTS, 30, s, generator=torch.Generator().manual_seed(1))
@@ -97,7 +91,7 @@ def test_seed_reproducibility():
 
 
 def test_endoftext_stops_a_sequence():
-    model = tiny()
+    model = tiny_gpt()
     with torch.no_grad():  # make token 7 the certain next token everywhere
         model.ln_f.weight.zero_()
         model.ln_f.bias.copy_(model.wte.weight[7] * 100)

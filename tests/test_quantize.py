@@ -1,21 +1,16 @@
 """int8 weight-only quantization: accuracy bounds, module names and hooks, loading, saving, sample.py."""
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from checkpoints import random_hf_model, write_official_layout
+from clis import offline_env, run_script
 from torch import nn
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error, load_model, save_model
 from minigpt2.quantize import Int8Linear, is_quantized, quantize_model, quantize_weight
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -122,16 +117,7 @@ def test_load_quantized_and_refuse_to_save(tmp_path):
 
 
 def run_sample(*args, hf_home):
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), *args],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-    )
+    return run_script("sample.py", *args, env=offline_env(hf_home), timeout=120)
 
 
 @pytest.mark.slow

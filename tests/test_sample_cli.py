@@ -1,34 +1,20 @@
 """`python sample.py` as a user runs it: a subprocess, a fresh environment, no network."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from checkpoints import write_official_layout
+from clis import offline_env, run_script
 
 from minigpt2 import load_model, load_tokenizer
 from minigpt2.generate import Sampling
 from minigpt2.text import generate_text
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def run_sample(*args, hf_home, timeout=120, env=None):
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), *args],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env=env,
-        cwd=ROOT,
-        timeout=timeout,
-    )
+    return run_script("sample.py", *args, env=offline_env(hf_home, **(env or {})), timeout=timeout)
 
 
 def test_sample_from_the_hub_cache(hub_gpt2, hf_home):

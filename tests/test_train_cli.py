@@ -1,20 +1,18 @@
 """`python train.py` as a user runs it: a subprocess, offline, with the shared texts."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from clis import offline_env, run_script, start_script
 
 from minigpt2 import load_model
 
 pytestmark = pytest.mark.slow  # real subprocess runs (torchrun / train.py)
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--init-preset", "gpt2", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--context", "64"]
 
 
@@ -23,30 +21,12 @@ def token_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("token-cache")
 
 
-def train_cmd(*args):
-    return [sys.executable, str(ROOT / "train.py"), *map(str, args)]
-
-
 def env_for(hf_home, token_cache):
-    return {
-        **os.environ,
-        "HF_HOME": str(hf_home),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONIOENCODING": "utf-8",
-        "MINIGPT2_CACHE": str(token_cache),
-    }
+    return offline_env(hf_home, MINIGPT2_CACHE=str(token_cache))
 
 
 def run_train(*args, hf_home, token_cache, timeout=240):
-    return subprocess.run(
-        train_cmd(*args),
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env=env_for(hf_home, token_cache),
-        cwd=ROOT,
-        timeout=timeout,
-    )
+    return run_script("train.py", *args, env=env_for(hf_home, token_cache), timeout=timeout)
 
 
 def log(run_dir):
@@ -100,14 +80,8 @@ def test_every_bad_input_fails_before_any_model_is_loaded(tmp_path, token_cache)
     for case, (args, _needles) in cases.items():
         if "--out" not in args:
             args = [*args, "--out", tmp_path / f"run-{case}"]
-        procs[case] = subprocess.Popen(
-            train_cmd(*args, "--model", "gpt2"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            cwd=ROOT,
-            env=env_for(tmp_path / "empty-hf", token_cache),
+        procs[case] = start_script(
+            "train.py", *args, "--model", "gpt2", env=env_for(tmp_path / "empty-hf", token_cache)
         )
     for case, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=120)
@@ -207,15 +181,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(shared_data, tmp_path, t
         "--out",
         run,
     ]
-    proc = subprocess.Popen(
-        train_cmd(*args, "--steps", "100000"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        env=env_for(tmp_path / "hf", token_cache),
-        cwd=ROOT,
-    )
+    proc = start_script("train.py", *args, "--steps", "100000", env=env_for(tmp_path / "hf", token_cache))
     try:
         deadline = time.time() + 180
         while time.time() < deadline:

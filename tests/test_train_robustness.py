@@ -3,7 +3,6 @@ the same run, a kill at every stage of a checkpoint save, damaged checkpoints, a
 first save, signals (Ctrl-C during an evaluation, SIGHUP), and CPU defaults."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from clis import ROOT, offline_env, run_script, start_script
 from safetensors.torch import load_file, save_file
 
 from minigpt2 import load_model
 from minigpt2.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--init-preset", "gpt2", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--context", "64"]
 
 pytestmark = pytest.mark.slow
@@ -25,13 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return {
-        **os.environ,
-        "HF_HOME": str(tmp_path_factory.mktemp("hf")),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONIOENCODING": "utf-8",
-        "MINIGPT2_CACHE": str(tmp_path_factory.mktemp("tokens")),
-    }
+    return offline_env(tmp_path_factory.mktemp("hf"), MINIGPT2_CACHE=str(tmp_path_factory.mktemp("tokens")))
 
 
 @pytest.fixture(scope="module")
@@ -54,27 +47,11 @@ def base_args(shared_data):
 
 
 def train(*args, env, timeout=240):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        env=env,
-        cwd=ROOT,
-        timeout=timeout,
-    )
+    return run_script("train.py", *args, env=env, timeout=timeout)
 
 
 def start(*args, env):
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        env=env,
-        cwd=ROOT,
-    )
+    return start_script("train.py", *args, env=env)
 
 
 def wait_for(run: Path, proc, predicate, timeout=180):

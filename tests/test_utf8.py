@@ -5,8 +5,9 @@ import itertools
 
 import pytest
 import torch
+from checkpoints import tiny_gpt
 
-from minigpt2 import GPT, GPTConfig, load_tokenizer
+from minigpt2 import load_tokenizer
 from minigpt2.generate import Sampling, generate_tokens
 from minigpt2.utf8 import (
     ACCEPT,
@@ -21,14 +22,6 @@ from minigpt2.utf8 import (
     NEED3,
     Utf8Guard,
 )
-
-
-def tiny(vocab_size=50257, n_positions=64, seed=0, n_layer=2, n_embd=64, n_head=4):
-    torch.manual_seed(seed)
-    return GPT(
-        GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-    ).eval()
-
 
 PENDING = {
     ACCEPT: b"",
@@ -94,7 +87,7 @@ def test_guard_masks_ids_beyond_the_tokenizer(enc):
 
 
 def _sampled_bytes(enc, guard, seed):
-    model = tiny(vocab_size=50257, n_positions=64, seed=seed, n_embd=64)
+    model = tiny_gpt(vocab_size=50257, n_positions=64, seed=seed, n_embd=64)
     prompts = [enc.encode(p) for p in ("今天的天气", "人工智能的未来", "红楼梦", "我")]
     steps = generate_tokens(
         model, prompts, 500, Sampling(temperature=1.5), guard=guard, generator=torch.Generator().manual_seed(seed)
@@ -116,7 +109,7 @@ def test_guard_keeps_hot_random_sampling_valid_utf8(enc):
 
 def test_guard_never_leaves_a_dangling_partial_character(enc):
     guard = Utf8Guard.for_tokenizer(enc, 50257)
-    model = tiny(vocab_size=50257, n_positions=64, n_embd=64)
+    model = tiny_gpt(vocab_size=50257, n_positions=64, n_embd=64)
     prompt = [enc.encode("天")]
     for n in range(1, 7):
         for seed in range(5):

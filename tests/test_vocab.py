@@ -237,12 +237,10 @@ def test_compare_base_with_grown(grown):
 @pytest.mark.slow
 def test_train_py_grows_once_and_a_grown_run_resumes_bit_for_bit(shared_data, tmp_path):
     import shutil
-    import subprocess
-    import sys
 
+    from clis import run_script
     from safetensors.torch import load_file
 
-    root = Path(__file__).resolve().parents[1]
     text = tmp_path / "zh.txt"
     text.write_text((shared_data / "zh" / "西游记.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     args = ["--data", text, "--init-preset", "gpt2", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
@@ -251,8 +249,7 @@ def test_train_py_grows_once_and_a_grown_run_resumes_bit_for_bit(shared_data, tm
             "--dropout", "0.1", "--cache-dir", tmp_path / "cache", "--device", "cpu"]  # fmt: skip
 
     def train(*extra):
-        result = subprocess.run([sys.executable, str(root / "train.py"), *map(str, extra)], capture_output=True,
-                                text=True, encoding="utf-8", cwd=root, timeout=300)  # fmt: skip
+        result = run_script("train.py", *extra, timeout=300)
         assert result.returncode == 0, result.stderr
         return result.stdout
 

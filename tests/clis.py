@@ -1,0 +1,51 @@
+"""Running the repository's scripts (train.py, sample.py, compare.py) as a user runs them.
+
+Each runs as a subprocess of this Python from the repository root, offline (HF_HUB_OFFLINE=1),
+with its output written and read as UTF-8; arguments are passed through str().
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def offline_env(hf_home=None, **extra: str) -> dict[str, str]:
+    """This process's environment with downloads off and UTF-8 output; HF_HOME=`hf_home` if given, then `extra`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    if hf_home is not None:
+        env["HF_HOME"] = str(hf_home)
+    return {**env, **extra}
+
+
+def script_command(script: str, *args, launcher=None) -> list[str]:
+    """`launcher` (by default this Python) running ROOT/`script` with `args`."""
+    return [*(launcher or [sys.executable]), str(ROOT / script), *map(str, args)]
+
+
+def run_script(script: str, *args, timeout: float, env=None, launcher=None) -> subprocess.CompletedProcess:
+    """Run `script` to its end (env: `offline_env()` unless given), its stdout and stderr captured."""
+    return subprocess.run(
+        script_command(script, *args, launcher=launcher),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=offline_env() if env is None else env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+def start_script(script: str, *args, env=None, launcher=None) -> subprocess.Popen:
+    """Start `script` as `run_script` would and return at once, its stdout and stderr piped."""
+    return subprocess.Popen(
+        script_command(script, *args, launcher=launcher),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        env=offline_env() if env is None else env,
+        cwd=ROOT,
+    )
