@@ -197,11 +197,12 @@ def prepare_for_decoding(model: GPT) -> GPT:
     50,257 x 768 product, and whole decoding steps 4% faster). Other devices are left as they are.
 
     The tied embedding (the same tensor) still looks tokens up correctly, only a little slower.
+    An int8 output layer (`quantize_model`) is left alone: its CPU kernel has its own packed copy.
     Do not train the model afterwards: every step would copy the gradient into this layout.
     Returns the model, changed in place.
     """
     weight = model.lm_head.weight
-    if weight.device.type == "cpu" and weight.is_contiguous():
+    if weight.device.type == "cpu" and weight.is_floating_point() and weight.is_contiguous():
         weight.data = weight.data.t().contiguous().t()  # (vocab, C) with strides (1, vocab)
     return model
 

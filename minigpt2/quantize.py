@@ -29,6 +29,11 @@ Which kernel does that fastest depends on the device:
 - Elsewhere (CUDA, a bfloat16 model, many rows): `F.linear(x, q.to(x.dtype)) * scale`, the form
   gpt-fast uses. Eagerly it converts the weight before the matmul; under torch.compile the
   conversion is fused into the matmul, so the weight is read once, as int8.
+- Under torch.compile with few rows (a compiled decode step), the product is written as what a
+  matrix-vector product is: per output, the products of the row with x, summed. The compiler
+  turns that into one reduction kernel that reads each int8 weight once and accumulates in
+  float32, without going through its matmul lowering (torch 2.11's inductor failed there on
+  CUDA for the int8-to-bfloat16 matvec of the CUDA-graph decode step).
 
 The model stays a `GPT` with the same module names (`h.0.attn.c_attn`, ...), so forward hooks
 keep working; only the `nn.Linear` objects are replaced. It is for inference only: quantized
@@ -124,11 +129,23 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32 and rows <= FBGEMM_MAX_ROWS:
+        few_rows = rows <= FBGEMM_MAX_ROWS
+        if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32 and few_rows:
             y = self._forward_fbgemm(x)
+        elif few_rows and torch.compiler.is_compiling():
+            y = self.matvec(x)
         else:  # gpt-fast's form; fused into one int8-reading matmul under torch.compile
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ (scale * q).T for a few rows, as products and a sum: one fused reduction when compiled.
+
+        Eagerly this would build the whole (rows, out, in) product in memory; it is meant for
+        torch.compile, which never materialises it.
+        """
+        products = x.unsqueeze(-2).float() * self.weight  # (..., 1, in) * (out, in) -> (..., out, in)
+        return (products.sum(-1) * self.scale).to(x.dtype)  # (..., out), accumulated in float32
 
     @torch.compiler.disable  # an opaque packed kernel and a data-dependent scale: nothing for the compiler to fuse
     def _forward_fbgemm(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,14 +164,17 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-def quantize_model(model: GPT, mode: str = "int8", *, lm_head: bool = False) -> GPT:
+def quantize_model(model: GPT, mode: str = "int8", *, lm_head: bool = True) -> GPT:
     """Replace the model's linear layers by `Int8Linear`, in place; returns the model (in eval mode).
 
-    Every linear layer of the blocks is quantized. `lm_head` (the output layer, tied to the token
-    embedding) is quantized too when asked: it is a third of GPT-2 small's weights, but on our
-    2-core test CPU the int8 kernel was no faster than the float32 one for its 50,257 outputs
-    (see benchmarks/bench_quantize.py), and it carries the largest error straight into the logits,
-    so by default it stays float. The embeddings (`wte`, `wpe`) stay float: a lookup reads one row.
+    Every linear layer of the blocks is quantized, and the output layer (`lm_head`) too unless
+    `lm_head=False`. The output layer is GPT-2 small's largest matrix (50,257 x 768, a third of
+    its weights), so it is where int8 saves the most reading: on our 2-core test CPU its product
+    with one hidden vector took 2.1 ms in int8 against 13-14 ms in float32, and whole decoding
+    steps went from 20 to 13 ms (see benchmarks/bench_sample.py). Its rounding error goes
+    straight into the logits; benchmarks/bench_quantize.py measures what that costs a trained
+    model. Quantized, it stops sharing its tensor with `wte`: the embedding keeps the float
+    weight, since a lookup reads one row, not the matrix.
     """
     if mode not in MODES:
         raise MiniGPT2Error(f"unknown quantization '{mode}'; the choices are: {', '.join(MODES)}")
