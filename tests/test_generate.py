@@ -56,6 +56,8 @@ def test_prepare_for_decoding_changes_the_layout_not_the_model(tmp_path):
     weight = model.lm_head.weight
     assert weight is model.wte.weight  # still tied: one parameter
     assert weight.shape == (500, 32) and weight.stride() == (1, 500)  # column by column
+    c_fc = model.h[1].mlp.c_fc.weight
+    assert c_fc.shape == (128, 32) and c_fc.stride() == (1, 128)  # the blocks' layers too
     with torch.no_grad():
         torch.testing.assert_close(model(idx), logits, rtol=0, atol=1e-6)
     assert run(model, PROMPTS, 30) == before
