@@ -145,7 +145,7 @@ def train(ns) -> int:
                 console.schedule(s.schedule_change)
     console.finish()
     s.run.unlock()
-    distributed.teardown()
+    distributed.teardown(finished=True)
     return 128 + getattr(signal, trainer.stop_reason, signal.SIGINT) if stopped else 0
 
 

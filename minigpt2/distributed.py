@@ -127,8 +127,14 @@ def peer_failure_message(error: BaseException) -> str:
     return f"another process of this torchrun job failed or was stopped ({first})"
 
 
-def teardown() -> None:
+def teardown(*, finished: bool = False) -> None:
+    """Leave the process group. `finished`: every rank got here normally, so wait for all of them
+    first; a rank that tears down (and exits) while another still has gloo traffic in flight can
+    make that one abort at exit ("terminate called without an active exception", seen once on
+    the CPU). After a failure there is no such wait: a dead peer would never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
