@@ -243,7 +243,16 @@ def load_model(
     True for a bare .safetensors file, whose shape was inferred from its tensors (see
     `infer_config`): a script may say so.
     """
-    device = resolve_device(device or "cpu")
+    model = read_model(source, resolve_device(device or "cpu"), dtype, revision)
+    if quantize is not None:  # once the file is closed and nothing else holds the float weights it replaces
+        from .quantize import quantize_model
+
+        model = quantize_model(model, quantize)
+    return model
+
+
+def read_model(source, device: torch.device, dtype, revision: str | None) -> GPT:
+    """The float model of `load_model`, read tensor by tensor from its safetensors file."""
     dtype = resolve_dtype(dtype or "float32", device)
     config_path, weights_path = checkpoint_files(source, revision)
 
@@ -275,10 +284,6 @@ def load_model(
     model.eval()
     model.source = str(source)
     model.inferred_config = config_path is None  # the caller may tell the user the shape was guessed
-    if quantize is not None:
-        from .quantize import quantize_model
-
-        model = quantize_model(model, quantize)
     return model
 
 
