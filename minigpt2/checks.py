@@ -88,35 +88,28 @@ def non_negative_int(name: str, value) -> int:
 
 def arg_float(**limits):
     """An argparse `type=` accepting a finite float within `limits` (the keywords of `finite`)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        try:
-            return finite("value", value, **limits)
-        except OptionError as e:
-            raise argparse.ArgumentTypeError(e.detail) from None
-
-    parse.__name__ = "number"
-    return parse
+    return _arg_type(float, "a number", lambda value: finite("value", value, **limits))
 
 
 def arg_int(**limits):
     """An argparse `type=` accepting an integer within `limits` (the keywords of `integer`)."""
+    return _arg_type(int, "an integer", lambda value: integer("value", value, **limits))
 
-    def parse(text: str) -> int:
+
+def _arg_type(convert, kind: str, check):
+    """`convert` the text (else "must be {kind}"), then `check` the value; argparse words each error."""
+
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
         try:
-            return integer("value", value, **limits)
+            return check(value)
         except OptionError as e:
             raise argparse.ArgumentTypeError(e.detail) from None
 
-    parse.__name__ = "integer"
+    parse.__name__ = kind.split()[-1]  # argparse names the type in "invalid number value: ..."
     return parse
 
 
