@@ -178,11 +178,11 @@ def quantize_model(model: GPT, mode: str = "int8", *, lm_head: bool = True) -> G
     its weights), so it is where int8 saves the most reading: on our 2-core test CPU its product
     with one hidden vector took 1.9 ms in int8 against 8.6 ms in float32 stored column by column
     (benchmarks/bench_matvec.py), and whole decoding steps went from 20.5 to 13.7 ms
-    (benchmarks/bench_sample.py). Its rounding error goes straight
-    into the logits: on a small trained GPT-2 (benchmarks/bench_quantize.py) the logits error
-    grew from 0.09% to 0.20% and top-1 agreement fell from 99.7% to 99.4%, perplexity unchanged
-    (-0.03%). Quantized, it stops sharing its tensor with `wte`: the embedding keeps the float
-    weight, since a lookup reads one row, not the matrix.
+    (benchmarks/bench_sample.py). Its rounding error goes straight into the logits: on a small
+    trained GPT-2 (benchmarks/bench_quantize.py) the logits error grew from 0.09% to 0.20% and
+    top-1 agreement fell from 99.7% to 99.4%, perplexity unchanged (-0.03%). Quantized, it stops
+    sharing its tensor with `wte`: the embedding keeps the float weight, since a lookup reads
+    one row, not the matrix.
     """
     if mode not in MODES:
         raise MiniGPT2Error(f"unknown quantization '{mode}'; the choices are: {', '.join(MODES)}")
