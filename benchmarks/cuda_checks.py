@@ -25,7 +25,7 @@ import torch
 
 from minigpt2 import GPT, GPTConfig, load_model, save_model
 from minigpt2.data import TokenFile
-from minigpt2.generate import Sampling, generate_tokens, static_decoder
+from minigpt2.generate import Decoder, Sampling, generate_tokens
 from minigpt2.quantize import Int8Linear, quantize_model
 from minigpt2.trainer import TrainConfig, Trainer
 
@@ -96,14 +96,14 @@ def check_compiled_decoding(device, dry_run):
     # the int8 model in bfloat16 (as `sample.py --quantize int8 --compile` runs on a GPU): its compiled
     # step takes Int8Linear's fused matrix-vector form; bf16 rounding may flip a near tie, so compare logits
     model = quantize_model(model).to(torch.bfloat16)
-    token = torch.tensor([[464]], device=device)
+
+    def next_logits(**kwargs):  # after the prompt and one decode step (the static one: Decoder's step_fn)
+        decoder = Decoder(model, [list(prompts[0])], **kwargs)
+        decoder.start()
+        return decoder.advance(torch.tensor([15496], device=device)).float()
+
     with torch.inference_mode():
-        ref = model(token)[:, -1].float()
-        step = static_decoder(model, device, compile=not dry_run)
-        caches = model.new_kv_caches(1, 8)
-        key_valid = torch.zeros(1, 8, dtype=torch.bool, device=device)
-        key_valid[:, 0] = True
-        got = step(token, caches, torch.tensor(0, device=device), torch.zeros_like(token), key_valid).float()
+        ref, got = next_logits(), next_logits(static=True, compile=not dry_run)
     err = rel_error(got, ref)
     assert err < 0.02, f"the compiled int8 decode step's logits differ from eager int8 by {err:.2%}"
     how = "eager static" if dry_run else "compiled, CUDA graphs"

@@ -207,9 +207,8 @@ def prepare_for_decoding(model: GPT) -> GPT:
     Returns the model, changed in place.
     """
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and weight.device.type == "cpu" and weight.is_contiguous():
-            weight.data = weight.data.t().contiguous().t()  # (out, in) with strides (1, out)
+        if isinstance(module, nn.Linear) and module.weight.device.type == "cpu" and module.weight.is_contiguous():
+            module.weight.data = module.weight.data.t().contiguous().t()  # (out, in) with strides (1, out)
     return model
 
 

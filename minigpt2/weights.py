@@ -243,7 +243,8 @@ def load_model(
     True for a bare .safetensors file, whose shape was inferred from its tensors (see
     `infer_config`): a script may say so.
     """
-    model = read_model(source, resolve_device(device or "cpu"), dtype, revision)
+    device = resolve_device(device or "cpu")
+    model = read_model(source, device, resolve_dtype(dtype or "float32", device), revision)
     if quantize is not None:  # once the file is closed and nothing else holds the float weights it replaces
         from .quantize import quantize_model
 
@@ -251,9 +252,8 @@ def load_model(
     return model
 
 
-def read_model(source, device: torch.device, dtype, revision: str | None) -> GPT:
+def read_model(source, device: torch.device, dtype: torch.dtype, revision: str | None) -> GPT:
     """The float model of `load_model`, read tensor by tensor from its safetensors file."""
-    dtype = resolve_dtype(dtype or "float32", device)
     config_path, weights_path = checkpoint_files(source, revision)
 
     with open_safetensors(weights_path) as f:
