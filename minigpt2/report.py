@@ -7,6 +7,7 @@ numbers by construction.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -339,37 +340,49 @@ def write_plot(result: dict, path: str | os.PathLike, force: bool = False) -> Pa
     layer, the embeddings and final LayerNorm included) beside the activation drift per block,
     then how the weights and block outputs drifted over the steps. Without a run, the middle row."""
     path = check_new_file(path, force)
-    matplotlib = require_matplotlib()
-    matplotlib.use("Agg")  # files only: no display, no GUI toolkit needed
-    from matplotlib import pyplot as plt
-
     run = result["runs"][0] if result["runs"] else None
     has_curves = bool(run and (run.get("curves", {}).get("train") or run.get("curves", {}).get("eval")))
     has_steps = bool(run and run["steps"])
     rows = 1 + has_curves + has_steps
+    figure = png_figure(path, rect=(0, 0, 1, 0.98), nrows=rows, ncols=2, figsize=(13, 5 * rows), squeeze=False)
+    with figure as (fig, axes, font):  # rect: room for the title above the panels
+        row = 0
+        if has_curves:
+            _plot_curves(axes[0][0], axes[0][1], run, font)
+            row += 1
+        _plot_heatmap(fig, axes[row][0], result)
+        _plot_activations(axes[row][1], result, font)
+        if has_steps:
+            _plot_steps(axes[row + 1][0], run, "weight_drift", "weights: relative change per layer since the start")
+            _plot_steps(
+                axes[row + 1][1], run, "activation_drift", "block outputs on the probe: rel. diff since the start"
+            )
+        fig.suptitle(f"A = {result['a']['source']}   vs   B = {result['b']['source']}", fontsize=11)
+    return path
+
+
+@contextlib.contextmanager
+def png_figure(path: Path, rect=(0, 0, 1, 1), **subplots):
+    """(figure, axes, CJK font or None) for the block to draw in; then the figure is laid out
+    (within `rect`), written to `path` atomically as a PNG, and closed, also when drawing fails.
+
+    matplotlib runs without a display (Agg), and every text falls back to a CJK font where one
+    is installed (`cjk_fallback`)."""
+    matplotlib = require_matplotlib()
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit needed
+    from matplotlib import pyplot as plt
+
     font = cjk_font()
     with cjk_fallback(matplotlib, font):  # for every text of the figure, until it is saved
-        fig, axes = plt.subplots(rows, 2, figsize=(13, 5 * rows), squeeze=False)
+        fig, axes = plt.subplots(**subplots)
         try:
-            row = 0
-            if has_curves:
-                _plot_curves(axes[0][0], axes[0][1], run, font)
-                row += 1
-            _plot_heatmap(fig, axes[row][0], result)
-            _plot_activations(axes[row][1], result, font)
-            if has_steps:
-                _plot_steps(axes[row + 1][0], run, "weight_drift", "weights: relative change per layer since the start")
-                _plot_steps(
-                    axes[row + 1][1], run, "activation_drift", "block outputs on the probe: rel. diff since the start"
-                )
-            fig.suptitle(f"A = {result['a']['source']}   vs   B = {result['b']['source']}", fontsize=11)
+            yield fig, axes, font
             with warnings.catch_warnings():  # without a CJK font, Chinese in a path shows as boxes
                 warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-                fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title above the panels
+                fig.tight_layout(rect=rect)
                 write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         finally:
             plt.close(fig)
-    return path
 
 
 CJK_FONTS = (
@@ -398,8 +411,6 @@ def cjk_font() -> str | None:
 def cjk_fallback(matplotlib, font: str | None):
     """Text drawn inside this context falls back to `font` for the glyphs matplotlib's own font
     lacks (Chinese), so every label, title and legend shows them; nothing changes without one."""
-    import contextlib
-
     return matplotlib.rc_context({"font.family": ["DejaVu Sans", font]}) if font else contextlib.nullcontext()
 
 
@@ -579,37 +590,20 @@ def write_tradeoff_plot(result: dict, path: str | os.PathLike, force: bool = Fal
     """A PNG: each model as a point, its change in bits per character on the first text (learned,
     to the left is better) against the second (forgotten, up is worse)."""
     path = check_new_file(path, force)
-    matplotlib = require_matplotlib()
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     texts = [Path(t["file"]).name for t in result["texts"]]
     base = result["models"][0]["behaviour"]
-    font = cjk_font()
-    with cjk_fallback(matplotlib, font):  # for every text of the figure, until it is saved
-        fig, ax = plt.subplots(figsize=(7, 5.5))
-        try:
-            for model, colour in zip(result["models"], _colours(len(result["models"]))):
-                delta = [m["bits_per_char"] - a["bits_per_char"] for m, a in zip(model["behaviour"], base)]
-                x, y = delta[0], delta[1] if len(delta) > 1 else 0.0
-                ax.scatter([x], [y], color=colour, s=60, zorder=3)
-                name = "A" if model is result["models"][0] else Path(model["source"]).name or model["source"]
-                ax.annotate(
-                    name,
-                    (x, y),
-                    textcoords="offset points",
-                    xytext=(6, 6),
-                    fontsize=9,
-                )
-            ax.axhline(0, color="0.6", linewidth=0.8)
-            ax.axvline(0, color="0.6", linewidth=0.8)
-            label = [t if t.isascii() or font else f"text {i + 1}" for i, t in enumerate(texts)]
-            ax.set_xlabel(f"change in bits per character on {label[0]} (learned: left is better)")
-            ax.set_ylabel(f"change on {label[1]} (forgotten: up is worse)" if len(texts) > 1 else "")
-            ax.set_title(f"against A = {result['a']['source']}", fontsize=10)
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        finally:
-            plt.close(fig)
+    with png_figure(path, figsize=(7, 5.5)) as (fig, ax, font):
+        for model, colour in zip(result["models"], _colours(len(result["models"]))):
+            delta = [m["bits_per_char"] - a["bits_per_char"] for m, a in zip(model["behaviour"], base)]
+            x, y = delta[0], delta[1] if len(delta) > 1 else 0.0
+            ax.scatter([x], [y], color=colour, s=60, zorder=3)
+            name = "A" if model is result["models"][0] else Path(model["source"]).name or model["source"]
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        ax.axhline(0, color="0.6", linewidth=0.8)
+        ax.axvline(0, color="0.6", linewidth=0.8)
+        label = [t if t.isascii() or font else f"text {i + 1}" for i, t in enumerate(texts)]
+        ax.set_xlabel(f"change in bits per character on {label[0]} (learned: left is better)")
+        ax.set_ylabel(f"change on {label[1]} (forgotten: up is worse)" if len(texts) > 1 else "")
+        ax.set_title(f"against A = {result['a']['source']}", fontsize=10)
+        ax.grid(alpha=0.3)
     return path
