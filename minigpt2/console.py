@@ -151,7 +151,8 @@ class TrainConsole:
     _note = _recovered
 
     def _skipped(self, r):
-        self.note(f"note: skipped checkpoint {r['path']}: {r['why']}; it is kept, renamed, for inspection")
+        kept = f"kept as {r['kept_as']}" if r.get("kept_as") else "kept"
+        self.note(f"note: skipped checkpoint {r['path']}: {r['why'].rstrip('.')}. It is {kept}, for inspection.")
 
     def _start(self, r):
         self.steps = r["steps"]

@@ -182,7 +182,7 @@ class Setup:
     run: RunDir
     options: dict
     defaults_used: list[str]
-    skipped: list[dict]  # checkpoints --resume could not read: {"path", "why"}
+    skipped: list[dict]  # checkpoints --resume could not read: {"path", "why", "kept_as"}
     schedule_change: dict | None  # a resumed run given another step count: {"before", "after", "step", "lr_*"}
 
 
@@ -202,7 +202,7 @@ def open_run(out: str | os.PathLike, resume: bool, is_main: bool) -> tuple[RunDi
         if not run.is_empty():
             run.unlock()
             raise RunDirError(
-                f"'{run.path}' already holds a run; continue it with resume, or choose a new run "
+                f"'{run.path}' already holds a run; continue it with `resume`, or choose a new run "
                 "directory (nothing was overwritten)"
             )
         return run, None

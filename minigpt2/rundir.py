@@ -304,6 +304,31 @@ class RunDir:
         return doomed
 
 
+def other_checkpoints_hint(source: str | os.PathLike) -> str:
+    """For a checkpoint of a training run that failed to load (given as the run, its checkpoint
+    folder or that folder's weights file): a sentence naming the run's other checkpoints with
+    weights, which may load instead; "" for anything else."""
+    path = Path(source)
+    for run_path in (path, path.parent, path.parent.parent):
+        if RunDir.is_run(run_path):
+            break
+    else:
+        return ""
+    run = RunDir(run_path)
+    try:
+        failed = run.model_checkpoint() if run_path == path else (path if run_path == path.parent else path.parent)
+    except RunDirError:
+        return ""
+    finals = [run.path / FINAL] if (run.path / FINAL / WEIGHTS).is_file() else []
+    others = [p.name for p in run.step_checkpoints() + finals if p.resolve() != failed.resolve()]
+    if not others:
+        return ""
+    return (
+        f" The run has other checkpoints ({', '.join(others[-3:])}): load one of those folders instead, or resume "
+        "the training, which sets a damaged checkpoint aside and goes on from the newest good one."
+    )
+
+
 def _base_name(path: Path) -> str:
     m = LEFTOVER.fullmatch(path.name)
     return m.group(1) if m else path.name

@@ -26,7 +26,7 @@ import torch
 from .errors import CheckpointError
 from .files import write_json
 from .lora import is_lora, load_lora_state, lora_settings, merged_state_dict, save_lora_state, save_peft_adapter
-from .rundir import STATE_JSON, STATE_TENSORS, step_name
+from .rundir import STATE_JSON, STATE_TENSORS, other_checkpoints_hint, step_name
 from .weights import load_model, save_model
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")  # what AdamW keeps per parameter
@@ -242,7 +242,7 @@ class CheckpointIO:
     def resume(self) -> list[dict]:
         """Continue from the newest checkpoint that can be read, falling back past the others.
 
-        Returns one record per checkpoint skipped ({"path", "why"}). A damaged checkpoint is renamed
+        Returns one record per checkpoint skipped ({"path", "why", "kept_as"}). A damaged checkpoint is renamed
         `NAME.damaged-N` (kept for inspection, never deleted), so it is not tried again and a fresh
         checkpoint of the same step can take its name. With no usable checkpoint at all, the run
         starts from step 0 (the model it was given).
@@ -255,15 +255,17 @@ class CheckpointIO:
             except CheckpointMismatch as e:  # readable, but of another model: every one would be
                 raise CheckpointMismatch(f"cannot resume from '{candidate.path}': {e}") from None
             except CheckpointError as e:
-                skipped.append({"path": str(candidate.path), "why": str(e)})
-                if self.dist.is_main:
-                    self._set_aside(candidate.path)
+                why = str(e).removesuffix(other_checkpoints_hint(candidate.path))  # its advice is to resume: we are
+                kept_as = self._set_aside(candidate.path) if self.dist.is_main else None
+                skipped.append({"path": str(candidate.path), "why": why, "kept_as": kept_as and str(kept_as)})
         if self.resumed_from is None and self.dist.is_main:  # from step 0: its step-0 evaluation stays logged
             self.run_dir.forget_after(0)
         return skipped
 
-    def _set_aside(self, path: Path) -> None:
+    def _set_aside(self, path: Path) -> Path:
+        """Rename a damaged checkpoint NAME.damaged-N (the first N free); return its new path."""
         n = 1
         while (aside := path.with_name(f"{path.name.lstrip('.')}.damaged-{n}")).exists():
             n += 1
         os.rename(path, aside)
+        return aside

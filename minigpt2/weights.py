@@ -41,7 +41,7 @@ from .errors import CheckpointError
 from .files import write_atomically
 from .hub import OFFICIAL_REPOS, hub_file, local_path
 from .model import GPT
-from .rundir import RunDir
+from .rundir import RunDir, other_checkpoints_hint
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -175,6 +175,7 @@ def open_safetensors(path: Path):
         raise CheckpointError(
             f"'{path}' is not a readable safetensors file ({e}). It is probably truncated or corrupted: "
             "download or save it again (for a hub model, delete it from the Hugging Face cache first)."
+            + other_checkpoints_hint(path)  # a training run's checkpoint: the others it has
         ) from None
 
 
@@ -300,7 +301,7 @@ def get_tensor(f, key: str, where: Path) -> torch.Tensor:
     except Exception as e:
         raise CheckpointError(
             f"'{where}': tensor {key} cannot be read ({e}); the file is probably truncated or corrupted: "
-            "download or save it again."
+            "download or save it again." + other_checkpoints_hint(where)
         ) from None
     if not tensor.is_floating_point():
         raise CheckpointError(

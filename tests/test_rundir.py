@@ -6,8 +6,19 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from minigpt2.rundir import CHECKPOINT_FILES, STATE_JSON, RunDir, RunDirError, check_writable
+from minigpt2 import GPT, GPTConfig, load_model, save_model
+from minigpt2.errors import CheckpointError
+from minigpt2.rundir import (
+    CHECKPOINT_FILES,
+    STATE_JSON,
+    RunDir,
+    RunDirError,
+    check_writable,
+    other_checkpoints_hint,
+    step_name,
+)
 
 
 def fake_checkpoint(folder, step, marker=""):
@@ -105,3 +116,21 @@ def test_unwritable_folders_are_named(tmp_path):
         check_writable(tmp_path / "file", "the run directory")
     with pytest.raises(RunDirError, match="cannot write to the token cache folder '/proc/minigpt2'"):
         check_writable("/proc/minigpt2", "the token cache folder")  # a read-only filesystem, even for root
+
+
+def test_a_damaged_checkpoint_of_a_run_names_the_others(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=64))
+    for step in (2, 4):
+        save_model(model, tmp_path / "run" / step_name(step))
+    weights = tmp_path / "run" / "step-000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk
+    for source in (tmp_path / "run", tmp_path / "run" / "step-000004", weights):
+        with pytest.raises(CheckpointError, match=r"truncated .* The run has other checkpoints \(step-000002\)"):
+            load_model(source)
+    assert load_model(tmp_path / "run" / "step-000002").config.n_layer == 1
+    assert other_checkpoints_hint(tmp_path / "run" / "step-000002") == (
+        " The run has other checkpoints (step-000004): load one of those folders instead, or resume the training, "
+        "which sets a damaged checkpoint aside and goes on from the newest good one."
+    )
+    assert other_checkpoints_hint(tmp_path) == ""  # not a run

@@ -66,7 +66,7 @@ def bad_inputs(tmp_path):
         ),
         "existing out": (
             ["--data", tmp_path / "ok.txt", "--out", tmp_path / "used"],
-            ["already holds a run", "resume"],
+            ["already holds a run", "continue it with --resume"],
         ),
         "resume nothing": (["--out", tmp_path / "fresh", "--resume"], ["nothing to resume", "no run.json"]),
         "bad regex": (["--data", tmp_path / "ok.txt", "--drop-lines", "(("], ["not a valid regular expression"]),

@@ -186,7 +186,8 @@ def test_resume_falls_back_past_damaged_checkpoints_and_ends_bit_equal(base_args
         ("step-000006", "trainer_state.safetensors lacks optimizer."),
     ):
         assert f"skipped checkpoint {broken / name}: {why}" in resumed.stderr
-        assert (broken / f"{name}.damaged-1").is_dir()  # kept for inspection
+        assert (broken / f"{name}.damaged-1").is_dir()  # kept for inspection, and the note says where
+        assert f"It is kept as {broken / name}.damaged-1, for inspection." in resumed.stderr
     assert "resuming at step 5 of 8" in resumed.stdout
     a = load_file(str(full / "final" / "model.safetensors"))
     b = load_file(str(broken / "final" / "model.safetensors"))
