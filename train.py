@@ -76,6 +76,12 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--snapshot-every", type=arg_int(low=0), help="record weight and activation drift every N steps")
     o.add_argument("--probe", help="probe prompt for the activation snapshots")
     o.add_argument("--log-every", type=arg_int(low=1), help="print a table row every N steps (default 10)")
+    o.add_argument("--sample-prompt", action="append", metavar="TEXT", help="continue this prompt at every "
+                   "evaluation, with a fixed seed (repeatable; default: a Chinese and an English sentence)")
+    o.add_argument("--sample-tokens", type=arg_int(low=0), metavar="N", help="new tokens per sample (default 32; "
+                   "0: no samples)")
+    o.add_argument("--tensorboard", nargs="?", const="", metavar="DIR", help="also log to TensorBoard, in DIR "
+                   "(default RUN/tensorboard; needs the tensorboard package)")
     x = p.add_argument_group("hardware")
     x.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     x.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="compute precision")
@@ -119,13 +125,22 @@ def main(argv=None) -> int:
 def train(ns) -> int:
     from minigpt2 import distributed, launch
     from minigpt2.console import TrainConsole
+    from minigpt2.rundir import check_writable
+    from minigpt2.watch import TensorBoardLog, require_tensorboard, tensorboard_dir
 
-    given = {k: v for k, v in vars(ns).items() if k not in ("out", "resume", "threads")}
+    if ns.tensorboard is not None:  # a missing optional package fails before any work
+        require_tensorboard()
+        if ns.tensorboard:
+            check_writable(ns.tensorboard, "the TensorBoard folder")
+    given = {k: v for k, v in vars(ns).items() if k not in ("out", "resume", "threads", "tensorboard")}
     ctx = distributed.setup(ns.device or (launch.saved_option(ns.out, "device") if ns.resume else None) or "auto")
     console = TrainConsole()
     s = launch.setup(given, ns.out, ns.resume, console.show if ctx.is_main else (lambda r: None), ctx)
     trainer = s.trainer
     console.log_every, console.show_mfu = s.options["log_every"], trainer.peak_flops is not None
+    board = None
+    if ns.tensorboard is not None and ctx.is_main:
+        board = TensorBoardLog(tensorboard_dir(ns.out, ns.tensorboard), purge_step=trainer.step)
 
     # The first Ctrl-C (or SIGTERM, or SIGHUP: the terminal was closed) asks for a checkpoint and
     # a clean stop; a second Ctrl-C interrupts at once.
@@ -140,10 +155,14 @@ def train(ns) -> int:
         stopped = stopped or record["type"] == "stopped"
         if ctx.is_main:
             console.show(record)
+            if board is not None:
+                board.write(record)
             if record["type"] == "start":
                 console.defaults({k: s.options[k] for k in s.defaults_used}, str(trainer.device))
                 console.schedule(s.schedule_change)
     console.finish()
+    if board is not None:
+        board.close()
     s.run.unlock()
     distributed.teardown(finished=True)
     return 128 + getattr(signal, trainer.stop_reason, signal.SIGINT) if stopped else 0

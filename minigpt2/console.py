@@ -29,6 +29,11 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def one_line(text: str) -> str:
+    """A sample on one line: each line break shown as ↵ (a sample's text is shown as it came)."""
+    return text.replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵")
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -232,6 +237,10 @@ class TrainConsole:
             f"eval step {r['step']:>5} | {r['set']}: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, "
             f"bpc {r['bpc']:.4f} ({r['eval_tokens']:,} tokens)"
         )
+
+    def _samples(self, r):
+        for s in r["samples"]:
+            self.line(f"sample step {r['step']:>3} | [{one_line(s['prompt'])}] {one_line(s['text'])}")
 
     def _checkpoint(self, r):
         self.line(f"saved {r['path']} (step {r['step']}, {format_bytes(r.get('bytes'))})")

@@ -36,6 +36,7 @@ from .rundir import RunDir, RunDirError, check_writable
 from .snapshots import DEFAULT_PROBE, Snapshotter
 from .tokenizer import load_tokenizer, tokenizer_files
 from .trainer import TrainConfig, Trainer, lr_at, steps_for
+from .watch import SAMPLE_TOKENS, PromptSampler, sample_prompts
 from .weights import load_model
 
 # Fixed for the life of a run: --resume refuses to change them (the batches would differ).
@@ -76,6 +77,7 @@ COMMON_DEFAULTS = {
     "dtype": "auto",
     "seed": 0,
     "keep_last": 3,
+    "sample_tokens": SAMPLE_TOKENS,  # 0: no samples while training
 }
 # On a GPU: long sequences, one epoch, thorough evaluations. On a CPU a step of GPT-2 (124M) at 4 x 128
 # tokens took ~3.7 s on our two cores, so one epoch of four novels would take a week: there the
@@ -253,7 +255,8 @@ def _setup(
         snapshotter = Snapshotter(model, enc.encode(probe, disallowed_special=()), probe)
     trainer = Trainer(model, corpus.train, eval_sets, config, run, device=ctx.device, dtype=dtype,
                       compile=bool(o.get("compile")), tokenizer_source=tokenizer_source_for(tok_source),
-                      snapshotter=snapshotter, dist=ctx, shard=bool(o.get("shard")), keep_last=o["keep_last"],
+                      snapshotter=snapshotter, prompt_sampler=_prompt_sampler(o, enc, ctx, report), dist=ctx,
+                      shard=bool(o.get("shard")), keep_last=o["keep_last"],
                       activation_checkpointing=bool(o.get("activation_checkpointing")))  # fmt: skip
     skipped = trainer.resume() if resume else []
     for record in skipped:
@@ -269,6 +272,18 @@ def _setup(
             update_steps(run, config.steps)
     change = schedule_change(config, previous, trainer.step, o) if previous is not None else None
     return Setup(trainer, run, o, defaults_used, skipped, change)
+
+
+def _prompt_sampler(o: dict, enc, ctx: distributed.Dist, report: Callable[[dict], None]) -> PromptSampler | None:
+    """What continues the sample prompts at every evaluation (see `minigpt2.watch`), unless
+    `sample_tokens` is 0; a sharded run cannot draw them on one rank, so it goes without (and says so)."""
+    if not o.get("sample_tokens"):
+        return None
+    if o.get("shard") and ctx.world_size > 1:
+        report({"type": "note", "message": "no samples while training a sharded model (its forward pass needs "
+                "every rank)"})  # fmt: skip
+        return None
+    return PromptSampler(enc, sample_prompts(o.get("sample_prompt")), o["sample_tokens"])
 
 
 def _check_inputs(o: dict) -> tuple:

@@ -78,6 +78,7 @@ class Snapshotter:
         self.probe_ids = probe_ids[: model.config.n_positions]
         self.w0 = {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in official_tensors(model).items()}
         self.h0 = self.block_outputs(model)
+        self.start_norms: dict[str, float] | None = None  # ||W0|| per tensor, at the first `layer_drift`
 
     @torch.no_grad()
     def block_outputs(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,3 +115,12 @@ class Snapshotter:
             "activations": activations,
             "probe": self.probe_text,
         }
+
+    def layer_drift(self, snapshot: dict) -> dict:
+        """A snapshot per layer, as `compare.py RUN` shows it: {"weight_drift": {layer: pooled
+        relative change}, "activation_drift": {block: ...}, ...} (see `compare.run_drift`)."""
+        from .compare import run_drift  # (compare reads snapshots; imported here to avoid a cycle)
+
+        if self.start_norms is None:
+            self.start_norms = {name: torch.linalg.vector_norm(w.double()).item() for name, w in self.w0.items()}
+        return run_drift([snapshot], self.start_norms)["steps"][0]

@@ -44,6 +44,7 @@ from .model import GPT
 from .rundir import RunDir, dir_size
 from .snapshots import Snapshotter
 from .train_state import CheckpointIO
+from .watch import PromptSampler
 
 
 class TrainingDiverged(MiniGPT2Error):
@@ -185,6 +186,8 @@ class Trainer(CheckpointIO):
         compile: wrap the model in `torch.compile` for training steps.
         tokenizer_source: where checkpoints copy vocab.json + merges.txt from.
         snapshotter: with `config.snapshot_every`, measures drift from the starting model.
+        prompt_sampler: continues its prompts after every evaluation (a `samples` record; see
+            `minigpt2.watch`); on rank 0 only, so not with a sharded model.
         dist: this process's place in a torchrun job (`distributed.setup`); None: one process.
         shard: FSDP2 (`distributed.shard_model`) instead of DDP: weights, gradients and AdamW state
             split over the ranks (with one process: one shard, i.e. the plain model).
@@ -206,6 +209,7 @@ class Trainer(CheckpointIO):
         compile: bool = False,
         tokenizer_source: str | os.PathLike | None = None,
         snapshotter: Snapshotter | None = None,
+        prompt_sampler: PromptSampler | None = None,
         dist: Dist | None = None,
         shard: bool = False,
         activation_checkpointing: bool = False,
@@ -219,6 +223,11 @@ class Trainer(CheckpointIO):
             raise MiniGPT2Error(
                 "weight snapshots do not work with sharding (each rank holds only a slice of the "
                 "weights); snapshot a run that is not sharded"
+            )
+        if self.sharded and prompt_sampler is not None:
+            raise MiniGPT2Error(
+                "samples while training do not work with sharding (a sharded model's forward pass "
+                "needs every rank); turn them off for a sharded run"
             )
         if self.sharded and is_lora(model):
             raise MiniGPT2Error(
@@ -241,6 +250,7 @@ class Trainer(CheckpointIO):
         self.eval_sets = eval_sets
         self.tokenizer_source = tokenizer_source
         self.snapshotter = snapshotter
+        self.prompt_sampler = prompt_sampler
         self.keep_last = keep_last
         self.sampler = WindowSampler(len(train), config.seq_len, config.batch_size, config.seed)
         self._build_model(model, compile, activation_checkpointing)
@@ -460,10 +470,16 @@ class Trainer(CheckpointIO):
         return record
 
     def _snapshot(self) -> dict:
+        """Measure and store a snapshot; the record yielded (not logged: snapshots.jsonl has it)
+        also carries its per-layer drift, for a live view such as TensorBoard."""
         self.last["snapshot"] = self.step
+        drift = None
         if self.dist.is_main:
-            self.run_dir.add_snapshot(self.snapshotter.measure(self.raw_model, self.step, self.tokens))
-        return self._emit({"type": "snapshot", "step": self.step, "tokens": self.tokens})
+            measured = self.snapshotter.measure(self.raw_model, self.step, self.tokens)
+            self.run_dir.add_snapshot(measured)
+            drift = self.snapshotter.layer_drift(measured)
+        record = self._emit({"type": "snapshot", "step": self.step, "tokens": self.tokens})
+        return {**record, "drift": drift} if drift is not None else record
 
     def _timed(self, kind: str, records: Iterator[dict]) -> Iterator[dict]:
         started = time.perf_counter()
@@ -471,8 +487,14 @@ class Trainer(CheckpointIO):
         self.timing[kind].append(time.perf_counter() - started)
 
     def _evaluation(self) -> Iterator[dict]:
-        yield from self._timed("eval", (self._emit(r) for r in self.evaluate()))
+        yield from self._timed("eval", self._evaluate_and_sample())
         self.last["eval"] = self.step
+
+    def _evaluate_and_sample(self) -> Iterator[dict]:
+        """The evaluation's records, then (rank 0, unless a stop was asked for) the samples."""
+        yield from (self._emit(r) for r in self.evaluate())
+        if self.prompt_sampler is not None and self.dist.is_main and self.stop_reason is None:
+            yield self._emit(self.prompt_sampler.draw(self.raw_model, self.step, self.tokens, self.autocast))
 
     def _save(self, name: str | None = None) -> Path:
         started = time.perf_counter()
