@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             draw = write_tradeoff_plot if len(args.b) > 1 else write_plot
             print(f"wrote {draw(result, args.plot, force=args.force)}")
         if args.html:
-            print(f"wrote {write_html(result, args.html, force=args.force)}")
+            print(f"wrote {write_html(result, args.html, force=args.force, top=args.top)}")
         return 0
 
     return run_script(body)

@@ -692,7 +692,9 @@ def _forward_passes(
         # models' block outputs are compared on the same input; texts in each side's own tokens.
         recorded[side] = record_prompts(model, enc["A"], list(prompts), device)
         scores[side] = [evaluate_text(model, enc[side], t["ids"][side], t["characters"], device) for t in prepared]
-        continued[side] = draw_samples(model, enc[side], list(prompts), sample_tokens) if sample_tokens and prompts else []
+        continued[side] = (
+            draw_samples(model, enc[side], list(prompts), sample_tokens) if sample_tokens and prompts else []
+        )
         del model
     activations = compare_activations(list(prompts), recorded["A"], recorded["B"], enc["A"])
     for act, sample_a, sample_b in zip(activations, continued["A"], continued["B"]):
