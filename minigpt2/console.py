@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import unicodedata
 
 FLAG = {
     "steps": "--steps",
@@ -29,9 +30,23 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def visible(text: str, newline: str = "↵") -> str:
+    """A generated text made safe to show: line breaks as `newline`, and every other control or
+    format character (a right-to-left override that would reverse the rest of the line, a Unicode
+    line separator, a zero-width joiner) spelled out as \\uXXXX. Tabs stay."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "".join(
+        newline if c == "\n" else c if c == "\t" or unicodedata.category(c) not in HIDDEN else f"\\u{ord(c):04x}"
+        for c in text
+    )
+
+
+HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}  # control, format, separators, surrogate, private, unassigned
+
+
 def one_line(text: str) -> str:
-    """A sample on one line: each line break shown as ↵ (a sample's text is shown as it came)."""
-    return text.replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵")
+    """A sample on one line (see `visible`)."""
+    return visible(text)
 
 
 def plural(n: int, word: str) -> str:

@@ -95,7 +95,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    # split("\n"), not splitlines(): JSON keeps U+2028, U+0085 and the like unescaped inside a
+    # string (a generated sample may hold one), and splitlines() would cut the record there.
+    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
         if not line.strip():
             continue
         try:

@@ -20,6 +20,7 @@ import math
 import os
 from pathlib import Path
 
+from .console import visible
 from .files import write_text_atomically
 from .report import (
     BEHAVIOUR_COLUMNS,
@@ -30,6 +31,7 @@ from .report import (
     check_new_file,
     heatmap_rows,
     layer_rows,
+    pct,
     render,
     render_many,
     sample_prompts_of,
@@ -57,15 +59,16 @@ table{border-collapse:collapse;font-size:.88em;font-variant-numeric:tabular-nums
 th,td{padding:3px 8px;border-bottom:1px solid #eceef2;text-align:right;white-space:nowrap}
 th{background:#f0f2f5;position:sticky;top:0}
 td:first-child,th:first-child{text-align:left}
-td.text{white-space:pre-wrap;text-align:left;min-width:14em;max-width:60em}
-.heat td{text-align:center;min-width:3.6em;color:#fff}.heat td.light{color:#111}.heat td.none{background:#fafafa}
+th.text{text-align:left}td.text{white-space:pre-wrap;text-align:left;min-width:14em;max-width:60em}
+.heat td{text-align:center;min-width:3.6em;color:#fff}.heat td:first-child{color:#1d2330;text-align:left}
+.heat td.light{color:#111}.heat td.none{background:#fafafa}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:12px}
 .card{border:1px solid #e3e6eb;border-radius:6px;padding:8px 10px;background:#fcfcfd;min-width:0}
 .card h3{margin-top:0}
 .sample{white-space:pre-wrap;word-break:break-word}
 .prompt{font-weight:600;color:#2a4d8f}
-svg{width:100%;height:auto;display:block}
-svg text{font-size:12px;fill:#333}
+svg{width:100%;max-width:760px;height:auto;display:block}
+svg text{font-size:14px;fill:#333}
 .legend{display:flex;flex-wrap:wrap;gap:4px 12px;font-size:.82em;margin:4px 0 0}
 .legend span{white-space:nowrap}.legend i{display:inline-block;width:14px;height:3px;vertical-align:middle;
 margin-right:4px}
@@ -83,7 +86,7 @@ def esc(text) -> str:
 
 def html_table(headers: list[str], rows: list[list[str]], text_columns: tuple[int, ...] = ()) -> str:
     """A table in a box that scrolls sideways on a narrow screen; `text_columns` wrap (samples)."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    head = "".join(f"<th{' class=text' if i in text_columns else ''}>{esc(h)}</th>" for i, h in enumerate(headers))
     body = "".join(
         "<tr>" + "".join(f"<td{' class=text' if i in text_columns else ''}>{esc(c)}</td>" for i, c in enumerate(r))
         + "</tr>"
@@ -110,7 +113,7 @@ def tick_label(value: float) -> str:
 def line_chart(series: list[tuple[str, list, list]], *, xlabel: str, ylabel: str, categories=None, dots=False) -> str:
     """An SVG line chart with an HTML legend under it. `series`: (label, xs, ys); a None or NaN y
     breaks the line. `categories`: labels for x = 0, 1, ... (block names) instead of numbers."""
-    width, height, left, right, top, bottom = 640, 300, 58, 14, 12, 42
+    width, height, left, right, top, bottom = 480, 270, 56, 12, 10, 44
     points = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
     if not points:
         return '<p class="note">(nothing to draw)</p>'
@@ -171,6 +174,11 @@ def heat_colour(value: float, top: float) -> tuple[str, bool]:
     return f"rgb({rgb[0]},{rgb[1]},{rgb[2]})", t > 0.6
 
 
+def shown_text(text: str) -> str:
+    """A generated text for the page: its line breaks kept, hidden characters spelled out (`visible`)."""
+    return visible(text, newline="\n")
+
+
 def section(ident: str, title: str, body: str, note: str = "") -> str:
     note = f'<p class="note">{esc(note)}</p>' if note else ""
     return f'<section id="{ident}"><h2>{esc(title)}</h2>{note}{body}</section>'
@@ -221,7 +229,7 @@ def _samples(run: dict) -> str:
     last = drawn[-1]
     cards = []
     for number, prompt in enumerate(sample_prompts_of(drawn), 1):
-        rows = [[f"step {step}", text] for step, text in samples_of(drawn, prompt)]
+        rows = [[f"step {step}", shown_text(text)] for step, text in samples_of(drawn, prompt)]
         cards.append(
             f'<div class="card"><h3>prompt {number}: <span class="prompt">{esc(prompt)}</span></h3>'
             f"{html_table(['', 'continuation'], rows, text_columns=(1,))}</div>"
@@ -246,17 +254,16 @@ def _prompts(result: dict) -> str:
         + "</div>"
     ]
     for i, a in enumerate(acts, 1):
-        top = {side: ", ".join(f"{t['text']!r} {100 * t['prob']:.3g}%" for t in a[f"top5_{side}"]) for side in "ab"}
+        top = {side: ", ".join(f"'{t['text']}' {pct(t['prob'])}" for t in a[f"top5_{side}"]) for side in "ab"}
         body = [f"<h3>prompt {i}: <span class=prompt>{esc(a['prompt'])}</span></h3>",
                 f'<p class="note">{a["tokens"]} tokens; next token: KL(A||B) = {a["kl_a_b"]:.4g} nats</p>']  # fmt: skip
         cells = []
         for side in ("a", "b"):
             text = a.get(f"continuation_{side}")
-            shown = (
-                f'<p class="sample"><span class="prompt">{esc(a["prompt"])}</span>{esc(text)}</p>'
-                if text is not None
-                else ""
-            )
+            shown = ""
+            if text is not None:
+                shown = f'<p class="sample"><span class="prompt">{esc(a["prompt"])}</span>{esc(shown_text(text))}</p>'
+
             cells.append(
                 f'<div class="card"><h3>{side.upper()}</h3>{shown}'
                 f'<p class="note">top-5 next: {esc(top[side])}</p></div>'

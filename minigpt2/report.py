@@ -320,7 +320,7 @@ def _run_samples(run: dict) -> list[str]:
     for number, prompt in enumerate(sample_prompts_of(drawn), 1):
         out.append(f"prompt {number}: {quoted(prompt, 60)}")
         rows = [[f"step {step}", one_line(text)] for step, text in samples_of(shown, prompt)]
-        out += ["  " + line for line in table(["", "continuation"], rows)[2:]]
+        out += ["  " + line for line in table(["", "continuation"], rows, left=2)[2:]]
     return out + [""]
 
 
