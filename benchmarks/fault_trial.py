@@ -104,9 +104,11 @@ def build_fixtures(base: Path) -> None:
         "--cache-dir",
         str(base / "cache"),
     ]
-    result = subprocess.run(run, env=env_for(base), capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        raise SystemExit(f"could not train the fixture run:\n{result.stderr}")
+    grown = [*run[:8], str(base / "grown"), *run[9:], "--extend-vocab", "40"]
+    for command in (run, grown):
+        result = subprocess.run(command, env=env_for(base), capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            raise SystemExit(f"could not train a fixture run:\n{result.stderr}")
 
 
 def env_for(base: Path, **extra) -> dict:
@@ -597,7 +599,88 @@ def cases() -> list[Case]:
         )
     )
 
-    # --- 10. what should simply work
+    # --- 10. a model grown with --extend-vocab, its tokenizer damaged or gone
+    grown_damage = {
+        "vocab-deleted": lambda r: (r / "final" / "vocab.json").unlink(),
+        "merges-deleted": lambda r: (r / "final" / "merges.txt").unlink(),
+        "both-deleted": lambda r: [(r / "final" / n).unlink() for n in ("vocab.json", "merges.txt")],
+        "merges-cut": lambda r: write(r / "final" / "merges.txt", "#version: 0.2\nĠ t\n"),
+        "vocab-garbage": lambda r: write(r / "final" / "vocab.json", "{x"),
+    }
+    for name, fn in grown_damage.items():
+        prep = then(copy_of("grown/final", "g/final"), lambda g, fn=fn: fn(g.parent))
+        C.append(
+            Case(
+                f"grown/sample/{name}",
+                "sample.py",
+                ["今天", "--model", "{D}/g/final", "--max-new-tokens", "4"],
+                prep=prep,
+            )
+        )
+        C.append(
+            Case(
+                f"grown/compare-text/{name}",
+                "compare.py",
+                ["{F}/ck", "{D}/g/final", "--text", "{F}/eval.txt", "--max-eval-tokens", "64"],
+                prep=prep,
+            )
+        )
+        C.append(
+            Case(
+                f"grown/train-from/{name}",
+                "train.py",
+                [*train_base, "--model", "{D}/g/final", "--out", "{D}/run"],
+                prep=prep,
+                no_new=("run",),
+            )
+        )
+    C.append(Case("grown/compare-prompt", "compare.py", ["{F}/ck", "{F}/grown", "--prompt", "今天的天气"], expect="ok"))
+    C.append(
+        Case(
+            "grown/compare-text",
+            "compare.py",
+            ["{F}/ck", "{F}/grown", "--text", "{F}/eval.txt", "--max-eval-tokens", "64"],
+            expect="ok",
+        )
+    )
+    C.append(Case("grown/sample", "sample.py", ["今天", "--model", "{F}/grown", "--max-new-tokens", "8"], expect="ok"))
+    C.append(
+        Case(
+            "grown/lora-with-grown-model",
+            "train.py",
+            [*train_base, "--model", "{F}/grown/final", "--lora", "2", "--out", "{D}/run"],
+            expect="ok",
+        )
+    )
+
+    # --- 11. data in other containers, broken
+    formats = {
+        "jsonl-missing-field": ("x.jsonl", '{"body": "今天的天气"}\n' * 50),
+        "jsonl-not-string": ("x.jsonl", '{"text": 5}\n' * 50),
+        "jsonl-bad-line": ("x.jsonl", '{"text": "今天的天气"}\n' * 50 + "{oops\n"),
+        "json-array-of-numbers": ("x.json", "[1, 2, 3]"),
+        "json-garbage": ("x.json", "{"),
+        "csv-no-text-column": ("x.csv", "a,b\n1,2\n" * 20),
+        "parquet-garbage": ("x.parquet", os.urandom(3000)),
+        "gz-garbage": ("x.txt.gz", os.urandom(3000)),
+        "bz2-garbage": ("x.txt.bz2", os.urandom(3000)),
+        "xz-garbage": ("x.txt.xz", os.urandom(3000)),
+        "jsonl-empty": ("x.jsonl", ""),
+    }
+    for name, (fname, content) in formats.items():
+        C.append(
+            Case(
+                f"format/{name}",
+                "train.py",
+                [*train_base, "--data", "{D}/" + fname, "--out", "{D}/run"],
+                prep=lambda d, f, fname=fname, content=content: write(d / fname, content),
+                no_new=("run",),
+            )
+        )
+    for spec in ("hf:nobody/nothing", "hf:", "hf:a/b:c@nosplit", "hf:../../etc"):
+        C.append(Case(f"format/{spec}", "train.py", [*train_base, "--data", spec, "--out", "{D}/run"], no_new=("run",)))
+
+    # --- 12. what should simply work
     C.append(Case("works/sample", "sample.py", ["今天", "--model", "{F}/ck", "--max-new-tokens", "8"], expect="ok"))
     C.append(
         Case("works/sample-run", "sample.py", ["今天", "--model", "{F}/run", "--max-new-tokens", "8"], expect="ok")
