@@ -494,7 +494,7 @@ class Trainer(CheckpointIO):
         """The evaluation's records, then (rank 0, unless a stop was asked for) the samples."""
         yield from (self._emit(r) for r in self.evaluate())
         if self.prompt_sampler is not None and self.dist.is_main and self.stop_reason is None:
-            yield self._emit(self.prompt_sampler.draw(self.raw_model, self.step, self.tokens, self.autocast))
+            yield self._emit(self.prompt_sampler.draw(self.raw_model, self.step, self.tokens))
 
     def _save(self, name: str | None = None) -> Path:
         started = time.perf_counter()

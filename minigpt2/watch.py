@@ -17,8 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
 
 from .errors import MiniGPT2Error
 from .generate import Sampling
@@ -68,15 +67,14 @@ class PromptSampler:
         self.enc, self.prompts, self.max_new_tokens, self.seed = enc, list(prompts), max_new_tokens, seed
         self.guard: Utf8Guard | None = None  # built once, on the model's device, at the first draw
 
-    def draw(
-        self, model: GPT, step: int, tokens: int, autocast: Callable[[], AbstractContextManager] = nullcontext
-    ) -> dict:
-        """The `samples` record of this step: each prompt's continuation and the seconds it took."""
+    def draw(self, model: GPT, step: int, tokens: int) -> dict:
+        """The `samples` record of this step: each prompt's continuation and the seconds it took.
+        (In the weights' own precision, float32, whatever the training's autocast: a few dozen
+        tokens cost little, and the samples do not depend on the mixed-precision setting.)"""
         started = time.perf_counter()
         if self.guard is None:
             self.guard = Utf8Guard.for_tokenizer(self.enc, model.config.vocab_size, model.wte.weight.device)
-        with autocast():
-            samples = draw_samples(model, self.enc, self.prompts, self.max_new_tokens, seed=self.seed, guard=self.guard)
+        samples = draw_samples(model, self.enc, self.prompts, self.max_new_tokens, seed=self.seed, guard=self.guard)
         return {
             "type": "samples",
             "step": step,
