@@ -4,6 +4,7 @@
     python compare.py gpt2 runs/zh --prompt "今天的天气" --text zh/鲁迅小说集.txt --text en/sherlock.txt \\
         --json compare.json --plot compare.png
     python compare.py runs/zh                      # a run alone: from its starting model to its final one
+    python compare.py runs/zh --prompt "他走进屋里" --html report.html   # one page to open anywhere, or share
     python compare.py base runs/full runs/lora4 --text zh.txt --text en.txt --plot tradeoff.png   # several
 
 A (the first argument) is the reference, usually the model before fine-tuning; B the one after.

@@ -2,6 +2,7 @@
 
     python train.py --data novels/ --out runs/zh                               # fine-tune gpt2
     python train.py --data novels/ --eval-data luxun.txt --out runs/zh --resume  # continue it
+    python train.py --data novels/ --out runs/zh --tensorboard    # then: tensorboard --logdir runs/
     python train.py --data zh/ --init-preset gpt2 --n-layer 2 --n-head 2 --n-embd 64 --context 64 \\
         --tokenizer data/gpt2 --out runs/tiny --steps 200                         # tiny, from scratch
 
