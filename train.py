@@ -141,7 +141,7 @@ def train(ns) -> int:
     console.log_every, console.show_mfu = s.options["log_every"], trainer.peak_flops is not None
     board = None
     if ns.tensorboard is not None and ctx.is_main:
-        board = TensorBoardLog(tensorboard_dir(ns.out, ns.tensorboard), purge_step=trainer.step)
+        board = TensorBoardLog(tensorboard_dir(ns.out, ns.tensorboard), resumed_at=trainer.step)
 
     # The first Ctrl-C (or SIGTERM, or SIGHUP: the terminal was closed) asks for a checkpoint and
     # a clean stop; a second Ctrl-C interrupts at once.

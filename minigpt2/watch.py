@@ -112,14 +112,14 @@ class TensorBoardLog:
     drift/activations/BLOCK at each snapshot. Text: samples/PROMPT-NUMBER at each evaluation.
     """
 
-    def __init__(self, logdir: str | os.PathLike, purge_step: int | None = None) -> None:
-        """`purge_step`: a resumed run's step; TensorBoard then hides what an earlier process
-        logged from that step on (the steps after the checkpoint, which are being trained again)."""
+    def __init__(self, logdir: str | os.PathLike, resumed_at: int = 0) -> None:
+        """`resumed_at`: the step a resumed run continues from. TensorBoard then hides what an
+        earlier process logged after it (the steps after the checkpoint, which are trained again)."""
         require_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
         self.logdir = str(logdir)
-        self.writer = SummaryWriter(self.logdir, purge_step=purge_step or None)
+        self.writer = SummaryWriter(self.logdir, purge_step=resumed_at + 1 if resumed_at else None)
 
     def _scalar(self, tag: str, value, step: int) -> None:
         if value is not None and math.isfinite(value):

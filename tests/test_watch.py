@@ -312,3 +312,25 @@ def test_the_html_renders_in_a_real_browser(report, tmp_path, width):
     dom = subprocess.run([*common, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180)
     page_width, window = map(int, dom.stdout[dom.stdout.index("<title>") + 7 : dom.stdout.index("</title>")].split())
     assert page_width <= window, f"the page is {page_width}px wide in a {window}px window"
+
+
+@pytest.mark.slow
+def test_train_cli_logs_to_tensorboard_and_a_resumed_run_continues_the_log(shared_data, tmp_path):
+    run = tmp_path / "run"
+    common = ["--data", shared_data / "zh" / "三国演义.txt", "--init-preset", "gpt2", "--n-layer", "1", "--n-head", "2",
+              "--n-embd", "32", "--context", "32", "--tokenizer", shared_data / "gpt2", "--batch-size", "2",
+              "--seq-len", "16", "--eval-tokens", "32", "--eval-every", "3", "--save-every", "3", "--device", "cpu",
+              "--sample-prompt", "天下大势", "--sample-tokens", "4", "--out", run, "--tensorboard"]  # fmt: skip
+    env = offline_env(MINIGPT2_CACHE=str(tmp_path / "tokens"))
+    first = run_script("train.py", *common, "--steps", "6", env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("sample step") == 3 and "[天下大势]" in first.stdout
+    second = run_script("train.py", *common, "--steps", "9", "--resume", env=env, timeout=300)
+    assert second.returncode == 0, second.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == list(range(1, 10))
+    assert [e.step for e in board.Tensors("samples/prompt 1/text_summary")] == [0, 3, 6, 9]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
