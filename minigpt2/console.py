@@ -12,14 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-FLAG = {
-    "steps": "--steps",
-    "seq_len": "--seq-len",
-    "batch_size": "--batch-size",
-    "eval_every": "--eval-every",
-    "eval_tokens": "--eval-tokens",
-    "save_every": "--save-every",
-}
+from .options import FLAGS
 
 
 def format_duration(seconds: float) -> str:
@@ -169,8 +162,9 @@ class TrainConsole:
             )
 
     def defaults(self, used: dict, device: str) -> None:
+        """The device defaults a run uses (`options.Resolved.defaults_used`), named by their flags."""
         if used:
-            shown = ", ".join(f"{FLAG[k]} {v}" for k, v in used.items())
+            shown = ", ".join(f"{FLAGS[k]} {v}" for k, v in used.items())
             self.line(
                 f"defaults for {'a GPU' if device.startswith('cuda') else 'this ' + device}: {shown} "
                 "(give any of them to change it)"
