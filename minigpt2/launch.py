@@ -152,7 +152,7 @@ def judge_out(path: Path) -> str:
     if all(name == LOCK for name in entries):
         return "empty"
     if (path / WEIGHTS).exists() or (path / CONFIG).exists():
-        found = "a model checkpoint (config.json, model.safetensors), not a training run"
+        found = "a model checkpoint (config.json, model.safetensors)"
     else:
         foreign = [name for name in entries if not _run_entry(path / name)]
         marker = any(name in (RUN_JSON, "log.jsonl") for name in entries) or any(

@@ -266,6 +266,8 @@ def resolve(given: TrainOptions, saved: dict | None, device_type: str, ranks: in
         for k in SIZE_OPTIONS:
             saved.pop(k, None)
     merged = {**defaults, **saved, **explicit}
+    if any(k in explicit for k in ("epochs", "tokens")):  # a new length in epochs or tokens: not the default steps
+        merged["steps"] = explicit.get("steps")
     before = saved.get("batch_size", 4) * saved.get("grad_accum", 1) * saved.get("ranks", 1)
     if merged["batch_size"] * merged["grad_accum"] * ranks != before:
         raise OptionError(
@@ -335,7 +337,8 @@ def saved_options(args: Any, where: Path) -> dict:
             "str": isinstance(value, str),
         }.get(kind, True)
         if not ok:
-            raise bad(f'"args"."{name}" is {value!r}, not {"a list of texts" if kind == "list" else "a " + kind}')
+            wanted = {"list": "a list of texts", "bool": "true or false", "int": "an integer", "float": "a number"}
+            raise bad(f'"args"."{name}" is {value!r}, not {wanted.get(kind, "a text")}')
         check = f.metadata.get("argparse", {}).get("type")
         if check is not None and kind in ("int", "float"):
             try:

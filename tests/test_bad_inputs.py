@@ -217,7 +217,7 @@ def rows(w):
     out_rows = [  # --out judged before anything is written into it: nothing created, not even .lock
         ("train: --out is a checkpoint folder", [*data, "--out", good], "holds a model checkpoint"),
         ("train: --out is the user's folder with a step-000001/", [*data, "--out", str(r / "my-texts")],
-         "holds files that are not a training run's (chapter.txt)"),
+         "holds files that are not a training run's (chapter.txt, step-000001)"),
         ("train: --out is a folder of the user's files", [*data, "--out", str(r)], "is not a training run"),
         ("train: --resume into a checkpoint folder", [*data, "--out", good, "--resume"], "holds a model checkpoint"),
     ] + [
