@@ -37,12 +37,12 @@ from .errors import MiniGPT2Error
 from .model import GPT
 from .options import TrainOptions, check_combinations, resolve, saved_options
 from .rundir import (
+    CHECKPOINT_FILES,
     CONFIG,
     FINAL,
     LEFTOVER,
     LOCK,
     RUN_JSON,
-    STATE_JSON,
     STEP_NAME,
     WEIGHTS,
     RunDir,
@@ -175,7 +175,8 @@ def _run_entry(path: Path) -> bool:
     if name in RUN_FILES or LEFTOVER.fullmatch(name) or name.startswith(".write-test-"):
         return True
     base = re.sub(r"\.damaged-\d+$", "", name).lstrip(".")
-    return (base == FINAL or bool(STEP_NAME.fullmatch(base))) and path.is_dir() and (path / STATE_JSON).exists()
+    checkpoint = base == FINAL or bool(STEP_NAME.fullmatch(base))
+    return checkpoint and path.is_dir() and any((path / f).exists() for f in CHECKPOINT_FILES)
 
 
 def open_run(out: str | os.PathLike, resume: bool, saved: SavedRun, is_main: bool) -> RunDir:
@@ -255,7 +256,7 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
     previous = _check_steps(trainer, saved if resume else SavedRun(None, None), run)
     if ctx.is_main:
         check_free_space(run, checkpoint_bytes(model, sum(p.numel() for p in trainer.params)))
-        if saved.info is None or not resume or trainer.step == 0:
+        if saved.args is None or not resume or trainer.step == 0:
             run.write_info(_run_info(source, tok_source, o, model, config, corpus, eval_sets, ctx.device, dtype))
         elif previous is not None:
             update_steps(run, saved.info, config.steps)
