@@ -78,7 +78,7 @@ def train(given) -> int:
         if ctx.is_main:
             console.show(record)
             if record["type"] == "start":
-                console.defaults(s.defaults_used, str(trainer.device))
+                console.defaults(s.options, s.defaults_used, str(trainer.device))
                 console.schedule(s.schedule_change)
     console.finish()
     s.run.unlock()

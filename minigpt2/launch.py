@@ -131,7 +131,7 @@ class Setup:
     trainer: Trainer
     run: RunDir
     options: TrainOptions
-    defaults_used: dict  # the device defaults used, by name, for the start line
+    defaults_used: list[str]  # the device defaults used (names of `options`), for the start line
     skipped: list[dict]  # checkpoints --resume could not read: {"path", "why", "kept_as"}
     schedule_change: dict | None  # a resumed run given another step count: {"before", "after", "step", "lr_*"}
 

@@ -231,7 +231,7 @@ class Resolved:
     """The options a run uses, and the device defaults among them (for the start line)."""
 
     options: TrainOptions
-    defaults_used: dict[str, Any]
+    defaults_used: list[str]  # names; their values are read from `options` (a default may be capped later)
 
 
 def resolve(given: TrainOptions, saved: dict | None, device_type: str, ranks: int = 1) -> Resolved:
@@ -252,7 +252,7 @@ def resolve(given: TrainOptions, saved: dict | None, device_type: str, ranks: in
         merged = {**defaults, **explicit}
         if any(k in explicit for k in ("epochs", "tokens")):
             merged["steps"] = explicit.get("steps")
-        used = {k: merged[k] for k in device_defaults(device_type) if k not in explicit and merged[k] is not None}
+        used = [k for k in device_defaults(device_type) if k not in explicit and merged[k] is not None]
         return Resolved(TrainOptions(**{**merged, "ranks": ranks}), used)
     changed = [k for k in FIXED_ON_RESUME if k in explicit and explicit[k] != saved.get(k)]
     if changed:
@@ -276,7 +276,7 @@ def resolve(given: TrainOptions, saved: dict | None, device_type: str, ranks: in
             f"accumulation x ranks); with {ranks} rank(s), give a batch size and accumulation whose product is "
             f"{before / ranks:g}",
         )
-    return Resolved(TrainOptions(**{**merged, "ranks": ranks}), {})
+    return Resolved(TrainOptions(**{**merged, "ranks": ranks}), [])
 
 
 def check_combinations(o: TrainOptions) -> None:
