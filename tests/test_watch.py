@@ -19,6 +19,7 @@ from minigpt2.compare import compare, compare_many
 from minigpt2.console import TrainConsole, one_line, visible
 from minigpt2.files import append_jsonl, read_jsonl
 from minigpt2.htmlreport import render_html, write_html
+from minigpt2.options import TrainOptions
 from minigpt2.report import render
 from minigpt2.rundir import RunDir
 from minigpt2.tokenizer import load_tokenizer
@@ -46,7 +47,8 @@ def train_run(shared_data: Path, root: Path, name: str, start: Path, board: Path
                "snapshot_every": SNAPSHOT_EVERY, "device": "cpu", "cache_dir": str(root / "tokens"),
                "val_fraction": 0.1, "sample_tokens": 8, **options}  # fmt: skip
     run = root / name
-    setup = launch.setup(options, run, False, lambda record: None, distributed.setup("cpu"))
+    given = TrainOptions(**options, out=str(run))
+    setup = launch.setup(given, launch.SavedRun(None, None), lambda record: None, distributed.setup("cpu"))
     writer = TensorBoardLog(board) if board is not None else None
     with open(run / "console.txt", "w", encoding="utf-8") as out:
         console = TrainConsole(out, out)
