@@ -53,7 +53,7 @@ from .rundir import (
 from .snapshots import DEFAULT_PROBE, Snapshotter
 from .tokenizer import load_tokenizer, tokenizer_files
 from .trainer import TrainConfig, Trainer, lr_at, steps_for
-from .watch import PromptSampler, sample_prompts
+from .watch import TENSORBOARD_DIR, PromptSampler, sample_prompts
 from .weights import load_model
 
 
@@ -137,8 +137,9 @@ class Setup:
     schedule_change: dict | None  # a resumed run given another step count: {"before", "after", "step", "lr_*"}
 
 
-# What a run directory may hold besides its checkpoints (step-N/, final/, NAME.damaged-N, hidden leftovers).
-RUN_FILES = {RUN_JSON, "log.jsonl", "snapshots.jsonl", LOCK, "tokenizer"}
+# What a run directory may hold besides its checkpoints (step-N/, final/, NAME.damaged-N, hidden leftovers);
+# TENSORBOARD_DIR: train.py --tensorboard's event files.
+RUN_FILES = {RUN_JSON, "log.jsonl", "snapshots.jsonl", LOCK, "tokenizer", TENSORBOARD_DIR}
 
 
 def judge_out(path: Path) -> str:

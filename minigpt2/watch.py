@@ -31,6 +31,7 @@ DEFAULT_SAMPLE_PROMPTS = ("他走进屋里，看见", "He walked into the room a
 SAMPLE_TOKENS = 32  # new tokens per sample: a line of text, a second or two of a 124M model on a CPU
 SAMPLE_SEED = 0
 SAMPLING = Sampling(top_k=50)  # what sample.py draws with by default
+TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard: --tensorboard's folder when none is given
 
 
 def draw_samples(
@@ -153,7 +154,7 @@ class TensorBoardLog:
 def tensorboard_dir(run: str | os.PathLike, given: str | None = None) -> str:
     """The folder given, else RUN/tensorboard: inside the run folder, so `tensorboard --logdir
     runs/` shows every run side by side."""
-    return given or os.path.join(os.fspath(run), "tensorboard")
+    return given or os.path.join(os.fspath(run), TENSORBOARD_DIR)
 
 
 def sample_prompts(given: Sequence[str] | None) -> list[str]:
