@@ -23,6 +23,7 @@ from minigpt2.compare import (
     tensor_metrics,
     token_text,
 )
+from minigpt2.options import TrainOptions
 from minigpt2.report import finite, render, to_json, write_json, write_plot
 from minigpt2.rundir import RunDir
 from minigpt2.tokenizer import encoding_from_files
@@ -392,7 +393,8 @@ def make_finetuned_run(shared_data: Path, root: Path) -> tuple[Path, Path, Path]
         "cache_dir": str(root / "tokens"),
     }
     run = root / "run"
-    setup = launch.setup(options, run, False, lambda record: None, distributed.setup("cpu"))
+    given = TrainOptions(**options, out=str(run))
+    setup = launch.setup(given, launch.SavedRun(None, None), lambda record: None, distributed.setup("cpu"))
     for _ in setup.trainer.run():
         pass
     setup.run.unlock()
