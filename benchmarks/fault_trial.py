@@ -104,7 +104,7 @@ def build_fixtures(base: Path) -> None:
         "--cache-dir",
         str(base / "cache"),
     ]
-    grown = [*run[:8], str(base / "grown"), *run[9:], "--extend-vocab", "40"]
+    grown = [*run[:7], str(base / "grown"), *run[8:], "--extend-vocab", "40"]
     for command in (run, grown):
         result = subprocess.run(command, env=env_for(base), capture_output=True, text=True, timeout=900)
         if result.returncode != 0:

@@ -98,9 +98,10 @@ def test_a_second_process_on_the_same_run_is_refused_at_once(base_args, env, tmp
 KILL = (
     "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import train; from minigpt2 import distributed, launch\n"
     "stage, argv = sys.argv[2], sys.argv[3:]\n"
-    "ns = train.parser().parse_args(argv)\n"
-    "given = {k: v for k, v in vars(ns).items() if k not in ('out', 'resume', 'threads')}\n"
-    "s = launch.setup(given, ns.out, ns.resume, lambda r: None, distributed.setup('cpu'))\n"
+    "from minigpt2.options import TrainOptions\n"
+    "given = TrainOptions(**vars(train.parser().parse_args(argv)))\n"
+    "saved = launch.read_saved(given.out) if given.resume else launch.SavedRun(None, None)\n"
+    "s = launch.setup(given, saved, lambda r: None, distributed.setup('cpu'))\n"
     "def fault(name):\n"
     "    if name == stage: os.kill(os.getpid(), signal.SIGKILL)\n"
     "s.trainer.run_dir.fault = fault\n"
