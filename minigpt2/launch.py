@@ -34,7 +34,7 @@ from .errors import MiniGPT2Error, OptionError
 from .model import GPT
 from .rundir import RunDir, RunDirError, check_writable
 from .snapshots import DEFAULT_PROBE, Snapshotter
-from .tokenizer import load_tokenizer, tokenizer_files
+from .tokenizer import load_tokenizer, locate_tokenizer
 from .trainer import TrainConfig, Trainer, lr_at, steps_for
 from .weights import load_model
 
@@ -135,15 +135,15 @@ def saved_option(out: str | os.PathLike, key: str):
         return None
 
 
-def tokenizer_source_for(source: str | os.PathLike | None) -> str | os.PathLike | None:
-    """`source` if its vocab.json + merges.txt can be found (to copy into checkpoints), else None."""
+def tokenizer_source_for(source: str | os.PathLike | None, vocab_size: int) -> Path | None:
+    """The folder of `source`'s own vocab.json + merges.txt (to copy into checkpoints), else None."""
     if source is None:
         return None
     try:
-        tokenizer_files(source)
+        (vocab, merges), standing_in = locate_tokenizer(source, vocab_size=vocab_size)
     except MiniGPT2Error:
         return None
-    return source
+    return vocab.parent if vocab.parent == merges.parent and not standing_in else None
 
 
 def start_model(
@@ -251,8 +251,9 @@ def _setup(
     if config.snapshot_every:
         probe = o.get("probe") or DEFAULT_PROBE
         snapshotter = Snapshotter(model, enc.encode(probe, disallowed_special=()), probe)
+    tok_folder = tokenizer_source_for(tok_source, model.config.vocab_size)
     trainer = Trainer(model, corpus.train, eval_sets, config, run, device=ctx.device, dtype=dtype,
-                      compile=bool(o.get("compile")), tokenizer_source=tokenizer_source_for(tok_source),
+                      compile=bool(o.get("compile")), tokenizer_source=tok_folder,
                       snapshotter=snapshotter, dist=ctx, shard=bool(o.get("shard")), keep_last=o["keep_last"],
                       activation_checkpointing=bool(o.get("activation_checkpointing")))  # fmt: skip
     skipped = trainer.resume() if resume else []
@@ -288,10 +289,11 @@ def _start(o: dict, run: RunDir, files: tuple, report, ctx) -> tuple:
     model or a preset, grown by `extend_vocab` and wrapped with LoRA when asked."""
     source = None if o.get("init_preset") else (o.get("model") or "gpt2")
     tok_source = o.get("tokenizer") or source or "gpt2"
-    enc = load_tokenizer(tok_source)
     sizes = {"n_layer": o.get("n_layer"), "n_head": o.get("n_head"), "n_embd": o.get("n_embd"),
              "n_positions": o.get("context")}  # fmt: skip
     model = start_model(source, o.get("init_preset"), sizes, seed=o["seed"], dropout=o.get("dropout"))
+    # After the model: its vocabulary decides whether GPT-2's tokenizer may stand in for missing files.
+    enc = load_tokenizer(tok_source, vocab_size=model.config.vocab_size, explicit=bool(o.get("tokenizer")))
     check_vocab_fits(model.config, enc)
     if o.get("extend_vocab"):
         model, enc, tok_source = _extended(model, enc, tok_source, o, run, files[0], files[2], report, ctx)
@@ -333,7 +335,7 @@ def _extended(model, enc, tok_source, o, run: RunDir, train_files, eval_files, r
     if (folder / "vocab.json").is_file():
         new_enc = encoding_from_files(folder / "vocab.json", folder / "merges.txt")
         return grow_model(model, enc, new_enc), new_enc, folder
-    base = tokenizer_files(tok_source)[0].parent
+    base = locate_tokenizer(tok_source)[0][0].parent
     vocab_from = check_inputs(o["vocab_from"], o["encoding_errors"]) if o.get("vocab_from") else None
     eval_texts = {
         files[0].path.stem: files[0].path.read_text(encoding="utf-8", errors="replace")[:200_000]
