@@ -213,9 +213,9 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(base_args,
     load_model(run / "final")
 
 
-def test_ctrl_c_during_an_evaluation_stops_within_seconds(test_data, env, tmp_path):
+def test_ctrl_c_during_an_evaluation_stops_within_seconds(test_data, shared_data, env, tmp_path):
     # Every CPU default, except the model (random 124M weights cannot be downloaded here: a tiny one
-    # keeps the test short) and an evaluation made long on purpose: Lu Xun, 200k tokens.
+    # keeps the test short) and an evaluation made long on purpose: the whole of Lu Xun, 200k tokens.
     run = tmp_path / "run"
     proc = start(
         "--data",
@@ -224,7 +224,7 @@ def test_ctrl_c_during_an_evaluation_stops_within_seconds(test_data, env, tmp_pa
         "--tokenizer",
         test_data / "gpt2",
         "--eval-data",
-        test_data / "zh" / "鲁迅小说集.txt",
+        shared_data / "zh" / "鲁迅小说集.txt",
         "--eval-tokens",
         "200000",
         "--out",
