@@ -74,6 +74,7 @@ from .weights import (
     match_keys,
     official_shapes,
     open_safetensors,
+    read_checkpoint_config,
     read_header,
 )
 
@@ -652,12 +653,11 @@ def run_drift(snapshots: list[dict], start_norms: dict[str, float] | None = None
 # ----- the whole comparison ---------------------------------------------------------------
 
 
-def tokenizer_or(source: str, fallback):
-    """`source`'s own tokenizer, or `fallback` (A's) for a checkpoint saved without one."""
-    try:
-        return load_tokenizer(source)
-    except CheckpointError:
-        return fallback
+def side_tokenizer(checkpoint: str, revision: str | None = None):
+    """A checkpoint's own tokenizer (GPT-2's only for one without tokenizer files and with GPT-2's
+    vocabulary; see `load_tokenizer`), read before any model is loaded, so a mismatch fails first."""
+    vocab_size = read_checkpoint_config(checkpoint, revision).vocab_size
+    return load_tokenizer(checkpoint, revision=revision, vocab_size=vocab_size)
 
 
 def resolve_side(source: str) -> dict:
@@ -749,8 +749,7 @@ def compare(
 
     enc = prepared = None
     if prompts or texts:  # read the texts first: a bad file should fail before minutes of work
-        enc_a = load_tokenizer(side_a["checkpoint"])
-        enc = {"A": enc_a, "B": tokenizer_or(side_b["checkpoint"], enc_a)}
+        enc = {"A": side_tokenizer(side_a["checkpoint"], revision), "B": side_tokenizer(side_b["checkpoint"], revision)}
         prepared = prepare_texts(list(texts), enc["A"], enc["B"], max_eval_tokens)
     weights = compare_weights(side_a["checkpoint"], side_b["checkpoint"], revision=revision)
     # A LoRA run's checkpoint has adapter/ beside its merged weights: mark the adapted tensors.
@@ -802,8 +801,7 @@ def compare_many(
         raise MiniGPT2Error("comparing several models needs at least one text to evaluate them on")
     sides = [resolve_side(source) for source in [a, *others]]
     device = resolve_device(device)
-    encs = [load_tokenizer(sides[0]["checkpoint"])]
-    encs += [tokenizer_or(side["checkpoint"], encs[0]) for side in sides[1:]]
+    encs = [side_tokenizer(side["checkpoint"], revision) for side in sides]
     prepared = [prepare_texts(list(texts), encs[0], enc, max_eval_tokens) for enc in encs]
     models = []
     for side, enc, side_texts in zip(sides, encs, prepared):

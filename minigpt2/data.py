@@ -423,13 +423,14 @@ def prepare_corpus(
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     entry = root / key
     cached = (entry / "meta.json").is_file()
-    damaged = verify_entry(entry, enc.n_vocab) if cached else None
+    damaged = verify_entry(entry, enc.n_vocab, key_material) if cached else None
     if damaged is not None:  # never train on a damaged cache: move it out of the way, tokenize again
         _discard_entry(entry)
         cached = False
     if not cached:
         _build_entry(
             entry,
+            key_material,
             files,
             enc,
             val_fraction=val_fraction,
@@ -456,15 +457,22 @@ def prepare_corpus(
     return Corpus(train=train, val=val, files=files, key=key, cached=cached, rebuilt_because=damaged)
 
 
-def verify_entry(entry: Path, vocab_size: int) -> str | None:
+def verify_entry(entry: Path, vocab_size: int, request: dict | None = None) -> str | None:
     """Why a cache entry cannot be trusted, or None if it can.
 
-    The files are checked against what was recorded when they were written: their sizes, a CRC-32
-    of their bytes (a full read, ~0.1 s per 100 MB), and every id below the vocabulary size. A
-    truncated or overwritten token file would otherwise be trained on silently.
+    The entry must belong to the request: its meta.json records what it was built from (each
+    input file's content hash and size, the tokenizer's fingerprint, the cleaning options), which
+    must equal `request`, the same record for the corpus asked for, so an entry copied or renamed
+    over another corpus's key is never used for it. The files are checked against what was
+    recorded when they were written: their sizes, a CRC-32 of their bytes (a full read, ~0.1 s
+    per 100 MB), and every id below the vocabulary size. A truncated or overwritten token file
+    would otherwise be trained on silently.
     """
     try:
         meta = json.loads((entry / "meta.json").read_text())
+        if request is not None and meta.get("request") != request:
+            built = ", ".join(Path(str(f)).name for f in meta.get("files") or []) or "unrecorded input"
+            return f"it was built from other input ({built}), not from these files with this tokenizer and options"
         for part in ("train", "val"):
             path = entry / f"{part}.bin"
             size = path.stat().st_size
@@ -491,7 +499,7 @@ def _discard_entry(entry: Path) -> None:
 
 
 def _build_entry(
-    entry: Path, files: list[FileInfo], enc, *, val_fraction, drop_lines, encoding_errors, threads
+    entry: Path, request: dict, files: list[FileInfo], enc, *, val_fraction, drop_lines, encoding_errors, threads
 ) -> None:
     """Tokenize into a temporary folder beside the entry, then rename it into place (atomic)."""
     if enc.n_vocab > 65536:
@@ -525,6 +533,7 @@ def _build_entry(
             "val_crc32": tail.crc32,
             "vocab_size": enc.n_vocab,
             "files": [str(f.path) for f in files],
+            "request": request,  # what the entry was built from (verify_entry checks it on every use)
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:

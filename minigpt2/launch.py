@@ -51,7 +51,7 @@ from .rundir import (
     is_complete,
 )
 from .snapshots import DEFAULT_PROBE, Snapshotter
-from .tokenizer import load_tokenizer, tokenizer_files
+from .tokenizer import load_tokenizer, locate_tokenizer
 from .trainer import TrainConfig, Trainer, lr_at, steps_for
 from .watch import TENSORBOARD_DIR, PromptSampler, sample_prompts
 from .weights import load_model
@@ -86,15 +86,15 @@ def _is_count(value, allow_none: bool = False) -> bool:
     return (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
 
 
-def tokenizer_source_for(source: str | os.PathLike | None) -> str | os.PathLike | None:
-    """`source` if its vocab.json + merges.txt can be found (to copy into checkpoints), else None."""
+def tokenizer_source_for(source: str | os.PathLike | None, vocab_size: int) -> Path | None:
+    """The folder of `source`'s own vocab.json + merges.txt (to copy into checkpoints), else None."""
     if source is None:
         return None
     try:
-        tokenizer_files(source)
+        (vocab, merges), standing_in = locate_tokenizer(source, vocab_size=vocab_size)
     except MiniGPT2Error:
         return None
-    return source
+    return vocab.parent if vocab.parent == merges.parent and not standing_in else None
 
 
 def start_model(
@@ -246,8 +246,9 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
     if config.snapshot_every:
         probe = o.probe or DEFAULT_PROBE
         snapshotter = Snapshotter(model, enc.encode(probe, disallowed_special=()), probe)
+    tok_folder = tokenizer_source_for(tok_source, model.config.vocab_size)
     trainer = Trainer(model, corpus.train, eval_sets, config, run, device=ctx.device, dtype=dtype,
-                      compile=bool(o.compile), tokenizer_source=tokenizer_source_for(tok_source),
+                      compile=bool(o.compile), tokenizer_source=tok_folder,
                       snapshotter=snapshotter, prompt_sampler=_prompt_sampler(o, enc, ctx, report), dist=ctx,
                       shard=bool(o.shard), keep_last=o.keep_last,
                       activation_checkpointing=bool(o.activation_checkpointing))  # fmt: skip
@@ -296,8 +297,9 @@ def _start(o: TrainOptions, run: RunDir, files: tuple, report, ctx) -> tuple:
     model or a preset, grown by `extend_vocab` and wrapped with LoRA when asked."""
     source = None if o.init_preset else (o.model or "gpt2")
     tok_source = o.tokenizer or source or "gpt2"
-    enc = load_tokenizer(tok_source)
     model = start_model(source, o.init_preset, preset_sizes(o), seed=o.seed, dropout=o.dropout)
+    # After the model: its vocabulary decides whether GPT-2's tokenizer may stand in for missing files.
+    enc = load_tokenizer(tok_source, vocab_size=model.config.vocab_size, explicit=bool(o.tokenizer))
     check_vocab_fits(model.config, enc)
     if o.extend_vocab:
         model, enc, tok_source = _extended(model, enc, tok_source, o, run, files[0], files[2], report, ctx)
@@ -373,7 +375,7 @@ def _extended(model, enc, tok_source, o: TrainOptions, run: RunDir, train_files,
     if (folder / "vocab.json").is_file():
         new_enc = encoding_from_files(folder / "vocab.json", folder / "merges.txt")
         return grow_model(model, enc, new_enc), new_enc, folder
-    base = tokenizer_files(tok_source)[0].parent
+    base = locate_tokenizer(tok_source)[0][0].parent
     vocab_from = check_inputs(o.vocab_from, o.encoding_errors) if o.vocab_from else None
     eval_texts = {
         files[0].path.stem: files[0].path.read_text(encoding="utf-8", errors="replace")[:200_000]

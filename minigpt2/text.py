@@ -142,7 +142,7 @@ def load_for_sampling(
     from .weights import load_model
 
     model = load_model(source, device=device, dtype=dtype, quantize=quantize)
-    enc = load_tokenizer(source)
+    enc = load_tokenizer(source, vocab_size=model.config.vocab_size)
     check_vocab_fits(model.config, enc, model_name=f"model '{source}'", tokenizer_name="its tokenizer")
     longest = max(len(enc.encode_ordinary(p)) for p in prompts) + 1
     check_decode_memory(model.config, num_samples, longest, dtype.itemsize, device)

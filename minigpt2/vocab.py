@@ -21,12 +21,11 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from .bpe import count_pretokens, learn_merges_from_counts
+from .bpe import learn_merges
 from .data import FileInfo, default_cache_dir, read_chunks, tokenizer_fingerprint
 from .errors import MiniGPT2Error
 from .model import GPT
@@ -42,11 +41,6 @@ class VocabError(MiniGPT2Error):
 
 
 # ----- learning, cached ---------------------------------------------------------------------
-
-
-def learn_merges(texts: Iterable[str], enc, n_merges: int) -> list[tuple[bytes, bytes]]:
-    """`n_merges` new merges continuing `enc`'s byte-level BPE on `texts` (see bpe.py)."""
-    return learn_merges_from_counts(count_pretokens(texts), enc, n_merges)
 
 
 def _check_room(enc, n_merges: int) -> None:

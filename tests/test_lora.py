@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from checkpoints import tiny_model
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
@@ -31,31 +32,24 @@ from minigpt2.snapshots import Snapshotter
 from minigpt2.tokenizer import encoding_from_files
 from minigpt2.trainer import TrainConfig, Trainer, param_groups
 
-TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
 R, ALPHA = 2, 8.0
 TRAINED = ("attn.c_attn", "mlp.c_proj")  # a subset, so that untouched layers of each kind remain
 
 
-def tiny_model(seed=0, dropout=0.0):
-    return start_model(None, "gpt2", TINY, seed=seed, dropout=dropout)
-
-
 @pytest.fixture(scope="module")
-def corpus(shared_data, tmp_path_factory):
+def corpus(test_data, tmp_path_factory):
     """A small slice of 鲁迅小说集 (fast to tokenize), the tail 10% held out."""
-    enc = encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt")
-    text = (shared_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8")[:40_000]
+    enc = encoding_from_files(test_data / "gpt2" / "vocab.json", test_data / "gpt2" / "merges.txt")
+    text = (test_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8")[:40_000]
     folder = tmp_path_factory.mktemp("text")
     (folder / "luxun.txt").write_text(text, encoding="utf-8")
     return prepare_corpus([folder / "luxun.txt"], enc, val_fraction=0.1, cache_dir=folder / "cache")
 
 
 @pytest.fixture(scope="module")
-def base_dir(shared_data, tmp_path_factory):
+def base_dir(test_data, tmp_path_factory):
     """The base model, saved: a run starts from it, and PEFT applies the adapter to it."""
-    return save_model(
-        tiny_model(seed=7), tmp_path_factory.mktemp("base") / "base", tokenizer_source=shared_data / "gpt2"
-    )
+    return save_model(tiny_model(seed=7), tmp_path_factory.mktemp("base") / "base", tokenizer_source=test_data / "gpt2")
 
 
 def lora_trainer(corpus, base_dir, out, *, seed=1, lora_dropout=0.0, snapshotter=None, **config):

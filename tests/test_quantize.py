@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from checkpoints import random_hf_model, write_official_layout
+from checkpoints import random_hf_model, tiny_gpt, write_official_layout
 from clis import offline_env, run_script
 from torch import nn
 
-from minigpt2 import GPT, GPTConfig, MiniGPT2Error, load_model, save_model
+from minigpt2 import MiniGPT2Error, load_model, save_model
 from minigpt2.generate import generate_tokens, prepare_for_decoding
 from minigpt2.quantize import Int8Linear, is_quantized, quantize_model, quantize_weight
 
@@ -18,9 +18,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def tiny_model(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=512)).eval()
+SMALL = dict(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=512)
 
 
 def test_weight_rounding_error_is_at_most_half_a_step_per_row():
@@ -68,7 +66,7 @@ def test_refined_activations_lose_far_less_than_8_bit_activations():
 
 @torch.inference_mode()
 def test_quantized_model_stays_close_to_float32():
-    model = tiny_model()
+    model = tiny_gpt(**SMALL)
     idx = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
     reference = model(idx)
     quantized = quantize_model(copy.deepcopy(model))
@@ -88,7 +86,7 @@ def test_quantized_model_stays_close_to_float32():
 
 @torch.inference_mode()
 def test_module_names_stay_official_and_hooks_fire():
-    float_model = tiny_model()
+    float_model = tiny_gpt(**SMALL)
     model = quantize_model(copy.deepcopy(float_model))
     names = {name for name, m in model.named_modules() if isinstance(m, Int8Linear)}
     blocks = {f"h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
@@ -111,7 +109,7 @@ def test_module_names_stay_official_and_hooks_fire():
 
 @torch.inference_mode()
 def test_decoding_layout_leaves_the_int8_output_layer_alone():
-    model = quantize_model(tiny_model())
+    model = quantize_model(tiny_gpt(**SMALL))
     weight = model.lm_head.weight.clone()
     prepare_for_decoding(model)
     assert model.lm_head.weight.is_contiguous() and torch.equal(model.lm_head.weight, weight)

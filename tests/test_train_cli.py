@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clis import offline_env, run_script, start_script
+from clis import assert_clean_error, offline_env, run_script, start_script
 
 from minigpt2 import load_model
 
@@ -31,14 +31,6 @@ def run_train(*args, hf_home, token_cache, timeout=240):
 
 def log(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-def assert_clean_error(result, *needles):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().startswith("error:"), result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
 
 
 def bad_inputs(tmp_path):
@@ -90,17 +82,17 @@ def test_every_bad_input_fails_before_any_model_is_loaded(tmp_path, token_cache)
         assert not (tmp_path / f"run-{case}").exists(), case
 
 
-def test_fine_tune_evaluate_snapshot_save_resume(hub_gpt2, hf_home, shared_data, tmp_path, token_cache):
+def test_fine_tune_evaluate_snapshot_save_resume(hub_gpt2, hf_home, test_data, tmp_path, token_cache):
     run = tmp_path / "run"
     (tmp_path / "latin1.txt").write_bytes("天气很好。\n".encode() * 50 + b"caf\xe9\n")
     args = [
         "--data",
-        shared_data / "zh" / "西游记.txt",
+        test_data / "zh" / "西游记.txt",
         tmp_path / "latin1.txt",
         "--encoding-errors",
         "replace",
         "--eval-data",
-        shared_data / "en" / "sherlock_holmes.txt",
+        test_data / "en" / "sherlock_holmes.txt",
         "--model",
         "gpt2",
         "--out",
@@ -158,14 +150,14 @@ def test_fine_tune_evaluate_snapshot_save_resume(hub_gpt2, hf_home, shared_data,
     assert_clean_error(changed, "--seq-len cannot change when a run is resumed")
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(shared_data, tmp_path, token_cache):
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(test_data, tmp_path, token_cache):
     run = tmp_path / "run"
     args = [
         "--data",
-        shared_data / "zh" / "三国演义.txt",
+        test_data / "zh" / "三国演义.txt",
         *TINY,
         "--tokenizer",
-        shared_data / "gpt2",
+        test_data / "gpt2",
         "--batch-size",
         "2",
         "--seq-len",

@@ -29,13 +29,13 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_args(shared_data):
+def base_args(test_data):
     return [
         "--data",
-        str(shared_data / "zh" / "西游记.txt"),
+        str(test_data / "zh" / "西游记.txt"),
         *TINY,
         "--tokenizer",
-        str(shared_data / "gpt2"),
+        str(test_data / "gpt2"),
         "--batch-size",
         "2",
         "--seq-len",
@@ -228,16 +228,16 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(base_args,
     load_model(run / "final")
 
 
-def test_ctrl_c_during_an_evaluation_stops_within_seconds(shared_data, env, tmp_path):
+def test_ctrl_c_during_an_evaluation_stops_within_seconds(test_data, shared_data, env, tmp_path):
     # Every CPU default, except the model (random 124M weights cannot be downloaded here: a tiny one
-    # keeps the test short) and an evaluation made long on purpose: Lu Xun, 200k tokens.
+    # keeps the test short) and an evaluation made long on purpose: the whole of Lu Xun, 200k tokens.
     run = tmp_path / "run"
     proc = start(
         "--data",
-        shared_data / "zh" / "西游记.txt",
+        test_data / "zh" / "西游记.txt",
         *TINY,
         "--tokenizer",
-        shared_data / "gpt2",
+        test_data / "gpt2",
         "--eval-data",
         shared_data / "zh" / "鲁迅小说集.txt",
         "--eval-tokens",
@@ -259,11 +259,11 @@ def test_ctrl_c_during_an_evaluation_stops_within_seconds(shared_data, env, tmp_
     assert not any(r["type"] == "eval" and r["set"] == "鲁迅小说集" for r in RunDir(run).read_log())  # discarded
 
 
-def test_ctrl_c_after_a_step_with_cpu_defaults_saves_within_seconds(shared_data, env, tmp_path):
+def test_ctrl_c_after_a_step_with_cpu_defaults_saves_within_seconds(test_data, env, tmp_path):
     # Every CPU default but the model (tiny, with a 64-token context: the default 128-token
     # sequences are capped to it).
     run = tmp_path / "run"
-    proc = start("--data", shared_data / "zh" / "西游记.txt", *TINY, "--tokenizer", shared_data / "gpt2", "--out", run,
+    proc = start("--data", test_data / "zh" / "西游记.txt", *TINY, "--tokenizer", test_data / "gpt2", "--out", run,
                  env=env)  # fmt: skip
     wait_for(run, proc, lambda log: trained_steps(log) >= 1)
     sent = time.time()

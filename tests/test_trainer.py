@@ -5,35 +5,23 @@ import math
 
 import pytest
 import torch
+from checkpoints import tiny_model
 from safetensors.torch import load_file
 
 from minigpt2 import load_model
 from minigpt2.data import prepare_corpus
 from minigpt2.files import read_jsonl
-from minigpt2.launch import start_model
 from minigpt2.rundir import STATE_JSON, RunDir
 from minigpt2.snapshots import Snapshotter
-from minigpt2.tokenizer import encoding_from_files
 from minigpt2.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, param_groups, steps_for
 
-TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
-
 
 @pytest.fixture(scope="module")
-def enc(shared_data):
-    return encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt")
-
-
-@pytest.fixture(scope="module")
-def novels(shared_data, enc, tmp_path_factory):
+def novels(test_data, enc, tmp_path_factory):
     """The four novels, with the tail 1% of each held out."""
-    zh = shared_data / "zh"
+    zh = test_data / "zh"
     files = [zh / n for n in ("红楼梦.txt", "西游记.txt", "水浒传.txt", "三国演义.txt")]
     return prepare_corpus(files, enc, val_fraction=0.01, cache_dir=tmp_path_factory.mktemp("tokens"))
-
-
-def tiny_model(seed=0, dropout=0.0):
-    return start_model(None, "gpt2", TINY, seed=seed, dropout=dropout)
 
 
 def make_trainer(novels, out, *, model=None, tokenizer=None, **config):
@@ -153,10 +141,10 @@ def test_nan_stops_and_leaves_the_last_checkpoint_untouched(novels, tmp_path):
     assert torch.isfinite(load_model(tmp_path / "run" / "step-000004").wte.weight).all()
 
 
-def test_checkpoints_load_in_transformers_and_hold_no_pickles(novels, shared_data, tmp_path):
+def test_checkpoints_load_in_transformers_and_hold_no_pickles(novels, test_data, tmp_path):
     from transformers import GPT2LMHeadModel
 
-    trainer = make_trainer(novels, tmp_path / "run", steps=3, tokenizer=shared_data / "gpt2")
+    trainer = make_trainer(novels, tmp_path / "run", steps=3, tokenizer=test_data / "gpt2")
     records(trainer)
     final = tmp_path / "run" / "final"
     assert sorted(p.name for p in final.iterdir()) == sorted(
