@@ -26,9 +26,13 @@ def parser() -> argparse.ArgumentParser:
     """Every option; values are checked here (finite, in range) before any data or model is loaded."""
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="text files, folders, globs")
-    d.add_argument("--val-data", nargs="+", action="extend", metavar="PATH", help="held-out text (default: the tail "
-                   "of each --data document)")
+    d.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="text files, folders, globs; "
+                   ".jsonl/.json/.csv/.tsv/.parquet (one document per row), .gz/.bz2/.xz/.zst, or a dataset: "
+                   "hf:OWNER/NAME[:CONFIG][@SPLIT] or hf:FOLDER (see docs/data.md)")
+    d.add_argument("--text-field", metavar="NAME", help="the field (column) of each row that holds its text "
+                   "(default text)")
+    d.add_argument("--val-data", nargs="+", action="extend", metavar="PATH", help="held-out text (default: a "
+                   "dataset's own validation split, else whole rows of many-row data, else the tail of each document)")
     d.add_argument("--val-fraction", type=arg_float(low=0, high=1, high_open=True), help="share of each document held "
                    "out when there is no --val-data (default 0.005)")
     d.add_argument("--eval-data", nargs="+", action="extend", metavar="FILE", help="more texts to evaluate on")
