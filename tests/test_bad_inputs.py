@@ -8,6 +8,7 @@ The rows run a few at a time (each start imports torch, ~3 s on a shared CPU).
 A second table holds valid but unusual inputs that must work.
 """
 
+import gzip
 import hashlib
 import json
 import os
@@ -78,6 +79,19 @@ def world(tmp_path_factory, shared_data, hub_gpt2):
     (root / "a-file").write_text("not a folder")
     (root / "readonly").mkdir()
     (root / "exists.json").write_text("{}")
+    rows = root / "rows"
+    rows.mkdir()
+    good_row = '{"text": "天气很好。今天的天气不错。"}\n'
+    (rows / "bad.jsonl").write_text(good_row * 3 + '{"text": "x"\n', encoding="utf-8")
+    (rows / "field.jsonl").write_text(good_row + '{"body": "x"}\n', encoding="utf-8")
+    (rows / "number.jsonl").write_text('{"text": 12}\n', encoding="utf-8")
+    (rows / "empty.jsonl").write_text("\n", encoding="utf-8")
+    (rows / "blank.txt").write_text("\n\n  \n", encoding="utf-8")
+    (rows / "rows.csv").write_text("id,body\n1,x\n", encoding="utf-8")
+    (rows / "cut.parquet").write_bytes(b"PAR1" + b"\x00" * 20)
+    packed = gzip.compress(good_row.encode() * 2000)
+    (rows / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    (rows / "lonely.parquet").mkdir()  # a folder named like a file
     return w
 
 
@@ -161,43 +175,71 @@ def rows(w):
         "--device",
         "cpu",
     ]
-    train = [
-        (f"train: {flag} {value}", [*data, flag, value], flag)
-        for flag, value in [
-            ("--lr", "nan"),
-            ("--lr", "inf"),
-            ("--lr", "0"),
-            ("--min-lr", "nan"),
-            ("--min-lr", "-1"),
-            ("--weight-decay", "nan"),
-            ("--grad-clip", "nan"),
-            ("--grad-clip", "-1"),
-            ("--seed", "-1"),
-            ("--log-every", "0"),
-            ("--dropout", "2"),
-            ("--dropout", "nan"),
-            ("--save-every", "-1"),
-            ("--eval-every", "-1"),
-            ("--snapshot-every", "-1"),
-            ("--seq-len", "0"),
-            ("--batch-size", "0"),
-            ("--steps", "0"),
-            ("--warmup", "-1"),
-            ("--eval-tokens", "0"),
-            ("--val-fraction", "1"),
-            ("--val-fraction", "nan"),
-            ("--epochs", "nan"),
-            ("--epochs", "0"),
-            ("--tokens", "inf"),
-            ("--grad-accum", "0"),
-            ("--n-layer", "0"),
-            ("--context", "-4"),
-            ("--steps", "1e3"),
+    train = (
+        [
+            (f"train: {flag} {value}", [*data, flag, value], flag)
+            for flag, value in [
+                ("--lr", "nan"),
+                ("--lr", "inf"),
+                ("--lr", "0"),
+                ("--min-lr", "nan"),
+                ("--min-lr", "-1"),
+                ("--weight-decay", "nan"),
+                ("--grad-clip", "nan"),
+                ("--grad-clip", "-1"),
+                ("--seed", "-1"),
+                ("--log-every", "0"),
+                ("--dropout", "2"),
+                ("--dropout", "nan"),
+                ("--save-every", "-1"),
+                ("--eval-every", "-1"),
+                ("--snapshot-every", "-1"),
+                ("--seq-len", "0"),
+                ("--batch-size", "0"),
+                ("--steps", "0"),
+                ("--warmup", "-1"),
+                ("--eval-tokens", "0"),
+                ("--val-fraction", "1"),
+                ("--val-fraction", "nan"),
+                ("--epochs", "nan"),
+                ("--epochs", "0"),
+                ("--tokens", "inf"),
+                ("--grad-accum", "0"),
+                ("--n-layer", "0"),
+                ("--context", "-4"),
+                ("--steps", "1e3"),
+            ]
         ]
-    ] + [
-        ("train: --data /dev/null", ["--data", os.devnull, *data[2:]], "not a regular file"),
-        ("train: --drop-lines . leaves only blank lines", [*data, "--drop-lines", "."], "nothing is left"),
-    ]
+        + [
+            ("train: --data /dev/null", ["--data", os.devnull, *data[2:]], "not a regular file"),
+            ("train: --drop-lines . leaves only blank lines", [*data, "--drop-lines", "."], "nothing is left"),
+        ]
+        + [
+            (f"train: --data {name}", ["--data", str(r / "rows" / name), *data[2:], *extra], needle)
+            for name, extra, needle in [
+                ("bad.jsonl", [], "bad.jsonl' line 4 is not valid JSON"),
+                (
+                    "field.jsonl",
+                    [],
+                    "line 2 has no field 'text' (its fields: 'body'); choose the field with --text-field",
+                ),
+                ("field.jsonl", ["--text-field", "body"], "line 1 has no field 'body'"),
+                ("number.jsonl", [], "line 1: the field 'text' holds a number, not text"),
+                ("empty.jsonl", [], "empty.jsonl' holds no rows"),
+                ("blank.txt", [], "blank.txt' holds no text, only blank lines"),
+                ("rows.csv", [], "no column 'text' (its header: 'id', 'body')"),
+                ("cut.parquet", [], "cut.parquet' cannot be read as Parquet"),
+                ("cut.jsonl.gz", [], "cut.jsonl.gz' is not a valid gzip stream"),
+                ("lonely.parquet", [], "holds no .txt files"),
+            ]
+        ]
+        + [
+            ("train: --text-field ''", [*data, "--text-field", ""], "--text-field must name a field"),
+            ("train: --data hf:missing folder", ["--data", f"hf:{r / 'gone'}", *data[2:]], "does not exist"),
+            ("train: --data hf:not cached", ["--data", "hf:someone/nothing-here", *data[2:]], "someone/nothing-here"),
+            ("train: --eval-data bad row", [*data, "--eval-data", str(r / "rows" / "number.jsonl")], "number.jsonl"),
+        ]
+    )
     offline = {"HF_HOME": str(r / "empty-hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
     return (
         [(name, "sample.py", args, needle, {}) for name, args, needle in sample]

@@ -309,3 +309,47 @@ def test_train_py_reads_a_dataset_and_its_own_validation_split(docs, tmp_path, s
     a, b = (json.loads((tmp_path / r / "run.json").read_text())["data"] for r in ("twin", "rows"))
     assert (a["train_tokens"], a["val_tokens"], a["chars"]) == (b["train_tokens"], b["val_tokens"], b["chars"])
     assert a["key"] != b["key"]  # different containers, different cache entries, same tokens
+
+
+def hub_cache_entry(datasets_cache, repo_id: str, revision: str, splits: dict) -> None:
+    """A real `datasets` cache entry of the hub dataset `repo_id` at `revision`, as a download
+    leaves it (Arrow files and dataset_info.json under OWNER___NAME/CONFIG/VERSION/REVISION),
+    built by datasets itself from local JSON Lines files."""
+    import glob
+    import os
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    owner, name = repo_id.split("/")
+    build = datasets_cache.parent / f"build-{name}-{revision}"
+    files = {}
+    for split, rows in splits.items():
+        files[split] = [str(build / f"{split}.jsonl")]
+        build.mkdir(parents=True, exist_ok=True)
+        (build / f"{split}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows), encoding="utf-8")
+    builder = Json(cache_dir=str(build / "cache"), dataset_name=name, config_name="default", data_files=files,
+                   hash=revision)  # fmt: skip
+    builder.download_and_prepare()
+    target = datasets_cache / f"{owner}___{name}"
+    shutil.rmtree(target, ignore_errors=True)  # the newest revision is the one in the cache
+    target.mkdir(parents=True)
+    os.rename(glob.glob(str(build / "cache" / name / "default-*"))[0], target / "default")
+
+
+def test_a_hub_dataset_is_read_offline_from_its_cache_and_keyed_by_its_revision(enc, tmp_path, hf_home):
+    import datasets
+
+    cache = hf_home / "datasets"  # HF_HOME of the tests (conftest), where datasets looks
+    assert datasets.config.HF_DATASETS_CACHE == cache
+    rows = [f"第{i}句。天气很好。" for i in range(20)]
+    hub_cache_entry(cache, "someone/tiny-zh", "0123abcd", {"train": rows, "validation": ["验证。"]})
+    info = check_inputs(["hf:someone/tiny-zh"])[0]  # HF_HUB_OFFLINE=1 (conftest): only the cache can answer
+    assert info.rows == 20 and info.validation is not None and info.validation.rows == 1
+    first = prepare_corpus([info], enc, cache_dir=tmp_path / "tokens")
+    assert enc.decode(ids(first.train.tokens)) == "".join("<|endoftext|>" + r for r in rows)
+    again = prepare_corpus(["hf:someone/tiny-zh@train"], enc, cache_dir=tmp_path / "tokens")
+    assert again.cached and again.key == first.key
+    hub_cache_entry(cache, "someone/tiny-zh", "4567cdef", {"train": rows[:10]})
+    newer = prepare_corpus(["hf:someone/tiny-zh"], enc, cache_dir=tmp_path / "tokens")
+    assert newer.key != first.key and not newer.cached and len(newer.train) < len(first.train)
