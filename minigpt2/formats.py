@@ -419,6 +419,7 @@ def open_dataset(spec: str, text_field: str, split: str | None = None) -> Datase
     name, config, wanted = parse_dataset_spec(spec)
     wanted = wanted or split
     local = Path(name).expanduser()
+    unreachable = None
     try:
         if local.is_dir() and any((local / f).is_file() for f in ("state.json", "dataset_dict.json")):
             loaded = datasets.load_from_disk(str(local))
@@ -426,12 +427,18 @@ def open_dataset(spec: str, text_field: str, split: str | None = None) -> Datase
                 raise DataError(f"'{spec}': a dataset saved with save_to_disk has no configs; leave out ':{config}'")
         elif not local.exists() and name.startswith((".", "/", "~")):
             raise DataError(f"the dataset folder '{name}' does not exist; give a folder or a hub dataset OWNER/NAME")
+        elif local.is_dir():
+            loaded = datasets.load_dataset(str(local), config)
         else:
-            loaded = datasets.load_dataset(str(local) if local.is_dir() else name, config)
+            unreachable = _hub_unreachable(datasets)
+            with _offline(datasets, unreachable is not None):
+                loaded = datasets.load_dataset(name, config)
     except DataError:
         raise
     except Exception as e:  # the datasets library's many errors (not found, offline, bad config, bad files)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not local.is_dir() and unreachable:
+            first += f"; the hub could not be reached ({unreachable}) and the dataset is not in the cache"
         raise DataError(f"cannot load the dataset '{spec}': {first}") from None
     splits = dict(loaded) if isinstance(loaded, dict) else {"train": loaded}
     chosen = wanted or ("train" if "train" in splits else next(iter(splits)) if len(splits) == 1 else None)
@@ -449,6 +456,27 @@ def open_dataset(spec: str, text_field: str, split: str | None = None) -> Datase
         if own is not None:
             source.validation = _dataset_split(f"{spec}@{own}", splits[own], text_field, own)
     return source
+
+
+def _hub_unreachable(datasets) -> str | None:
+    """Why the hub cannot be reached, unless downloads are off anyway (see hub.hub_unreachable)."""
+    if datasets.config.HF_HUB_OFFLINE:
+        return None
+    from .hub import hub_unreachable
+
+    return hub_unreachable()
+
+
+@contextlib.contextmanager
+def _offline(datasets, offline: bool):
+    """With no network, read the dataset from the cache at once, as HF_HUB_OFFLINE=1 does, instead
+    of retrying for half a minute: datasets' own switch, set for this one call and put back."""
+    old = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = old or offline
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = old
 
 
 def _dataset_split(spec: str, dataset, text_field: str, split: str) -> DatasetSource:
