@@ -260,10 +260,11 @@ def check_source(spec: Path | str, encoding_errors: str = "strict", text_field: 
 # ----- documents, and where the held-out text comes from -----------------------------------------
 
 
-def documents(info: FileInfo, encoding_errors: str = "strict") -> Iterator[tuple[int, int | None, Iterable[str]]]:
-    """(index, characters or None, lines) of each document of an input: its text as lines ending
-    in "\\n" (the last one may not). A text file streams its lines; rows of only whitespace are
-    left out (they keep their index, so the held-out rows do not depend on them)."""
+def documents(info: FileInfo, encoding_errors: str = "strict") -> Iterator[tuple[int, int | None, str | Iterable[str]]]:
+    """(index, characters or None, text) of each document of an input, line ends made "\\n": a text
+    file's lines as they are read (a novel need not fit in memory), a row's text as one string.
+    Rows of only whitespace are left out (they keep their index, so the held-out rows do not
+    depend on them)."""
     if info.format == "text":
         yield 0, info.chars, text_lines(info.path, info.compression, encoding_errors)
         return
@@ -275,7 +276,11 @@ def documents(info: FileInfo, encoding_errors: str = "strict") -> Iterator[tuple
     for row in rows:
         if row.text and not row.text.isspace():
             text = normalise(row.text)
-            yield row.index, len(text), text.splitlines(keepends=True)
+            yield row.index, len(text), text
+
+
+def _lines(text: str | Iterable[str]) -> Iterable[str]:
+    return text.splitlines(keepends=True) if isinstance(text, str) else text
 
 
 def read_chunks(
@@ -297,8 +302,8 @@ def read_chunks(
     """
     info = path if isinstance(path, FileInfo) else FileInfo(Path(path), "", 0, 0, compression=format_of(path)[1])
     chunker = _Chunker(chunk_chars)
-    for _, _, lines in documents(info, encoding_errors):
-        for line in lines:
+    for _, _, text in documents(info, encoding_errors):
+        for line in _lines(text):
             if drop_lines is None or not drop_lines.search(line):
                 yield from chunker.add(line)
     yield from chunker.flush()
@@ -499,14 +504,18 @@ def tokenize_documents(
     held = held_out_rows(sum(f.rows for f in files), tail_fraction) if tail is not None else None
     offset = 0  # documents of the files before this one
     for info in files:
-        for index, chars, lines in documents(info, encoding_errors):
+        for index, chars, text in documents(info, encoding_errors):
             split = _split_point(chars, tail_fraction) if tail is not None and held is None else None
             writers = {False: tail if held is not None and offset + index in held else head, True: tail}
+            if isinstance(text, str) and split is None and drop_lines is None and len(text) < chunk_chars:
+                encoder.eot(writers[False])  # a short row, whole: what the chunker would give, without its cost
+                encoder.text(writers[False], text)
+                continue
             chunkers = {False: _Chunker(chunk_chars), True: _Chunker(chunk_chars)}
             parts = (False, True) if split is not None else (False,)
             for part in parts:  # EOT first: each part of a document starts afresh
                 encoder.eot(writers[part])
-            for in_tail, piece in _route(lines, chars, split, drop_lines):
+            for in_tail, piece in _route(_lines(text), chars, split, drop_lines):
                 for chunk in chunkers[in_tail].add(piece):
                     encoder.text(writers[in_tail], chunk)
             for part in parts:
