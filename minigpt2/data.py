@@ -27,6 +27,7 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -476,12 +477,18 @@ class _Encoder:
     def flush(self) -> None:
         texts = [t for _, t in self.items if t is not None]
         encoded = iter(self.enc.encode_ordinary_batch(texts, num_threads=self.threads) if texts else [])
+        pending: dict[_TokenWriter, list] = {}  # each writer's ids in order, written at once (a write per row is slow)
+        chars: dict[_TokenWriter, int] = {}
         for writer, text in self.items:
             if text is None:
-                writer.write([self.enc.eot_token])
+                pending.setdefault(writer, []).append([self.enc.eot_token])
             else:
-                writer.write(next(encoded), chars=len(text))
+                pending.setdefault(writer, []).append(next(encoded))
+                chars[writer] = chars.get(writer, 0) + len(text)
                 writer.has_text = writer.has_text or not text.isspace()
+        for writer, parts in pending.items():
+            ids = np.fromiter(itertools.chain.from_iterable(parts), np.uint16, count=sum(map(len, parts)))
+            writer.write(ids, chars.get(writer, 0))
         self.items, self.chars = [], 0
 
 
