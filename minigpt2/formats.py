@@ -336,7 +336,8 @@ def _parquet_rows(path, fmt, compression, field, encoding_errors) -> Iterator[Ro
                     f"'{path}' has no column '{field}' (its columns: {columns}); choose the column with `text_field`"
                 )
             kind = schema.field(field).type
-            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            is_view = getattr(pa.types, "is_string_view", lambda t: False)  # (pyarrow 16 and later)
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_view(kind)):
                 raise DataError(f"'{path}': the column '{field}' holds {kind}, not text")
             index = 0
             for batch in pf.iter_batches(batch_size=ROW_BATCH, columns=[field]):

@@ -353,3 +353,15 @@ def test_a_hub_dataset_is_read_offline_from_its_cache_and_keyed_by_its_revision(
     hub_cache_entry(cache, "someone/tiny-zh", "4567cdef", {"train": rows[:10]})
     newer = prepare_corpus(["hf:someone/tiny-zh"], enc, cache_dir=tmp_path / "tokens")
     assert newer.key != first.key and not newer.cached and len(newer.train) < len(first.train)
+
+
+def test_a_held_out_set_too_small_to_evaluate_is_said(enc, tmp_path):
+    from minigpt2.launch import data_notes
+
+    (tmp_path / "a.txt").write_text("天气很好。今天的天气不错。\n" * 20 + "下一页\n", encoding="utf-8")
+    corpus = prepare_corpus([tmp_path / "a.txt"], enc, val_fraction=0.02, drop_lines="下一页", cache_dir=tmp_path / "c")
+    assert len(corpus.val) == 1  # the tail was the one dropped line: only its <|endoftext|> is left
+    (note,) = data_notes(corpus, {})
+    assert "held-out text is 1 token(s), too little to evaluate" in note and "--val-data" in note
+    fine = prepare_corpus([tmp_path / "a.txt"], enc, val_fraction=0.2, drop_lines="下一页", cache_dir=tmp_path / "c")
+    assert data_notes(fine, {"val": fine.val}) == []
