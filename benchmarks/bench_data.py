@@ -32,7 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, resource, sys, time
-t0 = time.perf_counter()
+
+
+def peak_mb():
+    # VmHWM: this process's own peak (getrusage's ru_maxrss would carry the parent's over a fork)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 from minigpt2.data import prepare_corpus
 from minigpt2.tokenizer import encoding_from_files
 spec, gpt2, cache = sys.argv[1:4]
@@ -41,13 +51,12 @@ if spec.startswith("hf:"):
     import datasets  # (imported before the clock starts, as pyarrow is for Parquet)
 if spec.endswith(".parquet"):
     import pyarrow.parquet
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_mb()
 start = time.perf_counter()
 corpus = prepare_corpus(spec.split("\n"), enc, val_fraction=0.005, cache_dir=cache)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": seconds, "tokens": corpus.tokens, "chars": corpus.chars,
-                  "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024}))
+                  "rss_before_mb": before, "peak_rss_mb": peak_mb()}))
 """
 
 FORMATS = ("txt", "jsonl", "json", "csv", "parquet", "jsonl.gz", "txt.zst", "hf")
