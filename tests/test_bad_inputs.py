@@ -79,7 +79,16 @@ def world(tmp_path_factory, shared_data, hub_gpt2):
     (root / "a-file").write_text("not a folder")
     (root / "readonly").mkdir()
     (root / "exists.json").write_text("{}")
-    rows = root / "rows"
+    # --out folders that are not runs (issue 20 E): the user's own texts, even with a step-000001/ of theirs
+    (root / "my-texts" / "step-000001").mkdir(parents=True)
+    (root / "my-texts" / "chapter.txt").write_text("第一回\n", encoding="utf-8")
+    (root / "my-texts" / "step-000001" / "notes.md").write_text("mine")
+    # run.json damaged in the ways a resume used to crash on (issue 20 B)
+    for name, args in {"args-list": [1, 2], "args-lr-text": {"lr": "fast"}, "args-batch-0": {"batch_size": 0},
+                       "args-data-number": {"data": 5}}.items():  # fmt: skip
+        (root / f"run-{name}").mkdir()
+        (root / f"run-{name}" / "run.json").write_text(json.dumps({"args": args}))
+    rows = root / "rows"  # --data in other containers, broken (issue 21)
     rows.mkdir()
     good_row = '{"text": "天气很好。今天的天气不错。"}\n'
     (rows / "bad.jsonl").write_text(good_row * 3 + '{"text": "x"\n', encoding="utf-8")
@@ -175,71 +184,80 @@ def rows(w):
         "--device",
         "cpu",
     ]
-    train = (
-        [
-            (f"train: {flag} {value}", [*data, flag, value], flag)
-            for flag, value in [
-                ("--lr", "nan"),
-                ("--lr", "inf"),
-                ("--lr", "0"),
-                ("--min-lr", "nan"),
-                ("--min-lr", "-1"),
-                ("--weight-decay", "nan"),
-                ("--grad-clip", "nan"),
-                ("--grad-clip", "-1"),
-                ("--seed", "-1"),
-                ("--log-every", "0"),
-                ("--dropout", "2"),
-                ("--dropout", "nan"),
-                ("--save-every", "-1"),
-                ("--eval-every", "-1"),
-                ("--snapshot-every", "-1"),
-                ("--seq-len", "0"),
-                ("--batch-size", "0"),
-                ("--steps", "0"),
-                ("--warmup", "-1"),
-                ("--eval-tokens", "0"),
-                ("--val-fraction", "1"),
-                ("--val-fraction", "nan"),
-                ("--epochs", "nan"),
-                ("--epochs", "0"),
-                ("--tokens", "inf"),
-                ("--grad-accum", "0"),
-                ("--n-layer", "0"),
-                ("--context", "-4"),
-                ("--steps", "1e3"),
-            ]
+    train = [
+        (f"train: {flag} {value}", [*data, flag, value], flag)
+        for flag, value in [
+            ("--lr", "nan"),
+            ("--lr", "inf"),
+            ("--lr", "0"),
+            ("--min-lr", "nan"),
+            ("--min-lr", "-1"),
+            ("--weight-decay", "nan"),
+            ("--grad-clip", "nan"),
+            ("--grad-clip", "-1"),
+            ("--seed", "-1"),
+            ("--log-every", "0"),
+            ("--dropout", "2"),
+            ("--dropout", "nan"),
+            ("--save-every", "-1"),
+            ("--eval-every", "-1"),
+            ("--snapshot-every", "-1"),
+            ("--seq-len", "0"),
+            ("--batch-size", "0"),
+            ("--steps", "0"),
+            ("--warmup", "-1"),
+            ("--eval-tokens", "0"),
+            ("--val-fraction", "1"),
+            ("--val-fraction", "nan"),
+            ("--epochs", "nan"),
+            ("--epochs", "0"),
+            ("--tokens", "inf"),
+            ("--grad-accum", "0"),
+            ("--n-layer", "0"),
+            ("--context", "-4"),
+            ("--steps", "1e3"),
         ]
-        + [
-            ("train: --data /dev/null", ["--data", os.devnull, *data[2:]], "not a regular file"),
-            ("train: --drop-lines . leaves only blank lines", [*data, "--drop-lines", "."], "nothing is left"),
+    ] + [
+        ("train: --data /dev/null", ["--data", os.devnull, *data[2:]], "not a regular file"),
+        ("train: --drop-lines . leaves only blank lines", [*data, "--drop-lines", "."], "nothing is left"),
+    ]
+    train += [
+        ("train: --vocab-from without --extend-vocab", [*data, "--vocab-from", text], "--vocab-from only says where"),
+        ("train: --val-fraction with --val-data", [*data, "--val-data", text, "--val-fraction", "0.1"],
+         "--val-fraction holds out a share"),
+        ("train: --batch-size that cannot fit in memory", [*data, "--batch-size", "10000000"],
+         "--batch-size 10000000 at sequence length 16 needs at least"),
+    ]  # fmt: skip
+    train += [
+        (f"train: --data {name}", ["--data", str(r / "rows" / name), *data[2:], *extra], needle)
+        for name, extra, needle in [
+            ("bad.jsonl", [], "bad.jsonl' line 4 is not valid JSON"),
+            ("field.jsonl", [], "line 2 has no field 'text' (its fields: 'body'); choose the field with --text-field"),
+            ("field.jsonl", ["--text-field", "body"], "line 1 has no field 'body'"),
+            ("number.jsonl", [], "line 1: the field 'text' holds a number, not text"),
+            ("empty.jsonl", [], "empty.jsonl' holds no rows"),
+            ("blank.txt", [], "blank.txt' holds no text, only blank lines"),
+            ("rows.csv", [], "no column 'text' (its header: 'id', 'body')"),
+            ("cut.parquet", [], "cut.parquet' cannot be read as Parquet"),
+            ("cut.jsonl.gz", [], "cut.jsonl.gz' is not a valid gzip stream"),
+            ("lonely.parquet", [], "holds no .txt files"),
         ]
-        + [
-            (f"train: --data {name}", ["--data", str(r / "rows" / name), *data[2:], *extra], needle)
-            for name, extra, needle in [
-                ("bad.jsonl", [], "bad.jsonl' line 4 is not valid JSON"),
-                (
-                    "field.jsonl",
-                    [],
-                    "line 2 has no field 'text' (its fields: 'body'); choose the field with --text-field",
-                ),
-                ("field.jsonl", ["--text-field", "body"], "line 1 has no field 'body'"),
-                ("number.jsonl", [], "line 1: the field 'text' holds a number, not text"),
-                ("empty.jsonl", [], "empty.jsonl' holds no rows"),
-                ("blank.txt", [], "blank.txt' holds no text, only blank lines"),
-                ("rows.csv", [], "no column 'text' (its header: 'id', 'body')"),
-                ("cut.parquet", [], "cut.parquet' cannot be read as Parquet"),
-                ("cut.jsonl.gz", [], "cut.jsonl.gz' is not a valid gzip stream"),
-                ("lonely.parquet", [], "holds no .txt files"),
-            ]
-        ]
-        + [
-            ("train: --text-field ''", [*data, "--text-field", ""], "--text-field must name a field"),
-            ("train: --data hf:missing folder", ["--data", f"hf:{r / 'gone'}", *data[2:]], "does not exist"),
-            ("train: --data hf:not cached", ["--data", "hf:someone/nothing-here", *data[2:]], "someone/nothing-here"),
-            ("train: --eval-data bad row", [*data, "--eval-data", str(r / "rows" / "number.jsonl")], "number.jsonl"),
-        ]
-    )
+    ] + [
+        ("train: --text-field ''", [*data, "--text-field", ""], "--text-field must name a field"),
+        ("train: --data hf:missing folder", ["--data", f"hf:{r / 'gone'}", *data[2:]], "does not exist"),
+        ("train: --data hf:not cached", ["--data", "hf:someone/nothing-here", *data[2:]], "someone/nothing-here"),
+        ("train: --eval-data bad row", [*data, "--eval-data", str(r / "rows" / "number.jsonl")], "number.jsonl"),
+    ]  # fmt: skip
+    out_rows = [  # --out judged before anything is written into it: nothing created, not even .lock
+        ("train: --out is a checkpoint folder", [*data, "--out", good], "holds a model checkpoint"),
+        ("train: --out is the user's folder with a step-000001/", [*data, "--out", str(r / "my-texts")],
+         "holds files that are not a training run's (chapter.txt, step-000001)"),
+        ("train: --out is a folder of the user's files", [*data, "--out", str(r)], "is not a training run"),
+        ("train: --resume into a checkpoint folder", [*data, "--out", good, "--resume"], "holds a model checkpoint"),
+    ] + [
+        (f"train: --resume with run.json {name}", ["--out", str(r / f"run-{name}"), "--resume"], "run.json' is damaged")
+        for name in ("args-list", "args-lr-text", "args-batch-0", "args-data-number")
+    ]  # fmt: skip
     offline = {"HF_HOME": str(r / "empty-hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
     return (
         [(name, "sample.py", args, needle, {}) for name, args, needle in sample]
@@ -257,6 +275,7 @@ def rows(w):
             (name, "train.py", [*args, "--out", str(r / "runs" / name.replace(" ", "_"))], needle, {})
             for name, args, needle in train
         ]
+        + [(name, "train.py", args, needle, {}) for name, args, needle in out_rows]
     )
 
 
