@@ -31,7 +31,7 @@ import torch
 from . import distributed
 from .checks import check_train_memory_fits, check_vocab_fits
 from .config import GPTConfig
-from .data import check_inputs, compile_drop_lines, default_cache_dir, prepare_corpus
+from .data import check_inputs, compile_drop_lines, default_cache_dir, head_text, prepare_corpus
 from .device import resolve_dtype
 from .errors import MiniGPT2Error
 from .model import GPT
@@ -236,6 +236,8 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
     check_train_memory(o, ctx, dtype)
     source, model, enc, tok_source = _start(o, run, files, report, ctx)
     corpus, eval_sets = _tokenize(o, enc, *files, ctx)
+    for message in data_notes(corpus, eval_sets):
+        report({"type": "note", "message": message})
     sets = {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char} for n, d in eval_sets.items()}
     report({"type": "data", **corpus.summary(), "eval_sets": sets})
 
@@ -286,10 +288,12 @@ def _check_inputs(o: TrainOptions) -> tuple:
     check_combinations(o)
     check_writable(o.cache_dir or default_cache_dir(), "the token cache folder")
     compile_drop_lines(o.drop_lines)
-    errors = o.encoding_errors
-    train_files = check_inputs(o.data, errors)
-    val_files = check_inputs(o.val_data, errors) if o.val_data else None
-    return train_files, val_files, [check_inputs([f], errors) for f in o.eval_data or []]
+    errors, text_field = o.encoding_errors, o.text_field
+    train_files = check_inputs(o.data, errors, text_field)
+    val_files = check_inputs(o.val_data, errors, text_field) if o.val_data else None
+    if val_files is None and any(f.validation for f in train_files):  # a dataset's own validation split
+        val_files = [f.validation for f in train_files if f.validation is not None]
+    return train_files, val_files, [check_inputs([f], errors, text_field) for f in o.eval_data or []]
 
 
 def _start(o: TrainOptions, run: RunDir, files: tuple, report, ctx) -> tuple:
@@ -376,11 +380,8 @@ def _extended(model, enc, tok_source, o: TrainOptions, run: RunDir, train_files,
         new_enc = encoding_from_files(folder / "vocab.json", folder / "merges.txt")
         return grow_model(model, enc, new_enc), new_enc, folder
     base = locate_tokenizer(tok_source)[0][0].parent
-    vocab_from = check_inputs(o.vocab_from, o.encoding_errors) if o.vocab_from else None
-    eval_texts = {
-        files[0].path.stem: files[0].path.read_text(encoding="utf-8", errors="replace")[:200_000]
-        for files in eval_files
-    }
+    vocab_from = check_inputs(o.vocab_from, o.encoding_errors, o.text_field) if o.vocab_from else None
+    eval_texts = {files[0].path.stem: head_text(files[0], 200_000) for files in eval_files}
     with ctx.main_first():
         grown, new_enc, folder, summary = extend_vocabulary(
             model,
@@ -420,7 +421,8 @@ def _with_lora(model: GPT, o: TrainOptions, report) -> None:
 def _tokenize(o, enc, train_files, val_files, eval_files, ctx):
     """The training corpus and the eval sets (val: --val-data, else the held-out tails), tokenized
     once into the cache (rank 0 first under torchrun)."""
-    common = dict(drop_lines=o.drop_lines, encoding_errors=o.encoding_errors, cache_dir=o.cache_dir)
+    common = dict(drop_lines=o.drop_lines, encoding_errors=o.encoding_errors, cache_dir=o.cache_dir,
+                  text_field=o.text_field)  # fmt: skip
     with ctx.main_first():  # rank 0 fills the cache; the others then read it
         corpus = prepare_corpus(train_files, enc, val_fraction=0.0 if val_files else o.val_fraction, **common)
         eval_sets = {}
@@ -431,6 +433,19 @@ def _tokenize(o, enc, train_files, val_files, eval_files, ctx):
         for files in eval_files:
             eval_sets[files[0].path.stem] = prepare_corpus(files, enc, **common).train
     return corpus, eval_sets
+
+
+def data_notes(corpus, eval_sets: dict) -> list[str]:
+    """What the start should say about the data: rows left out, held-out text too small to use."""
+    notes = []
+    if corpus.summary().get("empty_rows"):
+        notes.append(f"{corpus.summary()['empty_rows']:,} empty or blank rows left out (nothing to learn from)")
+    if corpus.val is not None and "val" not in eval_sets:
+        notes.append(
+            f"the held-out text is {len(corpus.val)} token(s), too little to evaluate: no validation loss will be "
+            "computed; give more text, a larger --val-fraction or --val-data"
+        )
+    return notes
 
 
 def _check_steps(trainer: Trainer, saved: SavedRun, run: RunDir) -> int | None:

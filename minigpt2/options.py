@@ -84,8 +84,13 @@ class TrainOptions:
     """Every option of train.py (see the module docstring). None: not given (before `resolve`)."""
 
     # data
-    data: list[str] | None = option("text files, folders, globs", group="data", fixed=True, **extend("PATH"))
-    val_data: list[str] | None = option("held-out text (default: the tail of each --data document)", group="data",
+    data: list[str] | None = option("text files, folders, globs; .jsonl/.json/.csv/.tsv/.parquet (one document per "
+                                    "row), .gz/.bz2/.xz/.zst, or a dataset: hf:OWNER/NAME[:CONFIG][@SPLIT] or "
+                                    "hf:FOLDER (see docs/data.md)", group="data", fixed=True, **extend("PATH"))
+    text_field: str | None = option("the field (column) of each row that holds its text (default text)",
+                                    group="data", default="text", fixed=True, metavar="NAME")
+    val_data: list[str] | None = option("held-out text (default: a dataset's own validation split, else whole rows "
+                                        "of many-row data, else the tail of each document)", group="data",
                                         fixed=True, **extend("PATH"))
     val_fraction: float | None = option("share of each document held out when there is no --val-data (default "
                                         "0.005)", group="data", default=0.005, fixed=True,

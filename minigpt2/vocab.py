@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .bpe import learn_merges
-from .data import FileInfo, default_cache_dir, read_chunks, tokenizer_fingerprint
+from .data import FileInfo, default_cache_dir, head_text, read_chunks, tokenizer_fingerprint
 from .errors import MiniGPT2Error
 from .model import GPT
 from .tokenizer import ENDOFTEXT, byte_stand_ins, encoding_from_files
@@ -57,7 +57,7 @@ def merges_cache_path(files: list[FileInfo], enc, n_merges: int, cache_dir: str 
     """Where the merges learned from these files' contents, on this tokenizer, are cached."""
     key_material = {
         "format": MERGES_FORMAT,
-        "files": [f.sha256 for f in files],
+        "files": [f.key() for f in files],
         "tokenizer": tokenizer_fingerprint(enc),
         "merges": n_merges,
     }
@@ -80,7 +80,7 @@ def learn_merges_cached(
             return [(bytes.fromhex(a), bytes.fromhex(b)) for a, b in stored["merges"]], True
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged entry: learn again and replace it
-    merges = learn_merges((chunk for f in files for chunk in read_chunks(f.path)), enc, n_merges)
+    merges = learn_merges((chunk for f in files for chunk in read_chunks(f)), enc, n_merges)
     entry = {
         "files": [str(f.path) for f in files],
         "requested": n_merges,
@@ -210,11 +210,6 @@ def bits_per_char_of(model: GPT, enc, text: str, max_chars: int = 2000, device: 
         model.train(was_training)
 
 
-def _file_text(path: Path, limit: int | None = None) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read(limit if limit is not None else -1)
-
-
 def extend_vocabulary(
     model: GPT,
     enc,
@@ -255,7 +250,7 @@ def extend_vocabulary(
     new_enc = encoding_from_files(tokenizer_dir / "vocab.json", tokenizer_dir / "merges.txt")
     grown = grow_model(model, enc, new_enc)
 
-    texts = {f"train:{f.path.name}": _file_text(f.path, 1 << 20) for f in files}
+    texts = {f"train:{f.path.name}": head_text(f, 1 << 20) for f in files}
     texts.update(eval_texts or {})
     report = {
         "merges_requested": n_merges,

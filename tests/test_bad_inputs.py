@@ -8,6 +8,7 @@ The rows run a few at a time (each start imports torch, ~3 s on a shared CPU).
 A second table holds valid but unusual inputs that must work.
 """
 
+import gzip
 import hashlib
 import json
 import os
@@ -98,6 +99,19 @@ def world(tmp_path_factory, test_data, hub_gpt2):
                        "args-data-number": {"data": 5}}.items():  # fmt: skip
         (root / f"run-{name}").mkdir()
         (root / f"run-{name}" / "run.json").write_text(json.dumps({"args": args}))
+    rows = root / "rows"  # --data in other containers, broken (issue 21)
+    rows.mkdir()
+    good_row = '{"text": "天气很好。今天的天气不错。"}\n'
+    (rows / "bad.jsonl").write_text(good_row * 3 + '{"text": "x"\n', encoding="utf-8")
+    (rows / "field.jsonl").write_text(good_row + '{"body": "x"}\n', encoding="utf-8")
+    (rows / "number.jsonl").write_text('{"text": 12}\n', encoding="utf-8")
+    (rows / "empty.jsonl").write_text("\n", encoding="utf-8")
+    (rows / "blank.txt").write_text("\n\n  \n", encoding="utf-8")
+    (rows / "rows.csv").write_text("id,body\n1,x\n", encoding="utf-8")
+    (rows / "cut.parquet").write_bytes(b"PAR1" + b"\x00" * 20)
+    packed = gzip.compress(good_row.encode() * 2000)
+    (rows / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    (rows / "lonely.parquet").mkdir()  # a folder named like a file
     return w
 
 
@@ -274,6 +288,26 @@ def rows(w):
          "--val-fraction holds out a share"),
         ("train: --batch-size that cannot fit in memory", [*data, "--batch-size", "10000000"],
          "--batch-size 10000000 at sequence length 16 needs at least"),
+    ]  # fmt: skip
+    train += [
+        (f"train: --data {name}", ["--data", str(r / "rows" / name), *data[2:], *extra], needle)
+        for name, extra, needle in [
+            ("bad.jsonl", [], "bad.jsonl' line 4 is not valid JSON"),
+            ("field.jsonl", [], "line 2 has no field 'text' (its fields: 'body'); choose the field with --text-field"),
+            ("field.jsonl", ["--text-field", "body"], "line 1 has no field 'body'"),
+            ("number.jsonl", [], "line 1: the field 'text' holds a number, not text"),
+            ("empty.jsonl", [], "empty.jsonl' holds no rows"),
+            ("blank.txt", [], "blank.txt' holds no text, only blank lines"),
+            ("rows.csv", [], "no column 'text' (its header: 'id', 'body')"),
+            ("cut.parquet", [], "cut.parquet' cannot be read as Parquet"),
+            ("cut.jsonl.gz", [], "cut.jsonl.gz' is not a valid gzip stream"),
+            ("lonely.parquet", [], "holds no .txt files"),
+        ]
+    ] + [
+        ("train: --text-field ''", [*data, "--text-field", ""], "--text-field must name a field"),
+        ("train: --data hf:missing folder", ["--data", f"hf:{r / 'gone'}", *data[2:]], "does not exist"),
+        ("train: --data hf:not cached", ["--data", "hf:someone/nothing-here", *data[2:]], "someone/nothing-here"),
+        ("train: --eval-data bad row", [*data, "--eval-data", str(r / "rows" / "number.jsonl")], "number.jsonl"),
     ]  # fmt: skip
     out_rows = [  # --out judged before anything is written into it: nothing created, not even .lock
         ("train: --out is a checkpoint folder", [*data, "--out", good], "holds a model checkpoint"),
