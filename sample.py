@@ -78,6 +78,11 @@ def run(args, out) -> int:
     loading = dict(device=device, dtype=dtype, quantize=args.quantize, utf8_guard=not args.no_utf8_guard)
     samplers = [load_for_sampling(source, prompts, args.num_samples, **loading) for source in args.model]
     for s in samplers:
+        if s.checkpoint is not None:
+            which = (
+                "its final checkpoint" if s.checkpoint.name == "final" else "its newest checkpoint (no final one yet)"
+            )
+            print(f"'{s.source}' is a training run: sampling {which}, {s.checkpoint.name}", file=sys.stderr)
         if s.inferred_config:
             shape = f"{s.model.config.n_layer} layers, {s.model.config.n_head} heads of 64"
             print(
@@ -122,7 +127,16 @@ def show(args, index: int, prompt: str, s, out, where: dict) -> None:
     )
     for i, sample in enumerate(samples):
         if args.json:
-            record = {"model": s.source, "prompt": prompt, "sample": i, **sample.record(), "seed": args.seed, **where}
+            checkpoint = {"checkpoint": str(s.checkpoint)} if s.checkpoint is not None else {}
+            record = {
+                "model": s.source,
+                **checkpoint,
+                "prompt": prompt,
+                "sample": i,
+                **sample.record(),
+                "seed": args.seed,
+                **where,
+            }
             print(json.dumps(record, ensure_ascii=False), file=out, flush=True)
             continue
         if i > 0:

@@ -137,6 +137,9 @@ class TrainConsole:
                 f"{t['tokens_per_char_after']:.2f}{bpc}"
             )
 
+    def _dtype(self, r):
+        self.line(f"precision: {r['dtype']} (--dtype auto: {r['why']})")
+
     def _lora(self, r):
         self.line(
             f"LoRA r={r['r']}, alpha={r['alpha']:g} on {', '.join(r['targets'])}: "

@@ -29,7 +29,7 @@ from . import distributed
 from .checks import check_vocab_fits
 from .config import GPTConfig
 from .data import check_inputs, compile_drop_lines, default_cache_dir, prepare_corpus
-from .device import resolve_dtype
+from .device import auto_dtype, resolve_dtype
 from .errors import MiniGPT2Error, OptionError
 from .model import GPT
 from .rundir import RunDir, RunDirError, check_writable
@@ -238,7 +238,9 @@ def _setup(
         raise RunDirError(f"nothing to resume in '{run.path}': it holds no run.json; start it with its data")
     o, defaults_used = merge_options(given, saved, ctx.device, ranks=ctx.world_size)
     files = _check_inputs(o)
-    dtype = resolve_dtype(o["dtype"], ctx.device)
+    dtype = resolve_dtype(o["dtype"], ctx.device, training=True)
+    if o["dtype"] in (None, "auto"):
+        report({"type": "dtype", "dtype": str(dtype).removeprefix("torch."), "why": auto_dtype(ctx.device, True)[1]})
     source, model, enc, tok_source = _start(o, run, files, report, ctx)
     corpus, eval_sets = _tokenize(o, enc, *files, ctx)
     sets = {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char} for n, d in eval_sets.items()}

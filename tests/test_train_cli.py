@@ -201,6 +201,11 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(shared_data, tmp_path, t
     assert checkpoint.name == f"step-{stopped['step']:06d}" and stopped["step"] >= 3
     load_model(checkpoint)
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".lock"]  # no temporary folders left
+    # sampling the run names the checkpoint it stands for: the newest, as there is no final one yet
+    sampled = run_script("sample.py", "天", "--model", run, "--max-new-tokens", "2", "--device", "cpu",
+                         env=env_for(tmp_path / "hf", token_cache), timeout=120)  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr
+    assert f"sampling its newest checkpoint (no final one yet), {checkpoint.name}" in sampled.stderr
 
     result = run_train(
         "--out", run, "--resume", "--steps", stopped["step"] + 2, hf_home=tmp_path / "hf", token_cache=token_cache
