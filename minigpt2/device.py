@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -101,3 +102,17 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device, training
     if device.type == "cpu" and name == "float16":
         raise MiniGPT2Error("float16 needs a GPU; on the CPU use float32 or bfloat16")
     return DTYPES[name]
+
+
+def machine_load() -> tuple[float, int] | None:
+    """(the 1-minute load average, the CPU cores) where the system reports them, else None.
+
+    A load above the core count means that runnable processes wait for a core: a CPU job then runs
+    slower than it would on a quiet machine, and multithreaded ones most (their threads wait for
+    each other as well).
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows has no load average
+        return None
+    return load, os.cpu_count() or 1

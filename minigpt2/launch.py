@@ -264,7 +264,10 @@ def _setup(
         report({"type": "note", "message": f"no checkpoint in '{run.path}' to resume from: starting from step 0"})
     previous = _check_steps(trainer, saved, run)
     if ctx.is_main:
-        check_free_space(run, checkpoint_bytes(model, sum(p.numel() for p in trainer.params)))
+        size = checkpoint_bytes(model, sum(p.numel() for p in trainer.params))
+        check_free_space(run, size)
+        if not config.save_every:
+            report({"type": "final_only", "bytes": size, "path": str(run.path / "final")})
         if saved is None or trainer.step == 0:
             run.write_info(_run_info(source, tok_source, o, model, config, corpus, eval_sets, ctx.device, dtype))
         elif previous is not None:
@@ -352,6 +355,7 @@ def _extended(model, enc, tok_source, o, run: RunDir, train_files, eval_files, r
             vocab_from_files=vocab_from,
             eval_texts=eval_texts,
             cache_dir=o.get("cache_dir"),
+            progress=lambda what, done, total: report({"type": "phase", "what": what, "done": done, "total": total}),
         )
     report({"type": "vocab", **summary})
     return grown, new_enc, folder
