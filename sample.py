@@ -41,7 +41,8 @@ def parse_args(argv):
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only linear layers: faster decoding on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (a one-time compile)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole text for every token (slow)")
-    p.add_argument("--threads", type=arg_int(low=1), help="CPU threads (on a shared machine, 1 or 2 is often faster)")
+    p.add_argument("--threads", type=arg_int(low=1),
+                   help="CPU threads (default: the cores that the machine's load leaves free, at least 1)")
     p.add_argument("--json", action="store_true", help="print one JSON record per sample instead of text")
     args = p.parse_args(argv)
     from minigpt2.generate import Sampling
@@ -64,12 +65,22 @@ def main(argv=None) -> int:
 def run(args, out) -> int:
     import torch
 
-    from minigpt2.device import resolve_device, resolve_dtype
+    from minigpt2.device import machine_load, resolve_device, resolve_dtype, threads_for_decoding
     from minigpt2.files import read_text_file
     from minigpt2.text import load_for_sampling
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif args.device in ("auto", "cpu") and not torch.cuda.is_available():  # decoding on the CPU
+        threads = threads_for_decoding()
+        if threads < torch.get_num_threads():
+            load, cores = machine_load()
+            print(
+                f"note: the machine is busy (load {load:.1f} on {cores} cores): decoding with {threads} "
+                f"thread{'s' if threads > 1 else ''}, faster than all {cores} under contention (--threads to choose)",
+                file=sys.stderr,
+            )
+            torch.set_num_threads(threads)
     prompts = args.prompts + [read_text_file(f, "prompt file") for f in args.prompt_file]
     if not prompts:
         raise MiniGPT2Error('no prompt given: pass one (or "" to start from <|endoftext|>), or --prompt-file FILE')

@@ -116,3 +116,23 @@ def machine_load() -> tuple[float, int] | None:
     except (AttributeError, OSError):  # Windows has no load average
         return None
     return load, os.cpu_count() or 1
+
+
+def threads_for_decoding(available: int | None = None) -> int:
+    """How many threads decoding should use: the cores that other work leaves free, at least one.
+
+    Decoding runs ~50 small matrix products per token, each split over the threads, which wait
+    for each other at its end. On a quiet machine every core helps. When other work holds the
+    cores (a training run beside it: this project's own workflow), a thread that has to wait
+    for a core stalls every product, and fewer threads are faster: on our 2-core test machine
+    under load, one thread decoded faster than two (docs/speed.md). `available`: the cores this
+    process may use (default: its CPU affinity).
+    """
+    if available is None:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = machine_load()
+    if busy is None:
+        return available
+    load, cores = busy
+    free = cores - load  # the load counts runnable processes; each wants a core
+    return max(1, min(available, round(free)))
