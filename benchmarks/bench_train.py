@@ -26,11 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from common import random_token_file
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.data import TokenFile
 from minigpt2.device import resolve_dtype
 from minigpt2.flops import flops_per_token, peak_flops
 from minigpt2.trainer import TrainConfig, Trainer
@@ -97,9 +96,7 @@ def main() -> int:
         hf = transformers_model(config, device)
         ours = same_weights(hf, config)
         with tempfile.TemporaryDirectory() as tmp:
-            tokens = np.random.default_rng(0).integers(0, config.vocab_size, 200_000, dtype=np.uint16)
-            tokens.tofile(Path(tmp) / "tokens.bin")
-            data = TokenFile(Path(tmp) / "tokens.bin", chars=len(tokens))
+            data = random_token_file(Path(tmp), config.vocab_size)
 
             def make_trainer(model, dtype, name, data=data, tmp=tmp, B=B, T=T):
                 return Trainer(

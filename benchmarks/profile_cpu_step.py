@@ -19,12 +19,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
+from common import random_token_file
 from torch.profiler import ProfilerActivity, profile
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.data import TokenFile
 from minigpt2.flops import flops_per_token
 from minigpt2.trainer import TrainConfig, Trainer
 
@@ -74,9 +73,7 @@ def main() -> int:
     torch.manual_seed(0)
     model = GPT(config)
     with tempfile.TemporaryDirectory() as tmp:
-        tokens = np.random.default_rng(0).integers(0, config.vocab_size, 100_000, dtype=np.uint16)
-        tokens.tofile(Path(tmp) / "tokens.bin")
-        data = TokenFile(Path(tmp) / "tokens.bin", chars=len(tokens))
+        data = random_token_file(Path(tmp), config.vocab_size)
         trainer = Trainer(model, data, {}, TrainConfig(steps=100, batch_size=B, seq_len=T, warmup=0), Path(tmp) / "r")
         trainer.train_step()  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
