@@ -67,9 +67,9 @@ def auto_dtype(device: torch.device, training: bool = False) -> tuple[torch.dtyp
 
     bfloat16 on a GPU that has it, float16 on older GPUs, float32 on Apple's MPS. On the CPU,
     training uses bfloat16 autocast only where the CPU computes it natively: on a 2-core AMD EPYC
-    with AVX-512 BF16, a step of GPT-2 (124M, 4 x 128 tokens) ran 1.9x faster than in float32, on
-    an AVX2-only one 0.6x (slower), and the two learned the same (docs/speed.md). Sampling on the
-    CPU stays float32 (unmeasured there).
+    with AVX-512 BF16, a step of GPT-2 (124M, 4 x 128 tokens) ran 1.9x faster than in float32; on
+    an AVX2-only one, where bfloat16 is emulated, a cut-down step ran at 0.06x (16 times slower).
+    The two learned the same (docs/speed.md). Sampling on the CPU stays float32 (unmeasured there).
     """
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
