@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minigpt2 import MiniGPT2Error
-from minigpt2.device import auto_dtype, cpu_bf16_native, machine_load, resolve_dtype
+from minigpt2.device import auto_dtype, cpu_bf16_native, machine_load, resolve_dtype, threads_for_decoding
 
 CPU = torch.device("cpu")
 
@@ -39,3 +39,13 @@ def test_auto_trains_in_bfloat16_only_where_it_is_native():
 def test_machine_load_is_the_load_average_and_the_cores():
     load, cores = machine_load()
     assert load >= 0 and cores == os.cpu_count()
+
+
+@pytest.mark.skipif(not hasattr(os, "getloadavg"), reason="no load average on this system")
+def test_decoding_threads_are_the_cores_the_load_leaves_free():
+    load, cores = machine_load()
+    for available in (1, 2, 64):
+        threads = threads_for_decoding(available)
+        assert 1 <= threads <= available
+    # (the load may move between two readings: allow one core of difference)
+    assert abs(threads_for_decoding(64) - max(1, round(cores - load))) <= 1
