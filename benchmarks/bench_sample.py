@@ -182,9 +182,10 @@ def race(args):
             continue
         first_call_s[name] = time.perf_counter() - t
     rates = {name: [] for name in contestants}
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for name, run in contestants.items():
             rates[name].append(run(n))
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()) + " tok/s", flush=True)
     median = {name: statistics.median(r) for name, r in rates.items()}
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     busy = machine_load()
