@@ -71,20 +71,20 @@ def run(args, out) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif args.device in ("auto", "cpu") and not torch.cuda.is_available():  # decoding on the CPU
+    prompts = args.prompts + [read_text_file(f, "prompt file") for f in args.prompt_file]
+    if not prompts:
+        raise MiniGPT2Error('no prompt given: pass one (or "" to start from <|endoftext|>), or --prompt-file FILE')
+    device = resolve_device(args.device)
+    if not args.threads and device.type == "cpu":  # decoding on a CPU: the cores the load leaves free
         threads = threads_for_decoding()
         if threads < torch.get_num_threads():
             load, cores = machine_load()
             print(
                 f"note: the machine is busy (load {load:.1f} on {cores} cores): decoding with {threads} "
-                f"thread{'s' if threads > 1 else ''}, faster than all {cores} under contention (--threads to choose)",
+                f"thread{'s' if threads > 1 else ''}: fewer threads wait less for busy cores (--threads to choose)",
                 file=sys.stderr,
             )
             torch.set_num_threads(threads)
-    prompts = args.prompts + [read_text_file(f, "prompt file") for f in args.prompt_file]
-    if not prompts:
-        raise MiniGPT2Error('no prompt given: pass one (or "" to start from <|endoftext|>), or --prompt-file FILE')
-    device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     loading = dict(device=device, dtype=dtype, quantize=args.quantize, utf8_guard=not args.no_utf8_guard)
     samplers = [load_for_sampling(source, prompts, args.num_samples, **loading) for source in args.model]
