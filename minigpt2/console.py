@@ -13,14 +13,8 @@ import os
 import sys
 import time
 
-FLAG = {
-    "steps": "--steps",
-    "seq_len": "--seq-len",
-    "batch_size": "--batch-size",
-    "eval_every": "--eval-every",
-    "eval_tokens": "--eval-tokens",
-    "save_every": "--save-every",
-}
+from .options import FLAGS
+
 # Without a terminal (a log file), a long phase still writes a progress line at least this often.
 PLAIN_EVERY_S = 5.0
 
@@ -167,7 +161,7 @@ class TrainConsole:
 
     def _final_only(self, r):
         self.note(
-            f"note: {FLAG['save_every']} 0: no checkpoints along the way, but the final one is always written "
+            f"note: {FLAGS['save_every']} 0: no checkpoints along the way, but the final one is always written "
             f"(about {format_bytes(r['bytes'])}, as {r['path']})"
         )
 
@@ -202,9 +196,11 @@ class TrainConsole:
                 f"{r['global_batch']} sequences per step"
             )
 
-    def defaults(self, used: dict, device: str) -> None:
+    def defaults(self, options, used: list[str], device: str) -> None:
+        """The device defaults a run uses (`options.Resolved.defaults_used`), named by their flags, with
+        the values `options` (a `TrainOptions`) holds."""
         if used:
-            shown = ", ".join(f"{FLAG[k]} {v}" for k, v in used.items())
+            shown = ", ".join(f"{FLAGS[k]} {getattr(options, k)}" for k in used)
             self.line(
                 f"defaults for {'a GPU' if device.startswith('cuda') else 'this ' + device}: {shown} "
                 "(give any of them to change it)"
