@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import unicodedata
 
 from .options import FLAGS
+
+# Without a terminal (a log file), a long phase still writes a progress line at least this often.
+PLAIN_EVERY_S = 5.0
 
 
 def format_duration(seconds: float) -> str:
@@ -62,6 +66,8 @@ class TrainConsole:
         self.header_done = False
         self.steps = 0
         self.bar_text = ""
+        self.plain_at = 0.0  # when the last plain progress line of a phase was written (no terminal)
+        self.phase, self.phase_at = "", 0.0  # the long phase going on before training, and its start
 
     @staticmethod
     def _isatty(stream) -> bool:
@@ -150,6 +156,35 @@ class TrainConsole:
                 f"{t['tokens_per_char_after']:.2f}{bpc}"
             )
 
+    def _phase(self, r):
+        """A long phase before training (learning a vocabulary...): what, how far, about how long."""
+        now = time.monotonic()
+        if r["what"] != self.phase:
+            self.phase, self.phase_at, self.plain_at = r["what"], now, 0.0
+        done, total = r["done"], r["total"]
+        left = ""
+        if 0 < done < total and now - self.phase_at >= 1:
+            left = f", ~{format_duration((now - self.phase_at) / done * (total - done))} left"
+        share = f" ({100 * done / total:.0f}%)" if total else ""
+        text = f"{r['what']}: {done:,} of {total:,}{share}{left}"
+        if self.tty:
+            self.bar(text)
+        elif done in (0, total) or now - self.plain_at >= PLAIN_EVERY_S:
+            self.plain_at = now
+            self.bar(text)
+        if done >= total:
+            self.clear_bar()
+            self.bar_text = ""
+
+    def _dtype(self, r):
+        self.line(f"precision: {r['dtype']} (--dtype auto: {r['why']})")
+
+    def _final_only(self, r):
+        self.note(
+            f"note: {FLAGS['save_every']} 0: no checkpoints along the way, but the final one is always written "
+            f"(about {format_bytes(r['bytes'])}, as {r['path']})"
+        )
+
     def _lora(self, r):
         self.line(
             f"LoRA r={r['r']}, alpha={r['alpha']:g} on {', '.join(r['targets'])}: "
@@ -206,7 +241,13 @@ class TrainConsole:
             parts.append(f"{plural(r['evals_left'], 'evaluation')} {format_duration(r['evals_s'])}")
         if r["saves_s"]:
             parts.append(f"{plural(r['saves_left'], 'save')} {format_duration(r['saves_s'])}")
-        self.line(f"estimated time left: {format_duration(r['eta_s'])} ({', '.join(parts)})")
+        busy = ""
+        if r.get("load") is not None and r["load"] > r["cores"]:
+            busy = (
+                f"; the machine is busy (load {r['load']:.1f} on {r['cores']} cores), which slows this run: "
+                "on a quiet one it would be shorter"
+            )
+        self.line(f"estimated time left: {format_duration(r['eta_s'])} ({', '.join(parts)}), at the speed so far{busy}")
 
     def _train(self, r):
         if r["step"] % self.log_every == 0 or r["step"] == self.steps or r["step"] == 1:
@@ -236,11 +277,12 @@ class TrainConsole:
         )
 
     def _eval_progress(self, r):
-        doing = f" · evaluating {r['set']} {r['done']}/{r['total']}"
+        left = f", ~{format_duration(r['eta_s'])} left in this evaluation" if r.get("eta_s") is not None else ""
         if self.tty:
-            self._progress(r["step"], None, doing)
-        elif r["done"] == 1:
-            self.bar(f"step {r['step']}/{self.steps}: evaluating {r['set']} ({r['total']} batches)")
+            self._progress(r["step"], None, f" · evaluating {r['set']} {r['done']}/{r['total']}{left}")
+        elif r["done"] == 1 or r["done"] == r["total"] or time.monotonic() - self.plain_at >= PLAIN_EVERY_S:
+            self.plain_at = time.monotonic()
+            self.bar(f"step {r['step']}/{self.steps}: evaluating {r['set']}, batch {r['done']} of {r['total']}{left}")
 
     def _eval(self, r):
         self.line(

@@ -32,7 +32,7 @@ from . import distributed
 from .checks import check_train_memory_fits, check_vocab_fits
 from .config import GPTConfig
 from .data import check_inputs, compile_drop_lines, default_cache_dir, head_text, prepare_corpus
-from .device import resolve_dtype
+from .device import auto_dtype, resolve_dtype
 from .errors import MiniGPT2Error
 from .model import GPT
 from .options import TrainOptions, check_combinations, resolve, saved_options
@@ -232,7 +232,9 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
     resolved = resolve(given, saved.args if resume else None, ctx.device.type, ranks=ctx.world_size)
     o = resolved.options
     files = _check_inputs(o)
-    dtype = resolve_dtype(o.dtype, ctx.device)
+    dtype = resolve_dtype(o.dtype, ctx.device, training=True)
+    if o.dtype in (None, "auto"):
+        report({"type": "dtype", "dtype": str(dtype).removeprefix("torch."), "why": auto_dtype(ctx.device, True)[1]})
     check_train_memory(o, ctx, dtype)
     source, model, enc, tok_source = _start(o, run, files, report, ctx)
     corpus, eval_sets = _tokenize(o, enc, *files, ctx)
@@ -261,7 +263,10 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
         report({"type": "note", "message": f"no checkpoint in '{run.path}' to resume from: starting from step 0"})
     previous = _check_steps(trainer, saved if resume else SavedRun(None, None), run)
     if ctx.is_main:
-        check_free_space(run, checkpoint_bytes(model, sum(p.numel() for p in trainer.params)))
+        size = checkpoint_bytes(model, sum(p.numel() for p in trainer.params))
+        check_free_space(run, size)
+        if not config.save_every:
+            report({"type": "final_only", "bytes": size, "path": str(run.path / "final")})
         if saved.args is None or not resume or trainer.step == 0:
             run.write_info(_run_info(source, tok_source, o, model, config, corpus, eval_sets, ctx.device, dtype))
         elif previous is not None:
@@ -393,6 +398,7 @@ def _extended(model, enc, tok_source, o: TrainOptions, run: RunDir, train_files,
             vocab_from_files=vocab_from,
             eval_texts=eval_texts,
             cache_dir=o.cache_dir,
+            progress=lambda what, done, total: report({"type": "phase", "what": what, "done": done, "total": total}),
         )
     report({"type": "vocab", **summary})
     return grown, new_enc, folder

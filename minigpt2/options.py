@@ -183,7 +183,9 @@ class TrainOptions:
                                      metavar="DIR")
     # hardware
     device: str | None = option("auto, cpu, cuda, cuda:N or mps (default auto)", group="hardware", default="auto")
-    dtype: str | None = option("compute precision", group="hardware", default="auto",
+    dtype: str | None = option("compute precision; auto: bfloat16 on a GPU that has it, on a CPU only where it "
+                               "computes bfloat16 natively (AVX-512 BF16, AMX), else float32", group="hardware",
+                               default="auto",
                                choices=["auto", "float32", "bfloat16", "float16"])
     threads: int | None = option("CPU threads (default: one per core); on a machine shared with other jobs, 1 or 2 "
                                  "is often faster", group="hardware", saved=False, type=arg_int(low=1))

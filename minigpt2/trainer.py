@@ -36,6 +36,7 @@ from torch import nn
 
 from .checks import SEED_MAX, finite, integer, non_negative_int, positive_int
 from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows, perplexity
+from .device import machine_load
 from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
 from .errors import MiniGPT2Error
 from .flops import flops_per_token, peak_flops
@@ -433,6 +434,9 @@ class Trainer:
         evaluated is then dropped, never reported from part of its windows.
         """
         self.raw_model.eval()  # dropout off
+        # For the estimate in each progress record: the batches of all sets, and the clock.
+        self._eval_clock = {"start": time.perf_counter(), "done": 0,
+                            "total": sum(self._eval_chunks(d)[2] for d in self.eval_sets.values())}  # fmt: skip
         try:
             for name, data in self.eval_sets.items():
                 record = yield from self._evaluate_set(name, data)
@@ -443,18 +447,27 @@ class Trainer:
         finally:
             self.raw_model.train()
 
-    def _evaluate_set(self, name: str, data: TokenFile) -> Iterator[dict]:
+    def _eval_chunks(self, data: TokenFile) -> tuple[int, list[np.ndarray], int]:
+        """(window length, the batches of window offsets an evaluation of `data` covers, the rounds
+        each rank runs); no batches for a set too short for one window."""
         seq_len = min(self.config.seq_len, len(data) - 1)
         if seq_len < 1:
-            return {}
+            return seq_len, [], 0
         offsets = eval_windows(len(data), seq_len, self.config.eval_tokens)
-        B, R, r = self.config.batch_size, self.dist.world_size, self.dist.rank
+        B = self.config.batch_size
         chunks = [np.array(offsets[i : i + B]) for i in range(0, len(offsets), B)]
+        return seq_len, chunks, math.ceil(len(chunks) / self.dist.world_size)
+
+    def _evaluate_set(self, name: str, data: TokenFile) -> Iterator[dict]:
+        seq_len, chunks, rounds = self._eval_chunks(data)
+        if not chunks:
+            return {}
+        R, r = self.dist.world_size, self.dist.rank
         nats, count = 0.0, 0
         # Rank r evaluates chunks r, r + R, ...; the sums are added up over the ranks. A sharded
         # model's forward is a collective, so there every rank runs the same number of them (a
         # spare one, on chunk 0, counts nothing).
-        rounds = math.ceil(len(chunks) / R)
+        clock = self._eval_clock
         for j in range(rounds):
             if self.dist.any(self.stop_reason is not None):
                 return None
@@ -466,7 +479,11 @@ class Trainer:
                 if index < len(chunks):
                     nats += loss.item() * y.numel()
                     count += y.numel()
-            yield {"type": "eval_progress", "step": self.step, "set": name, "done": j + 1, "total": rounds}
+            clock["done"] += 1
+            elapsed = time.perf_counter() - clock["start"]  # the evaluation's time left, at its speed so far
+            left = elapsed / clock["done"] * max(clock["total"] - clock["done"], 0)
+            yield {"type": "eval_progress", "step": self.step, "set": name, "done": j + 1, "total": rounds,
+                   "eta_s": left}  # fmt: skip
         nats, count = self.dist.sum(nats, count)
         mean = nats / int(count)
         return {
@@ -575,7 +592,9 @@ class Trainer:
             self.timing["step"].append(record["step_s"])
             yield self._emit({**record, **self.eta()})
             if self.step == first_step + 3:
-                yield {"type": "estimate", "step": self.step, **self.eta()}
+                busy = machine_load() if self.device.type == "cpu" else None
+                load = {"load": busy[0], "cores": busy[1]} if busy else {}
+                yield {"type": "estimate", "step": self.step, **self.eta(), **load}
             yield from self._periodic()
         if self.last["eval"] != self.step:
             yield from self._evaluation()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .bpe import learn_merges
+from .bpe import Progress, learn_merges, no_progress
 from .data import FileInfo, default_cache_dir, head_text, read_chunks, tokenizer_fingerprint
 from .errors import MiniGPT2Error
 from .model import GPT
@@ -34,6 +34,7 @@ from .weights import write_atomically
 
 MERGES_FORMAT = 1  # bump when the learning rules change: old cached merges are then relearned
 MAX_VOCAB = 65536  # token files store ids as uint16
+MEASURING = "measuring the new tokenizer and the grown model (texts)"
 
 
 class VocabError(MiniGPT2Error):
@@ -67,11 +68,15 @@ def merges_cache_path(files: list[FileInfo], enc, n_merges: int, cache_dir: str 
 
 
 def learn_merges_cached(
-    files: list[FileInfo], enc, n_merges: int, cache_dir: str | os.PathLike | None = None
+    files: list[FileInfo],
+    enc,
+    n_merges: int,
+    cache_dir: str | os.PathLike | None = None,
+    progress: Progress | None = None,
 ) -> tuple[list[tuple[bytes, bytes]], bool]:
     """The merges learned from `files` (data.check_inputs' result), and whether they came from the
     cache. Like the token cache, entries are keyed by the files' contents, the tokenizer and N, so
-    the same corpus is learned once; the JSON file is written atomically."""
+    the same corpus is learned once; the JSON file is written atomically. `progress`: see bpe.py."""
     _check_room(enc, n_merges)
     path = merges_cache_path(files, enc, n_merges, cache_dir)
     if path.is_file():
@@ -80,7 +85,8 @@ def learn_merges_cached(
             return [(bytes.fromhex(a), bytes.fromhex(b)) for a, b in stored["merges"]], True
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged entry: learn again and replace it
-    merges = learn_merges((chunk for f in files for chunk in read_chunks(f)), enc, n_merges)
+    chunks = (chunk for f in files for chunk in read_chunks(f))
+    merges = learn_merges(chunks, enc, n_merges, progress, sum(f.chars for f in files))
     entry = {
         "files": [str(f.path) for f in files],
         "requested": n_merges,
@@ -222,6 +228,7 @@ def extend_vocabulary(
     eval_texts: dict[str, str] | None = None,
     cache_dir: str | os.PathLike | None = None,
     bpc_chars: int = 2000,
+    progress: Progress | None = None,
 ) -> tuple[GPT, object, Path, dict]:
     """Learn `n_merges` merges, write the extended tokenizer into `tokenizer_dir`, grow the model.
 
@@ -235,13 +242,16 @@ def extend_vocabulary(
         eval_texts: name -> held-out text; tokens per character before/after are reported for
             each, and bits per character of the model before and after growing (at step 0) on
             the first `bpc_chars` characters of each.
+        progress: hears how far each long phase is (reading, splitting, learning, measuring;
+            see bpe.py), for a front end to show.
 
     Returns:
         (grown model, new tokenizer, tokenizer_dir, report) where report holds the merges
         learned, the learning time, whether the merges came from the cache, and the figures.
     """
+    progress = progress or no_progress
     start = time.perf_counter()
-    merges, cached = learn_merges_cached(vocab_from_files or files, enc, n_merges, cache_dir)
+    merges, cached = learn_merges_cached(vocab_from_files or files, enc, n_merges, cache_dir, progress)
     learn_seconds = time.perf_counter() - start
     if not merges:
         raise VocabError("the text holds no pair of tokens that occurs twice; there is nothing to learn from it")
@@ -260,7 +270,8 @@ def extend_vocabulary(
         "cached": cached,
         "texts": {},
     }
-    for name, text in texts.items():
+    for i, (name, text) in enumerate(texts.items()):
+        progress(MEASURING, i, len(texts))
         entry = {
             "tokens_per_char_before": tokens_per_char(enc, text),
             "tokens_per_char_after": tokens_per_char(new_enc, text),
@@ -269,6 +280,7 @@ def extend_vocabulary(
             entry["bits_per_char_before"] = bits_per_char_of(model, enc, text, bpc_chars)
             entry["bits_per_char_after"] = bits_per_char_of(grown, new_enc, text, bpc_chars)
         report["texts"][name] = entry
+    progress(MEASURING, len(texts), len(texts))
     return grown, new_enc, tokenizer_dir, report
 
 

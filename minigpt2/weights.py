@@ -69,13 +69,21 @@ def official_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 # ----- finding the files ------------------------------------------------------------------
 
 
+def run_checkpoint(source: str | os.PathLike) -> Path | None:
+    """The checkpoint a training run's directory stands for (its final, else newest), or None when
+    `source` is not a run's directory."""
+    path = local_path(source)
+    if path is not None and path.is_dir() and not (path / WEIGHTS).exists() and RunDir.is_run(path):
+        return RunDir(path).model_checkpoint()
+    return None
+
+
 def checkpoint_files(source: str | os.PathLike, revision: str | None = None) -> tuple[Path | None, Path]:
     """(config.json or None, model.safetensors) for a source; see `minigpt2.hub` for the forms."""
     path = local_path(source)
     if path is None:
         return hub_file(str(source), CONFIG, revision=revision), hub_file(str(source), WEIGHTS, revision=revision)
-    if path.is_dir() and not (path / WEIGHTS).exists() and RunDir.is_run(path):
-        path = RunDir(path).model_checkpoint()  # a training run stands for its final (or newest) checkpoint
+    path = run_checkpoint(path) or path  # a training run stands for its final (or newest) checkpoint
     if path.is_dir():
         weights = path / WEIGHTS
         if not weights.is_file():

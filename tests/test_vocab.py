@@ -83,6 +83,22 @@ def test_learner_matches_slow_reference(gpt2, small_corpus):
     assert rejected > 0  # the rules were exercised: some frequent pairs were refused
 
 
+def test_learning_reports_each_phase_from_start_to_end(gpt2, small_corpus):
+    from minigpt2.bpe import LEARNING, READING, SPLITTING, learn_merges
+
+    heard = []
+    chunks = [small_corpus[:10000], small_corpus[10000:]]  # cut where no piece spans the cut
+    merges = learn_merges(chunks, gpt2, 250, lambda *a: heard.append(a), total_chars=len(small_corpus))
+    assert merges == learn_merges_from_counts(count_pretokens(chunks), gpt2, 250)  # the same merges
+    assert [what for what in dict.fromkeys(w for w, _, _ in heard)] == [READING, SPLITTING, LEARNING]
+    for phase in (READING, SPLITTING, LEARNING):
+        done = [(d, t) for w, d, t in heard if w == phase]
+        assert done[0][0] == 0 and done[-1][0] == done[-1][1] > 0  # from its start to its end
+        assert all(a[0] <= b[0] for a, b in zip(done, done[1:]))  # never backwards
+    assert (LEARNING, 100, 250) in heard and heard[-1] == (LEARNING, 250, 250)
+    assert heard[[w for w, _, _ in heard].index(SPLITTING) - 1] == (READING, len(small_corpus), len(small_corpus))
+
+
 def test_rules_refuse_second_spellings():
     rules = _MergeRules([b"a", b"b", b"c", b"ab", b"bc", b"abcd", b"d"])
     assert not rules.allows(b"ab", b"c")  # abc = a + bc too
@@ -248,13 +264,19 @@ def test_train_py_grows_once_and_a_grown_run_resumes_bit_for_bit(test_data, tmp_
             "--steps", "4", "--save-every", "2", "--eval-every", "0", "--eval-tokens", "64", "--keep-last", "0",
             "--dropout", "0.1", "--cache-dir", tmp_path / "cache", "--device", "cpu"]  # fmt: skip
 
+    progress = ""
+
     def train(*extra):
+        nonlocal progress
         result = run_script("train.py", *extra, timeout=300)
         assert result.returncode == 0, result.stderr
+        progress = result.stderr
         return result.stdout
 
     first = train(*args, "--out", tmp_path / "full")
     assert "vocabulary: 40 new tokens learned" in first and "50,297 in all" in first
+    assert "progress: learning merges: 40 of 40 (100%)" in progress  # the silent minutes now speak
+    assert "progress: reading the text (characters): 0 of 40,000 (0%)" in progress
     train(*args, "--out", tmp_path / "split")
     shutil.rmtree(tmp_path / "split" / "final")  # as if it had stopped at step 2
     resumed = train("--out", tmp_path / "split", "--resume")
