@@ -215,14 +215,17 @@ def small_trainer(tmp_path, read_every, model=None, **config):
 def test_steps_between_reads_never_wait_for_the_device(tmp_path, monkeypatch):
     trainer = small_trainer(tmp_path, read_every=5)
     inside, waits = [False], []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__format__"):  # every way to read a tensor
 
-        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name):
+    def counted(name, original):
+        def read(self, *args):
             if inside[0]:
-                waits.append(_name)
-            return _original(self, *args)
+                waits.append(name)
+            return original(self, *args)
 
-        monkeypatch.setattr(torch.Tensor, name, counted)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__format__"):  # every way to read a tensor
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
     train_step = trainer.train_step
 
     def unread_step(read=True):
