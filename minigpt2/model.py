@@ -304,10 +304,14 @@ class KVCache(nn.Module):
         return self.k.size(3)
 
     def reset(self) -> None:
-        """Empty the cache, keeping its buffers (a compiled step keeps pointing at them)."""
+        """Empty the cache, keeping its buffers (a compiled step keeps pointing at them).
+
+        `padded` stays as it was: a batch that was padded once keeps the masked form of the step
+        (same results without padding), so a compiled step is not compiled a second time.
+        """
         self.valid.zero_()
         self.next_position.zero_()
-        self.length, self.padded = 0, False
+        self.length = 0
 
     def append(self, new: int | torch.Tensor) -> CacheSlots:
         """Take the next slots for `new` tokens of every sequence; what the model needs to run them.
