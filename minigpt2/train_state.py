@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import CheckpointError
-from .files import write_json
+from .errors import CheckpointError, OutputError
+from .files import save_tensors, write_json
 from .lora import is_lora, load_lora_state, lora_settings, merged_state_dict, save_lora_state, save_peft_adapter
 from .rundir import STATE_JSON, STATE_TENSORS, other_checkpoints_hint, step_name
 from .weights import load_model, save_model
@@ -70,9 +71,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
 
 def write_state(folder: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
     """The tensors first, the JSON last: a folder with trainer_state.json is complete."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(folder / STATE_TENSORS))
+    save_tensors(folder / STATE_TENSORS, tensors)
     write_json(folder / STATE_JSON, state)
 
 
@@ -147,14 +146,29 @@ class CheckpointIO:
 
         try:
             path = self.run_dir.save(name, write)
-        except OSError as e:
+        except (OSError, OutputError) as e:
+            cause = str(e) if isinstance(e, OutputError) else (e.strerror or str(e))
             raise CheckpointError(
-                f"could not save checkpoint {name} in '{self.out}': {e.strerror or e}. "
-                "The previous checkpoints are untouched; free some space and resume."
+                f"could not save checkpoint {name} in '{self.out}': {cause}. {self.room_needed()}"
+                "The previous checkpoints are untouched; make room and resume."
             ) from None
         if self.keep_last and name != "final":
             self.run_dir.prune(self.keep_last)
         return path
+
+    def room_needed(self) -> str:
+        """How much room a checkpoint takes and how much the run's disk has, as a sentence."""
+        try:
+            tensors = [*self.raw_model.state_dict().values()]  # the tied embedding once:
+            size = sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
+            size += sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values())
+        except Exception:  # a sharded model's slices: no good estimate here
+            return ""
+        try:
+            free = f"; {shutil.disk_usage(self.out).free / 1e6:,.1f} MB are free there"
+        except OSError:
+            free = ""
+        return f"A checkpoint needs about {size / 1e6:,.1f} MB{free}. "
 
     def state(self, full_optimizer_state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The trainer state as (tensors for safetensors, JSON-able dict): see `train_state.py`.
