@@ -1,17 +1,19 @@
-"""Training speed, side by side: minigpt2's training step vs transformers' GPT2LMHeadModel + AdamW.
+"""Training speed, side by side: minigpt2's training step vs transformers' GPT2LMHeadModel + AdamW,
+and vs the plainest fast PyTorch GPT-2 (benchmarks/plain_gpt2.py: SDPA, fused AdamW where CUDA).
 
 Both get the same random 124M-shape weights and the same token windows. minigpt2 runs
 `Trainer.train_step` (its real loop: AdamW with decay groups, clipping, the sampler); transformers
 runs what its Trainer runs underneath: `model(input_ids, labels=...)`, backward, gradient
 clipping at 1.0, torch's AdamW (default implementation), zero_grad. Steps alternate between the
 two (and which goes first), so a busy machine slows both alike; the median step time gives
-tokens/s, and the ratio is the median over neighbouring pairs of steps.
+tokens/s, and the ratio is the median over neighbouring pairs of steps. minigpt2 runs as on a GPU
+run: its steps are not read to the host (the loss stays on the device) except every tenth.
 
     python benchmarks/bench_train.py                       # CPU: 4x128 and 1x512
     python benchmarks/bench_train.py --device cuda --shapes 16x1024 --dtype bfloat16 [--compile]
     python benchmarks/bench_train.py --ranks 2              # data-parallel scaling: bench_distributed.py
 
-The last line is the ratio minigpt2 / transformers for every shape.
+The last line is the ratio minigpt2 / transformers for every shape, then minigpt2 / plain PyTorch.
 """
 
 import argparse
@@ -32,6 +34,9 @@ from minigpt2.device import resolve_dtype
 from minigpt2.flops import flops_per_token, peak_flops
 from minigpt2.trainer import TrainConfig, Trainer
 from minigpt2.weights import is_conv1d
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plain_gpt2 import plain_step  # noqa: E402
 
 
 def transformers_model(config: GPTConfig, device):
@@ -124,13 +129,21 @@ def main() -> int:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 
-            times = {"minigpt2": [], "transformers": []}
+            times = {"minigpt2": [], "transformers": [], "plain PyTorch": []}
 
             def ours_step(i, trainer=trainer):
                 trainer.step = i
-                trainer.train_step()
+                trainer.train_step(read=i % 10 == 0)  # as `Trainer.run` on a GPU: most steps not read
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
 
-            steps = {"minigpt2": ours_step, "transformers": hf_step}
+            plain = plain_step(config, device, dtype, args.compile)
+
+            def plain_train(i, trainer=trainer, plain=plain):
+                x, y = trainer.batch(i)
+                plain(x, y)
+
+            steps = {"minigpt2": ours_step, "transformers": hf_step, "plain PyTorch": plain_train}
             for i in range(args.warmup + args.steps):
                 order = list(steps) if i % 2 == 0 else list(steps)[::-1]  # alternate who goes first
                 for name in order:
@@ -150,13 +163,22 @@ def main() -> int:
         # median over pairs: robust against other jobs that come and go on a shared machine.
         pairs = [hf / ours for ours, hf in zip(times["minigpt2"], times["transformers"])]
         print(f"{shape:>8} paired step-time ratios transformers/minigpt2: " + " ".join(f"{r:.2f}" for r in pairs))
-        ratios.append((shape, statistics.median(pairs)))
+        plain_pairs = [p / ours for ours, p in zip(times["minigpt2"], times["plain PyTorch"])]
+        ratios.append((shape, statistics.median(pairs), statistics.median(plain_pairs)))
         mfus = {k: v * flops_per_token(config, T) / peak if peak else None for k, v in speeds.items()}
-        results[shape] = {k: {"tokens_per_s": speeds[k], "mfu": mfus[k]} for k in speeds} | {"ratio": ratios[-1][1]}
-        del hf, ours, trainer, opt, hf_step, ours_step, steps
+        results[shape] = {k: {"tokens_per_s": speeds[k], "mfu": mfus[k]} for k in speeds} | {
+            "ratio": ratios[-1][1],
+            "ratio_to_plain": ratios[-1][2],
+        }
+        del hf, ours, trainer, opt, hf_step, ours_step, steps, plain, plain_train
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"device": str(device), "dtype": str(dtype), "shapes": results}))
-    print("minigpt2 / transformers: " + ", ".join(f"{shape} {r:.2f}x" for shape, r in ratios))
+    print(
+        "minigpt2 / transformers: "
+        + ", ".join(f"{shape} {r:.2f}x" for shape, r, _ in ratios)
+        + "; minigpt2 / plain PyTorch: "
+        + ", ".join(f"{shape} {r:.2f}x" for shape, _, r in ratios)
+    )
     return 0
 
 
