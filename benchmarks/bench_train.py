@@ -36,7 +36,7 @@ from minigpt2.trainer import TrainConfig, Trainer
 from minigpt2.weights import is_conv1d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_gpt2 import plain_step  # noqa: E402
+from plain_gpt2 import optimizer_step, plain_step  # noqa: E402
 
 
 def transformers_model(config: GPTConfig, device):
@@ -120,14 +120,7 @@ def main() -> int:
 
             def hf_step(i, trainer=trainer, hf_model=hf_model, hf=hf, opt=opt):
                 x, _ = trainer.batch(i)  # the very windows minigpt2 trains on at step i
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = hf_model(input_ids=x, labels=x).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                optimizer_step(lambda: hf_model(input_ids=x, labels=x).loss, hf.parameters(), opt, device, dtype)
 
             times = {"minigpt2": [], "transformers": [], "plain PyTorch": []}
 

@@ -53,13 +53,18 @@ def plain_step(config, device: torch.device, dtype: torch.dtype, compile: bool):
     forward = torch.compile(model) if compile else model
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = forward(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        optimizer_step(lambda: forward(x, y), model.parameters(), opt, device, dtype)
 
     return step
+
+
+def optimizer_step(loss_fn, params, opt: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype) -> None:
+    """The plain training step: the loss under autocast, backward, clip to 1.0, AdamW, zero the gradients."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = loss_fn()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
