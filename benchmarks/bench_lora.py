@@ -41,6 +41,7 @@ from minigpt2.trainer import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import same_weights, transformers_model  # noqa: E402
+from plain_gpt2 import optimizer_step  # noqa: E402
 
 
 def peft_step_fn(hf, trainer, r, device, dtype):
@@ -63,14 +64,7 @@ def peft_step_fn(hf, trainer, r, device, dtype):
 
     def step(i):
         x, _ = trainer.batch(i)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        optimizer_step(lambda: model(input_ids=x, labels=x).loss, params, opt, device, dtype)
 
     return step, sum(p.numel() for p in params)
 

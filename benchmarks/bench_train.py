@@ -1,19 +1,21 @@
-"""Training speed, side by side: minigpt2's training step vs transformers' GPT2LMHeadModel + AdamW.
+"""Training speed, side by side: minigpt2's training step vs transformers' GPT2LMHeadModel + AdamW,
+and vs the plainest fast PyTorch GPT-2 (benchmarks/plain_gpt2.py: SDPA, fused AdamW where CUDA).
 
 Both get the same random 124M-shape weights and the same token windows. minigpt2 runs
 `Trainer.train_step` (its real loop: AdamW with decay groups, clipping, the sampler); transformers
 runs what its Trainer runs underneath: `model(input_ids, labels=...)`, backward, gradient
 clipping at 1.0, torch's AdamW (default implementation), zero_grad. Steps alternate between the
 two (and which goes first), so a busy machine slows both alike; the median step time gives
-tokens/s, and the ratio is the median over neighbouring pairs of steps.
+tokens/s, and the ratio is the median over neighbouring pairs of steps. minigpt2 runs as on a GPU
+run: its steps are not read to the host (the loss stays on the device) except every tenth.
 
     python benchmarks/bench_train.py                       # CPU: 4x128 and 1x512
     python benchmarks/bench_train.py --device cuda --shapes 16x1024 --dtype bfloat16 [--compile]
     python benchmarks/bench_train.py --ranks 2              # data-parallel scaling: bench_distributed.py
     python benchmarks/bench_train.py --dtypes float32 bfloat16   # minigpt2 against itself in two precisions
 
-The last line is the ratio minigpt2 / transformers for every shape (with --dtypes: minigpt2 in the
-second precision / in the first, both minigpt2's real step, taking turns the same way).
+The last line is the ratio minigpt2 / transformers for every shape, then minigpt2 / plain PyTorch (with
+--dtypes: minigpt2 in the second precision / in the first, both minigpt2's real step, taking turns the same way).
 """
 
 import argparse
@@ -34,6 +36,9 @@ from minigpt2.device import resolve_dtype
 from minigpt2.flops import flops_per_token, peak_flops
 from minigpt2.trainer import TrainConfig, Trainer
 from minigpt2.weights import is_conv1d
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plain_gpt2 import optimizer_step, plain_step  # noqa: E402
 
 
 def transformers_model(config: GPTConfig, device):
@@ -131,23 +136,30 @@ def main() -> int:
 
             def hf_step(i, trainer=trainer, hf_model=hf_model, hf=hf, opt=opt):
                 x, _ = trainer.batch(i)  # the very windows minigpt2 trains on at step i
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = hf_model(input_ids=x, labels=x).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                optimizer_step(lambda: hf_model(input_ids=x, labels=x).loss, hf.parameters(), opt, device, dtype)
 
-            steps = {"minigpt2": trainers_steps({"minigpt2": trainer})["minigpt2"], "transformers": hf_step}
+            def ours_step(i, trainer=trainer):
+                trainer.step = i
+                trainer.train_step(read=i % 10 == 0)  # as `Trainer.run` on a GPU: most steps not read
+
+            plain = plain_step(config, device, dtype, args.compile)
+
+            def plain_train(i, trainer=trainer, plain=plain):
+                x, y = trainer.batch(i)
+                plain(x, y)
+
+            steps = {"minigpt2": ours_step, "transformers": hf_step, "plain PyTorch": plain_train}
             times = race(steps, args, device)
         report(times, B, T, config, device, dtype, args, ratios, results, shape)
-        del hf, ours, trainer, opt, hf_step, steps
+        del hf, ours, trainer, opt, hf_step, ours_step, steps, plain, plain_train
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"device": str(device), "dtype": shown, "shapes": results}))
-    first, second = list(results[args.shapes[0]])[:2]
-    print(f"{first} / {second}: " + ", ".join(f"{shape} {r:.2f}x" for shape, r in ratios))
+    first, *others = list(results[args.shapes[0]])[: len(ratios[0][1]) + 1]
+    print(
+        "; ".join(
+            f"{first} / {other}: " + ", ".join(f"{shape} {r[other]:.2f}x" for shape, r in ratios) for other in others
+        )
+    )
     return 0
 
 
@@ -180,7 +192,8 @@ def race(steps: dict, args, device) -> dict:
 
 
 def report(times, B, T, config, device, dtype, args, ratios, results, shape) -> None:
-    """Print each contestant's tokens/s and the paired speed ratio first / second; append to ratios and results."""
+    """Print each contestant's tokens/s and the paired speed ratio of the first to each other; append to ratios
+    and results."""
     speeds = {k: B * T / statistics.median(v) for k, v in times.items()}
     peak = peak_flops(device, dtype)
     for name, speed in speeds.items():
@@ -191,12 +204,15 @@ def report(times, B, T, config, device, dtype, args, ratios, results, shape) -> 
         )
     # The ratio of each pair of neighbouring steps (same moment, same machine load), then the
     # median over pairs: robust against other jobs that come and go on a shared machine.
-    first, second = list(times)[:2]
-    pairs = [b / a for a, b in zip(times[first], times[second])]
-    print(f"{shape:>8} paired step-time ratios {second}/{first}: " + " ".join(f"{r:.2f}" for r in pairs))
-    ratios.append((shape, statistics.median(pairs)))
+    first, *others = list(times)
+    medians = {}
+    for other in others:
+        pairs = [b / a for a, b in zip(times[first], times[other])]
+        print(f"{shape:>8} paired step-time ratios {other}/{first}: " + " ".join(f"{r:.2f}" for r in pairs))
+        medians[other] = statistics.median(pairs)
+    ratios.append((shape, medians))
     mfus = {k: v * flops_per_token(config, T) / peak if peak else None for k, v in speeds.items()}
-    results[shape] = {k: {"tokens_per_s": speeds[k], "mfu": mfus[k]} for k in speeds} | {"ratio": ratios[-1][1]}
+    results[shape] = {k: {"tokens_per_s": speeds[k], "mfu": mfus[k]} for k in speeds} | {"ratios": medians}
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, MiniGPT2Error  # noqa: F401  (DataError: re-exported, it used to live here)
+from .errors import DataError, MiniGPT2Error, OutputError  # noqa: F401  (DataError: re-exported, it used to live here)
+from .files import WRITE_ADVICE, write_error
 from .formats import (
     HF_PREFIX,
     DatasetSource,
@@ -442,10 +443,10 @@ class _TokenWriter:
         self.has_text = False  # anything but whitespace: blank lines alone are nothing to learn from
 
     def write(self, ids: list[int] | np.ndarray, chars: int = 0) -> None:
-        arr = np.asarray(ids, dtype=np.uint16)
-        arr.tofile(self.file)
-        self.crc32 = zlib.crc32(arr.tobytes(), self.crc32)
-        self.tokens += len(arr)
+        data = np.asarray(ids, dtype=np.uint16).tobytes()
+        self.file.write(data)  # not ndarray.tofile: its OSError ("30465 requested and 3667 written") has no cause
+        self.crc32 = zlib.crc32(data, self.crc32)
+        self.tokens += len(data) // 2
         self.chars += chars
 
     def close(self) -> None:
@@ -754,45 +755,66 @@ def _build_entry(
     """Tokenize into a temporary folder beside the entry, then rename it into place (atomic)."""
     if enc.n_vocab > 65536:
         raise DataError(f"the tokenizer has {enc.n_vocab} ids, too many for uint16 token files")
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
-        head = _TokenWriter(tmp / "train.bin")
-        tail = _TokenWriter(tmp / "val.bin")
-        try:
-            tokenize_documents(
-                files,
-                enc,
-                head,
-                tail if val_fraction > 0 else None,
-                tail_fraction=val_fraction,
-                drop_lines=drop_lines,
-                encoding_errors=encoding_errors,
-                threads=threads,
-            )
-        finally:
-            head.close()
-            tail.close()
-        meta = {
-            "train_tokens": head.tokens,
-            "train_chars": head.chars,
-            "train_crc32": head.crc32,
-            "train_has_text": head.has_text,
-            "val_tokens": tail.tokens,
-            "val_chars": tail.chars,
-            "val_crc32": tail.crc32,
-            "vocab_size": enc.n_vocab,
-            "files": [str(f.path) for f in files],
-            "request": request,  # what the entry was built from (verify_entry checks it on every use)
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not (entry / "meta.json").is_file():  # not just another process finishing first
-                raise
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    except OSError as e:
+        raise cache_write_error(entry.parent, e) from None
+    try:
+        _tokenize_into(tmp, entry, request, files, enc, val_fraction, drop_lines, encoding_errors, threads)
+    except OSError as e:  # a full disk, a file size limit, ...: the cache folder is named, with what to do
+        if e.errno not in WRITE_ADVICE:
+            raise
+        raise cache_write_error(entry.parent, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_write_error(path: Path, error: OSError) -> OutputError:
+    return OutputError(
+        f"{write_error(path, error)}. Tokenizing needs room for 2 bytes per token in the token cache "
+        "(choose another one with `cache_dir`)"
+    )
+
+
+def _tokenize_into(
+    tmp: Path, entry: Path, request: dict, files, enc, val_fraction, drop_lines, encoding_errors, threads
+) -> None:
+    """Tokenize the files into the folder `tmp` (train.bin, val.bin, meta.json), then rename it to `entry`."""
+    head = _TokenWriter(tmp / "train.bin")
+    tail = _TokenWriter(tmp / "val.bin")
+    try:
+        tokenize_documents(
+            files,
+            enc,
+            head,
+            tail if val_fraction > 0 else None,
+            tail_fraction=val_fraction,
+            drop_lines=drop_lines,
+            encoding_errors=encoding_errors,
+            threads=threads,
+        )
+    finally:
+        head.close()
+        tail.close()
+    meta = {
+        "train_tokens": head.tokens,
+        "train_chars": head.chars,
+        "train_crc32": head.crc32,
+        "train_has_text": head.has_text,
+        "val_tokens": tail.tokens,
+        "val_chars": tail.chars,
+        "val_crc32": tail.crc32,
+        "vocab_size": enc.n_vocab,
+        "files": [str(f.path) for f in files],
+        "request": request,  # what the entry was built from (verify_entry checks it on every use)
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        os.rename(tmp, entry)
+    except OSError:
+        if not (entry / "meta.json").is_file():  # not just another process finishing first
+            raise
 
 
 # ----- windows and batches ----------------------------------------------------------------------

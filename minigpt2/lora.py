@@ -103,6 +103,21 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear computing the same function (dropout aside): weight W + (alpha / r) · B @ A.
+
+        For what needs one matrix per layer, e.g. int8 quantization (`quantize_model`), which
+        then rounds the adapted weight once instead of adding a float update to every product.
+        """
+        w = self.base.weight
+        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                           device=w.device, dtype=w.dtype)  # fmt: skip
+        linear.weight.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        if self.base.bias is not None:
+            linear.bias.copy_(self.base.bias)
+        return linear.requires_grad_(False)
+
 
 # ----- wrapping a model ---------------------------------------------------------------------------
 

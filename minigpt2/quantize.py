@@ -196,6 +196,10 @@ def quantize_model(model: GPT, mode: str = "int8", *, lm_head: bool = True) -> G
     top-1 agreement fell from 99.7% to 99.4%, perplexity unchanged (-0.03%). Quantized, it stops
     sharing its tensor with `wte`: the embedding keeps the float weight, since a lookup reads
     one row, not the matrix.
+
+    A LoRA model is quantized merged: each adapted layer becomes the int8 form of W + (alpha / r)
+    · B @ A (`LoRALinear.merged`), so it decodes as fast as any quantized model, and its adapters
+    are gone from it (save the float model first if you need them).
     """
     if mode not in MODES:
         raise MiniGPT2Error(f"unknown quantization '{mode}'; the choices are: {', '.join(MODES)}")
@@ -206,11 +210,18 @@ def quantize_model(model: GPT, mode: str = "int8", *, lm_head: bool = True) -> G
         for name in BLOCK_LINEARS:
             parent, attr = name.split(".")
             owner = getattr(block, parent)
-            setattr(owner, attr, Int8Linear(getattr(owner, attr)))
+            setattr(owner, attr, Int8Linear(plain_linear(getattr(owner, attr))))
     if lm_head:
-        model.lm_head = Int8Linear(model.lm_head)  # wte keeps the float weight for lookups
+        model.lm_head = Int8Linear(plain_linear(model.lm_head))  # wte keeps the float weight for lookups
     model.quantized = mode
     return model
+
+
+def plain_linear(layer: nn.Module) -> nn.Linear:
+    """The nn.Linear a layer computes: itself, or a LoRA layer's merged weight."""
+    from .lora import LoRALinear
+
+    return layer.merged() if isinstance(layer, LoRALinear) else layer
 
 
 def is_quantized(model: nn.Module) -> bool:

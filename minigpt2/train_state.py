@@ -21,14 +21,15 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import CheckpointError
-from .files import write_json
+from .errors import CheckpointError, OutputError
+from .files import save_tensors, write_json
 from .lora import is_lora, load_lora_state, lora_settings, merged_state_dict, save_lora_state, save_peft_adapter
 from .rundir import STATE_JSON, STATE_TENSORS, STEP_NAME, RunDir, other_checkpoints_hint, step_name
 from .weights import load_model, save_model
@@ -74,9 +75,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
 
 def write_state(folder: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
     """The tensors first, the JSON last: a folder with trainer_state.json is complete."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(folder / STATE_TENSORS))
+    save_tensors(folder / STATE_TENSORS, tensors)
     write_json(folder / STATE_JSON, state)
 
 
@@ -287,14 +286,29 @@ class Checkpointer:
 
         try:
             path = self.run_dir.save(name, write)
-        except OSError as e:
+        except (OSError, OutputError) as e:
+            cause = str(e) if isinstance(e, OutputError) else (e.strerror or str(e))
             raise CheckpointError(
-                f"could not save checkpoint {name} in '{self.run_dir.path}': {e.strerror or e}. "
-                "The previous checkpoints are untouched; free some space and resume."
+                f"could not save checkpoint {name} in '{self.run_dir.path}': {cause}. {self.room_needed(states)}"
+                "The previous checkpoints are untouched; make room and resume."
             ) from None
         if self.keep_last and name != "final":
             self.run_dir.prune(self.keep_last)
         return path
+
+    def room_needed(self, states: TrainingState) -> str:
+        """How much room a checkpoint takes and how much the run's disk has, as a sentence."""
+        try:
+            tensors = [*states.model.state_dict().values()]  # the tied embedding once:
+            size = sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
+            size += sum(t.numel() * t.element_size() for s in states.optimizer.state.values() for t in s.values())
+        except Exception:  # a sharded model's slices: no good estimate here
+            return ""
+        try:
+            free = f"; {shutil.disk_usage(self.run_dir.path).free / 1e6:,.1f} MB are free there"
+        except OSError:
+            free = ""
+        return f"A checkpoint needs about {size / 1e6:,.1f} MB{free}. "
 
     def state(
         self, states: TrainingState, step: int, tokens: int, full_optimizer_state: dict | None = None

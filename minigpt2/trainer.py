@@ -47,6 +47,8 @@ from .snapshots import Snapshotter
 from .train_state import Checkpointer, TrainingState
 from .watch import PromptSampler
 
+READ_EVERY = 10  # on a GPU: steps between reads of the loss to the host (the console's default --log-every)
+
 
 class TrainingDiverged(MiniGPT2Error):
     """The loss became NaN or infinite: the run stops before the bad update is applied."""
@@ -269,6 +271,11 @@ class Trainer:
         self.stop_reason: str | None = None
         self.resumed_from: Path | None = None
         self.timing = {"step": [], "eval": [], "save": []}  # seconds, for the ETA
+        # Steps between reads of the loss and gradient norm to the host. Each read waits for the
+        # device to finish its queue; on a CPU there is no queue, so every step is read (and a
+        # NaN stops the run before its update). See `train_step`.
+        self.read_every = 1 if self.device.type == "cpu" else READ_EVERY
+        self.unread: list[dict] = []  # records of steps run but not read yet
         self.last = {"eval": None, "snapshot": None}  # the step each was last done at
         # Dropout's random numbers, reproducibly; each rank its own stream (rank 0's is a
         # one-process run's).
@@ -354,8 +361,17 @@ class Trainer:
             return contextlib.nullcontext()
         return grad_sync(self.ddp or self.raw_model, last_micro_step, self.sharded)
 
-    def train_step(self) -> dict:
-        """One optimizer step over `grad_accum` micro-batches; returns its train record."""
+    def train_step(self, read: bool = True) -> dict:
+        """One optimizer step over `grad_accum` micro-batches; returns its train record.
+
+        With `read=False` the record's loss and gradient norm stay on the device as 0-d tensors
+        and nothing waits for the device: a GPU's queue of kernels keeps running ahead of
+        Python. `read_records` later brings the values of many steps to the host in one read.
+        The NaN/inf stop is checked when they are read. Reading every step (`read_every` 1, a
+        CPU's default, where it costs nothing) stops *before* the bad update; reading every N
+        steps (a GPU's default) stops up to N - 1 updates after it: the model in memory is then
+        damaged, but every checkpoint is written only after a read, so no saved one is.
+        """
         c = self.config
         started = time.perf_counter()
         lr = lr_at(self.step, c)
@@ -372,11 +388,6 @@ class Trainer:
                     _, loss = self.model(x, y)
                 self.scaler.scale(loss / c.grad_accum).backward()
             loss_sum += loss.detach()
-        loss = (loss_sum / c.grad_accum).item()
-        if self.dist.enabled:  # the mean over the global batch (every rank gets the same number)
-            loss = self.dist.sum(loss)[0] / self.dist.world_size
-        if not math.isfinite(loss):
-            self._diverged(f"the training loss became {loss}", "or use float32/bfloat16 instead of float16")
 
         # Clipping: one unlucky batch can produce a gradient many times larger than usual; an
         # AdamW step along it would undo many steps of progress. Rescaling the whole gradient
@@ -384,42 +395,62 @@ class Trainer:
         # norm is that of the true gradient, not of the fp16 loss-scaled one.)
         self.scaler.unscale_(self.optimizer)
         clip = c.grad_clip if c.grad_clip > 0 else float("inf")
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip)).item()
-        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-            self._diverged(f"the gradient norm became {grad_norm}")
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        record = {"type": "train", "step": self.step + 1, "loss": loss_sum / c.grad_accum, "lr": lr,
+                  "grad_norm": grad_norm, "started": started}  # fmt: skip
+        if read:  # before the update: a non-finite loss stops the run with the weights intact
+            self._read_values([record], before_update=True)
 
         self.scaler.step(self.optimizer)  # AdamW; the scaler skips the step if fp16 grads overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until next backward
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
         self.step += 1
         self.tokens += c.tokens_per_step
+        record.update(tokens=self.tokens, epoch=self.tokens / len(self.train_data))
+        if read:
+            self._timed_records([record])
+        return record
 
-        seconds = time.perf_counter() - started
-        tokens_per_s = c.tokens_per_step / seconds
+    def read_records(self, records: list[dict]) -> list[dict]:
+        """Complete the records of steps run with `read=False`: their loss and gradient norm read
+        in one transfer (one wait for the device), checked, and the steps' mean time filled in."""
+        self._read_values(records, before_update=False)
+        self._timed_records(records)
+        return records
+
+    def _read_values(self, records: list[dict], before_update: bool) -> None:
+        values = torch.stack([torch.stack([r["loss"].float(), r["grad_norm"].float()]) for r in records]).tolist()
+        losses = [v[0] for v in values]
+        if self.dist.enabled:  # the mean over the global batch (every rank gets the same number)
+            losses = [total / self.dist.world_size for total in self.dist.sum(*losses)]
+        for record, loss, (_, grad_norm) in zip(records, losses, values):
+            record.update(loss=loss, grad_norm=grad_norm)
+            if not math.isfinite(loss):
+                extra = "or use float32/bfloat16 instead of float16"
+                self._diverged(f"the training loss became {loss}", extra, record["step"], before_update)
+            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+                self._diverged(f"the gradient norm became {grad_norm}", "", record["step"], before_update)
+
+    def _timed_records(self, records: list[dict]) -> None:
+        """Each record's seconds: the mean over `records` of the time since the first began."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the values were read, so this waits for the last update only
+        seconds = (time.perf_counter() - records[0]["started"]) / len(records)
+        tokens_per_s = self.config.tokens_per_step / seconds
         mfu = tokens_per_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
-        return {
-            "type": "train",
-            "step": self.step,
-            "tokens": self.tokens,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens_per_s,
-            "mfu": mfu,
-            "step_s": seconds,
-            "epoch": self.tokens / len(self.train_data),
-        }
+        for record in records:
+            del record["started"]
+            record.update(tokens_per_s=tokens_per_s, mfu=mfu, step_s=seconds)
 
-    def _diverged(self, what: str, extra: str = "") -> None:
+    def _diverged(self, what: str, extra: str, step: int, before_update: bool) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         found = self.run_dir.checkpoints() if self.dist.is_main else []
         last = (
             f"the last good checkpoint, {found[-1].path}, is untouched" if found else "no checkpoint had been saved yet"
         )
+        when = "before the update" if before_update else "before saving any later step"
         raise TrainingDiverged(
-            f"{what} at step {self.step + 1}; stopping before the update ({last}). "
+            f"{what} at step {step}; stopping {when} ({last}). "
             f"Lower the learning rate, lengthen the warm-up{', ' + extra if extra else ''}."
         )
 
@@ -586,21 +617,39 @@ class Trainer:
             # A stop request reaches the ranks at different moments: they agree on it first,
             # so all stop after the same step.
             if self.dist.any(self.stop_reason is not None):
+                yield from self._read_unread(first_step)
                 yield self._stopped(first_step)
                 return
-            record = self.train_step()
-            self.timing["step"].append(record["step_s"])
-            yield self._emit({**record, **self.eta()})
-            if self.step == first_step + 3:
-                busy = machine_load() if self.device.type == "cpu" else None
-                load = {"load": busy[0], "cores": busy[1]} if busy else {}
-                yield {"type": "estimate", "step": self.step, **self.eta(), **load}
+            self.unread.append(self.train_step(read=self.read_every == 1))
+            if len(self.unread) >= self.read_every or self._read_due(first_step):
+                yield from self._read_unread(first_step)
             yield from self._periodic()
         if self.last["eval"] != self.step:
             yield from self._evaluation()
         if self.snapshotter is not None and c.snapshot_every and self.last["snapshot"] != self.step:
             yield self._snapshot()  # the drift curves end where the run ends
         yield self._saved("done", self._save("final"))
+
+    def _read_due(self, first_step: int) -> bool:
+        """Whether this step's record must be read now: at the end, the estimate, and before any
+        evaluation, snapshot or checkpoint (so nothing is saved from unchecked steps)."""
+        c, at = self.config, self.step
+        return at in (c.steps, first_step + 1, first_step + 3) or any(
+            every and at % every == 0 for every in (c.eval_every, c.snapshot_every, c.save_every)
+        )
+
+    def _read_unread(self, first_step: int) -> Iterator[dict]:
+        """The records of the steps not read yet, completed (see `train_step`), logged and yielded."""
+        records, self.unread = self.unread, []
+        if records and isinstance(records[0]["loss"], torch.Tensor):
+            self.read_records(records)
+        for record in records:
+            self.timing["step"].append(record["step_s"])
+            yield self._emit({**record, **self.eta()})
+            if record["step"] == first_step + 3:
+                busy = machine_load() if self.device.type == "cpu" else None
+                load = {"load": busy[0], "cores": busy[1]} if busy else {}
+                yield {"type": "estimate", "step": record["step"], **self.eta(), **load}
 
     def _periodic(self) -> Iterator[dict]:
         """What is due after this step: an evaluation, a snapshot, a checkpoint (none after the last

@@ -86,11 +86,30 @@ def test_kv_cache_matches_full_forward_in_any_chunking():
     idx = torch.randint(0, 500, (3, 64), generator=torch.Generator().manual_seed(0))
     full = model(idx)
     for chunks in ([64], [1] * 64, [10, 1, 1, 20, 32], [63, 1]):
-        caches, pos, out = model.new_kv_caches(3), 0, []
+        cache, pos, out = model.new_cache(3), 0, []
         for n in chunks:
-            out.append(model(idx[:, pos : pos + n], kv_caches=caches, pos=pos))
+            out.append(model(idx[:, pos : pos + n], cache=cache.append(n)))
             pos += n
         torch.testing.assert_close(torch.cat(out, dim=1), full, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_unwritten_cache_slots_are_never_attended_to(static):
+    # huge garbage in every slot not yet written (a static step multiplies masked values by 0, so finite)
+    model = tiny_gpt(**SMALL)
+    idx = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(1))
+    full = model(idx)
+    cache = model.new_cache(2, static=static)
+    cache.k.normal_(std=1e3)
+    cache.v.normal_(std=1e3)
+    out = [model(idx[:, :30], cache=cache.append(30))] + [
+        model(idx[:, t : t + 1], cache=cache.append(1)) for t in range(30, 40)
+    ]
+    torch.testing.assert_close(torch.cat(out, dim=1), full, rtol=0, atol=1e-5)
+    assert cache.length == 40 and cache.next_position.tolist() == [40, 40]
+    with pytest.raises(ValueError, match="cache slots for"):  # slots for another batch: refused
+        model(idx[:1, :1], cache=cache.append(1))
 
 
 @torch.no_grad()
@@ -108,9 +127,10 @@ def test_context_overflow_is_a_clear_error():
     model = tiny_gpt(**SMALL)
     with pytest.raises(ValueError, match="context of 64 tokens"):
         model(torch.zeros(1, 65, dtype=torch.long))
-    caches = model.new_kv_caches(1)
+    cache = model.new_cache(1)
+    model(torch.zeros(1, 63, dtype=torch.long), cache=cache.append(63))
     with pytest.raises(ValueError, match="context"):
-        model(torch.zeros(1, 2, dtype=torch.long), kv_caches=caches, pos=63)
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache.append(2))
 
 
 def test_every_diagram_box_is_a_hookable_module_named_like_the_checkpoint():
@@ -162,8 +182,8 @@ def test_gelu_is_the_tanh_form():
 
 def test_kv_cache_is_not_in_the_state_dict():
     model = tiny_gpt(**SMALL)
-    caches = model.new_kv_caches(2)
-    assert caches[0].k.shape == (2, 4, 64, 8)
-    assert dict(caches.state_dict()) == {}
-    model.h[0].attn.kv_cache_probe = caches[0]  # even when attached to the model, buffers stay out
+    cache = model.new_cache(2)
+    assert cache.k.shape == (3, 2, 4, 64, 8)
+    assert dict(cache.state_dict()) == {}
+    model.h[0].attn.kv_cache_probe = cache  # even when attached to the model, buffers stay out
     assert not any(key.endswith((".k", ".v")) for key in model.state_dict())

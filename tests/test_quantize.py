@@ -93,10 +93,27 @@ def test_quantized_model_stays_close_to_float32():
     assert isinstance(float_head.lm_head, nn.Linear) and float_head.lm_head.weight is float_head.wte.weight
     assert rel_error(float_head(idx), reference) < 0.02
     # cached decoding of the quantized model gives the logits of its full forward pass
-    caches = quantized.new_kv_caches(4, 64)
-    quantized(idx[:, :31], kv_caches=caches, pos=0)
-    last = quantized(idx[:, 31:], kv_caches=caches, pos=31)[:, -1]
+    cache = quantized.new_cache(4, 64)
+    quantized(idx[:, :31], cache=cache.append(31))
+    last = quantized(idx[:, 31:], cache=cache.append(1))[:, -1]
     assert rel_error(last, logits[:, -1]) < 2e-3
+
+
+@torch.inference_mode()
+def test_a_lora_model_is_quantized_with_its_adapters_merged():
+    from minigpt2.lora import LoRALinear, apply_lora, is_lora
+
+    base = tiny_gpt(**SMALL)
+    model = apply_lora(copy.deepcopy(base), 4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"))
+    for layer in model.modules():  # a trained adapter: B is no longer zero
+        if isinstance(layer, LoRALinear):
+            nn.init.normal_(layer.lora_B.weight, std=0.05)
+    idx = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference, base_logits = model.eval()(idx), base(idx)
+    assert rel_error(reference, base_logits) > 0.05  # the adapters matter
+    quantized = quantize_model(model)
+    assert not is_lora(quantized) and isinstance(quantized.h[0].attn.c_attn, Int8Linear)
+    assert rel_error(quantized(idx), reference) < 0.03  # the merged weights, not the base ones
 
 
 @torch.inference_mode()

@@ -332,3 +332,42 @@ def test_a_damaged_token_cache_is_named_and_rebuilt(base_args, env, tmp_path):
         json.loads((tmp_path / "a" / "run.json").read_text())["data"]["train_tokens"]
         == json.loads((tmp_path / "b" / "run.json").read_text())["data"]["train_tokens"]
     )
+
+
+# ----- a full disk or a file size limit: one line naming the file, nothing earlier lost ----------
+
+
+def limited(kilobytes: int) -> list[str]:
+    """A launcher that runs the script with its files limited to `kilobytes` KB (bash's `ulimit -f`,
+    RLIMIT_FSIZE: writing past it fails with EFBIG, as a full disk fails with ENOSPC; for root too)."""
+    return ["bash", "-c", f'ulimit -f {kilobytes} && exec "$0" "$@"', sys.executable]
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_file_and_keeps_the_earlier_one(base_args, env, tmp_path):
+    run = tmp_path / "run"
+    assert train(*base_args, "--eval-every", "0", "--steps", "2", "--out", run, env=env).returncode == 0
+    before = {p.name: p.read_bytes() for p in (run / "final").iterdir() if p.is_file()}
+    result = run_script("train.py", *base_args, "--out", run, "--resume", "--steps", "3", "--eval-every", "0",
+                        env=env, timeout=240, launcher=limited(64))  # fmt: skip
+    one_error_line(result, "could not save checkpoint final", "model.safetensors", "File too large", "needs about")
+    assert {p.name: p.read_bytes() for p in (run / "final").iterdir() if p.is_file()} == before  # nothing lost
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".lock"]  # no temp folder left
+
+
+def test_a_token_cache_that_cannot_be_written_names_the_cache(base_args, tmp_path):
+    cache = tmp_path / "tokens"
+    env = offline_env(tmp_path / "hf", MINIGPT2_CACHE=str(cache))
+    result = run_script("train.py", *base_args, "--out", tmp_path / "run", "--steps", "2", env=env, timeout=240,
+                        launcher=limited(64))  # fmt: skip
+    one_error_line(result, f"cannot write '{cache}'", "File too large", "--cache-dir")
+    assert not any(cache.iterdir())  # no half-written entry
+
+
+def test_compare_json_that_cannot_be_written_names_the_file(base_args, env, tmp_path, shared_data):
+    run = tmp_path / "run"
+    assert train(*base_args, "--eval-every", "0", "--steps", "1", "--out", run, env=env).returncode == 0
+    out = tmp_path / "diff.json"
+    result = run_script("compare.py", run / "final", run / "final", "--json", out, env=env, timeout=240,
+                        launcher=limited(1))  # fmt: skip
+    one_error_line(result, f"cannot write '{out}'", "File too large")
+    assert not out.exists() and not any(p.name.startswith(".diff.json") for p in tmp_path.iterdir())
