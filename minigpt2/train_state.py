@@ -25,7 +25,16 @@ import torch
 
 from .errors import CheckpointError
 from .files import write_json
-from .lora import is_lora, load_lora_state, lora_settings, merged_state_dict, save_lora_state, save_peft_adapter
+from .lora import (
+    adapter_state,
+    is_adapted,
+    is_lora,
+    load_adapter_state,
+    lora_settings,
+    merged_state_dict,
+    save_peft_adapter,
+    unmerged_state_dict,
+)
 from .rundir import STATE_JSON, STATE_TENSORS, other_checkpoints_hint, step_name
 from .weights import load_model, save_model
 
@@ -95,7 +104,8 @@ def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors = load_file(str(folder / STATE_TENSORS))
     except Exception as e:  # SafetensorError (truncated, corrupted) or OSError
         raise CheckpointError(f"{STATE_TENSORS} cannot be read ({e})") from None
-    expected = ["rng.torch_cpu"] + [f"optimizer.{n}.{m}" for n in state["param_names"] for m in MOMENTS]
+    stepped = state.get("stepped", state["param_names"])  # parameters with AdamW moments (see `state`)
+    expected = ["rng.torch_cpu"] + [f"optimizer.{n}.{m}" for n in stepped for m in MOMENTS]
     missing = [k for k in expected if k not in tensors]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -131,18 +141,19 @@ class CheckpointIO:
         if not self.dist.is_main:
             return target
 
-        lora = is_lora(self.raw_model)
+        lora, adapted = is_lora(self.raw_model), is_adapted(self.raw_model)
 
         def write(folder: Path) -> None:
             # LoRA: model.safetensors holds the merged model (the usual layout), adapter/ the
-            # adapters alone in PEFT's layout, the trainer state the adapters for resuming.
-            merged = merged_state_dict(self.raw_model, weights) if lora else weights
+            # adapters alone in PEFT's layout, the trainer state the adapters for resuming (under
+            # the same names). Trainable tokens without LoRA: merged too, resumed from the weights.
+            merged = merged_state_dict(self.raw_model, weights) if adapted else weights
             save_model(self.raw_model, folder, tokenizer_source=self.tokenizer_source, state_dict=merged)
             self.run_dir.stage("weights-written")
             tensors, state = self.state(optim)
             if lora:
                 save_peft_adapter(self.raw_model, folder / "adapter", getattr(self.raw_model, "source", None), weights)
-                tensors.update(save_lora_state(self.raw_model, weights))
+                tensors.update(adapter_state(self.raw_model, weights))
             write_state(folder, tensors, state)
 
         try:
@@ -180,6 +191,8 @@ class CheckpointIO:
             "tokens": self.tokens,
             "config": dataclasses.asdict(self.config),
             "param_names": self.param_names,
+            # Frozen so far (an embedding warm-up trains the new rows alone): no moments yet.
+            "stepped": [self.param_names[i] for i in sorted(opt["state"])],
             "param_groups": opt["param_groups"],
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "sampler": {"seed": self.config.seed, "next_batch": self.step * self.config.grad_accum * self.config.ranks},
@@ -208,7 +221,7 @@ class CheckpointIO:
             raise CheckpointMismatch(f"it was saved with LoRA settings {state.get('lora')}, not {lora}")
         opt = optimizer_state(tensors, state["param_groups"], self.param_names)
         if lora:  # the base stays the start model; model.safetensors is merged (B @ A counted in)
-            load_lora_state(self.raw_model, tensors)
+            load_adapter_state(self.raw_model, tensors)
             self.optimizer.load_state_dict(opt)
         elif self.sharded:
             loaded = load_model(path, device="cpu")  # every rank reads the full state and keeps its slices
@@ -225,9 +238,11 @@ class CheckpointIO:
                 },
             )
         else:
-            loaded = load_model(path, device=self.device)
+            loaded = load_model(path, device=self.device).state_dict()
+            if is_adapted(self.raw_model):  # trainable tokens: the merged wte split into base and rows
+                loaded = unmerged_state_dict(self.raw_model, loaded)
             with torch.no_grad():
-                self.raw_model.load_state_dict(loaded.state_dict())
+                self.raw_model.load_state_dict(loaded)
             self.optimizer.load_state_dict(opt)
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
