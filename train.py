@@ -37,8 +37,13 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", help="token cache (default $MINIGPT2_CACHE or ~/.cache/minigpt2/tokens)")
     d.add_argument("--tokenizer", help="where vocab.json + merges.txt come from (default: the model's, or gpt2's)")
     d.add_argument("--extend-vocab", type=arg_int(low=1), metavar="N", help="learn N new tokens from the training "
-                   "text; grow the tokenizer and the embedding (Chinese: 2.1 -> 0.9 tokens per character at 8000)")
+                   "text; grow the tokenizer and the embedding (Chinese: 2.1 -> 0.9 tokens per character at 8000); "
+                   "with --lora only the new rows and the adapters train. Which recipe pays: docs/recipes.md")
     d.add_argument("--vocab-from", nargs="+", action="extend", metavar="PATH", help="learn them from these texts")
+    d.add_argument("--new-token-lr", type=arg_float(low=0, low_open=True), metavar="LR", help="with --extend-vocab: "
+                   "peak learning rate of the new rows (default --lr)")
+    d.add_argument("--embed-warmup", type=arg_int(low=0), metavar="STEPS", help="with --extend-vocab: train only the "
+                   "new rows for the first STEPS steps, then the model (or the adapters) too (default 0)")
     m = p.add_argument_group("model")
     m.add_argument("--model", help="gpt2[-medium|-large|-xl], a hub id or a checkpoint to fine-tune (default gpt2)")
     m.add_argument("--init-preset", choices=PRESETS, help="start from random weights of this shape instead")
@@ -47,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--n-embd", type=arg_int(low=1), help="with --init-preset: width")
     m.add_argument("--context", type=arg_int(low=1), help="with --init-preset: context length (positions)")
     m.add_argument("--dropout", type=arg_float(low=0, high=1, high_open=True), help="dropout (default: the model's)")
-    lo = p.add_argument_group("LoRA: learn a low-rank update of each targeted layer, everything else frozen")
+    lo = p.add_argument_group("LoRA: learn a low-rank update of each targeted layer, everything else frozen "
+                              "(but a grown vocabulary's new rows; which recipe pays: docs/recipes.md)")
     lo.add_argument("--lora", type=arg_int(low=1), metavar="R", help="rank of the update (e.g. 8)")
     lo.add_argument("--lora-alpha", type=arg_float(low=0, low_open=True), metavar="A", help="scale A/R (default 8)")
     lo.add_argument("--lora-dropout", type=arg_float(low=0, high=1, high_open=True), metavar="P", help="(default 0)")

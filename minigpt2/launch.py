@@ -35,7 +35,7 @@ from .model import GPT
 from .rundir import RunDir, RunDirError, check_writable
 from .snapshots import DEFAULT_PROBE, Snapshotter
 from .tokenizer import load_tokenizer, tokenizer_files
-from .trainer import TrainConfig, Trainer, lr_at, steps_for
+from .trainer import TrainConfig, Trainer, check_embed_warmup, lr_at, steps_for
 from .weights import load_model
 
 # Fixed for the life of a run: --resume refuses to change them (the batches would differ).
@@ -293,10 +293,16 @@ def _start(o: dict, run: RunDir, files: tuple, report, ctx) -> tuple:
              "n_positions": o.get("context")}  # fmt: skip
     model = start_model(source, o.get("init_preset"), sizes, seed=o["seed"], dropout=o.get("dropout"))
     check_vocab_fits(model.config, enc)
+    old_vocab = model.config.vocab_size
     if o.get("extend_vocab"):
         model, enc, tok_source = _extended(model, enc, tok_source, o, run, files[0], files[2], report, ctx)
+        if o.get("lora"):  # PEFT applies the adapter to this grown model: the run keeps it
+            model.source = _grown_base(model, run, tok_source, ctx)
+    new_rows = range(old_vocab, model.config.vocab_size)
     if o.get("lora"):
-        _with_lora(model, o, report)
+        _with_lora(model, o, report, new_rows)
+    elif o.get("extend_vocab") and (o.get("new_token_lr") or o.get("embed_warmup")):
+        _with_trainable_tokens(model, new_rows)
     return source, model, enc, tok_source
 
 
@@ -355,8 +361,32 @@ def _extended(model, enc, tok_source, o, run: RunDir, train_files, eval_files, r
     return grown, new_enc, folder
 
 
-def _with_lora(model: GPT, o: dict, report) -> None:
-    """Freeze the model and give the targeted layers a low-rank update to learn (see lora.py).
+GROWN_BASE = "grown-base"  # RUN/grown-base: the model a LoRA run on a grown vocabulary adapts
+
+
+def _grown_base(model: GPT, run: RunDir, tokenizer_dir, ctx) -> str:
+    """Save the grown model (before LoRA) as RUN/grown-base, once, and return its absolute path:
+    the adapter's `base_model_name_or_path`, so that PEFT finds the base it was trained on."""
+    from .weights import save_model
+
+    folder = (run.path / GROWN_BASE).resolve()
+    if ctx.is_main and not (folder / "model.safetensors").is_file():
+        save_model(model, folder, tokenizer_source=tokenizer_dir, overwrite=True)
+    return str(folder)
+
+
+def _with_trainable_tokens(model: GPT, new_rows: range) -> None:
+    """The new rows as a parameter of their own: trainable beside frozen old rows (LoRA), or in an
+    optimizer group with their own learning rate and phase (see trainer.param_groups)."""
+    from .lora import add_trainable_tokens
+
+    if new_rows:
+        add_trainable_tokens(model, new_rows)
+
+
+def _with_lora(model: GPT, o: dict, report, new_rows: range) -> None:
+    """Freeze the model and give the targeted layers a low-rank update to learn (see lora.py); a
+    grown vocabulary's new rows (`new_rows`, empty when not grown) train too.
 
     A resumed run rebuilds the same: the start model (never a merged checkpoint) and the same
     adapters; the trainer then loads the adapters' trained values from the checkpoint.
@@ -372,6 +402,7 @@ def _with_lora(model: GPT, o: dict, report) -> None:
         targets=targets,
         seed=o["seed"],
     )
+    _with_trainable_tokens(model, new_rows)
     report({"type": "lora", **lora_summary(model)})
 
 
@@ -383,12 +414,15 @@ def check_options(o: dict) -> None:
         raise MiniGPT2Error("the layer count, head count, width and context only apply to a preset")
     if not o.get("data"):
         raise MiniGPT2Error("no training data given: the text files, directories or globs to train on")
-    if o.get("lora") and o.get("extend_vocab"):
-        raise OptionError(
-            "lora",
-            "cannot be combined with extending the vocabulary yet: LoRA freezes the embedding, "
-            "so the new tokens' rows would never learn",
-        )
+    for option in ("new_token_lr", "embed_warmup"):
+        if o.get(option) and not o.get("extend_vocab"):
+            raise MiniGPT2Error(
+                f"`{option}` only applies to the new tokens of a grown vocabulary: give `extend_vocab` N too "
+                "(docs/recipes.md says which recipe pays for which budget)"
+            )
+        if o.get(option) and o.get("shard"):
+            raise MiniGPT2Error(f"`{option}` does not work with a sharded model yet: train without `shard`")
+    check_embed_warmup(o.get("embed_warmup") or 0, o.get("steps"))  # before anything is written
     if not o.get("lora") and any(o.get(k) is not None for k in ("lora_alpha", "lora_dropout", "lora_targets")):
         raise OptionError("lora", "is needed for the other LoRA settings (alpha, dropout, targets): give the rank")
 
