@@ -285,10 +285,17 @@ def report(root: Path, rows: list[dict], base: dict, t: dict, s: dict) -> None:
               f"{r['bpc_en']:>12.3f} {r['zh_chars_per_cpu_s']:>15.1f} {state_mb:>9.1f}")  # fmt: skip
     budgets = sorted({r["budget_cpu_s"] for r in rows})
     largest = [r for r in rows if r["budget_cpu_s"] == budgets[-1]]
-    if len(largest) > 1:  # compare.py's several-models table and trade-off plot
-        out = run("compare.py", root / "base" / "final", *(Path(r["checkpoint"]) for r in largest),
+    if len(largest) > 1:  # compare.py's several-models table and trade-off plot, each model named by its recipe
+        named = []
+        for r in largest:
+            named.append(root / "models" / f"{r['recipe']}@{r['budget_cpu_s']:g}")
+            named[-1].parent.mkdir(exist_ok=True)
+            named[-1].unlink(missing_ok=True)
+            named[-1].symlink_to(Path(r["checkpoint"]).resolve(), target_is_directory=True)
+        out = run("compare.py", root / "base" / "final", *named,
                   "--text", t["zh"], "--text", t["en"], "--max-eval-tokens", s["compare_tokens"],
-                  "--json", root / "compare.json", "--plot", root / "tradeoff.png", "--force")  # fmt: skip
+                  "--json", root / f"compare-{budgets[-1]:g}.json", "--plot", root / f"tradeoff-{budgets[-1]:g}.png",
+                  "--force")  # fmt: skip
         print(out)
     by = {(r["recipe"], r["budget_cpu_s"]): r for r in rows}
     verdicts = []

@@ -293,15 +293,17 @@ def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | No
     layers = lora_layers(model)
     tokens = trainable_tokens(model)
     source = _own_names(model, state_dict)
-    merged = {}
+    merged, embedding = {}, None
     for name, tensor in source.items():
         module, _, leaf = name.rpartition(".")
         layer = module.removesuffix(".base")
         if ADAPTER_NAME.search(name):
             continue  # lora_A / lora_B / the tokens' rows: folded into their layer's weight below
         if tokens is not None and module in ("wte.base", "lm_head.base"):
-            rows = source[f"wte.{TOKEN_ROWS}"].to(tensor.dtype)
-            merged[f"{layer}.{leaf}"] = tensor.index_copy(0, tokens.token_adapter.token_indices.to(tensor.device), rows)
+            if embedding is None:  # once: wte and lm_head stay one (tied) tensor
+                rows, index = source[f"wte.{TOKEN_ROWS}"].to(tensor.dtype), tokens.token_adapter.token_indices
+                embedding = tensor.detach().index_copy(0, index.to(tensor.device), rows.detach())
+            merged[f"{layer}.{leaf}"] = embedding
         elif module.endswith(".base") and layer in layers:
             if leaf == "weight":
                 delta = layers[layer].delta_weight(source[f"{layer}.lora_A.weight"], source[f"{layer}.lora_B.weight"])

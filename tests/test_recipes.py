@@ -213,7 +213,7 @@ def test_the_recipes_benchmark_runs_in_quick_mode_and_resumes_per_recipe_and_bud
     rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[1:2] == ["0.5"]}
     assert set(rows) == {"full", "full+vocab", "vocab-phase", "lora", "lora+vocab"}
     assert float(rows["lora"][-1]) < float(rows["full"][-1]) / 10  # trainer state: adapters only
-    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+    assert (tmp_path / "tradeoff-0.5.png").stat().st_size > 10_000
     assert lines[-1].startswith("on held-out Chinese: full+vocab ") and "(budgets 0.5 CPU-s)" in lines[-1]
     first = json.loads((tmp_path / "results" / "lora+vocab@0.5.json").read_text())
     assert first["cpu_s"] >= 0.5 and first["step"] >= 1
