@@ -152,8 +152,8 @@ def one(args, s: dict, t: dict) -> int:
     """Train one recipe to each budget not yet measured (resuming its run), measuring at each."""
     import torch
 
-    import train
     from minigpt2 import distributed, launch
+    from minigpt2.options import parse
     from minigpt2.rundir import STATE_JSON, STATE_TENSORS
 
     torch.set_num_threads(1)
@@ -171,10 +171,10 @@ def one(args, s: dict, t: dict) -> int:
         resume = spent > 0
         if not resume and out.exists():
             shutil.rmtree(out)  # a run that never reached its first budget: start it again
-        ns = train.parser().parse_args([str(a) for a in argv] + ["--out", str(out)])
-        given = {k: v for k, v in vars(ns).items() if k not in ("out", "resume", "threads")}
+        given = parse([str(a) for a in argv] + ["--out", str(out)] + (["--resume"] if resume else []))
         ctx = distributed.setup("cpu")
-        setup = launch.setup(given, out, resume, lambda record: None, ctx)
+        saved = launch.read_saved(out) if resume else launch.SavedRun(None, None)
+        setup = launch.setup(given, saved, lambda record: None, ctx)
         trainer, started, checkpoint = setup.trainer, None, None
         for record in trainer.run():
             if record["type"] == "start":

@@ -174,6 +174,47 @@ def check_decode_memory(config, batch: int, prompt_tokens: int, dtype_bytes: int
         )
 
 
+def train_memory_bytes(
+    config, batch: int, seq_len: int, dtype_bytes: int, *, lora: bool = False, shards: int = 1, recompute: bool = False
+) -> dict[str, int]:
+    """Bytes one training process needs, by part: a lower bound, to refuse what cannot fit at all.
+
+    weights: float32 (4 bytes each); gradients: float32, one per trainable weight; AdamW: two float32
+    moments per trainable weight (with LoRA the trainable part is small and counted as none). Sharding
+    splits these three over `shards` ranks. Activations kept for backward, per block about 17 values
+    per width unit per token (Korthikanti et al. 2022, without the attention matrix, which SDPA never
+    stores) in the compute dtype, or one block's worth plus each block's input with `recompute`;
+    and the logits in float32 with their gradient (B x T x vocab x 2).
+    """
+    c = config
+    params = c.vocab_size * c.n_embd + c.n_positions * c.n_embd + c.n_layer * 12 * c.n_embd * c.n_embd
+    trainable = 0 if lora else params
+    tokens = batch * seq_len
+    per_block = 17 * tokens * c.n_embd * dtype_bytes
+    blocks = (per_block + c.n_layer * tokens * c.n_embd * 4) if recompute else c.n_layer * per_block
+    return {
+        "weights": 4 * params // shards,
+        "gradients": 4 * trainable // shards,
+        "AdamW state": 8 * trainable // shards,
+        "activations": blocks + 2 * 4 * tokens * c.vocab_size,
+    }
+
+
+def check_train_memory_fits(config, batch: int, seq_len: int, dtype_bytes: int, device, **kwargs) -> None:
+    """Refuse a training batch that cannot fit on `device` (see `train_memory_bytes`), with the
+    estimate and what to change, before the model is built: not an allocation failure minutes later."""
+    parts, free = train_memory_bytes(config, batch, seq_len, dtype_bytes, **kwargs), available_memory(device)
+    need = sum(parts.values())
+    if free is not None and need > free:
+        shown = ", ".join(f"{k} {v / 2**30:,.1f}" for k, v in parts.items())
+        raise OptionError(
+            "batch_size",
+            f"{batch} at sequence length {seq_len} needs at least {need / 2**30:,.1f} GiB to train ({shown} GiB), "
+            f"but only {free / 2**30:,.1f} GiB is available on {device}; give a smaller batch size or sequence "
+            "length (with `grad_accum` to keep the batch), or `activation_checkpointing`",
+        )
+
+
 def check_vocab_fits(
     model_config, enc, *, model_name: str = "the model", tokenizer_name: str = "its tokenizer"
 ) -> None:
@@ -189,4 +230,15 @@ def check_vocab_fits(
             f"{model_name} has a vocabulary of {model_config.vocab_size} tokens, smaller than the "
             f"{enc.n_vocab} of {tokenizer_name} (largest id {enc.n_vocab - 1}, <|endoftext|> is {enc.eot_token}): "
             "they do not belong together; use the tokenizer the model was trained with"
+        )
+
+
+def check_embed_warmup(embed_warmup: int, steps: int | None) -> None:
+    """An embedding warm-up (the new rows alone) must leave steps for everything else."""
+    non_negative_int("embed_warmup", embed_warmup)
+    if embed_warmup and steps is not None and embed_warmup >= steps:
+        raise OptionError(
+            "embed_warmup",
+            f"must be fewer than the {steps} steps, or nothing but the new rows would ever train; "
+            "give fewer warm-up steps or more steps",
         )

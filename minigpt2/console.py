@@ -12,14 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-FLAG = {
-    "steps": "--steps",
-    "seq_len": "--seq-len",
-    "batch_size": "--batch-size",
-    "eval_every": "--eval-every",
-    "eval_tokens": "--eval-tokens",
-    "save_every": "--save-every",
-}
+from .options import FLAGS
 
 
 def format_duration(seconds: float) -> str:
@@ -169,9 +162,11 @@ class TrainConsole:
                 f"{r['global_batch']} sequences per step"
             )
 
-    def defaults(self, used: dict, device: str) -> None:
+    def defaults(self, options, used: list[str], device: str) -> None:
+        """The device defaults a run uses (`options.Resolved.defaults_used`), named by their flags, with
+        the values `options` (a `TrainOptions`) holds."""
         if used:
-            shown = ", ".join(f"{FLAG[k]} {v}" for k, v in used.items())
+            shown = ", ".join(f"{FLAGS[k]} {getattr(options, k)}" for k in used)
             self.line(
                 f"defaults for {'a GPU' if device.startswith('cuda') else 'this ' + device}: {shown} "
                 "(give any of them to change it)"

@@ -70,14 +70,15 @@ def user_message(error: BaseException, flag_names: dict[str, str] | None = None)
     with the parameters they name in backticks (`encoding_errors='replace'`) turned into flags
     (--encoding-errors replace) the same way.
     """
-    if isinstance(error, OptionError):
-        name = (flag_names or {}).get(error.option) or flag_name(error.option)
-        return f"{name} {error.detail}"
-    text = str(error).strip() or type(error).__name__
 
     def flag(m: re.Match) -> str:
         name = (flag_names or {}).get(m.group(1)) or flag_name(m.group(1))
         return name + (f" {m.group(2)}" if m.group(2) else "")
+
+    if isinstance(error, OptionError):
+        name = (flag_names or {}).get(error.option) or flag_name(error.option)
+        return f"{name} {PARAMETER.sub(flag, error.detail)}"
+    text = str(error).strip() or type(error).__name__
 
     # A message may name a parameter as Python spells it, in backticks: `seq_len`, `encoding_errors='replace'`.
     return PARAMETER.sub(flag, " ".join(text.splitlines()))

@@ -1,14 +1,16 @@
 """Setting up a training run from its options: what `train.py` runs before the loop, as functions.
 
-    options (dict, from the command line)
-      │ merge_options      defaults for the device, then a resumed run's saved options, then the new ones
-      │ open_run           lock RUN, finish interrupted saves, decide: fresh start or resume
+    TrainOptions (from the command line; see options.py) + run.json (`read_saved`, read once)
+      │ open_run           judge --out (a run, empty or missing, else refused), lock it, finish
+      │                    interrupted saves
+      │ resolve            command line, then a resumed run's saved options, then the device's defaults
       │ check inputs       every file, the output folders: a bad one fails in a second
+      │ check memory       weights, gradients, AdamW state, activations: refused if they cannot fit
       │ prepare_corpus     tokenize once (or find the verified cache)
       │ start_model        the model to fine-tune, or random weights of a preset
       └ Trainer            ready to run; resumed from the newest readable checkpoint
 
-`setup(options, report)` does it all and returns a `Setup`; `report(record)` receives a record
+`setup(given, saved, report, ctx)` does it all and returns a `Setup`; `report(record)` receives a record
 for each thing worth telling the user on the way (data read, checkpoints skipped, ...), as the
 trainer's loop does. Nothing here prints.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -26,113 +29,60 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checks import check_vocab_fits
+from .checks import check_train_memory_fits, check_vocab_fits
 from .config import GPTConfig
 from .data import check_inputs, compile_drop_lines, default_cache_dir, prepare_corpus
 from .device import resolve_dtype
-from .errors import MiniGPT2Error, OptionError
+from .errors import MiniGPT2Error
 from .model import GPT
-from .rundir import RunDir, RunDirError, check_writable
+from .options import TrainOptions, check_combinations, resolve, saved_options
+from .rundir import (
+    CHECKPOINT_FILES,
+    CONFIG,
+    FINAL,
+    LEFTOVER,
+    LOCK,
+    RUN_JSON,
+    STEP_NAME,
+    WEIGHTS,
+    RunDir,
+    RunDirError,
+    check_writable,
+    is_complete,
+)
 from .snapshots import DEFAULT_PROBE, Snapshotter
 from .tokenizer import load_tokenizer, tokenizer_files
-from .trainer import TrainConfig, Trainer, check_embed_warmup, lr_at, steps_for
+from .trainer import TrainConfig, Trainer, lr_at, steps_for
 from .weights import load_model
 
-# Fixed for the life of a run: --resume refuses to change them (the batches would differ).
-FIXED_ON_RESUME = (
-    "model",
-    "init_preset",
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "context",
-    "data",
-    "val_data",
-    "val_fraction",
-    "drop_lines",
-    "encoding_errors",
-    "seq_len",
-    "seed",
-    "dropout",
-    "tokenizer",
-    "extend_vocab",
-    "vocab_from",
-    "lora",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_targets",
-)
-COMMON_DEFAULTS = {
-    "model": None,
-    "grad_accum": 1,
-    "lr": 3e-4,
-    "weight_decay": 0.1,
-    "grad_clip": 1.0,
-    "val_fraction": 0.005,
-    "encoding_errors": "strict",
-    "snapshot_every": 0,
-    "log_every": 10,
-    "device": "auto",
-    "dtype": "auto",
-    "seed": 0,
-    "keep_last": 3,
-}
-# On a GPU: long sequences, one epoch, thorough evaluations. On a CPU a step of GPT-2 (124M) at 4 x 128
-# tokens took ~3.7 s on our two cores, so one epoch of four novels would take a week: there the
-# defaults show learning within minutes (an evaluation every ~3 minutes) and end in about half an hour.
-GPU_DEFAULTS = {"batch_size": 4, "seq_len": None, "steps": None, "eval_every": None, "eval_tokens": 65536,
-                "save_every": 1000}  # fmt: skip
-CPU_DEFAULTS = {"batch_size": 4, "seq_len": 128, "steps": 500, "eval_every": 50, "eval_tokens": 4096,
-                "save_every": 100}  # fmt: skip
-SIZE_OPTIONS = ("steps", "epochs", "tokens")
+
+@dataclass
+class SavedRun:
+    """What a run directory's run.json says, read (and checked) once: the whole record, and its
+    options ("args") for `options.resolve`. `info` is None for a folder without run.json."""
+
+    info: dict | None
+    args: dict | None
 
 
-def device_defaults(device: torch.device) -> dict:
-    return GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-
-
-def merge_options(given: dict, saved: dict | None, device: torch.device, ranks: int = 1) -> tuple[dict, list[str]]:
-    """Defaults, then (when resuming) the run's saved options, then what was given now.
-
-    Returns (options, names of the device defaults that were used), for the start line.
-    """
-    explicit = {k: v for k, v in given.items() if v is not None}
-    defaults = {**COMMON_DEFAULTS, **device_defaults(device)}
-    if saved is None:
-        merged = {**defaults, **explicit, "ranks": ranks}
-        if any(k in explicit for k in ("epochs", "tokens")):
-            merged["steps"] = explicit.get("steps")
-        used = [k for k in device_defaults(device) if k not in explicit and merged.get(k) is not None]
-        return merged, used
-    changed = [k for k in FIXED_ON_RESUME if k in explicit and explicit[k] != saved.get(k)]
-    if changed:
-        raise OptionError(
-            changed[0],
-            f"cannot change when a run is resumed (it was {saved.get(changed[0])!r}): the "
-            "run would no longer continue exactly; start a new run directory instead",
+def read_saved(out: str | os.PathLike) -> SavedRun:
+    """run.json of the run in `out`, checked: a damaged one is one error naming the file."""
+    run = RunDir(out)
+    info = run.read_info() if run.path.is_dir() else None
+    if info is None:
+        return SavedRun(None, None)
+    args = info.get("args")
+    train = info.get("train")
+    if train is not None and not (isinstance(train, dict) and _is_count(train.get("steps"), allow_none=True)):
+        raise RunDirError(
+            f"'{run.path / RUN_JSON}' is damaged: \"train\" should hold the run's step count; restore it from a "
+            "backup, or start a new run directory"
         )
-    saved = dict(saved)
-    if any(k in explicit for k in SIZE_OPTIONS):
-        for k in SIZE_OPTIONS:
-            saved.pop(k, None)
-    merged = {**defaults, **saved, **explicit, "ranks": ranks}
-    before = saved.get("batch_size", 4) * saved.get("grad_accum", 1) * saved.get("ranks", 1)
-    if merged["batch_size"] * merged["grad_accum"] * ranks != before:
-        raise OptionError(
-            "batch_size",
-            f"must keep a resumed run's global batch of {before} sequences per step (batch size x gradient "
-            f"accumulation x ranks); with {ranks} rank(s), give a batch size and accumulation whose product is "
-            f"{before / ranks:g}",
-        )
-    return merged, []
+    return SavedRun(info, saved_options(args, run.path / RUN_JSON) if args is not None else None)
 
 
-def saved_option(out: str | os.PathLike, key: str):
-    """One option of the run in `out` as it was saved (None if there is none)."""
-    try:
-        return ((RunDir(out).read_info() or {}).get("args") or {}).get(key)
-    except MiniGPT2Error:
-        return None
+def _is_count(value, allow_none: bool = False) -> bool:
+    return (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
 
 
 def tokenizer_source_for(source: str | os.PathLike | None) -> str | os.PathLike | None:
@@ -180,47 +130,89 @@ class Setup:
 
     trainer: Trainer
     run: RunDir
-    options: dict
-    defaults_used: list[str]
+    options: TrainOptions
+    defaults_used: list[str]  # the device defaults used (names of `options`), for the start line
     skipped: list[dict]  # checkpoints --resume could not read: {"path", "why", "kept_as"}
     schedule_change: dict | None  # a resumed run given another step count: {"before", "after", "step", "lr_*"}
 
 
-def open_run(out: str | os.PathLike, resume: bool, is_main: bool) -> tuple[RunDir, dict | None]:
-    """Lock the run directory and decide what it holds: (run, saved options or None).
+# What a run directory may hold besides its checkpoints (step-N/, final/, NAME.damaged-N, hidden leftovers).
+RUN_FILES = {RUN_JSON, "log.jsonl", "snapshots.jsonl", LOCK, "tokenizer"}
+
+
+def judge_out(path: Path) -> str:
+    """What `--out` is, decided before anything is written into it: "missing", "empty", "run", or
+    else a `RunDirError` saying what was found (a checkpoint folder, a file, the user's own files):
+    training never writes into a folder it does not own."""
+    if not path.exists():
+        return "missing"
+    if not path.is_dir():
+        raise RunDirError(f"the run directory '{path}' is a file, not a folder; choose a new or empty folder")
+    entries = sorted(p.name for p in path.iterdir())
+    if all(name == LOCK for name in entries):
+        return "empty"
+    if (path / WEIGHTS).exists() or (path / CONFIG).exists():
+        found = "a model checkpoint (config.json, model.safetensors)"
+    else:
+        foreign = [name for name in entries if not _run_entry(path / name)]
+        marker = any(name in (RUN_JSON, "log.jsonl") for name in entries) or any(
+            is_complete(path / name) for name in entries
+        )
+        if not foreign and marker:
+            return "run"
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        found = f"files that are not a training run's ({shown})" if foreign else "no run.json, log or checkpoint"
+    raise RunDirError(
+        f"'{path}' is not a training run: it holds {found}; choose a new or empty folder for the run "
+        "(nothing was written)"
+    )
+
+
+def _run_entry(path: Path) -> bool:
+    """A name a run directory holds: its records and lock, a checkpoint (complete, set aside, or left
+    by an interrupted save), its grown tokenizer, a write probe."""
+    name = path.name
+    if name in RUN_FILES or LEFTOVER.fullmatch(name) or name.startswith(".write-test-"):
+        return True
+    base = re.sub(r"\.damaged-\d+$", "", name).lstrip(".")
+    checkpoint = base == FINAL or bool(STEP_NAME.fullmatch(base))
+    return checkpoint and path.is_dir() and any((path / f).exists() for f in CHECKPOINT_FILES)
+
+
+def open_run(out: str | os.PathLike, resume: bool, saved: SavedRun, is_main: bool) -> RunDir:
+    """Judge and lock the run directory.
 
     A fresh start needs an empty (or new) folder; `resume` a run, or a folder a run left before
     it wrote anything (then it starts from step 0, as the same command without resume would).
     """
     run = RunDir(out)
     if not is_main:
-        return run, (run.read_info() or {}).get("args") if resume else None
+        return run
+    kind = judge_out(run.path)
+    if kind == "run" and not resume:
+        raise RunDirError(
+            f"'{run.path}' already holds a run; continue it with `resume`, or choose a new run "
+            "directory (nothing was overwritten)"
+        )
     check_writable(run.path, "the run directory")
     run.lock()
-    info = run.read_info() if run.path.is_dir() else None
-    if not resume:
-        if not run.is_empty():
-            run.unlock()
-            raise RunDirError(
-                f"'{run.path}' already holds a run; continue it with `resume`, or choose a new run "
-                "directory (nothing was overwritten)"
-            )
-        return run, None
-    return run, (info or {}).get("args")
+    if not resume and not run.is_empty():  # a run started in it since it was judged
+        run.unlock()
+        raise RunDirError(f"'{run.path}' already holds a run; continue it with `resume` (nothing was overwritten)")
+    return run
 
 
-def setup(
-    given: dict, out: str | os.PathLike, resume: bool, report: Callable[[dict], None], ctx: distributed.Dist
-) -> Setup:
+def setup(given: TrainOptions, saved: SavedRun, report: Callable[[dict], None], ctx: distributed.Dist) -> Setup:
     """Everything before the loop (see the module docstring), checking the cheap things first.
 
-    If it fails before the run has written anything, a run directory it created is removed again:
-    a typo never leaves a folder behind that the corrected command would refuse.
+    `given` is the command line (unresolved), `saved` the run's run.json (`read_saved`; empty for a
+    fresh start). If it fails before the run has written anything, a run directory it created is
+    removed again: a typo never leaves a folder behind that the corrected command would refuse.
     """
-    created = not Path(out).exists()
-    run, saved = open_run(out, resume, ctx.is_main)
+    created = not Path(given.out).exists()
+    run = open_run(given.out, bool(given.resume), saved, ctx.is_main)
     try:
-        return _setup(run, saved, given, resume, report, ctx)
+        return _setup(run, saved, given, report, ctx)
     except BaseException:
         if created and ctx.is_main and run.is_empty():
             run.unlock()
@@ -228,104 +220,137 @@ def setup(
         raise
 
 
-def _setup(
-    run: RunDir, saved: dict | None, given: dict, resume: bool, report: Callable[[dict], None], ctx: distributed.Dist
-) -> Setup:
+def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[dict], None], ctx) -> Setup:
+    resume = bool(given.resume)
     if ctx.is_main:
         for message in run.recover():
             report({"type": "recovered", "message": message})
-    if resume and saved is None and not given.get("data"):
+    if resume and saved.args is None and not given.data:
         raise RunDirError(f"nothing to resume in '{run.path}': it holds no run.json; start it with its data")
-    o, defaults_used = merge_options(given, saved, ctx.device, ranks=ctx.world_size)
+    resolved = resolve(given, saved.args if resume else None, ctx.device.type, ranks=ctx.world_size)
+    o = resolved.options
     files = _check_inputs(o)
-    dtype = resolve_dtype(o["dtype"], ctx.device)
+    dtype = resolve_dtype(o.dtype, ctx.device)
+    check_train_memory(o, ctx, dtype)
     source, model, enc, tok_source = _start(o, run, files, report, ctx)
     corpus, eval_sets = _tokenize(o, enc, *files, ctx)
     sets = {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char} for n, d in eval_sets.items()}
     report({"type": "data", **corpus.summary(), "eval_sets": sets})
 
-    if "seq_len" in defaults_used or not o["seq_len"]:  # a default is a cap: a shorter context is used whole
-        o["seq_len"] = min(o["seq_len"] or 1024, model.config.n_positions)
+    if "seq_len" in resolved.defaults_used or not o.seq_len:  # a default is a cap: a shorter context is used whole
+        o.seq_len = min(o.seq_len or 1024, model.config.n_positions)
     config = train_config(o, len(corpus.train), ctx.world_size)
     snapshotter = None
     if config.snapshot_every:
-        probe = o.get("probe") or DEFAULT_PROBE
+        probe = o.probe or DEFAULT_PROBE
         snapshotter = Snapshotter(model, enc.encode(probe, disallowed_special=()), probe)
     trainer = Trainer(model, corpus.train, eval_sets, config, run, device=ctx.device, dtype=dtype,
-                      compile=bool(o.get("compile")), tokenizer_source=tokenizer_source_for(tok_source),
-                      snapshotter=snapshotter, dist=ctx, shard=bool(o.get("shard")), keep_last=o["keep_last"],
-                      activation_checkpointing=bool(o.get("activation_checkpointing")))  # fmt: skip
+                      compile=bool(o.compile), tokenizer_source=tokenizer_source_for(tok_source),
+                      snapshotter=snapshotter, dist=ctx, shard=bool(o.shard), keep_last=o.keep_last,
+                      activation_checkpointing=bool(o.activation_checkpointing))  # fmt: skip
     skipped = trainer.resume() if resume else []
     for record in skipped:
         report({"type": "skipped", **record})
     if resume and trainer.step == 0:
         report({"type": "note", "message": f"no checkpoint in '{run.path}' to resume from: starting from step 0"})
-    previous = _check_steps(trainer, saved, run)
+    previous = _check_steps(trainer, saved if resume else SavedRun(None, None), run)
     if ctx.is_main:
         check_free_space(run, checkpoint_bytes(model, sum(p.numel() for p in trainer.params)))
-        if saved is None or trainer.step == 0:
+        if saved.args is None or not resume or trainer.step == 0:
             run.write_info(_run_info(source, tok_source, o, model, config, corpus, eval_sets, ctx.device, dtype))
         elif previous is not None:
-            update_steps(run, config.steps)
+            update_steps(run, saved.info, config.steps)
     change = schedule_change(config, previous, trainer.step, o) if previous is not None else None
-    return Setup(trainer, run, o, defaults_used, skipped, change)
+    return Setup(trainer, run, o, resolved.defaults_used, skipped, change)
 
 
-def _check_inputs(o: dict) -> tuple:
+def _check_inputs(o: TrainOptions) -> tuple:
     """(training files, validation files or None, [files of each eval set]), all checked: the cheap
     pass that makes a bad file or folder fail in a second, before a model is loaded."""
-    check_options(o)
-    check_writable(o.get("cache_dir") or default_cache_dir(), "the token cache folder")
-    compile_drop_lines(o.get("drop_lines"))
-    errors = o["encoding_errors"]
-    train_files = check_inputs(o["data"], errors)
-    val_files = check_inputs(o["val_data"], errors) if o.get("val_data") else None
-    return train_files, val_files, [check_inputs([f], errors) for f in o.get("eval_data") or []]
+    check_combinations(o)
+    check_writable(o.cache_dir or default_cache_dir(), "the token cache folder")
+    compile_drop_lines(o.drop_lines)
+    errors = o.encoding_errors
+    train_files = check_inputs(o.data, errors)
+    val_files = check_inputs(o.val_data, errors) if o.val_data else None
+    return train_files, val_files, [check_inputs([f], errors) for f in o.eval_data or []]
 
 
-def _start(o: dict, run: RunDir, files: tuple, report, ctx) -> tuple:
+def _start(o: TrainOptions, run: RunDir, files: tuple, report, ctx) -> tuple:
     """(source, the model to train, its tokenizer, where the tokenizer's files are): the start
     model or a preset, grown by `extend_vocab` and wrapped with LoRA when asked."""
-    source = None if o.get("init_preset") else (o.get("model") or "gpt2")
-    tok_source = o.get("tokenizer") or source or "gpt2"
+    source = None if o.init_preset else (o.model or "gpt2")
+    tok_source = o.tokenizer or source or "gpt2"
     enc = load_tokenizer(tok_source)
-    sizes = {"n_layer": o.get("n_layer"), "n_head": o.get("n_head"), "n_embd": o.get("n_embd"),
-             "n_positions": o.get("context")}  # fmt: skip
-    model = start_model(source, o.get("init_preset"), sizes, seed=o["seed"], dropout=o.get("dropout"))
+    model = start_model(source, o.init_preset, preset_sizes(o), seed=o.seed, dropout=o.dropout)
     check_vocab_fits(model.config, enc)
     old_vocab = model.config.vocab_size
-    if o.get("extend_vocab"):
+    if o.extend_vocab:
         model, enc, tok_source = _extended(model, enc, tok_source, o, run, files[0], files[2], report, ctx)
-        if o.get("lora"):  # PEFT applies the adapter to this grown model: the run keeps it
+        if o.lora:  # PEFT applies the adapter to this grown model: the run keeps it
             model.source = _grown_base(model, run, tok_source, ctx)
     new_rows = range(old_vocab, model.config.vocab_size)
-    if o.get("lora"):
+    if o.lora:
         _with_lora(model, o, report, new_rows)
-    elif o.get("extend_vocab") and (o.get("new_token_lr") or o.get("embed_warmup")):
+    elif o.extend_vocab and (o.new_token_lr or o.embed_warmup):
         _with_trainable_tokens(model, new_rows)
     return source, model, enc, tok_source
+
+
+def preset_sizes(o: TrainOptions) -> dict:
+    """The preset's shape as given (`GPTConfig` names)."""
+    return {"n_layer": o.n_layer, "n_head": o.n_head, "n_embd": o.n_embd, "n_positions": o.context}
+
+
+def start_config(o: TrainOptions) -> GPTConfig:
+    """The start model's shape, without building it: the preset's, or read from the checkpoint's
+    config.json and safetensors header (no weights are read)."""
+    if o.init_preset:
+        try:
+            return GPTConfig.from_preset(o.init_preset, **{k: v for k, v in preset_sizes(o).items() if v is not None})
+        except (ValueError, TypeError) as e:
+            raise MiniGPT2Error(f"preset {o.init_preset}: {e}") from None
+    from .weights import checkpoint_config, checkpoint_files, open_safetensors, read_header
+
+    config_path, weights_path = checkpoint_files(o.model or "gpt2")
+    with open_safetensors(weights_path) as f:
+        return checkpoint_config(config_path, read_header(f, weights_path), weights_path)
+
+
+def check_train_memory(o: TrainOptions, ctx: distributed.Dist, dtype: torch.dtype) -> None:
+    """Refuse a run whose weights, gradients, AdamW state and activations cannot fit on its device
+    (see `checks.train_memory_bytes`), before the model is built or any text tokenized."""
+    config = start_config(o)
+    if o.extend_vocab:
+        config = dataclasses.replace(config, vocab_size=config.vocab_size + o.extend_vocab)
+    seq_len = min(o.seq_len or config.n_positions, config.n_positions)
+    check_train_memory_fits(
+        config, o.batch_size, seq_len, dtype.itemsize, ctx.device, lora=bool(o.lora),
+        shards=ctx.world_size if o.shard else 1, recompute=bool(o.activation_checkpointing),
+    )  # fmt: skip
 
 
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 
-def train_config(o: dict, train_tokens: int, ranks: int) -> TrainConfig:
+def train_config(o: TrainOptions, train_tokens: int, ranks: int) -> TrainConfig:
     """The loop's settings from the options; `steps` from steps, epochs or tokens (one epoch if none)."""
-    tokens_per_step = o["batch_size"] * o["seq_len"] * o["grad_accum"] * ranks
-    steps = steps_for(steps=o.get("steps"), epochs=o.get("epochs"), tokens=o.get("tokens"),
+    tokens_per_step = o.batch_size * o.seq_len * o.grad_accum * ranks
+    steps = steps_for(steps=o.steps, epochs=o.epochs, tokens=o.tokens,
                       train_tokens=train_tokens, tokens_per_step=tokens_per_step)  # fmt: skip
-    return TrainConfig(**{**{k: o[k] for k in TRAIN_FIELDS if o.get(k) is not None}, "steps": steps, "ranks": ranks})
+    given = {k: getattr(o, k) for k in TRAIN_FIELDS if getattr(o, k, None) is not None}
+    return TrainConfig(**{**given, "steps": steps, "ranks": ranks})
 
 
-def schedule_change(config: TrainConfig, previous_steps: int, step: int, o: dict) -> dict:
+def schedule_change(config: TrainConfig, previous_steps: int, step: int, o: TrainOptions) -> dict:
     """How a resumed run's learning rate changes when its step count does (the cosine is stretched)."""
-    old = TrainConfig(**{**dataclasses.asdict(config), "steps": previous_steps, "warmup": o.get("warmup"),
-                         "eval_every": o.get("eval_every")})  # fmt: skip
+    old = TrainConfig(**{**dataclasses.asdict(config), "steps": previous_steps, "warmup": o.warmup,
+                         "eval_every": o.eval_every})  # fmt: skip
     return {"before": previous_steps, "after": config.steps, "step": step, "lr_before": lr_at(step, old),
             "lr_after": lr_at(step, config)}  # fmt: skip
 
 
-def _extended(model, enc, tok_source, o, run: RunDir, train_files, eval_files, report, ctx):
+def _extended(model, enc, tok_source, o: TrainOptions, run: RunDir, train_files, eval_files, report, ctx):
     """The model and tokenizer grown by `extend_vocab` new tokens (see vocab.py).
 
     Learned once: a fresh run learns the merges (or finds them cached) and writes the grown tokenizer
@@ -340,7 +365,7 @@ def _extended(model, enc, tok_source, o, run: RunDir, train_files, eval_files, r
         new_enc = encoding_from_files(folder / "vocab.json", folder / "merges.txt")
         return grow_model(model, enc, new_enc), new_enc, folder
     base = tokenizer_files(tok_source)[0].parent
-    vocab_from = check_inputs(o["vocab_from"], o["encoding_errors"]) if o.get("vocab_from") else None
+    vocab_from = check_inputs(o.vocab_from, o.encoding_errors) if o.vocab_from else None
     eval_texts = {
         files[0].path.stem: files[0].path.read_text(encoding="utf-8", errors="replace")[:200_000]
         for files in eval_files
@@ -350,12 +375,12 @@ def _extended(model, enc, tok_source, o, run: RunDir, train_files, eval_files, r
             model,
             enc,
             train_files,
-            o["extend_vocab"],
+            o.extend_vocab,
             tokenizer_dir=folder,
             base_tokenizer_dir=base,
             vocab_from_files=vocab_from,
             eval_texts=eval_texts,
-            cache_dir=o.get("cache_dir"),
+            cache_dir=o.cache_dir,
         )
     report({"type": "vocab", **summary})
     return grown, new_enc, folder
@@ -384,7 +409,7 @@ def _with_trainable_tokens(model: GPT, new_rows: range) -> None:
         add_trainable_tokens(model, new_rows)
 
 
-def _with_lora(model: GPT, o: dict, report, new_rows: range) -> None:
+def _with_lora(model: GPT, o: TrainOptions, report, new_rows: range) -> None:
     """Freeze the model and give the targeted layers a low-rank update to learn (see lora.py); a
     grown vocabulary's new rows (`new_rows`, empty when not grown) train too.
 
@@ -393,46 +418,25 @@ def _with_lora(model: GPT, o: dict, report, new_rows: range) -> None:
     """
     from .lora import TARGETS, apply_lora, lora_summary
 
-    targets = o.get("lora_targets") or ",".join(TARGETS)
+    targets = o.lora_targets or ",".join(TARGETS)
     apply_lora(
         model,
-        o["lora"],
-        alpha=o.get("lora_alpha"),
-        dropout=o.get("lora_dropout") or 0.0,
+        o.lora,
+        alpha=o.lora_alpha,
+        dropout=o.lora_dropout or 0.0,
         targets=targets,
-        seed=o["seed"],
+        seed=o.seed,
     )
     _with_trainable_tokens(model, new_rows)
     report({"type": "lora", **lora_summary(model)})
 
 
-def check_options(o: dict) -> None:
-    """The combinations no single option's check can see."""
-    if o.get("model") and o.get("init_preset"):
-        raise MiniGPT2Error("give a model to fine-tune or a preset to start from random weights, not both")
-    if not o.get("init_preset") and any(o.get(k) is not None for k in ("n_layer", "n_head", "n_embd", "context")):
-        raise MiniGPT2Error("the layer count, head count, width and context only apply to a preset")
-    if not o.get("data"):
-        raise MiniGPT2Error("no training data given: the text files, directories or globs to train on")
-    for option in ("new_token_lr", "embed_warmup"):
-        if o.get(option) and not o.get("extend_vocab"):
-            raise MiniGPT2Error(
-                f"`{option}` only applies to the new tokens of a grown vocabulary: give `extend_vocab` N too "
-                "(docs/recipes.md says which recipe pays for which budget)"
-            )
-        if o.get(option) and o.get("shard"):
-            raise MiniGPT2Error(f"`{option}` does not work with a sharded model yet: train without `shard`")
-    check_embed_warmup(o.get("embed_warmup") or 0, o.get("steps"))  # before anything is written
-    if not o.get("lora") and any(o.get(k) is not None for k in ("lora_alpha", "lora_dropout", "lora_targets")):
-        raise OptionError("lora", "is needed for the other LoRA settings (alpha, dropout, targets): give the rank")
-
-
 def _tokenize(o, enc, train_files, val_files, eval_files, ctx):
     """The training corpus and the eval sets (val: --val-data, else the held-out tails), tokenized
     once into the cache (rank 0 first under torchrun)."""
-    common = dict(drop_lines=o.get("drop_lines"), encoding_errors=o["encoding_errors"], cache_dir=o.get("cache_dir"))
+    common = dict(drop_lines=o.drop_lines, encoding_errors=o.encoding_errors, cache_dir=o.cache_dir)
     with ctx.main_first():  # rank 0 fills the cache; the others then read it
-        corpus = prepare_corpus(train_files, enc, val_fraction=0.0 if val_files else o["val_fraction"], **common)
+        corpus = prepare_corpus(train_files, enc, val_fraction=0.0 if val_files else o.val_fraction, **common)
         eval_sets = {}
         if val_files:
             eval_sets["val"] = prepare_corpus(val_files, enc, **common).train
@@ -443,7 +447,7 @@ def _tokenize(o, enc, train_files, val_files, eval_files, ctx):
     return corpus, eval_sets
 
 
-def _check_steps(trainer: Trainer, saved: dict | None, run: RunDir) -> int | None:
+def _check_steps(trainer: Trainer, saved: SavedRun, run: RunDir) -> int | None:
     """A resumed run must have steps left; returns the previously planned steps if they changed."""
     steps = trainer.config.steps
     if trainer.step >= steps:
@@ -451,18 +455,18 @@ def _check_steps(trainer: Trainer, saved: dict | None, run: RunDir) -> int | Non
             f"the run in '{run.path}' already reached step {trainer.step} of {steps}; give a larger "
             "number of steps (or epochs, or tokens) to train further"
         )
-    before = (run.read_info() or {}).get("train", {}).get("steps") if saved is not None else None
+    before = (saved.info or {}).get("train", {}).get("steps")
     return before if before is not None and before != steps else None
 
 
-def _run_info(source, tok_source, o, model, config, corpus, eval_sets, device, dtype) -> dict:
+def _run_info(source, tok_source, o: TrainOptions, model, config, corpus, eval_sets, device, dtype) -> dict:
     return {
         "model": source,
-        "init_preset": o.get("init_preset"),
+        "init_preset": o.init_preset,
         "config": dataclasses.asdict(model.config),
         "tokenizer": str(tok_source) if tok_source is not None else None,
         "train": dataclasses.asdict(config),
-        "args": o,
+        "args": o.to_json(),
         "data": corpus.summary(),
         "eval_sets": {
             n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char} for n, d in eval_sets.items()
@@ -473,11 +477,11 @@ def _run_info(source, tok_source, o, model, config, corpus, eval_sets, device, d
     }
 
 
-def update_steps(run: RunDir, steps: int) -> None:
+def update_steps(run: RunDir, info: dict, steps: int) -> None:
     """Record a resumed run's new step count in run.json (what `compare.py` and a later resume read)."""
-    info = run.read_info() or {}
-    info.setdefault("train", {})["steps"] = steps
-    info.setdefault("args", {})["steps"] = steps
+    info = dict(info)
+    info["train"] = {**(info.get("train") or {}), "steps": steps}
+    info["args"] = {**(info.get("args") or {}), "steps": steps}
     run.write_info(info)
 
 

@@ -1,5 +1,7 @@
 """A training checkpoint: what --resume needs besides the weights (AdamW's moments, the step, the RNG
-states, the loss scaler), and the trainer's saving of checkpoints and continuing from them.
+states, the loss scaler), and `Checkpointer`, the component that saves checkpoints and continues from
+them. It is handed what it saves and restores (`TrainingState`: the model, optimizer, scaler and their
+names) and the run directory it writes into; it knows nothing else of the trainer.
 
 A checkpoint folder holds it in two files, beside the usual config.json + model.safetensors:
 
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,7 @@ from .lora import (
     save_peft_adapter,
     unmerged_state_dict,
 )
-from .rundir import STATE_JSON, STATE_TENSORS, other_checkpoints_hint, step_name
+from .rundir import STATE_JSON, STATE_TENSORS, STEP_NAME, RunDir, other_checkpoints_hint, step_name
 from .weights import load_model, save_model
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")  # what AdamW keeps per parameter
@@ -85,11 +89,13 @@ def write_state(folder: Path, tensors: dict[str, torch.Tensor], state: dict) -> 
     write_json(folder / STATE_JSON, state)
 
 
-def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(state JSON, tensors) of a checkpoint, checked to hold everything a resume needs.
+def read_state(folder: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state JSON, tensors) of a checkpoint, every field checked (see `check_state`).
 
     Raises `CheckpointError` saying what is wrong (unreadable JSON, a truncated tensor file, a
-    missing tensor), so the caller can name the checkpoint and fall back to an older one.
+    missing tensor, a number out of range, a NaN moment, an RNG state of the wrong shape), so the
+    caller can name the checkpoint and fall back to an older one. `shapes`: the parameters' shapes
+    by name, which the AdamW moments must have.
     """
     from safetensors.torch import load_file
 
@@ -100,6 +106,7 @@ def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     needed = ("step", "tokens", "param_names", "param_groups")
     if not isinstance(state, dict) or any(k not in state for k in needed):
         raise CheckpointError(f"{STATE_JSON} lacks one of {', '.join(needed)}")
+    check_state_json(state, folder.name)
     try:
         tensors = load_file(str(folder / STATE_TENSORS))
     except Exception as e:  # SafetensorError (truncated, corrupted) or OSError
@@ -110,7 +117,95 @@ def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{STATE_TENSORS} lacks {', '.join(missing[:3])}{more}")
+    check_state_tensors(tensors, state["param_names"], shapes)
     return state, tensors
+
+
+def _int(value, low: int = 0, high: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+def _number(value, low: float = 0.0) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+
+
+def check_state_json(state: dict, name: str) -> None:
+    """Every field of trainer_state.json a resume reads: types, ranges, and the step within the run."""
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{STATE_JSON} is damaged: {why}")
+
+    config = state.get("config")
+    if not isinstance(config, dict) or not _int(config.get("steps"), 1):
+        raise bad('"config" lacks the run\'s step count')
+    steps = config["steps"]
+    if not _int(state["step"], 0, steps):
+        raise bad(f'"step" is {state["step"]!r}, not a step of this run (0 to {steps})')
+    match = STEP_NAME.fullmatch(name.lstrip(".").split(".")[0])
+    if match and int(match.group(1)) != state["step"]:
+        raise bad(f'"step" is {state["step"]}, but the checkpoint is {name}')
+    if not _int(state["tokens"]):
+        raise bad(f'"tokens" is {state["tokens"]!r}, not a count')
+    names = state["param_names"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise bad('"param_names" is not a list of parameter names')
+    groups = state["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise bad('"param_groups" is not a list of optimizer groups')
+    seen = []
+    for g in groups:
+        params, betas = g.get("params"), g.get("betas")
+        if not isinstance(params, list) or not all(_int(i, 0, len(names) - 1) for i in params):
+            raise bad('an optimizer group\'s "params" are not indices of the parameters')
+        seen += params
+        if not (isinstance(betas, list) and len(betas) == 2 and all(_number(b) and b < 1 for b in betas)):
+            raise bad(f'an optimizer group\'s "betas" are {betas!r}, not two numbers in [0, 1)')
+        for key in ("lr", "weight_decay", "eps"):
+            if key in g and not _number(g[key]):
+                raise bad(f'an optimizer group\'s "{key}" is {g[key]!r}, not a finite number >= 0')
+    if sorted(seen) != list(range(len(names))):
+        raise bad("the optimizer groups do not hold each parameter once")
+    scaler = state.get("scaler")
+    if scaler is not None and (
+        not isinstance(scaler, dict) or not all(_number(v) for v in scaler.values() if not isinstance(v, bool))
+    ):
+        raise bad('"scaler" is not a loss scaler\'s finite settings')
+    if not _int(state.get("ranks", 1), 1):
+        raise bad(f'"ranks" is {state.get("ranks")!r}, not a positive count')
+    if state.get("lora") is not None and not isinstance(state["lora"], dict):
+        raise bad('"lora" is not the LoRA settings')
+
+
+def check_state_tensors(
+    tensors: dict[str, torch.Tensor], names: list[str], shapes: dict[str, tuple[int, ...]] | None
+) -> None:
+    """The RNG states have the generators' shape and dtype; the AdamW moments are finite, of their
+    parameter's shape (second moments >= 0), and their step counts finite and >= 0."""
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{STATE_TENSORS} is damaged: {why}")
+
+    reference = torch.get_rng_state()
+    for key, t in tensors.items():
+        if key == "rng.torch_cpu" and (t.dtype != reference.dtype or t.shape != reference.shape):
+            raise bad(f"{key} is {t.dtype} {tuple(t.shape)}, not the {reference.dtype} {tuple(reference.shape)} of a "
+                      "random generator's state")  # fmt: skip
+        if key.startswith("rng.cuda.") and (t.dtype != torch.uint8 or t.dim() != 1):
+            raise bad(f"{key} is {t.dtype} {tuple(t.shape)}, not a random generator's state")
+    for name in names:
+        for moment in MOMENTS:
+            key = f"optimizer.{name}.{moment}"
+            t = tensors[key]
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise bad(f"{key} is not finite")
+            if moment == "step":
+                if t.numel() != 1 or t.item() < 0:
+                    raise bad(f"{key} is not one step count >= 0")
+                continue
+            if shapes is not None and name in shapes and tuple(t.shape) != tuple(shapes[name]):
+                raise bad(f"{key} has shape {tuple(t.shape)}, but the parameter has {tuple(shapes[name])}")
+            if moment == "exp_avg_sq" and (t < 0).any():
+                raise bad(f"{key} has negative entries (a second moment is >= 0)")
 
 
 class CheckpointMismatch(CheckpointError):
@@ -118,119 +213,169 @@ class CheckpointMismatch(CheckpointError):
     stops there rather than falling back, since every checkpoint of the run would differ alike."""
 
 
-class CheckpointIO:
-    """The half of `Trainer` that writes its checkpoints and continues from them (mixed into it, so
-    the loop in trainer.py reads without them). It uses the trainer's model, optimizer, scaler,
-    run directory and process group; see `Trainer.__init__`."""
+@dataclass
+class TrainingState:
+    """What a checkpoint saves and restores, handed to `Checkpointer` explicitly (torchtitan's
+    checkpoint manager takes its `states` the same way).
 
-    def save_checkpoint(self, name: str | None = None) -> Path:
+    model: the raw model (not the DDP or compiled wrapper); params/param_names: the trainable
+    parameters in the optimizer's order and their names; config: the `TrainConfig` (its seed, batch
+    and ranks place the data stream); sharded: FSDP, whose full state is gathered to rank 0 to save.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    params: list[torch.nn.Parameter]
+    param_names: list[str]
+    config: Any
+    sharded: bool = False
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(p.shape) for name, p in zip(self.param_names, self.params, strict=True)}
+
+
+@dataclass
+class Resumed:
+    """What `Checkpointer.resume` found: the checkpoint continued from (None: none, start at step 0),
+    its step and tokens, and the checkpoints skipped ({"path", "why", "kept_as"})."""
+
+    path: Path | None
+    step: int
+    tokens: int
+    skipped: list[dict]
+
+
+class Checkpointer:
+    """Saves a `TrainingState` into a run directory's checkpoints and restores it from them.
+
+    It holds only where it writes and how: the `RunDir` (crash-safe replacement, pruning, the lock
+    the caller took), the process group (under torchrun only rank 0 writes), the device (RNG states),
+    how many step checkpoints to keep, and where the tokenizer files are copied from.
+    """
+
+    def __init__(self, run_dir: RunDir, *, dist, device: torch.device, keep_last: int = 0,
+                 tokenizer_source: str | os.PathLike | None = None) -> None:  # fmt: skip
+        self.run_dir = run_dir
+        self.dist = dist
+        self.device = torch.device(device)
+        self.keep_last = keep_last
+        self.tokenizer_source = tokenizer_source
+
+    def save(self, states: TrainingState, step: int, tokens: int, name: str | None = None) -> Path:
         """Write weights + trainer state to RUN/step-NNNNNN (or RUN/final), crash-safely.
 
         `RunDir.save` writes into a hidden folder and renames it into place. Under torchrun only
         rank 0 writes (a sharded model's full weights are first gathered to it, which every rank
         takes part in). Older step checkpoints beyond `keep_last` are deleted afterwards.
         """
-        name = name or step_name(self.step)
+        name = name or step_name(step)
+        model = states.model
         weights = optim = None
-        if self.sharded:  # collectives: every rank, before rank 0 alone goes on
+        if states.sharded:  # collectives: every rank, before rank 0 alone goes on
             from .distributed import full_model_state, full_optimizer_state
 
-            weights = full_model_state(self.raw_model)
-            optim = full_optimizer_state(self.raw_model, self.optimizer)
-        target = self.out / name
+            weights = full_model_state(model)
+            optim = full_optimizer_state(model, states.optimizer)
+        target = self.run_dir.path / name
         if not self.dist.is_main:
             return target
 
-        lora, adapted = is_lora(self.raw_model), is_adapted(self.raw_model)
+        lora, adapted = is_lora(model), is_adapted(model)
 
         def write(folder: Path) -> None:
             # LoRA: model.safetensors holds the merged model (the usual layout), adapter/ the
             # adapters alone in PEFT's layout, the trainer state the adapters for resuming (under
             # the same names). Trainable tokens without LoRA: merged too, resumed from the weights.
-            merged = merged_state_dict(self.raw_model, weights) if adapted else weights
-            save_model(self.raw_model, folder, tokenizer_source=self.tokenizer_source, state_dict=merged)
+            merged = merged_state_dict(model, weights) if adapted else weights
+            save_model(model, folder, tokenizer_source=self.tokenizer_source, state_dict=merged)
             self.run_dir.stage("weights-written")
-            tensors, state = self.state(optim)
+            tensors, state = self.state(states, step, tokens, optim)
             if lora:
-                save_peft_adapter(self.raw_model, folder / "adapter", getattr(self.raw_model, "source", None), weights)
-                tensors.update(adapter_state(self.raw_model, weights))
+                save_peft_adapter(model, folder / "adapter", getattr(model, "source", None), weights)
+                tensors.update(adapter_state(model, weights))
             write_state(folder, tensors, state)
 
         try:
             path = self.run_dir.save(name, write)
         except OSError as e:
             raise CheckpointError(
-                f"could not save checkpoint {name} in '{self.out}': {e.strerror or e}. "
+                f"could not save checkpoint {name} in '{self.run_dir.path}': {e.strerror or e}. "
                 "The previous checkpoints are untouched; free some space and resume."
             ) from None
         if self.keep_last and name != "final":
             self.run_dir.prune(self.keep_last)
         return path
 
-    def state(self, full_optimizer_state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The trainer state as (tensors for safetensors, JSON-able dict): see `train_state.py`.
+    def state(
+        self, states: TrainingState, step: int, tokens: int, full_optimizer_state: dict | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The trainer state as (tensors for safetensors, JSON-able dict): see the module docstring.
 
         The data position needs no state of its own: batch i is a pure function of (seed, i),
         see `WindowSampler`. Python's and NumPy's global generators are not used by the loop.
         A sharded run passes its gathered optimizer state (keyed by parameter name); it is
         written in the same layout, so any run can resume from any other.
         """
+        names, config = states.param_names, states.config
         if full_optimizer_state is None:
-            opt = self.optimizer.state_dict()
+            opt = states.optimizer.state_dict()
         else:
-            index = {name: i for i, name in enumerate(self.param_names)}
+            index = {name: i for i, name in enumerate(names)}
             opt = {
                 "state": {index[name]: entry for name, entry in full_optimizer_state["state"].items()},
                 "param_groups": [
                     {**g, "params": [index[name] for name in g["params"]]} for g in full_optimizer_state["param_groups"]
                 ],
             }
-        tensors = {**optimizer_tensors(opt, self.param_names), **rng_tensors(self.device)}
+        tensors = {**optimizer_tensors(opt, names), **rng_tensors(self.device)}
         state = {
-            "step": self.step,
-            "tokens": self.tokens,
-            "config": dataclasses.asdict(self.config),
-            "param_names": self.param_names,
+            "step": step,
+            "tokens": tokens,
+            "config": dataclasses.asdict(config),
+            "param_names": names,
             # Frozen so far (an embedding warm-up trains the new rows alone): no moments yet.
-            "stepped": [self.param_names[i] for i in sorted(opt["state"])],
+            "stepped": [names[i] for i in sorted(opt["state"])],
             "param_groups": opt["param_groups"],
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "sampler": {"seed": self.config.seed, "next_batch": self.step * self.config.grad_accum * self.config.ranks},
-            "ranks": self.config.ranks,
-            "lora": lora_settings(self.raw_model) if is_lora(self.raw_model) else None,
+            "scaler": states.scaler.state_dict() if states.scaler.is_enabled() else None,
+            "sampler": {"seed": config.seed, "next_batch": step * config.grad_accum * config.ranks},
+            "ranks": config.ranks,
+            "lora": lora_settings(states.model) if is_lora(states.model) else None,
         }
         return tensors, state
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Continue from a checkpoint: its weights, optimizer moments, step, RNG and scaler.
+    def load(self, states: TrainingState, path: str | os.PathLike) -> tuple[int, int]:
+        """Continue from a checkpoint: its weights, optimizer moments, RNG and scaler into `states`;
+        returns its (step, tokens).
 
         Everything is read and checked before anything is changed, so a checkpoint that cannot
-        be read raises `CheckpointError` and leaves the trainer as it was.
+        be read raises `CheckpointError` and leaves `states` as they were.
         """
         try:
-            self._load_checkpoint(Path(path))
+            return self._load(states, Path(path))
         except CheckpointError as e:
             raise type(e)(f"cannot resume from '{path}': {e}") from None
 
-    def _load_checkpoint(self, path: Path) -> None:
-        state, tensors = read_state(path)
-        if state["param_names"] != self.param_names:
+    def _load(self, states: TrainingState, path: Path) -> tuple[int, int]:
+        model, optimizer = states.model, states.optimizer
+        state, tensors = read_state(path, states.shapes())
+        if state["param_names"] != states.param_names:
             raise CheckpointMismatch("it was saved from a model with different parameters")
-        lora = lora_settings(self.raw_model) if is_lora(self.raw_model) else None
+        lora = lora_settings(model) if is_lora(model) else None
         if state.get("lora") != lora:
             raise CheckpointMismatch(f"it was saved with LoRA settings {state.get('lora')}, not {lora}")
-        opt = optimizer_state(tensors, state["param_groups"], self.param_names)
+        opt = optimizer_state(tensors, state["param_groups"], states.param_names)
         if lora:  # the base stays the start model; model.safetensors is merged (B @ A counted in)
-            load_adapter_state(self.raw_model, tensors)
-            self.optimizer.load_state_dict(opt)
-        elif self.sharded:
+            load_adapter_state(model, tensors)
+            optimizer.load_state_dict(opt)
+        elif states.sharded:
             loaded = load_model(path, device="cpu")  # every rank reads the full state and keeps its slices
             from .distributed import load_full_state
 
-            names = self.param_names
+            names = states.param_names
             load_full_state(
-                self.raw_model,
-                self.optimizer,
+                model,
+                optimizer,
                 loaded.state_dict(),
                 {
                     "state": {names[i]: entry for i, entry in opt["state"].items()},
@@ -239,48 +384,48 @@ class CheckpointIO:
             )
         else:
             loaded = load_model(path, device=self.device).state_dict()
-            if is_adapted(self.raw_model):  # trainable tokens: the merged wte split into base and rows
-                loaded = unmerged_state_dict(self.raw_model, loaded)
+            if is_adapted(model):  # trainable tokens: the merged wte split into base and rows
+                loaded = unmerged_state_dict(model, loaded)
             with torch.no_grad():
-                self.raw_model.load_state_dict(loaded)
-            self.optimizer.load_state_dict(opt)
-        if state.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
+                model.load_state_dict(loaded)
+            optimizer.load_state_dict(opt)
+        if state.get("scaler") and states.scaler.is_enabled():
+            states.scaler.load_state_dict(state["scaler"])
         restore_rng(tensors, self.device)
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.resumed_from = path
+        step = state["step"]
         if self.dist.rank:  # the checkpoint holds rank 0's dropout stream; the others start anew
-            torch.manual_seed(self.config.seed + self.dist.rank + 1_000_003 * self.step)
+            torch.manual_seed(states.config.seed + self.dist.rank + 1_000_003 * step)
         if self.dist.is_main:
-            self.run_dir.forget_after(self.step)
+            self.run_dir.forget_after(step)
+        return step, state["tokens"]
 
-    def resume(self) -> list[dict]:
+    def resume(self, states: TrainingState) -> Resumed:
         """Continue from the newest checkpoint that can be read, falling back past the others.
 
-        Returns one record per checkpoint skipped ({"path", "why", "kept_as"}). A damaged checkpoint is renamed
-        `NAME.damaged-N` (kept for inspection, never deleted), so it is not tried again and a fresh
-        checkpoint of the same step can take its name. With no usable checkpoint at all, the run
-        starts from step 0 (the model it was given).
+        A damaged checkpoint is renamed `NAME.damaged-N` (kept for inspection, never deleted), so
+        it is not tried again and a fresh checkpoint of the same step can take its name. With no
+        usable checkpoint at all, the run starts from step 0 (the model it was given).
         """
         skipped = []
         for candidate in self.run_dir.resume_candidates():
             try:
-                self._load_checkpoint(candidate.path)
-                break
+                step, tokens = self._load(states, candidate.path)
+                return Resumed(candidate.path, step, tokens, skipped)
             except CheckpointMismatch as e:  # readable, but of another model: every one would be
                 raise CheckpointMismatch(f"cannot resume from '{candidate.path}': {e}") from None
             except CheckpointError as e:
                 why = str(e).removesuffix(other_checkpoints_hint(candidate.path))  # its advice is to resume: we are
-                kept_as = self._set_aside(candidate.path) if self.dist.is_main else None
+                kept_as = set_aside(candidate.path) if self.dist.is_main else None
                 skipped.append({"path": str(candidate.path), "why": why, "kept_as": kept_as and str(kept_as)})
-        if self.resumed_from is None and self.dist.is_main:  # from step 0: its step-0 evaluation stays logged
+        if self.dist.is_main:  # from step 0: its step-0 evaluation stays logged
             self.run_dir.forget_after(0)
-        return skipped
+        return Resumed(None, 0, 0, skipped)
 
-    def _set_aside(self, path: Path) -> Path:
-        """Rename a damaged checkpoint NAME.damaged-N (the first N free); return its new path."""
-        n = 1
-        while (aside := path.with_name(f"{path.name.lstrip('.')}.damaged-{n}")).exists():
-            n += 1
-        os.rename(path, aside)
-        return aside
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint NAME.damaged-N (the first N free); return its new path."""
+    n = 1
+    while (aside := path.with_name(f"{path.name.lstrip('.')}.damaged-{n}")).exists():
+        n += 1
+    os.rename(path, aside)
+    return aside

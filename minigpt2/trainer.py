@@ -35,31 +35,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checks import SEED_MAX, finite, integer, non_negative_int, positive_int
+from .checks import SEED_MAX, check_embed_warmup, finite, integer, non_negative_int, positive_int
 from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows, perplexity
 from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
-from .errors import MiniGPT2Error, OptionError
+from .errors import MiniGPT2Error
 from .flops import flops_per_token, peak_flops
 from .lora import TOKEN_ROWS, is_lora
 from .model import GPT
 from .rundir import RunDir, dir_size
 from .snapshots import Snapshotter
-from .train_state import CheckpointIO
+from .train_state import Checkpointer, TrainingState
 
 
 class TrainingDiverged(MiniGPT2Error):
     """The loss became NaN or infinite: the run stops before the bad update is applied."""
-
-
-def check_embed_warmup(embed_warmup: int, steps: int | None) -> None:
-    """An embedding warm-up (the new rows alone) must leave steps for everything else."""
-    non_negative_int("embed_warmup", embed_warmup)
-    if embed_warmup and steps is not None and embed_warmup >= steps:
-        raise OptionError(
-            "embed_warmup",
-            f"must be fewer than the {steps} steps, or nothing but the new rows would ever train; "
-            "give fewer warm-up steps or more steps",
-        )
 
 
 @dataclass
@@ -196,7 +185,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
-class Trainer(CheckpointIO):
+class Trainer:
     """Trains `model` on windows of `train` and evaluates it on `eval_sets`, writing into `run`.
 
     Args:
@@ -263,12 +252,15 @@ class Trainer(CheckpointIO):
             self.out.mkdir(parents=True, exist_ok=True)
         self.train_data = train
         self.eval_sets = eval_sets
-        self.tokenizer_source = tokenizer_source
         self.snapshotter = snapshotter
-        self.keep_last = keep_last
         self.sampler = WindowSampler(len(train), config.seq_len, config.batch_size, config.seed)
         self._build_model(model, compile, activation_checkpointing)
         self._build_optimizer()
+        # Checkpointing is a component: handed what it saves (`states`) and where (`run_dir`).
+        self.states = TrainingState(self.raw_model, self.optimizer, self.scaler, self.params, self.param_names,
+                                    config, self.sharded)  # fmt: skip
+        self.checkpointer = Checkpointer(self.run_dir, dist=self.dist, device=self.device, keep_last=keep_last,
+                                         tokenizer_source=tokenizer_source)  # fmt: skip
         self.flops_per_token = flops_per_token(self.raw_model.config, config.seq_len)
         self.peak_flops = peak_flops(self.device, dtype)
         if self.peak_flops:
@@ -326,6 +318,25 @@ class Trainer(CheckpointIO):
         # loss by a large factor before backward and divides it out before the step, skipping
         # steps whose gradients overflowed. bf16 has float32's range and needs none of this.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    # ----- checkpoints (see train_state.Checkpointer) ------------------------------------------
+
+    def save_checkpoint(self, name: str | None = None) -> Path:
+        """Write a checkpoint of the current step to RUN/step-NNNNNN (or RUN/`name`); return its path."""
+        return self.checkpointer.save(self.states, self.step, self.tokens, name)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Continue from the checkpoint at `path` (a `CheckpointError` leaves the trainer as it was)."""
+        self.step, self.tokens = self.checkpointer.load(self.states, path)
+        self.resumed_from = Path(path)
+
+    def resume(self) -> list[dict]:
+        """Continue from the run's newest readable checkpoint, setting damaged ones aside; returns one
+        record per checkpoint skipped ({"path", "why", "kept_as"})."""
+        found = self.checkpointer.resume(self.states)
+        if found.path is not None:
+            self.step, self.tokens, self.resumed_from = found.step, found.tokens, found.path
+        return found.skipped
 
     # ----- pieces of a step ---------------------------------------------------------------
 

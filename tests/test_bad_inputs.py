@@ -78,6 +78,15 @@ def world(tmp_path_factory, shared_data, hub_gpt2):
     (root / "a-file").write_text("not a folder")
     (root / "readonly").mkdir()
     (root / "exists.json").write_text("{}")
+    # --out folders that are not runs (issue 20 E): the user's own texts, even with a step-000001/ of theirs
+    (root / "my-texts" / "step-000001").mkdir(parents=True)
+    (root / "my-texts" / "chapter.txt").write_text("第一回\n", encoding="utf-8")
+    (root / "my-texts" / "step-000001" / "notes.md").write_text("mine")
+    # run.json damaged in the ways a resume used to crash on (issue 20 B)
+    for name, args in {"args-list": [1, 2], "args-lr-text": {"lr": "fast"}, "args-batch-0": {"batch_size": 0},
+                       "args-data-number": {"data": 5}}.items():  # fmt: skip
+        (root / f"run-{name}").mkdir()
+        (root / f"run-{name}" / "run.json").write_text(json.dumps({"args": args}))
     return w
 
 
@@ -198,6 +207,23 @@ def rows(w):
         ("train: --data /dev/null", ["--data", os.devnull, *data[2:]], "not a regular file"),
         ("train: --drop-lines . leaves only blank lines", [*data, "--drop-lines", "."], "nothing is left"),
     ]
+    train += [
+        ("train: --vocab-from without --extend-vocab", [*data, "--vocab-from", text], "--vocab-from only says where"),
+        ("train: --val-fraction with --val-data", [*data, "--val-data", text, "--val-fraction", "0.1"],
+         "--val-fraction holds out a share"),
+        ("train: --batch-size that cannot fit in memory", [*data, "--batch-size", "10000000"],
+         "--batch-size 10000000 at sequence length 16 needs at least"),
+    ]  # fmt: skip
+    out_rows = [  # --out judged before anything is written into it: nothing created, not even .lock
+        ("train: --out is a checkpoint folder", [*data, "--out", good], "holds a model checkpoint"),
+        ("train: --out is the user's folder with a step-000001/", [*data, "--out", str(r / "my-texts")],
+         "holds files that are not a training run's (chapter.txt, step-000001)"),
+        ("train: --out is a folder of the user's files", [*data, "--out", str(r)], "is not a training run"),
+        ("train: --resume into a checkpoint folder", [*data, "--out", good, "--resume"], "holds a model checkpoint"),
+    ] + [
+        (f"train: --resume with run.json {name}", ["--out", str(r / f"run-{name}"), "--resume"], "run.json' is damaged")
+        for name in ("args-list", "args-lr-text", "args-batch-0", "args-data-number")
+    ]  # fmt: skip
     offline = {"HF_HOME": str(r / "empty-hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
     return (
         [(name, "sample.py", args, needle, {}) for name, args, needle in sample]
@@ -215,6 +241,7 @@ def rows(w):
             (name, "train.py", [*args, "--out", str(r / "runs" / name.replace(" ", "_"))], needle, {})
             for name, args, needle in train
         ]
+        + [(name, "train.py", args, needle, {}) for name, args, needle in out_rows]
     )
 
 

@@ -134,3 +134,34 @@ def test_a_damaged_checkpoint_of_a_run_names_the_others(tmp_path):
         "which sets a damaged checkpoint aside and goes on from the newest good one."
     )
     assert other_checkpoints_hint(tmp_path) == ""  # not a run
+
+
+def test_out_is_judged_before_anything_is_written(tmp_path):
+    from minigpt2.launch import judge_out
+
+    assert judge_out(tmp_path / "new") == "missing" and not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    assert judge_out(tmp_path / "empty") == "empty"
+    run = tmp_path / "run"
+    (run / "step-000002").mkdir(parents=True)
+    (run / "step-000002" / "model.safetensors").write_bytes(b"x")
+    (run / "log.jsonl").write_text("")
+    (run / "step-000001.damaged-1").mkdir()
+    (run / "step-000001.damaged-1" / "trainer_state.json").write_text("{")
+    assert judge_out(run) == "run"
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=r"holds files that are not a training run's \(notes.txt\)"):
+        judge_out(run)
+    mine = tmp_path / "mine"
+    (mine / "step-000001").mkdir(parents=True)
+    (mine / "step-000001" / "draft.md").write_text("mine")
+    with pytest.raises(RunDirError, match=r"\(step-000001\)"):
+        judge_out(mine)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    with pytest.raises(RunDirError, match="holds a model checkpoint"):
+        judge_out(tmp_path / "ckpt")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match="is a file, not a folder"):
+        judge_out(tmp_path / "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "empty", "file", "mine", "run"]  # nothing added

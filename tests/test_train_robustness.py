@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from clis import ROOT, offline_env, run_script, start_script
 from safetensors.torch import load_file, save_file
 
@@ -154,6 +155,13 @@ def damage(checkpoint: Path, how: str) -> None:
         tensors = load_file(str(state))
         tensors.pop(next(k for k in tensors if k.endswith("exp_avg_sq")))
         save_file(tensors, str(state))
+    elif how in ("negative step", "huge step"):  # issue 20 B: a ZeroDivisionError, and advice for a damaged file
+        fields = json.loads((checkpoint / "trainer_state.json").read_text())
+        fields["step"] = -3 if how == "negative step" else 1_000_000_000
+        (checkpoint / "trainer_state.json").write_text(json.dumps(fields))
+    elif how == "nan tensors":  # issue 20 B: "Invalid mt19937 state"
+        save_file({k: torch.full_like(v, float("nan"), dtype=torch.float32) for k, v in load_file(str(state)).items()},
+                  str(state))  # fmt: skip
 
 
 def test_resume_falls_back_past_damaged_checkpoints_and_ends_bit_equal(base_args, env, tmp_path):
@@ -178,17 +186,23 @@ def test_resume_falls_back_past_damaged_checkpoints_and_ends_bit_equal(base_args
     damage(broken / "final", "bad json")
     damage(broken / "step-000007", "truncated")
     damage(broken / "step-000006", "missing key")
+    damage(broken / "step-000005", "negative step")
+    damage(broken / "step-000004", "nan tensors")
+    damage(broken / "step-000003", "huge step")
     resumed = train("--out", broken, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr
     for name, why in (
         ("final", "trainer_state.json cannot be read"),
         ("step-000007", "trainer_state.safetensors cannot be read"),
         ("step-000006", "trainer_state.safetensors lacks optimizer."),
+        ("step-000005", 'trainer_state.json is damaged: "step" is -3, not a step of this run (0 to 8)'),
+        ("step-000004", "trainer_state.safetensors is damaged: rng.torch_cpu is torch.float32"),
+        ("step-000003", 'trainer_state.json is damaged: "step" is 1000000000, not a step of this run (0 to 8)'),
     ):
         assert f"skipped checkpoint {broken / name}: {why}" in resumed.stderr
         assert (broken / f"{name}.damaged-1").is_dir()  # kept for inspection, and the note says where
         assert f"It is kept as {broken / name}.damaged-1, for inspection." in resumed.stderr
-    assert "resuming at step 5 of 8" in resumed.stdout
+    assert "resuming at step 2 of 8" in resumed.stdout
     a = load_file(str(full / "final" / "model.safetensors"))
     b = load_file(str(broken / "final" / "model.safetensors"))
     assert all(a[k].equal(b[k]) for k in a)  # bit for bit, dropout included
