@@ -159,7 +159,7 @@ def one(args, s: dict, t: dict) -> int:
     torch.set_num_threads(1)
     root = Path(args.dir)
     out = root / "runs" / args.one
-    spent_file = out / "cpu_seconds.json"
+    spent_file = root / "runs" / f"{args.one}.cpu_seconds.json"  # beside the run: its folder holds a run only
     common = ["--data", *t["novels"], "--val-fraction", 0, "--cache-dir", root / "cache", "--steps", 1_000_000,
               "--warmup", 2, "--eval-every", 0, "--save-every", 0, "--keep-last", 0, *s["batch"]]  # fmt: skip
     argv = [*common, "--model", root / "base" / "final", *recipe_args(args.one, s["merges"], s["warmup_steps"])]

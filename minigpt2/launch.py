@@ -137,7 +137,8 @@ class Setup:
 
 
 # What a run directory may hold besides its checkpoints (step-N/, final/, NAME.damaged-N, hidden leftovers).
-RUN_FILES = {RUN_JSON, "log.jsonl", "snapshots.jsonl", LOCK, "tokenizer"}
+GROWN_BASE = "grown-base"  # RUN/grown-base: the model a LoRA run on a grown vocabulary adapts (for PEFT)
+RUN_FILES = {RUN_JSON, "log.jsonl", "snapshots.jsonl", LOCK, "tokenizer", GROWN_BASE}
 
 
 def judge_out(path: Path) -> str:
@@ -170,7 +171,7 @@ def judge_out(path: Path) -> str:
 
 def _run_entry(path: Path) -> bool:
     """A name a run directory holds: its records and lock, a checkpoint (complete, set aside, or left
-    by an interrupted save), its grown tokenizer, a write probe."""
+    by an interrupted save), its grown tokenizer and base, a write probe."""
     name = path.name
     if name in RUN_FILES or LEFTOVER.fullmatch(name) or name.startswith(".write-test-"):
         return True
@@ -384,9 +385,6 @@ def _extended(model, enc, tok_source, o: TrainOptions, run: RunDir, train_files,
         )
     report({"type": "vocab", **summary})
     return grown, new_enc, folder
-
-
-GROWN_BASE = "grown-base"  # RUN/grown-base: the model a LoRA run on a grown vocabulary adapts
 
 
 def _grown_base(model: GPT, run: RunDir, tokenizer_dir, ctx) -> str:
