@@ -74,6 +74,7 @@ def lora_grown(shared_data, zh_text, tmp_path_factory):
     return run_twice(args, tmp), tmp
 
 
+@pytest.mark.slow
 def test_lora_on_a_grown_vocabulary_trains_the_new_rows_and_freezes_every_old_one(lora_grown):
     run, tmp = lora_grown
     config = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
@@ -99,6 +100,7 @@ def test_lora_on_a_grown_vocabulary_trains_the_new_rows_and_freezes_every_old_on
     assert {PEFT_PREFIX + m for m in moments} == set(adapter)
 
 
+@pytest.mark.slow
 def test_peft_on_the_grown_base_computes_the_merged_model(lora_grown):
     from peft import PeftModel
     from transformers import GPT2LMHeadModel
@@ -122,12 +124,14 @@ def test_peft_on_the_grown_base_computes_the_merged_model(lora_grown):
     assert (plain - merged)[..., 50257:].abs().max() > 100 * (peft - merged).abs().max()  # the new rows count
 
 
+@pytest.mark.slow
 def test_lora_on_a_grown_vocabulary_resumes_bit_for_bit(lora_grown):
     _, tmp = lora_grown
     for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
         assert same_files(tmp / "full" / "final", tmp / "split" / "final", name), name
 
 
+@pytest.mark.slow
 def test_embed_warmup_trains_the_new_rows_alone_first_and_resumes_bit_for_bit(shared_data, zh_text, tmp_path):
     args = tiny_args(shared_data, zh_text, tmp_path / "cache") + ["--embed-warmup", 3, "--new-token-lr", 1e-2]
     run = run_twice(args, tmp_path)
@@ -202,6 +206,7 @@ def test_trainable_tokens_merge_to_the_plain_layout_and_load_from_old_state_name
                adapter_state(model).items())  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_recipes_benchmark_runs_in_quick_mode_and_resumes_per_recipe_and_budget(tmp_path):
     """benchmarks/bench_recipes.py --quick: a tiny base, the five recipes at one CPU budget, the
     table, compare.py's several-models table and plot, and the verdict line. Run again with one
