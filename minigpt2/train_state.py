@@ -112,12 +112,14 @@ def read_state(folder: Path, shapes: dict[str, tuple[int, ...]] | None = None) -
     except Exception as e:  # SafetensorError (truncated, corrupted) or OSError
         raise CheckpointError(f"{STATE_TENSORS} cannot be read ({e})") from None
     stepped = state.get("stepped", state["param_names"])  # parameters with AdamW moments (see `state`)
+    if not isinstance(stepped, list) or not set(stepped) <= set(state["param_names"]):
+        raise CheckpointError(f'{STATE_JSON} is damaged: "stepped" is not a list of the parameters\' names')
     expected = ["rng.torch_cpu"] + [f"optimizer.{n}.{m}" for n in stepped for m in MOMENTS]
     missing = [k for k in expected if k not in tensors]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{STATE_TENSORS} lacks {', '.join(missing[:3])}{more}")
-    check_state_tensors(tensors, state["param_names"], shapes)
+    check_state_tensors(tensors, stepped, shapes)
     return state, tensors
 
 
