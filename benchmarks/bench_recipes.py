@@ -86,14 +86,16 @@ def recipe_args(name: str, merges: int, warmup_steps: int) -> list:
     }[name]
 
 
-def texts(data: Path, quick: bool) -> dict:
-    """The training and evaluation files; --quick writes small excerpts of them."""
+def texts(data: Path, quick: bool, root: Path) -> dict:
+    """The training and evaluation files; --quick writes small excerpts of them into ROOT/texts (the same
+    paths every time: a resumed run must find its data where it was)."""
     novels = [data / "zh" / n for n in NOVELS]
     english = [data / "en" / n for n in ENGLISH]
     held = {"zh": data / "zh" / "鲁迅小说集.txt", "en": data / "en" / "sherlock_holmes.txt"}
     if not quick:
         return {"novels": novels, "english": english, **held}
-    folder = Path(tempfile.mkdtemp(prefix="bench-recipes-texts-"))
+    folder = root / "texts"
+    folder.mkdir(parents=True, exist_ok=True)
 
     def excerpt(path: Path, chars: int) -> Path:
         out = folder / path.name
@@ -324,8 +326,8 @@ def main() -> int:
     args.budgets = args.budgets or ([1, 2] if args.quick else [90, 360])
     args.dir = args.dir or tempfile.mkdtemp(prefix="bench-recipes-")
     data = Path(os.environ["MINIGPT2_SHARED_DATA"])
-    s, t = settings(args.quick), texts(data, args.quick)
     root = Path(args.dir)
+    s, t = settings(args.quick), texts(data, args.quick, root)
     if args.one:
         return one(args, s, t)
     if args.init_check:
