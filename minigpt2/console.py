@@ -186,8 +186,9 @@ class TrainConsole:
         )
 
     def _lora(self, r):
+        rows = f" + the rows of {r['trainable_tokens']:,} new tokens" if r.get("trainable_tokens") else ""
         self.line(
-            f"LoRA r={r['r']}, alpha={r['alpha']:g} on {', '.join(r['targets'])}: "
+            f"LoRA r={r['r']}, alpha={r['alpha']:g} on {', '.join(r['targets'])}{rows}: "
             f"{r['trainable_params']:,} trainable parameters ({100 * r['trainable_share']:.2f}%), AdamW state "
             f"{format_bytes(r['optimizer_state_bytes'])} (full fine-tuning: "
             f"{format_bytes(r['full_optimizer_state_bytes'])})"

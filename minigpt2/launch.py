@@ -139,7 +139,8 @@ class Setup:
 
 # What a run directory may hold besides its checkpoints (step-N/, final/, NAME.damaged-N, hidden leftovers);
 # TENSORBOARD_DIR: train.py --tensorboard's event files.
-RUN_FILES = {RUN_JSON, "log.jsonl", "snapshots.jsonl", LOCK, "tokenizer", TENSORBOARD_DIR}
+GROWN_BASE = "grown-base"  # RUN/grown-base: the model a LoRA run on a grown vocabulary adapts (for PEFT)
+RUN_FILES = {RUN_JSON, "log.jsonl", "snapshots.jsonl", LOCK, "tokenizer", TENSORBOARD_DIR, GROWN_BASE}
 
 
 def judge_out(path: Path) -> str:
@@ -172,7 +173,7 @@ def judge_out(path: Path) -> str:
 
 def _run_entry(path: Path) -> bool:
     """A name a run directory holds: its records and lock, a checkpoint (complete, set aside, or left
-    by an interrupted save), its grown tokenizer, a write probe."""
+    by an interrupted save), its grown tokenizer and base, a write probe."""
     name = path.name
     if name in RUN_FILES or LEFTOVER.fullmatch(name) or name.startswith(".write-test-"):
         return True
@@ -310,10 +311,16 @@ def _start(o: TrainOptions, run: RunDir, files: tuple, report, ctx) -> tuple:
     # After the model: its vocabulary decides whether GPT-2's tokenizer may stand in for missing files.
     enc = load_tokenizer(tok_source, vocab_size=model.config.vocab_size, explicit=bool(o.tokenizer))
     check_vocab_fits(model.config, enc)
+    old_vocab = model.config.vocab_size
     if o.extend_vocab:
         model, enc, tok_source = _extended(model, enc, tok_source, o, run, files[0], files[2], report, ctx)
+        if o.lora:  # PEFT applies the adapter to this grown model: the run keeps it
+            model.source = _grown_base(model, run, tok_source, ctx)
+    new_rows = range(old_vocab, model.config.vocab_size)
     if o.lora:
-        _with_lora(model, o, report)
+        _with_lora(model, o, report, new_rows)
+    elif o.extend_vocab and (o.new_token_lr or o.embed_warmup):
+        _with_trainable_tokens(model, new_rows)
     return source, model, enc, tok_source
 
 
@@ -404,8 +411,29 @@ def _extended(model, enc, tok_source, o: TrainOptions, run: RunDir, train_files,
     return grown, new_enc, folder
 
 
-def _with_lora(model: GPT, o: TrainOptions, report) -> None:
-    """Freeze the model and give the targeted layers a low-rank update to learn (see lora.py).
+def _grown_base(model: GPT, run: RunDir, tokenizer_dir, ctx) -> str:
+    """Save the grown model (before LoRA) as RUN/grown-base, once, and return its absolute path:
+    the adapter's `base_model_name_or_path`, so that PEFT finds the base it was trained on."""
+    from .weights import save_model
+
+    folder = (run.path / GROWN_BASE).resolve()
+    if ctx.is_main and not (folder / "model.safetensors").is_file():
+        save_model(model, folder, tokenizer_source=tokenizer_dir, overwrite=True)
+    return str(folder)
+
+
+def _with_trainable_tokens(model: GPT, new_rows: range) -> None:
+    """The new rows as a parameter of their own: trainable beside frozen old rows (LoRA), or in an
+    optimizer group with their own learning rate and phase (see trainer.param_groups)."""
+    from .lora import add_trainable_tokens
+
+    if new_rows:
+        add_trainable_tokens(model, new_rows)
+
+
+def _with_lora(model: GPT, o: TrainOptions, report, new_rows: range) -> None:
+    """Freeze the model and give the targeted layers a low-rank update to learn (see lora.py); a
+    grown vocabulary's new rows (`new_rows`, empty when not grown) train too.
 
     A resumed run rebuilds the same: the start model (never a merged checkpoint) and the same
     adapters; the trainer then loads the adapters' trained values from the checkpoint.
@@ -421,6 +449,7 @@ def _with_lora(model: GPT, o: TrainOptions, report) -> None:
         targets=targets,
         seed=o.seed,
     )
+    _with_trainable_tokens(model, new_rows)
     report({"type": "lora", **lora_summary(model)})
 
 

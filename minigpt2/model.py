@@ -196,8 +196,10 @@ class GPT(nn.Module):
         time. (It only acts in `train()` mode.)
         """
         self.config = dataclasses.replace(self.config, dropout=p)  # validates p
-        for module in self.modules():
-            if isinstance(module, nn.Dropout):
+        for name, module in self.named_modules():
+            # A LoRA adapter's own dropout (`.lora_dropout`, lora.py) is a setting of the adapter,
+            # fixed for the life of its run (a resume checks it): not the model's to change.
+            if isinstance(module, nn.Dropout) and not name.endswith(".lora_dropout"):
                 module.p = p
             if isinstance(module, CausalSelfAttention):
                 module.dropout = p

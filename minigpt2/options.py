@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .checks import SEED_MAX, ArgumentParser, arg_float, arg_int
+from .checks import SEED_MAX, ArgumentParser, arg_float, arg_int, check_embed_warmup
 from .errors import MiniGPT2Error, OptionError
 from .watch import SAMPLE_TOKENS
 
@@ -46,7 +46,8 @@ PRESETS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 GROUPS = {
     "data": "data",
     "model": "model",
-    "lora": "LoRA: learn a low-rank update of each targeted layer, everything else frozen",
+    "lora": "LoRA: learn a low-rank update of each targeted layer, everything else frozen (but a grown vocabulary's "
+    "new rows; which recipe pays: docs/recipes.md)",
     "training": "training (CPU defaults first, then GPU defaults)",
     "output": "evaluation, checkpoints, output (CPU defaults first, then GPU defaults)",
     "hardware": "hardware",
@@ -104,10 +105,16 @@ class TrainOptions:
     tokenizer: str | None = option("where vocab.json + merges.txt come from (default: the model's, or gpt2's)",
                                    group="data", fixed=True)
     extend_vocab: int | None = option("learn N new tokens from the training text; grow the tokenizer and the "
-                                      "embedding (Chinese: 2.1 -> 0.9 tokens per character at 8000)", group="data",
-                                      fixed=True, type=arg_int(low=1), metavar="N")
+                                      "embedding (Chinese: 2.1 -> 0.9 tokens per character at 8000); with --lora "
+                                      "only the new rows and the adapters train. Which recipe pays: "
+                                      "docs/recipes.md", group="data", fixed=True, type=arg_int(low=1), metavar="N")
     vocab_from: list[str] | None = option("learn them from these texts", group="data", fixed=True,
                                           **extend("PATH"))
+    new_token_lr: float | None = option("with --extend-vocab: peak learning rate of the new rows (default --lr)",
+                                        group="data", type=arg_float(low=0, low_open=True), metavar="LR")
+    embed_warmup: int | None = option("with --extend-vocab: train only the new rows for the first STEPS steps, then "
+                                      "the model (or the adapters) too (default 0)", group="data",
+                                      type=arg_int(low=0), metavar="STEPS")
     # model
     model: str | None = option("gpt2[-medium|-large|-xl], a hub id or a checkpoint to fine-tune (default gpt2)",
                                group="model", fixed=True)
@@ -303,12 +310,16 @@ def check_combinations(o: TrainOptions) -> None:
         raise MiniGPT2Error("the layer count, head count, width and context only apply to a preset")
     if not o.data:
         raise MiniGPT2Error("no training data given: the text files, directories or globs to train on")
-    if o.lora and o.extend_vocab:
-        raise OptionError(
-            "lora",
-            "cannot be combined with extending the vocabulary yet: LoRA freezes the embedding, "
-            "so the new tokens' rows would never learn",
-        )
+    for name in ("new_token_lr", "embed_warmup"):
+        if getattr(o, name) and not o.extend_vocab:
+            raise OptionError(
+                name,
+                "only applies to the new tokens of a grown vocabulary: give `extend_vocab` N too "
+                "(docs/recipes.md says which recipe pays for which budget)",
+            )
+        if getattr(o, name) and o.shard:
+            raise OptionError(name, "does not work with a sharded model yet: train without `shard`")
+    check_embed_warmup(o.embed_warmup or 0, o.steps)  # before anything is written
     if not o.lora and any(x is not None for x in (o.lora_alpha, o.lora_dropout, o.lora_targets)):
         raise OptionError("lora", "is needed for the other LoRA settings (alpha, dropout, targets): give the rank")
     if o.vocab_from and not o.extend_vocab:

@@ -27,12 +27,12 @@ DEFAULT_PROBE = "今天的天气很好，我们一起去公园散步。The weath
 
 
 def official_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors under their official names (no lm_head: it is wte, tied); a LoRA
+    """The model's tensors under their official names (no lm_head: it is wte, tied); an adapted
     model's merged weights (base + its low-rank update), so drift is measured as for any model."""
-    from .lora import is_lora, merged_state_dict
+    from .lora import is_adapted, merged_state_dict
 
     out = {}
-    for name, tensor in (merged_state_dict(model) if is_lora(model) else model.state_dict()).items():
+    for name, tensor in (merged_state_dict(model) if is_adapted(model) else model.state_dict()).items():
         name = name.removeprefix("_orig_mod.")
         if name != "lm_head.weight":
             out[name] = tensor

@@ -22,6 +22,7 @@ to RUN/log.jsonl; the front end (`train.py`) decides how to show them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -34,13 +35,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checks import SEED_MAX, finite, integer, non_negative_int, positive_int
+from .checks import SEED_MAX, check_embed_warmup, finite, integer, non_negative_int, positive_int
 from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows, perplexity
 from .device import machine_load
 from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
 from .errors import MiniGPT2Error
 from .flops import flops_per_token, peak_flops
-from .lora import is_lora
+from .lora import TOKEN_ROWS, is_lora
 from .model import GPT
 from .rundir import RunDir, dir_size
 from .snapshots import Snapshotter
@@ -75,6 +76,8 @@ class TrainConfig:
     snapshot_every: int = 0
     seed: int = 0
     ranks: int = 1  # data-parallel processes (torchrun); each step covers batch x accum x ranks windows
+    new_token_lr: float | None = None  # peak learning rate of a grown vocabulary's new rows (default lr)
+    embed_warmup: int = 0  # first steps in which only those rows train (see `Trainer.phase`)
 
     def __post_init__(self) -> None:
         # Finite first, then the range: NaN passes every `< 0` test and would train one step of
@@ -99,6 +102,9 @@ class TrainConfig:
         if self.eval_every is None:
             self.eval_every = max(1, self.steps // 10)
         non_negative_int("eval_every", self.eval_every)
+        if self.new_token_lr is not None:
+            finite("new_token_lr", self.new_token_lr, low=0, low_open=True)
+        check_embed_warmup(self.embed_warmup, self.steps)
 
     @property
     def global_batch(self) -> int:
@@ -152,15 +158,18 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW's two groups: the matrices of the linear layers decay, nothing else does.
+    """AdamW's groups: the matrices of the linear layers decay, nothing else does.
 
     Weight decay pulls weights towards zero, a regulariser for the big matrices that mix
     features. It makes no sense for biases and LayerNorm gains (pulling a gain towards zero just
     shrinks a layer's output, which the next layer must undo), nor for embeddings (a row that is
     rarely used would decay away between the few steps that use it). Each group carries the
     parameter names too, so the optimizer state can be saved under readable names.
+
+    A grown vocabulary's new rows, when they are a parameter of their own (lora.TrainableTokens),
+    get a third group (`"new_tokens": True`, no decay): their own learning rate and phase.
     """
-    decay, no_decay, seen = ([], []), ([], []), set()
+    decay, no_decay, tokens, seen = ([], []), ([], []), ([], []), set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
@@ -168,12 +177,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             seen.add(id(p))
             full = f"{module_name}.{name}" if module_name else name
             group = decay if isinstance(module, nn.Linear) and name == "weight" else no_decay
+            group = tokens if full.removeprefix("_orig_mod.").endswith(TOKEN_ROWS) else group
             group[0].append(full)
             group[1].append(p)
-    return [
+    groups = [
         {"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
         {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0},
     ]
+    if tokens[1]:
+        groups.append({"params": tokens[1], "names": tokens[0], "weight_decay": 0.0, "new_tokens": True})
+    return groups
 
 
 class Trainer:
@@ -303,8 +316,18 @@ class Trainer:
     def _build_optimizer(self) -> None:
         c = self.config
         groups = param_groups(self.raw_model, c.weight_decay)
+        if (c.new_token_lr is not None or c.embed_warmup) and not any(g.get("new_tokens") for g in groups):
+            option = "new_token_lr" if c.new_token_lr is not None else "embed_warmup"
+            raise MiniGPT2Error(f"`{option}` needs the new rows of a grown vocabulary (`extend_vocab`) as their own")
+        if c.embed_warmup and self.dist.enabled:
+            raise MiniGPT2Error("`embed_warmup` does not work under torchrun yet: train on one process")
         self.param_names = [name for g in groups for name in g.pop("names")]
         self.params = [p for g in groups for p in g["params"]]
+        self.body_params = [p for g in groups if not g.get("new_tokens") for p in g["params"]]
+        # After an embedding warm-up the rest starts its own warm-up and cosine over the steps left.
+        self.body_schedule = c
+        if c.embed_warmup:
+            self.body_schedule = dataclasses.replace(c, steps=c.steps - c.embed_warmup, embed_warmup=0)
         # The fused kernel updates every tensor in one pass (one launch on a GPU) instead of a
         # dozen element-wise passes over every tensor: less memory traffic, less overhead.
         fused = self.device.type in ("cuda", "cpu") and not self.sharded
@@ -361,6 +384,28 @@ class Trainer:
             return contextlib.nullcontext()
         return grad_sync(self.ddp or self.raw_model, last_micro_step, self.sharded)
 
+    def phase(self) -> float:
+        """What trains at this step, and the learning rate of the body (everything but new rows).
+
+        With `embed_warmup` K (the first stage of the Chinese-LLaMA recipe): for steps 0..K-1 only a
+        grown vocabulary's new rows train. The rest is frozen (no gradient is computed for it, so
+        no optimizer state either), because its gradient at first is mostly the model's
+        reaction to new rows that still mean nothing: random-ish pushes that would damage what
+        it knows. From step K on, everything trains, the body with a warm-up and cosine of its own
+        over the steps left. Decided from the step alone, so a resumed run is in the same phase.
+        """
+        c = self.config
+        alone = self.step < c.embed_warmup
+        for p in self.body_params:
+            p.requires_grad_(not alone)
+        return 0.0 if alone else lr_at(self.step - c.embed_warmup, self.body_schedule)
+
+    def new_token_lr(self) -> float:
+        """The learning rate of a grown vocabulary's new rows at this step: the run's schedule from
+        step 0, scaled to peak at `new_token_lr` (default: `lr`, the same as everything else)."""
+        c = self.config
+        return lr_at(self.step, c) * (c.new_token_lr or c.lr) / c.lr
+
     def train_step(self, read: bool = True) -> dict:
         """One optimizer step over `grad_accum` micro-batches; returns its train record.
 
@@ -374,9 +419,9 @@ class Trainer:
         """
         c = self.config
         started = time.perf_counter()
-        lr = lr_at(self.step, c)
+        lr = self.phase()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.new_token_lr() if group.get("new_tokens") else lr
 
         # Forward and backward, K times. Dividing each loss by K makes the summed gradients
         # those of the mean loss over the whole (K times larger) batch.
