@@ -128,7 +128,8 @@ class TrainConsole:
         self.line(f"vocabulary: {r['merges_learned']:,} new tokens learned{cached}; {r['vocab_size']:,} in all")
         for name, t in r["texts"].items():
             bpc = (
-                f"; bits per character at step 0: {t['bits_per_char_before']:.3f} -> {t['bits_per_char_after']:.3f}"
+                f"; bits per character at step 0: {t['bits_per_char_before']:.3f} ({t['protocol_before']}) -> "
+                f"{t['bits_per_char_after']:.3f} ({t['protocol_after']})"
                 if "bits_per_char_after" in t
                 else ""
             )
@@ -230,7 +231,7 @@ class TrainConsole:
     def _eval(self, r):
         self.line(
             f"eval step {r['step']:>5} | {r['set']}: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, "
-            f"bpc {r['bpc']:.4f} ({r['eval_tokens']:,} tokens)"
+            f"bpc {r['bpc']:.4f} ({r['eval_tokens']:,} tokens in windows of {r['window']}, {r['chars']:,} characters)"
         )
 
     def _checkpoint(self, r):

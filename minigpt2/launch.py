@@ -31,6 +31,7 @@ from .config import GPTConfig
 from .data import check_inputs, compile_drop_lines, default_cache_dir, prepare_corpus
 from .device import resolve_dtype
 from .errors import MiniGPT2Error, OptionError
+from .evaluate import char_counts
 from .model import GPT
 from .rundir import RunDir, RunDirError, check_writable
 from .snapshots import DEFAULT_PROBE, Snapshotter
@@ -254,7 +255,8 @@ def _setup(
     trainer = Trainer(model, corpus.train, eval_sets, config, run, device=ctx.device, dtype=dtype,
                       compile=bool(o.get("compile")), tokenizer_source=tokenizer_source_for(tok_source),
                       snapshotter=snapshotter, dist=ctx, shard=bool(o.get("shard")), keep_last=o["keep_last"],
-                      activation_checkpointing=bool(o.get("activation_checkpointing")))  # fmt: skip
+                      activation_checkpointing=bool(o.get("activation_checkpointing")),
+                      char_counts=char_counts(enc))  # fmt: skip
     skipped = trainer.resume() if resume else []
     for record in skipped:
         report({"type": "skipped", **record})

@@ -202,10 +202,12 @@ def _activations(number: int, act: dict) -> list[str]:
 
 
 def _behaviour(result: dict) -> list[str]:
+    windows = sorted({t[side]["window"] for t in result["behaviour"] for side in "ab"})
     out = [
-        f"== Behaviour on text (first {result['max_eval_tokens']} tokens at most, --max-eval-tokens; "
-        "non-overlapping context windows) ==",
-        "   loss = nats per token; bpc = bits per character, comparable across languages.",
+        f"== Behaviour on text (the first {result['max_eval_tokens']:,} tokens at most, --max-eval-tokens, after "
+        f"<|endoftext|>; non-overlapping windows of {' / '.join(map(str, windows))} tokens, --window) ==",
+        "   loss = nats per token; bpc = bits per character of the characters those tokens spell, comparable "
+        "across languages.",
     ]
     rows = []
     for t in result["behaviour"]:
@@ -219,11 +221,12 @@ def _behaviour(result: dict) -> list[str]:
         )
         if t.get("tokens_b", t["tokens"]) != t["tokens"]:
             tokens += f" (B: {t['tokens_b']})"
+        chars = str(t["characters"]) + (f" (B: {b['characters']})" if b["characters"] != t["characters"] else "")
         rows.append(
             [
                 Path(t["file"]).name,
                 tokens,
-                str(t["characters"]),
+                chars,
                 num(a["loss"]),
                 num(b["loss"]),
                 f"{b['loss'] - a['loss']:+.4f}",
@@ -560,6 +563,7 @@ def render_many(result: dict) -> str:
     names = [Path(t["file"]).name for t in result["texts"]]
     headers = ["model", "weights moved", "max rank90", *[f"bpc {n}" for n in names], *[f"vs A {n}" for n in names]]
     base = result["models"][0]["behaviour"]
+    windows = " / ".join(map(str, sorted({s["window"] for m in result["models"] for s in m["behaviour"]})))
     rows = []
     for model in result["models"]:
         w = model["weights"]
@@ -578,8 +582,8 @@ def render_many(result: dict) -> str:
         )
     out = [
         f"A: {result['a']['source']}",
-        f"== Several models against A: bits per character on the first {result['max_eval_tokens']} tokens "
-        "(of A's tokenizer) of each text ==",
+        f"== Several models against A: bits per character on the first {result['max_eval_tokens']:,} tokens "
+        f"(of A's tokenizer) of each text, in windows of {windows} tokens ==",
         "   weights moved = ||W - W_A|| / ||W_A|| over all tensors; max rank90 = the largest number of singular "
         "directions holding 90% of a matrix's update.",
     ]

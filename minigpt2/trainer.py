@@ -35,14 +35,16 @@ import torch
 from torch import nn
 
 from .checks import SEED_MAX, finite, integer, non_negative_int, positive_int
-from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows, perplexity
+from .data import TokenFile, WindowSampler, gather_windows
 from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
 from .errors import MiniGPT2Error
+from .evaluate import char_counts, score_stream
 from .flops import flops_per_token, peak_flops
 from .lora import is_lora
 from .model import GPT
 from .rundir import RunDir, dir_size
 from .snapshots import Snapshotter
+from .tokenizer import load_tokenizer
 from .train_state import CheckpointIO
 
 
@@ -184,6 +186,9 @@ class Trainer(CheckpointIO):
         device, dtype: where, and in which autocast precision, to compute.
         compile: wrap the model in `torch.compile` for training steps.
         tokenizer_source: where checkpoints copy vocab.json + merges.txt from.
+        char_counts: characters per token id of the tokenizer that made the data
+            (`evaluate.char_counts`), for bits per character; by default read from
+            `tokenizer_source` (GPT-2's without one) at the first evaluation.
         snapshotter: with `config.snapshot_every`, measures drift from the starting model.
         dist: this process's place in a torchrun job (`distributed.setup`); None: one process.
         shard: FSDP2 (`distributed.shard_model`) instead of DDP: weights, gradients and AdamW state
@@ -210,6 +215,7 @@ class Trainer(CheckpointIO):
         shard: bool = False,
         activation_checkpointing: bool = False,
         keep_last: int = 0,
+        char_counts: np.ndarray | None = None,
     ) -> None:
         self.dist = dist or Dist(device=torch.device(device))
         if config.ranks != self.dist.world_size:
@@ -240,6 +246,7 @@ class Trainer(CheckpointIO):
         self.train_data = train
         self.eval_sets = eval_sets
         self.tokenizer_source = tokenizer_source
+        self.char_counts = char_counts
         self.snapshotter = snapshotter
         self.keep_last = keep_last
         self.sampler = WindowSampler(len(train), config.seq_len, config.batch_size, config.seed)
@@ -412,40 +419,37 @@ class Trainer(CheckpointIO):
             self.raw_model.train()
 
     def _evaluate_set(self, name: str, data: TokenFile) -> Iterator[dict]:
-        seq_len = min(self.config.seq_len, len(data) - 1)
-        if seq_len < 1:
+        """One eval set scored by `evaluate.score_stream` (the protocol every figure shares): the
+        first `eval_tokens` tokens in windows of `seq_len`; {} for a set too short to score."""
+        window = min(self.config.seq_len, len(data) - 1)
+        if window < 1:
             return {}
-        offsets = eval_windows(len(data), seq_len, self.config.eval_tokens)
-        B, R, r = self.config.batch_size, self.dist.world_size, self.dist.rank
-        chunks = [np.array(offsets[i : i + B]) for i in range(0, len(offsets), B)]
-        nats, count = 0.0, 0
-        # Rank r evaluates chunks r, r + R, ...; the sums are added up over the ranks. A sharded
-        # model's forward is a collective, so there every rank runs the same number of them (a
-        # spare one, on chunk 0, counts nothing).
-        rounds = math.ceil(len(chunks) / R)
-        for j in range(rounds):
-            if self.dist.any(self.stop_reason is not None):
-                return None
-            index = j * R + r
-            if index < len(chunks) or self.sharded:
-                x, y = self._inputs_targets(gather_windows(data.tokens, chunks[index % len(chunks)], seq_len))
-                with self.autocast():
-                    _, loss = self.raw_model(x, y)
-                if index < len(chunks):
-                    nats += loss.item() * y.numel()
-                    count += y.numel()
-            yield {"type": "eval_progress", "step": self.step, "set": name, "done": j + 1, "total": rounds}
-        nats, count = self.dist.sum(nats, count)
-        mean = nats / int(count)
+        if self.char_counts is None:
+            self.char_counts = char_counts(load_tokenizer(self.tokenizer_source or "gpt2"))
+        scoring = score_stream(self.raw_model, data.tokens, self.char_counts, window=window,
+                               max_tokens=self.config.eval_tokens, batch_size=self.config.batch_size,
+                               device=self.device, autocast=self.autocast, dist=self.dist, sharded=self.sharded,
+                               stop=lambda: self.stop_reason is not None)  # fmt: skip
+        while True:
+            try:
+                done, total = next(scoring)
+            except StopIteration as finished:
+                score = finished.value
+                break
+            yield {"type": "eval_progress", "step": self.step, "set": name, "done": done, "total": total}
+        if score is None:  # stopped part way
+            return None
         return {
             "type": "eval",
             "step": self.step,
             "tokens": self.tokens,
             "set": name,
-            "loss": mean,
-            "ppl": perplexity(mean),
-            "bpc": bits_per_char(mean, data.tokens_per_char),
-            "eval_tokens": int(count),
+            "loss": score.loss,
+            "ppl": score.perplexity,
+            "bpc": score.bits_per_char,
+            "eval_tokens": score.tokens,
+            "window": score.window,
+            "chars": score.characters,
         }
 
     # ----- the loop ---------------------------------------------------------------------------

@@ -80,14 +80,18 @@ def test_warmup_then_cosine():
     assert steps_for(train_tokens=1000, tokens_per_step=300) == 4
 
 
-def test_a_tiny_model_learns_the_novels(novels, tmp_path):
+def test_a_tiny_model_learns_the_novels(novels, enc, tmp_path):
     trainer = make_trainer(novels, tmp_path / "run", steps=24, eval_every=12, eval_tokens=1024)
     evals = records(trainer, "eval")
     losses = [r["loss"] for r in evals]
     assert [r["step"] for r in evals] == [0, 12, 24]
     assert losses[0] > 10.5  # random init: about ln(50257) = 10.8
     assert losses[-1] < losses[0] - 2.5 and losses[-1] < losses[1]
-    assert evals[-1]["bpc"] == pytest.approx(losses[-1] * novels.val.tokens_per_char / math.log(2))
+    # bits per character of exactly the 1,024 tokens evaluated (after the EOT that starts the set)
+    scored = novels.val.tokens[1:1025].tolist()
+    chars = sum(1 for byte in enc.decode_bytes([t for t in scored if t != enc.eot_token]) if byte & 0xC0 != 0x80)
+    assert evals[-1]["eval_tokens"] == 1024 and evals[-1]["window"] == 32 and evals[-1]["chars"] == chars
+    assert evals[-1]["bpc"] == pytest.approx(losses[-1] * 1024 / (chars * math.log(2)))
     assert evals[-1]["ppl"] == pytest.approx(math.exp(losses[-1]))
 
 
