@@ -11,11 +11,16 @@ On a CPU the defaults are sized to show learning within minutes (they are printe
     torchrun --nproc_per_node=8 train.py --data novels/ --out runs/zh [--shard]   # 8 GPUs, data parallel
 """
 
-import argparse
-import signal
-import sys
+from minigpt2.cli import start_script  # light: nothing below is imported yet
 
-from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int
+if __name__ == "__main__":
+    start_script()  # first: Ctrl-C during the imports exits cleanly; closed or narrow streams work
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int  # noqa: E402
 
 PRESETS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 FLAGS = {"n_positions": "--context"}  # library parameter names that this script spells differently

@@ -61,7 +61,7 @@ from .errors import CheckpointError, MiniGPT2Error, OptionError
 from .evaluate import Score, char_counts, count_characters, score_text, text_stream
 from .files import read_text_file
 from .lora import adapted_tensors
-from .rundir import RunDir
+from .rundir import LOG, RUN_JSON, SNAPSHOTS, RunDir
 from .snapshots import capture_block_outputs, hidden_drift
 from .text import encode_prompt
 from .tokenizer import load_tokenizer
@@ -72,6 +72,7 @@ from .weights import (
     checkpoint_files,
     get_tensor,
     load_model,
+    local_path,
     match_keys,
     official_shapes,
     open_safetensors,
@@ -612,6 +613,44 @@ def resolve_side(source: str) -> dict:
         checkpoint = RunDir(source).model_checkpoint()
         return {"source": source, "checkpoint": str(checkpoint), "run": str(source)}
     return {"source": source, "checkpoint": source, "run": None}
+
+
+def files_read(sources: list[str], texts: list[str], revision: str | None = None) -> list[Path]:
+    """The files a comparison of `sources` on `texts` reads, as far as they exist (so that no output
+    of the same command can replace one): each --text file; each checkpoint folder's files
+    (weights, config, tokenizer, adapter), or a .safetensors file and its config.json; a run's own
+    files (run.json, log.jsonl, snapshots.jsonl) and its starting model's. A source that cannot be
+    resolved lists nothing: the comparison itself fails on it with its own message."""
+    found = [Path(t) for t in texts]
+    checkpoints = []
+    for source in sources:
+        side = resolve_side_or_none(source)
+        if side is None:
+            continue
+        checkpoints.append(side["checkpoint"])
+        if side["run"]:
+            run = RunDir(side["run"])
+            found += [run.path / name for name in (RUN_JSON, LOG, SNAPSHOTS)]
+            try:
+                checkpoints.append(run_start(run))
+            except MiniGPT2Error:
+                pass
+    for checkpoint in checkpoints:
+        try:
+            config, weights = checkpoint_files(checkpoint, revision)
+        except (MiniGPT2Error, OSError):
+            continue
+        found += [p for p in (config, weights) if p is not None]
+        if Path(checkpoint).is_dir() or local_path(checkpoint) is None:  # a folder (or the hub's): all of it
+            found += [p for p in Path(weights).parent.rglob("*") if p.is_file()]
+    return [p for p in dict.fromkeys(found) if p.exists()]
+
+
+def resolve_side_or_none(source: str) -> dict | None:
+    try:
+        return resolve_side(source)
+    except (MiniGPT2Error, OSError):
+        return None
 
 
 def run_record(side: str, path: str, revision: str | None, progress: Progress = None) -> dict:
