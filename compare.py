@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     from minigpt2.errors import OutputError
     from minigpt2.report import (
         check_new_file,
+        cjk_font,
         missing_font_note,
         render,
         render_many,
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
                 written = draw(result, args.plot, force=args.force)
             finally:
                 progress.finish()
-            note = missing_font_note(result)
+            note = missing_font_note(result, cjk_font())
             if note:
                 progress.note(f"note: {note}")
             print(f"wrote {written}")

@@ -422,13 +422,13 @@ def text_label(name: str, number: int, font: str | None, what: str = "text") -> 
     return name if name.isascii() or font else f"{what} {number}"
 
 
-def missing_font_note(result: dict, font: str | None = None) -> str | None:
-    """One line for stderr when the plot had to number names it could not draw (no CJK font is
-    installed), saying how to get one; None when nothing was replaced. `font`: `cjk_font()`."""
+def missing_font_note(result: dict, font: str | None) -> str | None:
+    """One line for stderr when the plot had to number names it could not draw because no CJK font
+    is installed (`font`, from `cjk_font()`, is None), saying how to get one; else None."""
     names = [t["file"] for t in result.get("behaviour", []) + result.get("texts", [])]
     names += [a["prompt"] for a in result.get("activations", [])]
     names += [n for r in result.get("runs", []) for n in r.get("curves", {}).get("eval", {})]
-    if all(Path(n).name.isascii() for n in names) or (font or cjk_font()):
+    if font is not None or all(Path(n).name.isascii() for n in names):
         return None
     return (
         "no installed font has Chinese characters, so the plot numbers the names it cannot draw "
