@@ -1,7 +1,9 @@
 """The training loop, in-process: it learns, it resumes exactly, it stops on NaN, it saves loadable checkpoints."""
 
+import functools
 import hashlib
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from safetensors.torch import load_file
 
 from minigpt2 import load_model
 from minigpt2.data import prepare_corpus
+from minigpt2.evaluate import char_counts
 from minigpt2.files import read_jsonl
 from minigpt2.launch import start_model
 from minigpt2.rundir import STATE_JSON, RunDir
@@ -36,11 +39,17 @@ def tiny_model(seed=0, dropout=0.0):
     return start_model(None, "gpt2", TINY, seed=seed, dropout=dropout)
 
 
+@functools.cache
+def gpt2_char_counts(shared_data: Path):
+    """Characters per token id of the tokenizer the novels were tokenized with (for bits per character)."""
+    return char_counts(encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt"))
+
+
 def make_trainer(novels, out, *, model=None, tokenizer=None, **config):
     config = {"steps": 8, "batch_size": 4, "seq_len": 32, "eval_every": 0, "eval_tokens": 512, "lr": 3e-3, **config}
-    return Trainer(
-        model or tiny_model(), novels.train, {"val": novels.val}, TrainConfig(**config), out, tokenizer_source=tokenizer
-    )
+    counts = gpt2_char_counts(novels.files[0].path.parents[1])  # the shared data folder, holding zh/ and gpt2/
+    model, evals, config = model or tiny_model(), {"val": novels.val}, TrainConfig(**config)
+    return Trainer(model, novels.train, evals, config, out, tokenizer_source=tokenizer, char_counts=counts)
 
 
 def checkpoints(run):
