@@ -123,3 +123,16 @@ def test_the_training_log_and_compare_give_the_same_bits_per_character(shared_da
         assert row[side]["bits_per_char"] == pytest.approx(logged["bpc"], rel=1e-3)
         assert f"{row[side]['bits_per_char']:.4g}" in compared.stdout
     assert "windows of 64 tokens" in compared.stdout
+
+
+def test_extend_vocab_scores_its_before_and_after_by_the_protocol(enc):
+    from minigpt2.vocab import text_score
+
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=16)).train()
+    text = "今天的天气很好。" * 40
+    score = text_score(model, enc, text, max_chars=100)
+    assert score.tokens == len(enc.encode_ordinary(text[:100])) and score.characters == 100 and score.window == 16
+    assert score.protocol() == f"{score.tokens:,} tokens in windows of 16, 100 characters"
+    stream, _ = text_stream(enc, text[:100])
+    assert score.nats == pytest.approx(score_text(model.eval(), stream, char_counts(enc)).nats, rel=1e-6)
