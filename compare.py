@@ -14,13 +14,18 @@ its drift over the training steps. With several B's, one table (and plot) of wha
 on the first --text and lost on the second: a trade-off, e.g. full fine-tuning against LoRA.
 """
 
-import argparse
-import sys
+from minigpt2.cli import run_script, start_script  # light: nothing below is imported yet
 
-from minigpt2.checks import ArgumentParser, arg_int
-from minigpt2.cli import run_script
-from minigpt2.compare import DEFAULT_MAX_EVAL_TOKENS
-from minigpt2.watch import SAMPLE_TOKENS
+if __name__ == "__main__":
+    start_script()  # first: Ctrl-C during the imports exits cleanly; closed or narrow streams work
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from minigpt2.checks import ArgumentParser, arg_int  # noqa: E402
+from minigpt2.compare import DEFAULT_MAX_EVAL_TOKENS  # noqa: E402
+from minigpt2.watch import SAMPLE_TOKENS  # noqa: E402
 
 
 # fmt: off
@@ -35,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
                    help="loss, perplexity and bits per character of A and B on this UTF-8 text file (repeatable)")
     p.add_argument("--max-eval-tokens", type=arg_int(low=1), default=DEFAULT_MAX_EVAL_TOKENS, metavar="N",
                    help=f"evaluate at most the first N tokens of each --text (default: {DEFAULT_MAX_EVAL_TOKENS})")
+    p.add_argument("--window", type=arg_int(low=1), metavar="N", help="score --text in windows of N tokens (default: "
+                   "each model's context; a training run's log used its --seq-len)")
     p.add_argument("--top", type=arg_int(low=0), default=10, metavar="N", help="how many of the most changed tensors "
                    "to list (default: 10)")
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
@@ -58,10 +65,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from minigpt2.compare import compare, compare_many
+    from minigpt2.compare import compare, compare_many, files_read
+    from minigpt2.console import PhaseProgress
+    from minigpt2.errors import OutputError
     from minigpt2.htmlreport import write_html
     from minigpt2.report import (
         check_new_file,
+        cjk_font,
+        missing_font_note,
         render,
         render_many,
         require_matplotlib,
@@ -71,32 +82,55 @@ def main(argv=None) -> int:
     )
 
     def body() -> int:
-        # Refuse existing or unwritable output files before spending minutes on the comparison.
-        for path in (args.json, args.plot, args.html):
-            if path:
-                check_new_file(path, args.force)
+        # Refuse existing or unwritable output files before spending minutes on the comparison, and
+        # an output that is one of the inputs even with --force.
+        outputs = [path for path in (args.json, args.plot, args.html) if path]
+        if len({Path(path).resolve() for path in outputs}) < len(outputs):
+            raise OutputError("--json, --plot and --html name the same file; give each its own file")
+        reads = files_read([args.a, *args.b], args.text, args.revision) if outputs else []
+        for path in outputs:
+            check_new_file(path, args.force, reads)
         if args.plot:
             require_matplotlib()
+        progress = PhaseProgress()
         common = dict(
             texts=args.text,
             device=args.device,
             max_eval_tokens=args.max_eval_tokens,
             revision=args.revision,
             quantize=args.quantize,
+            window=args.window,
+            progress=progress,
         )
-        if len(args.b) > 1:
-            result = compare_many(args.a, args.b, **common)
-            sys.stdout.write(render_many(result))
-        else:
-            result = compare(
-                args.a, args.b[0] if args.b else None, prompts=args.prompt, sample_tokens=args.sample_tokens, **common
-            )
-            sys.stdout.write(render(result, top=args.top))
+        try:
+            if len(args.b) > 1:
+                result = compare_many(args.a, args.b, **common)
+                report = render_many(result)
+            else:
+                result = compare(
+                    args.a,
+                    args.b[0] if args.b else None,
+                    prompts=args.prompt,
+                    sample_tokens=args.sample_tokens,
+                    **common,
+                )
+                report = render(result, top=args.top)
+        finally:
+            progress.finish()  # also on an error: its one line must not be followed by a progress line
+        sys.stdout.write(report)
         if args.json:
             print(f"wrote {write_json(result, args.json, force=args.force)}")
         if args.plot:
             draw = write_tradeoff_plot if len(args.b) > 1 else write_plot
-            print(f"wrote {draw(result, args.plot, force=args.force)}")
+            progress("drawing the plot", 0, 1)
+            try:
+                written = draw(result, args.plot, force=args.force)
+            finally:
+                progress.finish()
+            note = missing_font_note(result, cjk_font())
+            if note:
+                progress.note(f"note: {note}")
+            print(f"wrote {written}")
         if args.html:
             print(f"wrote {write_html(result, args.html, force=args.force, top=args.top)}")
         return 0

@@ -8,13 +8,17 @@ and its fine-tuned version read side by side. After each sample: tokens/s and th
 characters in the generated text. --json prints one JSON record per sample instead.
 """
 
-import argparse
-import json
-import sys
+from minigpt2.cli import run_script, start_script  # light: nothing below is imported yet
 
-from minigpt2 import MiniGPT2Error, user_message
-from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int
-from minigpt2.cli import run_script
+if __name__ == "__main__":
+    start_script()  # first: Ctrl-C during the imports exits cleanly; closed or narrow streams work
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from minigpt2 import MiniGPT2Error, user_message  # noqa: E402
+from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int  # noqa: E402
 
 
 # fmt: off

@@ -12,10 +12,15 @@ On a CPU the defaults are sized to show learning within minutes (they are printe
     torchrun --nproc_per_node=8 train.py --data novels/ --out runs/zh [--shard]   # 8 GPUs, data parallel
 """
 
-import signal
-import sys
+from minigpt2.cli import start_script  # light: nothing below is imported yet
 
-from minigpt2.options import build_parser
+if __name__ == "__main__":
+    start_script()  # first: Ctrl-C during the imports exits cleanly; closed or narrow streams work
+
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from minigpt2.options import build_parser  # noqa: E402
 
 FLAGS = {"n_positions": "--context"}  # library parameter names that this script spells differently
 

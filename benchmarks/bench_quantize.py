@@ -24,7 +24,6 @@ The last line is the perplexity change of the default int8 model.
 
 import argparse
 import copy
-import math
 import os
 import sys
 import tempfile
@@ -32,11 +31,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import minigpt2.quantize
 from minigpt2 import GPT, GPTConfig, load_model, load_tokenizer, save_model
 from minigpt2.data import prepare_corpus
+from minigpt2.evaluate import char_counts, score_text, spans, text_stream
 from minigpt2.quantize import Int8Linear, quantize_model
 from minigpt2.trainer import TrainConfig, Trainer
 
@@ -60,23 +59,18 @@ def train_small(data: Path, steps: int, batch_size: int, enc) -> GPT:
     return model.eval()
 
 
-def held_out_windows(data: Path, enc, n_positions: int, max_tokens: int) -> torch.Tensor:
-    """Lu Xun's text as (windows, n_positions + 1) token rows: inputs and next-token targets."""
-    ids = enc.encode_ordinary((data / "zh" / HELD_OUT).read_text(encoding="utf-8"))[:max_tokens]
-    n = len(ids) // (n_positions + 1)
-    return torch.tensor(ids[: n * (n_positions + 1)]).view(n, n_positions + 1)  # (W, T + 1)
+def held_out(data: Path, enc, n_positions: int, max_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Lu Xun's text as minigpt2.evaluate scores it (EOT, then its first `max_tokens` tokens), and
+    its full context windows as (windows, n_positions + 1) token rows, for comparing logits."""
+    stream, _ = text_stream(enc, (data / "zh" / HELD_OUT).read_text(encoding="utf-8"), max_tokens)
+    rows = [stream[s : s + n + 1] for s, n in spans(len(stream), n_positions) if n == n_positions]
+    return stream, torch.tensor(rows)  # (W, T + 1)
 
 
 @torch.inference_mode()
-def logits_and_loss(model: GPT, windows: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, float]:
-    """Logits (W, T, vocab) for every window, and the mean next-token cross-entropy (nats)."""
-    outs, nats = [], 0.0
-    for i in range(0, len(windows), batch):
-        w = windows[i : i + batch]
-        logits = model(w[:, :-1])  # (b, T, vocab)
-        nats += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
-        outs.append(logits)
-    return torch.cat(outs), nats / windows[:, 1:].numel()
+def window_logits(model: GPT, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """Logits (W, T, vocab) for every window."""
+    return torch.cat([model(windows[i : i + batch, :-1]) for i in range(0, len(windows), batch)])
 
 
 def variants(model: GPT) -> dict[str, GPT]:
@@ -115,23 +109,25 @@ def main() -> int:
         if args.save:
             save_model(model, args.save, tokenizer_source=data / "gpt2", overwrite=True)
     c = model.config
-    windows = held_out_windows(data, enc, c.n_positions, args.eval_tokens)
+    stream, windows = held_out(data, enc, c.n_positions, args.eval_tokens)
+    counts = char_counts(enc)
+    ref_score = score_text(model, stream, counts)
     print(
         f"model: {c.n_layer} layers, width {c.n_embd}, context {c.n_positions}, {model.num_params():,} params; "
-        f"held-out: {HELD_OUT}, {windows[:, 1:].numel():,} predicted tokens; torch {torch.__version__}, "
+        f"held-out: {HELD_OUT}, {ref_score.protocol()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads"
     )
-    ref, ref_loss = logits_and_loss(model, windows)
+    ref = window_logits(model, windows)
     minigpt2.quantize.FBGEMM_MAX_ROWS = 1 << 30  # measure the decoding kernel's numbers on every window
-    print(f"{'float32':50s} perplexity {math.exp(ref_loss):9.3f}")
+    print(f"{'float32':50s} perplexity {ref_score.perplexity:9.3f}")
     changes = {}
     for name, m in variants(model).items():
-        logits, loss = logits_and_loss(m, windows)
+        logits, score = window_logits(m, windows), score_text(m, stream, counts)
         rel = ((logits - ref).norm() / ref.norm()).item()
         top1 = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        changes[name] = math.exp(loss) / math.exp(ref_loss) - 1
+        changes[name] = score.perplexity / ref_score.perplexity - 1
         print(
-            f"{name:50s} perplexity {math.exp(loss):9.3f} ({changes[name]:+.2%}); "
+            f"{name:50s} perplexity {score.perplexity:9.3f} ({changes[name]:+.2%}); "
             f"logits error {rel:.2%}; top-1 agreement {top1:.2%}"
         )
     default = next(iter(changes))

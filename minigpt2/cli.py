@@ -4,18 +4,91 @@ Every way a script can fail ends in one `error: ...` line on stderr and a non-ze
 traceback: the library's own `MiniGPT2Error` (with `--flag` names for an `OptionError`), and the
 filesystem's `OSError` (a full disk, a read-only folder, a file where a folder should be). A closed
 pipe (`| head`) ends quietly with status 141, as a tool killed by SIGPIPE does; Ctrl-C prints
-"interrupted" and exits 130 (128 + SIGINT). Like `console.py`, this module exists for the scripts
-and writes only to the stream it is given.
+"interrupted" and exits 130 (128 + SIGINT) at any moment, imports included (`start_script`).
+Output goes out whatever the streams are: a closed stdout or stderr (`>&-`) becomes /dev/null, and
+a stream whose encoding cannot hold the text (`PYTHONIOENCODING=ascii`) gets escapes instead of a
+UnicodeEncodeError, with one note saying so. Like `console.py`, this module exists for the scripts
+and writes only to the standard streams.
 """
 
 from __future__ import annotations
 
+import codecs
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
 
 from .errors import MiniGPT2Error, Notice, user_message
+
+ESCAPES = "minigpt2-escape"  # the codec error handler of streams that cannot encode everything
+_escaped: list[str] = []  # the encodings that needed escapes (for the one note)
+
+
+def start_script() -> None:
+    """What each script does first, before it imports anything slow.
+
+    - Ctrl-C while Python imports torch (~2 s, far longer on a busy machine) prints "interrupted"
+      and exits 130 at once: a KeyboardInterrupt raised inside torch's import prints a traceback,
+      or even aborts the process from C++. `run_script` restores Python's own Ctrl-C handling
+      once torch is imported, so the work itself is interrupted cleanly (temporary files removed).
+    - A closed stdin, stdout or stderr (`>&-`) is opened on /dev/null: output there is dropped
+      (with a note when stdout is), and no file the script opens can take its place, where a
+      stray write would corrupt it.
+    - A stream that cannot encode a character writes it as an escape (\\u4eca) instead of failing.
+    """
+    signal.signal(signal.SIGINT, _interrupted_at_once)
+    closed = [fd for fd in (0, 1, 2) if not _is_open(fd)]
+    for fd in closed:
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+    for name, fd in (("stdin", 0), ("stdout", 1), ("stderr", 2)):
+        if fd in closed or getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", closefd=False))  # noqa: SIM115
+    if 1 in closed:
+        print("note: standard output is closed: what would be printed there is dropped", file=sys.stderr)
+    codecs.register_error(ESCAPES, _escape)
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=ESCAPES)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _interrupted_at_once(signum, frame) -> None:
+    try:
+        os.write(2, b"\ninterrupted\n")
+    finally:
+        os._exit(130)
+
+
+def _escape(error: UnicodeError) -> tuple[str, int]:
+    """Write a character the stream's encoding lacks as a Python escape, and remember that it was."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    if error.encoding not in _escaped:
+        _escaped.append(error.encoding)
+    return codecs.backslashreplace_errors(error)
+
+
+def _escape_note() -> None:
+    if _escaped:
+        encodings = " / ".join(_escaped)
+        print(
+            f"note: the output's encoding ({encodings}) cannot show some characters; they were written as "
+            "\\u escapes. For the text itself use a UTF-8 locale or PYTHONIOENCODING=utf-8",
+            file=sys.stderr,
+        )
+        _escaped.clear()
 
 
 def run_script(body: Callable[[], int], flags: dict[str, str] | None = None, prefix: str = "") -> int:
@@ -25,6 +98,10 @@ def run_script(body: Callable[[], int], flags: dict[str, str] | None = None, pre
     one) are printed as one `note: ...` line on stderr each, every time they are raised.
     """
     try:
+        import torch  # noqa: F401  (every script needs it: imported while Ctrl-C still exits at once)
+
+        if signal.getsignal(signal.SIGINT) is _interrupted_at_once:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         with warnings.catch_warnings():
             warnings.simplefilter("always", Notice)
             shown = warnings.showwarning
@@ -46,6 +123,8 @@ def run_script(body: Callable[[], int], flags: dict[str, str] | None = None, pre
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        _escape_note()
 
 
 def error(message: str) -> int:

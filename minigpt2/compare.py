@@ -17,8 +17,9 @@ the new text versus the old. This module answers those four questions:
 2. **Activations** (`compare_activations`): forward hooks on every block record the hidden states
    of both models on a prompt; where they start to differ shows which layer's change matters.
    At the output, the KL divergence of the next-token distributions and each model's top-5.
-3. **Behaviour** (`evaluate_text`): loss, perplexity and bits per character of each model on a
-   text file — the new data (did it learn?) and the old (did it forget?).
+3. **Behaviour** (`score_model`, by `minigpt2.evaluate`'s protocol, which the trainer's log shares):
+   loss, perplexity and bits per character of each model on a text file — the new data (did it
+   learn?) and the old (did it forget?).
 4. **Training runs** (`read_run`, `run_drift`): how each layer's drift grew over the steps, from
    the snapshots the trainer wrote.
 
@@ -47,19 +48,20 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .checks import non_negative_int, positive_int
 from .config import GPTConfig
-from .data import bits_per_char, perplexity, tokenizer_fingerprint
+from .data import tokenizer_fingerprint
 from .device import resolve_device
-from .errors import CheckpointError, MiniGPT2Error
+from .errors import CheckpointError, MiniGPT2Error, OptionError
+from .evaluate import Score, char_counts, count_characters, score_text, text_stream
 from .files import read_text_file
 from .lora import adapted_tensors
-from .rundir import RunDir
+from .rundir import LOG, RUN_JSON, SNAPSHOTS, RunDir
 from .snapshots import capture_block_outputs, hidden_drift
 from .text import encode_prompt
 from .tokenizer import load_tokenizer
@@ -71,6 +73,7 @@ from .weights import (
     checkpoint_files,
     get_tensor,
     load_model,
+    local_path,
     match_keys,
     official_shapes,
     open_safetensors,
@@ -235,7 +238,7 @@ def _architecture_mismatch(config_a: GPTConfig, config_b: GPTConfig, both_have_c
     ]
 
 
-def compare_weights(a_source: str, b_source: str, *, revision: str | None = None) -> dict:
+def compare_weights(a_source: str, b_source: str, *, revision: str | None = None, progress: Progress = None) -> dict:
     """Every tensor of A against the same tensor of B, streamed from the two safetensors files.
 
     Both checkpoints are first checked to have the same architecture (vocabulary, context, layer
@@ -244,7 +247,7 @@ def compare_weights(a_source: str, b_source: str, *, revision: str | None = None
     a few tensors, never a second model. `lm_head` is not compared: it is tied to `wte`.
 
     Returns {"config", "tensors": [per tensor: name, layer, kind, shape, and `tensor_metrics`],
-    "layers", "kinds", "heatmap"} — see `summarise`.
+    "layers", "kinds", "heatmap"} — see `summarise`. `progress` hears of every tensor (see `Progress`).
     """
     files = {side: checkpoint_files(src, revision) for side, src in (("A", a_source), ("B", b_source))}
     stored, configs = {}, {}
@@ -276,7 +279,8 @@ def compare_weights(a_source: str, b_source: str, *, revision: str | None = None
         raise CheckpointError(" / ".join(problems))
 
     tensors, new_rows = [], None
-    for name, shape in expected.items():
+    for i, (name, shape) in enumerate(expected.items()):
+        _tell(progress, "comparing the weights", i, len(expected), "tensors")
         a = _read_tensor(files["A"][1], keys["A"][name])
         b = _read_tensor(files["B"][1], keys["B"][name])
         if name == "wte.weight" and a.shape != b.shape:
@@ -290,6 +294,7 @@ def compare_weights(a_source: str, b_source: str, *, revision: str | None = None
         layer, kind = tensor_kind(name)
         tensors.append({"name": name, "layer": layer, "kind": kind, "shape": list(shape), **tensor_metrics(a, b)})
         del a, b
+    _tell(progress, "comparing the weights", len(expected), len(expected), "tensors")
     result = {"config": _config_dict(configs["A"]), "tensors": tensors, **summarise(tensors, configs["A"].n_layer)}
     return result | ({"new_rows": new_rows} if new_rows is not None else {})
 
@@ -426,8 +431,10 @@ def record_prompts(model, enc, prompts: list[str], device) -> list[dict]:
     return records
 
 
-def compare_activations(prompts: list[str], records_a: list[dict], records_b: list[dict], enc) -> list[dict]:
-    """Per prompt: the drift of every block's output, KL(A || B) and both top-5 next tokens."""
+def compare_activations(prompts: list[str], records_a: list[dict], records_b: list[dict], enc_a, enc_b=None) -> list:
+    """Per prompt: the drift of every block's output, KL(A || B) and both top-5 next tokens, each
+    model's spelled by its own tokenizer (`enc_b`, A's by default): a grown vocabulary's new ids
+    mean nothing to A's."""
     results = []
     for prompt, ra, rb in zip(prompts, records_a, records_b):
         blocks = [
@@ -440,8 +447,8 @@ def compare_activations(prompts: list[str], records_a: list[dict], records_b: li
                 "truncated": ra["truncated"],
                 "blocks": blocks,
                 "kl_a_b": kl_divergence(*_shared_vocabulary(ra["logits"], rb["logits"])),
-                "top5_a": top_tokens(ra["logits"], enc),
-                "top5_b": top_tokens(rb["logits"], enc),
+                "top5_a": top_tokens(ra["logits"], enc_a),
+                "top5_b": top_tokens(rb["logits"], enc_b or enc_a),
             }
         )
     return results
@@ -450,74 +457,17 @@ def compare_activations(prompts: list[str], records_a: list[dict], records_b: li
 # ----- behaviour on text ------------------------------------------------------------------
 
 
-def text_tokens(enc, text: str, max_tokens: int) -> tuple[list[int], int | None]:
-    """The first `max_tokens` tokens of `text`, and the text's total token count when it is known
-    (None when only a prefix was tokenized, to stay fast on a large file).
-
-    A prefix of 8 characters per wanted token is tokenized first (no GPT-2 token is that long
-    on ordinary prose); only if that yields too few tokens is the whole text tokenized. The
-    tokens of a prefix equal the whole text's except near the cut, which lies far beyond the
-    tokens kept.
-    """
-    if len(text) > 8 * max_tokens:
-        ids = enc.encode(text[: 8 * max_tokens], disallowed_special=())
-        if len(ids) > max_tokens + 64:
-            return ids[:max_tokens], None
-    ids = enc.encode(text, disallowed_special=())
-    return ids[:max_tokens], len(ids)
-
-
-def count_characters(enc, ids: list[int]) -> int:
-    """Characters of the text these tokens spell: the UTF-8 bytes that start a character (all but
-    the 0b10xxxxxx continuation bytes). For a whole text this is exactly len(text); when a cap
-    cuts a character in two, the character counts if its first byte is in."""
-    data = enc.decode_bytes(ids)
-    return sum(1 for byte in data if byte & 0xC0 != 0x80)
-
-
-@torch.inference_mode()
-def text_nats(model, ids: list[int], eot: int, device, batch_tokens: int = 1024) -> float:
-    """Total cross-entropy, in nats, of `model` predicting every token of `ids`.
-
-    The text is preceded by <|endoftext|> (as GPT-2 saw documents in training), so even the first
-    token is predicted, and cut into non-overlapping windows of the model's context: window w
-    reads tokens [w*ctx - 1, (w+1)*ctx - 1) (token -1 being <|endoftext|>) and predicts
-    [w*ctx, (w+1)*ctx). Each token is predicted
-    exactly once, from at most a context's worth of preceding text (less at a window's start:
-    the price of bounded time; a sliding window would cost ctx times more). Windows of equal length
-    are batched up to `batch_tokens` tokens per forward pass: the logits of 1024 tokens over the
-    50,257-token vocabulary already take 206 MB in float32.
-    """
-    ctx = model.config.n_positions
-    seq = torch.tensor([eot, *ids], dtype=torch.long)
-    windows = [(s, min(s + ctx, len(ids))) for s in range(0, len(ids), ctx)]  # predicted spans [s, e)
-    total = 0.0
-    full = [w for w in windows if w[1] - w[0] == ctx]
-    per_batch = max(1, batch_tokens // ctx)
-    groups = [full[i : i + per_batch] for i in range(0, len(full), per_batch)]
-    groups += [[w] for w in windows if w[1] - w[0] != ctx]
-    for group in groups:
-        inputs = torch.stack([seq[s:e] for s, e in group]).to(device)  # (B, T): token before each target
-        targets = torch.stack([seq[s + 1 : e + 1] for s, e in group]).to(device)  # (B, T)
-        logits = model(inputs)  # (B, T, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-    return total
-
-
-def evaluate_text(model, enc, ids: list[int], characters: int, device) -> dict[str, float]:
-    """Loss (nats per token), perplexity (e^loss) and bits per character of `model` on `ids`.
-
-    Bits per character = total nats / (ln 2 x characters). Unlike loss and perplexity it does not
-    depend on how many tokens the tokenizer spends per character, which for GPT-2's byte-level BPE
-    is about 0.25 for English but over 2 for Chinese, so it compares texts in different languages.
-    """
-    nats = text_nats(model, ids, enc.eot_token, device)
-    loss = nats / len(ids)
+def score_dict(score: Score) -> dict:
+    """A `Score` as the figures of a JSON report: loss, perplexity, bits per character, and the
+    protocol they were measured with (tokens, window, characters)."""
     return {
-        "loss": loss,
-        "perplexity": perplexity(loss),
-        "bits_per_char": bits_per_char(loss, len(ids) / characters),
-        "nats": nats,
+        "loss": score.loss,
+        "perplexity": score.perplexity,
+        "bits_per_char": score.bits_per_char,
+        "nats": score.nats,
+        "tokens": score.tokens,
+        "characters": score.characters,
+        "window": score.window,
     }
 
 
@@ -526,19 +476,21 @@ def prepare_texts(paths: list[str], enc_a, enc_b, max_tokens: int) -> list[dict]
 
     Each side reads the text with its own tokenizer (a grown vocabulary spends fewer tokens on
     it): the cap of `max_tokens` is applied to A's tokens, and B gets the same stretch of text, so
-    bits per character compare the two on exactly the same characters.
+    bits per character compare the two on the same characters. Each side's stream starts with
+    its <|endoftext|> (see `minigpt2.evaluate`).
     """
     same = enc_b is enc_a or tokenizer_fingerprint(enc_a) == tokenizer_fingerprint(enc_b)
     texts = []
     for path in paths:
-        ids, total = text_tokens(enc_a, read_text_file(path, "text file"), max_tokens)
-        ids_b = ids if same else enc_b.encode(enc_a.decode(ids).rstrip("\ufffd"), disallowed_special=())
+        stream, total = text_stream(enc_a, read_text_file(path, "text file"), max_tokens)
+        ids = stream[1:]
+        stream_b = stream if same else [enc_b.eot_token, *enc_b.encode_ordinary(enc_a.decode(ids).rstrip("\ufffd"))]
         texts.append(
             {
                 "file": str(path),
-                "ids": {"A": ids, "B": ids_b},
+                "ids": {"A": stream, "B": stream_b},
                 "tokens": len(ids),
-                "tokens_b": len(ids_b),
+                "tokens_b": len(stream_b) - 1,
                 "characters": count_characters(enc_a, ids),
                 "tokens_in_file": total,
                 "capped": total is None or total > len(ids),
@@ -668,35 +620,115 @@ def resolve_side(source: str) -> dict:
     return {"source": source, "checkpoint": source, "run": None}
 
 
-def run_record(side: str, path: str, revision: str | None) -> dict:
+def files_read(sources: list[str], texts: list[str], revision: str | None = None) -> list[Path]:
+    """The files a comparison of `sources` on `texts` reads, as far as they exist (so that no output
+    of the same command can replace one): each --text file; each checkpoint folder's files
+    (weights, config, tokenizer, adapter), or a .safetensors file and its config.json; a run's own
+    files (run.json, log.jsonl, snapshots.jsonl) and its starting model's. A source that cannot be
+    resolved lists nothing: the comparison itself fails on it with its own message."""
+    found = [Path(t) for t in texts]
+    checkpoints = []
+    for source in sources:
+        side = resolve_side_or_none(source)
+        if side is None:
+            continue
+        checkpoints.append(side["checkpoint"])
+        if side["run"]:
+            run = RunDir(side["run"])
+            found += [run.path / name for name in (RUN_JSON, LOG, SNAPSHOTS)]
+            try:
+                checkpoints.append(run_start(run))
+            except MiniGPT2Error:
+                pass
+    for checkpoint in checkpoints:
+        try:
+            config, weights = checkpoint_files(checkpoint, revision)
+        except (MiniGPT2Error, OSError):
+            continue
+        found += [p for p in (config, weights) if p is not None]
+        if Path(checkpoint).is_dir() or local_path(checkpoint) is None:  # a folder (or the hub's): all of it
+            found += [p for p in Path(weights).parent.rglob("*") if p.is_file()]
+    return [p for p in dict.fromkeys(found) if p.exists()]
+
+
+def resolve_side_or_none(source: str) -> dict | None:
+    try:
+        return resolve_side(source)
+    except (MiniGPT2Error, OSError):
+        return None
+
+
+def run_record(side: str, path: str, revision: str | None, progress: Progress = None) -> dict:
     """A training run's drift over steps (pooled with its start model's norms when that can be read)
     and its learning curves, for one side of a comparison."""
     run = RunDir(path)
+    _tell(progress, f"reading the snapshots of {path}", 0, 1)
     try:  # the starting model's norms turn the snapshots' ratios into pooled per-layer figures
         norms = tensor_norms(run_start(run), revision)
     except MiniGPT2Error:
         norms = None  # a start that cannot be read (not cached, not saved): plain means
-    return {"side": side, "path": path, **run_drift(run.read_snapshots(), norms), "curves": run_curves(run)}
+    record = {"side": side, "path": path, **run_drift(run.read_snapshots(), norms), "curves": run_curves(run)}
+    _tell(progress, f"reading the snapshots of {path}", 1, 1)
+    return record
+
+
+Progress = Callable[[str, int, int, str], None] | None
+"""`progress(task, done, total, unit)`: told when a phase starts (done = 0) and as it goes on, so
+that a script can show what is being done and how far it is. The package never prints."""
+
+
+def _tell(progress: Progress, task: str, done: int, total: int, unit: str = "") -> None:
+    if progress is not None:
+        progress(task, done, total, unit)
+
+
+def score_model(model, streams: list[list[int]], chars, names: list[str], who: str, window, device, progress) -> list:
+    """One model's scores on several texts (`minigpt2.evaluate`), telling `progress` of each pass."""
+    scores = []
+    for stream, name in zip(streams, names):
+        task = f"scoring {who} on {name}"
+        _tell(progress, task, 0, 1, "passes")
+        tell = None if progress is None else (lambda done, total, task=task: progress(task, done, total, "passes"))
+        scores.append(score_dict(score_text(model, stream, chars, window=window, device=device, progress=tell)))
+    return scores
+
+
+def check_window(window: int | None, model) -> int:
+    """The evaluation window: `window`, or the model's context; never longer than the context."""
+    if window is None:
+        return model.config.n_positions
+    positive_int("window", window)
+    if window > model.config.n_positions:
+        raise OptionError(
+            "window", f"is {window}, longer than the model's context of {model.config.n_positions} tokens"
+        )
+    return window
 
 
 def _forward_passes(
-    side_a, side_b, enc, prompts, prepared, device, revision, quantize, sample_tokens
+    sides, enc, prompts, prepared, device, revision, quantize, window, progress, sample_tokens
 ) -> tuple[list, list]:
     """(activations per prompt, behaviour per text): each model loaded in turn and freed before the
     next, so memory holds one model at a time. With `sample_tokens`, each prompt's activations also
     hold each model's continuation of it (`watch.draw_samples`: the same seed for A and B)."""
     recorded, scores, continued = {}, {}, {}
-    for side, info in (("A", side_a), ("B", side_b)):
+    names = [Path(t["file"]).name for t in prepared]
+    for side, info in sides.items():
+        _tell(progress, f"loading {side} ({info['source']})", 0, 1)
         model = load_model(info["checkpoint"], device=device, revision=revision, quantize=quantize)
         # Prompts go in as A's tokens on both sides (a grown vocabulary keeps A's ids), so the two
         # models' block outputs are compared on the same input; texts in each side's own tokens.
+        if prompts:
+            _tell(progress, f"running {side} on the prompts", 0, len(prompts), "prompts")
         recorded[side] = record_prompts(model, enc["A"], list(prompts), device)
-        scores[side] = [evaluate_text(model, enc[side], t["ids"][side], t["characters"], device) for t in prepared]
+        chars = char_counts(enc[side])
+        streams = [t["ids"][side] for t in prepared]
+        scores[side] = score_model(model, streams, chars, names, side, check_window(window, model), device, progress)
         continued[side] = (
             draw_samples(model, enc[side], list(prompts), sample_tokens) if sample_tokens and prompts else []
         )
         del model
-    activations = compare_activations(list(prompts), recorded["A"], recorded["B"], enc["A"])
+    activations = compare_activations(list(prompts), recorded["A"], recorded["B"], enc["A"], enc["B"])
     for act, sample_a, sample_b in zip(activations, continued["A"], continued["B"]):
         act["continuation_a"], act["continuation_b"] = sample_a["text"], sample_b["text"]
     behaviour = [{k: v for k, v in t.items() if k != "ids"} | {"a": sa, "b": sb}
@@ -715,6 +747,8 @@ def compare(
     revision: str | None = None,
     quantize: str | None = None,
     sample_tokens: int = SAMPLE_TOKENS,
+    window: int | None = None,
+    progress: Progress = None,
 ) -> dict:
     """Compare checkpoint A (the reference, e.g. before fine-tuning) with B (e.g. after).
 
@@ -734,6 +768,10 @@ def compare(
     `quantize="int8"` runs the prompts and texts through int8 weight-only models (see
     `minigpt2.quantize`): what int8 decoding would score. Whole texts are bound by arithmetic, not
     by reading weights, so on a CPU this is not faster. The weights are always compared as stored.
+
+    Texts are scored by `minigpt2.evaluate`'s protocol: the first `max_eval_tokens` tokens, in
+    windows of `window` tokens (default: each model's context). `progress` hears of every phase
+    (see `Progress`).
     """
     positive_int("max_eval_tokens", max_eval_tokens)  # the evaluation cap, in tokens
     non_negative_int("sample_tokens", sample_tokens)
@@ -751,15 +789,16 @@ def compare(
     if prompts or texts:  # read the texts first: a bad file should fail before minutes of work
         enc = {"A": side_tokenizer(side_a["checkpoint"], revision), "B": side_tokenizer(side_b["checkpoint"], revision)}
         prepared = prepare_texts(list(texts), enc["A"], enc["B"], max_eval_tokens)
-    weights = compare_weights(side_a["checkpoint"], side_b["checkpoint"], revision=revision)
+    weights = compare_weights(side_a["checkpoint"], side_b["checkpoint"], revision=revision, progress=progress)
     # A LoRA run's checkpoint has adapter/ beside its merged weights: mark the adapted tensors.
     names = [t["name"] for t in weights["tensors"]]
     weights["lora"] = adapted_tensors(side_b["checkpoint"], names) or adapted_tensors(side_a["checkpoint"], names)
-    runs = [run_record(side, info["run"], revision) for side, info in (("A", side_a), ("B", side_b)) if info["run"]]
+    sides = {"A": side_a, "B": side_b}
+    runs = [run_record(side, info["run"], revision, progress) for side, info in sides.items() if info["run"]]
     activations, behaviour = [], []
     if enc is not None:
         activations, behaviour = _forward_passes(
-            side_a, side_b, enc, prompts, prepared, device, revision, quantize, sample_tokens
+            sides, enc, prompts, prepared, device, revision, quantize, window, progress, sample_tokens
         )
 
     return {
@@ -786,6 +825,8 @@ def compare_many(
     max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS,
     revision: str | None = None,
     quantize: str | None = None,
+    window: int | None = None,
+    progress: Progress = None,
 ) -> dict:
     """A against several models at once, for a trade-off: e.g. the base, a full fine-tune and LoRA
     fine-tunes of two ranks, on the new language's text and on the old one's.
@@ -807,7 +848,7 @@ def compare_many(
     for side, enc, side_texts in zip(sides, encs, prepared):
         weights = None
         if side is not sides[0]:
-            found = compare_weights(sides[0]["checkpoint"], side["checkpoint"], revision=revision)
+            found = compare_weights(sides[0]["checkpoint"], side["checkpoint"], revision=revision, progress=progress)
             matrices = [t["rank_90"] for t in found["tensors"] if t["rank_90"] is not None]
             lora = adapted_tensors(side["checkpoint"], [t["name"] for t in found["tensors"]])
             weights = {
@@ -815,8 +856,13 @@ def compare_many(
                 "max_rank_90": max(matrices, default=None),
                 "lora_r": lora["r"] if lora else None,
             }
+        _tell(progress, f"loading {side['source']}", 0, 1)
         model = load_model(side["checkpoint"], device=device, revision=revision, quantize=quantize)
-        scores = [evaluate_text(model, enc, t["ids"]["B"], t["characters"], device) for t in side_texts]
+        streams = [t["ids"]["B"] for t in side_texts]
+        names = [Path(t["file"]).name for t in side_texts]
+        scores = score_model(
+            model, streams, char_counts(enc), names, side["source"], check_window(window, model), device, progress
+        )
         del model
         models.append({**side, "weights": weights, "behaviour": scores})
     return {

@@ -1,16 +1,19 @@
-"""What `train.py` shows: the table on stdout, a progress bar (or plain progress lines) on stderr.
+"""What the scripts show: `train.py`'s table on stdout, a progress bar (or plain progress lines) on
+stderr, and `compare.py`'s progress through its phases.
 
-This is the training front end's display, kept out of `train.py` so the script stays a page long;
+This is the front ends' display, kept out of the scripts so that each stays a page long;
 it is the one place in the package that names command-line options, since it talks to the person
 who typed them. It writes only to the two streams it is given. If one goes away (the terminal was
-closed, `| head` exited), it stops writing to that one and training goes on: log.jsonl has every
-record anyway.
+closed, `| head` exited), it stops writing to that one and the work goes on (training's log.jsonl
+has every record anyway).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import threading
 import time
 import unicodedata
 
@@ -56,15 +59,13 @@ def format_bytes(n: int | None) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-class TrainConsole:
-    """Turns the trainer's records into lines for a person."""
+class Display:
+    """Lines for a person on stdout, notes and a progress line on stderr; a stream that goes away
+    (the terminal was closed, `| head` exited) is written to no more, and the work goes on."""
 
-    def __init__(self, out=None, err=None, *, log_every: int = 10, show_mfu: bool = False) -> None:
+    def __init__(self, out=None, err=None) -> None:
         self.out, self.err = out or sys.stdout, err or sys.stderr
-        self.log_every, self.show_mfu = log_every, show_mfu
         self.tty = self._isatty(self.err)
-        self.header_done = False
-        self.steps = 0
         self.bar_text = ""
         self.plain_at = 0.0  # when the last plain progress line of a phase was written (no terminal)
         self.phase, self.phase_at = "", 0.0  # the long phase going on before training, and its start
@@ -119,6 +120,80 @@ class TrainConsole:
         if self.tty and self.bar_text:
             self._write("err", "\r" + self.bar_text[:110].ljust(110))
 
+    def finish(self) -> None:
+        self.clear_bar()
+        self.bar_text = ""
+
+
+class PhaseProgress(Display):
+    """What a script is doing and how far it is, for work that reports `(task, done, total, unit)`
+    (`minigpt2.compare.Progress`): on a terminal a bar redrawn in place, with the time spent and an
+    estimate of the time left. Otherwise (a log file, a pipe) a line once a phase has run `after`
+    seconds — a timer prints it even while the phase is silent, such as a model loading — and then
+    at most every `every` seconds: a log shows each long phase within seconds of its start, and
+    quick phases (or an error in the first second) leave it alone."""
+
+    def __init__(self, out=None, err=None, *, after: float = 2.0, every: float = 5.0) -> None:
+        super().__init__(out, err)
+        self.after, self.every = after, every
+        self.state: tuple[str, int, int, str] | None = None
+        self.started = self.shown = 0.0
+        self.lock = threading.Lock()
+        self.timer: threading.Timer | None = None
+
+    def __call__(self, task: str, done: int, total: int, unit: str = "") -> None:
+        now = time.monotonic()
+        with self.lock:
+            new = self.state is None or task != self.state[0]
+            self.state = (task, done, total, unit)
+            if new:
+                self.started, self.shown = now, -math.inf
+                self._cancel()
+                if not self.tty:
+                    self.timer = threading.Timer(self.after, self._late, args=(task,))
+                    self.timer.daemon = True
+                    self.timer.start()
+                    return
+            if self.tty:
+                if new or now - self.shown >= 0.2 or done >= total:
+                    self._show(now)
+            elif now - self.started >= self.after and now - self.shown >= self.every and done < total:
+                self._show(now)
+
+    def _late(self, task: str) -> None:
+        with self.lock:
+            if self.state is not None and self.state[0] == task and self.shown == -math.inf:
+                self._show(time.monotonic())
+
+    def _show(self, now: float) -> None:
+        task, done, total, unit = self.state
+        self.shown = now
+        elapsed = now - self.started
+        left = f", about {format_duration(elapsed / done * (total - done))} left" if 0 < done < total else ""
+        count = f": {done}/{total}{' ' + unit if unit else ''}" if total > 1 or unit else ""
+        self.bar(f"{task}{count} ({format_duration(elapsed)} so far{left})")
+
+    def _cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def finish(self) -> None:
+        with self.lock:
+            self._cancel()
+            self.state = None
+            super().finish()
+
+
+class TrainConsole(Display):
+    """Turns the trainer's records into lines for a person."""
+
+    def __init__(self, out=None, err=None, *, log_every: int = 10, show_mfu: bool = False) -> None:
+        super().__init__(out, err)
+        self.log_every, self.show_mfu = log_every, show_mfu
+        self.header_done = False
+        self.steps = 0
+
     # ----- records --------------------------------------------------------------------------
 
     def show(self, r: dict) -> None:
@@ -147,7 +222,8 @@ class TrainConsole:
         self.line(f"vocabulary: {r['merges_learned']:,} new tokens learned{cached}; {r['vocab_size']:,} in all")
         for name, t in r["texts"].items():
             bpc = (
-                f"; bits per character at step 0: {t['bits_per_char_before']:.3f} -> {t['bits_per_char_after']:.3f}"
+                f"; bits per character at step 0: {t['bits_per_char_before']:.3f} ({t['protocol_before']}) -> "
+                f"{t['bits_per_char_after']:.3f} ({t['protocol_after']})"
                 if "bits_per_char_after" in t
                 else ""
             )
@@ -288,7 +364,7 @@ class TrainConsole:
     def _eval(self, r):
         self.line(
             f"eval step {r['step']:>5} | {r['set']}: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, "
-            f"bpc {r['bpc']:.4f} ({r['eval_tokens']:,} tokens)"
+            f"bpc {r['bpc']:.4f} ({r['eval_tokens']:,} tokens in windows of {r['window']}, {r['chars']:,} characters)"
         )
 
     def _samples(self, r):
@@ -310,7 +386,3 @@ class TrainConsole:
                 f"stopped by {r['reason']} before the first step: nothing to save; "
                 "run the same command again (or with --resume)"
             )
-
-    def finish(self) -> None:
-        self.clear_bar()
-        self.bar_text = ""

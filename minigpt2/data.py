@@ -868,32 +868,3 @@ class WindowSampler:
 def gather_windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> np.ndarray:
     """(len(offsets), seq_len + 1) int64 array of the windows starting at `offsets`."""
     return np.stack([np.asarray(tokens[o : o + seq_len + 1], dtype=np.int64) for o in offsets])
-
-
-def eval_windows(n_tokens: int, seq_len: int, max_tokens: int | None = None) -> list[int]:
-    """Start offsets of consecutive, non-overlapping windows from the start of an eval set.
-
-    Always the same windows, so evaluations at different steps are comparable; capped at about
-    `max_tokens` predicted tokens to bound the cost. A set shorter than one window gives one
-    shorter window (the caller shortens seq_len to fit).
-    """
-    count = max((n_tokens - 1) // seq_len, 0)
-    if max_tokens is not None:
-        count = min(count, max(max_tokens // seq_len, 1))
-    return [k * seq_len for k in range(count)]
-
-
-def perplexity(loss_nats_per_token: float) -> float:
-    """e^loss: the number of equally likely tokens the model is as unsure as. Infinity where that
-    overflows (a loss above ~709 nats); NaN stays NaN, so a broken model never looks fine."""
-    return math.inf if loss_nats_per_token >= 709 else math.exp(loss_nats_per_token)
-
-
-def bits_per_char(loss_nats_per_token: float, tokens_per_char: float) -> float:
-    """Convert a mean loss in nats per token into bits per character of the evaluated text.
-
-    total nats / (ln 2 * characters) = (nats per token) * (tokens per character) / ln 2. Unlike
-    loss or perplexity, this does not depend on how the tokenizer splits text, so it compares
-    models with different tokenizers, and Chinese with English.
-    """
-    return loss_nats_per_token * tokens_per_char / math.log(2)

@@ -34,6 +34,7 @@ from .config import GPTConfig
 from .data import check_inputs, compile_drop_lines, default_cache_dir, head_text, prepare_corpus
 from .device import auto_dtype, resolve_dtype
 from .errors import MiniGPT2Error
+from .evaluate import char_counts
 from .model import GPT
 from .options import TrainOptions, check_combinations, resolve, saved_options
 from .rundir import (
@@ -256,7 +257,8 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
                       compile=bool(o.compile), tokenizer_source=tok_folder,
                       snapshotter=snapshotter, prompt_sampler=_prompt_sampler(o, enc, ctx, report), dist=ctx,
                       shard=bool(o.shard), keep_last=o.keep_last,
-                      activation_checkpointing=bool(o.activation_checkpointing))  # fmt: skip
+                      activation_checkpointing=bool(o.activation_checkpointing),
+                      char_counts=char_counts(enc))  # fmt: skip
     skipped = trainer.resume() if resume else []
     for record in skipped:
         report({"type": "skipped", **record})

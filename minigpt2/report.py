@@ -220,10 +220,12 @@ def _activations(number: int, act: dict) -> list[str]:
 
 
 def _behaviour(result: dict) -> list[str]:
+    windows = sorted({t[side]["window"] for t in result["behaviour"] for side in "ab"})
     out = [
-        f"== Behaviour on text (first {result['max_eval_tokens']} tokens at most, --max-eval-tokens; "
-        "non-overlapping context windows) ==",
-        "   loss = nats per token; bpc = bits per character, comparable across languages.",
+        f"== Behaviour on text (the first {result['max_eval_tokens']:,} tokens at most, --max-eval-tokens, after "
+        f"<|endoftext|>; non-overlapping windows of {' / '.join(map(str, windows))} tokens, --window) ==",
+        "   loss = nats per token; bpc = bits per character of the characters those tokens spell, comparable "
+        "across languages.",
     ]
     out += table(BEHAVIOUR_COLUMNS, behaviour_rows(result))
     if any(t.get("tokens_b", t["tokens"]) != t["tokens"] for t in result["behaviour"]):
@@ -251,11 +253,12 @@ def behaviour_rows(result: dict) -> list[list[str]]:
         )
         if t.get("tokens_b", t["tokens"]) != t["tokens"]:
             tokens += f" (B: {t['tokens_b']})"
+        chars = str(t["characters"]) + (f" (B: {b['characters']})" if b["characters"] != t["characters"] else "")
         rows.append(
             [
                 Path(t["file"]).name,
                 tokens,
-                str(t["characters"]),
+                chars,
                 num(a["loss"]),
                 num(b["loss"]),
                 f"{b['loss'] - a['loss']:+.4f}",
@@ -337,13 +340,18 @@ def sample_prompts_of(drawn: list[dict]) -> list[str]:
 # ----- files ------------------------------------------------------------------------------
 
 
-def check_new_file(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to replace an existing file unless forced, and an output that cannot be written
-    (a missing or read-only folder, a full disk), before any work is done: a temporary file is
-    created in the folder and removed again."""
+def check_new_file(path: str | os.PathLike, force: bool, reads: list[Path] = ()) -> Path:
+    """Refuse to replace an existing file unless forced, a file the same command reads (`reads`)
+    even when forced, and an output that cannot be written (a missing or read-only folder, a full
+    disk), before any work is done: a temporary file is created in the folder and removed again."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"'{path}' is a directory; give a file name")
+    if path.exists() and any(_same_file(path, other) for other in reads):
+        raise OutputError(
+            f"'{path}' is one of this command's inputs; an output never replaces an input, even with --force: "
+            "choose another name"
+        )
     if path.exists() and not force:
         raise OutputError(f"'{path}' already exists; choose another name or pass --force to replace it")
     if not path.parent.is_dir():
@@ -356,6 +364,13 @@ def check_new_file(path: str | os.PathLike, force: bool) -> Path:
     except OSError as e:
         raise OutputError(f"cannot write '{path}': {e.strerror or e} (in '{path.parent}')") from None
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def finite(value):
@@ -394,35 +409,97 @@ def require_matplotlib():
 
 
 def write_plot(result: dict, path: str | os.PathLike, force: bool = False) -> Path:
-    """A PNG of what a person looks at first. For a training run: its learning curves on top
-    (training loss, and each eval set in bits per character), then the weights heatmap (every
-    layer, the embeddings and final LayerNorm included) beside the activation drift per block,
-    then how the weights and block outputs drifted over the steps. Without a run, the middle row."""
+    """A PNG of what a person looks at first, two panels a row: for a training run its learning
+    curves (training loss, and each eval set in bits per character); the weights heatmap (every
+    layer, the embeddings and final LayerNorm included); the activation drift per block (with
+    --prompt); what it cost and gained: bits per character of A and B on each --text, or else on
+    the run's own eval sets at its first and last evaluation; and how the weights and block
+    outputs drifted over the steps. Panels with nothing to show are left out; an odd one out
+    takes a whole row."""
     path = check_new_file(path, force)
     run = result["runs"][0] if result["runs"] else None
-    has_curves = bool(run and (run.get("curves", {}).get("train") or run.get("curves", {}).get("eval")))
-    has_steps = bool(run and run["steps"])
-    rows = 1 + has_curves + has_steps
-    figure = png_figure(path, rect=(0, 0, 1, 0.98), nrows=rows, ncols=2, figsize=(13, 5 * rows), squeeze=False)
-    with figure as (fig, axes, font):  # rect: room for the title above the panels
-        row = 0
-        if has_curves:
-            _plot_curves(axes[0][0], axes[0][1], run, font)
-            row += 1
-        _plot_heatmap(fig, axes[row][0], result)
-        _plot_activations(axes[row][1], result, font)
-        if has_steps:
-            _plot_steps(axes[row + 1][0], run, "weight_drift", "weights: relative change per layer since the start")
-            _plot_steps(
-                axes[row + 1][1], run, "activation_drift", "block outputs on the probe: rel. diff since the start"
-            )
+    curves = (run or {}).get("curves", {})
+    panels = []  # functions (fig, ax, font) -> None, in reading order
+    if curves.get("train") or curves.get("eval"):
+        panels += [lambda fig, ax, font: _plot_train_loss(ax, run), lambda fig, ax, font: _plot_eval(ax, run, font)]
+    heatmap = lambda fig, ax, font: _plot_heatmap(fig, ax, result)  # noqa: E731
+    panels.append(heatmap)
+    if result["activations"]:
+        panels.append(lambda fig, ax, font: _plot_activations(ax, result, font))
+    cost = cost_bars(result)
+    if cost is not None:
+        panels.append(lambda fig, ax, font: _plot_cost(ax, cost, font))
+    if run and run["steps"]:
+        panels += [
+            lambda fig, ax, font: _plot_steps(ax, run, "weight_drift", "weights: relative change per layer"),
+            lambda fig, ax, font: _plot_steps(ax, run, "activation_drift", "block outputs on the probe: rel. diff"),
+        ]
+    rows = math.ceil(len(panels) / 2)
+    with png_figure(path, rect=(0, 0, 1, 0.98), axes=False, figsize=(13, 5 * rows)) as (fig, _, font):
+        grid = fig.add_gridspec(rows, 2)
+        slot = 0  # the heatmap always starts a row; it takes the whole row when the panels do not pair up
+        for draw in panels:
+            row, col = divmod(slot, 2)
+            wide = draw is heatmap and len(panels) % 2 == 1
+            draw(fig, fig.add_subplot(grid[row, :] if wide else grid[row, col]), font)
+            slot += 2 if wide else 1
         fig.suptitle(f"A = {result['a']['source']}   vs   B = {result['b']['source']}", fontsize=11)
     return path
 
 
+def cost_bars(result: dict) -> dict | None:
+    """What the plot's cost panel shows: bits per character of A and B on each --text, else on the
+    run's eval sets at its first and last evaluation (from log.jsonl, measured as the training
+    went); None when there is neither."""
+    if result["behaviour"]:
+        return {
+            "title": "bits per character on each --text (lower is better)",
+            "names": [Path(t["file"]).name for t in result["behaviour"]],
+            "bars": {"A": [t["a"]["bits_per_char"] for t in result["behaviour"]],
+                     "B": [t["b"]["bits_per_char"] for t in result["behaviour"]]},
+        }  # fmt: skip
+    run = next((r for r in result["runs"] if r.get("curves", {}).get("eval")), None)
+    if run is None:
+        return None
+    sets = {name: points for name, points in run["curves"]["eval"].items() if points}
+    first = min(points[0]["step"] for points in sets.values())
+    last = max(points[-1]["step"] for points in sets.values())
+    bars = {}
+    for step in dict.fromkeys([first, last]):
+        at = [next((p["bpc"] for p in points if p["step"] == step), math.nan) for points in sets.values()]
+        bars[f"step {step}"] = at
+    return {
+        "title": f"run {run['side']}: bits per character on its eval sets (lower is better)",
+        "names": list(sets),
+        "bars": bars,
+    }
+
+
+def text_label(name: str, number: int, font: str | None, what: str = "text") -> str:
+    """A name as a plot label: itself where it can be drawn, else a number (a Chinese name without
+    a CJK font would be a row of empty boxes; `missing_font_note` says how to get one)."""
+    return name if name.isascii() or font else f"{what} {number}"
+
+
+def missing_font_note(result: dict, font: str | None) -> str | None:
+    """One line for stderr when the plot had to number names it could not draw because no CJK font
+    is installed (`font`, from `cjk_font()`, is None), saying how to get one; else None."""
+    names = [t["file"] for t in result.get("behaviour", []) + result.get("texts", [])]
+    names += [a["prompt"] for a in result.get("activations", [])]
+    names += [n for r in result.get("runs", []) for n in r.get("curves", {}).get("eval", {})]
+    if font is not None or all(Path(n).name.isascii() for n in names):
+        return None
+    return (
+        "no installed font has Chinese characters, so the plot numbers the names it cannot draw "
+        "('text 1', 'eval set 2'); install one and draw it again (Debian/Ubuntu: sudo apt-get install "
+        "fonts-noto-cjk; Fedora: google-noto-sans-cjk-fonts; macOS and Windows have one)"
+    )
+
+
 @contextlib.contextmanager
-def png_figure(path: Path, rect=(0, 0, 1, 1), **subplots):
-    """(figure, axes, CJK font or None) for the block to draw in; then the figure is laid out
+def png_figure(path: Path, rect=(0, 0, 1, 1), axes: bool = True, **subplots):
+    """(figure, axes, CJK font or None) for the block to draw in (`axes=False`: none, the block adds
+    its own; `subplots` then only sizes the figure); then the figure is laid out
     (within `rect`), written to `path` atomically as a PNG, and closed, also when drawing fails.
 
     matplotlib runs without a display (Agg), and every text falls back to a CJK font where one
@@ -433,7 +510,7 @@ def png_figure(path: Path, rect=(0, 0, 1, 1), **subplots):
 
     font = cjk_font()
     with cjk_fallback(matplotlib, font):  # for every text of the figure, until it is saved
-        fig, axes = plt.subplots(**subplots)
+        fig, axes = plt.subplots(**subplots) if axes else (plt.figure(**subplots), None)
         try:
             yield fig, axes, font
             with warnings.catch_warnings():  # without a CJK font, Chinese in a path shows as boxes
@@ -460,11 +537,22 @@ CJK_FONTS = (
 
 
 def cjk_font() -> str | None:
-    """An installed font that has Chinese glyphs (matplotlib's own fonts have none), or None."""
-    from matplotlib import font_manager
+    """An installed font that has Chinese glyphs (matplotlib's own fonts have none), or None: a
+    well-known one by name, else any font whose character map holds 中 (U+4E2D)."""
+    from matplotlib import font_manager, ft2font
 
-    installed = {f.name for f in font_manager.fontManager.ttflist}
-    return next((name for name in CJK_FONTS if name in installed), None)
+    fonts = font_manager.fontManager.ttflist
+    installed = {f.name for f in fonts}
+    known = next((name for name in CJK_FONTS if name in installed), None)
+    if known is not None:
+        return known
+    for f in fonts:
+        try:
+            if 0x4E2D in ft2font.FT2Font(f.fname).get_charmap():
+                return f.name
+        except (OSError, RuntimeError, ValueError):
+            continue
+    return None
 
 
 def cjk_fallback(matplotlib, font: str | None):
@@ -481,35 +569,61 @@ def prompt_label(number: int, prompt: str, font: str | None) -> str:
     return f"prompt {number} (install a CJK font, e.g. fonts-noto-cjk, to see its text)"
 
 
-def _plot_curves(ax_loss, ax_bpc, run: dict, font: str | None) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    curves = run["curves"]
-    train = curves["train"]
+def _plot_train_loss(ax, run: dict) -> None:
+    train = run["curves"]["train"]
     if train:
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
-        ax_loss.plot(steps, losses, color="0.75", linewidth=0.8, label="each step")
+        ax.plot(steps, losses, color="0.75", linewidth=0.8, label="each step")
         window, smooth = smoothed(losses)
-        ax_loss.plot(steps, smooth, color="tab:blue", label=f"mean of {window} steps" if window > 1 else "loss")
-        ax_loss.legend(fontsize=8)
-    ax_loss.set_title(f"run {run['side']}: training loss (nats per token)", fontsize=10)
-    for (name, points), colour in zip(curves["eval"].items(), _colours(len(curves["eval"]))):
-        ax_bpc.plot(
-            [p["step"] for p in points],
-            [p["bpc"] for p in points],
-            marker="o",
-            color=colour,
-            label=name if name.isascii() or font else f"eval set {len(ax_bpc.lines) + 1}",
-        )
-    if curves["eval"]:
-        ax_bpc.legend(fontsize=8)
+        ax.plot(steps, smooth, color="tab:blue", label=f"mean of {window} steps" if window > 1 else "loss")
+        ax.legend(fontsize=8)
     else:
-        ax_bpc.text(0.5, 0.5, "no evaluations in this run", ha="center", va="center", transform=ax_bpc.transAxes)
-    ax_bpc.set_title(f"run {run['side']}: evaluation, bits per character (lower is better)", fontsize=10)
-    for ax in (ax_loss, ax_bpc):
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+        ax.text(0.5, 0.5, "no training step logged", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"run {run['side']}: training loss (nats per token)", fontsize=10)
+    _step_axis(ax, [r["step"] for r in train])
+
+
+def _plot_eval(ax, run: dict, font: str | None) -> None:
+    evals = run["curves"]["eval"]
+    for number, ((name, points), colour) in enumerate(zip(evals.items(), _colours(len(evals))), 1):
+        ax.plot([p["step"] for p in points], [p["bpc"] for p in points], marker="o", color=colour,
+                label=text_label(name, number, font, "eval set"))  # fmt: skip
+    if evals:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no evaluations in this run", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"run {run['side']}: evaluation, bits per character (lower is better)", fontsize=10)
+    _step_axis(ax, [p["step"] for points in evals.values() for p in points])
+
+
+def _step_axis(ax, steps: list[int]) -> None:
+    """An x-axis of whole steps; a run with one step logged (stopped early) gets a step either side
+    instead of matplotlib's -0.045..0.045 around it."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if steps and min(steps) == max(steps):
+        ax.set_xlim(steps[0] - 1, steps[0] + 1)
+    ax.grid(alpha=0.3)
+
+
+def _plot_cost(ax, cost: dict, font: str | None) -> None:
+    """Grouped bars: one group per text, one bar per model (or step), its value written on it."""
+    names = [text_label(n, i, font) for i, n in enumerate(cost["names"], 1)]
+    if len(cost["bars"]) == 2:  # the change, under each name: bars from 0 hide a small one
+        (before, first), (after, last) = cost["bars"].items()
+        names = [f"{n}\n{after} - {before}: {b - a:+.3f}" for n, a, b in zip(names, first, last)]
+    width = 0.8 / len(cost["bars"])
+    for k, ((label, values), colour) in enumerate(zip(cost["bars"].items(), _colours(len(cost["bars"])))):
+        xs = [i + (k - (len(cost["bars"]) - 1) / 2) * width for i in range(len(names))]
+        bars = ax.bar(xs, values, width, color=colour, label=label)
+        ax.bar_label(bars, labels=[num(v, 3) for v in values], fontsize=7)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel("bits per character")
+    ax.set_title(cost["title"], fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
 
 
 def smoothed(values: list[float]) -> tuple[int, list[float]]:
@@ -574,10 +688,6 @@ def _plot_heatmap(fig, ax, result: dict) -> None:
 
 def _plot_activations(ax, result: dict, font: str | None) -> None:
     ax.set_title("activation drift per block: ||hA-hB||/||hA|| (%)", fontsize=10)
-    if not result["activations"]:
-        ax.text(0.5, 0.5, "no --prompt given", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return
     for (number, act), colour in zip(enumerate(result["activations"], 1), _colours(len(result["activations"]))):
         ys = [100 * b["relative_diff"] if math.isfinite(b["relative_diff"]) else float("nan") for b in act["blocks"]]
         ax.plot(range(len(ys)), ys, marker="o", color=colour, label=prompt_label(number, act["prompt"], font))
@@ -591,8 +701,6 @@ def _plot_activations(ax, result: dict, font: str | None) -> None:
 
 
 def _plot_steps(ax, run: dict, key: str, title: str) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     steps = [s["step"] for s in run["steps"]]
     layers = [layer for layer in run["layers"] if any(layer in s[key] for s in run["steps"])]
     styles = ("-", "--", ":", "-.")
@@ -606,11 +714,9 @@ def _plot_steps(ax, run: dict, key: str, title: str) -> None:
             label=layer,
             marker="." if len(steps) < 30 else None,
         )
-    ax.set_title(f"run {run['side']}: {title} (%)", fontsize=10)
-    ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"run {run['side']}: {title} since the start (%)", fontsize=10)
+    _step_axis(ax, steps)
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2 if len(layers) > 8 else 1)
 
 
@@ -621,10 +727,11 @@ def render_many(result: dict) -> str:
     """The trade-off of several models against A as one table: weights moved, bits per character on
     every text and its change from A (negative: better)."""
     headers, rows = tradeoff_rows(result)
+    windows = " / ".join(map(str, sorted({s["window"] for m in result["models"] for s in m["behaviour"]})))
     out = [
         f"A: {result['a']['source']}",
-        f"== Several models against A: bits per character on the first {result['max_eval_tokens']} tokens "
-        "(of A's tokenizer) of each text ==",
+        f"== Several models against A: bits per character on the first {result['max_eval_tokens']:,} tokens "
+        f"(of A's tokenizer) of each text, in windows of {windows} tokens ==",
         "   weights moved = ||W - W_A|| / ||W_A|| over all tensors; max rank90 = the largest number of singular "
         "directions holding 90% of a matrix's update.",
     ]
@@ -670,7 +777,7 @@ def write_tradeoff_plot(result: dict, path: str | os.PathLike, force: bool = Fal
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
         ax.axhline(0, color="0.6", linewidth=0.8)
         ax.axvline(0, color="0.6", linewidth=0.8)
-        label = [t if t.isascii() or font else f"text {i + 1}" for i, t in enumerate(texts)]
+        label = [text_label(t, i, font) for i, t in enumerate(texts, 1)]
         ax.set_xlabel(f"change in bits per character on {label[0]} (learned: left is better)")
         ax.set_ylabel(f"change on {label[1]} (forgotten: up is worse)" if len(texts) > 1 else "")
         ax.set_title(f"against A = {result['a']['source']}", fontsize=10)

@@ -36,15 +36,17 @@ import torch
 from torch import nn
 
 from .checks import SEED_MAX, check_embed_warmup, finite, integer, non_negative_int, positive_int
-from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows, perplexity
+from .data import TokenFile, WindowSampler, gather_windows
 from .device import machine_load
 from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
 from .errors import MiniGPT2Error
+from .evaluate import batches, char_counts, score_stream, spans
 from .flops import flops_per_token, peak_flops
 from .lora import TOKEN_ROWS, is_lora
 from .model import GPT
 from .rundir import RunDir, dir_size
 from .snapshots import Snapshotter
+from .tokenizer import load_tokenizer
 from .train_state import Checkpointer, TrainingState
 from .watch import PromptSampler
 
@@ -201,6 +203,9 @@ class Trainer:
         device, dtype: where, and in which autocast precision, to compute.
         compile: wrap the model in `torch.compile` for training steps.
         tokenizer_source: where checkpoints copy vocab.json + merges.txt from.
+        char_counts: characters per token id of the tokenizer that made the data
+            (`evaluate.char_counts`), for bits per character; by default read from
+            `tokenizer_source` (GPT-2's without one) at the first evaluation.
         snapshotter: with `config.snapshot_every`, measures drift from the starting model.
         prompt_sampler: continues its prompts after every evaluation (a `samples` record; see
             `minigpt2.watch`); on rank 0 only, so not with a sharded model.
@@ -230,6 +235,7 @@ class Trainer:
         shard: bool = False,
         activation_checkpointing: bool = False,
         keep_last: int = 0,
+        char_counts: np.ndarray | None = None,
     ) -> None:
         self.dist = dist or Dist(device=torch.device(device))
         if config.ranks != self.dist.world_size:
@@ -264,6 +270,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.train_data = train
         self.eval_sets = eval_sets
+        self.char_counts = char_counts
         self.snapshotter = snapshotter
         self.prompt_sampler = prompt_sampler
         self.sampler = WindowSampler(len(train), config.seq_len, config.batch_size, config.seed)
@@ -512,7 +519,7 @@ class Trainer:
         self.raw_model.eval()  # dropout off
         # For the estimate in each progress record: the batches of all sets, and the clock.
         self._eval_clock = {"start": time.perf_counter(), "done": 0,
-                            "total": sum(self._eval_chunks(d)[2] for d in self.eval_sets.values())}  # fmt: skip
+                            "total": sum(self._eval_rounds(d) for d in self.eval_sets.values())}  # fmt: skip
         try:
             for name, data in self.eval_sets.items():
                 record = yield from self._evaluate_set(name, data)
@@ -523,54 +530,52 @@ class Trainer:
         finally:
             self.raw_model.train()
 
-    def _eval_chunks(self, data: TokenFile) -> tuple[int, list[np.ndarray], int]:
-        """(window length, the batches of window offsets an evaluation of `data` covers, the rounds
-        each rank runs); no batches for a set too short for one window."""
-        seq_len = min(self.config.seq_len, len(data) - 1)
-        if seq_len < 1:
-            return seq_len, [], 0
-        offsets = eval_windows(len(data), seq_len, self.config.eval_tokens)
-        B = self.config.batch_size
-        chunks = [np.array(offsets[i : i + B]) for i in range(0, len(offsets), B)]
-        return seq_len, chunks, math.ceil(len(chunks) / self.dist.world_size)
+    def _eval_rounds(self, data: TokenFile) -> int:
+        """The forward passes each rank runs to evaluate `data` (for the evaluation's estimate)."""
+        window = min(self.config.seq_len, len(data) - 1)
+        if window < 1:
+            return 0
+        windows = spans(len(data) + 1, window, self.config.eval_tokens)
+        groups = batches(windows, self.config.batch_size) if windows else []
+        return math.ceil(len(groups) / self.dist.world_size)
 
     def _evaluate_set(self, name: str, data: TokenFile) -> Iterator[dict]:
-        seq_len, chunks, rounds = self._eval_chunks(data)
-        if not chunks:
+        """One eval set scored by `evaluate.score_stream` (the protocol every figure shares): the
+        first `eval_tokens` tokens in windows of `seq_len`; {} for a set too short to score."""
+        window = min(self.config.seq_len, len(data) - 1)
+        if window < 1:
             return {}
-        R, r = self.dist.world_size, self.dist.rank
-        nats, count = 0.0, 0
-        # Rank r evaluates chunks r, r + R, ...; the sums are added up over the ranks. A sharded
-        # model's forward is a collective, so there every rank runs the same number of them (a
-        # spare one, on chunk 0, counts nothing).
-        clock = self._eval_clock
-        for j in range(rounds):
-            if self.dist.any(self.stop_reason is not None):
-                return None
-            index = j * R + r
-            if index < len(chunks) or self.sharded:
-                x, y = self._inputs_targets(gather_windows(data.tokens, chunks[index % len(chunks)], seq_len))
-                with self.autocast():
-                    _, loss = self.raw_model(x, y)
-                if index < len(chunks):
-                    nats += loss.item() * y.numel()
-                    count += y.numel()
+        if self.char_counts is None:
+            self.char_counts = char_counts(load_tokenizer(self.tokenizer_source or "gpt2"))
+        scoring = score_stream(self.raw_model, data.tokens, self.char_counts, window=window,
+                               max_tokens=self.config.eval_tokens, batch_size=self.config.batch_size,
+                               device=self.device, autocast=self.autocast, dist=self.dist, sharded=self.sharded,
+                               stop=lambda: self.stop_reason is not None)  # fmt: skip
+        while True:
+            try:
+                done, total = next(scoring)
+            except StopIteration as finished:
+                score = finished.value
+                break
+            clock = self._eval_clock
             clock["done"] += 1
             elapsed = time.perf_counter() - clock["start"]  # the evaluation's time left, at its speed so far
             left = elapsed / clock["done"] * max(clock["total"] - clock["done"], 0)
-            yield {"type": "eval_progress", "step": self.step, "set": name, "done": j + 1, "total": rounds,
+            yield {"type": "eval_progress", "step": self.step, "set": name, "done": done, "total": total,
                    "eta_s": left}  # fmt: skip
-        nats, count = self.dist.sum(nats, count)
-        mean = nats / int(count)
+        if score is None:  # stopped part way
+            return None
         return {
             "type": "eval",
             "step": self.step,
             "tokens": self.tokens,
             "set": name,
-            "loss": mean,
-            "ppl": perplexity(mean),
-            "bpc": bits_per_char(mean, data.tokens_per_char),
-            "eval_tokens": int(count),
+            "loss": score.loss,
+            "ppl": score.perplexity,
+            "bpc": score.bits_per_char,
+            "eval_tokens": score.tokens,
+            "window": score.window,
+            "chars": score.characters,
         }
 
     # ----- the loop ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 from .bpe import Progress, learn_merges, no_progress
 from .data import FileInfo, default_cache_dir, head_text, read_chunks, tokenizer_fingerprint
 from .errors import MiniGPT2Error
+from .evaluate import Score, char_counts, score_text, text_stream
 from .model import GPT
 from .tokenizer import ENDOFTEXT, byte_stand_ins, encoding_from_files
 from .weights import write_atomically
@@ -197,21 +198,19 @@ def tokens_per_char(enc, text: str) -> float:
     return len(enc.encode_ordinary(text)) / max(len(text), 1)
 
 
-def bits_per_char_of(model: GPT, enc, text: str, max_chars: int = 2000, device: str | torch.device = "cpu") -> float:
-    """Bits per character of `model` on the first `max_chars` characters of `text`.
+def text_score(model: GPT, enc, text: str, max_chars: int = 2000, device: str | torch.device = "cpu") -> Score:
+    """How `model` scores the first `max_chars` characters of `text` (`minigpt2.evaluate`'s protocol,
+    in windows of the model's context).
 
     Bits per character do not depend on the tokenizer, so models with different vocabularies
     compare, provided they read the same characters: hence a cap in characters, not tokens
     (4,096 GPT-2 tokens are ~2,000 Chinese characters, 4,096 extended ones twice as many).
     """
-    from .compare import evaluate_text
-
-    text = text[:max_chars]
-    ids = enc.encode(text, disallowed_special=())
+    stream, _ = text_stream(enc, text[:max_chars])
     was_training = model.training
     model.eval()
     try:
-        return evaluate_text(model, enc, ids, len(text), device)["bits_per_char"]
+        return score_text(model, stream, char_counts(enc), device=device)
     finally:
         model.train(was_training)
 
@@ -277,8 +276,10 @@ def extend_vocabulary(
             "tokens_per_char_after": tokens_per_char(new_enc, text),
         }
         if eval_texts and name in eval_texts:
-            entry["bits_per_char_before"] = bits_per_char_of(model, enc, text, bpc_chars)
-            entry["bits_per_char_after"] = bits_per_char_of(grown, new_enc, text, bpc_chars)
+            for when, scored in (("before", text_score(model, enc, text, bpc_chars)),
+                                 ("after", text_score(grown, new_enc, text, bpc_chars))):  # fmt: skip
+                entry[f"bits_per_char_{when}"] = scored.bits_per_char
+                entry[f"protocol_{when}"] = scored.protocol()
         report["texts"][name] = entry
     progress(MEASURING, len(texts), len(texts))
     return grown, new_enc, tokenizer_dir, report
@@ -287,13 +288,13 @@ def extend_vocabulary(
 __all__ = [
     "ENDOFTEXT",
     "VocabError",
-    "bits_per_char_of",
     "extend_vocabulary",
     "grow_model",
     "learn_merges",
     "learn_merges_cached",
     "merges_cache_path",
     "old_pieces",
+    "text_score",
     "tokens_per_char",
     "write_tokenizer_files",
 ]

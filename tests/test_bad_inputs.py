@@ -112,6 +112,12 @@ def world(tmp_path_factory, test_data, hub_gpt2):
     packed = gzip.compress(good_row.encode() * 2000)
     (rows / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
     (rows / "lonely.parquet").mkdir()  # a folder named like a file
+    run = root / "run"  # a training run: its final checkpoint and its log
+    shutil.copytree(good, run / "final")
+    (run / "log.jsonl").write_text(
+        json.dumps({"type": "eval", "step": 0, "set": "val", "loss": 10.8, "bpc": 30.1}) + "\n"
+    )
+    w["run"] = run
     return w
 
 
@@ -224,6 +230,28 @@ def rows(w):
         ("compare: grown B, merges damaged", [good, str(w["grown-cut"]), "--text", text], "grown-cut/merges.txt"),
         ("compare: garbage vocab.json in A", [str(w["tok-garbage"]), good, "--text", text], "vocab.json"),
         ("compare: n_layer 10000000", [good, str(w["huge-layers"])], "n_layer 10000000"),
+        ("compare: window 0", [good, good, "--text", text, "--window", "0"], "--window"),
+        ("compare: window past the context", [good, good, "--text", text, "--window", "64"], "--window is 64"),
+        # an output never replaces an input of the same command, even with --force
+        *[
+            (
+                f"compare: {what} is an input, with --force",
+                [good, str(w["run"]), "--text", text, flag, path, "--force"],
+                "one of this command's inputs",
+            )
+            for what, flag, path in [
+                ("json onto B's config.json", "--json", str(w["run"] / "final" / "config.json")),
+                ("json onto A's weights", "--json", str(Path(good) / "model.safetensors")),
+                ("plot onto A's vocab.json", "--plot", str(Path(good) / "vocab.json")),
+                ("json onto the run's log", "--json", str(w["run"] / "log.jsonl")),
+                ("json onto the --text file", "--json", text),
+            ]
+        ],  # fmt: skip
+        (
+            "compare: json and plot the same file",
+            [good, good, "--json", str(r / "o"), "--plot", str(r / "o")],
+            "--json and --plot both name",
+        ),  # fmt: skip
     ]
     data = [
         "--data",
@@ -495,3 +523,63 @@ def test_a_cache_entry_copied_over_another_corpus_is_rebuilt(tmp_path, test_data
     tokens = [line for line in (first + again).splitlines() if line.startswith("data:")]
     assert len(tokens) == 2 and tokens[0].split(" tokens")[0] == tokens[1].split(" tokens")[0], tokens  # zh's own
     assert json.loads((zh_entry / "meta.json").read_text())["files"] == [str(tmp_path / "zh.txt")]
+
+
+# ----- the scripts' boundary: closed streams, narrow encodings, Ctrl-C at any moment ----------
+
+
+@pytest.mark.slow
+def test_the_boundary_holds_for_streams_and_ctrl_c(world, hf_home):
+    """A closed stdout, an ASCII-only or C locale output, and Ctrl-C while Python imports torch:
+    the work goes on (or stops) with one line, never a traceback."""
+    good = str(world["good"])
+    closed = subprocess.run(  # compare.py ... >&-
+        ["bash", "-c", f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'compare.py'))} {shlex.quote(good)} "
+         f"{shlex.quote(good)} --json {shlex.quote(str(world['root'] / 'closed.json'))} >&-"],
+        capture_output=True, text=True, timeout=300, env=offline_env(hf_home),
+    )  # fmt: skip
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
+    assert "standard output is closed" in closed.stderr and (world["root"] / "closed.json").is_file()
+
+    sample = [ROOT / "sample.py", "你好·", "--model", good, "--max-new-tokens", "3", "--seed", "0"]
+    ascii_env = offline_env(hf_home, PYTHONIOENCODING="ascii")
+    narrow = subprocess.run([sys.executable, *map(str, sample)], capture_output=True, timeout=300, env=ascii_env)
+    stdout, stderr = narrow.stdout.decode("ascii"), narrow.stderr.decode("ascii")  # ASCII it must be
+    assert narrow.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "\\u4f60\\u597d\\xb7" in stdout and stderr.count("cannot show some characters") == 1, stderr
+    c_env = {k: v for k, v in offline_env(hf_home, LC_ALL="C", LANG="C").items() if k != "PYTHONIOENCODING"}
+    c_locale = subprocess.run([sys.executable, *map(str, sample)], capture_output=True, timeout=300, env=c_env)
+    assert c_locale.returncode == 0 and b"Traceback" not in c_locale.stderr, c_locale.stderr
+    assert "你好" in c_locale.stdout.decode("utf-8", errors="replace") or b"\\u4f60" in c_locale.stdout
+
+
+def _importing_torch(proc: subprocess.Popen) -> bool:
+    """torch's shared library is mapped: the process is inside `import torch`, or past it."""
+    try:
+        return "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["sample.py", "compare.py", "train.py"])
+def test_ctrl_c_while_importing_prints_interrupted(world, hf_home, script):
+    """Ctrl-C as soon as torch's library is mapped, and 0.3 s later, deep in `import torch` (~2 s
+    on an idle machine): what a user who regrets the command at once meets. (Python's own start,
+    before the script's first line, is out of the script's reach.)"""
+    import signal
+    import time
+
+    good, out = str(world["good"]), world["root"] / f"ctrl-c-{script}"
+    args = {"sample.py": ["hi", "--model", good], "compare.py": [good, good],
+            "train.py": ["--data", world["root"] / "text.txt", "--model", good, "--out", out]}  # fmt: skip
+    for later in (0.0, 0.3):
+        proc = start_script(script, *args[script], env=offline_env(hf_home))
+        deadline = time.monotonic() + 60
+        while not _importing_torch(proc) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(later)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and stderr.strip() == "interrupted", stderr
+        assert not out.exists() or not list(out.glob("step-*"))  # nothing trained, nothing half saved

@@ -500,3 +500,78 @@ def test_bad_inputs_give_one_clear_message(tmp_path, test_data):
     (tmp_path / "exists.json").write_text("{}")
     assert_clean_error(run_compare(a, b, "--json", tmp_path / "exists.json"), "already exists", "--force")
     assert (tmp_path / "exists.json").read_text() == "{}"
+
+
+# ----- the plot ---------------------------------------------------------------------------
+
+
+def png_height(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[20:24], "big")  # the IHDR chunk: width, then height
+
+
+def test_the_plot_shows_what_it_cost_and_leaves_no_panel_empty(tmp_path, shared_data):
+    from matplotlib.figure import Figure
+
+    from minigpt2.report import _step_axis, cjk_font, cost_bars, missing_font_note
+
+    a, b = tiny_pair(tmp_path, shared_data, change=lambda m: m.ln_f.bias.add_(0.1))
+    text = tmp_path / "鲁迅.txt"
+    text.write_text("我翻开历史一查，这历史没有年代。" * 10, encoding="utf-8")
+    weights_only = compare(a, b)
+    write_plot(weights_only, tmp_path / "w.png")
+    assert png_height(tmp_path / "w.png") == 500  # the heatmap alone: no "no --prompt given" quarter
+    with_text = compare(a, b, texts=[str(text)])
+    cost = cost_bars(with_text)
+    assert cost["names"] == ["鲁迅.txt"] and list(cost["bars"]) == ["A", "B"]
+    assert cost["bars"]["B"] == [with_text["behaviour"][0]["b"]["bits_per_char"]]
+    write_plot(with_text, tmp_path / "t.png")
+    assert png_height(tmp_path / "t.png") == 500  # heatmap and what it cost, side by side
+
+    # Without --text, a run's own eval sets say what it cost: its first and last evaluation.
+    evals = {"val": [{"step": 0, "bpc": 12.0}, {"step": 1, "bpc": 11.0}], "鲁迅": [{"step": 0, "bpc": 9.0}]}
+    curves = {"train": [{"step": 1, "tokens": 64, "loss": 10.0}], "eval": evals}
+    with_run = weights_only | {"runs": [{"side": "B", "path": "run", "steps": [], "layers": [], "curves": curves}]}
+    cost = cost_bars(with_run)
+    assert cost["title"] == "run B: bits per character on its eval sets (lower is better)"
+    assert cost["names"] == ["val", "鲁迅"] and list(cost["bars"]) == ["step 0", "step 1"]
+    assert cost["bars"]["step 0"] == [12.0, 9.0] and cost["bars"]["step 1"][0] == 11.0
+    assert math.isnan(cost["bars"]["step 1"][1])  # 鲁迅 was not evaluated at step 1
+    write_plot(with_run, tmp_path / "r.png")
+    assert png_height(tmp_path / "r.png") == 1000  # curves, then heatmap and cost
+
+    ax = Figure().add_subplot()  # a run stopped after one step: a step either side, not -0.045..0.045
+    ax.plot([1], [11.0])
+    _step_axis(ax, [1])
+    assert ax.get_xlim() == (0, 2)
+
+    assert missing_font_note(with_run, None) and "fonts-noto-cjk" in missing_font_note(with_run, None)
+    assert missing_font_note(with_run, "Noto Sans CJK SC") is None
+    assert missing_font_note(weights_only, None) is None  # nothing Chinese to draw
+    if cjk_font() is not None:  # found by name or by a glyph of 中
+        from matplotlib import font_manager
+
+        assert cjk_font() in {f.name for f in font_manager.fontManager.ttflist}
+
+
+def test_progress_says_what_and_how_far_without_noise():
+    """compare.py's phases on a log (not a terminal): a line once a phase has run `after` seconds,
+    printed by a timer even while the phase is silent, then one every `every` seconds with an
+    estimate; a quick phase, or one ended by an error, prints nothing."""
+    import io
+    import time
+
+    from minigpt2.console import PhaseProgress
+
+    err = io.StringIO()
+    progress = PhaseProgress(io.StringIO(), err, after=0.05, every=0.05)
+    progress("scoring A on luxun.txt", 0, 4, "passes")
+    time.sleep(0.5)
+    assert err.getvalue() == "progress: scoring A on luxun.txt: 0/4 passes (0m00s so far)\n"
+    progress("scoring A on luxun.txt", 2, 4, "passes")
+    last = err.getvalue().splitlines()[-1]
+    assert last == "progress: scoring A on luxun.txt: 2/4 passes (0m00s so far, about 0m00s left)"
+    lines = len(err.getvalue().splitlines())
+    progress("loading B", 0, 1)
+    progress.finish()  # done (or failed) before `after`: no line, and the timer is cancelled
+    time.sleep(0.3)
+    assert len(err.getvalue().splitlines()) == lines

@@ -1,6 +1,5 @@
 """The data pipeline: finding and checking files, chunked tokenization, the cache, windows."""
 
-import math
 import re
 
 import numpy as np
@@ -9,9 +8,7 @@ import pytest
 from minigpt2.data import (
     DataError,
     WindowSampler,
-    bits_per_char,
     check_inputs,
-    eval_windows,
     find_text_files,
     gather_windows,
     prepare_corpus,
@@ -163,13 +160,6 @@ def test_sampler_covers_each_epoch_once_and_is_a_function_of_the_index():
     assert not np.array_equal(other.offsets(0), sampler.offsets(0))
     with pytest.raises(DataError, match="fewer than one window"):
         WindowSampler(n_tokens=10, seq_len=10, batch_size=1)
-
-
-def test_eval_windows_and_bits_per_char():
-    assert eval_windows(101, 10) == list(range(0, 100, 10))
-    assert eval_windows(101, 10, max_tokens=35) == [0, 10, 20]
-    # 1 nat per token at 2 tokens per character is 2 nats = 2 / ln 2 bits per character
-    assert bits_per_char(1.0, 2.0) == pytest.approx(2 / math.log(2))
 
 
 def test_the_novels_cost_about_two_tokens_per_character(enc, test_data, tmp_path):

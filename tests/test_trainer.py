@@ -1,7 +1,9 @@
 """The training loop, in-process: it learns, it resumes exactly, it stops on NaN, it saves loadable checkpoints."""
 
+import functools
 import hashlib
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +12,11 @@ from safetensors.torch import load_file
 
 from minigpt2 import load_model
 from minigpt2.data import prepare_corpus
+from minigpt2.evaluate import char_counts
 from minigpt2.files import read_jsonl
 from minigpt2.rundir import STATE_JSON, RunDir
 from minigpt2.snapshots import Snapshotter
+from minigpt2.tokenizer import encoding_from_files
 from minigpt2.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, param_groups, steps_for
 
 
@@ -24,11 +28,17 @@ def novels(test_data, enc, tmp_path_factory):
     return prepare_corpus(files, enc, val_fraction=0.01, cache_dir=tmp_path_factory.mktemp("tokens"))
 
 
+@functools.cache
+def gpt2_char_counts(shared_data: Path):
+    """Characters per token id of the tokenizer the novels were tokenized with (for bits per character)."""
+    return char_counts(encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt"))
+
+
 def make_trainer(novels, out, *, model=None, tokenizer=None, **config):
     config = {"steps": 8, "batch_size": 4, "seq_len": 32, "eval_every": 0, "eval_tokens": 512, "lr": 3e-3, **config}
-    return Trainer(
-        model or tiny_model(), novels.train, {"val": novels.val}, TrainConfig(**config), out, tokenizer_source=tokenizer
-    )
+    counts = gpt2_char_counts(novels.files[0].path.parents[1])  # the shared data folder, holding zh/ and gpt2/
+    model, evals, config = model or tiny_model(), {"val": novels.val}, TrainConfig(**config)
+    return Trainer(model, novels.train, evals, config, out, tokenizer_source=tokenizer, char_counts=counts)
 
 
 def checkpoints(run):
@@ -68,14 +78,18 @@ def test_warmup_then_cosine():
     assert steps_for(train_tokens=1000, tokens_per_step=300) == 4
 
 
-def test_a_tiny_model_learns_the_novels(novels, tmp_path):
+def test_a_tiny_model_learns_the_novels(novels, enc, tmp_path):
     trainer = make_trainer(novels, tmp_path / "run", steps=24, eval_every=12, eval_tokens=1024)
     evals = records(trainer, "eval")
     losses = [r["loss"] for r in evals]
     assert [r["step"] for r in evals] == [0, 12, 24]
     assert losses[0] > 10.5  # random init: about ln(50257) = 10.8
     assert losses[-1] < losses[0] - 2.5 and losses[-1] < losses[1]
-    assert evals[-1]["bpc"] == pytest.approx(losses[-1] * novels.val.tokens_per_char / math.log(2))
+    # bits per character of exactly the 1,024 tokens evaluated (after the EOT that starts the set)
+    scored = novels.val.tokens[1:1025].tolist()
+    chars = sum(1 for byte in enc.decode_bytes([t for t in scored if t != enc.eot_token]) if byte & 0xC0 != 0x80)
+    assert evals[-1]["eval_tokens"] == 1024 and evals[-1]["window"] == 32 and evals[-1]["chars"] == chars
+    assert evals[-1]["bpc"] == pytest.approx(losses[-1] * 1024 / (chars * math.log(2)))
     assert evals[-1]["ppl"] == pytest.approx(math.exp(losses[-1]))
 
 

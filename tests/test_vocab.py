@@ -1,5 +1,6 @@
 """Vocabulary extension: the BPE learner, the extended tokenizer files, and the grown model."""
 
+import copy
 import json
 from collections import Counter
 from pathlib import Path
@@ -232,6 +233,30 @@ def test_grown_checkpoint_matches_transformers(grown):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
     guard = Utf8Guard.for_tokenizer(new_enc, loaded.config.vocab_size)
     assert guard.mask(torch.zeros(1, 50457), torch.zeros(1, dtype=torch.long)).isinf().any()
+
+
+def test_compare_prompt_on_a_grown_model_spells_each_side_with_its_own_tokenizer(grown, shared_data, tmp_path):
+    """compare.py --prompt on a model grown with --extend-vocab (it crashed with KeyError: '50258'
+    decoding B's new token ids with A's tokenizer)."""
+    from clis import run_script
+
+    from minigpt2.compare import token_text
+
+    model, big, new_enc, folder, _ = grown
+    base = save_model(model, tmp_path / "base", tokenizer_source=shared_data / "gpt2")
+    with torch.no_grad():  # B's final hidden state is a constant v, and its new tokens' rows point along v:
+        big = copy.deepcopy(big)  # its most likely next tokens are new ones, whatever the prompt
+        big.ln_f.weight.zero_()
+        big.ln_f.bias.copy_(torch.randn(64))
+        big.wte.weight[50257:] = 3 * big.ln_f.bias
+    grown_dir = save_model(big, tmp_path / "grown", tokenizer_source=folder)
+    result = run_script("compare.py", base, grown_dir, "--prompt", "黛玉道", "--json", tmp_path / "c.json", timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    (prompt,) = json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))["activations"]
+    assert all(t["id"] >= 50257 for t in prompt["top5_b"])
+    assert [t["text"] for t in prompt["top5_b"]] == [token_text(new_enc, t["id"]) for t in prompt["top5_b"]]
+    assert all(t["id"] < 50257 for t in prompt["top5_a"])
+    assert prompt["top5_b"][0]["text"] in result.stdout
 
 
 @pytest.mark.slow
