@@ -50,11 +50,29 @@ def write_json(path: str | os.PathLike, value) -> None:
     write_text_atomically(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
+def parse_json(text: str):
+    """`json.loads`, whose every failure is a `ValueError` (as `json.JSONDecodeError` is).
+
+    Two inputs get past `JSONDecodeError`: a document nested deeper than Python's recursion limit
+    (`[[[[...` raises `RecursionError`) and an integer of more than 4,300 digits (a plain
+    `ValueError`). Neither is in a file this project writes; both are damage or an attack, and must
+    be reported like any other unreadable JSON rather than as a traceback.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("it is nested too deeply to be a file of this kind") from None
+    except ValueError as e:
+        if isinstance(e, json.JSONDecodeError):
+            raise
+        raise ValueError("it holds a number of more than 4300 digits") from None  # int()'s limit; no real value
+
+
 def read_json_object(path: str | os.PathLike, expected: str, error: type[MiniGPT2Error] = MiniGPT2Error) -> dict:
     """A JSON file that must hold an object; `expected` says what it should be, for the error."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        value = parse_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError and JSONDecodeError among them
         raise error(f"cannot read '{path}': {e}. It should be {expected}.") from None
     if not isinstance(value, dict):
         raise error(f"'{path}' is not a JSON object; it should be {expected}.")
@@ -99,8 +117,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = parse_json(line)
+        except ValueError:
             continue
         if isinstance(record, dict):
             records.append(record)

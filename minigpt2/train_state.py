@@ -18,7 +18,6 @@ many, sharded or not.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .files import write_json
+from .files import parse_json, write_json
 from .lora import is_lora, load_lora_state, lora_settings, merged_state_dict, save_lora_state, save_peft_adapter
 from .rundir import STATE_JSON, STATE_TENSORS, STEP_NAME, RunDir, other_checkpoints_hint, step_name
 from .weights import load_model, save_model
@@ -91,8 +90,8 @@ def read_state(folder: Path, shapes: dict[str, tuple[int, ...]] | None = None) -
     from safetensors.torch import load_file
 
     try:
-        state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        state = parse_json((folder / STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError and JSONDecodeError among them
         raise CheckpointError(f"{STATE_JSON} cannot be read ({e})") from None
     needed = ("step", "tokens", "param_names", "param_groups")
     if not isinstance(state, dict) or any(k not in state for k in needed):

@@ -87,6 +87,13 @@ def world(tmp_path_factory, shared_data, hub_gpt2):
                        "args-data-number": {"data": 5}}.items():  # fmt: skip
         (root / f"run-{name}").mkdir()
         (root / f"run-{name}" / "run.json").write_text(json.dumps({"args": args}))
+    # JSON that json.loads fails on with RecursionError or a plain ValueError, not JSONDecodeError (attacks)
+    deep, huge = "[" * 100_000, '{"args": {"steps": ' + "9" * 5000 + "}}"
+    for name, content in {"deeply-nested": '{"args": ' + deep, "huge-int": huge}.items():
+        (root / f"run-{name}").mkdir()
+        (root / f"run-{name}" / "run.json").write_text(content)
+    w["deep-config"] = tampered(model, root / "deep-config", shared_data)
+    (w["deep-config"] / "config.json").write_text(deep)
     return w
 
 
@@ -126,6 +133,7 @@ def rows(w):
         ("string n_head", ["hi", "--model", str(w["head-str"])], "n_head"),
         ("boolean n_layer", ["hi", "--model", str(w["layer-bool"])], "n_layer"),
         ("dropout 2 in config.json", ["hi", "--model", str(w["drop-2"])], "resid_pdrop"),
+        ("config.json nested 100,000 deep", ["hi", "--model", str(w["deep-config"])], "nested too deeply"),
         ("vocabulary smaller than the tokenizer's", ["hi", "--model", str(w["small-vocab"])], "vocabulary of 1000"),
         ("a file where a checkpoint folder should be", ["hi", "--model", str(r / "a-file")], "a-file"),
         ("prompt file is a folder", ["--prompt-file", str(r), "--model", good], "prompt file"),
@@ -223,6 +231,11 @@ def rows(w):
     ] + [
         (f"train: --resume with run.json {name}", ["--out", str(r / f"run-{name}"), "--resume"], "run.json' is damaged")
         for name in ("args-list", "args-lr-text", "args-batch-0", "args-data-number")
+    ] + [
+        ("train: --resume with run.json nested 100,000 deep", ["--out", str(r / "run-deeply-nested"), "--resume"],
+         "nested too deeply"),
+        ("train: --resume with a 5000-digit integer in run.json", ["--out", str(r / "run-huge-int"), "--resume"],
+         "run.json"),
     ]  # fmt: skip
     offline = {"HF_HOME": str(r / "empty-hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
     return (
