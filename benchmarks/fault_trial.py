@@ -237,6 +237,7 @@ def cases() -> list[Case]:
         ("train.py", [*train_base, "--out", "{D}/run", "--drop-lines", "."]),  # drops every line
         ("train.py", [*train_base, "--out", "{D}/run", "--lora-targets", "attn.nope"]),
         ("train.py", [*train_base, "--out", "{D}/run", "--lora-alpha", "2"]),  # without --lora
+        ("train.py", [*train_base, "--out", "{D}/run", "--lora", "2", "--lora-targets", "attn.nope"]),
         ("train.py", [*train_base, "--out", "{D}/run", "--seq-len", "100000"]),
         ("train.py", [*train_base, "--out", "{D}/run", "--batch-size", "10000000"]),
         ("train.py", [*train_base, "--out", "{D}/run", "--resume"]),  # nothing to resume
@@ -273,6 +274,9 @@ def cases() -> list[Case]:
         ("compare.py", ["{F}/ck", "{F}/run", "--json", "{D}/no/such/dir/x.json"]),
         ("compare.py", ["{F}/ck", "{F}/run", "--plot", "{D}/x.txt"]),
     ]:
+        if args[-1] == "--resume":  # a new folder: starts from step 0, saying so (for scripts that always resume)
+            C.append(Case(f"flags/{script}/--resume-new", script, args, expect="ok", says="starting from step 0"))
+            continue
         C.append(Case(f"flags/{script}/{' '.join(args[-2:])}", script, args, no_new=("run",)))
 
     # --- 3. damaged checkpoints, in each script

@@ -81,11 +81,14 @@ def read_json_object(path: str | os.PathLike, expected: str, error: type[MiniGPT
 
 def read_text_file(path: str | os.PathLike, what: str = "text file") -> str:
     """A whole UTF-8 text file as str, or a `DataError` naming it: unreadable, a folder, not UTF-8
-    (with the offending byte and its offset, so the user can look at exactly that spot), or empty.
+    (with the offending byte and its offset, so the user can look at exactly that spot), empty, or a
+    device (reading /dev/zero would fill the memory). A pipe is read: `--prompt-file <(...)` works.
     `what` says what the file is for ("prompt file", "text file")."""
     from .errors import DataError
 
     path = Path(path)
+    if path.is_char_device() or path.is_block_device() or path.is_socket():  # /dev/zero never ends
+        raise DataError(f"{what} '{path}' is not a regular file (a device or socket); give a text file")
     try:
         data = path.read_bytes()
     except OSError as e:

@@ -137,6 +137,7 @@ def rows(w):
         ("vocabulary smaller than the tokenizer's", ["hi", "--model", str(w["small-vocab"])], "vocabulary of 1000"),
         ("a file where a checkpoint folder should be", ["hi", "--model", str(r / "a-file")], "a-file"),
         ("prompt file is a folder", ["--prompt-file", str(r), "--model", good], "prompt file"),
+        ("prompt file is an endless device", ["--prompt-file", "/dev/zero", "--model", good], "not a regular file"),
         ("prompt file /dev/null-like missing", ["--prompt-file", str(r / "gone.txt"), "--model", good], "gone.txt"),
         ("samples that cannot fit in memory", ["hi", "--model", good, "--num-samples", str(10**8)], "--num-samples"),
         ("unknown device", ["hi", "--model", good, "--device", "tpu"], "device"),
@@ -155,6 +156,7 @@ def rows(w):
         ("compare: json exists", [good, good, "--json", str(r / "exists.json")], "--force"),
         ("compare: json is a folder", [good, good, "--json", str(r / "readonly")], "is a directory"),
         ("compare: plot into a missing folder", [good, good, "--plot", str(r / "nowhere" / "p.png")], "nowhere"),
+        ("compare: text is an endless device", [good, good, "--text", "/dev/zero"], "not a regular file"),
         ("compare: text is /dev/null's cousin, a folder", [good, good, "--text", str(r)], "text file"),
         ("compare: missing model", [good, str(r / "gone")], "gone"),
     ]
