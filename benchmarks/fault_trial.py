@@ -868,13 +868,21 @@ def run_case(case: Case, fixtures: Path, work: Path) -> tuple[str, str]:
 
 
 def main() -> int:
+    global TIMEOUT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", action="append", help="run the cases whose name contains this (repeat: any of them)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument(
+        "--timeout",
+        type=int,
+        default=TIMEOUT,
+        help="seconds before a case is judged a hang (raise it on a loaded machine)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--json", help="write every case's verdict here")
     a = p.parse_args()
+    TIMEOUT = a.timeout
     all_cases = [c for c in cases() if not a.only or any(o in c.name for o in a.only)]
     if a.list:
         print("\n".join(c.name for c in all_cases))
