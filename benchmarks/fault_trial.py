@@ -277,7 +277,10 @@ def cases() -> list[Case]:
         if args[-1] == "--resume":  # a new folder: starts from step 0, saying so (for scripts that always resume)
             C.append(Case(f"flags/{script}/--resume-new", script, args, expect="ok", says="starting from step 0"))
             continue
-        C.append(Case(f"flags/{script}/{' '.join(args[-2:])}", script, args, no_new=("run",)))
+        name = f"flags/{script}/{' '.join(args[-2:])}"
+        if any(c.name == name for c in C):  # the same last two arguments: a case folder of its own
+            name = f"flags/{script}/{' '.join(args[-4:])}"
+        C.append(Case(name, script, args, no_new=("run",)))
 
     # --- 3. damaged checkpoints, in each script
     ck_damage = {
