@@ -225,6 +225,7 @@ def rows(w):
          "--batch-size 10000000 at sequence length 16 needs at least"),
     ]  # fmt: skip
     out_rows = [  # --out judged before anything is written into it: nothing created, not even .lock
+        ("train: --out is empty (an unset shell variable)", [*data, "--out", ""], "is empty"),
         ("train: --out is a checkpoint folder", [*data, "--out", good], "holds a model checkpoint"),
         ("train: --out is the user's folder with a step-000001/", [*data, "--out", str(r / "my-texts")],
          "holds files that are not a training run's (chapter.txt, step-000001)"),
