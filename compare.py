@@ -4,6 +4,7 @@
     python compare.py gpt2 runs/zh --prompt "今天的天气" --text zh/鲁迅小说集.txt --text en/sherlock.txt \\
         --json compare.json --plot compare.png
     python compare.py runs/zh                      # a run alone: from its starting model to its final one
+    python compare.py runs/zh --prompt "他走进屋里" --html report.html   # one page to open anywhere, or share
     python compare.py base runs/full runs/lora4 --text zh.txt --text en.txt --plot tradeoff.png   # several
 
 A (the first argument) is the reference, usually the model before fine-tuning; B the one after.
@@ -19,6 +20,7 @@ import sys
 from minigpt2.checks import ArgumentParser, arg_int
 from minigpt2.cli import run_script
 from minigpt2.compare import DEFAULT_MAX_EVAL_TOKENS
+from minigpt2.watch import SAMPLE_TOKENS
 
 
 # fmt: off
@@ -38,7 +40,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     p.add_argument("--plot", metavar="PATH.png", help="also draw the learning curves, heatmap and drift into this PNG "
                    "(needs matplotlib)")
-    p.add_argument("--force", action="store_true", help="replace existing --json / --plot files")
+    p.add_argument("--html", metavar="PATH.html", help="also write everything into one self-contained HTML page "
+                   "(no network needed; readable on a phone)")
+    p.add_argument("--sample-tokens", type=arg_int(low=0), default=SAMPLE_TOKENS, metavar="N",
+                   help=f"continue each --prompt by N tokens with A and with B, the same seed for both (default: "
+                        f"{SAMPLE_TOKENS}; 0: no continuations)")
+    p.add_argument("--force", action="store_true", help="replace existing --json / --plot / --html files")
     p.add_argument("--device", default="cpu",
                    help="where the forward passes for --prompt and --text run: cpu, cuda, mps or auto (default: cpu); "
                         "weights are always compared on the CPU in float64")
@@ -52,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from minigpt2.compare import compare, compare_many
+    from minigpt2.htmlreport import write_html
     from minigpt2.report import (
         check_new_file,
         render,
@@ -64,7 +72,7 @@ def main(argv=None) -> int:
 
     def body() -> int:
         # Refuse existing or unwritable output files before spending minutes on the comparison.
-        for path in (args.json, args.plot):
+        for path in (args.json, args.plot, args.html):
             if path:
                 check_new_file(path, args.force)
         if args.plot:
@@ -80,13 +88,17 @@ def main(argv=None) -> int:
             result = compare_many(args.a, args.b, **common)
             sys.stdout.write(render_many(result))
         else:
-            result = compare(args.a, args.b[0] if args.b else None, prompts=args.prompt, **common)
+            result = compare(
+                args.a, args.b[0] if args.b else None, prompts=args.prompt, sample_tokens=args.sample_tokens, **common
+            )
             sys.stdout.write(render(result, top=args.top))
         if args.json:
             print(f"wrote {write_json(result, args.json, force=args.force)}")
         if args.plot:
             draw = write_tradeoff_plot if len(args.b) > 1 else write_plot
             print(f"wrote {draw(result, args.plot, force=args.force)}")
+        if args.html:
+            print(f"wrote {write_html(result, args.html, force=args.force, top=args.top)}")
         return 0
 
     return run_script(body)

@@ -41,7 +41,8 @@ def parse_args(argv):
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only linear layers: faster decoding on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (a one-time compile)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole text for every token (slow)")
-    p.add_argument("--threads", type=arg_int(low=1), help="CPU threads (on a shared machine, 1 or 2 is often faster)")
+    p.add_argument("--threads", type=arg_int(low=1),
+                   help="CPU threads (default: the cores that the machine's load leaves free, at least 1)")
     p.add_argument("--json", action="store_true", help="print one JSON record per sample instead of text")
     args = p.parse_args(argv)
     from minigpt2.generate import Sampling
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
 def run(args, out) -> int:
     import torch
 
-    from minigpt2.device import resolve_device, resolve_dtype
+    from minigpt2.device import machine_load, resolve_device, resolve_dtype, threads_for_decoding
     from minigpt2.files import read_text_file
     from minigpt2.text import load_for_sampling
 
@@ -74,10 +75,25 @@ def run(args, out) -> int:
     if not prompts:
         raise MiniGPT2Error('no prompt given: pass one (or "" to start from <|endoftext|>), or --prompt-file FILE')
     device = resolve_device(args.device)
+    if not args.threads and device.type == "cpu":  # decoding on a CPU: the cores the load leaves free
+        threads = threads_for_decoding()
+        if threads < torch.get_num_threads():
+            load, cores = machine_load()
+            print(
+                f"note: the machine is busy (load {load:.1f} on {cores} cores): decoding with {threads} "
+                f"thread{'s' if threads > 1 else ''}: fewer threads wait less for busy cores (--threads to choose)",
+                file=sys.stderr,
+            )
+            torch.set_num_threads(threads)
     dtype = resolve_dtype(args.dtype, device)
     loading = dict(device=device, dtype=dtype, quantize=args.quantize, utf8_guard=not args.no_utf8_guard)
     samplers = [load_for_sampling(source, prompts, args.num_samples, **loading) for source in args.model]
     for s in samplers:
+        if s.checkpoint is not None:
+            which = (
+                "its final checkpoint" if s.checkpoint.name == "final" else "its newest checkpoint (no final one yet)"
+            )
+            print(f"'{s.source}' is a training run: sampling {which}, {s.checkpoint.name}", file=sys.stderr)
         if s.inferred_config:
             shape = f"{s.model.config.n_layer} layers, {s.model.config.n_head} heads of 64"
             print(
@@ -122,7 +138,16 @@ def show(args, index: int, prompt: str, s, out, where: dict) -> None:
     )
     for i, sample in enumerate(samples):
         if args.json:
-            record = {"model": s.source, "prompt": prompt, "sample": i, **sample.record(), "seed": args.seed, **where}
+            checkpoint = {"checkpoint": str(s.checkpoint)} if s.checkpoint is not None else {}
+            record = {
+                "model": s.source,
+                **checkpoint,
+                "prompt": prompt,
+                "sample": i,
+                **sample.record(),
+                "seed": args.seed,
+                **where,
+            }
             print(json.dumps(record, ensure_ascii=False), file=out, flush=True)
             continue
         if i > 0:

@@ -2,6 +2,7 @@
 
     python train.py --data novels/ --out runs/zh                               # fine-tune gpt2
     python train.py --data novels/ --eval-data luxun.txt --out runs/zh --resume  # continue it
+    python train.py --data novels/ --out runs/zh --tensorboard    # then: tensorboard --logdir runs/
     python train.py --data zh/ --init-preset gpt2 --n-layer 2 --n-head 2 --n-embd 64 --context 64 \\
         --tokenizer data/gpt2 --out runs/tiny --steps 200                         # tiny, from scratch
 
@@ -56,13 +57,22 @@ def main(argv=None) -> int:
 def train(given) -> int:
     from minigpt2 import distributed, launch
     from minigpt2.console import TrainConsole
+    from minigpt2.rundir import check_writable
+    from minigpt2.watch import TensorBoardLog, require_tensorboard, tensorboard_dir
 
+    if given.tensorboard is not None:  # a missing optional package fails before any work
+        require_tensorboard()
+        if given.tensorboard:
+            check_writable(given.tensorboard, "the TensorBoard folder")
     saved = launch.read_saved(given.out) if given.resume else launch.SavedRun(None, None)  # run.json, read once
     ctx = distributed.setup(given.device or (saved.args or {}).get("device") or "auto")
     console = TrainConsole()
     s = launch.setup(given, saved, console.show if ctx.is_main else (lambda r: None), ctx)
     trainer = s.trainer
     console.log_every, console.show_mfu = s.options.log_every, trainer.peak_flops is not None
+    board = None
+    if given.tensorboard is not None and ctx.is_main:
+        board = TensorBoardLog(tensorboard_dir(given.out, given.tensorboard), resumed_at=trainer.step)
 
     # The first Ctrl-C (or SIGTERM, or SIGHUP: the terminal was closed) asks for a checkpoint and
     # a clean stop; a second Ctrl-C interrupts at once.
@@ -77,10 +87,14 @@ def train(given) -> int:
         stopped = stopped or record["type"] == "stopped"
         if ctx.is_main:
             console.show(record)
+            if board is not None:
+                board.write(record)
             if record["type"] == "start":
                 console.defaults(s.options, s.defaults_used, str(trainer.device))
                 console.schedule(s.schedule_change)
     console.finish()
+    if board is not None:
+        board.close()
     s.run.unlock()
     distributed.teardown(finished=True)
     return 128 + getattr(signal, trainer.stop_reason, signal.SIGINT) if stopped else 0

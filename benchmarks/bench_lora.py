@@ -10,15 +10,20 @@ Three contestants get the same random 124M-shape weights and the same token wind
                   torch's AdamW over the trainable parameters.
 
 Steps alternate between the contestants (the order rotating), so a busy machine slows all
-alike; medians give tokens/s. Then each minigpt2 trainer saves a checkpoint and the size of its
-trainer_state.* (what --resume reads: optimizer moments, RNG, and for LoRA the adapters) is
-reported, with the adapter/ folder and the optimizer-state estimate of `lora_summary`.
+alike; medians give tokens/s. Each step is timed twice: wall clock, and the CPU time of this
+process (time.process_time()). With `--threads 1` the CPU time is what one core spends on the
+step whatever else the machine runs (on a quiet core it equals the wall time): the figure to
+compare between machines and runs, where wall times on a shared machine are not. Then each
+minigpt2 trainer saves a checkpoint and the size of its trainer_state.* (what --resume reads:
+optimizer moments, RNG, and for LoRA the adapters) is reported, with the adapter/ folder and the
+optimizer-state estimate of `lora_summary`.
 
     python benchmarks/bench_lora.py                 # CPU, 4x128, r=8
+    python benchmarks/bench_lora.py --threads 1     # CPU seconds per step, comparable under load
     python benchmarks/bench_lora.py --rank 16 --shape 8x256 --device cuda --dtype bfloat16
 
-The last line: LoRA's step time and state size relative to full fine-tuning, and minigpt2's
-LoRA step time relative to PEFT's.
+The last line: LoRA's step time (wall and CPU) and state size relative to full fine-tuning, and
+minigpt2's LoRA step time relative to PEFT's.
 """
 
 import argparse
@@ -41,6 +46,7 @@ from minigpt2.trainer import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import same_weights, transformers_model  # noqa: E402
+from plain_gpt2 import optimizer_step  # noqa: E402
 
 
 def peft_step_fn(hf, trainer, r, device, dtype):
@@ -63,14 +69,7 @@ def peft_step_fn(hf, trainer, r, device, dtype):
 
     def step(i):
         x, _ = trainer.batch(i)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        optimizer_step(lambda: model(input_ids=x, labels=x).loss, params, opt, device, dtype)
 
     return step, sum(p.numel() for p in params)
 
@@ -95,7 +94,10 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 makes CPU time comparable")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     B, T = map(int, args.shape.split("x"))
@@ -131,17 +133,19 @@ def main() -> int:
 
         steps = {name: ours(t) for name, t in trainers.items()} | {"PEFT LoRA": peft_step}
         times = {name: [] for name in steps}
+        cpu = {name: [] for name in steps}
         names = list(steps)
         for i in range(args.warmup + args.steps):
             for name in names[i % 3 :] + names[: i % 3]:  # rotate who goes first
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 steps[name](i)
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - cpu_start)
         for name, ts in times.items():
             print(
                 f"{name:<14} {statistics.median(ts):7.3f} s/step  {B * T / statistics.median(ts):8,.1f} tokens/s "
-                f"(median of {args.steps}; best {min(ts):.3f} s)"
+                f"(median of {args.steps}; best {min(ts):.3f} s); CPU {statistics.median(cpu[name]):7.3f} s/step"
             )
 
         print(
@@ -164,8 +168,10 @@ def main() -> int:
             )
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    med_cpu = {name: statistics.median(ts) for name, ts in cpu.items()}
     print(
-        f"LoRA r={args.rank} / full: step time {med['minigpt2 LoRA'] / med['minigpt2 full']:.2f}x, "
+        f"LoRA r={args.rank} / full: step time {med['minigpt2 LoRA'] / med['minigpt2 full']:.2f}x "
+        f"(CPU time {med_cpu['minigpt2 LoRA'] / med_cpu['minigpt2 full']:.2f}x), "
         f"trainer_state {sizes['minigpt2 full'] / sizes['minigpt2 LoRA']:.0f}x smaller; "
         f"minigpt2 LoRA / PEFT LoRA step time {med['minigpt2 LoRA'] / med['PEFT LoRA']:.2f}x"
     )

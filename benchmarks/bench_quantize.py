@@ -10,7 +10,7 @@ takes a trained checkpoint (--model), then compares float32 with every quantizat
     agreement (share of positions where both models' most likely next token is the same).
 
 Variants: minigpt2's default `quantize="int8"` (every linear layer int8, the output layer
-included, activations refined to ~15 bits); the same with the output layer left float32; and
+included, activations refined to ~14 bits); the same with the output layer left float32; and
 every layer fed 8-bit activations only, as `torch.ao.quantization.quantize_dynamic` does (CPU
 only). Every variant runs through the kernel decoding uses (fbgemm's int8 GEMM), even for these
 128-token windows, which outside this script go to a dequantized float matmul (see

@@ -15,6 +15,13 @@ trained model, see bench_quantize.py. The last line is the ratio minigpt2 int8 /
     python benchmarks/bench_sample.py                      # CPU
     python benchmarks/bench_sample.py --compile            # CPU, eager and compiled
     python benchmarks/bench_sample.py --device cuda --dtype bfloat16 --compile
+    python benchmarks/bench_sample.py --beside train       # CPU, a 124M-shape train.py running beside it
+
+Contention: with --beside train, a 124M-shape `train.py` run (random weights, tiny Shakespeare)
+trains in another process the whole time the contestants take turns, as when a user samples one
+run's checkpoints while it trains. minigpt2 decodes with the threads sample.py would choose
+(`threads_for_decoding`: the cores the machine's load leaves free); transformers with torch's
+default (every core), as its users get. The machine's load is printed before and after.
 """
 
 import argparse
@@ -22,13 +29,16 @@ import copy
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error, load_tokenizer
-from minigpt2.device import resolve_device, resolve_dtype
+from minigpt2.device import machine_load, resolve_device, resolve_dtype, threads_for_decoding
 from minigpt2.generate import Sampling, generate_tokens, prepare_for_decoding
 from minigpt2.quantize import quantize_model
 from minigpt2.utf8 import Utf8Guard
@@ -49,12 +59,47 @@ def main():
     p.add_argument("--no-cache-tokens", type=int, default=500, help="tokens for the cache vs no-cache run (0: skip)")
     p.add_argument("--layers", type=int, default=12, help="fewer for a quick check")
     p.add_argument("--json-out", metavar="FILE", help="also write the figures to this JSON file")
+    p.add_argument("--beside", choices=["none", "train"], default="none",
+                   help="train: a 124M-shape train.py run beside the contestants (default none)")  # fmt: skip
     args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        beside = start_training_beside(Path(tmp)) if args.beside == "train" else None
+        try:
+            race(args)
+        finally:
+            if beside is not None:
+                beside.kill()
+                beside.wait()
+
+
+def start_training_beside(tmp: Path) -> subprocess.Popen:
+    """A 124M-shape train.py run in another process, returned once it is training (its steps go on)."""
+    data = Path(os.environ.get("MINIGPT2_SHARED_DATA", "/work/shared/data"))
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(root / "train.py"), "--init-preset", "gpt2", "--tokenizer", str(data / "gpt2"),
+           "--data", str(data / "en" / "tinyshakespeare.txt"), "--out", str(tmp / "run"), "--steps", "100000",
+           "--eval-every", "0", "--eval-tokens", "128", "--save-every", "0", "--cache-dir", str(tmp / "cache"),
+           "--device", "cpu", "--log-every", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp / "run" / "log.jsonl"
+    deadline = time.time() + 900
+    while not (log.is_file() and '"type": "train"' in log.read_text()):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise SystemExit("error: the training run beside the benchmark did not start training: " + " ".join(cmd))
+        time.sleep(1)
+    print(f"beside: a 124M-shape train.py run, training (pid {proc.pid})", flush=True)
+    return proc
+
+
+def race(args):
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    default_threads = torch.get_num_threads()
+    ours_threads = threads_for_decoding() if device.type == "cpu" else default_threads
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=args.layers)).eval().to(device, dtype)
     ours = GPT(GPTConfig(n_layer=args.layers)).eval().to(device, dtype)
@@ -75,6 +120,7 @@ def main():
     n = args.new_tokens
 
     def run_hf(n_tokens):
+        torch.set_num_threads(default_threads)
         sync(device)
         t = time.perf_counter()
         with torch.inference_mode():
@@ -91,7 +137,8 @@ def main():
         assert out.shape[1] == 16 + n_tokens
         return n_tokens / (time.perf_counter() - t)
 
-    def run_ours(n_tokens, use_cache=True, compile=False, model=ours):
+    def run_ours(n_tokens, use_cache=True, compile=False, model=ours, threads=ours_threads):
+        torch.set_num_threads(threads)
         sync(device)
         t = time.perf_counter()
         steps = list(
@@ -116,6 +163,10 @@ def main():
         "minigpt2 int8": lambda n_tokens: run_ours(n_tokens, model=int8),
         "int8, fp32 output layer": lambda n_tokens: run_ours(n_tokens, model=int8_float_head),
     }
+    if ours_threads != default_threads:  # what the thread choice is worth, in the same rotation
+        contestants[f"int8, {default_threads} threads"] = lambda n_tokens: run_ours(
+            n_tokens, model=int8, threads=default_threads
+        )
     if args.compile:
         contestants["minigpt2 --compile"] = lambda n_tokens: run_ours(n_tokens, compile=True)
         contestants["minigpt2 int8 --compile"] = lambda n_tokens: run_ours(n_tokens, compile=True, model=int8)
@@ -131,11 +182,18 @@ def main():
             continue
         first_call_s[name] = time.perf_counter() - t
     rates = {name: [] for name in contestants}
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for name, run in contestants.items():
             rates[name].append(run(n))
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()) + " tok/s", flush=True)
     median = {name: statistics.median(r) for name, r in rates.items()}
-    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    busy = machine_load()
+    load = f"load {busy[0]:.1f} on {busy[1]} cores at the end" if busy else "load unknown"
+    print(
+        f"threads: minigpt2 {ours_threads} (as sample.py chooses), transformers {default_threads} (torch's default); "
+        f"{load}; beside: {args.beside}"
+    )
     print(
         f"device: {hw}; dtype {str(dtype).removeprefix('torch.')}; {args.layers} layers; batch 1; 16-token prompt; "
         f"{n} new tokens; top-k 50; UTF-8 guard {'on' if guard else 'off (no tokenizer files)'}"
@@ -169,6 +227,9 @@ def main():
                     "ratio_to_transformers": ratios,
                     "int8_quality": quality,
                     "failed": failed,
+                    "threads": {"minigpt2": ours_threads, "transformers": default_threads},
+                    "beside": args.beside,
+                    "load_at_end": busy[0] if busy else None,
                 },
                 indent=2,
             )

@@ -91,8 +91,13 @@ def check_compiled_decoding(device, dry_run):
         return list(generate_tokens(model, prompts, 24, Sampling(greedy=True), **kwargs))
 
     eager = tokens()
+    from torch._dynamo.utils import counters
+
+    skips = counters["inductor"]["cudagraph_skips"]
     static = tokens(static=True, compile=not dry_run)
     assert static == eager, "compiled static decoding chose other tokens than eager decoding"
+    # the StaticKVCache's buffers are marked static: the step that writes into them is captured
+    assert counters["inductor"]["cudagraph_skips"] == skips, "the static decode step ran without CUDA graphs"
     # the int8 model in bfloat16 (as `sample.py --quantize int8 --compile` runs on a GPU): its compiled
     # step takes Int8Linear's fused matrix-vector form; bf16 rounding may flip a near tie, so compare logits
     model = quantize_model(model).to(torch.bfloat16)

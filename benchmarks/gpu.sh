@@ -7,7 +7,7 @@
 # Parts, each under its own `timeout`, each writing its result to a file in $GPU_RESULTS
 # (default: a new temporary folder):
 #   checks        benchmarks/cuda_checks.py checks: loading, bf16, int8, compiled decoding, training
-#   train         bench_train.py 16x1024 bf16 --compile, minigpt2 vs transformers (tokens/s, MFU)
+#   train         bench_train.py 16x1024 bf16 --compile, minigpt2 vs transformers and plain PyTorch (tokens/s, MFU)
 #   sample        bench_sample.py batch 1 bf16 --compile, minigpt2 (float and int8) vs transformers
 #   distributed   bench_distributed.py, 2 ranks (only with more than one GPU)
 #   xl-memory     gpt2-xl, one training step, peak memory without / with activation checkpointing
@@ -95,9 +95,12 @@ rows.append(("checks", f"{c['passed']}/{c['total']} passed" if c else "-", "-", 
 t = load("train")
 for shape, r in t.get("shapes", {}).items():
     rows.append((f"train {shape} minigpt2", fmt(r["minigpt2"]["tokens_per_s"], ",.0f"),
-                 fmt(r["minigpt2"]["mfu"], ".1%"), fmt(r["ratio"], ".2f") + "x", "-", status("train")))
+                 fmt(r["minigpt2"]["mfu"], ".1%"), fmt(r["ratios"]["transformers"], ".2f") + "x", "-", status("train")))
     rows.append((f"train {shape} transformers", fmt(r["transformers"]["tokens_per_s"], ",.0f"),
                  fmt(r["transformers"]["mfu"], ".1%"), "1.00x", "-", status("train")))
+    plain = r["plain PyTorch"]
+    rows.append((f"train {shape} plain PyTorch", fmt(plain["tokens_per_s"], ",.0f"), fmt(plain["mfu"], ".1%"),
+                 fmt(r["ratios"]["transformers"] / r["ratios"]["plain PyTorch"], ".2f") + "x", "-", status("train")))
 if not t:
     rows.append(("train", "-", "-", "-", "-", status("train")))
 s = load("sample")

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import regex
 
@@ -61,16 +61,32 @@ from .tokenizer import GPT2_PATTERN
 
 _PRETOKENIZER = regex.compile(GPT2_PATTERN)
 
+# progress(what, done, total): called as a long phase advances (from done = 0 at its start), so a
+# front end can say what is going on and how far it is. The counts are in the phase's own units.
+Progress = Callable[[str, int, int], None]
+READING = "reading the text (characters)"
+SPLITTING = "splitting its distinct pieces into tokens"
+LEARNING = "learning merges"
 
-def count_pretokens(texts: Iterable[str]) -> Counter[str]:
+
+def no_progress(what: str, done: int, total: int) -> None:
+    pass
+
+
+def count_pretokens(texts: Iterable[str], progress: Progress | None = None, total_chars: int = 0) -> Counter[str]:
     """How often each piece of GPT-2's pre-tokenizer occurs in the texts (each text split alone).
 
     The texts may be chunks of one file, as long as they are cut where the pre-tokenizer cuts
-    too (data.read_chunks does that).
+    too (data.read_chunks does that). `progress` hears the characters done of `total_chars`.
     """
+    progress = progress or no_progress
     counts: Counter[str] = Counter()
+    done = 0
+    progress(READING, 0, total_chars)
     for text in texts:
         counts.update(_PRETOKENIZER.findall(text))
+        done += len(text)
+        progress(READING, done, max(total_chars, done))
     return counts
 
 
@@ -215,17 +231,27 @@ class _PairCounts:
             self._rebuild()
 
 
-def learn_merges_from_counts(pretokens: Counter[str] | dict[str, int], enc, n_merges: int) -> list[tuple[bytes, bytes]]:
+def learn_merges_from_counts(
+    pretokens: Counter[str] | dict[str, int], enc, n_merges: int, progress: Progress | None = None
+) -> list[tuple[bytes, bytes]]:
     """`n_merges` new merges (pairs of token bytes, in order) from a pre-token frequency table.
 
     Fewer come back when no pair occurring at least twice is left. `enc` is the tiktoken
-    encoding to continue (GPT-2's, or an already extended one).
+    encoding to continue (GPT-2's, or an already extended one). `progress` hears the pieces
+    split into tokens, then the merges learned.
     """
+    progress = progress or no_progress
     token_bytes = [enc.decode_single_token_bytes(i) if i != enc.eot_token else b"" for i in range(enc.n_vocab)]
     rules = _MergeRules([t for i, t in enumerate(token_bytes) if i != enc.eot_token])
     ordered = sorted(pretokens.items())  # a fixed word order: results never depend on dict order
-    words = [enc._encode_single_piece(piece.encode("utf-8")) for piece, _ in ordered]
+    words = []
+    for i, (piece, _) in enumerate(ordered):
+        if i % 10_000 == 0:
+            progress(SPLITTING, i, len(ordered))
+        words.append(enc._encode_single_piece(piece.encode("utf-8")))
+    progress(SPLITTING, len(ordered), len(ordered))
     counts = _PairCounts(words, [freq for _, freq in ordered], token_bytes)
+    progress(LEARNING, 0, n_merges)
 
     merges: list[tuple[bytes, bytes]] = []
     rejected: set[tuple[int, int]] = set()
@@ -242,9 +268,14 @@ def learn_merges_from_counts(pretokens: Counter[str] | dict[str, int], enc, n_me
         rules.add(left + right)
         counts.merge(pair, len(token_bytes) - 1)
         merges.append((left, right))
+        if len(merges) % 100 == 0:
+            progress(LEARNING, len(merges), n_merges)
+    progress(LEARNING, n_merges, n_merges)  # done (also when fewer merges were found)
     return merges
 
 
-def learn_merges(texts: Iterable[str], enc, n_merges: int) -> list[tuple[bytes, bytes]]:
+def learn_merges(
+    texts: Iterable[str], enc, n_merges: int, progress: Progress | None = None, total_chars: int = 0
+) -> list[tuple[bytes, bytes]]:
     """Learn `n_merges` merges continuing `enc`'s BPE on `texts` (strings, or chunks of files)."""
-    return learn_merges_from_counts(count_pretokens(texts), enc, n_merges)
+    return learn_merges_from_counts(count_pretokens(texts, progress, total_chars), enc, n_merges, progress)

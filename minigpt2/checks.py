@@ -231,3 +231,14 @@ def check_vocab_fits(
             f"{enc.n_vocab} of {tokenizer_name} (largest id {enc.n_vocab - 1}, <|endoftext|> is {enc.eot_token}): "
             "they do not belong together; use the tokenizer the model was trained with"
         )
+
+
+def check_embed_warmup(embed_warmup: int, steps: int | None) -> None:
+    """An embedding warm-up (the new rows alone) must leave steps for everything else."""
+    non_negative_int("embed_warmup", embed_warmup)
+    if embed_warmup and steps is not None and embed_warmup >= steps:
+        raise OptionError(
+            "embed_warmup",
+            f"must be fewer than the {steps} steps, or nothing but the new rows would ever train; "
+            "give fewer warm-up steps or more steps",
+        )

@@ -12,15 +12,31 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
-from .errors import MiniGPT2Error, user_message
+from .errors import MiniGPT2Error, Notice, user_message
 
 
 def run_script(body: Callable[[], int], flags: dict[str, str] | None = None, prefix: str = "") -> int:
-    """`body()`'s exit status, or the status of the one line that says why it failed."""
+    """`body()`'s exit status, or the status of the one line that says why it failed.
+
+    The library's `Notice` warnings (e.g. GPT-2's tokenizer standing in for a checkpoint without
+    one) are printed as one `note: ...` line on stderr each, every time they are raised.
+    """
     try:
-        return body()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", Notice)
+            shown = warnings.showwarning
+
+            def show(message, category, *args, **kwargs):
+                if issubclass(category, Notice):
+                    print(f"note: {message}", file=sys.stderr)
+                else:
+                    shown(message, category, *args, **kwargs)
+
+            warnings.showwarning = show
+            return body()
     except MiniGPT2Error as e:
         return error(prefix + user_message(e, flags))
     except BrokenPipeError:

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checks import positive_int
+from .checks import non_negative_int, positive_int
 from .config import GPTConfig
 from .data import bits_per_char, perplexity, tokenizer_fingerprint
 from .device import resolve_device
@@ -63,6 +63,7 @@ from .rundir import RunDir
 from .snapshots import capture_block_outputs, hidden_drift
 from .text import encode_prompt
 from .tokenizer import load_tokenizer
+from .watch import SAMPLE_SEED, SAMPLE_TOKENS, draw_samples
 from .weights import (
     MASK_BUFFERS,
     PREFIX,
@@ -73,6 +74,7 @@ from .weights import (
     match_keys,
     official_shapes,
     open_safetensors,
+    read_checkpoint_config,
     read_header,
 )
 
@@ -601,8 +603,9 @@ def _layer_drift(changes: dict[str, float], norms: dict[str, float] | None) -> d
 
 def run_curves(run: RunDir) -> dict:
     """The run's learning curves from log.jsonl: training loss per step, and per eval set its loss and
-    bits per character at each evaluation (what a person looks at first)."""
-    train, evals = [], {}
+    bits per character at each evaluation (what a person looks at first); and the samples drawn at
+    each evaluation (`train.py --sample-prompt`), step by step."""
+    train, evals, samples = [], {}, []
     for r in run.read_log():
         if r.get("type") == "train":
             train.append({"step": r["step"], "tokens": r.get("tokens"), "loss": r["loss"]})
@@ -610,7 +613,10 @@ def run_curves(run: RunDir) -> dict:
             evals.setdefault(r["set"], []).append(
                 {"step": r["step"], "tokens": r.get("tokens"), "loss": r["loss"], "bpc": r.get("bpc")}
             )
-    return {"train": train, "eval": evals}
+        elif r.get("type") == "samples":
+            samples = [s for s in samples if s["step"] < r["step"]]  # a resumed run drew these steps again
+            samples.append({k: r.get(k) for k in ("step", "tokens", "seed", "max_new_tokens", "samples")})
+    return {"train": train, "eval": evals, "samples": samples}
 
 
 def run_drift(snapshots: list[dict], start_norms: dict[str, float] | None = None) -> dict:
@@ -647,12 +653,11 @@ def run_drift(snapshots: list[dict], start_norms: dict[str, float] | None = None
 # ----- the whole comparison ---------------------------------------------------------------
 
 
-def tokenizer_or(source: str, fallback):
-    """`source`'s own tokenizer, or `fallback` (A's) for a checkpoint saved without one."""
-    try:
-        return load_tokenizer(source)
-    except CheckpointError:
-        return fallback
+def side_tokenizer(checkpoint: str, revision: str | None = None):
+    """A checkpoint's own tokenizer (GPT-2's only for one without tokenizer files and with GPT-2's
+    vocabulary; see `load_tokenizer`), read before any model is loaded, so a mismatch fails first."""
+    vocab_size = read_checkpoint_config(checkpoint, revision).vocab_size
+    return load_tokenizer(checkpoint, revision=revision, vocab_size=vocab_size)
 
 
 def resolve_side(source: str) -> dict:
@@ -674,18 +679,26 @@ def run_record(side: str, path: str, revision: str | None) -> dict:
     return {"side": side, "path": path, **run_drift(run.read_snapshots(), norms), "curves": run_curves(run)}
 
 
-def _forward_passes(side_a, side_b, enc, prompts, prepared, device, revision, quantize) -> tuple[list, list]:
+def _forward_passes(
+    side_a, side_b, enc, prompts, prepared, device, revision, quantize, sample_tokens
+) -> tuple[list, list]:
     """(activations per prompt, behaviour per text): each model loaded in turn and freed before the
-    next, so memory holds one model at a time."""
-    recorded, scores = {}, {}
+    next, so memory holds one model at a time. With `sample_tokens`, each prompt's activations also
+    hold each model's continuation of it (`watch.draw_samples`: the same seed for A and B)."""
+    recorded, scores, continued = {}, {}, {}
     for side, info in (("A", side_a), ("B", side_b)):
         model = load_model(info["checkpoint"], device=device, revision=revision, quantize=quantize)
         # Prompts go in as A's tokens on both sides (a grown vocabulary keeps A's ids), so the two
         # models' block outputs are compared on the same input; texts in each side's own tokens.
         recorded[side] = record_prompts(model, enc["A"], list(prompts), device)
         scores[side] = [evaluate_text(model, enc[side], t["ids"][side], t["characters"], device) for t in prepared]
+        continued[side] = (
+            draw_samples(model, enc[side], list(prompts), sample_tokens) if sample_tokens and prompts else []
+        )
         del model
     activations = compare_activations(list(prompts), recorded["A"], recorded["B"], enc["A"])
+    for act, sample_a, sample_b in zip(activations, continued["A"], continued["B"]):
+        act["continuation_a"], act["continuation_b"] = sample_a["text"], sample_b["text"]
     behaviour = [{k: v for k, v in t.items() if k != "ids"} | {"a": sa, "b": sb}
                  for t, sa, sb in zip(prepared, scores["A"], scores["B"])]  # fmt: skip
     return activations, behaviour
@@ -701,6 +714,7 @@ def compare(
     max_eval_tokens: int = DEFAULT_MAX_EVAL_TOKENS,
     revision: str | None = None,
     quantize: str | None = None,
+    sample_tokens: int = SAMPLE_TOKENS,
 ) -> dict:
     """Compare checkpoint A (the reference, e.g. before fine-tuning) with B (e.g. after).
 
@@ -714,11 +728,15 @@ def compare(
     steps per run given), "max_eval_tokens"}. Infinite values (a relative change from an all-zero
     tensor) are kept as `math.inf`; `minigpt2.report.to_json` writes them as null.
 
+    `sample_tokens` > 0: each prompt is also continued by A and by B, that many new tokens drawn
+    with the same seed (`minigpt2.watch.draw_samples`), in "continuation_a" / "continuation_b".
+
     `quantize="int8"` runs the prompts and texts through int8 weight-only models (see
     `minigpt2.quantize`): what int8 decoding would score. Whole texts are bound by arithmetic, not
     by reading weights, so on a CPU this is not faster. The weights are always compared as stored.
     """
     positive_int("max_eval_tokens", max_eval_tokens)  # the evaluation cap, in tokens
+    non_negative_int("sample_tokens", sample_tokens)
     if b is None:
         if not RunDir.is_run(a):
             raise MiniGPT2Error(f"'{a}' is not a training run directory: give two models to compare")
@@ -731,8 +749,7 @@ def compare(
 
     enc = prepared = None
     if prompts or texts:  # read the texts first: a bad file should fail before minutes of work
-        enc_a = load_tokenizer(side_a["checkpoint"])
-        enc = {"A": enc_a, "B": tokenizer_or(side_b["checkpoint"], enc_a)}
+        enc = {"A": side_tokenizer(side_a["checkpoint"], revision), "B": side_tokenizer(side_b["checkpoint"], revision)}
         prepared = prepare_texts(list(texts), enc["A"], enc["B"], max_eval_tokens)
     weights = compare_weights(side_a["checkpoint"], side_b["checkpoint"], revision=revision)
     # A LoRA run's checkpoint has adapter/ beside its merged weights: mark the adapted tensors.
@@ -741,7 +758,9 @@ def compare(
     runs = [run_record(side, info["run"], revision) for side, info in (("A", side_a), ("B", side_b)) if info["run"]]
     activations, behaviour = [], []
     if enc is not None:
-        activations, behaviour = _forward_passes(side_a, side_b, enc, prompts, prepared, device, revision, quantize)
+        activations, behaviour = _forward_passes(
+            side_a, side_b, enc, prompts, prepared, device, revision, quantize, sample_tokens
+        )
 
     return {
         "a": side_a,
@@ -753,6 +772,8 @@ def compare(
         "behaviour": behaviour,
         "max_eval_tokens": max_eval_tokens,
         "runs": runs,
+        "sample_tokens": sample_tokens,
+        "sample_seed": SAMPLE_SEED,
     }
 
 
@@ -780,8 +801,7 @@ def compare_many(
         raise MiniGPT2Error("comparing several models needs at least one text to evaluate them on")
     sides = [resolve_side(source) for source in [a, *others]]
     device = resolve_device(device)
-    encs = [load_tokenizer(sides[0]["checkpoint"])]
-    encs += [tokenizer_or(side["checkpoint"], encs[0]) for side in sides[1:]]
+    encs = [side_tokenizer(side["checkpoint"], revision) for side in sides]
     prepared = [prepare_texts(list(texts), encs[0], enc, max_eval_tokens) for enc in encs]
     models = []
     for side, enc, side_texts in zip(sides, encs, prepared):

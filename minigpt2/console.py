@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+import unicodedata
 
 from .options import FLAGS
+
+# Without a terminal (a log file), a long phase still writes a progress line at least this often.
+PLAIN_EVERY_S = 5.0
 
 
 def format_duration(seconds: float) -> str:
@@ -20,6 +25,25 @@ def format_duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def visible(text: str, newline: str = "↵") -> str:
+    """A generated text made safe to show: line breaks as `newline`, and every other control or
+    format character (a right-to-left override that would reverse the rest of the line, a Unicode
+    line separator, a zero-width joiner) spelled out as \\uXXXX. Tabs stay."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "".join(
+        newline if c == "\n" else c if c == "\t" or unicodedata.category(c) not in HIDDEN else f"\\u{ord(c):04x}"
+        for c in text
+    )
+
+
+HIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}  # control, format, separators, surrogate, private, unassigned
+
+
+def one_line(text: str) -> str:
+    """A sample on one line (see `visible`)."""
+    return visible(text)
 
 
 def plural(n: int, word: str) -> str:
@@ -42,6 +66,8 @@ class TrainConsole:
         self.header_done = False
         self.steps = 0
         self.bar_text = ""
+        self.plain_at = 0.0  # when the last plain progress line of a phase was written (no terminal)
+        self.phase, self.phase_at = "", 0.0  # the long phase going on before training, and its start
 
     @staticmethod
     def _isatty(stream) -> bool:
@@ -130,9 +156,39 @@ class TrainConsole:
                 f"{t['tokens_per_char_after']:.2f}{bpc}"
             )
 
+    def _phase(self, r):
+        """A long phase before training (learning a vocabulary...): what, how far, about how long."""
+        now = time.monotonic()
+        if r["what"] != self.phase:
+            self.phase, self.phase_at, self.plain_at = r["what"], now, 0.0
+        done, total = r["done"], r["total"]
+        left = ""
+        if 0 < done < total and now - self.phase_at >= 1:
+            left = f", ~{format_duration((now - self.phase_at) / done * (total - done))} left"
+        share = f" ({100 * done / total:.0f}%)" if total else ""
+        text = f"{r['what']}: {done:,} of {total:,}{share}{left}"
+        if self.tty:
+            self.bar(text)
+        elif done in (0, total) or now - self.plain_at >= PLAIN_EVERY_S:
+            self.plain_at = now
+            self.bar(text)
+        if done >= total:
+            self.clear_bar()
+            self.bar_text = ""
+
+    def _dtype(self, r):
+        self.line(f"precision: {r['dtype']} (--dtype auto: {r['why']})")
+
+    def _final_only(self, r):
+        self.note(
+            f"note: {FLAGS['save_every']} 0: no checkpoints along the way, but the final one is always written "
+            f"(about {format_bytes(r['bytes'])}, as {r['path']})"
+        )
+
     def _lora(self, r):
+        rows = f" + the rows of {r['trainable_tokens']:,} new tokens" if r.get("trainable_tokens") else ""
         self.line(
-            f"LoRA r={r['r']}, alpha={r['alpha']:g} on {', '.join(r['targets'])}: "
+            f"LoRA r={r['r']}, alpha={r['alpha']:g} on {', '.join(r['targets'])}{rows}: "
             f"{r['trainable_params']:,} trainable parameters ({100 * r['trainable_share']:.2f}%), AdamW state "
             f"{format_bytes(r['optimizer_state_bytes'])} (full fine-tuning: "
             f"{format_bytes(r['full_optimizer_state_bytes'])})"
@@ -186,7 +242,13 @@ class TrainConsole:
             parts.append(f"{plural(r['evals_left'], 'evaluation')} {format_duration(r['evals_s'])}")
         if r["saves_s"]:
             parts.append(f"{plural(r['saves_left'], 'save')} {format_duration(r['saves_s'])}")
-        self.line(f"estimated time left: {format_duration(r['eta_s'])} ({', '.join(parts)})")
+        busy = ""
+        if r.get("load") is not None and r["load"] > r["cores"]:
+            busy = (
+                f"; the machine is busy (load {r['load']:.1f} on {r['cores']} cores), which slows this run: "
+                "on a quiet one it would be shorter"
+            )
+        self.line(f"estimated time left: {format_duration(r['eta_s'])} ({', '.join(parts)}), at the speed so far{busy}")
 
     def _train(self, r):
         if r["step"] % self.log_every == 0 or r["step"] == self.steps or r["step"] == 1:
@@ -216,17 +278,22 @@ class TrainConsole:
         )
 
     def _eval_progress(self, r):
-        doing = f" · evaluating {r['set']} {r['done']}/{r['total']}"
+        left = f", ~{format_duration(r['eta_s'])} left in this evaluation" if r.get("eta_s") is not None else ""
         if self.tty:
-            self._progress(r["step"], None, doing)
-        elif r["done"] == 1:
-            self.bar(f"step {r['step']}/{self.steps}: evaluating {r['set']} ({r['total']} batches)")
+            self._progress(r["step"], None, f" · evaluating {r['set']} {r['done']}/{r['total']}{left}")
+        elif r["done"] == 1 or r["done"] == r["total"] or time.monotonic() - self.plain_at >= PLAIN_EVERY_S:
+            self.plain_at = time.monotonic()
+            self.bar(f"step {r['step']}/{self.steps}: evaluating {r['set']}, batch {r['done']} of {r['total']}{left}")
 
     def _eval(self, r):
         self.line(
             f"eval step {r['step']:>5} | {r['set']}: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, "
             f"bpc {r['bpc']:.4f} ({r['eval_tokens']:,} tokens)"
         )
+
+    def _samples(self, r):
+        for s in r["samples"]:
+            self.line(f"sample step {r['step']:>3} | [{one_line(s['prompt'])}] {one_line(s['text'])}")
 
     def _checkpoint(self, r):
         self.line(f"saved {r['path']} (step {r['step']}, {format_bytes(r.get('bytes'))})")

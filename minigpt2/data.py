@@ -27,6 +27,7 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -40,33 +41,59 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, MiniGPT2Error  # noqa: F401  (DataError: re-exported, it used to live here)
+from .errors import DataError, MiniGPT2Error, OutputError  # noqa: F401  (DataError: re-exported, it used to live here)
+from .files import WRITE_ADVICE, write_error
+from .formats import (
+    HF_PREFIX,
+    DatasetSource,
+    format_of,
+    is_text_name,
+    iter_rows,
+    normalise,
+    open_binary,
+    open_dataset,
+    stream_errors,
+    text_lines,
+)
 
 CACHE_ENV = "MINIGPT2_CACHE"
-FORMAT_VERSION = 2  # bump when the token file layout, the cleaning rules or meta.json change
+FORMAT_VERSION = 3  # bump when the token file layout, the cleaning rules, the split or meta.json change
 READ_BLOCK = 1 << 20  # bytes per read when hashing and checking files
+VAL_ROWS_SEED = 1234  # which whole documents are held out (fixed: the same data always holds out the same rows)
 CHUNK_CHARS = 1 << 18  # characters per tokenizer call (a few MB of RAM per thread at most)
 
 
 # ----- finding and checking the input files -----------------------------------------------------
 
 
-def find_text_files(specs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand `--data` arguments into a list of files, in a stable order, without duplicates.
+def find_text_files(specs: Iterable[str | os.PathLike]) -> list[Path | str]:
+    """Expand `--data` arguments into a list of files (and `hf:` datasets), in a stable order,
+    without duplicates.
 
-    A file is taken as it is (whatever its extension: the user named it); a directory means every
-    `.txt` file below it, sorted; anything else is tried as a glob pattern.
+    A file is taken as it is (its name says how it is read: see formats.py); a directory means
+    every `.txt` file below it (compressed ones too), sorted; `hf:...` is a dataset; anything else
+    is tried as a glob pattern.
     """
-    files: list[Path] = []
+    files: list[Path | str] = []
     for spec in specs:
+        if isinstance(spec, str) and spec.startswith(HF_PREFIX):
+            files.append(spec)
+            continue
         path = Path(spec).expanduser()
         if path.is_file():
             found = [path]
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            found = sorted(p for p in path.rglob("*") if is_text_name(p) and p.is_file())
             if not found:
+                rows = sorted({p.suffix for p in path.rglob("*") if format_of(p)[0] != "text" and p.is_file()})
                 raise DataError(
                     f"directory '{path}' holds no .txt files; point `data` at text files or a folder of them"
+                    + (
+                        f" (it holds {', '.join(rows)} files: give them by name or as a glob such as "
+                        f"'{path}/*{rows[0]}', or load the folder as a dataset with hf:{path})"
+                        if rows
+                        else ""
+                    )
                 )
         elif path.exists():  # /dev/null, a FIFO, a socket: exists, but holds no text to read twice
             raise DataError(
@@ -81,119 +108,246 @@ def find_text_files(specs: Iterable[str | os.PathLike]) -> list[Path]:
                 raise DataError(f"the pattern '{spec}' matches no files")
         else:
             raise DataError(f"'{spec}' does not exist; give text files, directories or glob patterns")
-        files.extend(found)
+        files.extend(p.resolve() for p in found)
     if not files:
         raise DataError("no input text given")
-    return list(dict.fromkeys(p.resolve() for p in files))
+    return list(dict.fromkeys(files))
 
 
 @dataclass
 class FileInfo:
-    """What one pass over a file's bytes learned: its content hash, size and character count."""
+    """One input and what one pass over it learned: its content hash, size, characters, documents.
 
-    path: Path
-    sha256: str
+    A text file is one document; a row file (JSON Lines, JSON, CSV, TSV, Parquet) or a dataset is
+    one document per row, its text in `text_field`.
+    """
+
+    path: Path  # for a dataset: its `hf:` spec, as a Path (its .name, .stem name it in messages)
+    sha256: str  # of the content (a text file's decompressed bytes, a row file's bytes, a dataset's fingerprint)
     bytes: int
     chars: int  # after turning CRLF / CR line ends into LF, before --drop-lines
+    format: str = "text"  # "text", "jsonl", "json", "csv", "tsv", "parquet" or "dataset"
+    compression: str | None = None
+    text_field: str | None = None  # the field each row's text is read from (row formats)
+    rows: int = 1  # documents: 1 for a text file
+    empty_rows: int = 0  # rows of only whitespace: skipped (nothing to learn from), and counted
+    dataset: object = field(default=None, repr=False)  # formats.DatasetSource of an `hf:` input
+    validation: FileInfo | None = None  # a dataset's own validation split, when it has one
+
+    def key(self) -> dict | str:
+        """What identifies this input's documents in the token cache."""
+        if self.format == "text":
+            return self.sha256
+        return {"sha256": self.sha256, "format": self.format, "field": self.text_field}
 
 
-def check_text_file(path: Path, encoding_errors: str = "strict") -> FileInfo:
+def check_text_file(path: Path, encoding_errors: str = "strict", compression: str | None = None) -> FileInfo:
     """Hash a file and make sure it is usable text, reading it in blocks (flat memory).
 
     A NUL byte means a binary file (no text format uses it); bytes that are not UTF-8 are an error
     naming the byte offset, so the user can look at exactly that spot, unless `encoding_errors`
-    is `replace` (each bad byte becomes U+FFFD). An empty file is an error too: it almost always
-    means a wrong path or a failed export.
+    is `replace` (each bad byte becomes U+FFFD). A file with no text in it, empty or only blank
+    lines, is an error too (one rule for both): it almost always means a wrong path or a failed
+    export. A compressed file is checked as the text it holds (offsets count decompressed bytes).
     """
     digest = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")(errors=encoding_errors)
     size = chars = crlf = 0
-    last_was_cr = False
+    last_was_cr = has_text = False
+    unpacked = " (decompressed)" if compression else ""
+    with stream_errors(path, compression), open_binary(path, compression) as f:
+        while block := f.read(READ_BLOCK):
+            nul = block.find(b"\x00")
+            if nul >= 0:
+                raise DataError(
+                    f"'{path}' looks like a binary file (a NUL byte at offset {size + nul}{unpacked}), not text; "
+                    "give plain UTF-8 text files (UTF-16 text must be converted to UTF-8 first)"
+                )
+            pending = len(decoder.getstate()[0])  # bytes of a character split across blocks
+            try:
+                text = decoder.decode(block)
+            except UnicodeDecodeError as e:
+                offset = size - pending + e.start
+                raise DataError(
+                    f"'{path}' is not valid UTF-8: byte 0x{block[max(e.start - pending, 0)]:02x} "
+                    f"at offset {offset}{unpacked} "
+                    f"({e.reason}). Convert the file to UTF-8, or pass `encoding_errors='replace'` to "
+                    "replace undecodable bytes with U+FFFD"
+                ) from None
+            digest.update(block)
+            size += len(block)
+            chars += len(text)
+            crlf += text.count("\r\n") + (last_was_cr and text.startswith("\n"))
+            last_was_cr = text.endswith("\r")
+            has_text = has_text or not (text.isspace() or not text)
+        try:
+            chars += len(decoder.decode(b"", final=True))
+        except UnicodeDecodeError:
+            raise DataError(
+                f"'{path}' is not valid UTF-8: it ends in the middle of a character (offset {size}{unpacked}). "
+                "Convert the file to UTF-8, or pass `encoding_errors='replace'`"
+            ) from None
+    if size == 0:
+        raise DataError(f"'{path}' is empty; remove it from `data` or give the right file")
+    if not has_text:
+        raise DataError(
+            f"'{path}' holds no text, only blank lines and spaces; remove it from `data` or give the right file"
+        )
+    return FileInfo(path=path, sha256=digest.hexdigest(), bytes=size, chars=chars - crlf, compression=compression)
+
+
+def check_row_file(
+    path: Path, fmt: str, compression: str | None, text_field: str, encoding_errors: str = "strict"
+) -> FileInfo:
+    """Read every row of a row file once: each must hold text in `text_field` (else an error naming
+    the row and the field), and at least one must hold more than whitespace."""
+    digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
             while block := f.read(READ_BLOCK):
-                nul = block.find(b"\x00")
-                if nul >= 0:
-                    raise DataError(
-                        f"'{path}' looks like a binary file (a NUL byte at offset {size + nul}), not text; "
-                        "give plain UTF-8 text files (UTF-16 text must be converted to UTF-8 first)"
-                    )
-                pending = len(decoder.getstate()[0])  # bytes of a character split across blocks
-                try:
-                    text = decoder.decode(block)
-                except UnicodeDecodeError as e:
-                    offset = size - pending + e.start
-                    raise DataError(
-                        f"'{path}' is not valid UTF-8: byte 0x{block[max(e.start - pending, 0)]:02x} "
-                        f"at offset {offset} "
-                        f"({e.reason}). Convert the file to UTF-8, or pass `encoding_errors='replace'` to "
-                        "replace undecodable bytes with U+FFFD"
-                    ) from None
                 digest.update(block)
-                size += len(block)
-                chars += len(text)
-                crlf += text.count("\r\n") + (last_was_cr and text.startswith("\n"))
-                last_was_cr = text.endswith("\r")
-            try:
-                chars += len(decoder.decode(b"", final=True))
-            except UnicodeDecodeError:
-                raise DataError(
-                    f"'{path}' is not valid UTF-8: it ends in the middle of a character (offset {size}). "
-                    "Convert the file to UTF-8, or pass `encoding_errors='replace'`"
-                ) from None
     except OSError as e:
         raise DataError(f"cannot read '{path}': {e.strerror or e}") from None
-    if size == 0:
-        raise DataError(f"'{path}' is empty; remove it from `data` or give the right file")
-    return FileInfo(path=path, sha256=digest.hexdigest(), bytes=size, chars=chars - crlf)
+    rows = empty = chars = 0
+    for row in iter_rows(path, fmt, compression, text_field, encoding_errors):
+        rows += 1
+        empty += row.text.isspace() or not row.text
+        chars += len(normalise(row.text))
+    return _rows_info(path, digest.hexdigest(), path.stat().st_size, chars, fmt, compression, text_field, rows, empty)
 
 
-# ----- cleaning and tokenizing, in chunks ------------------------------------------------------
+def _rows_info(path, sha256, size, chars, fmt, compression, text_field, rows, empty, **extra) -> FileInfo:
+    what = "dataset" if fmt == "dataset" else "file"
+    if rows == 0:
+        raise DataError(f"the {what} '{path}' holds no rows; give the right {what}")
+    if empty == rows:
+        raise DataError(
+            f"the {what} '{path}' holds no text: its {rows:,} rows' '{text_field}' fields are all empty or blank; "
+            "choose the field with `text_field`"
+        )
+    return FileInfo(path=path, sha256=sha256, bytes=size, chars=chars, format=fmt, compression=compression,
+                    text_field=text_field, rows=rows, empty_rows=empty, **extra)  # fmt: skip
+
+
+def check_dataset(spec: str, text_field: str, split: str | None = None) -> FileInfo:
+    """Open an `hf:` dataset (from its cache when offline) and check its `text_field` column; the
+    dataset's own validation split comes along when it has one and no split was named."""
+    source = open_dataset(spec, text_field, split)
+    info = _dataset_info(spec, source, text_field)
+    if source.validation is not None:
+        info.validation = _dataset_info(f"{spec}@{source.validation.split}", source.validation, text_field)
+    return info
+
+
+def _dataset_info(label: str, source: DatasetSource, text_field: str) -> FileInfo:
+    rows = empty = chars = 0
+    for row in source.rows():
+        rows += 1
+        empty += row.text.isspace() or not row.text
+        chars += len(normalise(row.text))
+    return _rows_info(Path(label), source.fingerprint, source.bytes, chars, "dataset", None, text_field, rows, empty,
+                      dataset=source)  # fmt: skip
+
+
+def check_source(spec: Path | str, encoding_errors: str = "strict", text_field: str = "text") -> FileInfo:
+    """Check one input found by `find_text_files`, in the way its name says it is read."""
+    if isinstance(spec, str):
+        return check_dataset(spec, text_field)
+    fmt, compression = format_of(spec)
+    if fmt == "text":
+        return check_text_file(spec, encoding_errors, compression)
+    return check_row_file(spec, fmt, compression, text_field, encoding_errors)
+
+
+# ----- documents, and where the held-out text comes from -----------------------------------------
+
+
+def documents(info: FileInfo, encoding_errors: str = "strict") -> Iterator[tuple[int, int | None, str | Iterable[str]]]:
+    """(index, characters or None, text) of each document of an input, line ends made "\\n": a text
+    file's lines as they are read (a novel need not fit in memory), a row's text as one string.
+    Rows of only whitespace are left out (they keep their index, so the held-out rows do not
+    depend on them)."""
+    if info.format == "text":
+        yield 0, info.chars, text_lines(info.path, info.compression, encoding_errors)
+        return
+    rows = (
+        info.dataset.rows()
+        if info.format == "dataset"
+        else iter_rows(info.path, info.format, info.compression, info.text_field, encoding_errors)
+    )
+    for row in rows:
+        if row.text and not row.text.isspace():
+            text = normalise(row.text)
+            yield row.index, len(text), text
+
+
+def _lines(text: str | Iterable[str]) -> Iterable[str]:
+    return text.splitlines(keepends=True) if isinstance(text, str) else text
 
 
 def read_chunks(
-    path: Path,
+    path: Path | FileInfo,
     *,
     encoding_errors: str = "strict",
     drop_lines: re.Pattern | None = None,
-    start_char: int = 0,
-    stop_char: int | None = None,
     chunk_chars: int = CHUNK_CHARS,
 ) -> Iterator[str]:
-    """The cleaned text of `path` in pieces of about `chunk_chars` characters.
+    """The cleaned text of `path` (every document of it, one after the other) in pieces of about
+    `chunk_chars` characters.
 
     Line ends are normalised to "\\n" (as Python's text mode does); lines matching `drop_lines`
-    are left out. Only the lines starting within characters [start_char, stop_char) of the
-    uncleaned text are kept: that is how a document is split into a head (training) and a tail
-    (validation) at a line end.
+    are left out.
 
     Chunks are cut where GPT-2's pre-tokenizer is sure to cut too, so tokenizing the chunks one by
     one gives exactly the tokens of tokenizing the whole text at once (a run of spaces or a word
     split in two would otherwise be tokenized differently). See `_last_safe_cut`.
     """
-    lines: list[str] = []
-    size = 0
-    position = 0  # characters of the uncleaned text read so far
-    with open(path, encoding="utf-8", errors=encoding_errors, newline=None) as f:
-        for line in f:
-            begin, position = position, position + len(line)
-            if begin < start_char or (stop_char is not None and begin >= stop_char):
-                continue
-            if drop_lines is not None and drop_lines.search(line):
-                continue
-            lines.append(line)
-            size += len(line)
-            if size >= chunk_chars:
-                text = "".join(lines)
-                cut = _last_safe_cut(text)
-                if cut == 0 and size < 4 * chunk_chars:
-                    lines = [text]  # no safe place yet: read on
-                    continue
-                cut = cut or len(text)  # pathological text: cut at the line end anyway
-                yield text[:cut]
-                lines, size = [text[cut:]], len(text) - cut
-    if size:
-        yield "".join(lines)
+    info = path if isinstance(path, FileInfo) else FileInfo(Path(path), "", 0, 0, compression=format_of(path)[1])
+    chunker = _Chunker(chunk_chars)
+    for _, _, text in documents(info, encoding_errors):
+        for line in _lines(text):
+            if drop_lines is None or not drop_lines.search(line):
+                yield from chunker.add(line)
+    yield from chunker.flush()
+
+
+def head_text(info: FileInfo, limit: int, encoding_errors: str = "replace") -> str:
+    """About the first `limit` characters of an input's text (its documents one after the other)."""
+    pieces, size = [], 0
+    for chunk in read_chunks(info, encoding_errors=encoding_errors, chunk_chars=min(limit, CHUNK_CHARS)):
+        pieces.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return "".join(pieces)[:limit]
+
+
+class _Chunker:
+    """Gathers lines into chunks of about `chunk_chars`, each cut where tokenizing it alone gives
+    the tokens the whole text would (see `_last_safe_cut`)."""
+
+    def __init__(self, chunk_chars: int = CHUNK_CHARS) -> None:
+        self.chunk_chars = chunk_chars
+        self.lines: list[str] = []
+        self.size = 0
+
+    def add(self, line: str) -> Iterator[str]:
+        self.lines.append(line)
+        self.size += len(line)
+        if self.size >= self.chunk_chars:
+            text = "".join(self.lines)
+            cut = _last_safe_cut(text)
+            if cut == 0 and self.size < 4 * self.chunk_chars:
+                self.lines = [text]  # no safe place yet: read on
+                return
+            cut = cut or len(text)  # pathological text: cut at the line end anyway
+            yield text[:cut]
+            self.lines, self.size = [text[cut:]], len(text) - cut
+
+    def flush(self) -> Iterator[str]:
+        if self.size:
+            yield "".join(self.lines)
+        self.lines, self.size = [], 0
 
 
 def _last_safe_cut(text: str) -> int:
@@ -213,11 +367,69 @@ def _last_safe_cut(text: str) -> int:
     return 0
 
 
-def _split_point(info: FileInfo, tail_fraction: float) -> int | None:
-    """Where (in characters) a document's held-out tail starts, or None for no tail."""
+def _split_point(chars: int, tail_fraction: float) -> int | None:
+    """Where (in characters) a document's held-out tail should start, or None for no tail."""
     if tail_fraction <= 0:
         return None
-    return max(1, math.floor(info.chars * (1 - tail_fraction)))
+    return max(1, math.floor(chars * (1 - tail_fraction)))
+
+
+SENTENCE_ENDS = frozenset("。！？；…」』”.!?;\n")
+
+
+def _cut_in_line(line: str, at: int, limit: int) -> int:
+    """Where to cut a line that straddles the held-out split at offset `at`: just after the first
+    sentence end in [at, limit), else the first space there, else at `at` itself."""
+    for i in range(at, min(limit, len(line))):
+        if i > 0 and line[i - 1] in SENTENCE_ENDS:
+            return i
+    for i in range(at, min(limit, len(line))):
+        if line[i].isspace():
+            return i
+    return at
+
+
+def _route(
+    lines: Iterable[str], chars: int | None, split: int | None, drop_lines: re.Pattern | None = None
+) -> Iterator[tuple[bool, str]]:
+    """(in the tail?, line or piece of a line) for each kept line of a document split at character
+    `split` (None: no split); lines matching `drop_lines` are left out.
+
+    Lines starting before the split belong to the head, the others to the tail: the tail starts
+    at a line end. But when the line across the split is so long that the tail would keep less
+    than half its share (the last paragraph of a Chinese novel is often longer than 0.5% of it),
+    that line is cut inside, after a sentence if there is one: a document of any reasonable size
+    has held-out text.
+    """
+    position = 0
+    for line in lines:
+        begin, position = position, position + len(line)
+        if drop_lines is not None and drop_lines.search(line):
+            continue
+        if split is None or chars is None or position <= split or begin >= split:
+            yield split is not None and begin >= split, line
+        elif chars - position >= (chars - split) / 2:  # the tail still gets at least half its share
+            yield False, line
+        else:
+            cut = _cut_in_line(line, split - begin, split - begin + (chars - split) // 2)
+            yield False, line[:cut]
+            yield True, line[cut:]
+
+
+def held_out_rows(rows: int, fraction: float) -> frozenset[int] | None:
+    """The document numbers held out whole, or None to hold out the tail of each document instead.
+
+    When the fraction of the documents is at least one document (a dataset of many short rows,
+    or a folder of many files), whole documents are held out: a seeded random choice of them
+    (the seed is fixed: the same data always holds out the same rows). Otherwise (a few long
+    documents, e.g. novels) each document gives its tail: a 0.5% tail of a 100-character row
+    would be nothing, and one of four novels would be far too much.
+    """
+    count = math.floor(rows * fraction + 0.5) if fraction > 0 else 0
+    if count < 1:
+        return None
+    rng = np.random.default_rng(VAL_ROWS_SEED)
+    return frozenset(int(i) for i in rng.choice(rows, size=count, replace=False))
 
 
 class _TokenWriter:
@@ -231,14 +443,54 @@ class _TokenWriter:
         self.has_text = False  # anything but whitespace: blank lines alone are nothing to learn from
 
     def write(self, ids: list[int] | np.ndarray, chars: int = 0) -> None:
-        arr = np.asarray(ids, dtype=np.uint16)
-        arr.tofile(self.file)
-        self.crc32 = zlib.crc32(arr.tobytes(), self.crc32)
-        self.tokens += len(arr)
+        data = np.asarray(ids, dtype=np.uint16).tobytes()
+        self.file.write(data)  # not ndarray.tofile: its OSError ("30465 requested and 3667 written") has no cause
+        self.crc32 = zlib.crc32(data, self.crc32)
+        self.tokens += len(data) // 2
         self.chars += chars
 
     def close(self) -> None:
         self.file.close()
+
+
+class _Encoder:
+    """Text pieces for several writers, tokenized a batch at a time with every core, written in order.
+
+    Documents of many short rows are batched together (one tokenizer call per row would leave the
+    cores idle); at most about `2 * threads` chunks of text are held at once.
+    """
+
+    def __init__(self, enc, threads: int, chunk_chars: int) -> None:
+        self.enc, self.threads = enc, threads
+        self.limit = 2 * threads * chunk_chars
+        self.items: list[tuple[_TokenWriter, str | None]] = []
+        self.chars = 0
+
+    def eot(self, writer: _TokenWriter) -> None:
+        self.items.append((writer, None))
+
+    def text(self, writer: _TokenWriter, text: str) -> None:
+        self.items.append((writer, text))
+        self.chars += len(text)
+        if self.chars >= self.limit or len(self.items) >= 8192:
+            self.flush()
+
+    def flush(self) -> None:
+        texts = [t for _, t in self.items if t is not None]
+        encoded = iter(self.enc.encode_ordinary_batch(texts, num_threads=self.threads) if texts else [])
+        pending: dict[_TokenWriter, list] = {}  # each writer's ids in order, written at once (a write per row is slow)
+        chars: dict[_TokenWriter, int] = {}
+        for writer, text in self.items:
+            if text is None:
+                pending.setdefault(writer, []).append([self.enc.eot_token])
+            else:
+                pending.setdefault(writer, []).append(next(encoded))
+                chars[writer] = chars.get(writer, 0) + len(text)
+                writer.has_text = writer.has_text or not text.isspace()
+        for writer, parts in pending.items():
+            ids = np.fromiter(itertools.chain.from_iterable(parts), np.uint16, count=sum(map(len, parts)))
+            writer.write(ids, chars.get(writer, 0))
+        self.items, self.chars = [], 0
 
 
 def tokenize_documents(
@@ -253,40 +505,32 @@ def tokenize_documents(
     threads: int | None = None,
     chunk_chars: int = CHUNK_CHARS,
 ) -> None:
-    """Tokenize every file into `head` (and the tail of each into `tail`), EOT before each part.
-
-    Chunks are handed to tiktoken's batch encoder a few at a time, so every core works and at most
-    `threads * 2` chunks of text are held at once.
-    """
+    """Tokenize every document into `head`, EOT before each, and hold out `tail_fraction` of the
+    text into `tail`: whole documents or the tail of each (see `held_out_rows`)."""
     threads = threads or os.cpu_count() or 1
-    eot = enc.eot_token
+    encoder = _Encoder(enc, threads, chunk_chars)
+    held = held_out_rows(sum(f.rows for f in files), tail_fraction) if tail is not None else None
+    offset = 0  # documents of the files before this one
     for info in files:
-        split = _split_point(info, tail_fraction) if tail is not None else None
-        parts = [(head, 0, split)] + ([(tail, split, None)] if split is not None else [])
-        for writer, start, stop in parts:
-            writer.write([eot])
-            batch: list[str] = []
-            for chunk in read_chunks(
-                info.path,
-                encoding_errors=encoding_errors,
-                drop_lines=drop_lines,
-                start_char=start,
-                stop_char=stop,
-                chunk_chars=chunk_chars,
-            ):
-                batch.append(chunk)
-                if len(batch) >= 2 * threads:
-                    _encode_into(enc, batch, writer, threads)
-                    batch = []
-            _encode_into(enc, batch, writer, threads)
-
-
-def _encode_into(enc, batch: list[str], writer: _TokenWriter, threads: int) -> None:
-    if not batch:
-        return
-    for text, ids in zip(batch, enc.encode_ordinary_batch(batch, num_threads=threads)):
-        writer.write(ids, chars=len(text))
-        writer.has_text = writer.has_text or not text.isspace()
+        for index, chars, text in documents(info, encoding_errors):
+            split = _split_point(chars, tail_fraction) if tail is not None and held is None else None
+            writers = {False: tail if held is not None and offset + index in held else head, True: tail}
+            if isinstance(text, str) and split is None and drop_lines is None and len(text) < chunk_chars:
+                encoder.eot(writers[False])  # a short row, whole: what the chunker would give, without its cost
+                encoder.text(writers[False], text)
+                continue
+            chunkers = {False: _Chunker(chunk_chars), True: _Chunker(chunk_chars)}
+            parts = (False, True) if split is not None else (False,)
+            for part in parts:  # EOT first: each part of a document starts afresh
+                encoder.eot(writers[part])
+            for in_tail, piece in _route(_lines(text), chars, split, drop_lines):
+                for chunk in chunkers[in_tail].add(piece):
+                    encoder.text(writers[in_tail], chunk)
+            for part in parts:
+                for chunk in chunkers[part].flush():
+                    encoder.text(writers[part], chunk)
+        offset += info.rows
+    encoder.flush()
 
 
 # ----- the cache ------------------------------------------------------------------------------
@@ -357,6 +601,7 @@ class Corpus:
     def summary(self) -> dict:
         return {
             "files": [str(f.path) for f in self.files],
+            **({"empty_rows": sum(f.empty_rows for f in self.files)} if any(f.empty_rows for f in self.files) else {}),
             "key": self.key,
             "chars": self.chars,
             "tokens": self.tokens,
@@ -368,12 +613,17 @@ class Corpus:
         }
 
 
-def check_inputs(specs: Iterable[str | os.PathLike], encoding_errors: str = "strict") -> list[FileInfo]:
-    """Find every input file and check it (exists, not empty, not binary, UTF-8): the cheap pass
-    that makes a bad input fail at once, before a tokenizer or a model is loaded."""
+def check_inputs(
+    specs: Iterable[str | os.PathLike], encoding_errors: str = "strict", text_field: str = "text"
+) -> list[FileInfo]:
+    """Find every input and check it (exists, holds text, not binary, UTF-8; every row's
+    `text_field` is text): the cheap pass that makes a bad input fail at once, before a tokenizer
+    or a model is loaded."""
     if encoding_errors not in ("strict", "replace"):
         raise DataError(f"`encoding_errors` must be 'strict' or 'replace', not {encoding_errors!r}")
-    return [check_text_file(p, encoding_errors) for p in find_text_files(specs)]
+    if not isinstance(text_field, str) or not text_field:
+        raise DataError(f"`text_field` must name a field, not {text_field!r}")
+    return [check_source(p, encoding_errors, text_field) for p in find_text_files(specs)]
 
 
 def compile_drop_lines(drop_lines: str | None) -> re.Pattern | None:
@@ -394,6 +644,7 @@ def prepare_corpus(
     encoding_errors: str = "strict",
     cache_dir: str | os.PathLike | None = None,
     threads: int | None = None,
+    text_field: str = "text",
 ) -> Corpus:
     """Tokenize the inputs (paths, directories, globs, or `check_inputs`' result), or reuse the
     cached result.
@@ -409,11 +660,11 @@ def prepare_corpus(
     if inputs and all(isinstance(x, FileInfo) for x in inputs):
         files = inputs
     else:
-        files = check_inputs(inputs, encoding_errors)
+        files = check_inputs(inputs, encoding_errors, text_field)
 
     key_material = {
         "format": FORMAT_VERSION,
-        "files": [f.sha256 for f in files],
+        "files": [f.key() for f in files],
         "tokenizer": tokenizer_fingerprint(enc),
         "drop_lines": drop_lines or None,
         "encoding_errors": encoding_errors,
@@ -423,13 +674,14 @@ def prepare_corpus(
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     entry = root / key
     cached = (entry / "meta.json").is_file()
-    damaged = verify_entry(entry, enc.n_vocab) if cached else None
+    damaged = verify_entry(entry, enc.n_vocab, key_material) if cached else None
     if damaged is not None:  # never train on a damaged cache: move it out of the way, tokenize again
         _discard_entry(entry)
         cached = False
     if not cached:
         _build_entry(
             entry,
+            key_material,
             files,
             enc,
             val_fraction=val_fraction,
@@ -456,15 +708,22 @@ def prepare_corpus(
     return Corpus(train=train, val=val, files=files, key=key, cached=cached, rebuilt_because=damaged)
 
 
-def verify_entry(entry: Path, vocab_size: int) -> str | None:
+def verify_entry(entry: Path, vocab_size: int, request: dict | None = None) -> str | None:
     """Why a cache entry cannot be trusted, or None if it can.
 
-    The files are checked against what was recorded when they were written: their sizes, a CRC-32
-    of their bytes (a full read, ~0.1 s per 100 MB), and every id below the vocabulary size. A
-    truncated or overwritten token file would otherwise be trained on silently.
+    The entry must belong to the request: its meta.json records what it was built from (each
+    input file's content hash and size, the tokenizer's fingerprint, the cleaning options), which
+    must equal `request`, the same record for the corpus asked for, so an entry copied or renamed
+    over another corpus's key is never used for it. The files are checked against what was
+    recorded when they were written: their sizes, a CRC-32 of their bytes (a full read, ~0.1 s
+    per 100 MB), and every id below the vocabulary size. A truncated or overwritten token file
+    would otherwise be trained on silently.
     """
     try:
         meta = json.loads((entry / "meta.json").read_text())
+        if request is not None and meta.get("request") != request:
+            built = ", ".join(Path(str(f)).name for f in meta.get("files") or []) or "unrecorded input"
+            return f"it was built from other input ({built}), not from these files with this tokenizer and options"
         for part in ("train", "val"):
             path = entry / f"{part}.bin"
             size = path.stat().st_size
@@ -491,49 +750,71 @@ def _discard_entry(entry: Path) -> None:
 
 
 def _build_entry(
-    entry: Path, files: list[FileInfo], enc, *, val_fraction, drop_lines, encoding_errors, threads
+    entry: Path, request: dict, files: list[FileInfo], enc, *, val_fraction, drop_lines, encoding_errors, threads
 ) -> None:
     """Tokenize into a temporary folder beside the entry, then rename it into place (atomic)."""
     if enc.n_vocab > 65536:
         raise DataError(f"the tokenizer has {enc.n_vocab} ids, too many for uint16 token files")
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
-        head = _TokenWriter(tmp / "train.bin")
-        tail = _TokenWriter(tmp / "val.bin")
-        try:
-            tokenize_documents(
-                files,
-                enc,
-                head,
-                tail if val_fraction > 0 else None,
-                tail_fraction=val_fraction,
-                drop_lines=drop_lines,
-                encoding_errors=encoding_errors,
-                threads=threads,
-            )
-        finally:
-            head.close()
-            tail.close()
-        meta = {
-            "train_tokens": head.tokens,
-            "train_chars": head.chars,
-            "train_crc32": head.crc32,
-            "train_has_text": head.has_text,
-            "val_tokens": tail.tokens,
-            "val_chars": tail.chars,
-            "val_crc32": tail.crc32,
-            "vocab_size": enc.n_vocab,
-            "files": [str(f.path) for f in files],
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not (entry / "meta.json").is_file():  # not just another process finishing first
-                raise
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    except OSError as e:
+        raise cache_write_error(entry.parent, e) from None
+    try:
+        _tokenize_into(tmp, entry, request, files, enc, val_fraction, drop_lines, encoding_errors, threads)
+    except OSError as e:  # a full disk, a file size limit, ...: the cache folder is named, with what to do
+        if e.errno not in WRITE_ADVICE:
+            raise
+        raise cache_write_error(entry.parent, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_write_error(path: Path, error: OSError) -> OutputError:
+    return OutputError(
+        f"{write_error(path, error)}. Tokenizing needs room for 2 bytes per token in the token cache "
+        "(choose another one with `cache_dir`)"
+    )
+
+
+def _tokenize_into(
+    tmp: Path, entry: Path, request: dict, files, enc, val_fraction, drop_lines, encoding_errors, threads
+) -> None:
+    """Tokenize the files into the folder `tmp` (train.bin, val.bin, meta.json), then rename it to `entry`."""
+    head = _TokenWriter(tmp / "train.bin")
+    tail = _TokenWriter(tmp / "val.bin")
+    try:
+        tokenize_documents(
+            files,
+            enc,
+            head,
+            tail if val_fraction > 0 else None,
+            tail_fraction=val_fraction,
+            drop_lines=drop_lines,
+            encoding_errors=encoding_errors,
+            threads=threads,
+        )
+    finally:
+        head.close()
+        tail.close()
+    meta = {
+        "train_tokens": head.tokens,
+        "train_chars": head.chars,
+        "train_crc32": head.crc32,
+        "train_has_text": head.has_text,
+        "val_tokens": tail.tokens,
+        "val_chars": tail.chars,
+        "val_crc32": tail.crc32,
+        "vocab_size": enc.n_vocab,
+        "files": [str(f.path) for f in files],
+        "request": request,  # what the entry was built from (verify_entry checks it on every use)
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        os.rename(tmp, entry)
+    except OSError:
+        if not (entry / "meta.json").is_file():  # not just another process finishing first
+            raise
 
 
 # ----- windows and batches ----------------------------------------------------------------------

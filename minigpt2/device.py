@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from .errors import MiniGPT2Error
@@ -32,22 +35,104 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def cpu_bf16_native() -> str | None:
+    """What lets this CPU compute bfloat16 natively ("AMX" or "AVX-512 BF16"), or None.
+
+    Without one of them (AVX2 or plain AVX-512 CPUs: most laptops), bfloat16 matrix products are
+    emulated by converting to float32 and back, which costs more than it saves.
+    """
+    cpu = getattr(torch, "cpu", None)
+    checks = (
+        ("AMX", "_is_amx_tile_supported", "amx_bf16"),
+        ("AVX-512 BF16", "_is_avx512_bf16_supported", "avx512_bf16"),
+    )
+    flags = None
+    for name, check, flag in checks:
+        if hasattr(cpu, check):
+            if getattr(cpu, check)():
+                return name
+            continue
+        if flags is None:  # an older PyTorch: the kernel's own list of the CPU's features
+            try:
+                flags = Path("/proc/cpuinfo").read_text().split()
+            except OSError:
+                flags = []
+        if flag in flags:
+            return name
+    return None
+
+
+def auto_dtype(device: torch.device, training: bool = False) -> tuple[torch.dtype, str]:
+    """What `--dtype auto` means on `device`, and why (for the start line).
+
+    bfloat16 on a GPU that has it, float16 on older GPUs, float32 on Apple's MPS. On the CPU,
+    training uses bfloat16 autocast only where the CPU computes it natively: on a 2-core AMD EPYC
+    with AVX-512 BF16, a step of GPT-2 (124M, 4 x 128 tokens) ran 1.9x faster than in float32; on
+    an AVX2-only one, where bfloat16 is emulated, a cut-down step ran at 0.06x (16 times slower).
+    The two learned the same (docs/speed.md). Sampling on the CPU stays float32 (unmeasured there).
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "this GPU computes bfloat16"
+        return torch.float16, "this GPU has no bfloat16 (float16, with loss scaling)"
+    if device.type != "cpu":
+        return torch.float32, f"the default on {device.type}"
+    native = cpu_bf16_native()
+    if training and native:
+        return torch.bfloat16, f"this CPU computes bfloat16 natively ({native}): faster than float32"
+    if training:
+        return torch.float32, "this CPU has no native bfloat16 (AVX-512 BF16 or AMX), where bfloat16 is slower"
+    return torch.float32, "the default for sampling on a CPU"
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device, training: bool = False) -> torch.dtype:
     """The precision for `--dtype`, the one place that decides it (sampling and training alike).
 
-    `auto` (or None): bfloat16 on a GPU that has it, float16 on older GPUs, float32 on the CPU and
-    Apple's MPS. bfloat16 keeps float32's range, so nothing overflows; float16 does not, which is why
-    training then scales the loss (see the trainer), and why it is refused on a CPU, where it is
-    also slower than float32.
+    `auto` (or None): see `auto_dtype` (bfloat16 on a GPU that has it, float16 on older GPUs;
+    on the CPU, bfloat16 for training where it is native, else float32). bfloat16 keeps float32's
+    range, so nothing overflows; float16 does not, which is why training then scales the loss (see
+    the trainer), and why it is refused on a CPU, where it is also slower than float32.
     """
     if isinstance(name, torch.dtype):
         return name
     if name is None or name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return auto_dtype(device, training)[0]
     if name not in DTYPES:
         raise MiniGPT2Error(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     if device.type == "cpu" and name == "float16":
         raise MiniGPT2Error("float16 needs a GPU; on the CPU use float32 or bfloat16")
     return DTYPES[name]
+
+
+def machine_load() -> tuple[float, int] | None:
+    """(the 1-minute load average, the CPU cores) where the system reports them, else None.
+
+    A load above the core count means that runnable processes wait for a core: a CPU job then runs
+    slower than it would on a quiet machine, and multithreaded ones most (their threads wait for
+    each other as well).
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows has no load average
+        return None
+    return load, os.cpu_count() or 1
+
+
+def threads_for_decoding(available: int | None = None) -> int:
+    """How many threads decoding should use: the cores that other work leaves free, at least one.
+
+    Decoding runs ~50 small matrix products per token, each split over the threads, which wait
+    for each other at its end. On a quiet machine every core helps. When other work holds the
+    cores (a training run beside it: this project's own workflow), a thread that has to wait
+    for a core stalls every product, and fewer threads are faster: on our 2-core test machine
+    under load, one thread decoded faster than two (docs/speed.md). `available`: the cores this
+    process may use (default: its CPU affinity).
+    """
+    if available is None:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = machine_load()
+    if busy is None:
+        return available
+    load, cores = busy
+    free = cores - load  # the load counts runnable processes; each wants a core
+    return max(1, min(available, round(free)))

@@ -82,3 +82,9 @@ def user_message(error: BaseException, flag_names: dict[str, str] | None = None)
 
     # A message may name a parameter as Python spells it, in backticks: `seq_len`, `encoding_errors='replace'`.
     return PARAMETER.sub(flag, " ".join(text.splitlines()))
+
+
+class Notice(UserWarning):
+    """Something the user should know that is not an error (GPT-2's own tokenizer standing in for
+    a checkpoint that has none): raised as a `warnings` category, since the library never prints.
+    The scripts show each as one `note: ...` line on stderr (see `minigpt2.cli`)."""

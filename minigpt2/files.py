@@ -6,23 +6,62 @@ place, so a crash, a full disk or Ctrl-C never leaves a half-written file where 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import MiniGPT2Error
+from .errors import MiniGPT2Error, OutputError
+
+# What a failed write means for the user, by cause: the one thing to do about it.
+WRITE_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free some space or write elsewhere",
+    errno.EFBIG: "the file is larger than this process may write (see ulimit -f)",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "no permission to write there: write elsewhere",
+    errno.EPERM: "no permission to write there: write elsewhere",
+}
+
+
+def write_error(path: str | os.PathLike, error: BaseException) -> OutputError | None:
+    """The one-line `OutputError` for a failed write of `path`, or None if `error` is no write failure.
+
+    `error` is an OSError, or safetensors' `SafetensorError`, which carries the OS error only in
+    its text ("I/O error: No space left on device (os error 28)").
+    """
+    if isinstance(error, OutputError):
+        return error
+    code = cause = None
+    if isinstance(error, OSError):
+        code, cause = error.errno, error.strerror or str(error)
+    elif type(error).__name__ == "SafetensorError":
+        found = re.search(r"os error (\d+)|code: (\d+)", str(error))
+        if found is None:
+            return None
+        code = int(found.group(1) or found.group(2))
+        cause = os.strerror(code)
+    else:
+        return None
+    advice = WRITE_ADVICE.get(code)
+    return OutputError(f"cannot write '{path}': {cause}" + (f"; {advice}" if advice else ""))
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, flush it to disk, rename it to `path`.
 
     The rename is atomic: readers see the old file or the new one, never a mix. On any failure
-    (including KeyboardInterrupt) the temporary file is removed and `path` is untouched.
+    (including KeyboardInterrupt) the temporary file is removed and `path` is untouched. A full
+    disk, a file size limit, a read-only or forbidden folder is an `OutputError` naming `path`.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); give it the usual mode
@@ -30,9 +69,12 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        failure = write_error(path, e)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def _umask() -> int:
@@ -116,7 +158,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    # split("\n"), not splitlines(): JSON keeps U+2028, U+0085 and the like unescaped inside a
+    # string (a generated sample may hold one), and splitlines() would cut the record there.
+    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
         if not line.strip():
             continue
         try:
@@ -130,8 +174,25 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one record as one line (a single write, so lines never interleave)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, with a failed write an `OutputError` naming `path` (not atomic:
+    for a file inside a folder that is itself put in place atomically, or via `write_atomically`)."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:
+        failure = write_error(path, e)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def rewrite_jsonl(path: str | os.PathLike, records: list[dict]) -> None:

@@ -4,10 +4,15 @@ Small pure functions in the style of gpt-fast. The model knows nothing about sam
 sampler nothing about the model:
 
     prefill           run the (left-padded) prompts through the model, filling the KV cache
-    decode_one_token  run one new token per sequence against the cache
+    EagerDecoding     the decode step against a growing cache (the default; a CPU's compiled step)
+    StaticDecoding    the fixed-shape decode step (compiled once, CUDA graphs on a GPU)
     sample_next       turn last-position logits into the next token ids
     generate_tokens   the loop: prefill, then sample / decode until done (with utf8.Utf8Guard: whole
                       characters only)
+
+All decoding state lives in the cache (`model.KVCache`): the keys and values, which slots hold
+real tokens, each sequence's next position id. The model is called with `cache=cache.append(n)`,
+the only way to obtain cache slots, so nothing can be written to the wrong slot or read unwritten.
 
 Batches hold prompts of different lengths by padding them on the *left*: every sequence's
 newest token then sits in the same cache slot, so one decode step serves them all. Each
@@ -17,7 +22,6 @@ padding, so a padded sequence computes exactly what it would alone.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +31,7 @@ from torch import nn
 
 from .checks import finite
 from .errors import MiniGPT2Error, OptionError
-from .model import GPT
+from .model import GPT, CacheSlots, KVCache
 from .utf8 import ACCEPT, Utf8Guard
 
 # ----- choosing the next token ------------------------------------------------------------
@@ -147,44 +151,52 @@ def left_pad(rows: Sequence[Sequence[int]], device: torch.device | str) -> tuple
     return idx.to(device), valid.to(device)
 
 
-def padded_inputs(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Position ids (B, T) and attention mask (B, 1, T, T) for a left-padded prompt batch.
+def prefill(model: GPT, idx: torch.Tensor, valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the left-padded prompts (B, T) through the model, appending them to `cache`.
 
-    Without padding, the model's own causal path is used (mask None: the fastest kernels).
-    A padding slot attends to itself only, so its (unused) output stays finite: a row of
-    all-False would give NaN, and NaN keys and values would leak into real tokens' attention.
+    valid (B, T) is True on real tokens: the cache gives each sequence position ids from 0 at its
+    first real token and hides the padding from attention. Returns the logits of each prompt's
+    last token (B, vocab).
     """
-    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
-    if bool(valid.all()):
-        return positions, None
-    T = valid.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()  # (T, T)
-    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
-    mask = (causal & valid[:, None, :]) | eye  # (B, T, T)
-    return positions, mask[:, None]  # (B, 1, T, T)
+    return model(idx, cache=cache.append(valid))[:, -1, :]
 
 
-def prefill(model: GPT, idx: torch.Tensor, valid: torch.Tensor, kv_caches) -> torch.Tensor:
-    """Run the left-padded prompts (B, T) through the model, filling slots 0..T-1 of the cache.
-
-    Returns the logits of each prompt's last token (B, vocab). With `kv_caches=None` this is a
-    plain full forward pass, which is how generation without a cache works.
-    """
-    positions, mask = padded_inputs(valid)
-    return model(idx, kv_caches=kv_caches, pos=0, positions=positions, attn_mask=mask)[:, -1, :]
+def model_step(model: GPT, token: torch.Tensor, slots: CacheSlots) -> torch.Tensor:
+    """One new token per sequence (B, 1) in the cache slots `slots`; its logits (B, vocab)."""
+    return model(token, cache=slots)[:, -1, :]
 
 
-def decode_one_token(
-    model: GPT, token: torch.Tensor, kv_caches, pos: int, positions: torch.Tensor, key_valid: torch.Tensor | None
-) -> torch.Tensor:
-    """Run one new token per sequence (B, 1) at cache slot `pos`; return its logits (B, vocab).
+class EagerDecoding:
+    """The decode step against a `KVCache`: each step attends to the filled slots only, so the
+    shapes grow by one token per step. The cheapest step without a compiler; with `compile`,
+    torch.compile'd for growing shapes (`dynamic=True`), the way to compile on a CPU."""
 
-    positions (B, 1) are the tokens' position ids; key_valid (B, S) hides padding slots (None
-    when there is none: the single query may then see every cached key). S is pos+1, or the
-    whole cache for the static-shape step, whose `pos` is then a 0-d tensor.
-    """
-    mask = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, S)
-    return model(token, kv_caches=kv_caches, pos=pos, positions=positions, attn_mask=mask)[:, -1, :]
+    static = False
+
+    def __init__(self, compile: bool = False) -> None:
+        self.step = compiled(model_step, dynamic=True) if compile else model_step
+
+    def __call__(self, model: GPT, token: torch.Tensor, slots: CacheSlots) -> torch.Tensor:
+        return self.step(model, token, slots)
+
+
+class StaticDecoding:
+    """The decode step against a `StaticKVCache`: the same shapes at every step (all slots, a mask,
+    a tensor slot), so torch.compile captures it once, with CUDA graphs on a GPU (mode
+    "reduce-overhead"): that removes the per-layer Python and kernel-launch overhead that
+    dominates batch-1 decoding on a fast GPU. Uncompiled it is only a check of the same code path."""
+
+    static = True
+
+    def __init__(self, compile: bool = True, device: torch.device | None = None) -> None:
+        self.step = model_step
+        if compile:
+            mode = "reduce-overhead" if device is not None and device.type == "cuda" else None
+            self.step = compiled(model_step, mode=mode, fullgraph=True, dynamic=False)
+
+    def __call__(self, model: GPT, token: torch.Tensor, slots: CacheSlots) -> torch.Tensor:
+        # CUDA graphs hand back the same output memory at every replay: copy it out before the next one.
+        return self.step(model, token, slots).clone()
 
 
 def prepare_for_decoding(model: GPT) -> GPT:
@@ -210,22 +222,6 @@ def prepare_for_decoding(model: GPT) -> GPT:
         if isinstance(module, nn.Linear) and module.weight.device.type == "cpu" and module.weight.is_contiguous():
             module.weight.data = module.weight.data.t().contiguous().t()  # (out, in) with strides (1, out)
     return model
-
-
-def static_decoder(model: GPT, device: torch.device, compile: bool = True):
-    """A decode step with static shapes, by default compiled: the same graph at every position.
-
-    Eager decoding slices the cache to the filled length, so shapes change every step. This
-    step always attends over the whole cache with a mask, writes with a tensor position, and
-    takes only tensors, so torch.compile captures it once (with CUDA graphs on a GPU: mode
-    "reduce-overhead"), removing the per-layer Python and kernel-launch overhead that dominates
-    batch-1 decoding on a fast GPU.
-    """
-    step = functools.partial(decode_one_token, model)  # step(token, kv_caches, pos, positions, key_valid)
-    if not compile:
-        return step
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return compiled(step, mode=mode, fullgraph=True, dynamic=False)
 
 
 def compiled(fn, **options):
@@ -327,65 +323,46 @@ def generate_tokens(
 
 
 class Decoder:
-    """The model side of a generation: the KV caches, the cache slot to write next, each sequence's
-    next position id and which cached keys are real (not padding); `start` prefills the prompts,
-    `advance` appends one token per sequence and returns the logits of the next.
+    """The model side of a generation: the windows of text in the model's view, the KV cache and the
+    decode strategy. `start` prefills the windows; `advance` appends one token per sequence and
+    returns the logits of the next.
 
-    Three ways to run a decode step: eager, with shapes that grow with the text; compiled for
-    growing shapes (`torch.compile(dynamic=True)`, the CPU's way); or the static-shape step over
-    the whole cache (CUDA graphs on a GPU). Without a cache every step runs the whole text again.
+    The strategy is `EagerDecoding` (a `KVCache`; compiled for growing shapes when `compile`) or
+    `StaticDecoding` (a `StaticKVCache`; compiled once, with CUDA graphs on a GPU): `static`
+    chooses, by default the static one exactly when compiling for CUDA. Without a cache
+    (`use_cache=False`) every step runs the whole window again.
     """
 
     def __init__(self, model: GPT, windows: list[list[int]], *, use_cache=True, compile=False, static=None):
-        self.model, self.windows, self.use_cache = model, windows, use_cache
+        self.model, self.windows = model, windows
         self.device = model.wte.weight.device
-        self.kv_caches = model.new_kv_caches(len(windows)) if use_cache else None
         static = (compile and self.device.type == "cuda") if static is None else static
-        self.step_fn = static_decoder(model, self.device, compile) if (use_cache and static) else None
-        self.decode = compiled(decode_one_token, dynamic=True) if (compile and not static) else decode_one_token
+        self.strategy = StaticDecoding(compile, self.device) if static else EagerDecoding(compile)
+        self.cache = model.new_cache(len(windows), static=static) if use_cache else None
 
     def start(self) -> torch.Tensor:
-        """Prefill the current windows; the last position's logits (B, vocab)."""
+        """Prefill the current windows into an emptied cache; the last position's logits (B, vocab)."""
         idx, valid = left_pad(self.windows, self.device)
-        logits = prefill(self.model, idx, valid, self.kv_caches)
-        self.pos = valid.size(1)  # the next cache slot
-        self.next_pos = valid.long().sum(dim=1, keepdim=True)  # (B, 1) position id of the next token
-        self.key_valid = None if bool(valid.all()) and self.step_fn is None else valid
-        if self.step_fn is not None:  # static shapes: a key mask over the whole cache
-            self.key_valid = torch.zeros(len(self.windows), self.model.config.n_positions, dtype=torch.bool,
-                                         device=self.device)  # fmt: skip
-            self.key_valid[:, : valid.size(1)] = valid
-        return logits
+        if self.cache is None:  # a throwaway cache just big enough: the whole window is recomputed
+            return prefill(self.model, idx, valid, self.model.new_cache(len(self.windows), idx.size(1)))
+        self.cache.reset()
+        return prefill(self.model, idx, valid, self.cache)
 
     def advance(self, token: torch.Tensor) -> torch.Tensor:
         """Append `token` (B,) to every sequence; the logits (B, vocab) of the token after it.
 
-        When a sequence fills the context, all continue from the most recent half of their text
-        (a sliding window): the cache is emptied and that half is prefilled again.
+        When a sequence outgrows the context, all continue from the most recent half of their
+        text (a sliding window): the cache is emptied and that half is prefilled again.
         """
         n_ctx = self.model.config.n_positions
         for w, t in zip(self.windows, token.tolist()):
             w.append(t)
-        if self.pos == n_ctx:  # the context is full: keep the most recent half and start again
+        if max(len(w) for w in self.windows) > n_ctx:  # the context is full: keep the most recent half
             self.windows[:] = [w[-(n_ctx // 2) :] for w in self.windows]
             return self.start()
-        if not self.use_cache:
-            idx, valid = left_pad(self.windows, self.device)
-            self.pos += 1
-            return prefill(self.model, idx, valid, None)
-        token = token[:, None]  # (B, 1)
-        if self.step_fn is not None:
-            self.key_valid[:, self.pos] = True
-            pos = torch.tensor(self.pos, device=self.device)
-            logits = self.step_fn(token, self.kv_caches, pos, self.next_pos, self.key_valid).clone()
-        else:
-            if self.key_valid is not None:
-                real = torch.ones(len(self.windows), 1, dtype=torch.bool, device=self.device)
-                self.key_valid = torch.cat([self.key_valid, real], dim=1)
-            logits = self.decode(self.model, token, self.kv_caches, self.pos, self.next_pos, self.key_valid)
-        self.next_pos = self.next_pos + 1
-        self.pos += 1
-        return logits
+        if self.cache is None:
+            return self.start()
+        return self.strategy(self.model, token[:, None], self.cache.append(1))  # token: (B, 1)
 
 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling = GREEDY, **kwargs) -> torch.Tensor:

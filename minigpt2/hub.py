@@ -28,6 +28,10 @@ OFFICIAL_REPOS = {
 }
 
 
+class MissingHubFile(CheckpointError):
+    """The hub repo exists but has no file of that name (not: the file could not be fetched)."""
+
+
 def local_path(source: str | Path) -> Path | None:
     """The local file or directory `source` names, or None if it names a hub model.
 
@@ -106,7 +110,7 @@ def hub_file(source: str, filename: str, *, revision: str | None = None) -> Path
             if filename.endswith(".safetensors")
             else ""
         )
-        raise CheckpointError(f"model '{repo}'{at} has no file '{filename}'.{hint}") from None
+        raise MissingHubFile(f"model '{repo}'{at} has no file '{filename}'.{hint}") from None
     except errors.HFValidationError:
         raise CheckpointError(
             f"'{source}' is neither an existing local path nor a valid hub repo id ('owner/name'). "

@@ -31,8 +31,8 @@ import torch
 from . import distributed
 from .checks import check_train_memory_fits, check_vocab_fits
 from .config import GPTConfig
-from .data import check_inputs, compile_drop_lines, default_cache_dir, prepare_corpus
-from .device import resolve_dtype
+from .data import check_inputs, compile_drop_lines, default_cache_dir, head_text, prepare_corpus
+from .device import auto_dtype, resolve_dtype
 from .errors import MiniGPT2Error
 from .model import GPT
 from .options import TrainOptions, check_combinations, resolve, saved_options
@@ -51,8 +51,9 @@ from .rundir import (
     is_complete,
 )
 from .snapshots import DEFAULT_PROBE, Snapshotter
-from .tokenizer import load_tokenizer, tokenizer_files
+from .tokenizer import load_tokenizer, locate_tokenizer
 from .trainer import TrainConfig, Trainer, lr_at, steps_for
+from .watch import TENSORBOARD_DIR, PromptSampler, sample_prompts
 from .weights import load_model
 
 
@@ -85,15 +86,15 @@ def _is_count(value, allow_none: bool = False) -> bool:
     return (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
 
 
-def tokenizer_source_for(source: str | os.PathLike | None) -> str | os.PathLike | None:
-    """`source` if its vocab.json + merges.txt can be found (to copy into checkpoints), else None."""
+def tokenizer_source_for(source: str | os.PathLike | None, vocab_size: int) -> Path | None:
+    """The folder of `source`'s own vocab.json + merges.txt (to copy into checkpoints), else None."""
     if source is None:
         return None
     try:
-        tokenizer_files(source)
+        (vocab, merges), standing_in = locate_tokenizer(source, vocab_size=vocab_size)
     except MiniGPT2Error:
         return None
-    return source
+    return vocab.parent if vocab.parent == merges.parent and not standing_in else None
 
 
 def start_model(
@@ -136,8 +137,10 @@ class Setup:
     schedule_change: dict | None  # a resumed run given another step count: {"before", "after", "step", "lr_*"}
 
 
-# What a run directory may hold besides its checkpoints (step-N/, final/, NAME.damaged-N, hidden leftovers).
-RUN_FILES = {RUN_JSON, "log.jsonl", "snapshots.jsonl", LOCK, "tokenizer"}
+# What a run directory may hold besides its checkpoints (step-N/, final/, NAME.damaged-N, hidden leftovers);
+# TENSORBOARD_DIR: train.py --tensorboard's event files.
+GROWN_BASE = "grown-base"  # RUN/grown-base: the model a LoRA run on a grown vocabulary adapts (for PEFT)
+RUN_FILES = {RUN_JSON, "log.jsonl", "snapshots.jsonl", LOCK, "tokenizer", TENSORBOARD_DIR, GROWN_BASE}
 
 
 def judge_out(path: Path) -> str:
@@ -170,7 +173,7 @@ def judge_out(path: Path) -> str:
 
 def _run_entry(path: Path) -> bool:
     """A name a run directory holds: its records and lock, a checkpoint (complete, set aside, or left
-    by an interrupted save), its grown tokenizer, a write probe."""
+    by an interrupted save), its grown tokenizer and base, a write probe."""
     name = path.name
     if name in RUN_FILES or LEFTOVER.fullmatch(name) or name.startswith(".write-test-"):
         return True
@@ -230,10 +233,14 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
     resolved = resolve(given, saved.args if resume else None, ctx.device.type, ranks=ctx.world_size)
     o = resolved.options
     files = _check_inputs(o)
-    dtype = resolve_dtype(o.dtype, ctx.device)
+    dtype = resolve_dtype(o.dtype, ctx.device, training=True)
+    if o.dtype in (None, "auto"):
+        report({"type": "dtype", "dtype": str(dtype).removeprefix("torch."), "why": auto_dtype(ctx.device, True)[1]})
     check_train_memory(o, ctx, dtype)
     source, model, enc, tok_source = _start(o, run, files, report, ctx)
     corpus, eval_sets = _tokenize(o, enc, *files, ctx)
+    for message in data_notes(corpus, eval_sets):
+        report({"type": "note", "message": message})
     sets = {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char} for n, d in eval_sets.items()}
     report({"type": "data", **corpus.summary(), "eval_sets": sets})
 
@@ -244,9 +251,11 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
     if config.snapshot_every:
         probe = o.probe or DEFAULT_PROBE
         snapshotter = Snapshotter(model, enc.encode(probe, disallowed_special=()), probe)
+    tok_folder = tokenizer_source_for(tok_source, model.config.vocab_size)
     trainer = Trainer(model, corpus.train, eval_sets, config, run, device=ctx.device, dtype=dtype,
-                      compile=bool(o.compile), tokenizer_source=tokenizer_source_for(tok_source),
-                      snapshotter=snapshotter, dist=ctx, shard=bool(o.shard), keep_last=o.keep_last,
+                      compile=bool(o.compile), tokenizer_source=tok_folder,
+                      snapshotter=snapshotter, prompt_sampler=_prompt_sampler(o, enc, ctx, report), dist=ctx,
+                      shard=bool(o.shard), keep_last=o.keep_last,
                       activation_checkpointing=bool(o.activation_checkpointing))  # fmt: skip
     skipped = trainer.resume() if resume else []
     for record in skipped:
@@ -255,7 +264,10 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
         report({"type": "note", "message": f"no checkpoint in '{run.path}' to resume from: starting from step 0"})
     previous = _check_steps(trainer, saved if resume else SavedRun(None, None), run)
     if ctx.is_main:
-        check_free_space(run, checkpoint_bytes(model, sum(p.numel() for p in trainer.params)))
+        size = checkpoint_bytes(model, sum(p.numel() for p in trainer.params))
+        check_free_space(run, size)
+        if not config.save_every:
+            report({"type": "final_only", "bytes": size, "path": str(run.path / "final")})
         if saved.args is None or not resume or trainer.step == 0:
             run.write_info(_run_info(source, tok_source, o, model, config, corpus, eval_sets, ctx.device, dtype))
         elif previous is not None:
@@ -264,16 +276,30 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
     return Setup(trainer, run, o, resolved.defaults_used, skipped, change)
 
 
+def _prompt_sampler(o: TrainOptions, enc, ctx: distributed.Dist, report: Callable[[dict], None]):
+    """What continues the sample prompts at every evaluation (see `minigpt2.watch`), unless
+    `sample_tokens` is 0; a sharded run cannot draw them on one rank, so it goes without (and says so)."""
+    if not o.sample_tokens:
+        return None
+    if o.shard and ctx.world_size > 1:
+        report({"type": "note", "message": "no samples while training a sharded model (its forward pass needs "
+                "every rank)"})  # fmt: skip
+        return None
+    return PromptSampler(enc, sample_prompts(o.sample_prompt), o.sample_tokens)
+
+
 def _check_inputs(o: TrainOptions) -> tuple:
     """(training files, validation files or None, [files of each eval set]), all checked: the cheap
     pass that makes a bad file or folder fail in a second, before a model is loaded."""
     check_combinations(o)
     check_writable(o.cache_dir or default_cache_dir(), "the token cache folder")
     compile_drop_lines(o.drop_lines)
-    errors = o.encoding_errors
-    train_files = check_inputs(o.data, errors)
-    val_files = check_inputs(o.val_data, errors) if o.val_data else None
-    return train_files, val_files, [check_inputs([f], errors) for f in o.eval_data or []]
+    errors, text_field = o.encoding_errors, o.text_field
+    train_files = check_inputs(o.data, errors, text_field)
+    val_files = check_inputs(o.val_data, errors, text_field) if o.val_data else None
+    if val_files is None and any(f.validation for f in train_files):  # a dataset's own validation split
+        val_files = [f.validation for f in train_files if f.validation is not None]
+    return train_files, val_files, [check_inputs([f], errors, text_field) for f in o.eval_data or []]
 
 
 def _start(o: TrainOptions, run: RunDir, files: tuple, report, ctx) -> tuple:
@@ -281,13 +307,20 @@ def _start(o: TrainOptions, run: RunDir, files: tuple, report, ctx) -> tuple:
     model or a preset, grown by `extend_vocab` and wrapped with LoRA when asked."""
     source = None if o.init_preset else (o.model or "gpt2")
     tok_source = o.tokenizer or source or "gpt2"
-    enc = load_tokenizer(tok_source)
     model = start_model(source, o.init_preset, preset_sizes(o), seed=o.seed, dropout=o.dropout)
+    # After the model: its vocabulary decides whether GPT-2's tokenizer may stand in for missing files.
+    enc = load_tokenizer(tok_source, vocab_size=model.config.vocab_size, explicit=bool(o.tokenizer))
     check_vocab_fits(model.config, enc)
+    old_vocab = model.config.vocab_size
     if o.extend_vocab:
         model, enc, tok_source = _extended(model, enc, tok_source, o, run, files[0], files[2], report, ctx)
+        if o.lora:  # PEFT applies the adapter to this grown model: the run keeps it
+            model.source = _grown_base(model, run, tok_source, ctx)
+    new_rows = range(old_vocab, model.config.vocab_size)
     if o.lora:
-        _with_lora(model, o, report)
+        _with_lora(model, o, report, new_rows)
+    elif o.extend_vocab and (o.new_token_lr or o.embed_warmup):
+        _with_trainable_tokens(model, new_rows)
     return source, model, enc, tok_source
 
 
@@ -358,12 +391,9 @@ def _extended(model, enc, tok_source, o: TrainOptions, run: RunDir, train_files,
     if (folder / "vocab.json").is_file():
         new_enc = encoding_from_files(folder / "vocab.json", folder / "merges.txt")
         return grow_model(model, enc, new_enc), new_enc, folder
-    base = tokenizer_files(tok_source)[0].parent
-    vocab_from = check_inputs(o.vocab_from, o.encoding_errors) if o.vocab_from else None
-    eval_texts = {
-        files[0].path.stem: files[0].path.read_text(encoding="utf-8", errors="replace")[:200_000]
-        for files in eval_files
-    }
+    base = locate_tokenizer(tok_source)[0][0].parent
+    vocab_from = check_inputs(o.vocab_from, o.encoding_errors, o.text_field) if o.vocab_from else None
+    eval_texts = {files[0].path.stem: head_text(files[0], 200_000) for files in eval_files}
     with ctx.main_first():
         grown, new_enc, folder, summary = extend_vocabulary(
             model,
@@ -375,13 +405,35 @@ def _extended(model, enc, tok_source, o: TrainOptions, run: RunDir, train_files,
             vocab_from_files=vocab_from,
             eval_texts=eval_texts,
             cache_dir=o.cache_dir,
+            progress=lambda what, done, total: report({"type": "phase", "what": what, "done": done, "total": total}),
         )
     report({"type": "vocab", **summary})
     return grown, new_enc, folder
 
 
-def _with_lora(model: GPT, o: TrainOptions, report) -> None:
-    """Freeze the model and give the targeted layers a low-rank update to learn (see lora.py).
+def _grown_base(model: GPT, run: RunDir, tokenizer_dir, ctx) -> str:
+    """Save the grown model (before LoRA) as RUN/grown-base, once, and return its absolute path:
+    the adapter's `base_model_name_or_path`, so that PEFT finds the base it was trained on."""
+    from .weights import save_model
+
+    folder = (run.path / GROWN_BASE).resolve()
+    if ctx.is_main and not (folder / "model.safetensors").is_file():
+        save_model(model, folder, tokenizer_source=tokenizer_dir, overwrite=True)
+    return str(folder)
+
+
+def _with_trainable_tokens(model: GPT, new_rows: range) -> None:
+    """The new rows as a parameter of their own: trainable beside frozen old rows (LoRA), or in an
+    optimizer group with their own learning rate and phase (see trainer.param_groups)."""
+    from .lora import add_trainable_tokens
+
+    if new_rows:
+        add_trainable_tokens(model, new_rows)
+
+
+def _with_lora(model: GPT, o: TrainOptions, report, new_rows: range) -> None:
+    """Freeze the model and give the targeted layers a low-rank update to learn (see lora.py); a
+    grown vocabulary's new rows (`new_rows`, empty when not grown) train too.
 
     A resumed run rebuilds the same: the start model (never a merged checkpoint) and the same
     adapters; the trainer then loads the adapters' trained values from the checkpoint.
@@ -397,13 +449,15 @@ def _with_lora(model: GPT, o: TrainOptions, report) -> None:
         targets=targets,
         seed=o.seed,
     )
+    _with_trainable_tokens(model, new_rows)
     report({"type": "lora", **lora_summary(model)})
 
 
 def _tokenize(o, enc, train_files, val_files, eval_files, ctx):
     """The training corpus and the eval sets (val: --val-data, else the held-out tails), tokenized
     once into the cache (rank 0 first under torchrun)."""
-    common = dict(drop_lines=o.drop_lines, encoding_errors=o.encoding_errors, cache_dir=o.cache_dir)
+    common = dict(drop_lines=o.drop_lines, encoding_errors=o.encoding_errors, cache_dir=o.cache_dir,
+                  text_field=o.text_field)  # fmt: skip
     with ctx.main_first():  # rank 0 fills the cache; the others then read it
         corpus = prepare_corpus(train_files, enc, val_fraction=0.0 if val_files else o.val_fraction, **common)
         eval_sets = {}
@@ -414,6 +468,19 @@ def _tokenize(o, enc, train_files, val_files, eval_files, ctx):
         for files in eval_files:
             eval_sets[files[0].path.stem] = prepare_corpus(files, enc, **common).train
     return corpus, eval_sets
+
+
+def data_notes(corpus, eval_sets: dict) -> list[str]:
+    """What the start should say about the data: rows left out, held-out text too small to use."""
+    notes = []
+    if corpus.summary().get("empty_rows"):
+        notes.append(f"{corpus.summary()['empty_rows']:,} empty or blank rows left out (nothing to learn from)")
+    if corpus.val is not None and "val" not in eval_sets:
+        notes.append(
+            f"the held-out text is {len(corpus.val)} token(s), too little to evaluate: no validation loss will be "
+            "computed; give more text, a larger --val-fraction or --val-data"
+        )
+    return notes
 
 
 def _check_steps(trainer: Trainer, saved: SavedRun, run: RunDir) -> int | None:

@@ -25,8 +25,10 @@ The module tree after `apply_lora` (every block, for each targeted layer, here `
     h.N.attn.c_attn.lora_B      nn.Linear(r, out, bias=False): weight (out, r), zeros
 
 Names follow PEFT's (`lora_A.weight`, `lora_B.weight`), so the adapter file is PEFT's layout
-by a prefix alone. Checkpoints are written *merged* (`merged_state_dict`): the plain GPT-2
-layout, which every reader of minigpt2 and transformers understands.
+by a prefix alone, and that one name (`adapter_state`) is used in the trainer state too. A grown
+vocabulary's new rows can train beside the adapters (`add_trainable_tokens`, PEFT's
+`trainable_token_indices`) while every old row stays frozen. Checkpoints are written *merged*
+(`merged_state_dict`): the plain GPT-2 layout, which every reader of minigpt2 and transformers understands.
 """
 
 from __future__ import annotations
@@ -47,9 +49,12 @@ TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 DEFAULT_ALPHA = 8.0  # PEFT's default lora_alpha: see `apply_lora`
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model.transformer."  # PeftModel(GPT2LMHeadModel) → .transformer → h.N...
-STATE_PREFIX = "lora."  # the adapter tensors' prefix inside trainer_state.safetensors
-ADAPTER_NAME = re.compile(r"\.lora_[AB]\.weight$")
+# Adapter tensors have one name everywhere (the adapter file, the trainer state, `adapter_state`):
+# PEFT's, i.e. the module path inside PeftModel(GPT2LMHeadModel) → .transformer → h.N...
+PEFT_PREFIX = "base_model.model.transformer."
+LEGACY_STATE_PREFIX = "lora."  # how trainer states written before one name was used prefixed them (read only)
+TOKEN_ROWS = "token_adapter.trainable_tokens_delta"  # inside wte, as PEFT names it
+ADAPTER_NAME = re.compile(r"\.lora_[AB]\.weight$|^wte\." + re.escape(TOKEN_ROWS) + "$")
 
 
 class LoRALinear(nn.Module):
@@ -102,6 +107,105 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear computing the same function (dropout aside): weight W + (alpha / r) · B @ A.
+
+        For what needs one matrix per layer, e.g. int8 quantization (`quantize_model`), which
+        then rounds the adapted weight once instead of adding a float update to every product.
+        """
+        w = self.base.weight
+        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                           device=w.device, dtype=w.dtype)  # fmt: skip
+        linear.weight.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        if self.base.bias is not None:
+            linear.bias.copy_(self.base.bias)
+        return linear.requires_grad_(False)
+
+
+class TokenAdapter(nn.Module):
+    """The trained values of some embedding rows: `trainable_tokens_delta` (n, C), rows `token_indices`.
+
+    Named as PEFT names it (`wte.token_adapter.trainable_tokens_delta`), so the adapter file needs
+    a prefix alone. PEFT calls it a "delta" but stores the rows' values, not a difference.
+    """
+
+    def __init__(self, rows: torch.Tensor, indices: Sequence[int]) -> None:
+        super().__init__()
+        self.trainable_tokens_delta = nn.Parameter(rows.detach().clone())  # (n, C)
+        index = torch.tensor(list(indices), dtype=torch.long, device=rows.device)
+        self.register_buffer("token_indices", index, persistent=False)  # (n,)
+
+
+class TrainableTokens(nn.Module):
+    """An embedding whose rows `indices` train as a parameter of their own (PEFT's "trainable tokens").
+
+    Why: a grown vocabulary (vocab.py) adds rows that the base model never learned. They must
+    train, while the base rows may have to stay frozen (LoRA), or train at another pace. A
+    parameter holds whole tensors, so the new rows become one: `token_adapter.trainable_tokens_delta`
+    (n, C). The forward writes them over their rows of the (frozen or not) base matrix:
+
+        weight = base.weight with rows `indices` replaced       (V, C), a new tensor each call
+        x      = weight[idx]                                     (B, T) → (B, T, C)
+
+    The base's own copies of those rows get a zero gradient (they are overwritten), so they keep
+    their initial values; the other base rows are bit-identical when frozen. The output layer,
+    tied to this matrix, reads the same `weight` through `TrainableTokensHead`.
+    """
+
+    def __init__(self, base: nn.Embedding, indices: Sequence[int]) -> None:
+        super().__init__()
+        self.base = base
+        self.token_adapter = TokenAdapter(base.weight[list(indices)], indices)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        a = self.token_adapter
+        return self.base.weight.index_copy(0, a.token_indices, a.trainable_tokens_delta.to(self.base.weight.dtype))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(idx, self.weight)  # (B, T) → (B, T, C)
+
+
+class TrainableTokensHead(nn.Module):
+    """The output layer tied to a `TrainableTokens` embedding: scores with its weight, trained rows
+    included. The embedding is held outside the module tree (its tensors are wte's, listed once)."""
+
+    def __init__(self, base: nn.Linear, embedding: TrainableTokens) -> None:
+        super().__init__()
+        self.base = base
+        self._embedding = [embedding]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self._embedding[0].weight)  # (B, T, C) → (B, T, V)
+
+
+def add_trainable_tokens(model: nn.Module, indices: Sequence[int]) -> nn.Module:
+    """Give the embedding rows `indices` (a grown vocabulary's new ids) a parameter of their own.
+
+    In place; returns the model. The rest keeps its `requires_grad`: apply LoRA first to freeze it
+    (the new rows then train beside the adapters), or leave it trainable (full fine-tuning, with
+    the new rows in an optimizer group of their own: their own learning rate, a phase alone).
+    """
+    if trainable_tokens(model) is not None:
+        raise MiniGPT2Error("this model's embedding already has trainable tokens")
+    indices = list(indices)
+    if not indices or min(indices) < 0 or max(indices) >= model.config.vocab_size:
+        raise MiniGPT2Error(f"trainable token ids must lie in 0..{model.config.vocab_size - 1}")
+    model.wte = TrainableTokens(model.wte, indices)
+    model.lm_head = TrainableTokensHead(model.lm_head, model.wte)
+    return model
+
+
+def trainable_tokens(model: nn.Module) -> TrainableTokens | None:
+    return next((m for m in model.modules() if isinstance(m, TrainableTokens)), None)
+
+
+def is_adapted(model: nn.Module) -> bool:
+    """The model holds LoRA adapters or trainable tokens: its state dict is not the plain layout
+    (`merged_state_dict` gives that)."""
+    return any(isinstance(m, (LoRALinear, TrainableTokens)) for m in model.modules())
 
 
 # ----- wrapping a model ---------------------------------------------------------------------------
@@ -186,8 +290,14 @@ def lora_settings(model: nn.Module) -> dict:
 # ----- merged weights and adapter tensors -----------------------------------------------------------
 
 
+def _own_names(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    source = model.state_dict() if state_dict is None else state_dict
+    return {name.removeprefix("_orig_mod."): t for name, t in source.items()}
+
+
 def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The plain GPT state dict of a LoRA model: W + (alpha / r) · B @ A for every adapted layer.
+    """The plain GPT state dict of an adapted model: W + (alpha / r) · B @ A for every LoRA layer,
+    and the trainable tokens' rows written into wte (and lm_head, the same tensor).
 
     Names are the official ones (`h.0.attn.c_attn.weight`: no `.base`, no adapter tensors) and
     weights are in nn.Linear orientation (out, in), so `weights.save_model(model, dir,
@@ -196,15 +306,20 @@ def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | No
     full state). The merge is computed in float32 and cast back to the weight's dtype.
     """
     layers = lora_layers(model)
-    source = model.state_dict() if state_dict is None else state_dict
-    source = {name.removeprefix("_orig_mod."): t for name, t in source.items()}
-    merged = {}
+    tokens = trainable_tokens(model)
+    source = _own_names(model, state_dict)
+    merged, embedding = {}, None
     for name, tensor in source.items():
         module, _, leaf = name.rpartition(".")
         layer = module.removesuffix(".base")
         if ADAPTER_NAME.search(name):
-            continue  # lora_A / lora_B: folded into their layer's weight below
-        if module.endswith(".base") and layer in layers:
+            continue  # lora_A / lora_B / the tokens' rows: folded into their layer's weight below
+        if tokens is not None and module in ("wte.base", "lm_head.base"):
+            if embedding is None:  # once: wte and lm_head stay one (tied) tensor
+                rows, index = source[f"wte.{TOKEN_ROWS}"].to(tensor.dtype), tokens.token_adapter.token_indices
+                embedding = tensor.detach().index_copy(0, index.to(tensor.device), rows.detach())
+            merged[f"{layer}.{leaf}"] = embedding
+        elif module.endswith(".base") and layer in layers:
             if leaf == "weight":
                 delta = layers[layer].delta_weight(source[f"{layer}.lora_A.weight"], source[f"{layer}.lora_B.weight"])
                 tensor = (tensor.float() + delta.to(tensor.device)).to(tensor.dtype)
@@ -214,26 +329,60 @@ def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | No
     return merged
 
 
-def adapter_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The adapter tensors alone, {"h.0.attn.c_attn.lora_A.weight": (r, in), "...lora_B.weight": (out, r), ...}.
+def unmerged_state_dict(model: nn.Module, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `merged_state_dict` for a model with trainable tokens and no LoRA (full
+    fine-tuning with the new rows apart): the model's own state dict from a plain checkpoint's.
+    The base matrix takes the checkpoint's wte whole (its copies of the trained rows are never
+    read: the forward overwrites them), the trainable rows their slice of it."""
+    tokens = trainable_tokens(model)
+    if tokens is None or is_lora(model):
+        raise MiniGPT2Error("unmerged_state_dict is for a model with trainable tokens and no LoRA")
+    out = {}
+    for name in _own_names(model, None):
+        if name in ("wte.base.weight", "lm_head.base.weight"):
+            out[name] = merged["wte.weight"]
+        elif name == f"wte.{TOKEN_ROWS}":
+            out[name] = merged["wte.weight"][tokens.token_adapter.token_indices.to(merged["wte.weight"].device)]
+        else:
+            out[name] = merged[name]
+    return out
 
-    Small (r · (in + out) per layer), detached, on the CPU, contiguous: ready for safetensors.
+
+def adapter_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors alone, under PEFT's names: {"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight":
+    (r, in), "...lora_B.weight": (out, r), ..., "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta":
+    (n, C) with trainable tokens}.
+
+    One name everywhere: this is what the adapter file holds and what the trainer state holds for
+    resuming. Small, detached, on the CPU, contiguous: ready for safetensors.
     """
-    source = model.state_dict() if state_dict is None else state_dict
     return {
-        name.removeprefix("_orig_mod."): t.detach().cpu().contiguous()
-        for name, t in source.items()
+        PEFT_PREFIX + name: t.detach().cpu().contiguous()
+        for name, t in _own_names(model, state_dict).items()
         if ADAPTER_NAME.search(name)
     }
 
 
 def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors (named as `adapter_state` names them) into a LoRA model, strictly."""
+    """Copy the adapter tensors (named as `adapter_state` names them) into an adapted model, strictly.
+
+    Other entries of `tensors` (a trainer state's optimizer moments and RNG states) are ignored;
+    adapter tensors that trainer states written before PEFT's names were used everywhere kept under
+    `lora.` are read too. The base weights are NOT in there and must not come from a merged
+    checkpoint: the caller rebuilds the run's start model, applies the same adapters, then calls
+    this. Loading the merged weights as the base would add B @ A twice.
+    """
+    tensors = {
+        PEFT_PREFIX + k.removeprefix(LEGACY_STATE_PREFIX) if k.startswith(LEGACY_STATE_PREFIX) else k: v
+        for k, v in tensors.items()
+        if k.startswith((PEFT_PREFIX, LEGACY_STATE_PREFIX))
+    }
     expected = adapter_state(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    short = len(PEFT_PREFIX)
+    missing = sorted(k[short:] for k in set(expected) - set(tensors))
+    unexpected = sorted(k[short:] for k in set(tensors) - set(expected))
     wrong = [
-        f"{n} is {list(tensors[n].shape)}, expected {list(expected[n].shape)}"
+        f"{n[short:]} is {list(tensors[n].shape)}, expected {list(expected[n].shape)}"
         for n in expected
         if n in tensors and tensors[n].shape != expected[n].shape
     ]
@@ -244,30 +393,13 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
             if items
         ]
         raise CheckpointError(
-            f"the saved LoRA adapters do not match this model's ({'; '.join(problems)}). "
-            "Use the same rank and target layers as the run that saved them."
+            f"the saved adapters do not match this model's ({'; '.join(problems)}). "
+            "Use the same rank, target layers and vocabulary as the run that saved them."
         )
-    params = dict(model.named_parameters())
-    params = {name.removeprefix("_orig_mod."): p for name, p in params.items()}
+    params = {name.removeprefix("_orig_mod."): p for name, p in model.named_parameters()}
     with torch.no_grad():
         for name, tensor in tensors.items():
-            params[name].copy_(tensor)
-
-
-def save_lora_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The adapter tensors for the trainer state file, prefixed `lora.` so they can sit beside the
-    optimizer moments and RNG states in one safetensors file."""
-    return {STATE_PREFIX + name: t for name, t in adapter_state(model, state_dict).items()}
-
-
-def load_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Restore the adapters from a trainer state's tensors (the `lora.` entries; others are ignored).
-
-    The base weights are NOT in there and must not come from the merged checkpoint: the caller
-    rebuilds the run's start model, applies LoRA with the same settings, then calls this. Loading
-    the merged weights as the base would add B @ A twice.
-    """
-    load_adapter_state(model, {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)})
+            params[name[short:]].copy_(tensor)
 
 
 # ----- PEFT's adapter layout ------------------------------------------------------------------------
@@ -279,9 +411,11 @@ def peft_config(model: nn.Module, base_model_name_or_path: str | os.PathLike | N
     GPT-2 in transformers uses `Conv1D` layers whose weight is stored (in, out), the transpose of
     nn.Linear's. A and B are stored the same way either way ((r, in) and (out, r)); only the
     merge differs, and `fan_in_fan_out: true` tells PEFT to transpose B @ A before adding it
-    to such a weight. Fields left out take PEFT's defaults.
+    to such a weight. Trainable tokens are listed in `trainable_token_indices` (PEFT ties the
+    output layer's rows to them, as GPT-2 ties its weights). Fields left out take PEFT's defaults.
     """
     s = lora_settings(model)
+    tokens = trainable_tokens(model)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -296,6 +430,7 @@ def peft_config(model: nn.Module, base_model_name_or_path: str | os.PathLike | N
         "use_dora": False,
         "init_lora_weights": True,
         "modules_to_save": None,
+        "trainable_token_indices": None if tokens is None else tokens.token_adapter.token_indices.tolist(),
         "inference_mode": True,
     }
 
@@ -310,7 +445,8 @@ def save_peft_adapter(
 
     `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), directory)` then
     computes what the merged checkpoint computes. `base_model_name_or_path` is the model the run
-    started from (None for a random initialisation). Files are written atomically.
+    started from (None for a random initialisation; a grown vocabulary's base is the grown model,
+    which the run keeps). Files are written atomically.
     """
     from safetensors.torch import save_file
 
@@ -320,7 +456,7 @@ def save_peft_adapter(
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"cannot save the adapter to '{directory}': it is a file, not a directory.")
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + name: t for name, t in adapter_state(model, state_dict).items()}
+    tensors = adapter_state(model, state_dict)
     config = json.dumps(peft_config(model, base_model_name_or_path), indent=2) + "\n"
     write_atomically(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_atomically(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(config, encoding="utf-8"))
@@ -348,9 +484,11 @@ def lora_summary(model: nn.Module) -> dict:
     unique = {id(p): p for p in model.parameters()}.values()  # wte and lm_head are one tensor
     trainable = sum(p.numel() for p in unique if p.requires_grad)
     total = sum(p.numel() for p in unique)
-    adapters = sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
+    adapters = sum(p.numel() for name, p in model.named_parameters() if ADAPTER_NAME.search(name))
+    tokens = trainable_tokens(model)
     return {
         **lora_settings(model),
+        "trainable_tokens": 0 if tokens is None else len(tokens.token_adapter.token_indices),
         "scaling": next(iter(lora_layers(model).values())).scaling,
         "adapted": [f"{name}.weight" for name in lora_layers(model)],
         "trainable_params": trainable,

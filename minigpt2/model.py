@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -83,26 +84,22 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        kv_cache: KVCache | None = None,
-        pos: int | torch.Tensor = 0,
-        attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int = 0, cache: CacheSlots | None = None) -> torch.Tensor:
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (B, T, C)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if kv_cache is not None:
-            k, v = kv_cache.update(pos, k, v)  # (B, nh, S, hs) with S = pos + T (or the cache size)
         dropout_p = self.dropout if self.training else 0.0
-        if attn_mask is None:
+        if cache is None:
             y = causal_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, T, hs)
-        else:  # the caller's mask (B, 1, T, S), e.g. causal and hiding left padding
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        else:  # earlier tokens' keys and values come from the cache, which also says what each query sees
+            k, v = cache.update(layer, k, v)  # (B, nh, S, hs): S = the slots this cache lets queries read
+            if cache.mask is None:  # no padding anywhere: the causal rule alone
+                y = causal_attention(q, k, v, dropout_p=dropout_p)
+            else:  # (B, 1, T, S): causal, and hiding padding (and, for a static cache, unwritten slots)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -142,14 +139,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        kv_cache: KVCache | None = None,
-        pos: int | torch.Tensor = 0,
-        attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, pos, attn_mask)  # (B, T, C)
+    def forward(self, x: torch.Tensor, layer: int = 0, cache: CacheSlots | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, cache)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -205,8 +196,10 @@ class GPT(nn.Module):
         time. (It only acts in `train()` mode.)
         """
         self.config = dataclasses.replace(self.config, dropout=p)  # validates p
-        for module in self.modules():
-            if isinstance(module, nn.Dropout):
+        for name, module in self.named_modules():
+            # A LoRA adapter's own dropout (`.lora_dropout`, lora.py) is a setting of the adapter,
+            # fixed for the life of its run (a resume checks it): not the model's to change.
+            if isinstance(module, nn.Dropout) and not name.endswith(".lora_dropout"):
                 module.p = p
             if isinstance(module, CausalSelfAttention):
                 module.dropout = p
@@ -215,32 +208,14 @@ class GPT(nn.Module):
         """Number of parameters, the tied embedding counted once (124,439,808 for `gpt2`)."""
         return sum(p.numel() for p in self.parameters())
 
-    def new_kv_caches(
-        self,
-        batch_size: int,
-        max_len: int | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> nn.ModuleList:
-        """One empty `KVCache` per block, on the model's device and dtype unless told otherwise."""
-        c = self.config
-        device = device if device is not None else self.wte.weight.device
-        dtype = dtype if dtype is not None else self.wte.weight.dtype
-        max_len = max_len if max_len is not None else c.n_positions
-        return nn.ModuleList(
-            KVCache(batch_size, c.n_head, max_len, c.head_size, device=device, dtype=dtype) for _ in range(c.n_layer)
-        )
+    def new_cache(self, batch_size: int, max_len: int | None = None, *, static: bool = False) -> KVCache:
+        """An empty cache for `batch_size` sequences of up to `max_len` tokens (default: the context),
+        on the model's device and dtype. `static=True` gives the fixed-shape `StaticKVCache`."""
+        cls = StaticKVCache if static else KVCache
+        return cls(self.config, batch_size, max_len, device=self.wte.weight.device, dtype=self.wte.weight.dtype)
 
     def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        *,
-        kv_caches: nn.ModuleList | list[KVCache] | None = None,
-        pos: int | torch.Tensor = 0,
-        positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: CacheSlots | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits for every position of `idx` (B, T).
 
@@ -249,29 +224,26 @@ class GPT(nn.Module):
             targets: if given, (B, T) ids of the token that *follows* each position (usually
                 `idx` shifted left by one); entries of -100 are ignored. Then the mean
                 cross-entropy loss is returned too.
-            kv_caches: from `new_kv_caches`; keys and values of the tokens before `idx` are
-                read from it and those of `idx` are written to it.
-            pos: the cache slot of `idx[:, 0]`, i.e. how many slots are already filled (an int,
-                or a 0-d tensor for static-shape compiled decoding). Without a cache, 0.
-            positions: position ids (T,) or (B, T) for the position embedding; by default
-                pos..pos+T-1. They differ from the slots when a batch is left-padded: each
-                sequence's first real token is position 0, wherever it sits.
-            attn_mask: a boolean (B, 1, T, S) mask, True where a query may attend to a key,
-                replacing the built-in causal mask (for padded batches).
+            cache: for generation, `kv_cache.append(...)`: the cache slots that `idx`'s tokens
+                take. Their keys and values are written there, the earlier tokens' are read from
+                there, and the slots say each token's position id and what it may attend to.
+                Without a cache, `idx` is a whole text from position 0.
 
         Returns:
             logits (B, T, vocab_size), or (logits, loss) when `targets` is given.
         """
         B, T = idx.shape
-        if positions is None:
-            if pos + T > self.config.n_positions:
-                raise ValueError(
-                    f"positions {pos}..{pos + T - 1} exceed the model's context of {self.config.n_positions} tokens"
-                )
-            positions = torch.arange(pos, pos + T, device=idx.device)  # (T,)
+        if cache is None:
+            if T > self.config.n_positions:
+                raise ValueError(f"{T} tokens exceed the model's context of {self.config.n_positions} tokens")
+            positions = torch.arange(T, device=idx.device)  # (T,)
+        else:
+            if cache.positions.shape != idx.shape:
+                raise ValueError(f"cache slots for {tuple(cache.positions.shape)} tokens, not {tuple(idx.shape)}")
+            positions = cache.positions  # (B, T): each sequence's own, counted from its first real token
         x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C) + (T, C) or (B, T, C) → (B, T, C)
         for i, block in enumerate(self.h):
-            x = block(x, None if kv_caches is None else kv_caches[i], pos, attn_mask)  # (B, T, C)
+            x = block(x, i, cache)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:
@@ -286,50 +258,158 @@ class GPT(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Keys and values of every token seen so far, for one attention layer.
+    """The decoding state of a batch: every layer's keys and values, and what each cache slot holds.
 
     When generating, token t+1 needs the keys and values of tokens 0..t. Those never change once
     computed (a token only ever looks back), so instead of running the whole text through the
     model again for every new token, we keep them here and compute only the new token's.
 
-    The buffers are allocated once at full length (gpt-fast's design): no reallocation while
-    generating, and fixed shapes that torch.compile and CUDA graphs can capture. They are not
-    persistent, so a cache never ends up in a state dict or a checkpoint.
+    Slots are filled left to right, the same slots for every sequence of the batch. A batch of
+    prompts of different lengths is padded on the left, so each sequence's newest token sits in
+    the same slot; `valid` records which slots hold real tokens and `next_position` each
+    sequence's next position id (its real tokens counted, padding not). All of it changes in one
+    place, `append`, which is the only way to get `CacheSlots` for the model: a slot cannot be
+    written twice, skipped, or read before it is written, and no position passes the context.
+
+    This cache lets each step attend to the filled slots only (the keys grow by one per token),
+    the cheapest without a compiler. `StaticKVCache` is the fixed-shape alternative.
+    The buffers are allocated once at full length (gpt-fast's design) and are not persistent,
+    so a cache never ends up in a state dict or a checkpoint.
     """
 
     def __init__(
         self,
+        config: GPTConfig,
         batch_size: int,
-        n_head: int,
-        max_len: int,
-        head_size: int,
+        max_len: int | None = None,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        shape = (batch_size, n_head, max_len, head_size)  # (B, nh, max_len, hs)
+        max_len = config.n_positions if max_len is None else max_len
+        if not 0 < max_len <= config.n_positions:
+            raise ValueError(f"a cache holds 1 to {config.n_positions} tokens (the context), not {max_len}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)  # (L, B, nh, max_len, hs)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, max_len): real tokens
+        self.register_buffer("valid", valid, persistent=False)
+        next_position = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.register_buffer("next_position", next_position, persistent=False)
+        self.context = config.n_positions
+        self.length = 0  # slots filled
+        self.padded = False  # whether any filled slot is padding (then attention needs a mask)
 
-    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k`, `v` (B, nh, T, hs) in slots pos..pos+T-1 and return what the queries may read.
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
 
-        With an int `pos` (eager generation) it returns the filled slots 0..pos+T-1, each
-        (B, nh, pos+T, hs), so attention costs grow with the text, not with the cache size.
-        With a tensor `pos` (compiled generation) it returns the whole buffers (B, nh, max_len,
-        hs): the same shapes at every step, which is what lets torch.compile and CUDA graphs
-        capture the step once; the caller's attention mask then hides the slots not yet written.
+    def reset(self) -> None:
+        """Empty the cache, keeping its buffers (a compiled step keeps pointing at them).
+
+        `padded` stays as it was: a batch that was padded once keeps the masked form of the step
+        (same results without padding), so a compiled step is not compiled a second time.
         """
-        T = k.size(2)
-        if isinstance(pos, torch.Tensor):
-            slots = pos + torch.arange(T, device=k.device)  # (T,)
-            self.k.index_copy_(2, slots, k)
-            self.v.index_copy_(2, slots, v)
-            return self.k, self.v
-        end = pos + T
-        if end > self.k.size(2):
-            raise ValueError(f"KV cache holds {self.k.size(2)} positions; cannot write up to {end}")
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        self.valid.zero_()
+        self.next_position.zero_()
+        self.length = 0
+
+    def append(self, new: int | torch.Tensor) -> CacheSlots:
+        """Take the next slots for `new` tokens of every sequence; what the model needs to run them.
+
+        new: the number T of new tokens per sequence, all real; or a (B, T) mask, True on real
+        tokens and False on left padding (a batch of prompts of different lengths).
+        """
+        B = self.valid.size(0)
+        if isinstance(new, int):
+            real = torch.ones(B, new, dtype=torch.bool, device=self.valid.device)
+        else:
+            real = new.to(device=self.valid.device, dtype=torch.bool)
+            if real.dim() != 2 or real.size(0) != B:
+                raise ValueError(f"expected a (batch {B}, T) mask of real tokens, got shape {tuple(real.shape)}")
+            self.padded = self.padded or not bool(real.all())  # one host sync, at a prompt only
+        start, T = self.length, real.size(1)
+        if start + T > self.max_len:
+            raise ValueError(
+                f"{T} more tokens do not fit: {start} of the cache's {self.max_len} slots are filled "
+                f"(a cache holds at most the model's context of {self.context} tokens)"
+            )
+        self.valid[:, start : start + T] = real
+        # Position ids count real tokens only; a padding token borrows its neighbour's (its output is unused).
+        positions = (self.next_position[:, None] + real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+        self.next_position += real.sum(dim=1)
+        self.length = start + T
+        return self._slots(start, T, positions)
+
+    def _slots(self, start: int, T: int, positions: torch.Tensor) -> CacheSlots:
+        """Eager: queries read slots 0..start+T-1 only; without padding the causal rule needs no mask."""
+        end = start + T
+        mask = self.attention_mask(start, T, end) if self.padded else None
+        return CacheSlots(self, start, positions, mask)
+
+    def attention_mask(self, start: int, T: int, S: int) -> torch.Tensor:
+        """(B, 1, T, S): query i (slot start+i) sees key slot j iff j <= start+i and j holds a real token.
+
+        A padding query also sees itself, so no row is all False: that would give NaN, and NaN
+        keys and values would then leak into the real tokens' attention.
+        """
+        j = torch.arange(S, device=self.valid.device)  # key slots
+        i = start + torch.arange(T, device=self.valid.device)  # query slots
+        causal = j[None, :] <= i[:, None]  # (T, S)
+        own = j[None, :] == i[:, None]  # (T, S)
+        return ((causal & self.valid[:, None, :S]) | own)[:, None]  # (B, 1, T, S)
+
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write `k`, `v` (B, nh, T, hs) of `layer` into slots start..start+T-1; return the keys and
+        values of slots 0..start+T-1, (B, nh, start+T, hs): attention costs grow with the text."""
+        end = start + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class StaticKVCache(KVCache):
+    """A `KVCache` whose every step has the same shapes: the way to compile a decode step once.
+
+    Queries attend to all `max_len` slots, with a mask that hides the padding and the slots not
+    written yet, and the slot to write is a 0-d tensor rather than a Python int. So the step
+    reads and writes the same buffers at every position, and torch.compile captures it once
+    (with CUDA graphs on a GPU: one launch for the whole step instead of hundreds of small ones,
+    which is what limits batch-1 decoding on a fast GPU). Without a compiler it is slower than
+    `KVCache`: it attends over every slot at every step.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # CUDA graphs replay fixed addresses; telling the compiler these buffers never move lets a
+        # step that writes into them be captured (otherwise it is run without graphs).
+        for buffer in (self.k, self.v):
+            torch._dynamo.mark_static_address(buffer)
+
+    def _slots(self, start: int, T: int, positions: torch.Tensor) -> CacheSlots:
+        start_t = torch.tensor(start, device=self.valid.device)  # a tensor: the same graph at every slot
+        return CacheSlots(self, start_t, positions, self.attention_mask(start, T, self.max_len))
+
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write `k`, `v` (B, nh, T, hs) of `layer` into slots start..start+T-1; return all the
+        keys and values, (B, nh, max_len, hs); the mask hides what is not to be read."""
+        slots = start + torch.arange(k.size(2), device=k.device)  # (T,)
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
+
+
+@dataclass(frozen=True)
+class CacheSlots:
+    """The slots a call's T new tokens take in a cache, from `KVCache.append`: where the model writes
+    their keys and values (`update`), their position ids (B, T), and the attention mask (B, 1, T, S)
+    (None: the plain causal rule)."""
+
+    cache: KVCache
+    start: int | torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(layer, self.start, k, v)

@@ -38,8 +38,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .checks import SEED_MAX, ArgumentParser, arg_float, arg_int
+from .checks import SEED_MAX, ArgumentParser, arg_float, arg_int, check_embed_warmup
 from .errors import MiniGPT2Error, OptionError
+from .watch import SAMPLE_TOKENS
 
 
 def arg_folder(value: str) -> str:
@@ -53,7 +54,8 @@ PRESETS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 GROUPS = {
     "data": "data",
     "model": "model",
-    "lora": "LoRA: learn a low-rank update of each targeted layer, everything else frozen",
+    "lora": "LoRA: learn a low-rank update of each targeted layer, everything else frozen (but a grown vocabulary's "
+    "new rows; which recipe pays: docs/recipes.md)",
     "training": "training (CPU defaults first, then GPU defaults)",
     "output": "evaluation, checkpoints, output (CPU defaults first, then GPU defaults)",
     "hardware": "hardware",
@@ -91,8 +93,13 @@ class TrainOptions:
     """Every option of train.py (see the module docstring). None: not given (before `resolve`)."""
 
     # data
-    data: list[str] | None = option("text files, folders, globs", group="data", fixed=True, **extend("PATH"))
-    val_data: list[str] | None = option("held-out text (default: the tail of each --data document)", group="data",
+    data: list[str] | None = option("text files, folders, globs; .jsonl/.json/.csv/.tsv/.parquet (one document per "
+                                    "row), .gz/.bz2/.xz/.zst, or a dataset: hf:OWNER/NAME[:CONFIG][@SPLIT] or "
+                                    "hf:FOLDER (see docs/data.md)", group="data", fixed=True, **extend("PATH"))
+    text_field: str | None = option("the field (column) of each row that holds its text (default text)",
+                                    group="data", default="text", fixed=True, metavar="NAME")
+    val_data: list[str] | None = option("held-out text (default: a dataset's own validation split, else whole rows "
+                                        "of many-row data, else the tail of each document)", group="data",
                                         fixed=True, **extend("PATH"))
     val_fraction: float | None = option("share of each document held out when there is no --val-data (default "
                                         "0.005)", group="data", default=0.005, fixed=True,
@@ -106,10 +113,16 @@ class TrainOptions:
     tokenizer: str | None = option("where vocab.json + merges.txt come from (default: the model's, or gpt2's)",
                                    group="data", fixed=True)
     extend_vocab: int | None = option("learn N new tokens from the training text; grow the tokenizer and the "
-                                      "embedding (Chinese: 2.1 -> 0.9 tokens per character at 8000)", group="data",
-                                      fixed=True, type=arg_int(low=1), metavar="N")
+                                      "embedding (Chinese: 2.1 -> 0.9 tokens per character at 8000); with --lora "
+                                      "only the new rows and the adapters train. Which recipe pays: "
+                                      "docs/recipes.md", group="data", fixed=True, type=arg_int(low=1), metavar="N")
     vocab_from: list[str] | None = option("learn them from these texts", group="data", fixed=True,
                                           **extend("PATH"))
+    new_token_lr: float | None = option("with --extend-vocab: peak learning rate of the new rows (default --lr)",
+                                        group="data", type=arg_float(low=0, low_open=True), metavar="LR")
+    embed_warmup: int | None = option("with --extend-vocab: train only the new rows for the first STEPS steps, then "
+                                      "the model (or the adapters) too (default 0)", group="data",
+                                      type=arg_int(low=0), metavar="STEPS")
     # model
     model: str | None = option("gpt2[-medium|-large|-xl], a hub id or a checkpoint to fine-tune (default gpt2)",
                                group="model", fixed=True)
@@ -175,9 +188,19 @@ class TrainOptions:
     probe: str | None = option("probe prompt for the activation snapshots", group="output")
     log_every: int | None = option("print a table row every N steps (default 10)", group="output", default=10,
                                    type=arg_int(low=1))
+    sample_prompt: list[str] | None = option("continue this prompt at every evaluation, with a fixed seed "
+                                             "(repeatable; default: a Chinese and an English sentence)",
+                                             group="output", action="append", metavar="TEXT")
+    sample_tokens: int | None = option(f"new tokens per sample (default {SAMPLE_TOKENS}; 0: no samples)",
+                                       group="output", default=SAMPLE_TOKENS, type=arg_int(low=0), metavar="N")
+    tensorboard: str | None = option("also log to TensorBoard, in DIR (default RUN/tensorboard; needs the "
+                                     "tensorboard package)", group="output", saved=False, nargs="?", const="",
+                                     metavar="DIR")
     # hardware
     device: str | None = option("auto, cpu, cuda, cuda:N or mps (default auto)", group="hardware", default="auto")
-    dtype: str | None = option("compute precision", group="hardware", default="auto",
+    dtype: str | None = option("compute precision; auto: bfloat16 on a GPU that has it, on a CPU only where it "
+                               "computes bfloat16 natively (AVX-512 BF16, AMX), else float32", group="hardware",
+                               default="auto",
                                choices=["auto", "float32", "bfloat16", "float16"])
     threads: int | None = option("CPU threads (default: one per core); on a machine shared with other jobs, 1 or 2 "
                                  "is often faster", group="hardware", saved=False, type=arg_int(low=1))
@@ -295,12 +318,16 @@ def check_combinations(o: TrainOptions) -> None:
         raise MiniGPT2Error("the layer count, head count, width and context only apply to a preset")
     if not o.data:
         raise MiniGPT2Error("no training data given: the text files, directories or globs to train on")
-    if o.lora and o.extend_vocab:
-        raise OptionError(
-            "lora",
-            "cannot be combined with extending the vocabulary yet: LoRA freezes the embedding, "
-            "so the new tokens' rows would never learn",
-        )
+    for name in ("new_token_lr", "embed_warmup"):
+        if getattr(o, name) and not o.extend_vocab:
+            raise OptionError(
+                name,
+                "only applies to the new tokens of a grown vocabulary: give `extend_vocab` N too "
+                "(docs/recipes.md says which recipe pays for which budget)",
+            )
+        if getattr(o, name) and o.shard:
+            raise OptionError(name, "does not work with a sharded model yet: train without `shard`")
+    check_embed_warmup(o.embed_warmup or 0, o.steps)  # before anything is written
     if not o.lora and any(x is not None for x in (o.lora_alpha, o.lora_dropout, o.lora_targets)):
         raise OptionError("lora", "is needed for the other LoRA settings (alpha, dropout, targets): give the rank")
     if o.vocab_from and not o.extend_vocab:

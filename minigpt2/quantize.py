@@ -18,12 +18,12 @@ Which kernel does that fastest depends on the device:
 
 - CPU: PyTorch ships fbgemm's int8 GEMM (the kernel behind `torch.ao.quantization.quantize_dynamic`),
   with weights prepacked once in the layout its VNNI/AVX-512 inner loops want. It needs the input
-  in 8 bits as well, and 8-bit activations alone would put several percent of error into the
-  logits. So `Int8Linear` feeds it two rows per input row: the activation quantized to 8 bits,
-  and its rounding remainder scaled up 127x and quantized again. Adding the two results back
-  (`y1 + y2 / 127`) is a ~15-bit activation, close enough to float that the error left is the
-  weights' own. Decoding is memory-bound, so the second row is free: the weights are still read
-  once per token, now for two rows instead of one.
+  in 8 bits as well (7 bits in practice, see ACTIVATION_LEVELS), and such activations alone would
+  put several percent of error into the logits. So `Int8Linear` feeds it two rows per input row:
+  the activation quantized to 7 bits, and its rounding remainder scaled up 126x and quantized
+  again. Adding the two results back (`y1 + y2 / 126`) is a ~14-bit activation, close enough
+  to float that the error left is the weights' own. Decoding is memory-bound, so the second row
+  is free: the weights are still read once per token, now for two rows instead of one.
   That pays only while few rows go through at once (decoding); many rows at once (a prompt, a
   text evaluation) are bound by arithmetic, not memory, and take the next path instead.
 - Elsewhere (CUDA, a bfloat16 model, many rows): `F.linear(x, q.to(x.dtype)) * scale`, the form
@@ -54,7 +54,15 @@ from .errors import MiniGPT2Error
 from .model import GPT
 
 MODES = ("int8",)
-REMAINDER_GAIN = 127.0  # the rounding remainder of an 8-bit activation, scaled up before its second pass
+# The activations go to fbgemm as 7-bit values (0..127 around a zero point of 64), not 8-bit ones.
+# On CPUs without VNNI (AVX2 only: most laptops) fbgemm multiplies u8 activations by s8 weights
+# with vpmaddubsw, which adds each pair of products in int16 and saturates: 2 x 255 x 127 does not
+# fit, 2 x 127 x 127 does. A full 8-bit activation there put ~10% of error into the output. This
+# is why PyTorch's own quantize_dynamic uses `reduce_range` on x86; it costs nothing in speed, and
+# the remainder pass below keeps the activation at ~14 bits.
+ACTIVATION_LEVELS = 63  # the largest |activation| maps to 63 steps: u8 values 1..127, zero point 64
+ACTIVATION_ZERO_POINT = 64
+REMAINDER_GAIN = 126.0  # the remainder (within ±step/2), scaled up before its second pass: ±63 steps
 # Up to this many input rows (tokens x sequences) a CPU call goes to fbgemm's int8 kernel. A
 # decode step has one row per sequence and is bound by reading the weights, which int8 makes 4x
 # cheaper. A prompt or a text evaluation has hundreds of rows and is bound by arithmetic, where
@@ -124,7 +132,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)  # (out,) float32
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.register_buffer("bias", bias)  # (out,) float32 or None
-        # False feeds the CPU kernel 8-bit activations only (what quantize_dynamic does): faster
+        # False feeds the CPU kernel 7-bit activations only (what quantize_dynamic does): faster
         # to explain, several times the error. Kept for measuring that difference.
         self.refine_activations = refine_activations
         on_cpu = linear.weight.device.type == "cpu"
@@ -158,13 +166,18 @@ class Int8Linear(nn.Module):
         """fbgemm's int8 GEMM on the activation and on its rounding remainder, in one call."""
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)  # (N, in)
-        step = max(float(x2d.abs().max()), 1e-12) / 127  # one scale for this call: quint8, zero point 128
+        # one scale for this call: 7 bits (see ACTIVATION_LEVELS), so no pair of products saturates on AVX2
+        step = max(float(x2d.abs().max()), 1e-12) / ACTIVATION_LEVELS
         if not self.refine_activations:
-            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2d, step, 128, self._packed)
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                x2d, step, ACTIVATION_ZERO_POINT, self._packed
+            )
             return y.reshape(*shape[:-1], self.out_features)
         remainder = x2d - torch.round(x2d / step) * step  # (N, in), each within ±step/2
-        both = torch.cat([x2d, remainder * REMAINDER_GAIN])  # (2N, in): still inside the 8-bit range
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(both, step, 128, self._packed)
+        both = torch.cat([x2d, remainder * REMAINDER_GAIN])  # (2N, in): still inside the 7-bit range
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            both, step, ACTIVATION_ZERO_POINT, self._packed
+        )
         n = x2d.size(0)
         y = y[:n] + y[n:] / REMAINDER_GAIN  # (N, out)
         return y.reshape(*shape[:-1], self.out_features)
@@ -183,6 +196,10 @@ def quantize_model(model: GPT, mode: str = "int8", *, lm_head: bool = True) -> G
     top-1 agreement fell from 99.7% to 99.4%, perplexity unchanged (-0.03%). Quantized, it stops
     sharing its tensor with `wte`: the embedding keeps the float weight, since a lookup reads
     one row, not the matrix.
+
+    A LoRA model is quantized merged: each adapted layer becomes the int8 form of W + (alpha / r)
+    · B @ A (`LoRALinear.merged`), so it decodes as fast as any quantized model, and its adapters
+    are gone from it (save the float model first if you need them).
     """
     if mode not in MODES:
         raise MiniGPT2Error(f"unknown quantization '{mode}'; the choices are: {', '.join(MODES)}")
@@ -193,11 +210,18 @@ def quantize_model(model: GPT, mode: str = "int8", *, lm_head: bool = True) -> G
         for name in BLOCK_LINEARS:
             parent, attr = name.split(".")
             owner = getattr(block, parent)
-            setattr(owner, attr, Int8Linear(getattr(owner, attr)))
+            setattr(owner, attr, Int8Linear(plain_linear(getattr(owner, attr))))
     if lm_head:
-        model.lm_head = Int8Linear(model.lm_head)  # wte keeps the float weight for lookups
+        model.lm_head = Int8Linear(plain_linear(model.lm_head))  # wte keeps the float weight for lookups
     model.quantized = mode
     return model
+
+
+def plain_linear(layer: nn.Module) -> nn.Linear:
+    """The nn.Linear a layer computes: itself, or a LoRA layer's merged weight."""
+    from .lora import LoRALinear
+
+    return layer.merged() if isinstance(layer, LoRALinear) else layer
 
 
 def is_quantized(model: nn.Module) -> bool:

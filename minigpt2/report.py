@@ -16,6 +16,7 @@ import unicodedata
 import warnings
 from pathlib import Path
 
+from .console import one_line
 from .errors import MiniGPT2Error, OutputError
 from .files import write_atomically
 
@@ -95,7 +96,7 @@ def render(result: dict, top: int = 10) -> str:
     if result["behaviour"]:
         out += _behaviour(result)
     for run in result["runs"]:
-        out += _run(run)
+        out += _run(run) + _run_samples(run)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -147,12 +148,7 @@ def _tensors(result: dict, top: int) -> list[str]:
             f"   LoRA (r={lora['r']}, alpha={lora['alpha']}, {lora['checkpoint']}): * marks the "
             f"{len(adapted)} adapted tensors, whose update has rank <= {lora['r']}; the others were frozen."
         )
-    rows = [[t["name"] + (" *" if t["name"] in adapted else ""), "x".join(map(str, t["shape"])),
-             pct(t["relative_change"]), "-" if t["rank_90"] is None else f"{t['rank_90']}/{min(t['shape'])}",
-             num(t["stable_rank"], 3), num(t["mean_abs_diff"], 3), num(t["max_abs_diff"], 3), num(t["std_diff"], 3),
-             cos(t["mean_row_cosine"]), num(t["mean_row_distance"], 3)]
-            for t in ranked[:top]]  # fmt: skip
-    out += table(TENSOR_COLUMNS, rows)
+    out += table(TENSOR_COLUMNS, tensor_rows(ranked[:top], adapted))
     if from_zero:
         names = ", ".join(t["name"] for t in from_zero[:4]) + (
             f" and {len(from_zero) - 4} more" if len(from_zero) > 4 else ""
@@ -162,17 +158,36 @@ def _tensors(result: dict, top: int) -> list[str]:
     return out
 
 
-def _layers(w: dict) -> list[str]:
-    """The change pooled per layer, and per module kind over the layers: where the model moved."""
+def tensor_rows(tensors: list[dict], adapted: set[str]) -> list[list[str]]:
+    """The cells of the tensors table (`TENSOR_COLUMNS`), one row per tensor; * marks a LoRA-adapted one."""
+    return [[t["name"] + (" *" if t["name"] in adapted else ""), "x".join(map(str, t["shape"])),
+             pct(t["relative_change"]), "-" if t["rank_90"] is None else f"{t['rank_90']}/{min(t['shape'])}",
+             num(t["stable_rank"], 3), num(t["mean_abs_diff"], 3), num(t["max_abs_diff"], 3), num(t["std_diff"], 3),
+             cos(t["mean_row_cosine"]), num(t["mean_row_distance"], 3)]
+            for t in tensors]  # fmt: skip
+
+
+LAYER_COLUMNS = ["layer", "rel.change", "||A-B||", "||A||", "most changed module"]
+KIND_COLUMNS = ["module", "rel.change", "||A-B||", "most changed in", "its rel.change"]
+
+
+def layer_rows(w: dict) -> tuple[list[list[str]], list[list[str]]]:
+    """(rows of the per-layer table, rows of the per-module-kind table): `LAYER_COLUMNS`, `KIND_COLUMNS`."""
     layers = [[r["layer"], pct(r["relative_change"]), num(r["norm_diff"]), num(r["norm_a"]),
                r["most_changed_kind"] if r["norm_diff"] else "-"] for r in w["layers"]]  # fmt: skip
     kinds = [[r["kind"], pct(r["relative_change"]), num(r["norm_diff"]),
               r["most_changed_layer"] if r["norm_diff"] else "-", pct(r["most_changed_layer_relative_change"])]
              for r in w["kinds"]]  # fmt: skip
+    return layers, kinds
+
+
+def _layers(w: dict) -> list[str]:
+    """The change pooled per layer, and per module kind over the layers: where the model moved."""
+    layers, kinds = layer_rows(w)
     return (["", "== Weights per layer (all its tensors pooled: ||A-B|| / ||A||) =="]
-            + table(["layer", "rel.change", "||A-B||", "||A||", "most changed module"], layers)
+            + table(LAYER_COLUMNS, layers)
             + ["", "== Weights per module kind (pooled over the layers) =="]
-            + table(["module", "rel.change", "||A-B||", "most changed in", "its rel.change"], kinds))  # fmt: skip
+            + table(KIND_COLUMNS, kinds))  # fmt: skip
 
 
 def _new_rows(w: dict) -> list[str]:
@@ -198,6 +213,9 @@ def _activations(number: int, act: dict) -> list[str]:
         out.append(f"  top-5 of {side.upper()}: {shown}")
     if any("\\x" in t["text"] for t in act["top5_a"] + act["top5_b"]):
         out.append("  ('\\xNN': a token that is part of a UTF-8 character, such as half of a Chinese character)")
+    if "continuation_a" in act:
+        out.append("continuations (the same seed for both):")
+        out += [f"  {side}: {one_line(act['continuation_' + side.lower()])}" for side in ("A", "B")]
     return out + [""]
 
 
@@ -207,6 +225,20 @@ def _behaviour(result: dict) -> list[str]:
         "non-overlapping context windows) ==",
         "   loss = nats per token; bpc = bits per character, comparable across languages.",
     ]
+    out += table(BEHAVIOUR_COLUMNS, behaviour_rows(result))
+    if any(t.get("tokens_b", t["tokens"]) != t["tokens"] for t in result["behaviour"]):
+        out.append(
+            "   A and B read the text with different tokenizers (B's count in brackets): compare their bits per "
+            "character; loss and perplexity are per token of each one's own."
+        )
+    return out + [""]
+
+
+BEHAVIOUR_COLUMNS = ["text", "tokens", "chars", "loss A", "loss B", "B-A", "ppl A", "ppl B", "bpc A", "bpc B"]
+
+
+def behaviour_rows(result: dict) -> list[list[str]]:
+    """The cells of the behaviour table (`BEHAVIOUR_COLUMNS`), one row per text."""
     rows = []
     for t in result["behaviour"]:
         a, b = t["a"], t["b"]
@@ -233,13 +265,7 @@ def _behaviour(result: dict) -> list[str]:
                 num(b["bits_per_char"]),
             ]
         )
-    out += table(["text", "tokens", "chars", "loss A", "loss B", "B-A", "ppl A", "ppl B", "bpc A", "bpc B"], rows)
-    if any(t.get("tokens_b", t["tokens"]) != t["tokens"] for t in result["behaviour"]):
-        out.append(
-            "   A and B read the text with different tokenizers (B's count in brackets): compare their bits per "
-            "character; loss and perplexity are per token of each one's own."
-        )
-    return out + [""]
+    return rows
 
 
 def _run(run: dict) -> list[str]:
@@ -273,6 +299,39 @@ def _run(run: dict) -> list[str]:
         out.append("activations: relative difference of the block's output on the probe, vs the start")
         out += table(headers, [[block] + [pct(s["activation_drift"].get(block)) for s in steps] for block in blocks])
     return out + [""]
+
+
+SHOWN_SAMPLE_STEPS = 12
+
+
+def _run_samples(run: dict) -> list[str]:
+    """The samples a run drew at its evaluations, prompt by prompt, step by step: before and after."""
+    drawn = run.get("curves", {}).get("samples") or []
+    if not drawn:
+        return []
+    shown = evenly(drawn, SHOWN_SAMPLE_STEPS)
+    first = drawn[-1]
+    out = [
+        f"== Samples while training: run {run['path']} (side {run['side']}; seed {first['seed']}, "
+        f"{first['max_new_tokens']} new tokens, the same draw at every evaluation) =="
+    ]
+    if len(shown) < len(drawn):
+        out.append(f"   {len(shown)} of {len(drawn)} evaluations shown; --json and --html have them all.")
+    for number, prompt in enumerate(sample_prompts_of(drawn), 1):
+        out.append(f"prompt {number}: {quoted(prompt, 60)}")
+        rows = [[f"step {step}", one_line(text)] for step, text in samples_of(shown, prompt)]
+        out += ["  " + line for line in table(["", "continuation"], rows, left=2)[2:]]
+    return out + [""]
+
+
+def samples_of(drawn: list[dict], prompt: str) -> list[tuple[int, str]]:
+    """(step, continuation) of one prompt at each evaluation that sampled it."""
+    return [(d["step"], s["text"]) for d in drawn for s in d["samples"] if s["prompt"] == prompt]
+
+
+def sample_prompts_of(drawn: list[dict]) -> list[str]:
+    """Every prompt sampled during a run, in the order first seen (a resumed run may add some)."""
+    return list(dict.fromkeys(s["prompt"] for d in drawn for s in d["samples"]))
 
 
 # ----- files ------------------------------------------------------------------------------
@@ -430,11 +489,7 @@ def _plot_curves(ax_loss, ax_bpc, run: dict, font: str | None) -> None:
     if train:
         steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
         ax_loss.plot(steps, losses, color="0.75", linewidth=0.8, label="each step")
-        window = max(1, len(losses) // 30)
-        smooth = [
-            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-            for i in range(len(losses))
-        ]
+        window, smooth = smoothed(losses)
         ax_loss.plot(steps, smooth, color="tab:blue", label=f"mean of {window} steps" if window > 1 else "loss")
         ax_loss.legend(fontsize=8)
     ax_loss.set_title(f"run {run['side']}: training loss (nats per token)", fontsize=10)
@@ -455,6 +510,14 @@ def _plot_curves(ax_loss, ax_bpc, run: dict, font: str | None) -> None:
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+
+
+def smoothed(values: list[float]) -> tuple[int, list[float]]:
+    """(window, running mean over the last `window` values): a noisy training loss made readable,
+    the window a thirtieth of the curve."""
+    window = max(1, len(values) // 30)
+    return window, [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                    for i in range(len(values))]  # fmt: skip
 
 
 def _colours(n: int) -> list:
@@ -557,6 +620,19 @@ def _plot_steps(ax, run: dict, key: str, title: str) -> None:
 def render_many(result: dict) -> str:
     """The trade-off of several models against A as one table: weights moved, bits per character on
     every text and its change from A (negative: better)."""
+    headers, rows = tradeoff_rows(result)
+    out = [
+        f"A: {result['a']['source']}",
+        f"== Several models against A: bits per character on the first {result['max_eval_tokens']} tokens "
+        "(of A's tokenizer) of each text ==",
+        "   weights moved = ||W - W_A|| / ||W_A|| over all tensors; max rank90 = the largest number of singular "
+        "directions holding 90% of a matrix's update.",
+    ]
+    return "\n".join(out + table(headers, rows)) + "\n"
+
+
+def tradeoff_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the several-models table: one row per model, A first."""
     names = [Path(t["file"]).name for t in result["texts"]]
     headers = ["model", "weights moved", "max rank90", *[f"bpc {n}" for n in names], *[f"vs A {n}" for n in names]]
     base = result["models"][0]["behaviour"]
@@ -576,14 +652,7 @@ def render_many(result: dict) -> str:
                 *[f"{b - a['bits_per_char']:+.3f}" for b, a in zip(bpc, base)],
             ]
         )
-    out = [
-        f"A: {result['a']['source']}",
-        f"== Several models against A: bits per character on the first {result['max_eval_tokens']} tokens "
-        "(of A's tokenizer) of each text ==",
-        "   weights moved = ||W - W_A|| / ||W_A|| over all tensors; max rank90 = the largest number of singular "
-        "directions holding 90% of a matrix's update.",
-    ]
-    return "\n".join(out + table(headers, rows)) + "\n"
+    return headers, rows
 
 
 def write_tradeoff_plot(result: dict, path: str | os.PathLike, force: bool = False) -> Path:

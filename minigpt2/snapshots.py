@@ -27,12 +27,12 @@ DEFAULT_PROBE = "今天的天气很好，我们一起去公园散步。The weath
 
 
 def official_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors under their official names (no lm_head: it is wte, tied); a LoRA
+    """The model's tensors under their official names (no lm_head: it is wte, tied); an adapted
     model's merged weights (base + its low-rank update), so drift is measured as for any model."""
-    from .lora import is_lora, merged_state_dict
+    from .lora import is_adapted, merged_state_dict
 
     out = {}
-    for name, tensor in (merged_state_dict(model) if is_lora(model) else model.state_dict()).items():
+    for name, tensor in (merged_state_dict(model) if is_adapted(model) else model.state_dict()).items():
         name = name.removeprefix("_orig_mod.")
         if name != "lm_head.weight":
             out[name] = tensor
@@ -78,6 +78,7 @@ class Snapshotter:
         self.probe_ids = probe_ids[: model.config.n_positions]
         self.w0 = {name: t.detach().to("cpu", torch.float32, copy=True) for name, t in official_tensors(model).items()}
         self.h0 = self.block_outputs(model)
+        self.start_norms: dict[str, float] | None = None  # ||W0|| per tensor, at the first `layer_drift`
 
     @torch.no_grad()
     def block_outputs(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,3 +115,12 @@ class Snapshotter:
             "activations": activations,
             "probe": self.probe_text,
         }
+
+    def layer_drift(self, snapshot: dict) -> dict:
+        """A snapshot per layer, as `compare.py RUN` shows it: {"weight_drift": {layer: pooled
+        relative change}, "activation_drift": {block: ...}, ...} (see `compare.run_drift`)."""
+        from .compare import run_drift  # (compare reads snapshots; imported here to avoid a cycle)
+
+        if self.start_norms is None:
+            self.start_norms = {name: torch.linalg.vector_norm(w.double()).item() for name, w in self.w0.items()}
+        return run_drift([snapshot], self.start_norms)["steps"][0]

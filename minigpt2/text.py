@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -122,6 +123,7 @@ class Sampler:
     enc: object  # tiktoken.Encoding
     guard: Utf8Guard | None
     inferred_config: bool  # a bare .safetensors file: its shape was inferred from the tensors
+    checkpoint: Path | None = None  # for a training run's directory: the checkpoint loaded from it
 
 
 def load_for_sampling(
@@ -139,16 +141,17 @@ def load_for_sampling(
     from .checks import check_decode_memory, check_vocab_fits
     from .generate import prepare_for_decoding
     from .tokenizer import load_tokenizer
-    from .weights import load_model
+    from .weights import load_model, run_checkpoint
 
+    checkpoint = run_checkpoint(source)
     model = load_model(source, device=device, dtype=dtype, quantize=quantize)
-    enc = load_tokenizer(source)
+    enc = load_tokenizer(source, vocab_size=model.config.vocab_size)
     check_vocab_fits(model.config, enc, model_name=f"model '{source}'", tokenizer_name="its tokenizer")
     longest = max(len(enc.encode_ordinary(p)) for p in prompts) + 1
     check_decode_memory(model.config, num_samples, longest, dtype.itemsize, device)
     model = prepare_for_decoding(model)
     guard = Utf8Guard.for_tokenizer(enc, model.config.vocab_size, device) if utf8_guard else None
-    return Sampler(source, model, enc, guard, getattr(model, "inferred_config", False))
+    return Sampler(source, model, enc, guard, getattr(model, "inferred_config", False), checkpoint)
 
 
 def encode_prompt(enc, prompt: str, n_ctx: int) -> tuple[list[int], bool]:

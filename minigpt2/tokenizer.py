@@ -9,21 +9,54 @@ Decoding a single such token gives invalid UTF-8, which is where U+FFFD in naive
 Hugging Face repos store the tokenizer as `vocab.json` (token string → id) and `merges.txt`.
 The strings use GPT-2's printable stand-ins for bytes (byte 0x20, a space, is written `Ġ`), so we
 map them back to raw bytes before handing them to tiktoken, which does the actual encoding in Rust.
+
+Which files a model's tokenizer is read from (`locate_tokenizer`), so that a model is never
+silently given another model's tokenizer:
+
+- the official names (`gpt2`, `gpt2-medium`, ...) share one tokenizer, GPT-2's, which ships
+  inside this package (minigpt2/assets/gpt2/, byte-identical to OpenAI's files, checked by sha256
+  when read): no network and no cache needed;
+- a local checkpoint (or training run) uses the vocab.json + merges.txt beside it, and a hub repo
+  its own; files that are there but unreadable, incomplete or inconsistent (with each other or
+  with the model's vocabulary size) are an error naming the file, never a reason to fall back;
+- a checkpoint with no tokenizer files at all gets GPT-2's, with a `TokenizerNotice` saying so,
+  but only if the model has GPT-2's vocabulary: a grown model (`--extend-vocab`) without its own
+  tokenizer is an error, since GPT-2's would give its new tokens' text wrong ids;
+- a folder the user names (`--tokenizer DIR`) must exist and hold both files.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import tiktoken
 
-from .errors import CheckpointError
-from .hub import OFFICIAL_REPOS, hub_file, local_path
+from .errors import CheckpointError, Notice
+from .hub import OFFICIAL_REPOS, MissingHubFile, hub_file, local_path
 from .rundir import RunDir
 
 ENDOFTEXT = "<|endoftext|>"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+GPT2_VOCAB_SIZE = 50257  # 256 bytes + 50,000 merges + <|endoftext|>
+
+# GPT-2's own tokenizer files, shipped as package data (OpenAI's GPT-2 release, modified MIT
+# license: see assets/gpt2/LICENSE). Their sha256 is checked before first use, so a damaged install
+# fails with a clear error instead of tokenizing differently from every GPT-2.
+GPT2_DIR = Path(__file__).resolve().parent / "assets" / "gpt2"
+GPT2_SHA256 = {
+    "vocab.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
+class TokenizerNotice(Notice):
+    """GPT-2's own tokenizer was used for a model folder that has no tokenizer files."""
+
 
 # GPT-2's pre-tokenizer: contractions, letters, numbers, other symbols, whitespace. Each piece
 # keeps a leading space, so " world" and "world" are different tokens.
@@ -44,16 +77,23 @@ def byte_stand_ins() -> dict[str, int]:
 
 
 def encoding_from_files(
-    vocab_path: str | os.PathLike, merges_path: str | os.PathLike, name: str = "gpt2"
+    vocab_path: str | os.PathLike,
+    merges_path: str | os.PathLike,
+    name: str = "gpt2",
+    *,
+    vocab_size: int | None = None,
 ) -> tiktoken.Encoding:
     """A tiktoken Encoding from a GPT-2 style `vocab.json` + `merges.txt`.
 
     tiktoken merges the pair whose result has the lowest id first, so the ids in vocab.json must
     follow merge order: the 256 single bytes, then each merge's result in the order of
     merges.txt (skipping `<|endoftext|>`'s id: an extended vocabulary's merges continue after
-    50,256, see vocab.py). That holds for GPT-2 and is checked here, so a mismatched pair of files fails
-    loudly instead of tokenizing differently from the model's training.
+    50,256, see vocab.py). That holds for GPT-2 and is checked here, together with one merge per
+    token beyond the bytes, so a mismatched, cut or damaged pair of files fails loudly (naming the
+    file) instead of tokenizing differently from the model's training. With `vocab_size` (the
+    model's), an id the model has no row for is refused too.
     """
+    vocab_path, merges_path = Path(vocab_path), Path(merges_path)
     to_byte = byte_stand_ins()
 
     def to_bytes(token: str, where: Path) -> bytes:
@@ -62,77 +102,152 @@ def encoding_from_files(
         except KeyError as e:
             raise CheckpointError(f"'{where}': token {token!r} uses {e.args[0]!r}, not a GPT-2 byte stand-in") from None
 
+    vocab = _read_vocab(vocab_path)
     try:
-        vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
-        merge_lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"cannot read the tokenizer files ({e}); they should be GPT-2's vocab.json and merges.txt"
-        ) from None
+        merge_lines = merges_path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read '{merges_path}' ({e}); it should be a GPT-2 merges.txt") from None
 
     special = {token: vocab.pop(token) for token in (ENDOFTEXT,) if token in vocab}
-    ranks = {to_bytes(token, Path(vocab_path)): rank for token, rank in vocab.items()}
+    ranks = {to_bytes(token, vocab_path): rank for token, rank in vocab.items()}
+    if len(ranks) != len(vocab) or sorted(ranks.values())[:256] != list(range(256)):
+        raise CheckpointError(
+            f"'{vocab_path}' is not a GPT-2 vocab.json: its first 256 ids must be the 256 single bytes, "
+            "and every token must appear once"
+        )
 
     # Check: the single bytes first, then merges in file order (skipping the "#version" header).
-    expected_rank = 256
+    expected_rank, n_merges = 256, 0
     for line in merge_lines:
         if not line or line.startswith("#version"):
             continue
         if expected_rank == special.get(ENDOFTEXT):  # an extended vocabulary: merges resume after it
             expected_rank += 1
         parts = line.split(" ")
-        merged = b"".join(to_bytes(p, Path(merges_path)) for p in parts) if len(parts) == 2 else None
+        merged = b"".join(to_bytes(p, merges_path) for p in parts) if len(parts) == 2 else None
         if merged is None or ranks.get(merged) != expected_rank:
             raise CheckpointError(
                 f"'{merges_path}' does not match '{vocab_path}' at merge {expected_rank - 256} ({line!r}); "
                 "use the vocab.json and merges.txt that belong together."
             )
         expected_rank += 1
+        n_merges += 1
+    if n_merges != len(ranks) - 256:
+        raise CheckpointError(
+            f"'{merges_path}' has {n_merges} merges but '{vocab_path}' has {len(ranks) - 256} tokens beyond the "
+            "256 bytes: one of the two is cut or damaged; use the vocab.json and merges.txt that belong together."
+        )
     if ENDOFTEXT not in special:
         special[ENDOFTEXT] = len(ranks)
+    largest = max(max(ranks.values()), *special.values())
+    if vocab_size is not None and largest >= vocab_size:
+        raise CheckpointError(
+            f"'{vocab_path}' holds id {largest}, past the model's vocabulary of {vocab_size} tokens: "
+            "the tokenizer does not belong to the model; use the vocab.json and merges.txt saved with it."
+        )
     return tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
 
 
-def tokenizer_files(source: str | os.PathLike = "gpt2", *, revision: str | None = None) -> tuple[Path, Path]:
-    """Paths of a source's vocab.json and merges.txt: beside a local checkpoint, or from the hub."""
+def _read_vocab(path: Path) -> dict[str, int]:
+    """vocab.json as {token: id}, or a `CheckpointError` naming the file and what is wrong with it."""
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read '{path}' ({e}); it should be a GPT-2 vocab.json") from None
+    if not isinstance(vocab, dict) or not all(type(i) is int and i >= 0 for i in vocab.values()):
+        raise CheckpointError(f"'{path}' is not a GPT-2 vocab.json: it must map each token to an id (an integer >= 0)")
+    if len(set(vocab.values())) != len(vocab):
+        raise CheckpointError(f"'{path}' gives two tokens the same id; it is damaged: use the one saved with the model")
+    return vocab
+
+
+@functools.cache
+def gpt2_files() -> tuple[Path, Path]:
+    """The shipped GPT-2 vocab.json and merges.txt, their sha256 checked (once per process)."""
+    for name, digest in GPT2_SHA256.items():
+        path = GPT2_DIR / name
+        try:
+            found = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as e:
+            found = f"unreadable ({e.strerror or e})"
+        if found != digest:
+            raise CheckpointError(
+                f"GPT-2's tokenizer file '{path}', shipped with minigpt2, is damaged (sha256 {found}, expected "
+                f"{digest}); reinstall minigpt2."
+            )
+    return GPT2_DIR / "vocab.json", GPT2_DIR / "merges.txt"
+
+
+def locate_tokenizer(
+    source: str | os.PathLike, *, revision: str | None = None, vocab_size: int | None = None, explicit: bool = False
+) -> tuple[tuple[Path, Path], str | None]:
+    """(vocab.json, merges.txt) that belong to `source` (see the module docstring), and the note to
+    give if they are GPT-2's standing in for a source that has none (None when they are its own).
+
+    `vocab_size` is the model's, where known: a model larger than GPT-2's vocabulary must have its
+    own files. `explicit` says the user named `source` as a tokenizer (`--tokenizer DIR`): then it
+    must hold both files.
+    """
+    if str(source) in OFFICIAL_REPOS:
+        return gpt2_files(), None
     path = local_path(source)
-    if path is None:
-        return tuple(hub_file(str(source), name, revision=revision) for name in ("vocab.json", "merges.txt"))
+    if path is None:  # a hub repo: its own files, if it has them
+        try:
+            return tuple(hub_file(str(source), name, revision=revision) for name in TOKENIZER_FILES), None
+        except MissingHubFile:
+            if explicit:
+                raise
+            return _gpt2_standing_in(f"model '{source}'", vocab_size)
+    if not path.exists():
+        what = "tokenizer folder" if explicit else "model"
+        raise CheckpointError(f"{what} '{source}' not found: there is no such file or folder")
     if RunDir.is_run(path):  # a training run: the tokenizer of the checkpoint it stands for
         path = RunDir(path).model_checkpoint()
     folder = path if path.is_dir() else path.parent
-    files = folder / "vocab.json", folder / "merges.txt"
-    if not all(f.is_file() for f in files):
-        raise CheckpointError(f"no vocab.json and merges.txt in '{folder}'")
-    return files
+    files = tuple(folder / name for name in TOKENIZER_FILES)
+    present = [f for f in files if f.exists()]
+    if present or explicit:
+        for f in files:
+            if not f.is_file():
+                state = "is not a file" if f.exists() else "is missing"
+                raise CheckpointError(
+                    f"'{f}' {state}: a tokenizer needs both vocab.json and merges.txt; copy the pair that belongs "
+                    "to the model" + ("" if explicit else ", or remove both to use GPT-2's own")
+                )
+        return files, None
+    return _gpt2_standing_in(f"'{folder}'", vocab_size)
 
 
-def load_tokenizer(source: str | os.PathLike = "gpt2", *, revision: str | None = None) -> tiktoken.Encoding:
+def _gpt2_standing_in(where: str, vocab_size: int | None) -> tuple[tuple[Path, Path], str]:
+    """GPT-2's files for a model without tokenizer files, refused for a grown vocabulary."""
+    if vocab_size is not None and vocab_size > GPT2_VOCAB_SIZE:
+        raise CheckpointError(
+            f"{where} has no vocab.json and merges.txt, and its model has {vocab_size} tokens, more than GPT-2's "
+            f"{GPT2_VOCAB_SIZE}: it was grown (extend_vocab) and only its own tokenizer can read it. Copy the "
+            "vocab.json and merges.txt of the run that grew it beside the weights (if the extra ids are only "
+            f"padding, copy GPT-2's from '{GPT2_DIR}')."
+        )
+    return gpt2_files(), f"{where} has no vocab.json and merges.txt: using GPT-2's own tokenizer"
+
+
+def load_tokenizer(
+    source: str | os.PathLike = "gpt2",
+    *,
+    revision: str | None = None,
+    vocab_size: int | None = None,
+    explicit: bool = False,
+) -> tiktoken.Encoding:
     """The tokenizer of a model source (a name, hub repo id, checkpoint directory or file).
 
-    Looked for, in order: the source's own vocab.json + merges.txt (beside a local checkpoint,
-    or fetched and cached by huggingface_hub); then, since every GPT-2 shares one tokenizer,
-    the official `gpt2` files from the hub cache; then tiktoken's own `gpt2` download, unless
-    HF_HUB_OFFLINE says there is no network. `<|endoftext|>` is id 50256.
+    Read from the files `locate_tokenizer` finds (GPT-2's own, shipped with minigpt2, for the
+    official names and for a checkpoint without tokenizer files), never a silent fallback: files
+    that cannot be read or do not match each other, or `vocab_size` (the model's, where the
+    caller knows it), raise a `CheckpointError` naming the file. GPT-2's files standing in for a
+    checkpoint without any are reported as a `TokenizerNotice` warning. `<|endoftext|>` is id
+    50256 for GPT-2.
     """
-    import huggingface_hub
-
-    errors = []
-    for candidate in dict.fromkeys([str(source), "gpt2"]):
-        try:
-            return encoding_from_files(
-                *tokenizer_files(candidate, revision=revision if candidate == str(source) else None)
-            )
-        except CheckpointError as e:
-            errors.append(str(e))
-    if not huggingface_hub.is_offline_mode():
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except Exception as e:  # network or cache failures inside tiktoken
-            errors.append(f"tiktoken's gpt2 download failed: {e}")
-    raise CheckpointError(
-        f"no GPT-2 tokenizer found for '{source}': "
-        + " / ".join(e.rstrip(".") for e in errors)
-        + ". Put vocab.json and merges.txt "
-        f"beside the checkpoint, or run once with a network so the '{OFFICIAL_REPOS['gpt2']}' files are cached."
-    )
+    files, note = locate_tokenizer(source, revision=revision, vocab_size=vocab_size, explicit=explicit)
+    enc = encoding_from_files(*files, vocab_size=vocab_size)
+    if note:
+        warnings.warn(note, TokenizerNotice, stacklevel=2)
+    return enc

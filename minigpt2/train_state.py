@@ -20,15 +20,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import CheckpointError
-from .files import parse_json, write_json
-from .lora import is_lora, load_lora_state, lora_settings, merged_state_dict, save_lora_state, save_peft_adapter
+from .errors import CheckpointError, OutputError
+from .files import parse_json, save_tensors, write_json
+from .lora import (
+    adapter_state,
+    is_adapted,
+    is_lora,
+    load_adapter_state,
+    lora_settings,
+    merged_state_dict,
+    save_peft_adapter,
+    unmerged_state_dict,
+)
 from .rundir import STATE_JSON, STATE_TENSORS, STEP_NAME, RunDir, other_checkpoints_hint, step_name
 from .weights import load_model, save_model
 
@@ -73,9 +83,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
 
 def write_state(folder: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
     """The tensors first, the JSON last: a folder with trainer_state.json is complete."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(folder / STATE_TENSORS))
+    save_tensors(folder / STATE_TENSORS, tensors)
     write_json(folder / STATE_JSON, state)
 
 
@@ -101,12 +109,15 @@ def read_state(folder: Path, shapes: dict[str, tuple[int, ...]] | None = None) -
         tensors = load_file(str(folder / STATE_TENSORS))
     except Exception as e:  # SafetensorError (truncated, corrupted) or OSError
         raise CheckpointError(f"{STATE_TENSORS} cannot be read ({e})") from None
-    expected = ["rng.torch_cpu"] + [f"optimizer.{n}.{m}" for n in state["param_names"] for m in MOMENTS]
+    stepped = state.get("stepped", state["param_names"])  # parameters with AdamW moments (see `state`)
+    if not isinstance(stepped, list) or not set(stepped) <= set(state["param_names"]):
+        raise CheckpointError(f'{STATE_JSON} is damaged: "stepped" is not a list of the parameters\' names')
+    expected = ["rng.torch_cpu"] + [f"optimizer.{n}.{m}" for n in stepped for m in MOMENTS]
     missing = [k for k in expected if k not in tensors]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{STATE_TENSORS} lacks {', '.join(missing[:3])}{more}")
-    check_state_tensors(tensors, state["param_names"], shapes)
+    check_state_tensors(tensors, stepped, shapes)
     return state, tensors
 
 
@@ -270,30 +281,46 @@ class Checkpointer:
         if not self.dist.is_main:
             return target
 
-        lora = is_lora(model)
+        lora, adapted = is_lora(model), is_adapted(model)
 
         def write(folder: Path) -> None:
             # LoRA: model.safetensors holds the merged model (the usual layout), adapter/ the
-            # adapters alone in PEFT's layout, the trainer state the adapters for resuming.
-            merged = merged_state_dict(model, weights) if lora else weights
+            # adapters alone in PEFT's layout, the trainer state the adapters for resuming (under
+            # the same names). Trainable tokens without LoRA: merged too, resumed from the weights.
+            merged = merged_state_dict(model, weights) if adapted else weights
             save_model(model, folder, tokenizer_source=self.tokenizer_source, state_dict=merged)
             self.run_dir.stage("weights-written")
             tensors, state = self.state(states, step, tokens, optim)
             if lora:
                 save_peft_adapter(model, folder / "adapter", getattr(model, "source", None), weights)
-                tensors.update(save_lora_state(model, weights))
+                tensors.update(adapter_state(model, weights))
             write_state(folder, tensors, state)
 
         try:
             path = self.run_dir.save(name, write)
-        except OSError as e:
+        except (OSError, OutputError) as e:
+            cause = str(e) if isinstance(e, OutputError) else (e.strerror or str(e))
             raise CheckpointError(
-                f"could not save checkpoint {name} in '{self.run_dir.path}': {e.strerror or e}. "
-                "The previous checkpoints are untouched; free some space and resume."
+                f"could not save checkpoint {name} in '{self.run_dir.path}': {cause}. {self.room_needed(states)}"
+                "The previous checkpoints are untouched; make room and resume."
             ) from None
         if self.keep_last and name != "final":
             self.run_dir.prune(self.keep_last)
         return path
+
+    def room_needed(self, states: TrainingState) -> str:
+        """How much room a checkpoint takes and how much the run's disk has, as a sentence."""
+        try:
+            tensors = [*states.model.state_dict().values()]  # the tied embedding once:
+            size = sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
+            size += sum(t.numel() * t.element_size() for s in states.optimizer.state.values() for t in s.values())
+        except Exception:  # a sharded model's slices: no good estimate here
+            return ""
+        try:
+            free = f"; {shutil.disk_usage(self.run_dir.path).free / 1e6:,.1f} MB are free there"
+        except OSError:
+            free = ""
+        return f"A checkpoint needs about {size / 1e6:,.1f} MB{free}. "
 
     def state(
         self, states: TrainingState, step: int, tokens: int, full_optimizer_state: dict | None = None
@@ -322,6 +349,8 @@ class Checkpointer:
             "tokens": tokens,
             "config": dataclasses.asdict(config),
             "param_names": names,
+            # Frozen so far (an embedding warm-up trains the new rows alone): no moments yet.
+            "stepped": [names[i] for i in sorted(opt["state"])],
             "param_groups": opt["param_groups"],
             "scaler": states.scaler.state_dict() if states.scaler.is_enabled() else None,
             "sampler": {"seed": config.seed, "next_batch": step * config.grad_accum * config.ranks},
@@ -352,7 +381,7 @@ class Checkpointer:
             raise CheckpointMismatch(f"it was saved with LoRA settings {state.get('lora')}, not {lora}")
         opt = optimizer_state(tensors, state["param_groups"], states.param_names)
         if lora:  # the base stays the start model; model.safetensors is merged (B @ A counted in)
-            load_lora_state(model, tensors)
+            load_adapter_state(model, tensors)
             optimizer.load_state_dict(opt)
         elif states.sharded:
             loaded = load_model(path, device="cpu")  # every rank reads the full state and keeps its slices
@@ -369,9 +398,11 @@ class Checkpointer:
                 },
             )
         else:
-            loaded = load_model(path, device=self.device)
+            loaded = load_model(path, device=self.device).state_dict()
+            if is_adapted(model):  # trainable tokens: the merged wte split into base and rows
+                loaded = unmerged_state_dict(model, loaded)
             with torch.no_grad():
-                model.load_state_dict(loaded.state_dict())
+                model.load_state_dict(loaded)
             optimizer.load_state_dict(opt)
         if state.get("scaler") and states.scaler.is_enabled():
             states.scaler.load_state_dict(state["scaler"])

@@ -22,6 +22,7 @@ to RUN/log.jsonl; the front end (`train.py`) decides how to show them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -34,16 +35,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checks import SEED_MAX, finite, integer, non_negative_int, positive_int
+from .checks import SEED_MAX, check_embed_warmup, finite, integer, non_negative_int, positive_int
 from .data import TokenFile, WindowSampler, bits_per_char, eval_windows, gather_windows, perplexity
+from .device import machine_load
 from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
 from .errors import MiniGPT2Error
 from .flops import flops_per_token, peak_flops
-from .lora import is_lora
+from .lora import TOKEN_ROWS, is_lora
 from .model import GPT
 from .rundir import RunDir, dir_size
 from .snapshots import Snapshotter
 from .train_state import Checkpointer, TrainingState
+from .watch import PromptSampler
+
+READ_EVERY = 10  # on a GPU: steps between reads of the loss to the host (the console's default --log-every)
 
 
 class TrainingDiverged(MiniGPT2Error):
@@ -71,6 +76,8 @@ class TrainConfig:
     snapshot_every: int = 0
     seed: int = 0
     ranks: int = 1  # data-parallel processes (torchrun); each step covers batch x accum x ranks windows
+    new_token_lr: float | None = None  # peak learning rate of a grown vocabulary's new rows (default lr)
+    embed_warmup: int = 0  # first steps in which only those rows train (see `Trainer.phase`)
 
     def __post_init__(self) -> None:
         # Finite first, then the range: NaN passes every `< 0` test and would train one step of
@@ -95,6 +102,9 @@ class TrainConfig:
         if self.eval_every is None:
             self.eval_every = max(1, self.steps // 10)
         non_negative_int("eval_every", self.eval_every)
+        if self.new_token_lr is not None:
+            finite("new_token_lr", self.new_token_lr, low=0, low_open=True)
+        check_embed_warmup(self.embed_warmup, self.steps)
 
     @property
     def global_batch(self) -> int:
@@ -148,15 +158,18 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW's two groups: the matrices of the linear layers decay, nothing else does.
+    """AdamW's groups: the matrices of the linear layers decay, nothing else does.
 
     Weight decay pulls weights towards zero, a regulariser for the big matrices that mix
     features. It makes no sense for biases and LayerNorm gains (pulling a gain towards zero just
     shrinks a layer's output, which the next layer must undo), nor for embeddings (a row that is
     rarely used would decay away between the few steps that use it). Each group carries the
     parameter names too, so the optimizer state can be saved under readable names.
+
+    A grown vocabulary's new rows, when they are a parameter of their own (lora.TrainableTokens),
+    get a third group (`"new_tokens": True`, no decay): their own learning rate and phase.
     """
-    decay, no_decay, seen = ([], []), ([], []), set()
+    decay, no_decay, tokens, seen = ([], []), ([], []), ([], []), set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
@@ -164,12 +177,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             seen.add(id(p))
             full = f"{module_name}.{name}" if module_name else name
             group = decay if isinstance(module, nn.Linear) and name == "weight" else no_decay
+            group = tokens if full.removeprefix("_orig_mod.").endswith(TOKEN_ROWS) else group
             group[0].append(full)
             group[1].append(p)
-    return [
+    groups = [
         {"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
         {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0},
     ]
+    if tokens[1]:
+        groups.append({"params": tokens[1], "names": tokens[0], "weight_decay": 0.0, "new_tokens": True})
+    return groups
 
 
 class Trainer:
@@ -185,6 +202,8 @@ class Trainer:
         compile: wrap the model in `torch.compile` for training steps.
         tokenizer_source: where checkpoints copy vocab.json + merges.txt from.
         snapshotter: with `config.snapshot_every`, measures drift from the starting model.
+        prompt_sampler: continues its prompts after every evaluation (a `samples` record; see
+            `minigpt2.watch`); on rank 0 only, so not with a sharded model.
         dist: this process's place in a torchrun job (`distributed.setup`); None: one process.
         shard: FSDP2 (`distributed.shard_model`) instead of DDP: weights, gradients and AdamW state
             split over the ranks (with one process: one shard, i.e. the plain model).
@@ -206,6 +225,7 @@ class Trainer:
         compile: bool = False,
         tokenizer_source: str | os.PathLike | None = None,
         snapshotter: Snapshotter | None = None,
+        prompt_sampler: PromptSampler | None = None,
         dist: Dist | None = None,
         shard: bool = False,
         activation_checkpointing: bool = False,
@@ -219,6 +239,11 @@ class Trainer:
             raise MiniGPT2Error(
                 "weight snapshots do not work with sharding (each rank holds only a slice of the "
                 "weights); snapshot a run that is not sharded"
+            )
+        if self.sharded and prompt_sampler is not None:
+            raise MiniGPT2Error(
+                "samples while training do not work with sharding (a sharded model's forward pass "
+                "needs every rank); turn them off for a sharded run"
             )
         if self.sharded and is_lora(model):
             raise MiniGPT2Error(
@@ -240,6 +265,7 @@ class Trainer:
         self.train_data = train
         self.eval_sets = eval_sets
         self.snapshotter = snapshotter
+        self.prompt_sampler = prompt_sampler
         self.sampler = WindowSampler(len(train), config.seq_len, config.batch_size, config.seed)
         self._build_model(model, compile, activation_checkpointing)
         self._build_optimizer()
@@ -258,6 +284,11 @@ class Trainer:
         self.stop_reason: str | None = None
         self.resumed_from: Path | None = None
         self.timing = {"step": [], "eval": [], "save": []}  # seconds, for the ETA
+        # Steps between reads of the loss and gradient norm to the host. Each read waits for the
+        # device to finish its queue; on a CPU there is no queue, so every step is read (and a
+        # NaN stops the run before its update). See `train_step`.
+        self.read_every = 1 if self.device.type == "cpu" else READ_EVERY
+        self.unread: list[dict] = []  # records of steps run but not read yet
         self.last = {"eval": None, "snapshot": None}  # the step each was last done at
         # Dropout's random numbers, reproducibly; each rank its own stream (rank 0's is a
         # one-process run's).
@@ -285,8 +316,18 @@ class Trainer:
     def _build_optimizer(self) -> None:
         c = self.config
         groups = param_groups(self.raw_model, c.weight_decay)
+        if (c.new_token_lr is not None or c.embed_warmup) and not any(g.get("new_tokens") for g in groups):
+            option = "new_token_lr" if c.new_token_lr is not None else "embed_warmup"
+            raise MiniGPT2Error(f"`{option}` needs the new rows of a grown vocabulary (`extend_vocab`) as their own")
+        if c.embed_warmup and self.dist.enabled:
+            raise MiniGPT2Error("`embed_warmup` does not work under torchrun yet: train on one process")
         self.param_names = [name for g in groups for name in g.pop("names")]
         self.params = [p for g in groups for p in g["params"]]
+        self.body_params = [p for g in groups if not g.get("new_tokens") for p in g["params"]]
+        # After an embedding warm-up the rest starts its own warm-up and cosine over the steps left.
+        self.body_schedule = c
+        if c.embed_warmup:
+            self.body_schedule = dataclasses.replace(c, steps=c.steps - c.embed_warmup, embed_warmup=0)
         # The fused kernel updates every tensor in one pass (one launch on a GPU) instead of a
         # dozen element-wise passes over every tensor: less memory traffic, less overhead.
         fused = self.device.type in ("cuda", "cpu") and not self.sharded
@@ -343,13 +384,44 @@ class Trainer:
             return contextlib.nullcontext()
         return grad_sync(self.ddp or self.raw_model, last_micro_step, self.sharded)
 
-    def train_step(self) -> dict:
-        """One optimizer step over `grad_accum` micro-batches; returns its train record."""
+    def phase(self) -> float:
+        """What trains at this step, and the learning rate of the body (everything but new rows).
+
+        With `embed_warmup` K (the first stage of the Chinese-LLaMA recipe): for steps 0..K-1 only a
+        grown vocabulary's new rows train. The rest is frozen (no gradient is computed for it, so
+        no optimizer state either), because its gradient at first is mostly the model's
+        reaction to new rows that still mean nothing: random-ish pushes that would damage what
+        it knows. From step K on, everything trains, the body with a warm-up and cosine of its own
+        over the steps left. Decided from the step alone, so a resumed run is in the same phase.
+        """
+        c = self.config
+        alone = self.step < c.embed_warmup
+        for p in self.body_params:
+            p.requires_grad_(not alone)
+        return 0.0 if alone else lr_at(self.step - c.embed_warmup, self.body_schedule)
+
+    def new_token_lr(self) -> float:
+        """The learning rate of a grown vocabulary's new rows at this step: the run's schedule from
+        step 0, scaled to peak at `new_token_lr` (default: `lr`, the same as everything else)."""
+        c = self.config
+        return lr_at(self.step, c) * (c.new_token_lr or c.lr) / c.lr
+
+    def train_step(self, read: bool = True) -> dict:
+        """One optimizer step over `grad_accum` micro-batches; returns its train record.
+
+        With `read=False` the record's loss and gradient norm stay on the device as 0-d tensors
+        and nothing waits for the device: a GPU's queue of kernels keeps running ahead of
+        Python. `read_records` later brings the values of many steps to the host in one read.
+        The NaN/inf stop is checked when they are read. Reading every step (`read_every` 1, a
+        CPU's default, where it costs nothing) stops *before* the bad update; reading every N
+        steps (a GPU's default) stops up to N - 1 updates after it: the model in memory is then
+        damaged, but every checkpoint is written only after a read, so no saved one is.
+        """
         c = self.config
         started = time.perf_counter()
-        lr = lr_at(self.step, c)
+        lr = self.phase()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.new_token_lr() if group.get("new_tokens") else lr
 
         # Forward and backward, K times. Dividing each loss by K makes the summed gradients
         # those of the mean loss over the whole (K times larger) batch.
@@ -361,11 +433,6 @@ class Trainer:
                     _, loss = self.model(x, y)
                 self.scaler.scale(loss / c.grad_accum).backward()
             loss_sum += loss.detach()
-        loss = (loss_sum / c.grad_accum).item()
-        if self.dist.enabled:  # the mean over the global batch (every rank gets the same number)
-            loss = self.dist.sum(loss)[0] / self.dist.world_size
-        if not math.isfinite(loss):
-            self._diverged(f"the training loss became {loss}", "or use float32/bfloat16 instead of float16")
 
         # Clipping: one unlucky batch can produce a gradient many times larger than usual; an
         # AdamW step along it would undo many steps of progress. Rescaling the whole gradient
@@ -373,42 +440,62 @@ class Trainer:
         # norm is that of the true gradient, not of the fp16 loss-scaled one.)
         self.scaler.unscale_(self.optimizer)
         clip = c.grad_clip if c.grad_clip > 0 else float("inf")
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip)).item()
-        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-            self._diverged(f"the gradient norm became {grad_norm}")
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        record = {"type": "train", "step": self.step + 1, "loss": loss_sum / c.grad_accum, "lr": lr,
+                  "grad_norm": grad_norm, "started": started}  # fmt: skip
+        if read:  # before the update: a non-finite loss stops the run with the weights intact
+            self._read_values([record], before_update=True)
 
         self.scaler.step(self.optimizer)  # AdamW; the scaler skips the step if fp16 grads overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until next backward
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
         self.step += 1
         self.tokens += c.tokens_per_step
+        record.update(tokens=self.tokens, epoch=self.tokens / len(self.train_data))
+        if read:
+            self._timed_records([record])
+        return record
 
-        seconds = time.perf_counter() - started
-        tokens_per_s = c.tokens_per_step / seconds
+    def read_records(self, records: list[dict]) -> list[dict]:
+        """Complete the records of steps run with `read=False`: their loss and gradient norm read
+        in one transfer (one wait for the device), checked, and the steps' mean time filled in."""
+        self._read_values(records, before_update=False)
+        self._timed_records(records)
+        return records
+
+    def _read_values(self, records: list[dict], before_update: bool) -> None:
+        values = torch.stack([torch.stack([r["loss"].float(), r["grad_norm"].float()]) for r in records]).tolist()
+        losses = [v[0] for v in values]
+        if self.dist.enabled:  # the mean over the global batch (every rank gets the same number)
+            losses = [total / self.dist.world_size for total in self.dist.sum(*losses)]
+        for record, loss, (_, grad_norm) in zip(records, losses, values):
+            record.update(loss=loss, grad_norm=grad_norm)
+            if not math.isfinite(loss):
+                extra = "or use float32/bfloat16 instead of float16"
+                self._diverged(f"the training loss became {loss}", extra, record["step"], before_update)
+            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+                self._diverged(f"the gradient norm became {grad_norm}", "", record["step"], before_update)
+
+    def _timed_records(self, records: list[dict]) -> None:
+        """Each record's seconds: the mean over `records` of the time since the first began."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the values were read, so this waits for the last update only
+        seconds = (time.perf_counter() - records[0]["started"]) / len(records)
+        tokens_per_s = self.config.tokens_per_step / seconds
         mfu = tokens_per_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
-        return {
-            "type": "train",
-            "step": self.step,
-            "tokens": self.tokens,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens_per_s,
-            "mfu": mfu,
-            "step_s": seconds,
-            "epoch": self.tokens / len(self.train_data),
-        }
+        for record in records:
+            del record["started"]
+            record.update(tokens_per_s=tokens_per_s, mfu=mfu, step_s=seconds)
 
-    def _diverged(self, what: str, extra: str = "") -> None:
+    def _diverged(self, what: str, extra: str, step: int, before_update: bool) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         found = self.run_dir.checkpoints() if self.dist.is_main else []
         last = (
             f"the last good checkpoint, {found[-1].path}, is untouched" if found else "no checkpoint had been saved yet"
         )
+        when = "before the update" if before_update else "before saving any later step"
         raise TrainingDiverged(
-            f"{what} at step {self.step + 1}; stopping before the update ({last}). "
+            f"{what} at step {step}; stopping {when} ({last}). "
             f"Lower the learning rate, lengthen the warm-up{', ' + extra if extra else ''}."
         )
 
@@ -423,6 +510,9 @@ class Trainer:
         evaluated is then dropped, never reported from part of its windows.
         """
         self.raw_model.eval()  # dropout off
+        # For the estimate in each progress record: the batches of all sets, and the clock.
+        self._eval_clock = {"start": time.perf_counter(), "done": 0,
+                            "total": sum(self._eval_chunks(d)[2] for d in self.eval_sets.values())}  # fmt: skip
         try:
             for name, data in self.eval_sets.items():
                 record = yield from self._evaluate_set(name, data)
@@ -433,18 +523,27 @@ class Trainer:
         finally:
             self.raw_model.train()
 
-    def _evaluate_set(self, name: str, data: TokenFile) -> Iterator[dict]:
+    def _eval_chunks(self, data: TokenFile) -> tuple[int, list[np.ndarray], int]:
+        """(window length, the batches of window offsets an evaluation of `data` covers, the rounds
+        each rank runs); no batches for a set too short for one window."""
         seq_len = min(self.config.seq_len, len(data) - 1)
         if seq_len < 1:
-            return {}
+            return seq_len, [], 0
         offsets = eval_windows(len(data), seq_len, self.config.eval_tokens)
-        B, R, r = self.config.batch_size, self.dist.world_size, self.dist.rank
+        B = self.config.batch_size
         chunks = [np.array(offsets[i : i + B]) for i in range(0, len(offsets), B)]
+        return seq_len, chunks, math.ceil(len(chunks) / self.dist.world_size)
+
+    def _evaluate_set(self, name: str, data: TokenFile) -> Iterator[dict]:
+        seq_len, chunks, rounds = self._eval_chunks(data)
+        if not chunks:
+            return {}
+        R, r = self.dist.world_size, self.dist.rank
         nats, count = 0.0, 0
         # Rank r evaluates chunks r, r + R, ...; the sums are added up over the ranks. A sharded
         # model's forward is a collective, so there every rank runs the same number of them (a
         # spare one, on chunk 0, counts nothing).
-        rounds = math.ceil(len(chunks) / R)
+        clock = self._eval_clock
         for j in range(rounds):
             if self.dist.any(self.stop_reason is not None):
                 return None
@@ -456,7 +555,11 @@ class Trainer:
                 if index < len(chunks):
                     nats += loss.item() * y.numel()
                     count += y.numel()
-            yield {"type": "eval_progress", "step": self.step, "set": name, "done": j + 1, "total": rounds}
+            clock["done"] += 1
+            elapsed = time.perf_counter() - clock["start"]  # the evaluation's time left, at its speed so far
+            left = elapsed / clock["done"] * max(clock["total"] - clock["done"], 0)
+            yield {"type": "eval_progress", "step": self.step, "set": name, "done": j + 1, "total": rounds,
+                   "eta_s": left}  # fmt: skip
         nats, count = self.dist.sum(nats, count)
         mean = nats / int(count)
         return {
@@ -482,10 +585,16 @@ class Trainer:
         return record
 
     def _snapshot(self) -> dict:
+        """Measure and store a snapshot; the record yielded (not logged: snapshots.jsonl has it)
+        also carries its per-layer drift, for a live view such as TensorBoard."""
         self.last["snapshot"] = self.step
+        drift = None
         if self.dist.is_main:
-            self.run_dir.add_snapshot(self.snapshotter.measure(self.raw_model, self.step, self.tokens))
-        return self._emit({"type": "snapshot", "step": self.step, "tokens": self.tokens})
+            measured = self.snapshotter.measure(self.raw_model, self.step, self.tokens)
+            self.run_dir.add_snapshot(measured)
+            drift = self.snapshotter.layer_drift(measured)
+        record = self._emit({"type": "snapshot", "step": self.step, "tokens": self.tokens})
+        return {**record, "drift": drift} if drift is not None else record
 
     def _timed(self, kind: str, records: Iterator[dict]) -> Iterator[dict]:
         started = time.perf_counter()
@@ -493,8 +602,14 @@ class Trainer:
         self.timing[kind].append(time.perf_counter() - started)
 
     def _evaluation(self) -> Iterator[dict]:
-        yield from self._timed("eval", (self._emit(r) for r in self.evaluate()))
+        yield from self._timed("eval", self._evaluate_and_sample())
         self.last["eval"] = self.step
+
+    def _evaluate_and_sample(self) -> Iterator[dict]:
+        """The evaluation's records, then (rank 0, unless a stop was asked for) the samples."""
+        yield from (self._emit(r) for r in self.evaluate())
+        if self.prompt_sampler is not None and self.dist.is_main and self.stop_reason is None:
+            yield self._emit(self.prompt_sampler.draw(self.raw_model, self.step, self.tokens))
 
     def _save(self, name: str | None = None) -> Path:
         started = time.perf_counter()
@@ -547,19 +662,39 @@ class Trainer:
             # A stop request reaches the ranks at different moments: they agree on it first,
             # so all stop after the same step.
             if self.dist.any(self.stop_reason is not None):
+                yield from self._read_unread(first_step)
                 yield self._stopped(first_step)
                 return
-            record = self.train_step()
-            self.timing["step"].append(record["step_s"])
-            yield self._emit({**record, **self.eta()})
-            if self.step == first_step + 3:
-                yield {"type": "estimate", "step": self.step, **self.eta()}
+            self.unread.append(self.train_step(read=self.read_every == 1))
+            if len(self.unread) >= self.read_every or self._read_due(first_step):
+                yield from self._read_unread(first_step)
             yield from self._periodic()
         if self.last["eval"] != self.step:
             yield from self._evaluation()
         if self.snapshotter is not None and c.snapshot_every and self.last["snapshot"] != self.step:
             yield self._snapshot()  # the drift curves end where the run ends
         yield self._saved("done", self._save("final"))
+
+    def _read_due(self, first_step: int) -> bool:
+        """Whether this step's record must be read now: at the end, the estimate, and before any
+        evaluation, snapshot or checkpoint (so nothing is saved from unchecked steps)."""
+        c, at = self.config, self.step
+        return at in (c.steps, first_step + 1, first_step + 3) or any(
+            every and at % every == 0 for every in (c.eval_every, c.snapshot_every, c.save_every)
+        )
+
+    def _read_unread(self, first_step: int) -> Iterator[dict]:
+        """The records of the steps not read yet, completed (see `train_step`), logged and yielded."""
+        records, self.unread = self.unread, []
+        if records and isinstance(records[0]["loss"], torch.Tensor):
+            self.read_records(records)
+        for record in records:
+            self.timing["step"].append(record["step_s"])
+            yield self._emit({**record, **self.eta()})
+            if record["step"] == first_step + 3:
+                busy = machine_load() if self.device.type == "cpu" else None
+                load = {"load": busy[0], "cores": busy[1]} if busy else {}
+                yield {"type": "estimate", "step": record["step"], **self.eta(), **load}
 
     def _periodic(self) -> Iterator[dict]:
         """What is due after this step: an evaluation, a snapshot, a checkpoint (none after the last

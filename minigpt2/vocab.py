@@ -21,13 +21,12 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from .bpe import count_pretokens, learn_merges_from_counts
-from .data import FileInfo, default_cache_dir, read_chunks, tokenizer_fingerprint
+from .bpe import Progress, learn_merges, no_progress
+from .data import FileInfo, default_cache_dir, head_text, read_chunks, tokenizer_fingerprint
 from .errors import MiniGPT2Error
 from .model import GPT
 from .tokenizer import ENDOFTEXT, byte_stand_ins, encoding_from_files
@@ -35,6 +34,7 @@ from .weights import write_atomically
 
 MERGES_FORMAT = 1  # bump when the learning rules change: old cached merges are then relearned
 MAX_VOCAB = 65536  # token files store ids as uint16
+MEASURING = "measuring the new tokenizer and the grown model (texts)"
 
 
 class VocabError(MiniGPT2Error):
@@ -42,11 +42,6 @@ class VocabError(MiniGPT2Error):
 
 
 # ----- learning, cached ---------------------------------------------------------------------
-
-
-def learn_merges(texts: Iterable[str], enc, n_merges: int) -> list[tuple[bytes, bytes]]:
-    """`n_merges` new merges continuing `enc`'s byte-level BPE on `texts` (see bpe.py)."""
-    return learn_merges_from_counts(count_pretokens(texts), enc, n_merges)
 
 
 def _check_room(enc, n_merges: int) -> None:
@@ -63,7 +58,7 @@ def merges_cache_path(files: list[FileInfo], enc, n_merges: int, cache_dir: str 
     """Where the merges learned from these files' contents, on this tokenizer, are cached."""
     key_material = {
         "format": MERGES_FORMAT,
-        "files": [f.sha256 for f in files],
+        "files": [f.key() for f in files],
         "tokenizer": tokenizer_fingerprint(enc),
         "merges": n_merges,
     }
@@ -73,11 +68,15 @@ def merges_cache_path(files: list[FileInfo], enc, n_merges: int, cache_dir: str 
 
 
 def learn_merges_cached(
-    files: list[FileInfo], enc, n_merges: int, cache_dir: str | os.PathLike | None = None
+    files: list[FileInfo],
+    enc,
+    n_merges: int,
+    cache_dir: str | os.PathLike | None = None,
+    progress: Progress | None = None,
 ) -> tuple[list[tuple[bytes, bytes]], bool]:
     """The merges learned from `files` (data.check_inputs' result), and whether they came from the
     cache. Like the token cache, entries are keyed by the files' contents, the tokenizer and N, so
-    the same corpus is learned once; the JSON file is written atomically."""
+    the same corpus is learned once; the JSON file is written atomically. `progress`: see bpe.py."""
     _check_room(enc, n_merges)
     path = merges_cache_path(files, enc, n_merges, cache_dir)
     if path.is_file():
@@ -86,7 +85,8 @@ def learn_merges_cached(
             return [(bytes.fromhex(a), bytes.fromhex(b)) for a, b in stored["merges"]], True
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged entry: learn again and replace it
-    merges = learn_merges((chunk for f in files for chunk in read_chunks(f.path)), enc, n_merges)
+    chunks = (chunk for f in files for chunk in read_chunks(f))
+    merges = learn_merges(chunks, enc, n_merges, progress, sum(f.chars for f in files))
     entry = {
         "files": [str(f.path) for f in files],
         "requested": n_merges,
@@ -216,11 +216,6 @@ def bits_per_char_of(model: GPT, enc, text: str, max_chars: int = 2000, device: 
         model.train(was_training)
 
 
-def _file_text(path: Path, limit: int | None = None) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read(limit if limit is not None else -1)
-
-
 def extend_vocabulary(
     model: GPT,
     enc,
@@ -233,6 +228,7 @@ def extend_vocabulary(
     eval_texts: dict[str, str] | None = None,
     cache_dir: str | os.PathLike | None = None,
     bpc_chars: int = 2000,
+    progress: Progress | None = None,
 ) -> tuple[GPT, object, Path, dict]:
     """Learn `n_merges` merges, write the extended tokenizer into `tokenizer_dir`, grow the model.
 
@@ -246,13 +242,16 @@ def extend_vocabulary(
         eval_texts: name -> held-out text; tokens per character before/after are reported for
             each, and bits per character of the model before and after growing (at step 0) on
             the first `bpc_chars` characters of each.
+        progress: hears how far each long phase is (reading, splitting, learning, measuring;
+            see bpe.py), for a front end to show.
 
     Returns:
         (grown model, new tokenizer, tokenizer_dir, report) where report holds the merges
         learned, the learning time, whether the merges came from the cache, and the figures.
     """
+    progress = progress or no_progress
     start = time.perf_counter()
-    merges, cached = learn_merges_cached(vocab_from_files or files, enc, n_merges, cache_dir)
+    merges, cached = learn_merges_cached(vocab_from_files or files, enc, n_merges, cache_dir, progress)
     learn_seconds = time.perf_counter() - start
     if not merges:
         raise VocabError("the text holds no pair of tokens that occurs twice; there is nothing to learn from it")
@@ -261,7 +260,7 @@ def extend_vocabulary(
     new_enc = encoding_from_files(tokenizer_dir / "vocab.json", tokenizer_dir / "merges.txt")
     grown = grow_model(model, enc, new_enc)
 
-    texts = {f"train:{f.path.name}": _file_text(f.path, 1 << 20) for f in files}
+    texts = {f"train:{f.path.name}": head_text(f, 1 << 20) for f in files}
     texts.update(eval_texts or {})
     report = {
         "merges_requested": n_merges,
@@ -271,7 +270,8 @@ def extend_vocabulary(
         "cached": cached,
         "texts": {},
     }
-    for name, text in texts.items():
+    for i, (name, text) in enumerate(texts.items()):
+        progress(MEASURING, i, len(texts))
         entry = {
             "tokens_per_char_before": tokens_per_char(enc, text),
             "tokens_per_char_after": tokens_per_char(new_enc, text),
@@ -280,6 +280,7 @@ def extend_vocabulary(
             entry["bits_per_char_before"] = bits_per_char_of(model, enc, text, bpc_chars)
             entry["bits_per_char_after"] = bits_per_char_of(grown, new_enc, text, bpc_chars)
         report["texts"][name] = entry
+    progress(MEASURING, len(texts), len(texts))
     return grown, new_enc, tokenizer_dir, report
 
 

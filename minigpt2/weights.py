@@ -26,6 +26,7 @@ compare values, not shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -41,11 +42,7 @@ from .errors import CheckpointError
 from .files import write_atomically
 from .hub import OFFICIAL_REPOS, hub_file, local_path
 from .model import GPT
-from .rundir import RunDir, other_checkpoints_hint
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
+from .rundir import CONFIG, WEIGHTS, RunDir, other_checkpoints_hint
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
@@ -72,31 +69,37 @@ def official_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 # ----- finding the files ------------------------------------------------------------------
 
 
+def run_checkpoint(source: str | os.PathLike) -> Path | None:
+    """The checkpoint a training run's directory stands for (its final, else newest), or None when
+    `source` is not a run's directory."""
+    path = local_path(source)
+    if path is not None and path.is_dir() and not (path / WEIGHTS).exists() and RunDir.is_run(path):
+        return RunDir(path).model_checkpoint()
+    return None
+
+
 def checkpoint_files(source: str | os.PathLike, revision: str | None = None) -> tuple[Path | None, Path]:
     """(config.json or None, model.safetensors) for a source; see `minigpt2.hub` for the forms."""
     path = local_path(source)
     if path is None:
-        return hub_file(str(source), CONFIG_NAME, revision=revision), hub_file(
-            str(source), WEIGHTS_NAME, revision=revision
-        )
-    if path.is_dir() and not (path / WEIGHTS_NAME).exists() and RunDir.is_run(path):
-        path = RunDir(path).model_checkpoint()  # a training run stands for its final (or newest) checkpoint
+        return hub_file(str(source), CONFIG, revision=revision), hub_file(str(source), WEIGHTS, revision=revision)
+    path = run_checkpoint(path) or path  # a training run stands for its final (or newest) checkpoint
     if path.is_dir():
-        weights = path / WEIGHTS_NAME
+        weights = path / WEIGHTS
         if not weights.is_file():
             extra = ""
-            if (path / f"{WEIGHTS_NAME}.index.json").exists():
+            if (path / f"{WEIGHTS}.index.json").exists():
                 extra = (
                     " It holds a sharded checkpoint (model.safetensors.index.json), which minigpt2 does not read yet."
                 )
             elif (path / "pytorch_model.bin").exists():
                 extra = " It holds pytorch_model.bin, a pickle, which minigpt2 never loads: convert it to safetensors."
-            raise CheckpointError(f"directory '{path}' has no {WEIGHTS_NAME}.{extra}")
-        config = path / CONFIG_NAME
+            raise CheckpointError(f"directory '{path}' has no {WEIGHTS}.{extra}")
+        config = path / CONFIG
         if not config.is_file():
             raise CheckpointError(
-                f"directory '{path}' has {WEIGHTS_NAME} but no {CONFIG_NAME}, which holds the model's shape (its head "
-                f"count cannot be read from the weights). Copy the {CONFIG_NAME} that belongs to these weights "
+                f"directory '{path}' has {WEIGHTS} but no {CONFIG}, which holds the model's shape (its head "
+                f"count cannot be read from the weights). Copy the {CONFIG} that belongs to these weights "
                 "into it, "
                 f"or load '{weights}' itself to have the shape guessed (heads of 64, as in the official models)."
             )
@@ -133,7 +136,47 @@ def read_header(f, where: Path) -> dict[str, tuple[int, ...]]:
 def checkpoint_config(config_path: Path | None, stored: dict[str, tuple[int, ...]], where: Path) -> GPTConfig:
     """The model's shape: from config.json, or (a bare .safetensors file) inferred from its tensors."""
     unprefixed = {key.removeprefix(PREFIX): shape for key, shape in stored.items()}
-    return read_config(config_path) if config_path else infer_config(unprefixed, where)
+    if config_path is None:
+        return infer_config(unprefixed, where)
+    config = read_config(config_path)
+    check_config_fits(config, unprefixed, config_path, where)
+    return config
+
+
+def check_config_fits(config: GPTConfig, shapes: dict[str, tuple[int, ...]], config_path: Path, where: Path) -> None:
+    """Refuse a config.json whose sizes the tensors' header contradicts, before anything is built.
+
+    Building the model (even on the meta device) and listing its expected tensors both grow with
+    `n_layer`, `n_embd` and the vocabulary: a config.json saying `n_layer: 10000000` would spend
+    minutes and gigabytes before the shapes are compared. The block count, the embedding's
+    (vocabulary, width) and the position table's length are all in the header, so comparing them
+    first makes any impossible size fail at once; `match_keys` then checks every tensor.
+    """
+    found = {
+        "n_layer": block_count(shapes),
+        "vocab_size": shapes.get("wte.weight", (None, None))[0],
+        "n_embd": shapes.get("wte.weight", (None, None))[-1],
+        "n_positions": shapes.get("wpe.weight", (None,))[0],
+    }
+    wrong = [
+        f"{name} {getattr(config, name)} where the tensors have {value}"
+        for name, value in found.items()
+        if value is not None and getattr(config, name) != value
+    ]
+    if wrong:
+        detail = ""
+        if len(wrong) == 1 and config.n_layer > found["n_layer"]:  # the first missing block, as match_keys names it
+            first = official_shapes(dataclasses.replace(config, n_layer=found["n_layer"] + 1))
+            detail = f" (missing tensors: {_names([name for name in first if name not in shapes])})"
+        raise CheckpointError(
+            f"'{config_path}' does not belong to '{where}': it says {'; '.join(wrong)}{detail}. "
+            f"Use the {CONFIG} saved with these weights (or load the .safetensors file alone to infer the shape)."
+        )
+
+
+def block_count(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The number of transformer blocks, from the highest `h.N.` index among the tensor names."""
+    return max((int(m.group(1)) for name in shapes if (m := re.match(r"h\.(\d+)\.", name))), default=-1) + 1
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], where: Path) -> GPTConfig:
@@ -148,7 +191,6 @@ def infer_config(shapes: dict[str, tuple[int, ...]], where: Path) -> GPTConfig:
             raise CheckpointError(f"'{where}' has no tensor '{needed}'; it is not a GPT-2 checkpoint.")
     vocab_size, n_embd = shapes["wte.weight"]
     n_positions = shapes["wpe.weight"][0]
-    blocks = [int(m.group(1)) for name in shapes if (m := re.match(r"h\.(\d+)\.", name))]
     if n_embd % 64:
         raise CheckpointError(
             f"'{where}': width {n_embd} is not a multiple of 64, so the head count cannot be inferred; "
@@ -157,7 +199,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]], where: Path) -> GPTConfig:
     return GPTConfig(
         vocab_size=vocab_size,
         n_positions=n_positions,
-        n_layer=max(blocks, default=-1) + 1,
+        n_layer=block_count(shapes),
         n_head=n_embd // 64,
         n_embd=n_embd,
     )
@@ -251,6 +293,13 @@ def load_model(
 
         model = quantize_model(model, quantize)
     return model
+
+
+def read_checkpoint_config(source: str | os.PathLike, revision: str | None = None) -> GPTConfig:
+    """A checkpoint's shape (config.json checked against the tensors' header), without reading weights."""
+    config_path, weights_path = checkpoint_files(source, revision)
+    with open_safetensors(weights_path) as f:
+        return checkpoint_config(config_path, read_header(f, weights_path), weights_path)
 
 
 def read_model(source, device: torch.device, dtype: torch.dtype, revision: str | None) -> GPT:
@@ -352,7 +401,7 @@ def save_model(
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"cannot save to '{directory}': it is a file, not a directory.")
-    if not overwrite and any((directory / name).exists() for name in (WEIGHTS_NAME, CONFIG_NAME)):
+    if not overwrite and any((directory / name).exists() for name in (WEIGHTS, CONFIG)):
         raise CheckpointError(
             f"'{directory}' already holds a checkpoint; choose another directory (nothing was overwritten)."
         )
@@ -367,27 +416,35 @@ def save_model(
         tensors[PREFIX + name] = (tensor.t() if is_conv1d(name) else tensor).contiguous()
 
     config = model.config.to_hf_config()
-    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_atomically(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomically(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
-    tokenizer_dir = _tokenizer_dir(tokenizer_source, explicit=True) if tokenizer_source is not None else None
+    from .tokenizer import TOKENIZER_FILES
+
+    vocab_size = model.config.vocab_size
+    tokenizer_dir = None
+    if tokenizer_source is not None:
+        tokenizer_dir = _tokenizer_dir(tokenizer_source, explicit=True, vocab_size=vocab_size)
     if tokenizer_dir is None and getattr(model, "source", None) is not None:
-        tokenizer_dir = _tokenizer_dir(model.source, explicit=False)
+        tokenizer_dir = _tokenizer_dir(model.source, explicit=False, vocab_size=vocab_size)
     if tokenizer_dir is not None and tokenizer_dir.resolve() != directory.resolve():
         for name in TOKENIZER_FILES:
             write_atomically(directory / name, lambda tmp, name=name: shutil.copyfile(tokenizer_dir / name, tmp))
     return directory
 
 
-def _tokenizer_dir(source: str | os.PathLike, *, explicit: bool) -> Path | None:
-    """The directory holding a source's vocab.json and merges.txt (fetching them if from the hub)."""
-    from .tokenizer import tokenizer_files
+def _tokenizer_dir(source: str | os.PathLike, *, explicit: bool, vocab_size: int) -> Path | None:
+    """The directory holding a source's own vocab.json and merges.txt (fetching them if from the
+    hub); None for a checkpoint that has none."""
+    from .tokenizer import locate_tokenizer
 
     try:
-        vocab, merges = tokenizer_files(source)
+        (vocab, merges), standing_in = locate_tokenizer(source, explicit=explicit, vocab_size=vocab_size)
     except CheckpointError:
         if explicit:
             raise
+        return None
+    if standing_in:
         return None
     if vocab.parent != merges.parent:  # hub cache snapshots keep both in one folder; be safe anyway
         return None

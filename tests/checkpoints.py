@@ -4,7 +4,8 @@ transformers' `GPT2LMHeadModel` is the reference: we make one from random weight
 it out (a) exactly as the official hub file is laid out (no `transformer.` prefix, Conv1D
 weights (in, out), the `attn.bias` mask buffers present, no `lm_head`) or (b) with
 `save_pretrained`, and (c) into a Hugging Face cache folder, as `hf_hub_download` leaves it.
-`tiny_gpt` is a small minigpt2 model from random weights, for tests that need no checkpoint.
+`tiny_gpt` is a small minigpt2 model from random weights, for tests that need no checkpoint;
+`tiny_model` one as `--init-preset` builds it, for training tests.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ import torch
 from safetensors.torch import save_file
 
 from minigpt2 import GPT, GPTConfig
+
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
+
+
+def tiny_model(seed=0, dropout=0.0) -> GPT:
+    """A tiny GPT-2 as train.py's `--init-preset gpt2` builds it (seeded, in training mode)."""
+    from minigpt2.launch import start_model
+
+    return start_model(None, "gpt2", TINY, seed=seed, dropout=dropout)
 
 
 def tiny_gpt(vocab_size=500, n_positions=32, seed=0, n_layer=2, n_embd=32, n_head=4) -> GPT:

@@ -49,3 +49,17 @@ def start_script(script: str, *args, env=None, launcher=None) -> subprocess.Pope
         env=offline_env() if env is None else env,
         cwd=ROOT,
     )
+
+
+def assert_clean_error(result, *needles, alone: bool = True):
+    """A script that failed the way every bad input must: non-zero, no traceback, an `error:` line
+    naming each of `needles`; with `alone`, that line is all of stderr (else output may precede it:
+    a sample's header)."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    if alone:
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    else:
+        assert "error:" in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr

@@ -1,8 +1,13 @@
-"""Shared test setup: a private, offline Hugging Face cache and the shared data folder.
+"""Shared test setup: a private, offline Hugging Face cache, the test texts and shared fixtures.
 
 The environment is set before anything imports huggingface_hub, which reads HF_HOME and
 HF_HUB_OFFLINE once at import: every test runs against an empty cache in a temporary folder
 with downloads switched off, so nothing here can reach (or depend on) the network.
+
+Texts: `test_data` is what every test reads by default: GPT-2's tokenizer files shipped in the
+package (minigpt2/assets/gpt2) and excerpts of the public-domain texts in tests/data (see its
+README), in the layout of the shared data folder, so a fresh clone runs every test of the fast
+tier. `shared_data` is the whole shared folder, for the few slow tests that need whole novels.
 """
 
 import os
@@ -19,7 +24,10 @@ for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
 import pytest  # noqa: E402
 from checkpoints import populate_hub_cache, random_hf_model  # noqa: E402
 
+from minigpt2.tokenizer import GPT2_DIR, load_tokenizer  # noqa: E402
+
 DATA_ENV = "MINIGPT2_SHARED_DATA"
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -27,8 +35,25 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(scope="session")
+def test_data(tmp_path_factory) -> Path:
+    """gpt2/ (the package's tokenizer files), zh/ and en/ (tests/data's excerpts) in one folder,
+    laid out as the shared data folder is: always there, in any clone."""
+    root = tmp_path_factory.mktemp("test-data")
+    for name, target in (("gpt2", GPT2_DIR), ("zh", TEST_DATA / "zh"), ("en", TEST_DATA / "en")):
+        (root / name).symlink_to(target, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def enc():
+    """GPT-2's tokenizer, from the files shipped in the package."""
+    return load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The shared data folder (GPT-2 tokenizer files, Chinese and English texts).
+    """The whole shared data folder (GPT-2 tokenizer files, whole Chinese and English texts), for
+    the slow tests that need whole novels; everything else reads `test_data`.
 
     Found through $MINIGPT2_SHARED_DATA, never a hard-coded path. Missing on a user's machine,
     the tests that need it are skipped with this reason; in CI (CI=true) that is a failure.
@@ -37,7 +62,8 @@ def shared_data() -> Path:
     path = Path(value) if value else None
     if path is None or not (path / "gpt2" / "vocab.json").is_file():
         reason = (
-            f"shared data not found: set {DATA_ENV} to the folder holding gpt2/vocab.json, zh/ and en/ (now {value!r})"
+            f"needs the whole novels of the shared data: set {DATA_ENV} to the folder holding gpt2/vocab.json, "
+            f"zh/ and en/ (now {value!r})"
         )
         if os.environ.get("CI"):
             pytest.fail(reason)
@@ -51,7 +77,7 @@ def hf_home() -> Path:
 
 
 @pytest.fixture(scope="session")
-def hub_gpt2(shared_data, hf_home):
+def hub_gpt2(hf_home):
     """`openai-community/gpt2` in the Hugging Face cache: a tiny random GPT-2 in the official
     layout plus the real tokenizer files. Returns the transformers model it was written from."""
     model = random_hf_model(n_layer=2, n_head=2, n_embd=128, n_positions=128, seed=1234)
@@ -59,6 +85,6 @@ def hub_gpt2(shared_data, hf_home):
         hf_home / "hub",
         "openai-community/gpt2",
         model,
-        extra_files={name: shared_data / "gpt2" / name for name in ("vocab.json", "merges.txt")},
+        extra_files={name: GPT2_DIR / name for name in ("vocab.json", "merges.txt")},
     )
     return model

@@ -8,6 +8,7 @@ The rows run a few at a time (each start imports torch, ~3 s on a shared CPU).
 A second table holds valid but unusual inputs that must work.
 """
 
+import gzip
 import hashlib
 import json
 import os
@@ -30,13 +31,13 @@ PARALLEL = 4
 # ----- the checkpoints and files the rows use -------------------------------------------------
 
 
-def tokenizer_files(directory: Path, shared_data: Path) -> Path:
+def tokenizer_files(directory: Path, test_data: Path) -> Path:
     for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(shared_data / "gpt2" / name, directory / name)
+        shutil.copyfile(test_data / "gpt2" / name, directory / name)
     return directory
 
 
-def tampered(model, directory: Path, shared_data: Path, *, tensors=None, config=None, with_config=True) -> Path:
+def tampered(model, directory: Path, test_data: Path, *, tensors=None, config=None, with_config=True) -> Path:
     """A copy of `model` in the official layout, with some tensors or config.json fields replaced."""
     directory.mkdir(parents=True)
     state = official_state_dict(model)
@@ -46,30 +47,41 @@ def tampered(model, directory: Path, shared_data: Path, *, tensors=None, config=
         hf = json.loads(model.config.to_json_string())
         hf.update(config or {})
         (directory / "config.json").write_text(json.dumps(hf))  # allow_nan: NaN is what a broken file holds
-    return tokenizer_files(directory, shared_data)
+    return tokenizer_files(directory, test_data)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, shared_data, hub_gpt2):
+def world(tmp_path_factory, test_data, hub_gpt2):
     root = tmp_path_factory.mktemp("bad inputs")
     model = random_hf_model(n_layer=2, n_head=2, n_embd=64, n_positions=32, seed=5)
-    good = tokenizer_files(write_official_layout(model, root / "good"), shared_data)
+    good = tokenizer_files(write_official_layout(model, root / "good"), test_data)
     wte = official_state_dict(model)["wte.weight"]
     w = {"root": root, "good": good}
-    w["nan"] = tampered(model, root / "nan", shared_data, tensors={"h.1.mlp.c_fc.weight": torch.full((64, 256), NAN)})
+    w["nan"] = tampered(model, root / "nan", test_data, tensors={"h.1.mlp.c_fc.weight": torch.full((64, 256), NAN)})
     inf_row = wte.clone().index_fill_(0, torch.tensor([7]), INF)
-    w["inf"] = tampered(model, root / "inf", shared_data, tensors={"wte.weight": inf_row})
+    w["inf"] = tampered(model, root / "inf", test_data, tensors={"wte.weight": inf_row})
     int_gain = torch.ones(64, dtype=torch.int32)
-    w["int"] = tampered(model, root / "int", shared_data, tensors={"h.0.ln_1.weight": int_gain})
-    w["noconfig"] = tampered(model, root / "noconfig", shared_data, with_config=False)
-    w["eps-neg"] = tampered(model, root / "eps-neg", shared_data, config={"layer_norm_epsilon": -1e-5})
-    w["eps-nan"] = tampered(model, root / "eps-nan", shared_data, config={"layer_norm_epsilon": NAN})
-    w["eps-str"] = tampered(model, root / "eps-str", shared_data, config={"layer_norm_epsilon": "1e-5"})
-    w["head-str"] = tampered(model, root / "head-str", shared_data, config={"n_head": "2"})
-    w["layer-bool"] = tampered(model, root / "layer-bool", shared_data, config={"n_layer": True})
-    w["drop-2"] = tampered(model, root / "drop-2", shared_data, config={"resid_pdrop": 2.0})
+    w["int"] = tampered(model, root / "int", test_data, tensors={"h.0.ln_1.weight": int_gain})
+    w["noconfig"] = tampered(model, root / "noconfig", test_data, with_config=False)
+    w["eps-neg"] = tampered(model, root / "eps-neg", test_data, config={"layer_norm_epsilon": -1e-5})
+    w["eps-nan"] = tampered(model, root / "eps-nan", test_data, config={"layer_norm_epsilon": NAN})
+    w["eps-str"] = tampered(model, root / "eps-str", test_data, config={"layer_norm_epsilon": "1e-5"})
+    w["head-str"] = tampered(model, root / "head-str", test_data, config={"n_head": "2"})
+    w["layer-bool"] = tampered(model, root / "layer-bool", test_data, config={"n_layer": True})
+    w["drop-2"] = tampered(model, root / "drop-2", test_data, config={"resid_pdrop": 2.0})
     small = random_hf_model(n_layer=1, n_head=2, n_embd=64, n_positions=32, vocab_size=1000, seed=6)
-    w["small-vocab"] = tokenizer_files(write_official_layout(small, root / "small-vocab"), shared_data)
+    w["small-vocab"] = tokenizer_files(write_official_layout(small, root / "small-vocab"), test_data)
+    # tokenizer files present but wrong (issue 20 A): never replaced by GPT-2's without a word
+    for name, vocab, merges in _damaged_tokenizers(test_data):
+        w[name] = shutil.copytree(good, root / name)
+        for file, content in (("vocab.json", vocab), ("merges.txt", merges)):
+            if content is None:
+                (w[name] / file).unlink()
+            elif content is not True:
+                (w[name] / file).write_bytes(content)
+    w["grown"], w["grown-bare"], w["grown-cut"] = _grown(root, test_data)
+    w["huge-layers"] = tampered(model, root / "huge-layers", test_data, config={"n_layer": 10_000_000})
+    w["wide"] = tampered(model, root / "wide", test_data, config={"n_embd": 1 << 20, "n_head": 1 << 14})
     nan_file = root / "nan.safetensors"
     shutil.copyfile(w["nan"] / "model.safetensors", nan_file)
     w["nan-file"] = nan_file
@@ -92,9 +104,57 @@ def world(tmp_path_factory, shared_data, hub_gpt2):
     for name, content in {"deeply-nested": '{"args": ' + deep, "huge-int": huge}.items():
         (root / f"run-{name}").mkdir()
         (root / f"run-{name}" / "run.json").write_text(content)
-    w["deep-config"] = tampered(model, root / "deep-config", shared_data)
+    w["deep-config"] = tampered(model, root / "deep-config", test_data)
     (w["deep-config"] / "config.json").write_text(deep)
+    rows = root / "rows"  # --data in other containers, broken (issue 21)
+    rows.mkdir()
+    good_row = '{"text": "天气很好。今天的天气不错。"}\n'
+    (rows / "bad.jsonl").write_text(good_row * 3 + '{"text": "x"\n', encoding="utf-8")
+    (rows / "field.jsonl").write_text(good_row + '{"body": "x"}\n', encoding="utf-8")
+    (rows / "number.jsonl").write_text('{"text": 12}\n', encoding="utf-8")
+    (rows / "empty.jsonl").write_text("\n", encoding="utf-8")
+    (rows / "blank.txt").write_text("\n\n  \n", encoding="utf-8")
+    (rows / "rows.csv").write_text("id,body\n1,x\n", encoding="utf-8")
+    (rows / "cut.parquet").write_bytes(b"PAR1" + b"\x00" * 20)
+    packed = gzip.compress(good_row.encode() * 2000)
+    (rows / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    (rows / "lonely.parquet").mkdir()  # a folder named like a file
     return w
+
+
+def _damaged_tokenizers(test_data: Path):
+    """(name, vocab.json bytes, merges.txt bytes) of damaged pairs; None: the file deleted, True: kept."""
+    vocab = json.loads((test_data / "gpt2" / "vocab.json").read_text(encoding="utf-8"))
+    merges = (test_data / "gpt2" / "merges.txt").read_text(encoding="utf-8").splitlines()
+    past = dict(vocab, **{"<|endoftext|>": 60_000})  # an id the 50,257-row model does not have
+    return [
+        ("tok-garbage", b"\x8b\x00 not json at all", True),
+        ("tok-list", b"[1, 2, 3]", True),
+        ("tok-one-merge", True, "\n".join(merges[:2]).encode()),
+        ("tok-id-past", json.dumps(past).encode(), True),
+        ("tok-no-merges", True, None),
+    ]
+
+
+def _grown(root: Path, test_data: Path) -> tuple[Path, Path, Path]:
+    """A checkpoint whose vocabulary was grown by 8 merges (as --extend-vocab does) with its own
+    tokenizer files; a copy without them; a copy whose merges.txt lost its new merges."""
+    from minigpt2.bpe import learn_merges
+    from minigpt2.tokenizer import encoding_from_files
+    from minigpt2.vocab import write_tokenizer_files
+
+    gpt2 = test_data / "gpt2"
+    enc = encoding_from_files(gpt2 / "vocab.json", gpt2 / "merges.txt")
+    merges = learn_merges(["天气很好。今天的天气不错。" * 20], enc, 8)
+    model = random_hf_model(n_layer=1, n_head=2, n_embd=64, n_positions=32, vocab_size=50257 + 8, seed=7)
+    grown = write_official_layout(model, root / "grown")
+    write_tokenizer_files(grown, gpt2 / "vocab.json", gpt2 / "merges.txt", merges)
+    bare = shutil.copytree(grown, root / "grown-bare")
+    for name in ("vocab.json", "merges.txt"):
+        (bare / name).unlink()
+    cut = shutil.copytree(grown, root / "grown-cut")
+    shutil.copyfile(gpt2 / "merges.txt", cut / "merges.txt")  # the base merges only: 8 tokens unexplained
+    return grown, bare, cut
 
 
 def rows(w):
@@ -141,6 +201,17 @@ def rows(w):
         ("prompt file /dev/null-like missing", ["--prompt-file", str(r / "gone.txt"), "--model", good], "gone.txt"),
         ("samples that cannot fit in memory", ["hi", "--model", good, "--num-samples", str(10**8)], "--num-samples"),
         ("unknown device", ["hi", "--model", good, "--device", "tpu"], "device"),
+        # tokenizer files that do not belong (issue 20 A)
+        ("garbage vocab.json", ["hi", "--model", str(w["tok-garbage"])], "tok-garbage/vocab.json"),
+        ("vocab.json not an object", ["hi", "--model", str(w["tok-list"])], "tok-list/vocab.json"),
+        ("merges.txt cut to one merge", ["hi", "--model", str(w["tok-one-merge"])], "tok-one-merge/merges.txt"),
+        ("vocab.json id past the model's", ["hi", "--model", str(w["tok-id-past"])], "past the model's vocabulary"),
+        ("merges.txt deleted", ["hi", "--model", str(w["tok-no-merges"])], "tok-no-merges/merges.txt' is missing"),
+        ("grown model without its tokenizer", ["hi", "--model", str(w["grown-bare"])], "was grown"),
+        ("grown model, merges.txt damaged", ["hi", "--model", str(w["grown-cut"])], "grown-cut/merges.txt"),
+        # sizes checked against the tensors before anything is built (issue 20 D)
+        ("config.json n_layer 10000000", ["hi", "--model", str(w["huge-layers"])], "n_layer 10000000"),
+        ("config.json n_embd 2**20", ["hi", "--model", str(w["wide"])], "n_embd 1048576"),
     ]
     compare = [
         ("compare: top -1", [good, good, "--top", "-1"], "--top"),
@@ -159,6 +230,10 @@ def rows(w):
         ("compare: text is an endless device", [good, good, "--text", "/dev/zero"], "not a regular file"),
         ("compare: text is /dev/null's cousin, a folder", [good, good, "--text", str(r)], "text file"),
         ("compare: missing model", [good, str(r / "gone")], "gone"),
+        ("compare: grown B without its tokenizer", [good, str(w["grown-bare"]), "--text", text], "was grown"),
+        ("compare: grown B, merges damaged", [good, str(w["grown-cut"]), "--text", text], "grown-cut/merges.txt"),
+        ("compare: garbage vocab.json in A", [str(w["tok-garbage"]), good, "--text", text], "vocab.json"),
+        ("compare: n_layer 10000000", [good, str(w["huge-layers"])], "n_layer 10000000"),
     ]
     data = [
         "--data",
@@ -224,6 +299,26 @@ def rows(w):
         ("train: --batch-size that cannot fit in memory", [*data, "--batch-size", "10000000"],
          "--batch-size 10000000 at sequence length 16 needs at least"),
     ]  # fmt: skip
+    train += [
+        (f"train: --data {name}", ["--data", str(r / "rows" / name), *data[2:], *extra], needle)
+        for name, extra, needle in [
+            ("bad.jsonl", [], "bad.jsonl' line 4 is not valid JSON"),
+            ("field.jsonl", [], "line 2 has no field 'text' (its fields: 'body'); choose the field with --text-field"),
+            ("field.jsonl", ["--text-field", "body"], "line 1 has no field 'body'"),
+            ("number.jsonl", [], "line 1: the field 'text' holds a number, not text"),
+            ("empty.jsonl", [], "empty.jsonl' holds no rows"),
+            ("blank.txt", [], "blank.txt' holds no text, only blank lines"),
+            ("rows.csv", [], "no column 'text' (its header: 'id', 'body')"),
+            ("cut.parquet", [], "cut.parquet' cannot be read as Parquet"),
+            ("cut.jsonl.gz", [], "cut.jsonl.gz' is not a valid gzip stream"),
+            ("lonely.parquet", [], "holds no .txt files"),
+        ]
+    ] + [
+        ("train: --text-field ''", [*data, "--text-field", ""], "--text-field must name a field"),
+        ("train: --data hf:missing folder", ["--data", f"hf:{r / 'gone'}", *data[2:]], "does not exist"),
+        ("train: --data hf:not cached", ["--data", "hf:someone/nothing-here", *data[2:]], "someone/nothing-here"),
+        ("train: --eval-data bad row", [*data, "--eval-data", str(r / "rows" / "number.jsonl")], "number.jsonl"),
+    ]  # fmt: skip
     out_rows = [  # --out judged before anything is written into it: nothing created, not even .lock
         ("train: --out is empty (an unset shell variable)", [*data, "--out", ""], "is empty"),
         ("train: --out is a checkpoint folder", [*data, "--out", good], "holds a model checkpoint"),
@@ -240,6 +335,19 @@ def rows(w):
         ("train: --resume with a 5000-digit integer in run.json", ["--out", str(r / "run-huge-int"), "--resume"],
          "run.json"),
     ]  # fmt: skip
+    train += [
+        ("train: --tokenizer missing folder", [*data, "--tokenizer", str(r / "no-such-dir")], "no-such-dir"),
+    ] + [
+        (f"train: --model {name}", ["--data", text, "--model", str(w[name]), *data[14:]], needle)
+        for name, needle in [
+            ("tok-garbage", "tok-garbage/vocab.json"),
+            ("tok-one-merge", "tok-one-merge/merges.txt"),
+            ("tok-id-past", "past the model's vocabulary"),
+            ("grown-bare", "was grown"),
+            ("grown-cut", "grown-cut/merges.txt"),
+            ("huge-layers", "n_layer 10000000"),
+        ]
+    ]
     offline = {"HF_HOME": str(r / "empty-hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
     return (
         [(name, "sample.py", args, needle, {}) for name, args, needle in sample]
@@ -335,16 +443,16 @@ def test_closed_pipe_ends_quietly(world, hf_home):
 
 
 @pytest.mark.slow
-def test_unusual_but_valid_inputs_work(world, hf_home, shared_data):
+def test_unusual_but_valid_inputs_work(world, hf_home, test_data):
     from transformers import GPT2LMHeadModel
 
     r = world["root"] / "unusual"
     r.mkdir()
     model = GPT2LMHeadModel.from_pretrained(world["good"])
-    half = tokenizer_files(write_official_layout(model.half(), r / "float16"), shared_data)
-    bf16 = tokenizer_files(write_official_layout(model.float().to(torch.bfloat16), r / "bfloat16"), shared_data)
+    half = tokenizer_files(write_official_layout(model.half(), r / "float16"), test_data)
+    bf16 = tokenizer_files(write_official_layout(model.float().to(torch.bfloat16), r / "bfloat16"), test_data)
     model.float().save_pretrained(r / "save_pretrained")
-    tokenizer_files(r / "save_pretrained", shared_data)
+    tokenizer_files(r / "save_pretrained", test_data)
     spaced = shutil.copytree(world["good"], r / "with spaces 和汉字")
     long_prompt = r / "long prompt.txt"
     long_prompt.write_text("天气很好。" * 40, encoding="utf-8")  # > 32 tokens: longer than the context
@@ -369,3 +477,37 @@ def test_unusual_but_valid_inputs_work(world, hf_home, shared_data):
         assert "error:" not in stderr and "Traceback" not in stderr, f"{name}: {stderr}"
     assert "longer than the 32-token context" in results["long prompt"][2]
     assert "shape was inferred" in results["bare file, shape inferred"][2]
+    # no tokenizer files beside it and GPT-2's vocabulary: GPT-2's tokenizer, said once (issue 20 A)
+    notes = [line for line in results["bare file, shape inferred"][2].splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "using GPT-2's own tokenizer" in notes[0], notes
+    assert not any(line.startswith("note:") for line in results["spaces and CJK"][2].splitlines())
+
+
+@pytest.mark.slow
+def test_a_cache_entry_copied_over_another_corpus_is_rebuilt(tmp_path, test_data, hf_home):
+    """Issue 20 H: an entry copied over another corpus's key (same name, other tokens) is never
+    used for it: the run says so and tokenizes its own text again."""
+    cache = tmp_path / "cache"
+    texts = {"zh": "天气很好。今天的天气不错。\n\n" * 60, "en": "The weather is fine today.\n\n" * 60}
+    args = ["--init-preset", "gpt2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--context", "16",
+            "--steps", "1", "--tokenizer", test_data / "gpt2", "--cache-dir", cache, "--device", "cpu"]  # fmt: skip
+
+    def train(name: str, out: str):
+        (tmp_path / f"{name}.txt").write_text(texts[name], encoding="utf-8")
+        proc = start_script("train.py", "--data", tmp_path / f"{name}.txt", *args, "--out", tmp_path / out,
+                            env=offline_env(hf_home))  # fmt: skip
+        stdout, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0, stderr
+        return stdout + stderr
+
+    train("en", "run-en")
+    (en_entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    first = train("zh", "run-zh")
+    (zh_entry,) = [p for p in cache.iterdir() if not p.name.startswith(".") and p != en_entry]
+    shutil.rmtree(zh_entry)
+    shutil.copytree(en_entry, zh_entry)  # the English tokens under the Chinese corpus's key
+    again = train("zh", "run-zh-2")
+    assert "could not be trusted (it was built from other input (en.txt)" in again, again
+    tokens = [line for line in (first + again).splitlines() if line.startswith("data:")]
+    assert len(tokens) == 2 and tokens[0].split(" tokens")[0] == tokens[1].split(" tokens")[0], tokens  # zh's own
+    assert json.loads((zh_entry / "meta.json").read_text())["files"] == [str(tmp_path / "zh.txt")]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clis import run_script
+from clis import assert_clean_error, run_script
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error, distributed, launch, load_model, save_model
 from minigpt2.compare import (
@@ -23,6 +23,7 @@ from minigpt2.compare import (
     tensor_metrics,
     token_text,
 )
+from minigpt2.options import TrainOptions
 from minigpt2.report import finite, render, to_json, write_json, write_plot
 from minigpt2.rundir import RunDir
 from minigpt2.tokenizer import encoding_from_files
@@ -31,11 +32,11 @@ from minigpt2.weights import is_conv1d
 TINY = GPTConfig(n_layer=3, n_head=2, n_embd=32, n_positions=32)
 
 
-def tokenizer_dir(shared_data: Path) -> Path:
-    return shared_data / "gpt2"
+def tokenizer_dir(test_data: Path) -> Path:
+    return test_data / "gpt2"
 
 
-def tiny_pair(tmp_path: Path, shared_data: Path, config: GPTConfig = TINY, change=None, seed: int = 0):
+def tiny_pair(tmp_path: Path, test_data: Path, config: GPTConfig = TINY, change=None, seed: int = 0):
     """Checkpoint A (random) and B (A with `change(model)` applied), each with tokenizer files."""
     torch.manual_seed(seed)
     model = GPT(config).eval()
@@ -43,24 +44,16 @@ def tiny_pair(tmp_path: Path, shared_data: Path, config: GPTConfig = TINY, chang
         for name, p in model.named_parameters():
             if name.endswith("bias") or ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.02)
-    a = save_model(model, tmp_path / "a", tokenizer_source=tokenizer_dir(shared_data))
+    a = save_model(model, tmp_path / "a", tokenizer_source=tokenizer_dir(test_data))
     if change is not None:
         with torch.no_grad():
             change(model)
-    b = save_model(model, tmp_path / "b", tokenizer_source=tokenizer_dir(shared_data))
+    b = save_model(model, tmp_path / "b", tokenizer_source=tokenizer_dir(test_data))
     return str(a), str(b)
 
 
 def run_compare(*args, timeout=180):
     return run_script("compare.py", *args, timeout=timeout)
-
-
-def assert_clean_error(result, *needles):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
 
 
 def all_floats(value):
@@ -124,8 +117,8 @@ def test_a_planted_rank_2_update_is_rank_2():
     assert noise["rank_90"] > 30  # white noise needs most directions (39 of 64 here)
 
 
-def test_identical_checkpoints_give_exact_zeros(tmp_path, shared_data):
-    a, _ = tiny_pair(tmp_path, shared_data)
+def test_identical_checkpoints_give_exact_zeros(tmp_path, test_data):
+    a, _ = tiny_pair(tmp_path, test_data)
     copy = shutil.copytree(a, tmp_path / "copy")
     result = compare(a, str(copy), prompts=["今天的天气"])
     for t in result["weights"]["tensors"]:
@@ -152,11 +145,11 @@ def test_a_hub_model_against_the_same_weights_in_another_layout(hub_gpt2, tmp_pa
         assert result["activations"][0]["kl_a_b"] == 0.0
 
 
-def test_a_change_planted_in_one_tensor_is_ranked_first(tmp_path, shared_data):
+def test_a_change_planted_in_one_tensor_is_ranked_first(tmp_path, test_data):
     def change(model):  # nn.Linear (out, in): the official tensor is its transpose
         model.h[1].mlp.c_proj.weight.add_(0.001 * torch.randn_like(model.h[1].mlp.c_proj.weight))
 
-    a, b = tiny_pair(tmp_path, shared_data, change=change)
+    a, b = tiny_pair(tmp_path, test_data, change=change)
     weights = compare_weights(a, b)
     ranked = sorted(weights["tensors"], key=lambda t: -t["relative_change"])
     assert ranked[0]["name"] == "h.1.mlp.c_proj.weight" and ranked[0]["shape"] == [128, 32]  # (in, out)
@@ -167,11 +160,11 @@ def test_a_change_planted_in_one_tensor_is_ranked_first(tmp_path, shared_data):
     assert cells[1][5] > 0 and sum(v > 0 for row in cells for v in row) == 1
 
 
-def test_the_official_orientation_is_used_for_row_metrics(tmp_path, shared_data):
+def test_the_official_orientation_is_used_for_row_metrics(tmp_path, test_data):
     def change(model):
         model.h[0].attn.c_attn.weight.mul_(1.5)
 
-    a, b = tiny_pair(tmp_path, shared_data, change=change)
+    a, b = tiny_pair(tmp_path, test_data, change=change)
     ma, mb = load_model(a), load_model(b)
     t = next(t for t in compare_weights(a, b)["tensors"] if t["name"] == "h.0.attn.c_attn.weight")
     wa, wb = ma.h[0].attn.c_attn.weight.T, mb.h[0].attn.c_attn.weight.T  # official (in, out) = (32, 96)
@@ -183,12 +176,12 @@ def test_the_official_orientation_is_used_for_row_metrics(tmp_path, shared_data)
 # ----- activations ------------------------------------------------------------------------
 
 
-def test_a_change_in_block_7_shows_as_activation_drift_from_block_7(tmp_path, shared_data):
+def test_a_change_in_block_7_shows_as_activation_drift_from_block_7(tmp_path, test_data):
     def change(model):
         model.h[7].mlp.c_fc.weight.add_(0.05 * torch.randn_like(model.h[7].mlp.c_fc.weight))
 
     config = GPTConfig(n_layer=9, n_head=2, n_embd=32, n_positions=32)
-    a, b = tiny_pair(tmp_path, shared_data, config=config, change=change)
+    a, b = tiny_pair(tmp_path, test_data, config=config, change=change)
     result = compare(a, b, prompts=["The weather today", "今天的天气"])
     for act in result["activations"]:
         blocks = act["blocks"]
@@ -200,10 +193,10 @@ def test_a_change_in_block_7_shows_as_activation_drift_from_block_7(tmp_path, sh
     assert top["name"] == "h.7.mlp.c_fc.weight"
 
 
-def test_activation_figures_match_a_separate_forward_pass(tmp_path, shared_data):
-    a, b = tiny_pair(tmp_path, shared_data, change=lambda m: m.h[2].ln_1.weight.mul_(1.3))
+def test_activation_figures_match_a_separate_forward_pass(tmp_path, test_data):
+    a, b = tiny_pair(tmp_path, test_data, change=lambda m: m.h[2].ln_1.weight.mul_(1.3))
     result = compare(a, b, prompts=["Hello world, again"])
-    enc = encoding_from_files(*(tokenizer_dir(shared_data) / n for n in ("vocab.json", "merges.txt")))
+    enc = encoding_from_files(*(tokenizer_dir(test_data) / n for n in ("vocab.json", "merges.txt")))
     ids = torch.tensor([enc.encode("Hello world, again")])
     hidden = {}
     for side, source in (("a", a), ("b", b)):
@@ -223,8 +216,8 @@ def test_activation_figures_match_a_separate_forward_pass(tmp_path, shared_data)
     assert [t["id"] for t in result["activations"][0]["top5_b"]] == pb.topk(5).indices.tolist()
 
 
-def test_hooks_are_always_removed(tmp_path, shared_data):
-    a, _ = tiny_pair(tmp_path, shared_data)
+def test_hooks_are_always_removed(tmp_path, test_data):
+    a, _ = tiny_pair(tmp_path, test_data)
     model = load_model(a)
     hiddens, logits = block_outputs(model, torch.tensor([[1, 2, 3]]))
     assert len(hiddens) == 3 and hiddens[0].shape == (3, 32) and logits.shape == (50257,)
@@ -234,8 +227,8 @@ def test_hooks_are_always_removed(tmp_path, shared_data):
     assert not any(m._forward_hooks for m in model.modules())
 
 
-def test_partial_utf8_tokens_are_shown_escaped(shared_data):
-    enc = encoding_from_files(*(tokenizer_dir(shared_data) / n for n in ("vocab.json", "merges.txt")))
+def test_partial_utf8_tokens_are_shown_escaped(test_data):
+    enc = encoding_from_files(*(tokenizer_dir(test_data) / n for n in ("vocab.json", "merges.txt")))
     partial = [t for t in enc.encode("鲁迅") if not _is_utf8(enc.decode_single_token_bytes(t))]
     assert partial, "expected a Chinese character split over tokens"
     shown = token_text(enc, partial[0])
@@ -255,13 +248,13 @@ def _is_utf8(data: bytes) -> bool:
 # ----- behaviour on text ------------------------------------------------------------------
 
 
-def test_text_figures_equal_a_separate_forward_pass(tmp_path, shared_data):
-    a, b = tiny_pair(tmp_path, shared_data, change=lambda m: m.h[0].mlp.c_fc.weight.mul_(0.9))
-    text = (shared_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8")[:150]
+def test_text_figures_equal_a_separate_forward_pass(tmp_path, test_data):
+    a, b = tiny_pair(tmp_path, test_data, change=lambda m: m.h[0].mlp.c_fc.weight.mul_(0.9))
+    text = (test_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8")[:150]
     path = tmp_path / "sample.txt"
     path.write_text(text, encoding="utf-8")
     result = compare(a, b, texts=[str(path)])
-    enc = encoding_from_files(*(tokenizer_dir(shared_data) / n for n in ("vocab.json", "merges.txt")))
+    enc = encoding_from_files(*(tokenizer_dir(test_data) / n for n in ("vocab.json", "merges.txt")))
     ids = enc.encode(text)
     (row,) = result["behaviour"]
     assert row["tokens"] == row["tokens_in_file"] == len(ids) and not row["capped"]
@@ -288,8 +281,8 @@ def test_text_figures_equal_a_separate_forward_pass(tmp_path, shared_data):
 # ----- output files -----------------------------------------------------------------------
 
 
-def test_json_round_trips_and_is_never_overwritten_unasked(tmp_path, shared_data):
-    a, b = tiny_pair(tmp_path, shared_data, change=lambda m: m.ln_f.bias.add_(0.1))
+def test_json_round_trips_and_is_never_overwritten_unasked(tmp_path, test_data):
+    a, b = tiny_pair(tmp_path, test_data, change=lambda m: m.ln_f.bias.add_(0.1))
     text = tmp_path / "t.txt"
     text.write_text("Hello world. It is a fine day.", encoding="utf-8")
     result = compare(a, b, prompts=["Hi"], texts=[str(text)])
@@ -305,11 +298,11 @@ def test_json_round_trips_and_is_never_overwritten_unasked(tmp_path, shared_data
     assert json.loads(out.read_text(encoding="utf-8"))["b"]["source"] == b
 
 
-def test_infinite_relative_change_is_null_in_json(tmp_path, shared_data):
+def test_infinite_relative_change_is_null_in_json(tmp_path, test_data):
     def zero(model):
         model.h[0].ln_1.bias.zero_()
 
-    a, b = tiny_pair(tmp_path, shared_data, change=zero)
+    a, b = tiny_pair(tmp_path, test_data, change=zero)
     result = compare(b, a)  # A has the zero tensor: ||A - B|| / ||A|| is infinite
     t = next(t for t in result["weights"]["tensors"] if t["name"] == "h.0.ln_1.bias")
     assert t["relative_change"] == math.inf
@@ -320,8 +313,8 @@ def test_infinite_relative_change_is_null_in_json(tmp_path, shared_data):
     assert "inf" in render(result)  # in the per-layer and per-kind tables
 
 
-def test_plot_without_matplotlib_is_a_clear_error(tmp_path, shared_data, monkeypatch):
-    a, _ = tiny_pair(tmp_path, shared_data)
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, test_data, monkeypatch):
+    a, _ = tiny_pair(tmp_path, test_data)
     result = compare(a, a)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     with pytest.raises(MiniGPT2Error, match="pip install matplotlib"):
@@ -354,7 +347,7 @@ def train(model, ids: torch.Tensor, steps: int, *, lr: float, seed: int, batch: 
     model.eval()
 
 
-def make_finetuned_run(shared_data: Path, root: Path) -> tuple[Path, Path, Path]:
+def make_finetuned_run(test_data: Path, root: Path) -> tuple[Path, Path, Path]:
     """START: a tiny GPT-2 taught some English (Shakespeare); RUN: START fine-tuned on Chinese by
     minigpt2's own trainer, set up as train.py sets it up (so the run directory compare.py reads is
     the one the trainer writes: run.json, log.jsonl, snapshots.jsonl, step-*/, final/); and a
@@ -362,17 +355,17 @@ def make_finetuned_run(shared_data: Path, root: Path) -> tuple[Path, Path, Path]
 
     A model this small, trained for seconds, only knows the few thousand tokens it saw, so the
     English it is evaluated on must be the same kind of English: Shakespeare it has not seen."""
-    enc = encoding_from_files(*(tokenizer_dir(shared_data) / n for n in ("vocab.json", "merges.txt")))
-    shakespeare = (shared_data / "en" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    enc = encoding_from_files(*(tokenizer_dir(test_data) / n for n in ("vocab.json", "merges.txt")))
+    shakespeare = (test_data / "en" / "tinyshakespeare.txt").read_text(encoding="utf-8")
     english = torch.tensor(enc.encode(shakespeare[:60_000]))
     held_out = root / "shakespeare-held-out.txt"
     held_out.write_text(shakespeare[-30_000:], encoding="utf-8")
     chinese = root / "红楼梦-start.txt"
-    chinese.write_text((shared_data / "zh" / "红楼梦.txt").read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    chinese.write_text((test_data / "zh" / "红楼梦.txt").read_text(encoding="utf-8")[:30_000], encoding="utf-8")
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=32))
     train(model, english, 20, lr=1e-2, seed=1)
-    start = save_model(model, root / "start", tokenizer_source=tokenizer_dir(shared_data))
+    start = save_model(model, root / "start", tokenizer_source=tokenizer_dir(test_data))
 
     options = {
         "data": [str(chinese)],
@@ -392,7 +385,8 @@ def make_finetuned_run(shared_data: Path, root: Path) -> tuple[Path, Path, Path]
         "cache_dir": str(root / "tokens"),
     }
     run = root / "run"
-    setup = launch.setup(options, run, False, lambda record: None, distributed.setup("cpu"))
+    given = TrainOptions(**options, out=str(run))
+    setup = launch.setup(given, launch.SavedRun(None, None), lambda record: None, distributed.setup("cpu"))
     for _ in setup.trainer.run():
         pass
     setup.run.unlock()
@@ -400,14 +394,14 @@ def make_finetuned_run(shared_data: Path, root: Path) -> tuple[Path, Path, Path]
 
 
 @pytest.fixture(scope="module")
-def finetuned(shared_data, tmp_path_factory):
-    return make_finetuned_run(shared_data, tmp_path_factory.mktemp("finetune"))
+def finetuned(test_data, tmp_path_factory):
+    return make_finetuned_run(test_data, tmp_path_factory.mktemp("finetune"))
 
 
 @pytest.mark.slow
-def test_a_finetuned_model_against_its_start(finetuned, shared_data, tmp_path):
+def test_a_finetuned_model_against_its_start(finetuned, test_data, tmp_path):
     start, run, en = finetuned
-    zh = shared_data / "zh" / "鲁迅小说集.txt"
+    zh = test_data / "zh" / "鲁迅小说集.txt"
     out = run_compare(
         start,
         run,
@@ -483,10 +477,10 @@ def test_a_snapshot_line_cut_short_is_skipped(tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_inputs_give_one_clear_message(tmp_path, shared_data):
+def test_bad_inputs_give_one_clear_message(tmp_path, test_data):
     from safetensors.torch import load_file, save_file
 
-    a, b = tiny_pair(tmp_path, shared_data)
+    a, b = tiny_pair(tmp_path, test_data)
     other = save_model(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=32)), tmp_path / "other")
     assert_clean_error(run_compare(a, other), "different architectures", "layers 3 vs 2", "width 32 vs 64")
 

@@ -17,18 +17,12 @@ from minigpt2.data import (
     prepare_corpus,
     read_chunks,
 )
-from minigpt2.tokenizer import encoding_from_files
 
 
 @pytest.fixture(scope="module")
-def enc(shared_data):
-    return encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt")
-
-
-@pytest.fixture(scope="module")
-def novel_head(shared_data, tmp_path_factory):
-    """The first 150,000 characters of 红楼梦 (CRLF line ends, indented paragraphs) as a file."""
-    text = (shared_data / "zh" / "红楼梦.txt").read_bytes().decode("utf-8")[:150_000]
+def novel_head(test_data, tmp_path_factory):
+    """The first 150,000 characters of 红楼梦 (all the excerpt has: CRLF line ends, indented paragraphs) as a file."""
+    text = (test_data / "zh" / "红楼梦.txt").read_bytes().decode("utf-8")[:150_000]
     path = tmp_path_factory.mktemp("novel") / "hlm.txt"
     path.write_bytes(text.encode("utf-8"))
     return path
@@ -38,19 +32,19 @@ def normalised(path) -> str:
     return path.read_bytes().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
 
 
-def test_chunked_tokenization_equals_whole_text(enc, novel_head, shared_data):
-    for path in (novel_head, shared_data / "en" / "sherlock_holmes.txt"):
+def test_chunked_tokenization_equals_whole_text(enc, novel_head, test_data):
+    for path in (novel_head, test_data / "en" / "sherlock_holmes.txt"):
         text = normalised(path)
-        chunks = list(read_chunks(path, chunk_chars=4000))
+        chunks = list(read_chunks(path, chunk_chars=1000))  # excerpts of 30,000-40,000 characters
         assert len(chunks) > 20 and "".join(chunks) == text
         assert [t for c in chunks for t in enc.encode_ordinary(c)] == enc.encode_ordinary(text)
 
 
-def test_windows_decode_to_slices_of_the_source(enc, novel_head, shared_data, tmp_path):
+def test_windows_decode_to_slices_of_the_source(enc, novel_head, test_data, tmp_path):
     corpus = prepare_corpus(
-        [novel_head, shared_data / "en" / "sherlock_holmes.txt"], enc, val_fraction=0.02, cache_dir=tmp_path
+        [novel_head, test_data / "en" / "sherlock_holmes.txt"], enc, val_fraction=0.02, cache_dir=tmp_path
     )
-    sources = [normalised(novel_head).encode(), normalised(shared_data / "en" / "sherlock_holmes.txt").encode()]
+    sources = [normalised(novel_head).encode(), normalised(test_data / "en" / "sherlock_holmes.txt").encode()]
     sampler = WindowSampler(len(corpus.train), seq_len=48, batch_size=8, seed=3)
     eot = enc.eot_token
     checked = 0
@@ -75,8 +69,8 @@ def _split(ids, sep):
     yield piece
 
 
-def test_validation_is_the_tail_of_each_document(enc, novel_head, shared_data, tmp_path):
-    other = shared_data / "en" / "sherlock_holmes.txt"
+def test_validation_is_the_tail_of_each_document(enc, novel_head, test_data, tmp_path):
+    other = test_data / "en" / "sherlock_holmes.txt"
     corpus = prepare_corpus([novel_head, other], enc, val_fraction=0.05, cache_dir=tmp_path)
     eot = enc.eot_token
     heads = list(_split(np.asarray(corpus.train.tokens).tolist(), eot))[1:]
@@ -178,8 +172,8 @@ def test_eval_windows_and_bits_per_char():
     assert bits_per_char(1.0, 2.0) == pytest.approx(2 / math.log(2))
 
 
-def test_the_novels_cost_about_two_tokens_per_character(enc, shared_data, tmp_path):
-    corpus = prepare_corpus([shared_data / "zh" / "西游记.txt"], enc, val_fraction=0.01, cache_dir=tmp_path)
+def test_the_novels_cost_about_two_tokens_per_character(enc, test_data, tmp_path):
+    corpus = prepare_corpus([test_data / "zh" / "西游记.txt"], enc, val_fraction=0.01, cache_dir=tmp_path)
     summary = corpus.summary()
     assert 2.0 < summary["tokens_per_char"] < 2.3
     assert summary["tokens"] == len(corpus.train) + len(corpus.val)

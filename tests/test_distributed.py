@@ -41,11 +41,11 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 @pytest.fixture(scope="module")
-def setup(shared_data, tmp_path_factory):
+def setup(test_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    text = (shared_data / "zh" / "三国演义.txt").read_text(encoding="utf-8")[:40000]
+    text = (test_data / "zh" / "三国演义.txt").read_text(encoding="utf-8")[:40000]
     (root / "text.txt").write_text(text, encoding="utf-8")
-    other = (shared_data / "zh" / "水浒传.txt").read_text(encoding="utf-8")[:5000]
+    other = (test_data / "zh" / "水浒传.txt").read_text(encoding="utf-8")[:5000]
     (root / "other.txt").write_text(other, encoding="utf-8")
     # 13 eval windows of 32 tokens per set: uneven over 2 ranks at 2 per batch (a spare forward).
     common = [
@@ -57,7 +57,7 @@ def setup(shared_data, tmp_path_factory):
         root / "other.txt",
         *TINY,
         "--tokenizer",
-        shared_data / "gpt2",
+        test_data / "gpt2",
         "--cache-dir",
         root / "cache",
         "--seq-len",

@@ -76,8 +76,7 @@ def test_batched_prompts_give_the_same_tokens_as_one_at_a_time():
 def test_prefill_logits_equal_the_full_forward_even_when_padded():
     model = tiny_gpt()
     idx, valid = left_pad(PROMPTS, "cpu")
-    caches = model.new_kv_caches(len(PROMPTS))
-    last = prefill(model, idx, valid, caches)
+    last = prefill(model, idx, valid, model.new_cache(len(PROMPTS)))
     for i, p in enumerate(PROMPTS):
         full = model(torch.tensor([p]))[0, -1]
         torch.testing.assert_close(last[i], full, rtol=0, atol=1e-5)

@@ -13,6 +13,7 @@ PARTS = [
     "checks",
     "train 1x32 minigpt2",
     "train 1x32 transformers",
+    "train 1x32 plain PyTorch",
     "sample transformers generate",
     "sample minigpt2",
     "sample minigpt2 int8",
@@ -47,4 +48,5 @@ def test_gpu_script_dry_run_prints_every_part(tmp_path):
     assert rows["checks"][1] == "7/7 passed"  # every check of benchmarks/cuda_checks.py
     assert re.fullmatch(r"[\d,.]+", rows["sample minigpt2 int8"][1]) and rows["sample minigpt2 int8"][3].endswith("x")
     assert re.fullmatch(r"[\d.]+ GiB", rows["gpt2-xl 1 step"][4])
+    assert re.fullmatch(r"[\d,.]+", rows["train 1x32 plain PyTorch"][1])  # the plain-PyTorch contestant ran
     assert (tmp_path / "train.json").is_file() and (tmp_path / "sample.json").is_file()

@@ -36,9 +36,9 @@ def test_unknown_revision(hub_gpt2):
         load_model("gpt2", revision="v9")
 
 
-def test_hub_model_saved_locally_keeps_its_tokenizer(hub_gpt2, tmp_path, shared_data):
+def test_hub_model_saved_locally_keeps_its_tokenizer(hub_gpt2, tmp_path, test_data):
     out = save_model(load_model("gpt2"), tmp_path / "copy")
-    assert (out / "merges.txt").read_bytes() == (shared_data / "gpt2" / "merges.txt").read_bytes()
+    assert (out / "merges.txt").read_bytes() == (test_data / "gpt2" / "merges.txt").read_bytes()
     assert load_tokenizer(out).encode("Hello world") == [15496, 995]
 
 

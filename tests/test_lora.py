@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from checkpoints import tiny_model
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
@@ -16,14 +17,14 @@ from minigpt2.data import prepare_corpus
 from minigpt2.errors import CheckpointError
 from minigpt2.launch import start_model
 from minigpt2.lora import (
+    PEFT_PREFIX,
     TARGETS,
     LoRALinear,
     adapter_state,
     apply_lora,
-    load_lora_state,
+    load_adapter_state,
     lora_summary,
     merged_state_dict,
-    save_lora_state,
 )
 from minigpt2.report import render
 from minigpt2.rundir import STATE_JSON, STATE_TENSORS, RunDir
@@ -31,31 +32,24 @@ from minigpt2.snapshots import Snapshotter
 from minigpt2.tokenizer import encoding_from_files
 from minigpt2.trainer import TrainConfig, Trainer, param_groups
 
-TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
 R, ALPHA = 2, 8.0
 TRAINED = ("attn.c_attn", "mlp.c_proj")  # a subset, so that untouched layers of each kind remain
 
 
-def tiny_model(seed=0, dropout=0.0):
-    return start_model(None, "gpt2", TINY, seed=seed, dropout=dropout)
-
-
 @pytest.fixture(scope="module")
-def corpus(shared_data, tmp_path_factory):
+def corpus(test_data, tmp_path_factory):
     """A small slice of 鲁迅小说集 (fast to tokenize), the tail 10% held out."""
-    enc = encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt")
-    text = (shared_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8")[:40_000]
+    enc = encoding_from_files(test_data / "gpt2" / "vocab.json", test_data / "gpt2" / "merges.txt")
+    text = (test_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8")[:40_000]
     folder = tmp_path_factory.mktemp("text")
     (folder / "luxun.txt").write_text(text, encoding="utf-8")
     return prepare_corpus([folder / "luxun.txt"], enc, val_fraction=0.1, cache_dir=folder / "cache")
 
 
 @pytest.fixture(scope="module")
-def base_dir(shared_data, tmp_path_factory):
+def base_dir(test_data, tmp_path_factory):
     """The base model, saved: a run starts from it, and PEFT applies the adapter to it."""
-    return save_model(
-        tiny_model(seed=7), tmp_path_factory.mktemp("base") / "base", tokenizer_source=shared_data / "gpt2"
-    )
+    return save_model(tiny_model(seed=7), tmp_path_factory.mktemp("base") / "base", tokenizer_source=test_data / "gpt2")
 
 
 def lora_trainer(corpus, base_dir, out, *, seed=1, lora_dropout=0.0, snapshotter=None, **config):
@@ -174,11 +168,14 @@ def test_lora_is_applied_once_and_adapters_must_match():
         apply_lora(model, 4)
     other = apply_lora(tiny_model(), 2)
     with pytest.raises(CheckpointError, match=r"wrong shapes: h\.0\.attn\.c_attn\.lora_A\.weight is \[4, 64\]"):
-        load_lora_state(other, save_lora_state(model))
+        load_adapter_state(other, adapter_state(model))
     fewer = apply_lora(tiny_model(), 4, targets=("attn.c_attn",))
     with pytest.raises(CheckpointError, match="unexpected: h.0.attn.c_proj.lora_A.weight"):
-        load_lora_state(fewer, save_lora_state(model))
-    assert set(save_lora_state(model)) == {"lora." + k for k in adapter_state(model)}
+        load_adapter_state(fewer, adapter_state(model))
+    # One name everywhere (the adapter file, the trainer state): PEFT's
+    assert set(adapter_state(model)) == {
+        f"{PEFT_PREFIX}h.{i}.{t}.lora_{ab}.weight" for i in range(2) for t in TARGETS for ab in "AB"
+    }
 
 
 # ----- a LoRA run ------------------------------------------------------------------------------------
@@ -277,11 +274,11 @@ def test_a_lora_run_resumes_bit_for_bit_and_its_state_holds_only_adapters(corpus
     state = load_file(str(ckpt / STATE_TENSORS))
     moments = [k for k in state if k.startswith("optimizer.")]
     assert moments and all(".lora_A.weight." in k or ".lora_B.weight." in k for k in moments)
-    assert {k for k in state if k.startswith("lora.")} == {
-        f"lora.h.{i}.{m}.lora_{ab}.weight" for i in range(2) for m in TRAINED for ab in "AB"
+    assert {k for k in state if k.startswith(PEFT_PREFIX)} == {
+        f"{PEFT_PREFIX}h.{i}.{m}.lora_{ab}.weight" for i in range(2) for m in TRAINED for ab in "AB"
     }
     assert json.loads((ckpt / STATE_JSON).read_text())["lora"]["r"] == R
-    adapters = sum(v.numel() for k, v in state.items() if k.startswith("lora."))
+    adapters = sum(v.numel() for k, v in state.items() if k.startswith(PEFT_PREFIX))
     assert sum(state[k].numel() for k in moments if not k.endswith(".step")) == 2 * adapters
 
     # a fresh base with differently drawn A: everything trained must come from the checkpoint

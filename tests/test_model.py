@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from checkpoints import random_hf_model, write_official_layout
+from checkpoints import random_hf_model, tiny_gpt, write_official_layout
 
-from minigpt2 import GPT, GPTConfig, load_model, load_tokenizer
+from minigpt2 import load_model, load_tokenizer
 from minigpt2.generate import generate
 
 # (n_layer, n_head, n_embd): a tiny one; 3 heads of 21 (odd width, head count not 12); full 124M.
@@ -29,22 +29,22 @@ def pair(request, tmp_path_factory):
     return hf, {"official": load_model(official), "save_pretrained": load_model(root / "pretrained")}
 
 
-def _text_ids(shared_data, n):
-    enc = load_tokenizer(shared_data / "gpt2")
-    zh = (shared_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8")
-    en = (shared_data / "en" / "pride_and_prejudice.txt").read_text(encoding="utf-8")
+def _text_ids(test_data, n):
+    enc = load_tokenizer(test_data / "gpt2")
+    zh = (test_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8")
+    en = (test_data / "en" / "pride_and_prejudice.txt").read_text(encoding="utf-8")
     return torch.tensor([enc.encode(zh[5000:9000])[:n], enc.encode(en[5000:9000])[:n]])
 
 
 @torch.no_grad()
-def test_logits_match_transformers(pair, shared_data):
+def test_logits_match_transformers(pair, test_data):
     hf, ours = pair
     n = hf.config.n_positions
     inputs = {
         "random ids": torch.randint(
             0, hf.config.vocab_size, (2, min(n, 256)), generator=torch.Generator().manual_seed(0)
         ),
-        "zh/en text": _text_ids(shared_data, min(n, 256)),
+        "zh/en text": _text_ids(test_data, min(n, 256)),
     }
     for name, idx in inputs.items():
         expected = hf(idx).logits
@@ -77,29 +77,44 @@ def test_loss_matches_transformers(pair):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
 
 
-def tiny_model(seed=0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    config = dict(vocab_size=500, n_positions=64, n_layer=3, n_head=4, n_embd=32)
-    config.update(overrides)
-    return GPT(GPTConfig(**config)).eval()
+SMALL = dict(vocab_size=500, n_positions=64, n_layer=3, n_head=4, n_embd=32)
 
 
 @torch.no_grad()
 def test_kv_cache_matches_full_forward_in_any_chunking():
-    model = tiny_model()
+    model = tiny_gpt(**SMALL)
     idx = torch.randint(0, 500, (3, 64), generator=torch.Generator().manual_seed(0))
     full = model(idx)
     for chunks in ([64], [1] * 64, [10, 1, 1, 20, 32], [63, 1]):
-        caches, pos, out = model.new_kv_caches(3), 0, []
+        cache, pos, out = model.new_cache(3), 0, []
         for n in chunks:
-            out.append(model(idx[:, pos : pos + n], kv_caches=caches, pos=pos))
+            out.append(model(idx[:, pos : pos + n], cache=cache.append(n)))
             pos += n
         torch.testing.assert_close(torch.cat(out, dim=1), full, rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_unwritten_cache_slots_are_never_attended_to(static):
+    # huge garbage in every slot not yet written (a static step multiplies masked values by 0, so finite)
+    model = tiny_gpt(**SMALL)
+    idx = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(1))
+    full = model(idx)
+    cache = model.new_cache(2, static=static)
+    cache.k.normal_(std=1e3)
+    cache.v.normal_(std=1e3)
+    out = [model(idx[:, :30], cache=cache.append(30))] + [
+        model(idx[:, t : t + 1], cache=cache.append(1)) for t in range(30, 40)
+    ]
+    torch.testing.assert_close(torch.cat(out, dim=1), full, rtol=0, atol=1e-5)
+    assert cache.length == 40 and cache.next_position.tolist() == [40, 40]
+    with pytest.raises(ValueError, match="cache slots for"):  # slots for another batch: refused
+        model(idx[:1, :1], cache=cache.append(1))
+
+
+@torch.no_grad()
 def test_attention_is_causal():
-    model = tiny_model()
+    model = tiny_gpt(**SMALL)
     idx = torch.randint(0, 500, (1, 20), generator=torch.Generator().manual_seed(0))
     changed = idx.clone()
     changed[0, 12:] = (changed[0, 12:] + 1) % 500
@@ -109,16 +124,17 @@ def test_attention_is_causal():
 
 
 def test_context_overflow_is_a_clear_error():
-    model = tiny_model()
+    model = tiny_gpt(**SMALL)
     with pytest.raises(ValueError, match="context of 64 tokens"):
         model(torch.zeros(1, 65, dtype=torch.long))
-    caches = model.new_kv_caches(1)
+    cache = model.new_cache(1)
+    model(torch.zeros(1, 63, dtype=torch.long), cache=cache.append(63))
     with pytest.raises(ValueError, match="context"):
-        model(torch.zeros(1, 2, dtype=torch.long), kv_caches=caches, pos=63)
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache.append(2))
 
 
 def test_every_diagram_box_is_a_hookable_module_named_like_the_checkpoint():
-    model = tiny_model()
+    model = tiny_gpt(**SMALL)
     names = dict(model.named_modules())
     expected = ["wte", "wpe", "ln_f", "lm_head"] + [
         f"h.{i}.{part}"
@@ -145,7 +161,7 @@ def test_every_diagram_box_is_a_hookable_module_named_like_the_checkpoint():
 
 
 def test_lm_head_is_tied_and_init_follows_gpt2():
-    model = tiny_model(n_layer=8, n_embd=64)
+    model = tiny_gpt(**{**SMALL, "n_layer": 8, "n_embd": 64})
     assert model.lm_head.weight is model.wte.weight
     c = model.config  # the tied matrix counted once: embeddings, 12 C^2 + 13 C per block, final LayerNorm
     expected = (c.vocab_size + c.n_positions) * c.n_embd + c.n_layer * (12 * c.n_embd**2 + 13 * c.n_embd) + 2 * c.n_embd
@@ -158,16 +174,16 @@ def test_lm_head_is_tied_and_init_follows_gpt2():
 
 
 def test_gelu_is_the_tanh_form():
-    model = tiny_model()
+    model = tiny_gpt(**SMALL)
     x = torch.linspace(-4, 4, 101)
     torch.testing.assert_close(model.h[0].mlp.gelu(x), F.gelu(x, approximate="tanh"))
     assert (model.h[0].mlp.gelu(x) - F.gelu(x)).abs().max() > 1e-4
 
 
 def test_kv_cache_is_not_in_the_state_dict():
-    model = tiny_model()
-    caches = model.new_kv_caches(2)
-    assert caches[0].k.shape == (2, 4, 64, 8)
-    assert dict(caches.state_dict()) == {}
-    model.h[0].attn.kv_cache_probe = caches[0]  # even when attached to the model, buffers stay out
+    model = tiny_gpt(**SMALL)
+    cache = model.new_cache(2)
+    assert cache.k.shape == (3, 2, 4, 64, 8)
+    assert dict(cache.state_dict()) == {}
+    model.h[0].attn.kv_cache_probe = cache  # even when attached to the model, buffers stay out
     assert not any(key.endswith((".k", ".v")) for key in model.state_dict())

@@ -3,15 +3,10 @@
 import pytest
 import torch
 
-from minigpt2 import GPT, GPTConfig, load_tokenizer
+from minigpt2 import GPT, GPTConfig
 from minigpt2.generate import Sampling
 from minigpt2.text import cjk_share, encode_prompt, generate_text
 from minigpt2.utf8 import Utf8Stream
-
-
-@pytest.fixture(scope="module")
-def enc(shared_data):
-    return load_tokenizer(shared_data / "gpt2")
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-from clis import offline_env, run_script, start_script
+import torch
+from clis import assert_clean_error, offline_env, run_script, start_script
 
 from minigpt2 import load_model
+from minigpt2.device import auto_dtype
 
 pytestmark = pytest.mark.slow  # real subprocess runs (torchrun / train.py)
 
@@ -31,14 +33,6 @@ def run_train(*args, hf_home, token_cache, timeout=240):
 
 def log(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-def assert_clean_error(result, *needles):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().startswith("error:"), result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
 
 
 def bad_inputs(tmp_path):
@@ -90,17 +84,17 @@ def test_every_bad_input_fails_before_any_model_is_loaded(tmp_path, token_cache)
         assert not (tmp_path / f"run-{case}").exists(), case
 
 
-def test_fine_tune_evaluate_snapshot_save_resume(hub_gpt2, hf_home, shared_data, tmp_path, token_cache):
+def test_fine_tune_evaluate_snapshot_save_resume(hub_gpt2, hf_home, test_data, tmp_path, token_cache):
     run = tmp_path / "run"
     (tmp_path / "latin1.txt").write_bytes("天气很好。\n".encode() * 50 + b"caf\xe9\n")
     args = [
         "--data",
-        shared_data / "zh" / "西游记.txt",
+        test_data / "zh" / "西游记.txt",
         tmp_path / "latin1.txt",
         "--encoding-errors",
         "replace",
         "--eval-data",
-        shared_data / "en" / "sherlock_holmes.txt",
+        test_data / "en" / "sherlock_holmes.txt",
         "--model",
         "gpt2",
         "--out",
@@ -128,6 +122,11 @@ def test_fine_tune_evaluate_snapshot_save_resume(hub_gpt2, hf_home, shared_data,
     assert "tokens per character" in out and "train loss" in out and "tokens/s" in out
     assert "eval step     3 | val: loss" in out and "sherlock_holmes: loss" in out and "bpc" in out
     assert "progress: step 6/6 (100%)" in result.stderr  # not a TTY: plain progress lines
+    assert "evaluating val, batch 1 of " in result.stderr and "left in this evaluation" in result.stderr
+    assert f"precision: float32 (--dtype auto: {auto_dtype(torch.device('cpu'), True)[1]})" in out or (
+        auto_dtype(torch.device("cpu"), True)[0] == torch.bfloat16 and "precision: bfloat16 (--dtype auto: " in out
+    )
+    assert "estimated time left: " in out and ", at the speed so far" in out
 
     info = json.loads((run / "run.json").read_text(encoding="utf-8"))
     assert info["model"] == "gpt2" and info["config"]["n_positions"] == 128 and info["args"]["steps"] == 6
@@ -158,14 +157,14 @@ def test_fine_tune_evaluate_snapshot_save_resume(hub_gpt2, hf_home, shared_data,
     assert_clean_error(changed, "--seq-len cannot change when a run is resumed")
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(shared_data, tmp_path, token_cache):
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(test_data, tmp_path, token_cache):
     run = tmp_path / "run"
     args = [
         "--data",
-        shared_data / "zh" / "三国演义.txt",
+        test_data / "zh" / "三国演义.txt",
         *TINY,
         "--tokenizer",
-        shared_data / "gpt2",
+        test_data / "gpt2",
         "--batch-size",
         "2",
         "--seq-len",
@@ -196,11 +195,17 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(shared_data, tmp_path, t
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "Traceback" not in stderr and "stopped by SIGTERM" in stderr and "--resume" in stderr
+    assert "--save-every 0: no checkpoints along the way, but the final one is always written (about " in stderr
     stopped = [r for r in log(run) if r["type"] == "stopped"][-1]
     checkpoint = Path(stopped["checkpoint"])
     assert checkpoint.name == f"step-{stopped['step']:06d}" and stopped["step"] >= 3
     load_model(checkpoint)
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".lock"]  # no temporary folders left
+    # sampling the run names the checkpoint it stands for: the newest, as there is no final one yet
+    sampled = run_script("sample.py", "天", "--model", run, "--max-new-tokens", "2", "--device", "cpu",
+                         env=env_for(tmp_path / "hf", token_cache), timeout=120)  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr
+    assert f"sampling its newest checkpoint (no final one yet), {checkpoint.name}" in sampled.stderr
 
     result = run_train(
         "--out", run, "--resume", "--steps", stopped["step"] + 2, hf_home=tmp_path / "hf", token_cache=token_cache

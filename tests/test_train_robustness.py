@@ -29,13 +29,13 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_args(shared_data):
+def base_args(test_data):
     return [
         "--data",
-        str(shared_data / "zh" / "西游记.txt"),
+        str(test_data / "zh" / "西游记.txt"),
         *TINY,
         "--tokenizer",
-        str(shared_data / "gpt2"),
+        str(test_data / "gpt2"),
         "--batch-size",
         "2",
         "--seq-len",
@@ -98,9 +98,10 @@ def test_a_second_process_on_the_same_run_is_refused_at_once(base_args, env, tmp
 KILL = (
     "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import train; from minigpt2 import distributed, launch\n"
     "stage, argv = sys.argv[2], sys.argv[3:]\n"
-    "ns = train.parser().parse_args(argv)\n"
-    "given = {k: v for k, v in vars(ns).items() if k not in ('out', 'resume', 'threads')}\n"
-    "s = launch.setup(given, ns.out, ns.resume, lambda r: None, distributed.setup('cpu'))\n"
+    "from minigpt2.options import TrainOptions\n"
+    "given = TrainOptions(**vars(train.parser().parse_args(argv)))\n"
+    "saved = launch.read_saved(given.out) if given.resume else launch.SavedRun(None, None)\n"
+    "s = launch.setup(given, saved, lambda r: None, distributed.setup('cpu'))\n"
     "def fault(name):\n"
     "    if name == stage: os.kill(os.getpid(), signal.SIGKILL)\n"
     "s.trainer.run_dir.fault = fault\n"
@@ -227,16 +228,16 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(base_args,
     load_model(run / "final")
 
 
-def test_ctrl_c_during_an_evaluation_stops_within_seconds(shared_data, env, tmp_path):
+def test_ctrl_c_during_an_evaluation_stops_within_seconds(test_data, shared_data, env, tmp_path):
     # Every CPU default, except the model (random 124M weights cannot be downloaded here: a tiny one
-    # keeps the test short) and an evaluation made long on purpose: Lu Xun, 200k tokens.
+    # keeps the test short) and an evaluation made long on purpose: the whole of Lu Xun, 200k tokens.
     run = tmp_path / "run"
     proc = start(
         "--data",
-        shared_data / "zh" / "西游记.txt",
+        test_data / "zh" / "西游记.txt",
         *TINY,
         "--tokenizer",
-        shared_data / "gpt2",
+        test_data / "gpt2",
         "--eval-data",
         shared_data / "zh" / "鲁迅小说集.txt",
         "--eval-tokens",
@@ -258,11 +259,11 @@ def test_ctrl_c_during_an_evaluation_stops_within_seconds(shared_data, env, tmp_
     assert not any(r["type"] == "eval" and r["set"] == "鲁迅小说集" for r in RunDir(run).read_log())  # discarded
 
 
-def test_ctrl_c_after_a_step_with_cpu_defaults_saves_within_seconds(shared_data, env, tmp_path):
+def test_ctrl_c_after_a_step_with_cpu_defaults_saves_within_seconds(test_data, env, tmp_path):
     # Every CPU default but the model (tiny, with a 64-token context: the default 128-token
     # sequences are capped to it).
     run = tmp_path / "run"
-    proc = start("--data", shared_data / "zh" / "西游记.txt", *TINY, "--tokenizer", shared_data / "gpt2", "--out", run,
+    proc = start("--data", test_data / "zh" / "西游记.txt", *TINY, "--tokenizer", test_data / "gpt2", "--out", run,
                  env=env)  # fmt: skip
     wait_for(run, proc, lambda log: trained_steps(log) >= 1)
     sent = time.time()
@@ -331,3 +332,42 @@ def test_a_damaged_token_cache_is_named_and_rebuilt(base_args, env, tmp_path):
         json.loads((tmp_path / "a" / "run.json").read_text())["data"]["train_tokens"]
         == json.loads((tmp_path / "b" / "run.json").read_text())["data"]["train_tokens"]
     )
+
+
+# ----- a full disk or a file size limit: one line naming the file, nothing earlier lost ----------
+
+
+def limited(kilobytes: int) -> list[str]:
+    """A launcher that runs the script with its files limited to `kilobytes` KB (bash's `ulimit -f`,
+    RLIMIT_FSIZE: writing past it fails with EFBIG, as a full disk fails with ENOSPC; for root too)."""
+    return ["bash", "-c", f'ulimit -f {kilobytes} && exec "$0" "$@"', sys.executable]
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_file_and_keeps_the_earlier_one(base_args, env, tmp_path):
+    run = tmp_path / "run"
+    assert train(*base_args, "--eval-every", "0", "--steps", "2", "--out", run, env=env).returncode == 0
+    before = {p.name: p.read_bytes() for p in (run / "final").iterdir() if p.is_file()}
+    result = run_script("train.py", *base_args, "--out", run, "--resume", "--steps", "3", "--eval-every", "0",
+                        env=env, timeout=240, launcher=limited(64))  # fmt: skip
+    one_error_line(result, "could not save checkpoint final", "model.safetensors", "File too large", "needs about")
+    assert {p.name: p.read_bytes() for p in (run / "final").iterdir() if p.is_file()} == before  # nothing lost
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".lock"]  # no temp folder left
+
+
+def test_a_token_cache_that_cannot_be_written_names_the_cache(base_args, tmp_path):
+    cache = tmp_path / "tokens"
+    env = offline_env(tmp_path / "hf", MINIGPT2_CACHE=str(cache))
+    result = run_script("train.py", *base_args, "--out", tmp_path / "run", "--steps", "2", env=env, timeout=240,
+                        launcher=limited(64))  # fmt: skip
+    one_error_line(result, f"cannot write '{cache}'", "File too large", "--cache-dir")
+    assert not any(cache.iterdir())  # no half-written entry
+
+
+def test_compare_json_that_cannot_be_written_names_the_file(base_args, env, tmp_path, shared_data):
+    run = tmp_path / "run"
+    assert train(*base_args, "--eval-every", "0", "--steps", "1", "--out", run, env=env).returncode == 0
+    out = tmp_path / "diff.json"
+    result = run_script("compare.py", run / "final", run / "final", "--json", out, env=env, timeout=240,
+                        launcher=limited(1))  # fmt: skip
+    one_error_line(result, f"cannot write '{out}'", "File too large")
+    assert not out.exists() and not any(p.name.startswith(".diff.json") for p in tmp_path.iterdir())

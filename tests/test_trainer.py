@@ -5,35 +5,23 @@ import math
 
 import pytest
 import torch
+from checkpoints import tiny_model
 from safetensors.torch import load_file
 
 from minigpt2 import load_model
 from minigpt2.data import prepare_corpus
 from minigpt2.files import read_jsonl
-from minigpt2.launch import start_model
 from minigpt2.rundir import STATE_JSON, RunDir
 from minigpt2.snapshots import Snapshotter
-from minigpt2.tokenizer import encoding_from_files
 from minigpt2.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, param_groups, steps_for
 
-TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
-
 
 @pytest.fixture(scope="module")
-def enc(shared_data):
-    return encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt")
-
-
-@pytest.fixture(scope="module")
-def novels(shared_data, enc, tmp_path_factory):
+def novels(test_data, enc, tmp_path_factory):
     """The four novels, with the tail 1% of each held out."""
-    zh = shared_data / "zh"
+    zh = test_data / "zh"
     files = [zh / n for n in ("红楼梦.txt", "西游记.txt", "水浒传.txt", "三国演义.txt")]
     return prepare_corpus(files, enc, val_fraction=0.01, cache_dir=tmp_path_factory.mktemp("tokens"))
-
-
-def tiny_model(seed=0, dropout=0.0):
-    return start_model(None, "gpt2", TINY, seed=seed, dropout=dropout)
 
 
 def make_trainer(novels, out, *, model=None, tokenizer=None, **config):
@@ -153,10 +141,10 @@ def test_nan_stops_and_leaves_the_last_checkpoint_untouched(novels, tmp_path):
     assert torch.isfinite(load_model(tmp_path / "run" / "step-000004").wte.weight).all()
 
 
-def test_checkpoints_load_in_transformers_and_hold_no_pickles(novels, shared_data, tmp_path):
+def test_checkpoints_load_in_transformers_and_hold_no_pickles(novels, test_data, tmp_path):
     from transformers import GPT2LMHeadModel
 
-    trainer = make_trainer(novels, tmp_path / "run", steps=3, tokenizer=shared_data / "gpt2")
+    trainer = make_trainer(novels, tmp_path / "run", steps=3, tokenizer=test_data / "gpt2")
     records(trainer)
     final = tmp_path / "run" / "final"
     assert sorted(p.name for p in final.iterdir()) == sorted(
@@ -191,3 +179,76 @@ def test_snapshots_measure_drift_and_remove_their_hooks(novels, enc, tmp_path):
     assert lines[0]["activations"]["h.1"] == {"cosine": pytest.approx(1.0), "relative_diff": 0.0}
     assert 0 < lines[2]["activations"]["h.1"]["relative_diff"] and lines[2]["activations"]["h.1"]["cosine"] < 1
     assert all(not m._forward_hooks for m in model.modules())
+
+
+# ----- reading the loss to the host only now and then (a GPU's queue never waits) ----------------
+
+
+def small_trainer(tmp_path, read_every, model=None, **config):
+    import numpy as np
+
+    from minigpt2 import GPT, GPTConfig
+    from minigpt2.data import TokenFile
+
+    path = tmp_path / f"tokens-{read_every}.bin"
+    np.random.default_rng(0).integers(0, 500, 4096, dtype=np.uint16).tofile(path)
+    torch.manual_seed(0)
+    model = model or GPT(GPTConfig(vocab_size=500, n_positions=32, n_layer=2, n_head=2, n_embd=32))
+    config = TrainConfig(**{"steps": 12, "batch_size": 2, "seq_len": 16, "eval_every": 0, **config})
+    trainer = Trainer(model, TokenFile(path, chars=4096), {}, config, tmp_path / f"run-{read_every}")
+    trainer.read_every = read_every
+    return trainer
+
+
+def test_steps_between_reads_never_wait_for_the_device(tmp_path, monkeypatch):
+    trainer = small_trainer(tmp_path, read_every=5)
+    inside, waits = [False], []
+
+    def counted(name, original):
+        def read(self, *args):
+            if inside[0]:
+                waits.append(name)
+            return original(self, *args)
+
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__format__"):  # every way to read a tensor
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    train_step = trainer.train_step
+
+    def unread_step(read=True):
+        inside[0] = not read
+        try:
+            return train_step(read)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(trainer, "train_step", unread_step)
+    got = records(trainer, "train")
+    monkeypatch.undo()
+    assert waits == []
+    assert [r["step"] for r in got] == list(range(1, 13))
+    every_step = records(small_trainer(tmp_path, read_every=1), "train")  # the same numbers, read at once
+    assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in every_step]
+    assert all(isinstance(r["loss"], float) and r["step_s"] > 0 for r in got)
+    # reading one step returns the record of train_step(read=True): the same loss as the logged one
+    lone = small_trainer(tmp_path, read_every=1)
+    assert lone.read_records([lone.train_step(read=False)])[0]["loss"] == every_step[0]["loss"]
+
+
+def test_nan_found_at_a_later_read_still_saves_nothing_after_it(tmp_path):
+    trainer = small_trainer(tmp_path, read_every=5, save_every=4)
+    model = trainer.raw_model
+    forward, calls = model.forward, [0]
+
+    def poisoned(idx, targets=None, **kw):  # the loss of the 6th training step is NaN
+        out = forward(idx, targets, **kw)
+        calls[0] += model.training
+        return (out[0], out[1] * float("nan")) if model.training and calls[0] == 6 else out
+
+    model.forward = poisoned
+    seen = []
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 6; stopping before saving any later step"):
+        records(trainer, on=lambda t, r: seen.append(r))
+    assert [r["step"] for r in seen if r["type"] == "train"] == [1, 2, 3, 4]
+    assert [p.name for _, p in checkpoints(tmp_path / "run-5")] == ["step-000004"]

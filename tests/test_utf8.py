@@ -7,7 +7,6 @@ import pytest
 import torch
 from checkpoints import tiny_gpt
 
-from minigpt2 import load_tokenizer
 from minigpt2.generate import Sampling, generate_tokens
 from minigpt2.utf8 import (
     ACCEPT,
@@ -61,11 +60,6 @@ def complete(data: bytes) -> bool:
         return "\ufffd" not in data.decode("utf-8")
     except UnicodeDecodeError:
         return False
-
-
-@pytest.fixture(scope="module")
-def enc(shared_data):
-    return load_tokenizer(shared_data / "gpt2")
 
 
 def test_guard_tables_agree_with_pythons_utf8_decoder_for_every_token(enc):

@@ -20,14 +20,14 @@ MIXED = "GPT-2 说：“Hello, 世界！” 😀🎉 naïve café\u200b　全角
 
 
 @pytest.fixture(scope="module")
-def gpt2(shared_data):
-    return encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt")
+def gpt2(test_data):
+    return encoding_from_files(test_data / "gpt2" / "vocab.json", test_data / "gpt2" / "merges.txt")
 
 
 @pytest.fixture(scope="module")
-def small_corpus(shared_data) -> str:
-    zh = (shared_data / "zh" / "红楼梦.txt").read_text(encoding="utf-8")[:20000]
-    en = (shared_data / "en" / "sherlock_holmes.txt").read_text(encoding="utf-8")[:8000]
+def small_corpus(test_data) -> str:
+    zh = (test_data / "zh" / "红楼梦.txt").read_text(encoding="utf-8")[:20000]
+    en = (test_data / "en" / "sherlock_holmes.txt").read_text(encoding="utf-8")[:8000]
     return zh + en + MIXED * 3
 
 
@@ -83,6 +83,22 @@ def test_learner_matches_slow_reference(gpt2, small_corpus):
     assert rejected > 0  # the rules were exercised: some frequent pairs were refused
 
 
+def test_learning_reports_each_phase_from_start_to_end(gpt2, small_corpus):
+    from minigpt2.bpe import LEARNING, READING, SPLITTING, learn_merges
+
+    heard = []
+    chunks = [small_corpus[:10000], small_corpus[10000:]]  # cut where no piece spans the cut
+    merges = learn_merges(chunks, gpt2, 250, lambda *a: heard.append(a), total_chars=len(small_corpus))
+    assert merges == learn_merges_from_counts(count_pretokens(chunks), gpt2, 250)  # the same merges
+    assert [what for what in dict.fromkeys(w for w, _, _ in heard)] == [READING, SPLITTING, LEARNING]
+    for phase in (READING, SPLITTING, LEARNING):
+        done = [(d, t) for w, d, t in heard if w == phase]
+        assert done[0][0] == 0 and done[-1][0] == done[-1][1] > 0  # from its start to its end
+        assert all(a[0] <= b[0] for a, b in zip(done, done[1:]))  # never backwards
+    assert (LEARNING, 100, 250) in heard and heard[-1] == (LEARNING, 250, 250)
+    assert heard[[w for w, _, _ in heard].index(SPLITTING) - 1] == (READING, len(small_corpus), len(small_corpus))
+
+
 def test_rules_refuse_second_spellings():
     rules = _MergeRules([b"a", b"b", b"c", b"ab", b"bc", b"abcd", b"d"])
     assert not rules.allows(b"ab", b"c")  # abc = a + bc too
@@ -91,10 +107,10 @@ def test_rules_refuse_second_spellings():
     assert rules.allows(b"c", b"c")
 
 
-def write_extended(tmp_path, shared_data, enc, texts, n):
+def write_extended(tmp_path, test_data, enc, texts, n):
     merges = learn_merges_from_counts(count_pretokens(texts), enc, n)
     folder = write_tokenizer_files(
-        tmp_path / "tok", shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt", merges
+        tmp_path / "tok", test_data / "gpt2" / "vocab.json", test_data / "gpt2" / "merges.txt", merges
     )
     return merges, folder
 
@@ -128,8 +144,8 @@ def assert_tokenizers_agree(folder: Path, texts: list[str], slow_chars: int) -> 
         assert fast.decode(ids, clean_up_tokenization_spaces=False) == text
 
 
-def test_extended_tokenizer_files_load_everywhere(tmp_path, shared_data, gpt2, small_corpus):
-    merges, folder = write_extended(tmp_path, shared_data, gpt2, [small_corpus], 300)
+def test_extended_tokenizer_files_load_everywhere(tmp_path, test_data, gpt2, small_corpus):
+    merges, folder = write_extended(tmp_path, test_data, gpt2, [small_corpus], 300)
     enc = load_tokenizer(folder)
     assert enc.n_vocab == 50257 + 300 and enc.eot_token == 50256
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
@@ -158,8 +174,8 @@ def test_tokenizers_agree_at_8000_merges(tmp_path, shared_data, gpt2):
     assert tokens_per_char(load_tokenizer(folder), texts[0]) < 1.0
 
 
-def test_pretokens_match_tiktoken(gpt2, shared_data):
-    text = "".join(read_chunks(shared_data / "en" / "tinyshakespeare.txt"))[:50000] + MIXED
+def test_pretokens_match_tiktoken(gpt2, test_data):
+    text = "".join(read_chunks(test_data / "en" / "tinyshakespeare.txt"))[:50000] + MIXED
     pieces = count_pretokens([text])
     from minigpt2.bpe import _PRETOKENIZER
 
@@ -168,9 +184,9 @@ def test_pretokens_match_tiktoken(gpt2, shared_data):
 
 
 @pytest.fixture(scope="module")
-def grown(tmp_path_factory, shared_data, gpt2, small_corpus):
+def grown(tmp_path_factory, test_data, gpt2, small_corpus):
     tmp = tmp_path_factory.mktemp("grown")
-    _, folder = write_extended(tmp, shared_data, gpt2, [small_corpus], 200)
+    _, folder = write_extended(tmp, test_data, gpt2, [small_corpus], 200)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64))
     new_enc = load_tokenizer(folder)
@@ -235,26 +251,32 @@ def test_compare_base_with_grown(grown):
 
 
 @pytest.mark.slow
-def test_train_py_grows_once_and_a_grown_run_resumes_bit_for_bit(shared_data, tmp_path):
+def test_train_py_grows_once_and_a_grown_run_resumes_bit_for_bit(test_data, tmp_path):
     import shutil
 
     from clis import run_script
     from safetensors.torch import load_file
 
     text = tmp_path / "zh.txt"
-    text.write_text((shared_data / "zh" / "西游记.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    text.write_text((test_data / "zh" / "西游记.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     args = ["--data", text, "--init-preset", "gpt2", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-            "--context", "32", "--tokenizer", shared_data / "gpt2", "--extend-vocab", "40", "--batch-size", "2",
+            "--context", "32", "--tokenizer", test_data / "gpt2", "--extend-vocab", "40", "--batch-size", "2",
             "--steps", "4", "--save-every", "2", "--eval-every", "0", "--eval-tokens", "64", "--keep-last", "0",
             "--dropout", "0.1", "--cache-dir", tmp_path / "cache", "--device", "cpu"]  # fmt: skip
 
+    progress = ""
+
     def train(*extra):
+        nonlocal progress
         result = run_script("train.py", *extra, timeout=300)
         assert result.returncode == 0, result.stderr
+        progress = result.stderr
         return result.stdout
 
     first = train(*args, "--out", tmp_path / "full")
     assert "vocabulary: 40 new tokens learned" in first and "50,297 in all" in first
+    assert "progress: learning merges: 40 of 40 (100%)" in progress  # the silent minutes now speak
+    assert "progress: reading the text (characters): 0 of 40,000 (0%)" in progress
     train(*args, "--out", tmp_path / "split")
     shutil.rmtree(tmp_path / "split" / "final")  # as if it had stopped at step 2
     resumed = train("--out", tmp_path / "split", "--resume")

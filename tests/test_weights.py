@@ -94,11 +94,11 @@ def test_save_never_overwrites_a_checkpoint(official, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # no temp files left
 
 
-def test_save_copies_tokenizer_files(official, tmp_path, shared_data):
+def test_save_copies_tokenizer_files(official, tmp_path, test_data):
     model = load_model(official)
-    out = save_model(model, tmp_path / "saved", tokenizer_source=shared_data / "gpt2")
+    out = save_model(model, tmp_path / "saved", tokenizer_source=test_data / "gpt2")
     for name in ("vocab.json", "merges.txt"):
-        assert (out / name).read_bytes() == (shared_data / "gpt2" / name).read_bytes()
+        assert (out / name).read_bytes() == (test_data / "gpt2" / name).read_bytes()
     # a model loaded from that directory carries them along when saved again
     out2 = save_model(load_model(out), tmp_path / "again")
     assert (out2 / "vocab.json").is_file() and (out2 / "merges.txt").is_file()

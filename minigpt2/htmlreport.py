@@ -1,0 +1,413 @@
+"""The comparison as one self-contained HTML page: `compare.py A B --html report.html`.
+
+Everything the terminal report and the PNG plot hold, in a file that opens anywhere and can be
+mailed or attached to an issue: no network, no scripts, no external files (the charts are inline
+SVG, the styles inline CSS), readable on a phone (the layout narrows to one column, wide tables
+scroll sideways inside their box). It presents the figures of `minigpt2.compare`'s result and the
+tables of `minigpt2.report`, computing nothing of its own.
+
+Sections (each an element with this id): `summary`, `curves` (learning curves of a run),
+`samples` (what a run wrote at each evaluation), `prompts` (activation drift per block and the
+continuations of A and B side by side), `heatmap` (layer x module change), `weights` (the most
+changed tensors, per layer, per module kind), `behaviour` (loss and bits per character on each
+text), `drift` (over the training steps), `tradeoff` (several models), `text` (the terminal report).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from pathlib import Path
+
+from .console import visible
+from .files import write_text_atomically
+from .report import (
+    BEHAVIOUR_COLUMNS,
+    KIND_COLUMNS,
+    LAYER_COLUMNS,
+    TENSOR_COLUMNS,
+    behaviour_rows,
+    check_new_file,
+    heatmap_rows,
+    layer_rows,
+    pct,
+    render,
+    render_many,
+    sample_prompts_of,
+    samples_of,
+    smoothed,
+    tensor_rows,
+    tradeoff_rows,
+)
+
+# matplotlib's tab10, so the page's colours match the PNG's (and need no matplotlib).
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")  # fmt: skip
+VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))  # the heatmap's scale
+
+CSS = """
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans","Noto Sans CJK SC",
+"PingFang SC","Microsoft YaHei",sans-serif;color:#1d2330;background:#f6f7f9}
+main{max-width:1100px;margin:0 auto;padding:12px}
+h1{font-size:1.35em;margin:.4em 0}h2{font-size:1.15em;margin:0 0 .5em}h3{font-size:1em;margin:.9em 0 .3em}
+section{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:12px 14px;margin:12px 0}
+.note{color:#5a6272;font-size:.9em;margin:.2em 0 .6em}
+.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch;max-width:100%}
+table{border-collapse:collapse;font-size:.88em;font-variant-numeric:tabular-nums}
+th,td{padding:3px 8px;border-bottom:1px solid #eceef2;text-align:right;white-space:nowrap}
+th{background:#f0f2f5;position:sticky;top:0}
+td:first-child,th:first-child{text-align:left}
+th.text{text-align:left}td.text{white-space:pre-wrap;text-align:left;min-width:14em;max-width:60em}
+.heat td{text-align:center;min-width:3.6em;color:#fff}.heat td:first-child{color:#1d2330;text-align:left}
+.heat td.light{color:#111}.heat td.none{background:#fafafa}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:12px}
+.card{border:1px solid #e3e6eb;border-radius:6px;padding:8px 10px;background:#fcfcfd;min-width:0}
+.card h3{margin-top:0}
+.sample{white-space:pre-wrap;word-break:break-word}
+.prompt{font-weight:600;color:#2a4d8f}
+svg{width:100%;max-width:760px;height:auto;display:block}
+svg text{font-size:14px;fill:#333}
+.legend{display:flex;flex-wrap:wrap;gap:4px 12px;font-size:.82em;margin:4px 0 0}
+.legend span{white-space:nowrap}.legend i{display:inline-block;width:14px;height:3px;vertical-align:middle;
+margin-right:4px}
+details pre{font-size:12px;overflow-x:auto;background:#f6f7f9;padding:8px;border-radius:6px}
+@media (max-width:600px){body{font-size:14px}main{padding:6px}section{padding:10px 8px}}
+"""
+
+
+def esc(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+# ----- pieces -----------------------------------------------------------------------------
+
+
+def html_table(headers: list[str], rows: list[list[str]], text_columns: tuple[int, ...] = ()) -> str:
+    """A table in a box that scrolls sideways on a narrow screen; `text_columns` wrap (samples)."""
+    head = "".join(f"<th{' class=text' if i in text_columns else ''}>{esc(h)}</th>" for i, h in enumerate(headers))
+    body = "".join(
+        "<tr>" + "".join(f"<td{' class=text' if i in text_columns else ''}>{esc(c)}</td>" for i, c in enumerate(r))
+        + "</tr>"
+        for r in rows
+    )  # fmt: skip
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About `count` round numbers spanning [low, high] (1, 2 or 5 times a power of ten apart)."""
+    if not high > low:
+        high = low + (abs(low) or 1.0)
+    raw = (high - low) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.floor(low / step) * step
+    return [first + i * step for i in range(int(math.ceil((high - first) / step)) + 1)]
+
+
+def tick_label(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def line_chart(series: list[tuple[str, list, list]], *, xlabel: str, ylabel: str, categories=None, dots=False) -> str:
+    """An SVG line chart with an HTML legend under it. `series`: (label, xs, ys); a None or NaN y
+    breaks the line. `categories`: labels for x = 0, 1, ... (block names) instead of numbers."""
+    width, height, left, right, top, bottom = 480, 270, 56, 12, 10, 44
+    points = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+    if not points:
+        return '<p class="note">(nothing to draw)</p>'
+    xs_all, ys_all = [p[0] for p in points], [p[1] for p in points]
+    xticks = list(range(len(categories))) if categories else nice_ticks(min(xs_all), max(xs_all))
+    yticks = nice_ticks(min(0.0, min(ys_all)) if min(ys_all) >= 0 else min(ys_all), max(ys_all))
+    x0, x1 = (xticks[0], xticks[-1]) if not categories else (-0.3, len(categories) - 0.7)
+    x0, x1 = (x0, x1) if x1 > x0 else (x0 - 1, x1 + 1)
+    y0, y1 = yticks[0], yticks[-1]
+
+    def sx(x):
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(y):
+        return top + (y1 - y) / (y1 - y0) * (height - top - bottom)
+
+    parts = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{esc(ylabel)} against {esc(xlabel)}">']
+    for y in yticks:
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#e6e8ec"/>')
+        parts.append(f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{tick_label(y)}</text>')
+    every = max(1, math.ceil(len(xticks) / 12))
+    for i, x in enumerate(xticks):
+        if i % every == 0:
+            label = categories[x] if categories else tick_label(x)
+            parts.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{esc(label)}</text>')
+    parts.append(
+        f'<line x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}" stroke="#888"/>'
+        f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>'
+        f'<text transform="translate(13 {(top + height - bottom) / 2}) rotate(-90)" text-anchor="middle">'
+        f"{esc(ylabel)}</text>"
+    )
+    legend = []
+    for i, (label, xs, ys) in enumerate(series):
+        colour = PALETTE[i % len(PALETTE)] if len(series) > 1 or label else PALETTE[0]
+        dash = ' stroke-dasharray="5 3"' if i // len(PALETTE) % 2 else ""
+        path, pen = [], "M"
+        for x, y in zip(xs, ys):
+            if y is None or not math.isfinite(y):
+                pen = "M"
+                continue
+            path.append(f"{pen}{sx(x):.1f},{sy(y):.1f}")
+            pen = "L"
+            if dots:
+                parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.6" fill="{colour}"/>')
+        parts.append(f'<path d="{" ".join(path)}" fill="none" stroke="{colour}" stroke-width="1.8"{dash}/>')
+        if label:
+            legend.append(f'<span><i style="background:{colour}"></i>{esc(label)}</span>')
+    parts.append("</svg>")
+    return "".join(parts) + (f'<div class="legend">{"".join(legend)}</div>' if legend else "")
+
+
+def heat_colour(value: float, top: float) -> tuple[str, bool]:
+    """(CSS colour of a heatmap cell on the viridis scale, whether it is light: dark text on it)."""
+    t = 0.0 if top <= 0 else min(max(value / top, 0.0), 1.0)
+    i = min(int(t * (len(VIRIDIS) - 1)), len(VIRIDIS) - 2)
+    f = t * (len(VIRIDIS) - 1) - i
+    rgb = [round(a + (b - a) * f) for a, b in zip(VIRIDIS[i], VIRIDIS[i + 1])]
+    return f"rgb({rgb[0]},{rgb[1]},{rgb[2]})", t > 0.6
+
+
+def shown_text(text: str) -> str:
+    """A generated text for the page: its line breaks kept, hidden characters spelled out (`visible`)."""
+    return visible(text, newline="\n")
+
+
+def section(ident: str, title: str, body: str, note: str = "") -> str:
+    note = f'<p class="note">{esc(note)}</p>' if note else ""
+    return f'<section id="{ident}"><h2>{esc(title)}</h2>{note}{body}</section>'
+
+
+# ----- the sections of one comparison -----------------------------------------------------
+
+
+def _summary(result: dict) -> str:
+    c = result["config"]
+    rows = []
+    for side in ("a", "b"):
+        info = result[side]
+        where = f" (training run; its checkpoint {info['checkpoint']})" if info["run"] else ""
+        rows.append(f"<p><b>{side.upper()}</b>: {esc(info['source'])}{esc(where)}</p>")
+    rows.append(
+        f'<p class="note">architecture: {c["n_layer"]} layers, width {c["n_embd"]}, {c["n_head"]} heads, '
+        f"vocabulary {c['vocab_size']}, context {c['n_positions']}</p>"
+    )
+    return section("summary", "What is compared", "".join(rows), "A is the reference (before), B the model after.")
+
+
+def _curves(run: dict) -> str:
+    curves = run.get("curves") or {}
+    train, evals = curves.get("train") or [], curves.get("eval") or {}
+    if not train and not evals:
+        return ""
+    cards = []
+    if train:
+        steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+        window, smooth = smoothed(losses)
+        series = [("each step", steps, losses), (f"mean of {window} steps" if window > 1 else "loss", steps, smooth)]
+        chart = line_chart(series, xlabel="step", ylabel="loss (nats per token)")
+        cards.append(f'<div class="card"><h3>training loss</h3>{chart}</div>')
+    if evals:
+        series = [(name, [p["step"] for p in pts], [p["bpc"] for p in pts]) for name, pts in evals.items()]
+        chart = line_chart(series, xlabel="step", ylabel="bits per character", dots=True)
+        cards.append(f'<div class="card"><h3>evaluation: bits per character (lower is better)</h3>{chart}</div>')
+    return section(
+        f"curves-{run['side']}", f"Learning curves: run {run['path']}", f'<div class="grid">{"".join(cards)}</div>'
+    )
+
+
+def _samples(run: dict) -> str:
+    drawn = (run.get("curves") or {}).get("samples") or []
+    if not drawn:
+        return ""
+    last = drawn[-1]
+    cards = []
+    for number, prompt in enumerate(sample_prompts_of(drawn), 1):
+        rows = [[f"step {step}", shown_text(text)] for step, text in samples_of(drawn, prompt)]
+        cards.append(
+            f'<div class="card"><h3>prompt {number}: <span class="prompt">{esc(prompt)}</span></h3>'
+            f"{html_table(['', 'continuation'], rows, text_columns=(1,))}</div>"
+        )
+    note = (f"the same seed ({last['seed']}) and {last['max_new_tokens']} new tokens at every evaluation, so what "
+            "changes from row to row is the model")  # fmt: skip
+    return section(f"samples-{run['side']}", f"Samples while training: run {run['path']}", "".join(cards), note)
+
+
+def _prompts(result: dict) -> str:
+    acts = result["activations"]
+    if not acts:
+        return ""
+    series = [
+        (f"prompt {i}", list(range(len(a["blocks"]))), [100 * b["relative_diff"] for b in a["blocks"]])
+        for i, a in enumerate(acts, 1)
+    ]
+    blocks = [b["block"] for b in acts[0]["blocks"]]
+    parts = [
+        '<div class="card"><h3>activation drift per block: ||hA-hB|| / ||hA|| (%)</h3>'
+        + line_chart(series, xlabel="block output", ylabel="%", categories=blocks, dots=True)
+        + "</div>"
+    ]
+    for i, a in enumerate(acts, 1):
+        top = {side: ", ".join(f"'{t['text']}' {pct(t['prob'])}" for t in a[f"top5_{side}"]) for side in "ab"}
+        body = [f"<h3>prompt {i}: <span class=prompt>{esc(a['prompt'])}</span></h3>",
+                f'<p class="note">{a["tokens"]} tokens; next token: KL(A||B) = {a["kl_a_b"]:.4g} nats</p>']  # fmt: skip
+        cells = []
+        for side in ("a", "b"):
+            text = a.get(f"continuation_{side}")
+            shown = ""
+            if text is not None:
+                shown = f'<p class="sample"><span class="prompt">{esc(a["prompt"])}</span>{esc(shown_text(text))}</p>'
+
+            cells.append(
+                f'<div class="card"><h3>{side.upper()}</h3>{shown}'
+                f'<p class="note">top-5 next: {esc(top[side])}</p></div>'
+            )
+        body.append(f'<div class="grid">{"".join(cells)}</div>')
+        parts.append("".join(body))
+    note = "continuations drawn with the same seed for A and B" if result.get("sample_tokens") else ""
+    return section("prompts", "Prompts: A and B side by side", "".join(parts), note)
+
+
+def _heatmap(result: dict) -> str:
+    layers, kinds, values = heatmap_rows(result)
+    top = max((v for row in values for v in row if v == v), default=0.0)
+    head = "<th>layer</th>" + "".join(f"<th>{esc(k)}</th>" for k in kinds)
+    rows = []
+    for layer, row in zip(layers, values):
+        cells = []
+        for v in row:
+            if v != v:
+                cells.append('<td class="none"></td>')
+            else:
+                colour, light = heat_colour(v, top)
+                cells.append(f'<td{" class=light" if light else ""} style="background:{colour}">{v:.2g}</td>')
+        rows.append(f"<tr><td>{esc(layer)}</td>{''.join(cells)}</tr>")
+    table = f'<table class="heat"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    body = f'<div class="scroll">{table}</div>'
+    return section("heatmap", "Where the weights moved: relative change ||A-B|| / ||A|| (%)", body,
+                   "a row per layer, a column per module kind; (all) pools the whole layer")  # fmt: skip
+
+
+def _weights(result: dict, top: int) -> str:
+    w = result["weights"]
+    lora = w.get("lora")
+    ranked = sorted(
+        (t for t in w["tensors"] if not math.isinf(t["relative_change"])), key=lambda t: -t["relative_change"]
+    )
+    layers, kinds = layer_rows(w)
+    body = (f"<h3>the {min(top, len(ranked))} most changed of {len(w['tensors'])} tensors</h3>"
+            + html_table(TENSOR_COLUMNS, tensor_rows(ranked[:top], set(lora["adapted"]) if lora else set()))
+            + "<h3>per layer (its tensors pooled)</h3>" + html_table(LAYER_COLUMNS, layers)
+            + "<h3>per module kind (pooled over the layers)</h3>" + html_table(KIND_COLUMNS, kinds))  # fmt: skip
+    note = ("rank90 = singular directions holding 90% of ||A-B||²; stable rank = ||A-B||_F² / ||A-B||_2²"
+            + ("; * marks the LoRA-adapted tensors" if lora else ""))  # fmt: skip
+    return section("weights", "Weights", body, note)
+
+
+def _behaviour(result: dict) -> str:
+    if not result["behaviour"]:
+        return ""
+    return section("behaviour", "Behaviour on text", html_table(BEHAVIOUR_COLUMNS, behaviour_rows(result)),
+                   f"first {result['max_eval_tokens']} tokens at most; loss = nats per token; bpc = bits per "
+                   "character, comparable across languages")  # fmt: skip
+
+
+def _drift(run: dict) -> str:
+    steps = run["steps"]
+    if not steps:
+        return ""
+    cards = []
+    for key, title in (
+        ("weight_drift", "weights: relative change per layer since the start (%)"),
+        ("activation_drift", "block outputs on the probe: relative difference since the start (%)"),
+    ):
+        layers = [layer for layer in run["layers"] if any(layer in s[key] for s in steps)]
+        if not layers:
+            continue
+        series = [
+            (
+                layer,
+                [s["step"] for s in steps],
+                [None if s[key].get(layer) is None else 100 * s[key][layer] for s in steps],
+            )
+            for layer in layers
+        ]
+        chart = line_chart(series, xlabel="step", ylabel="%", dots=len(steps) < 30)
+        cards.append(f'<div class="card"><h3>{esc(title)}</h3>{chart}</div>')
+    probe = f"; probe: {run['probe']}" if run.get("probe") else ""
+    return section(
+        f"drift-{run['side']}",
+        f"Drift over the steps: run {run['path']}",
+        f'<div class="grid">{"".join(cards)}</div>',
+        f"side {run['side']}{probe}",
+    )
+
+
+def _text(report: str) -> str:
+    return section("text", "The terminal report", f"<details><summary>show</summary><pre>{esc(report)}</pre></details>")
+
+
+def page(title: str, sections: list[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
+            f"<h1>{esc(title)}</h1>{''.join(s for s in sections if s)}</main></body></html>\n")  # fmt: skip
+
+
+def render_html(result: dict, top: int = 10) -> str:
+    """The page for a `compare` result (or a `compare_many` one: the trade-off table and chart)."""
+    if "models" in result:
+        return _many(result)
+    runs = result["runs"]
+    sections = [_summary(result)]
+    for run in runs:
+        sections += [_curves(run), _samples(run)]
+    sections += [_prompts(result), _heatmap(result), _weights(result, top), _behaviour(result)]
+    sections += [_drift(run) for run in runs]
+    sections.append(_text(render(result, top=top)))
+    return page(f"minigpt2: {result['a']['source']} vs {result['b']['source']}", sections)
+
+
+def _many(result: dict) -> str:
+    headers, rows = tradeoff_rows(result)
+    base = result["models"][0]["behaviour"]
+    body = html_table(headers, rows)
+    if len(result["texts"]) > 1:
+        series = []
+        for model in result["models"]:
+            delta = [m["bits_per_char"] - a["bits_per_char"] for m, a in zip(model["behaviour"], base)]
+            series.append((Path(model["source"]).name or model["source"], [delta[0]], [delta[1]]))
+        names = [Path(t["file"]).name for t in result["texts"]]
+        body += (
+            '<div class="card">'
+            + line_chart(
+                series,
+                xlabel=f"change in bpc on {names[0]} (left: learned)",
+                ylabel=f"change on {names[1]} (up: forgotten)",
+                dots=True,
+            )
+            + "</div>"
+        )
+    sections = [
+        section(
+            "tradeoff",
+            "Several models against A",
+            body,
+            "bits per character on each text and the change from A (negative: better)",
+        ),
+        _text(render_many(result)),
+    ]
+    return page(f"minigpt2: several models against {result['a']['source']}", sections)
+
+
+def write_html(result: dict, path: str | os.PathLike, force: bool = False, top: int = 10) -> Path:
+    """The page, written atomically (an existing file only with `force`)."""
+    path = check_new_file(path, force)
+    write_text_atomically(path, render_html(result, top))
+    return path
