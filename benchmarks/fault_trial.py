@@ -59,6 +59,7 @@ class Case:
     env: dict = field(default_factory=dict)
     stdout_closed: bool = False
     no_new: tuple = ()  # paths (relative to the case dir) that must not exist after a refusal
+    says: str = ""  # an `ok` case must say this (stdout or stderr): e.g. that it fell back past damage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +166,7 @@ def then(prep, damage):
 # ---------------------------------------------------------------------------------------------
 # the cases
 
+HUGE_ARGS = '{"args": {"steps": ' + "9" * 5000 + "}}"  # past int()'s 4300-digit limit
 BAD_NUMBERS = ["nan", "inf", "-5", "abc", "1e400"]
 TRAIN_NUMBERS = [
     "--lr",
@@ -235,6 +237,7 @@ def cases() -> list[Case]:
         ("train.py", [*train_base, "--out", "{D}/run", "--drop-lines", "."]),  # drops every line
         ("train.py", [*train_base, "--out", "{D}/run", "--lora-targets", "attn.nope"]),
         ("train.py", [*train_base, "--out", "{D}/run", "--lora-alpha", "2"]),  # without --lora
+        ("train.py", [*train_base, "--out", "{D}/run", "--lora", "2", "--lora-targets", "attn.nope"]),
         ("train.py", [*train_base, "--out", "{D}/run", "--seq-len", "100000"]),
         ("train.py", [*train_base, "--out", "{D}/run", "--batch-size", "10000000"]),
         ("train.py", [*train_base, "--out", "{D}/run", "--resume"]),  # nothing to resume
@@ -243,6 +246,14 @@ def cases() -> list[Case]:
         ("train.py", [*train_base, "--out", "{D}/run", "--eval-data", "{D}/missing.txt"]),
         ("train.py", [*train_base, "--out", "{D}/run", "--steps", "1", "--epochs", "1"]),
         ("train.py", [*train_base, "--out", "{D}/run", "--min-lr", "1", "--lr", "0.001"]),
+        ("train.py", [*train_base, "--out", ""]),
+        ("train.py", [*train_base, "--out", "/dev/null"]),
+        ("train.py", [*train_base, "--out", "{D}/run", "--data", ""]),
+        ("train.py", [*train_base, "--out", "{D}/run", "--data", "/dev/zero"]),  # endless: must not hang
+        ("train.py", [*train_base, "--out", "{D}/run", "--eval-data", "/dev/zero"]),
+        ("sample.py", ["hi", "--model", ""]),
+        ("sample.py", ["--model", "{F}/ck", "--prompt-file", "/dev/zero"]),
+        ("compare.py", ["{F}/ck", "{F}/run", "--text", "/dev/zero"]),
         ("sample.py", ["hi", "--model", "{F}/ck", "--top-p", "2"]),
         ("sample.py", ["hi", "--model", "{F}/ck", "--temperature", "-1"]),
         ("sample.py", ["hi", "--model", "nobody/nothing"]),
@@ -263,7 +274,13 @@ def cases() -> list[Case]:
         ("compare.py", ["{F}/ck", "{F}/run", "--json", "{D}/no/such/dir/x.json"]),
         ("compare.py", ["{F}/ck", "{F}/run", "--plot", "{D}/x.txt"]),
     ]:
-        C.append(Case(f"flags/{script}/{' '.join(args[-2:])}", script, args, no_new=("run",)))
+        if args[-1] == "--resume":  # a new folder: starts from step 0, saying so (for scripts that always resume)
+            C.append(Case(f"flags/{script}/--resume-new", script, args, expect="ok", says="starting from step 0"))
+            continue
+        name = f"flags/{script}/{' '.join(args[-2:])}"
+        if any(c.name == name for c in C):  # the same last two arguments: a case folder of its own
+            name = f"flags/{script}/{' '.join(args[-4:])}"
+        C.append(Case(name, script, args, no_new=("run",)))
 
     # --- 3. damaged checkpoints, in each script
     ck_damage = {
@@ -287,6 +304,11 @@ def cases() -> list[Case]:
         "config-negative": lambda d: edit_json(d / "config.json", n_positions=-1),
         "config-nan-eps": lambda d: write(
             d / "config.json", (d / "config.json").read_text().replace("1e-05", "NaN").replace("1e-5", "NaN")
+        ),
+        "config-deeply-nested": lambda d: write(d / "config.json", "[" * 100_000),
+        "config-5000-digit-int": lambda d: write(d / "config.json", '{"n_layer": ' + "9" * 5000 + "}"),
+        "weights-header-deeply-nested": lambda d: write(
+            d / "model.safetensors", (100_000).to_bytes(8, "little") + b"[" * 100_000
         ),
         "vocab-garbage": lambda d: write(d / "vocab.json", "{garbage"),
         "vocab-list": lambda d: write(d / "vocab.json", "[]"),
@@ -397,36 +419,88 @@ def cases() -> list[Case]:
             no_new=("out/.lock",),
         )
     )
+    C.append(
+        Case(
+            "out/symlink-to-a-checkpoint",
+            "train.py",
+            [*train_base, "--out", "{D}/out"],
+            prep=lambda d, f: os.symlink(f / "ck", d / "out"),
+        )
+    )
+    C.append(
+        Case(
+            "data/fifo",
+            "train.py",
+            [*train_base, "--data", "{D}/fifo", "--out", "{D}/run"],
+            prep=lambda d, f: os.mkfifo(d / "fifo"),
+            no_new=("run",),
+        )
+    )
+    C.append(
+        Case(
+            "out/resume-into-a-file",
+            "train.py",
+            ["--out", "{D}/out", "--resume", "--steps", "6"],
+            prep=out_is("file"),
+        )
+    )
     C.append(Case("out/fresh-into-used-run", "train.py", [*train_base, "--out", "{D}/run"], prep=copy_of("run", "run")))
 
     # --- 6. a run's own files, damaged, then --resume
     def run_damage(fn):
         return then(copy_of("run", "run"), fn)
 
+    def args_of(run: Path) -> dict:
+        return json.loads((run / "run.json").read_text())["args"]
+
     def newest(run: Path) -> Path:
         return run / "final"
 
-    def edit_state(**changes):
+    def edit_state(every=False, **changes):
+        """Damage trainer_state.json of the newest checkpoint (or of every one)."""
+
         def fn(run: Path):
             for ck in [p for p in run.iterdir() if p.is_dir() and (p / "trainer_state.json").exists()]:
-                edit_json(ck / "trainer_state.json", **changes)
+                if every or ck.name == "final":
+                    edit_json(ck / "trainer_state.json", **changes)
 
         return fn
 
+    def garbage_state(every=False):
+        def fn(run: Path):
+            for ck in [p for p in run.iterdir() if p.is_dir() and (p / "trainer_state.json").exists()]:
+                if every or ck.name == "final":
+                    write(ck / "trainer_state.json", "{x")
+
+        return fn
+
+    # A damaged checkpoint is set aside and the resume falls back to the newest good one, saying so
+    # (issue 20 B); with every checkpoint damaged it starts from step 0, saying so. run.json is the
+    # run's own record: damaged, it is one clear error.
+    skipped = "skipped checkpoint"
     resume_damage = {
         "run.json-garbage": (lambda r: write(r / "run.json", "{nope"), "error"),
         "run.json-args-list": (lambda r: edit_json(r / "run.json", args=[1, 2]), "error"),
         "run.json-missing": (lambda r: (r / "run.json").unlink(), "error"),
         "run.json-empty": (lambda r: write(r / "run.json", ""), "error"),
-        "state-step-negative": (edit_state(step=-3), "error"),
-        "state-step-huge": (edit_state(step=1_000_000_000), "error"),
-        "state-step-string": (edit_state(step="4"), "error"),
-        "state-json-garbage": (
-            lambda r: [
-                write(p / "trainer_state.json", "{x") for p in r.iterdir() if (p / "trainer_state.json").exists()
-            ],
-            "error",
+        "run.json-deeply-nested": (lambda r: write(r / "run.json", '{"args": ' + "[" * 100_000), "error"),
+        "run.json-5000-digit-int": (lambda r: write(r / "run.json", HUGE_ARGS), "error"),
+        "run.json-args-lr-nan": (lambda r: edit_json(r / "run.json", args={**args_of(r), "lr": float("nan")}), "error"),
+        "run.json-args-steps-text": (lambda r: edit_json(r / "run.json", args={**args_of(r), "steps": "6"}), "error"),
+        "run.json-is-a-folder": (lambda r: (r / "run.json").unlink() or (r / "run.json").mkdir(), "error"),
+        "state-json-deeply-nested": (lambda r: write(newest(r) / "trainer_state.json", "[" * 100_000), "ok"),
+        "state-json-5000-digit-step": (
+            lambda r: write(newest(r) / "trainer_state.json", '{"step": ' + "9" * 5000 + "}"),
+            "ok",
         ),
+        "log-deeply-nested-line": (lambda r: write(r / "log.jsonl", "[" * 100_000 + "\n"), "ok"),
+        "state-step-negative": (edit_state(step=-3), "ok"),
+        "state-step-huge": (edit_state(step=1_000_000_000), "ok"),
+        "state-step-string": (edit_state(step="4"), "ok"),
+        "state-json-garbage": (garbage_state(), "ok"),
+        "every-state-step-negative": (edit_state(every=True, step=-3), "ok"),
+        "every-state-step-huge": (edit_state(every=True, step=1_000_000_000), "ok"),
+        "every-state-json-garbage": (garbage_state(every=True), "ok"),
         "final-state-nan": (lambda r: nan_state(newest(r)), "ok"),  # falls back to step-000002
         "final-state-garbage": (lambda r: write(newest(r) / "trainer_state.safetensors", os.urandom(300)), "ok"),
         "final-weights-cut": (lambda r: truncate(newest(r) / "model.safetensors", 0.5), "ok"),
@@ -448,6 +522,7 @@ def cases() -> list[Case]:
                 ["--out", "{D}/run", "--resume", "--steps", "6"],
                 prep=run_damage(fn),
                 expect=expect,
+                says=skipped if expect == "ok" and not name.startswith("log-") else "",
             )
         )
         if name.startswith("final-"):
@@ -790,18 +865,28 @@ def run_case(case: Case, fixtures: Path, work: Path) -> tuple[str, str]:
         return "right", tail
     if rc != 0:
         return "unclear", f"exit {rc}; {tail}"
+    if case.says and case.says not in (out or "") + err:
+        return "silent", f"exit 0 without saying {case.says!r}; {tail}"
     return "right", tail
 
 
 def main() -> int:
+    global TIMEOUT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", help="run the cases whose name contains this")
+    p.add_argument("--only", action="append", help="run the cases whose name contains this (repeat: any of them)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument(
+        "--timeout",
+        type=int,
+        default=TIMEOUT,
+        help="seconds before a case is judged a hang (raise it on a loaded machine)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--json", help="write every case's verdict here")
     a = p.parse_args()
-    all_cases = [c for c in cases() if not a.only or a.only in c.name]
+    TIMEOUT = a.timeout
+    all_cases = [c for c in cases() if not a.only or any(o in c.name for o in a.only)]
     if a.list:
         print("\n".join(c.name for c in all_cases))
         return 0

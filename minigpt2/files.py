@@ -92,11 +92,29 @@ def write_json(path: str | os.PathLike, value) -> None:
     write_text_atomically(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
+def parse_json(text: str):
+    """`json.loads`, whose every failure is a `ValueError` (as `json.JSONDecodeError` is).
+
+    Two inputs get past `JSONDecodeError`: a document nested deeper than Python's recursion limit
+    (`[[[[...` raises `RecursionError`) and an integer of more than 4,300 digits (a plain
+    `ValueError`). Neither is in a file this project writes; both are damage or an attack, and must
+    be reported like any other unreadable JSON rather than as a traceback.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("it is nested too deeply to be a file of this kind") from None
+    except ValueError as e:
+        if isinstance(e, json.JSONDecodeError):
+            raise
+        raise ValueError("it holds a number of more than 4300 digits") from None  # int()'s limit; no real value
+
+
 def read_json_object(path: str | os.PathLike, expected: str, error: type[MiniGPT2Error] = MiniGPT2Error) -> dict:
     """A JSON file that must hold an object; `expected` says what it should be, for the error."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        value = parse_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError and JSONDecodeError among them
         raise error(f"cannot read '{path}': {e}. It should be {expected}.") from None
     if not isinstance(value, dict):
         raise error(f"'{path}' is not a JSON object; it should be {expected}.")
@@ -105,11 +123,14 @@ def read_json_object(path: str | os.PathLike, expected: str, error: type[MiniGPT
 
 def read_text_file(path: str | os.PathLike, what: str = "text file") -> str:
     """A whole UTF-8 text file as str, or a `DataError` naming it: unreadable, a folder, not UTF-8
-    (with the offending byte and its offset, so the user can look at exactly that spot), or empty.
+    (with the offending byte and its offset, so the user can look at exactly that spot), empty, or a
+    device (reading /dev/zero would fill the memory). A pipe is read: `--prompt-file <(...)` works.
     `what` says what the file is for ("prompt file", "text file")."""
     from .errors import DataError
 
     path = Path(path)
+    if path.is_char_device() or path.is_block_device() or path.is_socket():  # /dev/zero never ends
+        raise DataError(f"{what} '{path}' is not a regular file (a device or socket); give a text file")
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -143,8 +164,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = parse_json(line)
+        except ValueError:
             continue
         if isinstance(record, dict):
             records.append(record)

@@ -42,6 +42,14 @@ from .checks import SEED_MAX, ArgumentParser, arg_float, arg_int, check_embed_wa
 from .errors import MiniGPT2Error, OptionError
 from .watch import SAMPLE_TOKENS
 
+
+def arg_folder(value: str) -> str:
+    """A folder argument: an empty one ("" from an unset shell variable) would mean the current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); give the run's folder")
+    return value
+
+
 PRESETS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 GROUPS = {
     "data": "data",
@@ -141,7 +149,7 @@ class TrainOptions:
                                       fixed=True, metavar="LIST")
     # training
     out: str | None = option("the run directory (must not hold a run, unless --resume)", group="training",
-                             saved=False, required=True)
+                             saved=False, required=True, type=arg_folder)
     resume: bool | None = option("continue the run in --out from its newest good checkpoint", group="training",
                                  saved=False, action="store_true")
     batch_size: int | None = option("sequences per micro-batch (default 4)", group="training", cpu=4, gpu=4,

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MiniGPT2Error
-from .files import append_jsonl, read_json_object, read_jsonl, rewrite_jsonl, write_json
+from .files import append_jsonl, parse_json, read_json_object, read_jsonl, rewrite_jsonl, write_json
 
 RUN_JSON = "run.json"
 LOG = "log.jsonl"
@@ -74,7 +74,7 @@ def step_name(step: int) -> str:
 def checkpoint_step(path: Path) -> int | None:
     """The step recorded in a checkpoint's trainer_state.json, or None if it cannot be read."""
     try:
-        step = json.loads((path / STATE_JSON).read_text(encoding="utf-8")).get("step")
+        step = parse_json((path / STATE_JSON).read_text(encoding="utf-8")).get("step")
     except (OSError, ValueError, AttributeError):
         return None
     return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
@@ -356,7 +356,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _describe(holder: str) -> str:
     try:
-        info = json.loads(holder)
+        info = parse_json(holder)
         return f"pid {info['pid']} on {info['host']}, since {info['since']}"
     except (ValueError, KeyError, TypeError):
         return "its pid is not recorded yet"

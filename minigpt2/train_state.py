@@ -18,7 +18,6 @@ many, sharded or not.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, OutputError
-from .files import save_tensors, write_json
+from .files import parse_json, save_tensors, write_json
 from .lora import (
     adapter_state,
     is_adapted,
@@ -99,8 +98,8 @@ def read_state(folder: Path, shapes: dict[str, tuple[int, ...]] | None = None) -
     from safetensors.torch import load_file
 
     try:
-        state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        state = parse_json((folder / STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError and JSONDecodeError among them
         raise CheckpointError(f"{STATE_JSON} cannot be read ({e})") from None
     needed = ("step", "tokens", "param_names", "param_groups")
     if not isinstance(state, dict) or any(k not in state for k in needed):

@@ -99,6 +99,13 @@ def world(tmp_path_factory, test_data, hub_gpt2):
                        "args-data-number": {"data": 5}}.items():  # fmt: skip
         (root / f"run-{name}").mkdir()
         (root / f"run-{name}" / "run.json").write_text(json.dumps({"args": args}))
+    # JSON that json.loads fails on with RecursionError or a plain ValueError, not JSONDecodeError (attacks)
+    deep, huge = "[" * 100_000, '{"args": {"steps": ' + "9" * 5000 + "}}"
+    for name, content in {"deeply-nested": '{"args": ' + deep, "huge-int": huge}.items():
+        (root / f"run-{name}").mkdir()
+        (root / f"run-{name}" / "run.json").write_text(content)
+    w["deep-config"] = tampered(model, root / "deep-config", test_data)
+    (w["deep-config"] / "config.json").write_text(deep)
     rows = root / "rows"  # --data in other containers, broken (issue 21)
     rows.mkdir()
     good_row = '{"text": "天气很好。今天的天气不错。"}\n'
@@ -192,9 +199,11 @@ def rows(w):
         ("string n_head", ["hi", "--model", str(w["head-str"])], "n_head"),
         ("boolean n_layer", ["hi", "--model", str(w["layer-bool"])], "n_layer"),
         ("dropout 2 in config.json", ["hi", "--model", str(w["drop-2"])], "resid_pdrop"),
+        ("config.json nested 100,000 deep", ["hi", "--model", str(w["deep-config"])], "nested too deeply"),
         ("vocabulary smaller than the tokenizer's", ["hi", "--model", str(w["small-vocab"])], "vocabulary of 1000"),
         ("a file where a checkpoint folder should be", ["hi", "--model", str(r / "a-file")], "a-file"),
         ("prompt file is a folder", ["--prompt-file", str(r), "--model", good], "prompt file"),
+        ("prompt file is an endless device", ["--prompt-file", "/dev/zero", "--model", good], "not a regular file"),
         ("prompt file /dev/null-like missing", ["--prompt-file", str(r / "gone.txt"), "--model", good], "gone.txt"),
         ("samples that cannot fit in memory", ["hi", "--model", good, "--num-samples", str(10**8)], "--num-samples"),
         ("unknown device", ["hi", "--model", good, "--device", "tpu"], "device"),
@@ -224,6 +233,7 @@ def rows(w):
         ("compare: json exists", [good, good, "--json", str(r / "exists.json")], "--force"),
         ("compare: json is a folder", [good, good, "--json", str(r / "readonly")], "is a directory"),
         ("compare: plot into a missing folder", [good, good, "--plot", str(r / "nowhere" / "p.png")], "nowhere"),
+        ("compare: text is an endless device", [good, good, "--text", "/dev/zero"], "not a regular file"),
         ("compare: text is /dev/null's cousin, a folder", [good, good, "--text", str(r)], "text file"),
         ("compare: missing model", [good, str(r / "gone")], "gone"),
         ("compare: grown B without its tokenizer", [good, str(w["grown-bare"]), "--text", text], "was grown"),
@@ -338,6 +348,7 @@ def rows(w):
         ("train: --eval-data bad row", [*data, "--eval-data", str(r / "rows" / "number.jsonl")], "number.jsonl"),
     ]  # fmt: skip
     out_rows = [  # --out judged before anything is written into it: nothing created, not even .lock
+        ("train: --out is empty (an unset shell variable)", [*data, "--out", ""], "is empty"),
         ("train: --out is a checkpoint folder", [*data, "--out", good], "holds a model checkpoint"),
         ("train: --out is the user's folder with a step-000001/", [*data, "--out", str(r / "my-texts")],
          "holds files that are not a training run's (chapter.txt, step-000001)"),
@@ -346,6 +357,11 @@ def rows(w):
     ] + [
         (f"train: --resume with run.json {name}", ["--out", str(r / f"run-{name}"), "--resume"], "run.json' is damaged")
         for name in ("args-list", "args-lr-text", "args-batch-0", "args-data-number")
+    ] + [
+        ("train: --resume with run.json nested 100,000 deep", ["--out", str(r / "run-deeply-nested"), "--resume"],
+         "nested too deeply"),
+        ("train: --resume with a 5000-digit integer in run.json", ["--out", str(r / "run-huge-int"), "--resume"],
+         "run.json"),
     ]  # fmt: skip
     train += [
         ("train: --tokenizer missing folder", [*data, "--tokenizer", str(r / "no-such-dir")], "no-such-dir"),

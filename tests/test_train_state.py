@@ -112,6 +112,20 @@ def test_damage_is_a_checkpoint_error_and_changes_nothing(saved, how):
     assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
 
 
+@pytest.mark.parametrize(
+    "text, why",
+    [("[" * 100_000, "nested too deeply"), ('{"step": ' + "9" * 5000 + "}", "4300 digits")],
+    ids=["nested 100,000 deep", "a 5000-digit step"],
+)
+def test_json_that_defeats_json_loads_is_a_checkpoint_error(saved, text, why):
+    """RecursionError and int-size ValueError are not JSONDecodeError: both must still read as damage."""
+    run, checkpointer, _ = saved
+    (run.path / "step-000003" / STATE_JSON).write_text(text)
+    with pytest.raises(CheckpointError) as e:
+        checkpointer.load(state_of(seed=1), run.path / "step-000003")
+    assert f"{STATE_JSON} cannot be read" in str(e.value) and why in str(e.value), str(e.value)
+
+
 def test_resume_sets_damaged_checkpoints_aside_and_falls_back(saved):
     run, checkpointer, _ = saved
     DAMAGE["negative step"][0](run.path / "step-000003")
