@@ -281,6 +281,7 @@ class Trainer:
                                     config, self.sharded)  # fmt: skip
         self.checkpointer = Checkpointer(self.run_dir, dist=self.dist, device=self.device, keep_last=keep_last,
                                          tokenizer_source=tokenizer_source)  # fmt: skip
+        self.tokenizer_source = tokenizer_source
         self.flops_per_token = flops_per_token(self.raw_model.config, config.seq_len)
         self.peak_flops = peak_flops(self.device, dtype)
         if self.peak_flops:

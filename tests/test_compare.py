@@ -509,12 +509,12 @@ def png_height(path: Path) -> int:
     return int.from_bytes(path.read_bytes()[20:24], "big")  # the IHDR chunk: width, then height
 
 
-def test_the_plot_shows_what_it_cost_and_leaves_no_panel_empty(tmp_path, shared_data):
+def test_the_plot_shows_what_it_cost_and_leaves_no_panel_empty(tmp_path, test_data):
     from matplotlib.figure import Figure
 
     from minigpt2.report import _step_axis, cjk_font, cost_bars, missing_font_note
 
-    a, b = tiny_pair(tmp_path, shared_data, change=lambda m: m.ln_f.bias.add_(0.1))
+    a, b = tiny_pair(tmp_path, test_data, change=lambda m: m.ln_f.bias.add_(0.1))
     text = tmp_path / "鲁迅.txt"
     text.write_text("我翻开历史一查，这历史没有年代。" * 10, encoding="utf-8")
     weights_only = compare(a, b)

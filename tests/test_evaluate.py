@@ -26,8 +26,8 @@ from minigpt2.tokenizer import encoding_from_files
 
 
 @pytest.fixture(scope="module")
-def enc(shared_data):
-    return encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt")
+def enc(test_data):
+    return encoding_from_files(test_data / "gpt2" / "vocab.json", test_data / "gpt2" / "merges.txt")
 
 
 def lead_bytes(data: bytes) -> int:
@@ -46,8 +46,8 @@ def test_windows_cover_the_first_tokens_once_in_order():
     assert math.isnan(Score(nats=0.0, tokens=0, characters=0, window=4).loss)
 
 
-def test_characters_are_those_the_tokens_spell(enc, shared_data):
-    text = (shared_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8")[:3000] + " and some English."
+def test_characters_are_those_the_tokens_spell(enc, test_data):
+    text = (test_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8")[:3000] + " and some English."
     stream, total = text_stream(enc, text)
     counts = char_counts(enc)
     assert stream[0] == enc.eot_token and total == len(stream) - 1
@@ -90,18 +90,18 @@ def test_scores_equal_a_separate_forward_pass(enc):
     assert finished.value.value is None
 
 
-def test_the_training_log_and_compare_give_the_same_bits_per_character(shared_data, tmp_path):
+def test_the_training_log_and_compare_give_the_same_bits_per_character(test_data, tmp_path):
     """The check of issue 19: a model with a 64-token context trained with --seq-len 64, --eval-data F
     and --eval-tokens 8192; compare.py START RUN --text F --max-eval-tokens 8192 prints, for B,
     the bits per character of the run's last eval line for F (and for A, its step-0 line)."""
     torch.manual_seed(3)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64))
-    start = save_model(model, tmp_path / "start", tokenizer_source=shared_data / "gpt2")
-    novel = (shared_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8")
+    start = save_model(model, tmp_path / "start", tokenizer_source=test_data / "gpt2")
+    novel = (test_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8")
     f = tmp_path / "luxun.txt"  # a preface and a table of contents first: not the book's tokens per character
     f.write_text(novel[:12000], encoding="utf-8")
     train = tmp_path / "train.txt"
-    train.write_text((shared_data / "zh" / "红楼梦.txt").read_text(encoding="utf-8")[:40000], encoding="utf-8")
+    train.write_text((test_data / "zh" / "红楼梦.txt").read_text(encoding="utf-8")[:40000], encoding="utf-8")
     run = tmp_path / "run"
     trained = run_script(
         "train.py", "--model", start, "--data", train, "--eval-data", f, "--out", run, "--seq-len", 64,

@@ -20,15 +20,15 @@ from minigpt2.tokenizer import encoding_from_files
 
 
 @pytest.fixture(scope="module")
-def enc(shared_data):
-    return encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt")
+def enc(test_data):
+    return encoding_from_files(test_data / "gpt2" / "vocab.json", test_data / "gpt2" / "merges.txt")
 
 
 @pytest.fixture(scope="module")
-def docs(shared_data):
+def docs(test_data):
     """Three documents: a Chinese novel's head (CRLF line ends), English prose, a short odd one."""
-    novel = (shared_data / "zh" / "红楼梦.txt").read_bytes().decode()[:40_000]
-    english = (shared_data / "en" / "sherlock_holmes.txt").read_text(encoding="utf-8")[:20_000]
+    novel = (test_data / "zh" / "红楼梦.txt").read_bytes().decode()[:40_000]
+    english = (test_data / "en" / "sherlock_holmes.txt").read_text(encoding="utf-8")[:20_000]
     return [novel, english, 'He said: "{not json}",\ttabs\r\nand\rold Mac line ends, 和汉字。\n\n']
 
 
@@ -136,9 +136,9 @@ def test_many_short_rows_hold_out_whole_rows(enc, tmp_path):
 
 
 @pytest.mark.parametrize("name, kb", [("红楼梦", 200), ("鲁迅小说集", 60)])
-def test_a_long_last_paragraph_still_leaves_a_held_out_tail(enc, shared_data, tmp_path, name, kb):
+def test_a_long_last_paragraph_still_leaves_a_held_out_tail(enc, test_data, tmp_path, name, kb):
     """Issue 20 F: the 0.5% tail fell inside the last paragraph and came out empty (1 token)."""
-    text = (shared_data / "zh" / f"{name}.txt").read_bytes()[: kb * 1000].decode(errors="ignore")
+    text = (test_data / "zh" / f"{name}.txt").read_bytes()[: kb * 1000].decode(errors="ignore")
     (tmp_path / "head.txt").write_text(text, encoding="utf-8")
     corpus = prepare_corpus([tmp_path / "head.txt"], enc, val_fraction=0.005, cache_dir=tmp_path / "c")
     normal = text.replace("\r\n", "\n")
@@ -277,7 +277,7 @@ def test_local_datasets_give_the_tokens_of_their_twins(enc, docs, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_py_reads_a_dataset_and_its_own_validation_split(docs, tmp_path, shared_data, hf_home):
+def test_train_py_reads_a_dataset_and_its_own_validation_split(docs, tmp_path, test_data, hf_home):
     import datasets
 
     rows = [f"第{i}句。今天天气很好，我们去公园散步。" for i in range(300)]
@@ -290,7 +290,7 @@ def test_train_py_reads_a_dataset_and_its_own_validation_split(docs, tmp_path, s
     ).save_to_disk(str(saved))
     write_formats(tmp_path / "in", docs)
     common = ["--init-preset", "gpt2", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--context", "16",
-              "--tokenizer", shared_data / "gpt2", "--cache-dir", tmp_path / "tokens", "--device", "cpu",
+              "--tokenizer", test_data / "gpt2", "--cache-dir", tmp_path / "tokens", "--device", "cpu",
               "--steps", "2", "--eval-every", "1"]  # fmt: skip
     env = offline_env(hf_home)
     result = run_script("train.py", "--data", f"hf:{saved}", "--text-field", "body", *common, "--out",

@@ -32,15 +32,15 @@ NEW = 40  # new tokens learned in these runs
 
 
 @pytest.fixture(scope="module")
-def zh_text(shared_data, tmp_path_factory):
+def zh_text(test_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("zh") / "zh.txt"
-    path.write_text((shared_data / "zh" / "西游记.txt").read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    path.write_text((test_data / "zh" / "西游记.txt").read_text(encoding="utf-8")[:30_000], encoding="utf-8")
     return path
 
 
-def tiny_args(shared_data, text, cache):
+def tiny_args(test_data, text, cache):
     return ["--data", text, "--init-preset", "gpt2", "--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--context", 32,
-            "--tokenizer", shared_data / "gpt2", "--extend-vocab", NEW, "--batch-size", 2, "--steps", 4,
+            "--tokenizer", test_data / "gpt2", "--extend-vocab", NEW, "--batch-size", 2, "--steps", 4,
             "--save-every", 2, "--eval-every", 0, "--val-fraction", 0, "--keep-last", 0, "--dropout", 0.1,
             "--cache-dir", cache, "--device", "cpu"]  # fmt: skip
 
@@ -67,9 +67,9 @@ def run_twice(args, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def lora_grown(shared_data, zh_text, tmp_path_factory):
+def lora_grown(test_data, zh_text, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora-grown")
-    args = tiny_args(shared_data, zh_text, tmp / "cache")
+    args = tiny_args(test_data, zh_text, tmp / "cache")
     args += ["--lora", 2, "--lora-alpha", 4, "--lora-dropout", 0.1, "--lr", 1e-2, "--new-token-lr", 3e-2]
     return run_twice(args, tmp), tmp
 
@@ -132,12 +132,12 @@ def test_lora_on_a_grown_vocabulary_resumes_bit_for_bit(lora_grown):
 
 
 @pytest.mark.slow
-def test_embed_warmup_trains_the_new_rows_alone_first_and_resumes_bit_for_bit(shared_data, zh_text, tmp_path):
-    args = tiny_args(shared_data, zh_text, tmp_path / "cache") + ["--embed-warmup", 3, "--new-token-lr", 1e-2]
+def test_embed_warmup_trains_the_new_rows_alone_first_and_resumes_bit_for_bit(test_data, zh_text, tmp_path):
+    args = tiny_args(test_data, zh_text, tmp_path / "cache") + ["--embed-warmup", 3, "--new-token-lr", 1e-2]
     run = run_twice(args, tmp_path)
     assert same_files(tmp_path / "full" / "final", tmp_path / "split" / "final")
     # The start: the seeded preset, grown with the run's tokenizer, as the run built it.
-    enc = encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt")
+    enc = encoding_from_files(test_data / "gpt2" / "vocab.json", test_data / "gpt2" / "merges.txt")
     new_enc = load_tokenizer(run / "tokenizer")
     start = grow_model(start_model(None, "gpt2", TINY, seed=0, dropout=0.1), enc, new_enc).state_dict()
     during, after = load_model(run / "step-000002").state_dict(), load_model(run / "final").state_dict()
@@ -162,9 +162,9 @@ def test_embed_warmup_trains_the_new_rows_alone_first_and_resumes_bit_for_bit(sh
         (["--extend-vocab", "20", "--embed-warmup", "4"], "error: --embed-warmup must be fewer than the 4 steps"),
     ],
 )
-def test_new_row_options_are_refused_where_they_cannot_work(shared_data, zh_text, tmp_path, extra, message):
+def test_new_row_options_are_refused_where_they_cannot_work(test_data, zh_text, tmp_path, extra, message):
     args = ["--data", zh_text, "--init-preset", "gpt2", "--n-layer", 1, "--n-head", 2, "--n-embd", 32,
-            "--context", 32, "--tokenizer", shared_data / "gpt2", "--steps", 4, "--cache-dir", tmp_path / "cache",
+            "--context", 32, "--tokenizer", test_data / "gpt2", "--steps", 4, "--cache-dir", tmp_path / "cache",
             "--out", tmp_path / "run", *extra]  # fmt: skip
     result = run_script("train.py", *args, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr

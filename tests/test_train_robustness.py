@@ -363,7 +363,7 @@ def test_a_token_cache_that_cannot_be_written_names_the_cache(base_args, tmp_pat
     assert not any(cache.iterdir())  # no half-written entry
 
 
-def test_compare_json_that_cannot_be_written_names_the_file(base_args, env, tmp_path, shared_data):
+def test_compare_json_that_cannot_be_written_names_the_file(base_args, env, tmp_path):
     run = tmp_path / "run"
     assert train(*base_args, "--eval-every", "0", "--steps", "1", "--out", run, env=env).returncode == 0
     out = tmp_path / "diff.json"

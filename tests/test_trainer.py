@@ -3,20 +3,18 @@
 import functools
 import hashlib
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from checkpoints import tiny_model
 from safetensors.torch import load_file
 
-from minigpt2 import load_model
+from minigpt2 import load_model, load_tokenizer
 from minigpt2.data import prepare_corpus
 from minigpt2.evaluate import char_counts
 from minigpt2.files import read_jsonl
 from minigpt2.rundir import STATE_JSON, RunDir
 from minigpt2.snapshots import Snapshotter
-from minigpt2.tokenizer import encoding_from_files
 from minigpt2.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, param_groups, steps_for
 
 
@@ -29,14 +27,14 @@ def novels(test_data, enc, tmp_path_factory):
 
 
 @functools.cache
-def gpt2_char_counts(shared_data: Path):
+def gpt2_char_counts():
     """Characters per token id of the tokenizer the novels were tokenized with (for bits per character)."""
-    return char_counts(encoding_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt"))
+    return char_counts(load_tokenizer("gpt2"))
 
 
 def make_trainer(novels, out, *, model=None, tokenizer=None, **config):
     config = {"steps": 8, "batch_size": 4, "seq_len": 32, "eval_every": 0, "eval_tokens": 512, "lr": 3e-3, **config}
-    counts = gpt2_char_counts(novels.files[0].path.parents[1])  # the shared data folder, holding zh/ and gpt2/
+    counts = gpt2_char_counts()
     model, evals, config = model or tiny_model(), {"val": novels.val}, TrainConfig(**config)
     return Trainer(model, novels.train, evals, config, out, tokenizer_source=tokenizer, char_counts=counts)
 

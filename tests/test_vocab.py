@@ -235,7 +235,7 @@ def test_grown_checkpoint_matches_transformers(grown):
     assert guard.mask(torch.zeros(1, 50457), torch.zeros(1, dtype=torch.long)).isinf().any()
 
 
-def test_compare_prompt_on_a_grown_model_spells_each_side_with_its_own_tokenizer(grown, shared_data, tmp_path):
+def test_compare_prompt_on_a_grown_model_spells_each_side_with_its_own_tokenizer(grown, test_data, tmp_path):
     """compare.py --prompt on a model grown with --extend-vocab (it crashed with KeyError: '50258'
     decoding B's new token ids with A's tokenizer)."""
     from clis import run_script
@@ -243,7 +243,7 @@ def test_compare_prompt_on_a_grown_model_spells_each_side_with_its_own_tokenizer
     from minigpt2.compare import token_text
 
     model, big, new_enc, folder, _ = grown
-    base = save_model(model, tmp_path / "base", tokenizer_source=shared_data / "gpt2")
+    base = save_model(model, tmp_path / "base", tokenizer_source=test_data / "gpt2")
     with torch.no_grad():  # B's final hidden state is a constant v, and its new tokens' rows point along v:
         big = copy.deepcopy(big)  # its most likely next tokens are new ones, whatever the prompt
         big.ln_f.weight.zero_()

@@ -29,18 +29,18 @@ STEPS, EVAL_EVERY, SNAPSHOT_EVERY = 12, 4, 4
 PROMPTS = ["他走进屋里，看见", "It was"]
 
 
-def start_model(shared_data: Path, root: Path) -> Path:
+def start_model(test_data: Path, root: Path) -> Path:
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=32))
-    return save_model(model, root / "start", tokenizer_source=shared_data / "gpt2")
+    return save_model(model, root / "start", tokenizer_source=test_data / "gpt2")
 
 
-def train_run(shared_data: Path, root: Path, name: str, start: Path, board: Path | None = None, **options) -> Path:
+def train_run(test_data: Path, root: Path, name: str, start: Path, board: Path | None = None, **options) -> Path:
     """A run of the trainer, set up as train.py sets it up; each record also goes to TensorBoard
     (when `board` is given) and to a console writing into RUN/console.txt."""
     chinese = root / "红楼梦-start.txt"
     if not chinese.exists():
-        text = (shared_data / "zh" / "红楼梦.txt").read_text(encoding="utf-8")[:20_000]
+        text = (test_data / "zh" / "红楼梦.txt").read_text(encoding="utf-8")[:20_000]
         chinese.write_text(text, encoding="utf-8")
     options = {"data": [str(chinese)], "model": str(start), "steps": STEPS, "batch_size": 2, "seq_len": 32,
                "lr": 1e-2, "warmup": 0, "eval_every": EVAL_EVERY, "eval_tokens": 64, "save_every": 0,
@@ -63,11 +63,11 @@ def train_run(shared_data: Path, root: Path, name: str, start: Path, board: Path
 
 
 @pytest.fixture(scope="module")
-def runs(shared_data, tmp_path_factory):
+def runs(test_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("watch")
-    start = start_model(shared_data, root)
-    sampled = train_run(shared_data, root, "sampled", start, board=root / "board", sample_prompt=PROMPTS)
-    plain = train_run(shared_data, root, "plain", start, sample_tokens=0)
+    start = start_model(test_data, root)
+    sampled = train_run(test_data, root, "sampled", start, board=root / "board", sample_prompt=PROMPTS)
+    plain = train_run(test_data, root, "plain", start, sample_tokens=0)
     return {"root": root, "start": start, "sampled": sampled, "plain": plain, "board": root / "board"}
 
 
@@ -184,13 +184,13 @@ def test_tensorboard_event_files_hold_every_series(runs):
     assert PROMPTS[0] in last and records(runs["sampled"], "samples")[-1]["samples"][0]["text"].strip() in last
 
 
-def test_tensorboard_without_the_package_says_which_extra_to_install(shared_data, tmp_path):
+def test_tensorboard_without_the_package_says_which_extra_to_install(test_data, tmp_path):
     """train.py with the tensorboard package hidden: one line, before any work or folder."""
     code = (
         "import sys, runpy; sys.modules['tensorboard'] = None; sys.argv = sys.argv[1:]; "
         "runpy.run_path(sys.argv[0], run_name='__main__')"
     )
-    args = ["--data", shared_data / "zh" / "三国演义.txt", "--out", tmp_path / "run", "--tensorboard"]
+    args = ["--data", test_data / "zh" / "三国演义.txt", "--out", tmp_path / "run", "--tensorboard"]
     result = subprocess.run(
         [sys.executable, "-c", code, str(ROOT / "train.py"), *map(str, args)],
         capture_output=True, text=True, encoding="utf-8", env=offline_env(), cwd=ROOT, timeout=120,
@@ -224,9 +224,9 @@ class Page(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def report(runs, shared_data):
+def report(runs, test_data):
     en = runs["root"] / "english.txt"
-    en.write_text((shared_data / "en" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:5000], encoding="utf-8")
+    en.write_text((test_data / "en" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:5000], encoding="utf-8")
     zh = runs["root"] / "红楼梦-start.txt"
     return compare(str(runs["start"]), str(runs["sampled"]), prompts=PROMPTS, texts=[str(zh), str(en)],
                    max_eval_tokens=256, sample_tokens=6)  # fmt: skip
@@ -268,7 +268,7 @@ def test_the_html_is_written_atomically_and_never_over_a_file_unasked(report, tm
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # no temporary file left
 
 
-def test_several_models_make_a_tradeoff_page(runs, shared_data):
+def test_several_models_make_a_tradeoff_page(runs, test_data):
     zh = runs["root"] / "红楼梦-start.txt"
     en = runs["root"] / "english.txt"
     result = compare_many(str(runs["start"]), [str(runs["sampled"]), str(runs["plain"])], texts=[str(zh), str(en)],
@@ -317,10 +317,10 @@ def test_the_html_renders_in_a_real_browser(report, tmp_path, width):
 
 
 @pytest.mark.slow
-def test_train_cli_logs_to_tensorboard_and_a_resumed_run_continues_the_log(shared_data, tmp_path):
+def test_train_cli_logs_to_tensorboard_and_a_resumed_run_continues_the_log(test_data, tmp_path):
     run = tmp_path / "run"
-    common = ["--data", shared_data / "zh" / "三国演义.txt", "--init-preset", "gpt2", "--n-layer", "1", "--n-head", "2",
-              "--n-embd", "32", "--context", "32", "--tokenizer", shared_data / "gpt2", "--batch-size", "2",
+    common = ["--data", test_data / "zh" / "三国演义.txt", "--init-preset", "gpt2", "--n-layer", "1", "--n-head", "2",
+              "--n-embd", "32", "--context", "32", "--tokenizer", test_data / "gpt2", "--batch-size", "2",
               "--seq-len", "16", "--eval-tokens", "32", "--eval-every", "3", "--save-every", "3", "--device", "cpu",
               "--sample-prompt", "天下大势", "--sample-tokens", "4", "--out", run, "--tensorboard"]  # fmt: skip
     env = offline_env(MINIGPT2_CACHE=str(tmp_path / "tokens"))
