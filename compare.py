@@ -23,9 +23,9 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from minigpt2.analysis.compare import DEFAULT_MAX_EVAL_TOKENS  # noqa: E402
 from minigpt2.checks import ArgumentParser, arg_int  # noqa: E402
-from minigpt2.compare import DEFAULT_MAX_EVAL_TOKENS  # noqa: E402
-from minigpt2.watch import SAMPLE_TOKENS  # noqa: E402
+from minigpt2.training.watch import SAMPLE_TOKENS  # noqa: E402
 
 
 # fmt: off
@@ -65,11 +65,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from minigpt2.compare import compare, compare_many, files_read
-    from minigpt2.console import PhaseProgress
-    from minigpt2.errors import OutputError
-    from minigpt2.htmlreport import write_html
-    from minigpt2.report import (
+    from minigpt2.analysis.compare import compare, compare_many, files_read
+    from minigpt2.analysis.htmlreport import write_html
+    from minigpt2.analysis.report import (
         check_new_file,
         cjk_font,
         missing_font_note,
@@ -80,6 +78,8 @@ def main(argv=None) -> int:
         write_plot,
         write_tradeoff_plot,
     )
+    from minigpt2.console import PhaseProgress
+    from minigpt2.errors import OutputError
 
     def body() -> int:
         # Refuse existing or unwritable output files before spending minutes on the comparison, and

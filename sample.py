@@ -49,7 +49,7 @@ def parse_args(argv):
                    help="CPU threads (default: the cores that the machine's load leaves free, at least 1)")
     p.add_argument("--json", action="store_true", help="print one JSON record per sample instead of text")
     args = p.parse_args(argv)
-    from minigpt2.generate import Sampling
+    from minigpt2.generation.generate import Sampling
 
     try:
         args.sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k or None,
@@ -71,7 +71,7 @@ def run(args, out) -> int:
 
     from minigpt2.device import machine_load, resolve_device, resolve_dtype, threads_for_decoding
     from minigpt2.files import read_text_file
-    from minigpt2.text import load_for_sampling
+    from minigpt2.generation.sampling import load_for_sampling
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,7 +116,7 @@ def run(args, out) -> int:
 
 def show(args, index: int, prompt: str, s, out, where: dict) -> None:
     """One prompt's samples from one model: the first streamed as it is generated, then the rest."""
-    from minigpt2.text import encode_prompt, generate_text
+    from minigpt2.generation.sampling import encode_prompt, generate_text
 
     n_ctx = s.model.config.n_positions
     if encode_prompt(s.enc, prompt, n_ctx)[1]:

@@ -20,25 +20,25 @@ if __name__ == "__main__":
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-from minigpt2.options import build_parser  # noqa: E402
+from minigpt2.training.options import build_parser  # noqa: E402
 
 FLAGS = {"n_positions": "--context"}  # library parameter names that this script spells differently
 
 
 def parser():
-    """Every option (declared in minigpt2/options.py); values are checked here (finite, in range) before any
+    """Every option (declared in minigpt2/training/options.py); values are checked here (finite, in range) before any
     data or model is loaded."""
     return build_parser(__doc__)
 
 
 def main(argv=None) -> int:
-    from minigpt2.options import TrainOptions
+    from minigpt2.training.options import TrainOptions
 
     ns = TrainOptions(**vars(parser().parse_args(argv)))
     import torch
 
-    from minigpt2 import distributed
     from minigpt2.cli import error, run_script
+    from minigpt2.training import distributed
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -60,10 +60,11 @@ def main(argv=None) -> int:
 
 
 def train(given) -> int:
-    from minigpt2 import distributed, launch
     from minigpt2.console import TrainConsole
-    from minigpt2.rundir import check_writable
-    from minigpt2.watch import TensorBoardLog, require_tensorboard, tensorboard_dir
+    from minigpt2.training import distributed
+    from minigpt2.training import setup_run as launch
+    from minigpt2.training.rundir import check_writable
+    from minigpt2.training.watch import TensorBoardLog, require_tensorboard, tensorboard_dir
 
     if given.tensorboard is not None:  # a missing optional package fails before any work
         require_tensorboard()

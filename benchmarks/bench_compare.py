@@ -6,7 +6,7 @@ Two GPT-2 (124M) checkpoints are made from random weights (B = A plus a low-rank
 little noise on every matrix, like a fine-tune) and compared twice, each in a fresh process so
 that its peak resident memory is its own:
 
-- ours: `minigpt2.compare.compare_weights`, streaming one pair of tensors at a time from the
+- ours: `minigpt2.analysis.compare.compare_weights`, streaming one pair of tensors at a time from the
   safetensors files, in float64, singular values from the Gram matrix (min(shape)^2).
 - naive: what one writes first: both models loaded whole with transformers'
   `GPT2LMHeadModel.from_pretrained`, then for each tensor the five plain metrics and a full
@@ -59,7 +59,7 @@ def make_checkpoints(directory: Path) -> tuple[Path, Path]:
 
 
 def run_ours(a: str, b: str) -> dict:
-    from minigpt2.compare import compare_weights
+    from minigpt2.analysis.compare import compare_weights
 
     start = time.perf_counter()
     weights = compare_weights(a, b)

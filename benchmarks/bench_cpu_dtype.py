@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.data import TokenFile
-from minigpt2.trainer import TrainConfig, Trainer
+from minigpt2.training.data import TokenFile
+from minigpt2.training.trainer import TrainConfig, Trainer
 
 
 def byte_tokens(text: str, path: Path) -> TokenFile:

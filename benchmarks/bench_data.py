@@ -43,8 +43,8 @@ def peak_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-from minigpt2.data import prepare_corpus
-from minigpt2.tokenizer import encoding_from_files
+from minigpt2.training.data import prepare_corpus
+from minigpt2.io.tokenizer import encoding_from_files
 spec, gpt2, cache = sys.argv[1:4]
 enc = encoding_from_files(gpt2 + "/vocab.json", gpt2 + "/merges.txt")
 if spec.startswith("hf:"):

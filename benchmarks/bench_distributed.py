@@ -31,10 +31,11 @@ def worker(args) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from minigpt2 import GPT, GPTConfig, distributed
-    from minigpt2.data import TokenFile
+    from minigpt2 import GPT, GPTConfig
     from minigpt2.device import resolve_dtype
-    from minigpt2.trainer import TrainConfig, Trainer
+    from minigpt2.training import distributed
+    from minigpt2.training.data import TokenFile
+    from minigpt2.training.trainer import TrainConfig, Trainer
 
     ctx = distributed.setup(args.device)
     B, T = map(int, args.shape.split("x"))

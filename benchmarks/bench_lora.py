@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from minigpt2 import GPTConfig
-from minigpt2.data import TokenFile
 from minigpt2.device import resolve_dtype
-from minigpt2.lora import DEFAULT_ALPHA, TARGETS, apply_lora, lora_summary
-from minigpt2.rundir import STATE_JSON, STATE_TENSORS
-from minigpt2.trainer import TrainConfig, Trainer
+from minigpt2.model.lora import DEFAULT_ALPHA, TARGETS, apply_lora, lora_summary
+from minigpt2.training.data import TokenFile
+from minigpt2.training.rundir import STATE_JSON, STATE_TENSORS
+from minigpt2.training.trainer import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import same_weights, transformers_model  # noqa: E402

@@ -24,8 +24,8 @@ import time
 import torch
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.generate import prepare_for_decoding
-from minigpt2.quantize import BLOCK_LINEARS, Int8Linear
+from minigpt2.generation.generate import prepare_for_decoding
+from minigpt2.model.quantize import BLOCK_LINEARS, Int8Linear
 
 
 def timed_pass(layers, x_of, rounds):

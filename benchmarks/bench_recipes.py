@@ -131,11 +131,11 @@ def measure(checkpoint: Path, t: dict, s: dict) -> dict:
     """Bits per character on both held-out texts, Chinese characters generated per CPU second."""
     import torch
 
-    from minigpt2.generate import Sampling, generate_tokens
-    from minigpt2.text import is_cjk
-    from minigpt2.tokenizer import load_tokenizer
-    from minigpt2.vocab import bits_per_char_of
-    from minigpt2.weights import load_model
+    from minigpt2.generation.generate import Sampling, generate_tokens
+    from minigpt2.generation.sampling import is_cjk
+    from minigpt2.io.tokenizer import load_tokenizer
+    from minigpt2.io.vocab import bits_per_char_of
+    from minigpt2.io.weights import load_model
 
     model, enc = load_model(checkpoint).eval(), load_tokenizer(checkpoint)
     out = {f"bpc_{k}": bits_per_char_of(model, enc, held_out(t[k], n), n) for k, n in s["eval_chars"].items()}
@@ -154,9 +154,10 @@ def one(args, s: dict, t: dict) -> int:
     """Train one recipe to each budget not yet measured (resuming its run), measuring at each."""
     import torch
 
-    from minigpt2 import distributed, launch
-    from minigpt2.options import parse
-    from minigpt2.rundir import STATE_JSON, STATE_TENSORS
+    from minigpt2.training import distributed
+    from minigpt2.training import setup_run as launch
+    from minigpt2.training.options import parse
+    from minigpt2.training.rundir import STATE_JSON, STATE_TENSORS
 
     torch.set_num_threads(1)
     root = Path(args.dir)
@@ -203,9 +204,9 @@ def init_check(root: Path, s: dict, t: dict) -> dict:
     step 0 (no training), its new rows set four ways. The tokenizer is the one full+vocab grew."""
     import torch
 
-    from minigpt2.tokenizer import load_tokenizer
-    from minigpt2.vocab import bits_per_char_of, grow_model, old_pieces
-    from minigpt2.weights import load_model
+    from minigpt2.io.tokenizer import load_tokenizer
+    from minigpt2.io.vocab import bits_per_char_of, grow_model, old_pieces
+    from minigpt2.io.weights import load_model
 
     torch.set_num_threads(1)
     base_dir = root / "base" / "final"

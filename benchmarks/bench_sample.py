@@ -39,9 +39,9 @@ import torch
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error, load_tokenizer
 from minigpt2.device import machine_load, resolve_device, resolve_dtype, threads_for_decoding
-from minigpt2.generate import Sampling, generate_tokens, prepare_for_decoding
-from minigpt2.quantize import quantize_model
-from minigpt2.utf8 import Utf8Guard
+from minigpt2.generation.generate import Sampling, generate_tokens, prepare_for_decoding
+from minigpt2.generation.utf8 import Utf8Guard
+from minigpt2.model.quantize import quantize_model
 
 
 def sync(device):

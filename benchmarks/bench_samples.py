@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.data import TokenFile
-from minigpt2.tokenizer import load_tokenizer
-from minigpt2.trainer import TrainConfig, Trainer
-from minigpt2.watch import DEFAULT_SAMPLE_PROMPTS, PromptSampler
+from minigpt2.io.tokenizer import load_tokenizer
+from minigpt2.training.data import TokenFile
+from minigpt2.training.trainer import TrainConfig, Trainer
+from minigpt2.training.watch import DEFAULT_SAMPLE_PROMPTS, PromptSampler
 
 
 def main() -> None:

@@ -33,9 +33,9 @@ from common import random_token_file
 
 from minigpt2 import GPT, GPTConfig
 from minigpt2.device import resolve_dtype
-from minigpt2.flops import flops_per_token, peak_flops
-from minigpt2.trainer import TrainConfig, Trainer
-from minigpt2.weights import is_conv1d
+from minigpt2.io.weights import is_conv1d
+from minigpt2.model.flops import flops_per_token, peak_flops
+from minigpt2.training.trainer import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_gpt2 import optimizer_step, plain_step  # noqa: E402

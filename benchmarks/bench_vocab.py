@@ -114,9 +114,9 @@ def main() -> int:
             base,
         )
         print(f"base: {args.base_steps} steps from scratch in {time.time() - t:.0f} s")
-    from minigpt2.data import check_inputs
-    from minigpt2.tokenizer import load_tokenizer
-    from minigpt2.vocab import learn_merges_cached
+    from minigpt2.io.tokenizer import load_tokenizer
+    from minigpt2.io.vocab import learn_merges_cached
+    from minigpt2.training.data import check_inputs
 
     t = time.time()
     learn_merges_cached(check_inputs(novels), load_tokenizer(data / "gpt2"), args.merges, root / "cache")

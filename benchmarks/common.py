@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt2.data import TokenFile
+from minigpt2.training.data import TokenFile
 
 
 def random_token_file(folder: Path, vocab_size: int, n: int = 200_000) -> TokenFile:

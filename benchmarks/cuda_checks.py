@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from minigpt2 import GPT, GPTConfig, load_model, save_model
-from minigpt2.data import TokenFile
-from minigpt2.generate import Decoder, Sampling, generate_tokens
-from minigpt2.quantize import Int8Linear, quantize_model
-from minigpt2.trainer import TrainConfig, Trainer
+from minigpt2.generation.generate import Decoder, Sampling, generate_tokens
+from minigpt2.model.quantize import Int8Linear, quantize_model
+from minigpt2.training.data import TokenFile
+from minigpt2.training.trainer import TrainConfig, Trainer
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -143,7 +143,7 @@ def check_training(device, dry_run):
 def check_fp16_and_lora(device, dry_run):
     """fp16 training with its gradient scaler, and a LoRA model's bf16 training: both lower the loss,
     and LoRA leaves every base weight as it was (float32 stand-ins on the CPU)."""
-    from minigpt2.lora import apply_lora
+    from minigpt2.model.lora import apply_lora
 
     results = []
     for name, dtype, lora in (("fp16", torch.float16, False), ("LoRA bf16", torch.bfloat16, True)):
@@ -181,7 +181,7 @@ def check_transformers_parity(device, dry_run):
     """The same random weights in transformers' GPT2LMHeadModel give the same logits on the device."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from minigpt2.weights import is_conv1d
+    from minigpt2.io.weights import is_conv1d
 
     torch.manual_seed(0)
     n_layer, n_embd = (2, 64) if dry_run else (12, 768)

@@ -24,8 +24,8 @@ from common import random_token_file
 from torch.profiler import ProfilerActivity, profile
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.flops import flops_per_token
-from minigpt2.trainer import TrainConfig, Trainer
+from minigpt2.model.flops import flops_per_token
+from minigpt2.training.trainer import TrainConfig, Trainer
 
 GROUPS = {  # operator name fragments -> group (first match wins)
     "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),

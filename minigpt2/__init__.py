@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import CheckpointError, DataError, MiniGPT2Error, OptionError, OutputError, user_message
+from minigpt2.errors import CheckpointError, DataError, MiniGPT2Error, OptionError, OutputError, user_message
 
 _LAZY = {
-    "GPT": "model",
-    "KVCache": "model",
-    "GPTConfig": "config",
-    "PRESETS": "config",
-    "generate": "generate",
-    "load_tokenizer": "tokenizer",
-    "load_model": "weights",
-    "save_model": "weights",
+    "GPT": "model.gpt",
+    "KVCache": "model.gpt",
+    "GPTConfig": "model.config",
+    "PRESETS": "model.config",
+    "generate": "generation.generate",
+    "load_tokenizer": "io.tokenizer",
+    "load_model": "io.weights",
+    "save_model": "io.weights",
 }
 
 __all__ = ["CheckpointError", "DataError", "MiniGPT2Error", "OptionError", "OutputError", "user_message", *_LAZY]
@@ -31,4 +31,4 @@ __all__ = ["CheckpointError", "DataError", "MiniGPT2Error", "OptionError", "Outp
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'minigpt2' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    return getattr(importlib.import_module(f"minigpt2.{_LAZY[name]}"), name)

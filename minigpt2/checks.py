@@ -18,7 +18,7 @@ import argparse
 import math
 import re
 
-from .errors import CheckpointError, OptionError
+from minigpt2.errors import CheckpointError, OptionError
 
 SEED_MAX = 2**63 - 1  # random seeds: 0 .. the largest signed 64-bit integer (torch, numpy and JSON all take it)
 

@@ -20,7 +20,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from .errors import MiniGPT2Error, Notice, user_message
+from minigpt2.errors import MiniGPT2Error, Notice, user_message
 
 ESCAPES = "minigpt2-escape"  # the codec error handler of streams that cannot encode everything
 _escaped: list[str] = []  # the encodings that needed escapes (for the one note)

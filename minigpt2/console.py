@@ -17,7 +17,7 @@ import threading
 import time
 import unicodedata
 
-from .options import FLAGS
+from minigpt2.training.options import FLAGS
 
 # Without a terminal (a log file), a long phase still writes a progress line at least this often.
 PLAIN_EVERY_S = 5.0
@@ -127,7 +127,7 @@ class Display:
 
 class PhaseProgress(Display):
     """What a script is doing and how far it is, for work that reports `(task, done, total, unit)`
-    (`minigpt2.compare.Progress`): on a terminal a bar redrawn in place, with the time spent and an
+    (`minigpt2.analysis.compare.Progress`): on a terminal a bar redrawn in place, with the time spent and an
     estimate of the time left. Otherwise (a log file, a pipe) a line once a phase has run `after`
     seconds — a timer prints it even while the phase is silent, such as a model loading — and then
     at most every `every` seconds: a log shows each long phase within seconds of its start, and

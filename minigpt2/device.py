@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MiniGPT2Error
+from minigpt2.errors import MiniGPT2Error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

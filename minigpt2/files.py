@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import MiniGPT2Error, OutputError
+from minigpt2.errors import MiniGPT2Error, OutputError
 
 # What a failed write means for the user, by cause: the one thing to do about it.
 WRITE_ADVICE = {
@@ -126,7 +126,7 @@ def read_text_file(path: str | os.PathLike, what: str = "text file") -> str:
     (with the offending byte and its offset, so the user can look at exactly that spot), empty, or a
     device (reading /dev/zero would fill the memory). A pipe is read: `--prompt-file <(...)` works.
     `what` says what the file is for ("prompt file", "text file")."""
-    from .errors import DataError
+    from minigpt2.errors import DataError
 
     path = Path(path)
     if path.is_char_device() or path.is_block_device() or path.is_socket():  # /dev/zero never ends

@@ -25,7 +25,7 @@ TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
 
 def tiny_model(seed=0, dropout=0.0) -> GPT:
     """A tiny GPT-2 as train.py's `--init-preset gpt2` builds it (seeded, in training mode)."""
-    from minigpt2.launch import start_model
+    from minigpt2.training.setup_run import start_model
 
     return start_model(None, "gpt2", TINY, seed=seed, dropout=dropout)
 

@@ -24,7 +24,7 @@ for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
 import pytest  # noqa: E402
 from checkpoints import populate_hub_cache, random_hf_model  # noqa: E402
 
-from minigpt2.tokenizer import GPT2_DIR, load_tokenizer  # noqa: E402
+from minigpt2.io.tokenizer import GPT2_DIR, load_tokenizer  # noqa: E402
 
 DATA_ENV = "MINIGPT2_SHARED_DATA"
 TEST_DATA = Path(__file__).resolve().parent / "data"

@@ -145,9 +145,9 @@ def _damaged_tokenizers(test_data: Path):
 def _grown(root: Path, test_data: Path) -> tuple[Path, Path, Path]:
     """A checkpoint whose vocabulary was grown by 8 merges (as --extend-vocab does) with its own
     tokenizer files; a copy without them; a copy whose merges.txt lost its new merges."""
-    from minigpt2.bpe import learn_merges
-    from minigpt2.tokenizer import encoding_from_files
-    from minigpt2.vocab import write_tokenizer_files
+    from minigpt2.io.bpe import learn_merges
+    from minigpt2.io.tokenizer import encoding_from_files
+    from minigpt2.io.vocab import write_tokenizer_files
 
     gpt2 = test_data / "gpt2"
     enc = encoding_from_files(gpt2 / "vocab.json", gpt2 / "merges.txt")

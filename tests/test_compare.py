@@ -1,4 +1,4 @@
-"""compare.py and minigpt2.compare / minigpt2.report: every figure checked against an independent
+"""compare.py and minigpt2.analysis.compare / minigpt2.analysis.report: every figure checked against an independent
 computation, planted changes found where they were planted, and `python compare.py` run as a user
 runs it on a tiny model fine-tuned here, in the test, on the shared Chinese text."""
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from clis import assert_clean_error, run_script
 
-from minigpt2 import GPT, GPTConfig, MiniGPT2Error, distributed, launch, load_model, save_model
-from minigpt2.compare import (
+from minigpt2 import GPT, GPTConfig, MiniGPT2Error, load_model, save_model
+from minigpt2.analysis.compare import (
     block_outputs,
     compare,
     compare_weights,
@@ -23,11 +23,13 @@ from minigpt2.compare import (
     tensor_metrics,
     token_text,
 )
-from minigpt2.options import TrainOptions
-from minigpt2.report import finite, render, to_json, write_json, write_plot
-from minigpt2.rundir import RunDir
-from minigpt2.tokenizer import encoding_from_files
-from minigpt2.weights import is_conv1d
+from minigpt2.analysis.report import finite, render, to_json, write_json, write_plot
+from minigpt2.io.tokenizer import encoding_from_files
+from minigpt2.io.weights import is_conv1d
+from minigpt2.training import distributed
+from minigpt2.training import setup_run as launch
+from minigpt2.training.options import TrainOptions
+from minigpt2.training.rundir import RunDir
 
 TINY = GPTConfig(n_layer=3, n_head=2, n_embd=32, n_positions=32)
 
@@ -94,7 +96,7 @@ def numpy_metrics(a: np.ndarray, b: np.ndarray) -> dict:
 @pytest.mark.parametrize("chunk", [1 << 22, 60], ids=["whole", "in-chunks"])
 @pytest.mark.parametrize("shape", [(37, 23), (23, 37), (50,)])
 def test_each_metric_equals_numpy(shape, chunk, monkeypatch):
-    monkeypatch.setattr("minigpt2.compare.CHUNK_ELEMENTS", chunk)  # 60: two or three rows at a time
+    monkeypatch.setattr("minigpt2.analysis.compare.CHUNK_ELEMENTS", chunk)  # 60: two or three rows at a time
     g = torch.Generator().manual_seed(sum(shape))
     a = torch.randn(shape, generator=g)
     b = a + 0.1 * torch.randn(shape, generator=g) + 0.3  # an offset too: the chunked std must combine means
@@ -512,7 +514,7 @@ def png_height(path: Path) -> int:
 def test_the_plot_shows_what_it_cost_and_leaves_no_panel_empty(tmp_path, test_data):
     from matplotlib.figure import Figure
 
-    from minigpt2.report import _step_axis, cjk_font, cost_bars, missing_font_note
+    from minigpt2.analysis.report import _step_axis, cjk_font, cost_bars, missing_font_note
 
     a, b = tiny_pair(tmp_path, test_data, change=lambda m: m.ln_f.bias.add_(0.1))
     text = tmp_path / "鲁迅.txt"

@@ -11,9 +11,9 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.data import TokenFile
-from minigpt2.generate import generate_tokens
-from minigpt2.trainer import TrainConfig, Trainer
+from minigpt2.generation.generate import generate_tokens
+from minigpt2.training.data import TokenFile
+from minigpt2.training.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.slow  # dynamo traces the model: 25-40 s each on the shared 2-core machine
 

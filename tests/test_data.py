@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from minigpt2.data import (
+from minigpt2.training.data import (
     DataError,
     WindowSampler,
     check_inputs,

@@ -15,8 +15,8 @@ import pytest
 import zstandard
 from clis import offline_env, run_script
 
-from minigpt2.data import DataError, check_inputs, prepare_corpus
-from minigpt2.tokenizer import encoding_from_files
+from minigpt2.io.tokenizer import encoding_from_files
+from minigpt2.training.data import DataError, check_inputs, prepare_corpus
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +356,7 @@ def test_a_hub_dataset_is_read_offline_from_its_cache_and_keyed_by_its_revision(
 
 
 def test_a_held_out_set_too_small_to_evaluate_is_said(enc, tmp_path):
-    from minigpt2.launch import data_notes
+    from minigpt2.training.setup_run import data_notes
 
     (tmp_path / "a.txt").write_text("天气很好。今天的天气不错。\n" * 20 + "下一页\n", encoding="utf-8")
     corpus = prepare_corpus([tmp_path / "a.txt"], enc, val_fraction=0.02, drop_lines="下一页", cache_dir=tmp_path / "c")

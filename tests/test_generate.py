@@ -6,7 +6,7 @@ from checkpoints import tiny_gpt
 
 from minigpt2 import load_model, save_model
 from minigpt2.errors import MiniGPT2Error
-from minigpt2.generate import (
+from minigpt2.generation.generate import (
     GREEDY,
     Sampling,
     apply_repetition_penalty,

@@ -12,11 +12,12 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
 from minigpt2 import MiniGPT2Error, load_model, save_model
-from minigpt2.compare import compare
-from minigpt2.data import prepare_corpus
+from minigpt2.analysis.compare import compare
+from minigpt2.analysis.report import render
+from minigpt2.analysis.snapshots import Snapshotter
 from minigpt2.errors import CheckpointError
-from minigpt2.launch import start_model
-from minigpt2.lora import (
+from minigpt2.io.tokenizer import encoding_from_files
+from minigpt2.model.lora import (
     PEFT_PREFIX,
     TARGETS,
     LoRALinear,
@@ -26,11 +27,10 @@ from minigpt2.lora import (
     lora_summary,
     merged_state_dict,
 )
-from minigpt2.report import render
-from minigpt2.rundir import STATE_JSON, STATE_TENSORS, RunDir
-from minigpt2.snapshots import Snapshotter
-from minigpt2.tokenizer import encoding_from_files
-from minigpt2.trainer import TrainConfig, Trainer, param_groups
+from minigpt2.training.data import prepare_corpus
+from minigpt2.training.rundir import STATE_JSON, STATE_TENSORS, RunDir
+from minigpt2.training.setup_run import start_model
+from minigpt2.training.trainer import TrainConfig, Trainer, param_groups
 
 R, ALPHA = 2, 8.0
 TRAINED = ("attn.c_attn", "mlp.c_proj")  # a subset, so that untouched layers of each kind remain

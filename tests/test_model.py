@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from checkpoints import random_hf_model, tiny_gpt, write_official_layout
 
 from minigpt2 import load_model, load_tokenizer
-from minigpt2.generate import generate
+from minigpt2.generation.generate import generate
 
 # (n_layer, n_head, n_embd): a tiny one; 3 heads of 21 (odd width, head count not 12); full 124M.
 CONFIGS = {

@@ -7,7 +7,7 @@ from dataclasses import fields
 import pytest
 
 from minigpt2.errors import MiniGPT2Error, OptionError, user_message
-from minigpt2.options import (
+from minigpt2.training.options import (
     FIXED_ON_RESUME,
     FLAGS,
     TrainOptions,

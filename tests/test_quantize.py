@@ -10,8 +10,8 @@ from clis import offline_env, run_script
 from torch import nn
 
 from minigpt2 import MiniGPT2Error, load_model, save_model
-from minigpt2.generate import generate_tokens, prepare_for_decoding
-from minigpt2.quantize import Int8Linear, is_quantized, quantize_model, quantize_weight
+from minigpt2.generation.generate import generate_tokens, prepare_for_decoding
+from minigpt2.model.quantize import Int8Linear, is_quantized, quantize_model, quantize_weight
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,7 +101,7 @@ def test_quantized_model_stays_close_to_float32():
 
 @torch.inference_mode()
 def test_a_lora_model_is_quantized_with_its_adapters_merged():
-    from minigpt2.lora import LoRALinear, apply_lora, is_lora
+    from minigpt2.model.lora import LoRALinear, apply_lora, is_lora
 
     base = tiny_gpt(**SMALL)
     model = apply_lora(copy.deepcopy(base), 4, alpha=8.0, targets=("attn.c_attn", "mlp.c_fc"))

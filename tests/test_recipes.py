@@ -10,8 +10,10 @@ from clis import run_script
 from safetensors.torch import load_file
 
 from minigpt2 import MiniGPT2Error
-from minigpt2.launch import start_model
-from minigpt2.lora import (
+from minigpt2.io.tokenizer import encoding_from_files, load_tokenizer
+from minigpt2.io.vocab import grow_model
+from minigpt2.io.weights import load_model
+from minigpt2.model.lora import (
     LEGACY_STATE_PREFIX,
     PEFT_PREFIX,
     TARGETS,
@@ -22,10 +24,8 @@ from minigpt2.lora import (
     merged_state_dict,
     trainable_tokens,
 )
-from minigpt2.rundir import STATE_TENSORS
-from minigpt2.tokenizer import encoding_from_files, load_tokenizer
-from minigpt2.vocab import grow_model
-from minigpt2.weights import load_model
+from minigpt2.training.rundir import STATE_TENSORS
+from minigpt2.training.setup_run import start_model
 
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 32}
 NEW = 40  # new tokens learned in these runs

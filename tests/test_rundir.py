@@ -10,7 +10,7 @@ import torch
 
 from minigpt2 import GPT, GPTConfig, load_model, save_model
 from minigpt2.errors import CheckpointError
-from minigpt2.rundir import (
+from minigpt2.training.rundir import (
     CHECKPOINT_FILES,
     STATE_JSON,
     RunDir,
@@ -43,7 +43,8 @@ def test_a_second_holder_is_refused_naming_the_first(tmp_path):
 
 def test_the_lock_dies_with_its_process(tmp_path):
     code = (
-        "import sys; from minigpt2.rundir import RunDir; RunDir(sys.argv[1]).lock(); import os; os.kill(os.getpid(), 9)"
+        "import sys; from minigpt2.training.rundir import RunDir; RunDir(sys.argv[1]).lock(); "
+        "import os; os.kill(os.getpid(), 9)"
     )
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True)
     assert result.returncode == -9
@@ -137,7 +138,7 @@ def test_a_damaged_checkpoint_of_a_run_names_the_others(tmp_path):
 
 
 def test_out_is_judged_before_anything_is_written(tmp_path):
-    from minigpt2.launch import judge_out
+    from minigpt2.training.setup_run import judge_out
 
     assert judge_out(tmp_path / "new") == "missing" and not (tmp_path / "new").exists()
     (tmp_path / "empty").mkdir()

@@ -9,8 +9,8 @@ from checkpoints import write_official_layout
 from clis import assert_clean_error, offline_env, run_script
 
 from minigpt2 import load_model, load_tokenizer
-from minigpt2.generate import Sampling
-from minigpt2.text import generate_text
+from minigpt2.generation.generate import Sampling
+from minigpt2.generation.sampling import generate_text
 
 
 def run_sample(*args, hf_home, timeout=120, env=None):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.generate import Sampling
-from minigpt2.text import cjk_share, encode_prompt, generate_text
-from minigpt2.utf8 import Utf8Stream
+from minigpt2.generation.generate import Sampling
+from minigpt2.generation.sampling import cjk_share, encode_prompt, generate_text
+from minigpt2.generation.utf8 import Utf8Stream
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from minigpt2 import CheckpointError, load_tokenizer
-from minigpt2.tokenizer import byte_stand_ins
+from minigpt2.io.tokenizer import byte_stand_ins
 
 TEXTS = [
     "zh/红楼梦.txt",
@@ -65,7 +65,7 @@ def test_byte_stand_ins_cover_every_byte():
 def test_shipped_files_are_gpt2s_and_checked(enc, tmp_path, monkeypatch):
     """The package's copies are the real GPT-2 files (transformers reads them the same way) and a
     damaged copy is refused by its sha256, never used."""
-    from minigpt2 import tokenizer
+    from minigpt2.io import tokenizer
 
     assert tokenizer.gpt2_files() == (tokenizer.GPT2_DIR / "vocab.json", tokenizer.GPT2_DIR / "merges.txt")
     assert "Modified MIT License" in (tokenizer.GPT2_DIR / "LICENSE").read_text(encoding="utf-8")
@@ -90,7 +90,7 @@ def test_mismatched_files_are_refused(test_data, tmp_path):
     merges[5], merges[6] = merges[6], merges[5]  # swap two merges: the ids no longer follow merge order
     (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (tmp_path / "merges.txt").write_text("\n".join(merges), encoding="utf-8")
-    from minigpt2.tokenizer import encoding_from_files
+    from minigpt2.io.tokenizer import encoding_from_files
 
     with pytest.raises(CheckpointError, match="does not match"):
         encoding_from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
@@ -129,7 +129,7 @@ def test_a_model_is_never_given_gpt2s_tokenizer_in_place_of_its_own(test_data, t
 
 
 def test_gpt2s_tokenizer_stands_in_only_for_no_files_and_says_so(tmp_path):
-    from minigpt2.tokenizer import TokenizerNotice
+    from minigpt2.io.tokenizer import TokenizerNotice
 
     with pytest.warns(TokenizerNotice, match="has no vocab.json and merges.txt: using GPT-2's own tokenizer"):
         assert load_tokenizer(tmp_path, vocab_size=50257).encode("Hello world") == [15496, 995]

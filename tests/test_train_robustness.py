@@ -16,7 +16,7 @@ from clis import ROOT, offline_env, run_script, start_script
 from safetensors.torch import load_file, save_file
 
 from minigpt2 import load_model
-from minigpt2.rundir import RunDir
+from minigpt2.training.rundir import RunDir
 
 TINY = ["--init-preset", "gpt2", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--context", "64"]
 
@@ -98,7 +98,7 @@ def test_a_second_process_on_the_same_run_is_refused_at_once(base_args, env, tmp
 KILL = (
     "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import train; from minigpt2 import distributed, launch\n"
     "stage, argv = sys.argv[2], sys.argv[3:]\n"
-    "from minigpt2.options import TrainOptions\n"
+    "from minigpt2.training.options import TrainOptions\n"
     "given = TrainOptions(**vars(train.parser().parse_args(argv)))\n"
     "saved = launch.read_saved(given.out) if given.resume else launch.SavedRun(None, None)\n"
     "s = launch.setup(given, saved, lambda r: None, distributed.setup('cpu'))\n"

@@ -9,11 +9,11 @@ import torch
 from checkpoints import tiny_gpt
 from safetensors.torch import load_file, save_file
 
-from minigpt2.distributed import Dist
 from minigpt2.errors import CheckpointError
-from minigpt2.rundir import STATE_JSON, STATE_TENSORS, RunDir
-from minigpt2.train_state import Checkpointer, TrainingState
-from minigpt2.trainer import TrainConfig, param_groups
+from minigpt2.training.checkpoint import Checkpointer, TrainingState
+from minigpt2.training.distributed import Dist
+from minigpt2.training.rundir import STATE_JSON, STATE_TENSORS, RunDir
+from minigpt2.training.trainer import TrainConfig, param_groups
 
 
 def state_of(seed=0):

@@ -10,12 +10,12 @@ from checkpoints import tiny_model
 from safetensors.torch import load_file
 
 from minigpt2 import load_model, load_tokenizer
-from minigpt2.data import prepare_corpus
-from minigpt2.evaluate import char_counts
+from minigpt2.analysis.evaluate import char_counts
+from minigpt2.analysis.snapshots import Snapshotter
 from minigpt2.files import read_jsonl
-from minigpt2.rundir import STATE_JSON, RunDir
-from minigpt2.snapshots import Snapshotter
-from minigpt2.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, param_groups, steps_for
+from minigpt2.training.data import prepare_corpus
+from minigpt2.training.rundir import STATE_JSON, RunDir
+from minigpt2.training.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, param_groups, steps_for
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def small_trainer(tmp_path, read_every, model=None, **config):
     import numpy as np
 
     from minigpt2 import GPT, GPTConfig
-    from minigpt2.data import TokenFile
+    from minigpt2.training.data import TokenFile
 
     path = tmp_path / f"tokens-{read_every}.bin"
     np.random.default_rng(0).integers(0, 500, 4096, dtype=np.uint16).tofile(path)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from checkpoints import tiny_gpt
 
-from minigpt2.generate import Sampling, generate_tokens
-from minigpt2.utf8 import (
+from minigpt2.generation.generate import Sampling, generate_tokens
+from minigpt2.generation.utf8 import (
     ACCEPT,
     AFTER_E0,
     AFTER_ED,

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt2.bpe import _MergeRules, count_pretokens, learn_merges_from_counts
-from minigpt2.config import GPTConfig
-from minigpt2.data import check_inputs, read_chunks
-from minigpt2.model import GPT
-from minigpt2.tokenizer import encoding_from_files, load_tokenizer
-from minigpt2.utf8 import Utf8Guard
-from minigpt2.vocab import grow_model, learn_merges_cached, old_pieces, tokens_per_char, write_tokenizer_files
-from minigpt2.weights import load_model, save_model
+from minigpt2.generation.utf8 import Utf8Guard
+from minigpt2.io.bpe import _MergeRules, count_pretokens, learn_merges_from_counts
+from minigpt2.io.tokenizer import encoding_from_files, load_tokenizer
+from minigpt2.io.vocab import grow_model, learn_merges_cached, old_pieces, tokens_per_char, write_tokenizer_files
+from minigpt2.io.weights import load_model, save_model
+from minigpt2.model.config import GPTConfig
+from minigpt2.model.gpt import GPT
+from minigpt2.training.data import check_inputs, read_chunks
 
 MIXED = "GPT-2 说：“Hello, 世界！” 😀🎉 naïve café\u200b　全角ＡＢＣ 1234 aaaa  \n\n\t'll 们们们们"
 
@@ -85,7 +85,7 @@ def test_learner_matches_slow_reference(gpt2, small_corpus):
 
 
 def test_learning_reports_each_phase_from_start_to_end(gpt2, small_corpus):
-    from minigpt2.bpe import LEARNING, READING, SPLITTING, learn_merges
+    from minigpt2.io.bpe import LEARNING, READING, SPLITTING, learn_merges
 
     heard = []
     chunks = [small_corpus[:10000], small_corpus[10000:]]  # cut where no piece spans the cut
@@ -122,7 +122,7 @@ def slow_transformers_ids(folder: Path, text: str) -> list[int]:
     import regex
     from transformers.models.clvp.tokenization_clvp import ClvpTokenizer
 
-    from minigpt2.tokenizer import GPT2_PATTERN
+    from minigpt2.io.tokenizer import GPT2_PATTERN
 
     slow = ClvpTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
     ids = []
@@ -178,7 +178,7 @@ def test_tokenizers_agree_at_8000_merges(tmp_path, shared_data, gpt2):
 def test_pretokens_match_tiktoken(gpt2, test_data):
     text = "".join(read_chunks(test_data / "en" / "tinyshakespeare.txt"))[:50000] + MIXED
     pieces = count_pretokens([text])
-    from minigpt2.bpe import _PRETOKENIZER
+    from minigpt2.io.bpe import _PRETOKENIZER
 
     ids = [t for p in _PRETOKENIZER.findall(text) for t in gpt2._encode_single_piece(p.encode())]
     assert ids == gpt2.encode_ordinary(text) and sum(pieces.values()) > 1000
@@ -240,7 +240,7 @@ def test_compare_prompt_on_a_grown_model_spells_each_side_with_its_own_tokenizer
     decoding B's new token ids with A's tokenizer)."""
     from clis import run_script
 
-    from minigpt2.compare import token_text
+    from minigpt2.analysis.compare import token_text
 
     model, big, new_enc, folder, _ = grown
     base = save_model(model, tmp_path / "base", tokenizer_source=test_data / "gpt2")
@@ -262,8 +262,8 @@ def test_compare_prompt_on_a_grown_model_spells_each_side_with_its_own_tokenizer
 @pytest.mark.slow
 def test_compare_base_with_grown(grown):
     """compare.py's weight comparison accepts a grown B: shared rows compared, new rows summarised."""
-    from minigpt2.compare import ORIENTATION, compare_weights
-    from minigpt2.report import _weights
+    from minigpt2.analysis.compare import ORIENTATION, compare_weights
+    from minigpt2.analysis.report import _weights
 
     model, big, _, folder, tmp = grown
     base = save_model(model, tmp / "base")

@@ -14,16 +14,18 @@ import pytest
 import torch
 from clis import ROOT, offline_env, run_script
 
-from minigpt2 import GPT, GPTConfig, MiniGPT2Error, distributed, launch, save_model
-from minigpt2.compare import compare, compare_many
+from minigpt2 import GPT, GPTConfig, MiniGPT2Error, save_model
+from minigpt2.analysis.compare import compare, compare_many
+from minigpt2.analysis.htmlreport import render_html, write_html
+from minigpt2.analysis.report import render
 from minigpt2.console import TrainConsole, one_line, visible
 from minigpt2.files import append_jsonl, read_jsonl
-from minigpt2.htmlreport import render_html, write_html
-from minigpt2.options import TrainOptions
-from minigpt2.report import render
-from minigpt2.rundir import RunDir
-from minigpt2.tokenizer import load_tokenizer
-from minigpt2.watch import DEFAULT_SAMPLE_PROMPTS, TensorBoardLog, draw_samples
+from minigpt2.io.tokenizer import load_tokenizer
+from minigpt2.training import distributed
+from minigpt2.training import setup_run as launch
+from minigpt2.training.options import TrainOptions
+from minigpt2.training.rundir import RunDir
+from minigpt2.training.watch import DEFAULT_SAMPLE_PROMPTS, TensorBoardLog, draw_samples
 
 STEPS, EVAL_EVERY, SNAPSHOT_EVERY = 12, 4, 4
 PROMPTS = ["他走进屋里，看见", "It was"]
@@ -112,7 +114,7 @@ def test_samples_do_not_change_training(runs):
 
 def test_the_same_model_and_seed_give_the_same_sample(runs):
     """A sample at step 0 is the start model's: drawn again here from the saved start, it matches."""
-    from minigpt2.weights import load_model
+    from minigpt2.io.weights import load_model
 
     model = load_model(str(runs["start"]))
     enc = load_tokenizer(str(runs["start"]))

@@ -9,7 +9,7 @@ from checkpoints import official_state_dict, random_hf_model, write_official_lay
 from safetensors.torch import load_file, save_file
 
 from minigpt2 import CheckpointError, load_model, save_model
-from minigpt2.weights import official_shapes
+from minigpt2.io.weights import official_shapes
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import tiktoken
 
-from .errors import CheckpointError, Notice
-from .hub import OFFICIAL_REPOS, MissingHubFile, hub_file, local_path
-from .rundir import RunDir
+from minigpt2.errors import CheckpointError, Notice
+from minigpt2.io.hub import OFFICIAL_REPOS, MissingHubFile, hub_file, local_path
+from minigpt2.training.rundir import RunDir
 
 ENDOFTEXT = "<|endoftext|>"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -47,7 +47,7 @@ GPT2_VOCAB_SIZE = 50257  # 256 bytes + 50,000 merges + <|endoftext|>
 # GPT-2's own tokenizer files, shipped as package data (OpenAI's GPT-2 release, modified MIT
 # license: see assets/gpt2/LICENSE). Their sha256 is checked before first use, so a damaged install
 # fails with a clear error instead of tokenizing differently from every GPT-2.
-GPT2_DIR = Path(__file__).resolve().parent / "assets" / "gpt2"
+GPT2_DIR = Path(__file__).resolve().parents[1] / "assets" / "gpt2"
 GPT2_SHA256 = {
     "vocab.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",

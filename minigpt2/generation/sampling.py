@@ -1,6 +1,6 @@
 """From text prompts to text samples: batching, streaming, stop strings, and what came out.
 
-`generate_text` wraps the token loop of `minigpt2.generate` for people: it tokenizes the prompts,
+`generate_text` wraps the token loop of `minigpt2.generation.generate` for people: it tokenizes the prompts,
 runs all samples of all prompts as one left-padded batch, turns tokens back into text as they
 arrive (only whole characters), stops at `<|endoftext|>` or a stop string, and reports speed
 and the share of Chinese/Japanese/Korean characters in each sample.
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .generate import GREEDY, Sampling, generate_tokens
-from .model import GPT
-from .utf8 import Utf8Guard, Utf8Stream
+from minigpt2.generation.generate import GREEDY, Sampling, generate_tokens
+from minigpt2.generation.utf8 import Utf8Guard, Utf8Stream
+from minigpt2.model.gpt import GPT
 
 # Code point ranges counted as CJK: ideographs (with extensions and compatibility forms),
 # CJK punctuation, kana, Hangul, and full-width forms such as "，" and "！".
@@ -138,10 +138,10 @@ def load_for_sampling(
 ) -> Sampler:
     """Load `source` for `generate_text`, refusing what would fail later: a vocabulary smaller than
     the tokenizer's, or a batch (prompts x `num_samples`) whose KV cache cannot fit in memory."""
-    from .checks import check_decode_memory, check_vocab_fits
-    from .generate import prepare_for_decoding
-    from .tokenizer import load_tokenizer
-    from .weights import load_model, run_checkpoint
+    from minigpt2.checks import check_decode_memory, check_vocab_fits
+    from minigpt2.generation.generate import prepare_for_decoding
+    from minigpt2.io.tokenizer import load_tokenizer
+    from minigpt2.io.weights import load_model, run_checkpoint
 
     checkpoint = run_checkpoint(source)
     model = load_model(source, device=device, dtype=dtype, quantize=quantize)

@@ -35,14 +35,14 @@ from pathlib import Path
 
 import torch
 
-from . import files
-from .config import GPTConfig
-from .device import resolve_device, resolve_dtype
-from .errors import CheckpointError
-from .files import write_atomically
-from .hub import OFFICIAL_REPOS, hub_file, local_path
-from .model import GPT
-from .rundir import CONFIG, WEIGHTS, RunDir, other_checkpoints_hint
+from minigpt2 import files
+from minigpt2.device import resolve_device, resolve_dtype
+from minigpt2.errors import CheckpointError
+from minigpt2.files import write_atomically
+from minigpt2.io.hub import OFFICIAL_REPOS, hub_file, local_path
+from minigpt2.model.config import GPTConfig
+from minigpt2.model.gpt import GPT
+from minigpt2.training.rundir import CONFIG, WEIGHTS, RunDir, other_checkpoints_hint
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
@@ -79,7 +79,7 @@ def run_checkpoint(source: str | os.PathLike) -> Path | None:
 
 
 def checkpoint_files(source: str | os.PathLike, revision: str | None = None) -> tuple[Path | None, Path]:
-    """(config.json or None, model.safetensors) for a source; see `minigpt2.hub` for the forms."""
+    """(config.json or None, model.safetensors) for a source; see `minigpt2.io.hub` for the forms."""
     path = local_path(source)
     if path is None:
         return hub_file(str(source), CONFIG, revision=revision), hub_file(str(source), WEIGHTS, revision=revision)
@@ -278,7 +278,7 @@ def load_model(
         dtype: parameter dtype (`float32`, `bfloat16`, `float16`, or a torch.dtype); default float32.
         revision: a branch, tag or commit of a hub model.
         quantize: `int8` for int8 weight-only linear layers (faster decoding, inference only;
-            see `minigpt2.quantize`). The file itself is always the float weights.
+            see `minigpt2.model.quantize`). The file itself is always the float weights.
 
     The model is returned in eval mode. It records its `source`, so `save_model` can copy the
     tokenizer files along. Loading is strict: a missing, unexpected or mis-shaped tensor, an
@@ -289,7 +289,7 @@ def load_model(
     device = resolve_device(device or "cpu")
     model = read_model(source, device, resolve_dtype(dtype or "float32", device), revision)
     if quantize is not None:  # once the file is closed and nothing else holds the float weights it replaces
-        from .quantize import quantize_model
+        from minigpt2.model.quantize import quantize_model
 
         model = quantize_model(model, quantize)
     return model
@@ -419,7 +419,7 @@ def save_model(
     write_atomically(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_atomically(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
-    from .tokenizer import TOKENIZER_FILES
+    from minigpt2.io.tokenizer import TOKENIZER_FILES
 
     vocab_size = model.config.vocab_size
     tokenizer_dir = None
@@ -436,7 +436,7 @@ def save_model(
 def _tokenizer_dir(source: str | os.PathLike, *, explicit: bool, vocab_size: int) -> Path | None:
     """The directory holding a source's own vocab.json and merges.txt (fetching them if from the
     hub); None for a checkpoint that has none."""
-    from .tokenizer import locate_tokenizer
+    from minigpt2.io.tokenizer import locate_tokenizer
 
     try:
         (vocab, merges), standing_in = locate_tokenizer(source, explicit=explicit, vocab_size=vocab_size)

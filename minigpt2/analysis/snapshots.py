@@ -29,7 +29,7 @@ DEFAULT_PROBE = "今天的天气很好，我们一起去公园散步。The weath
 def official_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under their official names (no lm_head: it is wte, tied); an adapted
     model's merged weights (base + its low-rank update), so drift is measured as for any model."""
-    from .lora import is_adapted, merged_state_dict
+    from minigpt2.model.lora import is_adapted, merged_state_dict
 
     out = {}
     for name, tensor in (merged_state_dict(model) if is_adapted(model) else model.state_dict()).items():
@@ -119,7 +119,7 @@ class Snapshotter:
     def layer_drift(self, snapshot: dict) -> dict:
         """A snapshot per layer, as `compare.py RUN` shows it: {"weight_drift": {layer: pooled
         relative change}, "activation_drift": {block: ...}, ...} (see `compare.run_drift`)."""
-        from .compare import run_drift  # (compare reads snapshots; imported here to avoid a cycle)
+        from minigpt2.analysis.compare import run_drift  # (compare reads snapshots; imported here to avoid a cycle)
 
         if self.start_norms is None:
             self.start_norms = {name: torch.linalg.vector_norm(w.double()).item() for name, w in self.w0.items()}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from .errors import CheckpointError
+from minigpt2.errors import CheckpointError
 
 OFFICIAL_REPOS = {
     "gpt2": "openai-community/gpt2",

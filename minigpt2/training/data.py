@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, MiniGPT2Error, OutputError  # noqa: F401  (DataError: re-exported, it used to live here)
-from .files import WRITE_ADVICE, write_error
-from .formats import (
+from minigpt2.errors import DataError, MiniGPT2Error, OutputError  # noqa: F401  (DataError: re-exported, it used to live here)
+from minigpt2.files import WRITE_ADVICE, write_error
+from minigpt2.training.formats import (
     HF_PREFIX,
     DatasetSource,
     format_of,

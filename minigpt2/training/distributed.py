@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import MiniGPT2Error
+from minigpt2.errors import MiniGPT2Error
 
 
 def launched_by_torchrun() -> bool:
@@ -94,7 +94,7 @@ def setup(device_name: str = "auto") -> Dist:
 
     Under torchrun each rank uses GPU `LOCAL_RANK` (NCCL); without CUDA, the CPU (gloo).
     """
-    from .device import resolve_device
+    from minigpt2.device import resolve_device
 
     device = resolve_device(device_name)
     if not launched_by_torchrun():

@@ -28,16 +28,19 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .checks import check_train_memory_fits, check_vocab_fits
-from .config import GPTConfig
-from .data import check_inputs, compile_drop_lines, default_cache_dir, head_text, prepare_corpus
-from .device import auto_dtype, resolve_dtype
-from .errors import MiniGPT2Error
-from .evaluate import char_counts
-from .model import GPT
-from .options import TrainOptions, check_combinations, resolve, saved_options
-from .rundir import (
+from minigpt2.analysis.evaluate import char_counts
+from minigpt2.analysis.snapshots import DEFAULT_PROBE, Snapshotter
+from minigpt2.checks import check_train_memory_fits, check_vocab_fits
+from minigpt2.device import auto_dtype, resolve_dtype
+from minigpt2.errors import MiniGPT2Error
+from minigpt2.io.tokenizer import load_tokenizer, locate_tokenizer
+from minigpt2.io.weights import load_model
+from minigpt2.model.config import GPTConfig
+from minigpt2.model.gpt import GPT
+from minigpt2.training import distributed
+from minigpt2.training.data import check_inputs, compile_drop_lines, default_cache_dir, head_text, prepare_corpus
+from minigpt2.training.options import TrainOptions, check_combinations, resolve, saved_options
+from minigpt2.training.rundir import (
     CHECKPOINT_FILES,
     CONFIG,
     FINAL,
@@ -51,11 +54,8 @@ from .rundir import (
     check_writable,
     is_complete,
 )
-from .snapshots import DEFAULT_PROBE, Snapshotter
-from .tokenizer import load_tokenizer, locate_tokenizer
-from .trainer import TrainConfig, Trainer, lr_at, steps_for
-from .watch import TENSORBOARD_DIR, PromptSampler, sample_prompts
-from .weights import load_model
+from minigpt2.training.trainer import TrainConfig, Trainer, lr_at, steps_for
+from minigpt2.training.watch import TENSORBOARD_DIR, PromptSampler, sample_prompts
 
 
 @dataclass
@@ -279,7 +279,7 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
 
 
 def _prompt_sampler(o: TrainOptions, enc, ctx: distributed.Dist, report: Callable[[dict], None]):
-    """What continues the sample prompts at every evaluation (see `minigpt2.watch`), unless
+    """What continues the sample prompts at every evaluation (see `minigpt2.training.watch`), unless
     `sample_tokens` is 0; a sharded run cannot draw them on one rank, so it goes without (and says so)."""
     if not o.sample_tokens:
         return None
@@ -339,7 +339,7 @@ def start_config(o: TrainOptions) -> GPTConfig:
             return GPTConfig.from_preset(o.init_preset, **{k: v for k, v in preset_sizes(o).items() if v is not None})
         except (ValueError, TypeError) as e:
             raise MiniGPT2Error(f"preset {o.init_preset}: {e}") from None
-    from .weights import checkpoint_config, checkpoint_files, open_safetensors, read_header
+    from minigpt2.io.weights import checkpoint_config, checkpoint_files, open_safetensors, read_header
 
     config_path, weights_path = checkpoint_files(o.model or "gpt2")
     with open_safetensors(weights_path) as f:
@@ -386,8 +386,8 @@ def _extended(model, enc, tok_source, o: TrainOptions, run: RunDir, train_files,
     into RUN/tokenizer/; a resumed run reads it back from there and grows the model the same way
     (the checkpoint's weights then replace the grown start).
     """
-    from .tokenizer import encoding_from_files
-    from .vocab import extend_vocabulary, grow_model
+    from minigpt2.io.tokenizer import encoding_from_files
+    from minigpt2.io.vocab import extend_vocabulary, grow_model
 
     folder = run.path / "tokenizer"
     if (folder / "vocab.json").is_file():
@@ -416,7 +416,7 @@ def _extended(model, enc, tok_source, o: TrainOptions, run: RunDir, train_files,
 def _grown_base(model: GPT, run: RunDir, tokenizer_dir, ctx) -> str:
     """Save the grown model (before LoRA) as RUN/grown-base, once, and return its absolute path:
     the adapter's `base_model_name_or_path`, so that PEFT finds the base it was trained on."""
-    from .weights import save_model
+    from minigpt2.io.weights import save_model
 
     folder = (run.path / GROWN_BASE).resolve()
     if ctx.is_main and not (folder / "model.safetensors").is_file():
@@ -427,7 +427,7 @@ def _grown_base(model: GPT, run: RunDir, tokenizer_dir, ctx) -> str:
 def _with_trainable_tokens(model: GPT, new_rows: range) -> None:
     """The new rows as a parameter of their own: trainable beside frozen old rows (LoRA), or in an
     optimizer group with their own learning rate and phase (see trainer.param_groups)."""
-    from .lora import add_trainable_tokens
+    from minigpt2.model.lora import add_trainable_tokens
 
     if new_rows:
         add_trainable_tokens(model, new_rows)
@@ -440,7 +440,7 @@ def _with_lora(model: GPT, o: TrainOptions, report, new_rows: range) -> None:
     A resumed run rebuilds the same: the start model (never a merged checkpoint) and the same
     adapters; the trainer then loads the adapters' trained values from the checkpoint.
     """
-    from .lora import TARGETS, apply_lora, lora_summary
+    from minigpt2.model.lora import TARGETS, apply_lora, lora_summary
 
     targets = o.lora_targets or ",".join(TARGETS)
     apply_lora(

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checks import finite
-from .errors import MiniGPT2Error, OptionError
-from .model import GPT, CacheSlots, KVCache
-from .utf8 import ACCEPT, Utf8Guard
+from minigpt2.checks import finite
+from minigpt2.errors import MiniGPT2Error, OptionError
+from minigpt2.generation.utf8 import ACCEPT, Utf8Guard
+from minigpt2.model.gpt import GPT, CacheSlots, KVCache
 
 # ----- choosing the next token ------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 Everything the terminal report and the PNG plot hold, in a file that opens anywhere and can be
 mailed or attached to an issue: no network, no scripts, no external files (the charts are inline
 SVG, the styles inline CSS), readable on a phone (the layout narrows to one column, wide tables
-scroll sideways inside their box). It presents the figures of `minigpt2.compare`'s result and the
-tables of `minigpt2.report`, computing nothing of its own.
+scroll sideways inside their box). It presents the figures of `minigpt2.analysis.compare`'s result and the
+tables of `minigpt2.analysis.report`, computing nothing of its own.
 
 Sections (each an element with this id): `summary`, `curves` (learning curves of a run),
 `samples` (what a run wrote at each evaluation), `prompts` (activation drift per block and the
@@ -20,9 +20,7 @@ import math
 import os
 from pathlib import Path
 
-from .console import visible
-from .files import write_text_atomically
-from .report import (
+from minigpt2.analysis.report import (
     BEHAVIOUR_COLUMNS,
     KIND_COLUMNS,
     LAYER_COLUMNS,
@@ -40,6 +38,8 @@ from .report import (
     tensor_rows,
     tradeoff_rows,
 )
+from minigpt2.console import visible
+from minigpt2.files import write_text_atomically
 
 # matplotlib's tab10, so the page's colours match the PNG's (and need no matplotlib).
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",

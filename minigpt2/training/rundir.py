@@ -37,8 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MiniGPT2Error
-from .files import append_jsonl, parse_json, read_json_object, read_jsonl, rewrite_jsonl, write_json
+from minigpt2.errors import MiniGPT2Error
+from minigpt2.files import append_jsonl, parse_json, read_json_object, read_jsonl, rewrite_jsonl, write_json
 
 RUN_JSON = "run.json"
 LOG = "log.jsonl"

@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterable
 
 import regex
 
-from .tokenizer import GPT2_PATTERN
+from minigpt2.io.tokenizer import GPT2_PATTERN
 
 _PRETOKENIZER = regex.compile(GPT2_PATTERN)
 

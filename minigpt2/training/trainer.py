@@ -35,20 +35,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checks import SEED_MAX, check_embed_warmup, finite, integer, non_negative_int, positive_int
-from .data import TokenFile, WindowSampler, gather_windows
-from .device import machine_load
-from .distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
-from .errors import MiniGPT2Error
-from .evaluate import batches, char_counts, score_stream, spans
-from .flops import flops_per_token, peak_flops
-from .lora import TOKEN_ROWS, is_lora
-from .model import GPT
-from .rundir import RunDir, dir_size
-from .snapshots import Snapshotter
-from .tokenizer import load_tokenizer
-from .train_state import Checkpointer, TrainingState
-from .watch import PromptSampler
+from minigpt2.analysis.evaluate import batches, char_counts, score_stream, spans
+from minigpt2.analysis.snapshots import Snapshotter
+from minigpt2.checks import SEED_MAX, check_embed_warmup, finite, integer, non_negative_int, positive_int
+from minigpt2.device import machine_load
+from minigpt2.errors import MiniGPT2Error
+from minigpt2.io.tokenizer import load_tokenizer
+from minigpt2.model.flops import flops_per_token, peak_flops
+from minigpt2.model.gpt import GPT
+from minigpt2.model.lora import TOKEN_ROWS, is_lora
+from minigpt2.training.checkpoint import Checkpointer, TrainingState
+from minigpt2.training.data import TokenFile, WindowSampler, gather_windows
+from minigpt2.training.distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
+from minigpt2.training.rundir import RunDir, dir_size
+from minigpt2.training.watch import PromptSampler
 
 READ_EVERY = 10  # on a GPU: steps between reads of the loss to the host (the console's default --log-every)
 
@@ -208,7 +208,7 @@ class Trainer:
             `tokenizer_source` (GPT-2's without one) at the first evaluation.
         snapshotter: with `config.snapshot_every`, measures drift from the starting model.
         prompt_sampler: continues its prompts after every evaluation (a `samples` record; see
-            `minigpt2.watch`); on rank 0 only, so not with a sharded model.
+            `minigpt2.training.watch`); on rank 0 only, so not with a sharded model.
         dist: this process's place in a torchrun job (`distributed.setup`); None: one process.
         shard: FSDP2 (`distributed.shard_model`) instead of DDP: weights, gradients and AdamW state
             split over the ranks (with one process: one shard, i.e. the plain model).

@@ -19,11 +19,11 @@ import os
 import time
 from collections.abc import Sequence
 
-from .errors import MiniGPT2Error
-from .generate import Sampling
-from .model import GPT
-from .text import generate_text
-from .utf8 import Utf8Guard
+from minigpt2.errors import MiniGPT2Error
+from minigpt2.generation.generate import Sampling
+from minigpt2.generation.sampling import generate_text
+from minigpt2.generation.utf8 import Utf8Guard
+from minigpt2.model.gpt import GPT
 
 # The same sentence in the language being learned and in the one the model knew: the first
 # sample shows the new language arriving, the second the old one fading (or not).

@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import finite, positive_int
-from .errors import CheckpointError, OptionError
+from minigpt2.checks import finite, positive_int
+from minigpt2.errors import CheckpointError, OptionError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""Turning a `minigpt2.compare.compare` result into something to read: text, JSON, a plot.
+"""Turning a `minigpt2.analysis.compare.compare` result into something to read: text, JSON, a plot.
 
-The comparison itself lives in `minigpt2.compare` and returns a plain dict; this module only
+The comparison itself lives in `minigpt2.analysis.compare` and returns a plain dict; this module only
 presents it, so the figures in the terminal report, the JSON file and the plot are the same
 numbers by construction.
 """
@@ -16,9 +16,9 @@ import unicodedata
 import warnings
 from pathlib import Path
 
-from .console import one_line
-from .errors import MiniGPT2Error, OutputError
-from .files import write_atomically
+from minigpt2.console import one_line
+from minigpt2.errors import MiniGPT2Error, OutputError
+from minigpt2.files import write_atomically
 
 # ----- numbers and tables -----------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
 
-from .errors import DataError
+from minigpt2.errors import DataError
 
 HF_PREFIX = "hf:"
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
@@ -463,7 +463,7 @@ def _hub_unreachable(datasets) -> str | None:
     """Why the hub cannot be reached, unless downloads are off anyway (see hub.hub_unreachable)."""
     if datasets.config.HF_HUB_OFFLINE:
         return None
-    from .hub import hub_unreachable
+    from minigpt2.io.hub import hub_unreachable
 
     return hub_unreachable()
 

@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MiniGPT2Error
-from .model import GPT
+from minigpt2.errors import MiniGPT2Error
+from minigpt2.model.gpt import GPT
 
 MODES = ("int8",)
 # The activations go to fbgemm as 7-bit values (0..127 around a zero point of 64), not 8-bit ones.
@@ -219,7 +219,7 @@ def quantize_model(model: GPT, mode: str = "int8", *, lm_head: bool = True) -> G
 
 def plain_linear(layer: nn.Module) -> nn.Linear:
     """The nn.Linear a layer computes: itself, or a LoRA layer's merged weight."""
-    from .lora import LoRALinear
+    from minigpt2.model.lora import LoRALinear
 
     return layer.merged() if isinstance(layer, LoRALinear) else layer
 

@@ -17,18 +17,18 @@ the new text versus the old. This module answers those four questions:
 2. **Activations** (`compare_activations`): forward hooks on every block record the hidden states
    of both models on a prompt; where they start to differ shows which layer's change matters.
    At the output, the KL divergence of the next-token distributions and each model's top-5.
-3. **Behaviour** (`score_model`, by `minigpt2.evaluate`'s protocol, which the trainer's log shares):
+3. **Behaviour** (`score_model`, by `minigpt2.analysis.evaluate`'s protocol, which the trainer's log shares):
    loss, perplexity and bits per character of each model on a text file — the new data (did it
    learn?) and the old (did it forget?).
 4. **Training runs** (`read_run`, `run_drift`): how each layer's drift grew over the steps, from
    the snapshots the trainer wrote.
 
 `compare` does all four and returns one plain dict (JSON-ready, every figure in it);
-`minigpt2.report` turns that dict into a terminal report and a plot.
+`minigpt2.analysis.report` turns that dict into a terminal report and a plot.
 
 Orientation. Metrics are computed on the tensors *as the official checkpoint stores them*. The
 four Conv1D weights (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) are stored (in, out),
-the transpose of minigpt2's `nn.Linear` (out, in) — see `minigpt2.weights`. Whole-tensor figures
+the transpose of minigpt2's `nn.Linear` (out, in) — see `minigpt2.io.weights`. Whole-tensor figures
 (relative change, stable rank, ...) do not depend on orientation, but the row-wise cosine and
 distance do: for those four weights a "row" is one *input* feature's outgoing weights.
 
@@ -53,20 +53,15 @@ from pathlib import Path
 
 import torch
 
-from .checks import non_negative_int, positive_int
-from .config import GPTConfig
-from .data import tokenizer_fingerprint
-from .device import resolve_device
-from .errors import CheckpointError, MiniGPT2Error, OptionError
-from .evaluate import Score, char_counts, count_characters, score_text, text_stream
-from .files import read_text_file
-from .lora import adapted_tensors
-from .rundir import LOG, RUN_JSON, SNAPSHOTS, RunDir
-from .snapshots import capture_block_outputs, hidden_drift
-from .text import encode_prompt
-from .tokenizer import load_tokenizer
-from .watch import SAMPLE_SEED, SAMPLE_TOKENS, draw_samples
-from .weights import (
+from minigpt2.analysis.evaluate import Score, char_counts, count_characters, score_text, text_stream
+from minigpt2.analysis.snapshots import capture_block_outputs, hidden_drift
+from minigpt2.checks import non_negative_int, positive_int
+from minigpt2.device import resolve_device
+from minigpt2.errors import CheckpointError, MiniGPT2Error, OptionError
+from minigpt2.files import read_text_file
+from minigpt2.generation.sampling import encode_prompt
+from minigpt2.io.tokenizer import load_tokenizer
+from minigpt2.io.weights import (
     MASK_BUFFERS,
     PREFIX,
     checkpoint_config,
@@ -80,6 +75,11 @@ from .weights import (
     read_checkpoint_config,
     read_header,
 )
+from minigpt2.model.config import GPTConfig
+from minigpt2.model.lora import adapted_tensors
+from minigpt2.training.data import tokenizer_fingerprint
+from minigpt2.training.rundir import LOG, RUN_JSON, SNAPSHOTS, RunDir
+from minigpt2.training.watch import SAMPLE_SEED, SAMPLE_TOKENS, draw_samples
 
 ORIENTATION = (
     "tensors as the official checkpoint stores them: the Conv1D weights attn.c_attn, attn.c_proj, "
@@ -477,7 +477,7 @@ def prepare_texts(paths: list[str], enc_a, enc_b, max_tokens: int) -> list[dict]
     Each side reads the text with its own tokenizer (a grown vocabulary spends fewer tokens on
     it): the cap of `max_tokens` is applied to A's tokens, and B gets the same stretch of text, so
     bits per character compare the two on the same characters. Each side's stream starts with
-    its <|endoftext|> (see `minigpt2.evaluate`).
+    its <|endoftext|> (see `minigpt2.analysis.evaluate`).
     """
     same = enc_b is enc_a or tokenizer_fingerprint(enc_a) == tokenizer_fingerprint(enc_b)
     texts = []
@@ -683,7 +683,7 @@ def _tell(progress: Progress, task: str, done: int, total: int, unit: str = "") 
 
 
 def score_model(model, streams: list[list[int]], chars, names: list[str], who: str, window, device, progress) -> list:
-    """One model's scores on several texts (`minigpt2.evaluate`), telling `progress` of each pass."""
+    """One model's scores on several texts (`minigpt2.analysis.evaluate`), telling `progress` of each pass."""
     scores = []
     for stream, name in zip(streams, names):
         task = f"scoring {who} on {name}"
@@ -760,16 +760,16 @@ def compare(
     "weights" (see `compare_weights`), "activations" (per prompt, see `compare_activations`),
     "behaviour" (per text: A's and B's loss, perplexity, bits per character), "runs" (drift over
     steps per run given), "max_eval_tokens"}. Infinite values (a relative change from an all-zero
-    tensor) are kept as `math.inf`; `minigpt2.report.to_json` writes them as null.
+    tensor) are kept as `math.inf`; `minigpt2.analysis.report.to_json` writes them as null.
 
     `sample_tokens` > 0: each prompt is also continued by A and by B, that many new tokens drawn
-    with the same seed (`minigpt2.watch.draw_samples`), in "continuation_a" / "continuation_b".
+    with the same seed (`minigpt2.training.watch.draw_samples`), in "continuation_a" / "continuation_b".
 
     `quantize="int8"` runs the prompts and texts through int8 weight-only models (see
-    `minigpt2.quantize`): what int8 decoding would score. Whole texts are bound by arithmetic, not
+    `minigpt2.model.quantize`): what int8 decoding would score. Whole texts are bound by arithmetic, not
     by reading weights, so on a CPU this is not faster. The weights are always compared as stored.
 
-    Texts are scored by `minigpt2.evaluate`'s protocol: the first `max_eval_tokens` tokens, in
+    Texts are scored by `minigpt2.analysis.evaluate`'s protocol: the first `max_eval_tokens` tokens, in
     windows of `window` tokens (default: each model's context). `progress` hears of every phase
     (see `Progress`).
     """
@@ -835,7 +835,7 @@ def compare_many(
     among the matrices, with the LoRA rank if it is an adapted checkpoint) and its loss and bits
     per character on every text, each model reading the same characters with its own tokenizer.
     Returns {"a", "models": [{"source", "checkpoint", "weights", "behaviour": [per text]}], "texts",
-    "max_eval_tokens"}; `minigpt2.report.render_many` and `write_tradeoff_plot` present it.
+    "max_eval_tokens"}; `minigpt2.analysis.report.render_many` and `write_tradeoff_plot` present it.
     """
     positive_int("max_eval_tokens", max_eval_tokens)
     if not texts:

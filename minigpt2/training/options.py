@@ -38,9 +38,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .checks import SEED_MAX, ArgumentParser, arg_float, arg_int, check_embed_warmup
-from .errors import MiniGPT2Error, OptionError
-from .watch import SAMPLE_TOKENS
+from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int, check_embed_warmup
+from minigpt2.errors import MiniGPT2Error, OptionError
+from minigpt2.training.watch import SAMPLE_TOKENS
 
 
 def arg_folder(value: str) -> str:
@@ -351,7 +351,7 @@ def _kind(f: dataclasses.Field) -> str:
 def saved_options(args: Any, where: Path) -> dict:
     """run.json's "args", every field checked: a damaged run.json is one `RunDirError`-like error
     naming the file, never a crash further on. Unknown names (a newer version's options) are kept."""
-    from .rundir import RunDirError
+    from minigpt2.training.rundir import RunDirError
 
     def bad(why: str) -> MiniGPT2Error:
         return RunDirError(f"'{where}' is damaged: {why}; restore it from a backup, or start a new run directory")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import GPTConfig
+from minigpt2.model.config import GPTConfig
 
 # Dense bf16/fp16 tensor-core peak of the GPUs MFU is reported for (FLOP/s, no sparsity); the
 # first name found in torch.cuda.get_device_name() wins, so variants come before the plain name.

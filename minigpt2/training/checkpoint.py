@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, OutputError
-from .files import parse_json, save_tensors, write_json
-from .lora import (
+from minigpt2.errors import CheckpointError, OutputError
+from minigpt2.files import parse_json, save_tensors, write_json
+from minigpt2.io.weights import load_model, save_model
+from minigpt2.model.lora import (
     adapter_state,
     is_adapted,
     is_lora,
@@ -39,8 +40,7 @@ from .lora import (
     save_peft_adapter,
     unmerged_state_dict,
 )
-from .rundir import STATE_JSON, STATE_TENSORS, STEP_NAME, RunDir, other_checkpoints_hint, step_name
-from .weights import load_model, save_model
+from minigpt2.training.rundir import STATE_JSON, STATE_TENSORS, STEP_NAME, RunDir, other_checkpoints_hint, step_name
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")  # what AdamW keeps per parameter
 
@@ -273,7 +273,7 @@ class Checkpointer:
         model = states.model
         weights = optim = None
         if states.sharded:  # collectives: every rank, before rank 0 alone goes on
-            from .distributed import full_model_state, full_optimizer_state
+            from minigpt2.training.distributed import full_model_state, full_optimizer_state
 
             weights = full_model_state(model)
             optim = full_optimizer_state(model, states.optimizer)
@@ -385,7 +385,7 @@ class Checkpointer:
             optimizer.load_state_dict(opt)
         elif states.sharded:
             loaded = load_model(path, device="cpu")  # every rank reads the full state and keeps its slices
-            from .distributed import load_full_state
+            from minigpt2.training.distributed import load_full_state
 
             names = states.param_names
             load_full_state(

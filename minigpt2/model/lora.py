@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, MiniGPT2Error
+from minigpt2.errors import CheckpointError, MiniGPT2Error
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 DEFAULT_ALPHA = 8.0  # PEFT's default lora_alpha: see `apply_lora`
@@ -450,7 +450,7 @@ def save_peft_adapter(
     """
     from safetensors.torch import save_file
 
-    from .weights import write_atomically
+    from minigpt2.io.weights import write_atomically
 
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -465,7 +465,7 @@ def save_peft_adapter(
 
 def read_adapter_config(checkpoint: str | os.PathLike) -> dict | None:
     """The adapter_config.json in `checkpoint/adapter/` (a LoRA run's checkpoint), or None."""
-    from .weights import read_json_object
+    from minigpt2.io.weights import read_json_object
 
     path = Path(checkpoint) / "adapter" / ADAPTER_CONFIG
     return read_json_object(path, "a PEFT adapter_config.json") if path.is_file() else None
