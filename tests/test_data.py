@@ -99,6 +99,18 @@ def test_cache_is_keyed_by_content_and_options(enc, novel_head, tmp_path):
     assert not any(p.name.startswith(".") for p in cache.iterdir())  # no temporary folders left
 
 
+def test_tokenizing_tells_how_far_it_is(enc, novel_head, tmp_path):
+    told = []
+    corpus = prepare_corpus([novel_head], enc, val_fraction=0.01, cache_dir=tmp_path, threads=1,
+                            progress=lambda done, total: told.append((done, total)))  # fmt: skip
+    total = told[0][1]
+    assert told[0] == (0, total) and told[-1] == (total, total) and total == corpus.chars
+    assert all(a[0] <= b[0] for a, b in zip(told, told[1:]))  # never back
+    told.clear()
+    prepare_corpus([novel_head], enc, val_fraction=0.01, cache_dir=tmp_path, progress=lambda d, t: told.append(d))
+    assert told == []  # from the cache: nothing to tokenize, nothing to tell
+
+
 def test_finding_files(tmp_path):
     (tmp_path / "b").mkdir()
     for name in ("b/2.txt", "1.txt", "notes.md"):

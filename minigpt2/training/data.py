@@ -35,7 +35,7 @@ import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -460,8 +460,9 @@ class _Encoder:
     cores idle); at most about `2 * threads` chunks of text are held at once.
     """
 
-    def __init__(self, enc, threads: int, chunk_chars: int) -> None:
-        self.enc, self.threads = enc, threads
+    def __init__(self, enc, threads: int, chunk_chars: int, progress: Callable[[int], None] | None = None) -> None:
+        self.enc, self.threads, self.progress = enc, threads, progress
+        self.done = 0  # characters tokenized so far, for `progress`
         self.limit = 2 * threads * chunk_chars
         self.items: list[tuple[_TokenWriter, str | None]] = []
         self.chars = 0
@@ -490,7 +491,10 @@ class _Encoder:
         for writer, parts in pending.items():
             ids = np.fromiter(itertools.chain.from_iterable(parts), np.uint16, count=sum(map(len, parts)))
             writer.write(ids, chars.get(writer, 0))
+        self.done += self.chars
         self.items, self.chars = [], 0
+        if self.progress is not None:
+            self.progress(self.done)
 
 
 def tokenize_documents(
@@ -504,11 +508,17 @@ def tokenize_documents(
     encoding_errors: str = "strict",
     threads: int | None = None,
     chunk_chars: int = CHUNK_CHARS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Tokenize every document into `head`, EOT before each, and hold out `tail_fraction` of the
-    text into `tail`: whole documents or the tail of each (see `held_out_rows`)."""
+    text into `tail`: whole documents or the tail of each (see `held_out_rows`). `progress(done,
+    total)` is told the characters tokenized so far, after each batch."""
     threads = threads or os.cpu_count() or 1
-    encoder = _Encoder(enc, threads, chunk_chars)
+    total = sum(f.chars for f in files)
+    tell = None if progress is None else (lambda done: progress(min(done, total), total))
+    encoder = _Encoder(enc, threads, chunk_chars, tell)
+    if tell is not None:
+        tell(0)
     held = held_out_rows(sum(f.rows for f in files), tail_fraction) if tail is not None else None
     offset = 0  # documents of the files before this one
     for info in files:
@@ -531,6 +541,8 @@ def tokenize_documents(
                     encoder.text(writers[part], chunk)
         offset += info.rows
     encoder.flush()
+    if progress is not None and encoder.done < total:  # (--drop-lines leaves some characters untokenized)
+        progress(total, total)
 
 
 # ----- the cache ------------------------------------------------------------------------------
@@ -645,13 +657,14 @@ def prepare_corpus(
     cache_dir: str | os.PathLike | None = None,
     threads: int | None = None,
     text_field: str = "text",
+    progress: Callable[[int, int], None] | None = None,
 ) -> Corpus:
     """Tokenize the inputs (paths, directories, globs, or `check_inputs`' result), or reuse the
     cached result.
 
     The cache entry is keyed by the files' contents (not their names or dates), the tokenizer,
     the cleaning options and the validation share, so any change re-tokenizes and an unchanged
-    corpus starts at once.
+    corpus starts at once. `progress(done, total)`: characters tokenized, when not cached.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"`val_fraction` must be in [0, 1), got {val_fraction}")
@@ -688,6 +701,7 @@ def prepare_corpus(
             drop_lines=pattern,
             encoding_errors=encoding_errors,
             threads=threads,
+            progress=progress,
         )
     meta = json.loads((entry / "meta.json").read_text())
     train = TokenFile(entry / "train.bin", meta["train_chars"], name="train")
@@ -750,7 +764,16 @@ def _discard_entry(entry: Path) -> None:
 
 
 def _build_entry(
-    entry: Path, request: dict, files: list[FileInfo], enc, *, val_fraction, drop_lines, encoding_errors, threads
+    entry: Path,
+    request: dict,
+    files: list[FileInfo],
+    enc,
+    *,
+    val_fraction,
+    drop_lines,
+    encoding_errors,
+    threads,
+    progress=None,
 ) -> None:
     """Tokenize into a temporary folder beside the entry, then rename it into place (atomic)."""
     if enc.n_vocab > 65536:
@@ -761,7 +784,7 @@ def _build_entry(
     except OSError as e:
         raise cache_write_error(entry.parent, e) from None
     try:
-        _tokenize_into(tmp, entry, request, files, enc, val_fraction, drop_lines, encoding_errors, threads)
+        _tokenize_into(tmp, entry, request, files, enc, val_fraction, drop_lines, encoding_errors, threads, progress)
     except OSError as e:  # a full disk, a file size limit, ...: the cache folder is named, with what to do
         if e.errno not in WRITE_ADVICE:
             raise
@@ -778,7 +801,7 @@ def cache_write_error(path: Path, error: OSError) -> OutputError:
 
 
 def _tokenize_into(
-    tmp: Path, entry: Path, request: dict, files, enc, val_fraction, drop_lines, encoding_errors, threads
+    tmp: Path, entry: Path, request: dict, files, enc, val_fraction, drop_lines, encoding_errors, threads, progress
 ) -> None:
     """Tokenize the files into the folder `tmp` (train.bin, val.bin, meta.json), then rename it to `entry`."""
     head = _TokenWriter(tmp / "train.bin")
@@ -793,6 +816,7 @@ def _tokenize_into(
             drop_lines=drop_lines,
             encoding_errors=encoding_errors,
             threads=threads,
+            progress=progress,
         )
     finally:
         head.close()

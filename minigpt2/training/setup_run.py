@@ -239,7 +239,7 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
         report({"type": "dtype", "dtype": str(dtype).removeprefix("torch."), "why": auto_dtype(ctx.device, True)[1]})
     check_train_memory(o, ctx, dtype)
     source, model, enc, tok_source = _start(o, run, files, report, ctx)
-    corpus, eval_sets = _tokenize(o, enc, *files, ctx)
+    corpus, eval_sets = _tokenize(o, enc, *files, ctx, report)
     for message in data_notes(corpus, eval_sets):
         report({"type": "note", "message": message})
     sets = {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char} for n, d in eval_sets.items()}
@@ -455,20 +455,27 @@ def _with_lora(model: GPT, o: TrainOptions, report, new_rows: range) -> None:
     report({"type": "lora", **lora_summary(model)})
 
 
-def _tokenize(o, enc, train_files, val_files, eval_files, ctx):
+def _tokenize(o, enc, train_files, val_files, eval_files, ctx, report):
     """The training corpus and the eval sets (val: --val-data, else the held-out tails), tokenized
-    once into the cache (rank 0 first under torchrun)."""
+    once into the cache (rank 0 first under torchrun), telling `report` how far tokenizing is."""
     common = dict(drop_lines=o.drop_lines, encoding_errors=o.encoding_errors, cache_dir=o.cache_dir,
                   text_field=o.text_field)  # fmt: skip
+
+    def told(what: str):  # characters tokenized so far, as a "phase" record the console shows
+        return lambda done, total: report({"type": "phase", "what": f"tokenizing {what} (characters)",
+                                           "done": done, "total": total})  # fmt: skip
+
     with ctx.main_first():  # rank 0 fills the cache; the others then read it
-        corpus = prepare_corpus(train_files, enc, val_fraction=0.0 if val_files else o.val_fraction, **common)
+        corpus = prepare_corpus(train_files, enc, val_fraction=0.0 if val_files else o.val_fraction,
+                                progress=told("the training text"), **common)  # fmt: skip
         eval_sets = {}
         if val_files:
-            eval_sets["val"] = prepare_corpus(val_files, enc, **common).train
+            eval_sets["val"] = prepare_corpus(val_files, enc, progress=told("--val-data"), **common).train
         elif corpus.val is not None and len(corpus.val) > 1:
             eval_sets["val"] = corpus.val
         for files in eval_files:
-            eval_sets[files[0].path.stem] = prepare_corpus(files, enc, **common).train
+            name = files[0].path.stem
+            eval_sets[name] = prepare_corpus(files, enc, progress=told(name), **common).train
     return corpus, eval_sets
 
 
