@@ -134,11 +134,11 @@ def measure(checkpoint: Path, t: dict, s: dict) -> dict:
     from minigpt2.generation.generate import Sampling, generate_tokens
     from minigpt2.generation.sampling import is_cjk
     from minigpt2.io.tokenizer import load_tokenizer
-    from minigpt2.io.vocab import bits_per_char_of
+    from minigpt2.io.vocab import text_score
     from minigpt2.io.weights import load_model
 
     model, enc = load_model(checkpoint).eval(), load_tokenizer(checkpoint)
-    out = {f"bpc_{k}": bits_per_char_of(model, enc, held_out(t[k], n), n) for k, n in s["eval_chars"].items()}
+    out = {f"bpc_{k}": text_score(model, enc, held_out(t[k], n), n).bits_per_char for k, n in s["eval_chars"].items()}
     generator = torch.Generator().manual_seed(0)
     started, chars = time.process_time(), 0
     with torch.inference_mode():
@@ -205,7 +205,7 @@ def init_check(root: Path, s: dict, t: dict) -> dict:
     import torch
 
     from minigpt2.io.tokenizer import load_tokenizer
-    from minigpt2.io.vocab import bits_per_char_of, grow_model, old_pieces
+    from minigpt2.io.vocab import grow_model, old_pieces, text_score
     from minigpt2.io.weights import load_model
 
     torch.set_num_threads(1)
@@ -226,7 +226,8 @@ def init_check(root: Path, s: dict, t: dict) -> dict:
     for name, rows in variants.items():
         wte[n_old:] = rows
         out[name] = {
-            f"bpc_{k}": bits_per_char_of(grown, new_enc, held_out(t[k], n), n) for k, n in s["eval_chars"].items()
+            f"bpc_{k}": text_score(grown, new_enc, held_out(t[k], n), n).bits_per_char
+            for k, n in s["eval_chars"].items()
         }
         print(f"{name:<20} Lu Xun {out[name]['bpc_zh']:.3f}  English {out[name]['bpc_en']:.3f} bits per character")
     return out
