@@ -86,6 +86,18 @@ def recipe_args(name: str, merges: int, warmup_steps: int) -> list:
     }[name]
 
 
+def shared_data(quick: bool) -> Path:
+    """$MINIGPT2_SHARED_DATA, else the shared folder beside the repository; --quick falls back on the
+    excerpts the tests ship (tests/data), so it runs in any clone."""
+    value = os.environ.get("MINIGPT2_SHARED_DATA")
+    candidates = [Path(value)] if value else [ROOT.parent / "shared" / "data"]
+    candidates += [ROOT / "tests" / "data"] if quick else []
+    for folder in candidates:
+        if (folder / "zh").is_dir() and (folder / "en").is_dir():
+            return folder
+    raise SystemExit("error: the texts were not found: set MINIGPT2_SHARED_DATA to a folder holding zh/ and en/")
+
+
 def texts(data: Path, quick: bool, root: Path) -> dict:
     """The training and evaluation files; --quick writes small excerpts of them into ROOT/texts (the same
     paths every time: a resumed run must find its data where it was)."""
@@ -242,7 +254,7 @@ def base_model(root: Path, s: dict, t: dict) -> Path:
     if not (base / "final").is_dir():
         shutil.rmtree(base, ignore_errors=True)
         run("train.py", "--data", *t["english"], "--eval-data", t["en"], "--init-preset", "gpt2", *s["shape"],
-            "--tokenizer", Path(os.environ["MINIGPT2_SHARED_DATA"]) / "gpt2", *s["batch"], "--steps",
+            *s["batch"], "--steps",
             s["base_steps"], "--lr", 2e-3, "--eval-every", max(1, s["base_steps"] // 4), "--save-every", 0,
             "--threads", 1, "--cache-dir", root / "cache", "--out", base)  # fmt: skip
     return base / "final"
@@ -327,7 +339,7 @@ def main() -> int:
     args = p.parse_args()
     args.budgets = args.budgets or ([1, 2] if args.quick else [90, 360])
     args.dir = args.dir or tempfile.mkdtemp(prefix="bench-recipes-")
-    data = Path(os.environ["MINIGPT2_SHARED_DATA"])
+    data = shared_data(args.quick)
     root = Path(args.dir)
     s, t = settings(args.quick), texts(data, args.quick, root)
     if args.one:
