@@ -90,6 +90,7 @@ def test_scores_equal_a_separate_forward_pass(enc):
     assert finished.value.value is None
 
 
+@pytest.mark.slow
 def test_the_training_log_and_compare_give_the_same_bits_per_character(test_data, tmp_path):
     """The check of issue 19: a model with a 64-token context trained with --seq-len 64, --eval-data F
     and --eval-tokens 8192; compare.py START RUN --text F --max-eval-tokens 8192 prints, for B,

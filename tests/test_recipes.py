@@ -162,6 +162,7 @@ def test_embed_warmup_trains_the_new_rows_alone_first_and_resumes_bit_for_bit(te
         (["--extend-vocab", "20", "--embed-warmup", "4"], "error: --embed-warmup must be fewer than the 4 steps"),
     ],
 )
+@pytest.mark.slow
 def test_new_row_options_are_refused_where_they_cannot_work(test_data, zh_text, tmp_path, extra, message):
     args = ["--data", zh_text, "--init-preset", "gpt2", "--n-layer", 1, "--n-head", 2, "--n-embd", 32,
             "--context", 32, "--tokenizer", test_data / "gpt2", "--steps", 4, "--cache-dir", tmp_path / "cache",

@@ -235,6 +235,7 @@ def test_grown_checkpoint_matches_transformers(grown):
     assert guard.mask(torch.zeros(1, 50457), torch.zeros(1, dtype=torch.long)).isinf().any()
 
 
+@pytest.mark.slow
 def test_compare_prompt_on_a_grown_model_spells_each_side_with_its_own_tokenizer(grown, test_data, tmp_path):
     """compare.py --prompt on a model grown with --extend-vocab (it crashed with KeyError: '50258'
     decoding B's new token ids with A's tokenizer)."""

@@ -186,6 +186,7 @@ def test_tensorboard_event_files_hold_every_series(runs):
     assert PROMPTS[0] in last and records(runs["sampled"], "samples")[-1]["samples"][0]["text"].strip() in last
 
 
+@pytest.mark.slow
 def test_tensorboard_without_the_package_says_which_extra_to_install(test_data, tmp_path):
     """train.py with the tensorboard package hidden: one line, before any work or folder."""
     code = (
@@ -294,6 +295,7 @@ def test_compare_cli_writes_the_html(runs, tmp_path):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium fonts-noto-cjk)")
 @pytest.mark.parametrize("width", [390, 1200])
 def test_the_html_renders_in_a_real_browser(report, tmp_path, width):
