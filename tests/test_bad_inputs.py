@@ -239,6 +239,7 @@ def rows(w):
         ("compare: grown B without its tokenizer", [good, str(w["grown-bare"]), "--text", text], "was grown"),
         ("compare: grown B, merges damaged", [good, str(w["grown-cut"]), "--text", text], "grown-cut/merges.txt"),
         ("compare: garbage vocab.json in A", [str(w["tok-garbage"]), good, "--text", text], "vocab.json"),
+        ("compare: garbage vocab.json in B, weights only", [good, str(w["tok-garbage"])], "vocab.json"),
         ("compare: n_layer 10000000", [good, str(w["huge-layers"])], "n_layer 10000000"),
         ("compare: window 0", [good, good, "--text", text, "--window", "0"], "--window"),
         ("compare: window past the context", [good, good, "--text", text, "--window", "64"], "--window is 64"),

@@ -60,7 +60,7 @@ from minigpt2.device import resolve_device
 from minigpt2.errors import CheckpointError, MiniGPT2Error, OptionError
 from minigpt2.files import read_text_file
 from minigpt2.generation.sampling import encode_prompt
-from minigpt2.io.tokenizer import load_tokenizer
+from minigpt2.io.tokenizer import TOKENIZER_FILES, load_tokenizer
 from minigpt2.io.weights import (
     MASK_BUFFERS,
     PREFIX,
@@ -789,6 +789,11 @@ def compare(
     if prompts or texts:  # read the texts first: a bad file should fail before minutes of work
         enc = {"A": side_tokenizer(side_a["checkpoint"], revision), "B": side_tokenizer(side_b["checkpoint"], revision)}
         prepared = prepare_texts(list(texts), enc["A"], enc["B"], max_eval_tokens)
+    else:  # weights only: no tokenizer is needed, but files that are there must be sound, never silently bad
+        for side in (side_a, side_b):
+            folder = Path(side["checkpoint"])
+            if folder.is_dir() and any((folder / name).exists() for name in TOKENIZER_FILES):
+                side_tokenizer(side["checkpoint"], revision)
     weights = compare_weights(side_a["checkpoint"], side_b["checkpoint"], revision=revision, progress=progress)
     # A LoRA run's checkpoint has adapter/ beside its merged weights: mark the adapted tensors.
     names = [t["name"] for t in weights["tensors"]]
