@@ -84,9 +84,13 @@ def main(argv=None) -> int:
     def body() -> int:
         # Refuse existing or unwritable output files before spending minutes on the comparison, and
         # an output that is one of the inputs even with --force.
-        outputs = [path for path in (args.json, args.plot, args.html) if path]
-        if len({Path(path).resolve() for path in outputs}) < len(outputs):
-            raise OutputError("--json, --plot and --html name the same file; give each its own file")
+        named = [(flag, path) for flag, path in (("--json", args.json), ("--plot", args.plot), ("--html", args.html))
+                 if path]  # fmt: skip
+        outputs = [path for _, path in named]
+        for i, (flag, path) in enumerate(named):
+            for other, same in named[i + 1 :]:
+                if Path(path).resolve() == Path(same).resolve():
+                    raise OutputError(f"{flag} and {other} both name '{path}'; give each its own file")
         reads = files_read([args.a, *args.b], args.text, args.revision) if outputs else []
         for path in outputs:
             check_new_file(path, args.force, reads)
