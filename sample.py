@@ -79,16 +79,6 @@ def run(args, out) -> int:
     if not prompts:
         raise MiniGPT2Error('no prompt given: pass one (or "" to start from <|endoftext|>), or --prompt-file FILE')
     device = resolve_device(args.device)
-    if not args.threads and device.type == "cpu":  # decoding on a CPU: the cores the load leaves free
-        threads = threads_for_decoding()
-        if threads < torch.get_num_threads():
-            load, cores = machine_load()
-            print(
-                f"note: the machine is busy (load {load:.1f} on {cores} cores): decoding with {threads} "
-                f"thread{'s' if threads > 1 else ''}: fewer threads wait less for busy cores (--threads to choose)",
-                file=sys.stderr,
-            )
-            torch.set_num_threads(threads)
     dtype = resolve_dtype(args.dtype, device)
     loading = dict(device=device, dtype=dtype, quantize=args.quantize, utf8_guard=not args.no_utf8_guard)
     samplers = [load_for_sampling(source, prompts, args.num_samples, **loading) for source in args.model]
@@ -104,6 +94,16 @@ def run(args, out) -> int:
                 f"note: '{s.source}' has no config.json; its shape was inferred from the tensors ({shape})",
                 file=sys.stderr,
             )
+    if not args.threads and device.type == "cpu":  # decoding on a CPU: the cores the load leaves free, decided
+        threads = threads_for_decoding()  # once the models are loaded, just before decoding starts
+        if threads < torch.get_num_threads():
+            load, cores = machine_load()
+            print(
+                f"the machine is busy (load {load:.1f} on {cores} cores): decoding with {threads} "
+                f"thread{'s' if threads > 1 else ''}, as fewer threads wait less for busy cores (--threads to choose)",
+                file=sys.stderr,
+            )
+            torch.set_num_threads(threads)
     try:
         for index, prompt in enumerate(prompts, 1):
             for s in samplers:
