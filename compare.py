@@ -23,9 +23,9 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from minigpt2.analysis.compare import DEFAULT_MAX_EVAL_TOKENS  # noqa: E402
+from minigpt2.analysis import DEFAULT_MAX_EVAL_TOKENS  # noqa: E402
 from minigpt2.checks import ArgumentParser, arg_int  # noqa: E402
-from minigpt2.training.watch import SAMPLE_TOKENS  # noqa: E402
+from minigpt2.training.options import SAMPLE_TOKENS  # noqa: E402
 
 
 # fmt: off

@@ -34,6 +34,15 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_HF_HOME, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The fast tier runs in a fresh clone, without the shared data folder (CI runs it so): a test
+    that reads the whole novels belongs to the slow tier."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(f"{item.nodeid} reads the shared data folder (the whole novels), so it must be "
+                                    "marked slow: the fast tier runs in a fresh clone without that folder")  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def test_data(tmp_path_factory) -> Path:
     """gpt2/ (the package's tokenizer files), zh/ and en/ (tests/data's excerpts) in one folder,

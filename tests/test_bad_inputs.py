@@ -16,16 +16,17 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from checkpoints import official_state_dict, random_hf_model, write_official_layout
-from clis import ROOT, offline_env, start_script
+from clis import ROOT, offline_env, run_script, start_script
 from safetensors.torch import save_file
 
 NAN, INF = float("nan"), float("inf")
-PARALLEL = 4
+PARALLEL = 2  # runs at once: the cores of the machine the suite is sized for
 
 
 # ----- the checkpoints and files the rows use -------------------------------------------------
@@ -415,15 +416,16 @@ def test_every_bad_input_is_one_clear_error_line(world, hf_home):
     assert len(table) >= 60
     before = tree_digest(world["root"])
     failures = []
-    for i in range(0, len(table), PARALLEL):
-        batch = [
-            (row, start_script(row[1], *row[2], env=offline_env(hf_home, **row[4]))) for row in table[i : i + PARALLEL]
-        ]
-        for (name, script, _, needle, _), proc in batch:
-            stdout, stderr = proc.communicate(timeout=180)
+
+    def run(row):
+        return run_script(row[1], *row[2], env=offline_env(hf_home, **row[4]), timeout=180)
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        for (name, script, _, needle, _), result in zip(table, pool.map(run, table)):
+            stderr = result.stderr
             errors = [line for line in stderr.splitlines() if line.startswith("error:")]
             problems = []
-            if proc.returncode == 0:
+            if result.returncode == 0:
                 problems.append("exit status 0")
             if "Traceback" in stderr:
                 problems.append("a traceback")

@@ -18,6 +18,7 @@ PARTS = [
     "sample minigpt2",
     "sample minigpt2 int8",
     "sample int8, fp32 output layer",
+    "sample int8, 2 threads",
     "sample int8 quality",
     "distributed 2 ranks",
     "gpt2-xl 1 step",

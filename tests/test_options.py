@@ -104,3 +104,24 @@ def test_the_help_shows_every_group():
     for title in ("data:", "model:", "LoRA:", "training (CPU", "hardware:"):
         assert title in text
     assert isinstance(build_parser(), argparse.ArgumentParser)
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "compare.py"])
+def test_help_and_a_mistyped_option_answer_before_torch_is_imported(script):
+    # A newcomer's first commands (--help, a typo) answer in a fraction of a second: parsing the
+    # options must not import torch (a few seconds on a laptop, far more on a busy one).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    probe = (
+        "import runpy, sys; sys.argv = sys.argv[1:]\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported')\n"
+    )
+    for args in (["--help"], ["--no-such-option"]):
+        result = subprocess.run([sys.executable, "-c", probe, str(root / script), *args], capture_output=True,
+                                text=True, cwd=root, timeout=120)  # fmt: skip
+        assert result.stdout.strip().endswith("torch not imported"), (args, result.stdout[-300:], result.stderr)

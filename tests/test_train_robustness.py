@@ -96,7 +96,8 @@ def test_a_second_process_on_the_same_run_is_refused_at_once(base_args, env, tmp
 
 
 KILL = (
-    "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import train; from minigpt2 import distributed, launch\n"
+    "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import train\n"
+    "from minigpt2.training import distributed, setup_run as launch\n"
     "stage, argv = sys.argv[2], sys.argv[3:]\n"
     "from minigpt2.training.options import TrainOptions\n"
     "given = TrainOptions(**vars(train.parser().parse_args(argv)))\n"

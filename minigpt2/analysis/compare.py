@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from minigpt2.analysis import DEFAULT_MAX_EVAL_TOKENS
 from minigpt2.analysis.evaluate import Score, char_counts, count_characters, score_text, text_stream
 from minigpt2.analysis.snapshots import capture_block_outputs, hidden_drift
 from minigpt2.checks import non_negative_int, positive_int
@@ -87,7 +88,6 @@ ORIENTATION = (
 )
 BLOCK_KINDS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
 ENERGY = 0.9  # "rank for 90% energy": singular directions holding this share of ||A - B||_F^2
-DEFAULT_MAX_EVAL_TOKENS = 32768
 
 
 # ----- one pair of tensors ----------------------------------------------------------------

@@ -328,7 +328,10 @@ def _parquet_rows(path, fmt, compression, field, encoding_errors) -> Iterator[Ro
                     source.write(block)
             source.seek(0)
         try:
-            pf = pq.ParquetFile(source)
+            # Read column chunks through a small buffer, page by page: pyarrow's default (pre-buffer
+            # whole row groups) keeps every row group it has read allocated, so memory grew with the
+            # file (170 MB for 90 MB of text); buffered, it stays flat whatever the file's size.
+            pf = pq.ParquetFile(source, buffer_size=READ_BLOCK, pre_buffer=False)
             schema = pf.schema_arrow
             if field not in schema.names:
                 columns = ", ".join(f"'{c}'" for c in schema.names[:8])

@@ -138,6 +138,25 @@ class RunDir:
         f.flush()
         self._lock_file = f
 
+    def check_not_in_use(self) -> None:
+        """Raise as `lock` does when another process holds the run, without taking it or writing."""
+        import fcntl
+
+        try:
+            f = open(self.path / LOCK, encoding="utf-8")  # noqa: SIM115 (closed below)
+        except OSError:
+            return  # no lock file: nobody holds it
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip()
+            raise RunDirError(
+                f"'{self.path}' is in use by another training process ({_describe(holder)}); "
+                "wait for it to finish or stop it, or choose another run directory"
+            ) from None
+        finally:
+            f.close()
+
     def unlock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()  # closing the file releases the flock

@@ -194,6 +194,7 @@ def open_run(out: str | os.PathLike, resume: bool, saved: SavedRun, is_main: boo
         return run
     kind = judge_out(run.path)
     if kind == "run" and not resume:
+        run.check_not_in_use()  # a run that is going says so: that is the news, not that it exists
         raise RunDirError(
             f"'{run.path}' already holds a run; continue it with `resume`, or choose a new run "
             "directory (nothing was overwritten)"

@@ -24,11 +24,11 @@ from minigpt2.generation.generate import Sampling
 from minigpt2.generation.sampling import generate_text
 from minigpt2.generation.utf8 import Utf8Guard
 from minigpt2.model.gpt import GPT
+from minigpt2.training.options import SAMPLE_TOKENS
 
 # The same sentence in the language being learned and in the one the model knew: the first
 # sample shows the new language arriving, the second the old one fading (or not).
 DEFAULT_SAMPLE_PROMPTS = ("他走进屋里，看见", "He walked into the room and saw")
-SAMPLE_TOKENS = 32  # new tokens per sample: a line of text, a second or two of a 124M model on a CPU
 SAMPLE_SEED = 0
 SAMPLING = Sampling(top_k=50)  # what sample.py draws with by default
 TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard: --tensorboard's folder when none is given
