@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from minigpt2.analysis.compare import compare, compare_many, files_read
+    from minigpt2.analysis.compare import check_revision_applies, compare, compare_many, files_read
     from minigpt2.analysis.htmlreport import write_html
     from minigpt2.analysis.report import (
         check_new_file,
@@ -79,9 +79,15 @@ def main(argv=None) -> int:
         write_tradeoff_plot,
     )
     from minigpt2.console import PhaseProgress
-    from minigpt2.errors import OutputError
+    from minigpt2.errors import OptionError, OutputError
 
     def body() -> int:
+        # Options that would be ignored or produce nothing are refused first.
+        if any(not prompt.strip() for prompt in args.prompt):
+            raise OptionError("prompt", "is empty: give the text both models should continue")
+        if args.plot and Path(args.plot).suffix.lower() != ".png":
+            raise OptionError("plot", f"writes a PNG image: give a file name ending in .png (got '{args.plot}')")
+        check_revision_applies([args.a, *args.b], args.revision)
         # Refuse existing or unwritable output files before spending minutes on the comparison, and
         # an output that is one of the inputs even with --force.
         named = [(flag, path) for flag, path in (("--json", args.json), ("--plot", args.plot), ("--html", args.html))

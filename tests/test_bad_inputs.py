@@ -222,6 +222,9 @@ def rows(w):
     ]
     compare = [
         ("compare: top -1", [good, good, "--top", "-1"], "--top"),
+        ("compare: empty prompt", [good, good, "--prompt", " "], "--prompt is empty"),
+        ("compare: plot not a .png", [good, good, "--plot", str(r / "plot.txt")], "ending in .png"),
+        ("compare: revision of local models", [good, good, "--revision", "v2"], "drop --revision"),
         ("compare: max-eval-tokens 0", [good, good, "--max-eval-tokens", "0"], "--max-eval-tokens"),
         ("compare: max-eval-tokens nan", [good, good, "--max-eval-tokens", "nan"], "--max-eval-tokens"),
         ("compare: NaN weights in B", [good, str(w["nan"])], "h.1.mlp.c_fc.weight"),

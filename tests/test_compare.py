@@ -577,3 +577,20 @@ def test_progress_says_what_and_how_far_without_noise():
     progress.finish()  # done (or failed) before `after`: no line, and the timer is cancelled
     time.sleep(0.3)
     assert len(err.getvalue().splitlines()) == lines
+
+
+def test_revision_is_refused_only_where_no_model_comes_from_the_hub(tmp_path):
+    from minigpt2.analysis.compare import check_revision_applies
+
+    local = tmp_path / "ck"
+    local.mkdir()
+    hub_run, local_run = tmp_path / "hub-run", tmp_path / "local-run"
+    for run, start in ((hub_run, "gpt2"), (local_run, str(local))):
+        run.mkdir()
+        (run / "run.json").write_text(json.dumps({"model": start}))
+    check_revision_applies(["gpt2", str(local)], "v2")  # A from the hub: it applies
+    check_revision_applies([str(hub_run)], "v2")  # a run that started from the hub
+    check_revision_applies([str(local), str(local)], None)
+    for sources in ([str(local), str(local)], [str(local_run)], [str(local), str(local_run)]):
+        with pytest.raises(MiniGPT2Error, match="drop --revision"):
+            check_revision_applies(sources, "v2")

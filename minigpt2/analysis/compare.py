@@ -651,6 +651,27 @@ def files_read(sources: list[str], texts: list[str], revision: str | None = None
     return [p for p in dict.fromkeys(found) if p.exists()]
 
 
+def check_revision_applies(sources: list[str], revision: str | None) -> None:
+    """`revision` picks a version of a hub model: where no model named comes from the hub (a run
+    counts by the model it started from), it would be ignored without a word, so it is refused."""
+
+    def from_hub(source: str) -> bool:
+        if RunDir.is_run(source):
+            try:
+                source = run_start(RunDir(source))
+            except MiniGPT2Error:
+                return False
+        return local_path(source) is None
+
+    if revision is not None and not any(from_hub(s) for s in sources):
+        named = ", ".join(f"'{s}'" for s in sources)
+        raise OptionError(
+            "revision",
+            f"{revision} picks a version of a model from the Hugging Face hub, and {named} "
+            f"{'is' if len(sources) == 1 else 'are'} local: drop --revision",
+        )
+
+
 def resolve_side_or_none(source: str) -> dict | None:
     try:
         return resolve_side(source)
