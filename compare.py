@@ -24,7 +24,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from minigpt2.analysis import DEFAULT_MAX_EVAL_TOKENS  # noqa: E402
-from minigpt2.checks import ArgumentParser, arg_int  # noqa: E402
+from minigpt2.checks import ArgumentParser, arg_int, text_arg  # noqa: E402
 from minigpt2.training.options import SAMPLE_TOKENS  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("a", help="model A, the reference (before): a model source or a training run directory")
     p.add_argument("b", nargs="*", help="model B (after); omit it when A is a run, to compare the run's start and "
                    "end; several: a trade-off table of them all against A")
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+    p.add_argument("--prompt", action="append", default=[], type=text_arg, metavar="TEXT",
                    help="compare the block activations and next-token predictions on this prompt (repeatable)")
     p.add_argument("--text", action="append", default=[], metavar="FILE",
                    help="loss, perplexity and bits per character of A and B on this UTF-8 text file (repeatable)")

@@ -18,26 +18,31 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 from minigpt2 import MiniGPT2Error, user_message  # noqa: E402
-from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int  # noqa: E402
+from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int, text_arg  # noqa: E402
+
+MAX_NEW_TOKENS = 1_000_000  # a bound that a typo (an extra zero or three) cannot pass unnoticed
 
 
 # fmt: off
 def parse_args(argv):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompts", nargs="*", metavar="PROMPT", help='text to continue ("": start from <|endoftext|>)')
+    p.add_argument("prompts", nargs="*", type=text_arg, metavar="PROMPT",
+                   help='text to continue ("": start from <|endoftext|>)')
     p.add_argument("--prompt-file", action="append", default=[], metavar="FILE", help="a UTF-8 file whose whole "
                    "text is one more prompt (repeatable)")
     p.add_argument("--model", action="append", metavar="SOURCE", help="gpt2[-medium|-large|-xl], a hub repo id, a "
                    "checkpoint folder, a .safetensors file or a training run; repeat to compare (default: gpt2)")
     p.add_argument("--num-samples", type=arg_int(low=1), default=1, help="samples per prompt (default: 1)")
-    p.add_argument("--max-new-tokens", type=arg_int(low=0), default=100, help="tokens per sample (default: 100)")
+    p.add_argument("--max-new-tokens", type=arg_int(low=0, high=MAX_NEW_TOKENS), default=100,
+                   help=f"tokens per sample (default: 100; at most {MAX_NEW_TOKENS:,}: ~2 MB of text, hours on a CPU)")
     p.add_argument("--temperature", type=arg_float(), default=1.0, help="< 1 sharper, > 1 more random; 0 is greedy")
     p.add_argument("--top-k", type=arg_int(), default=50, help="sample among the K most likely tokens; 0: all (50)")
     p.add_argument("--top-p", type=arg_float(), default=1.0, help="nucleus: the likeliest tokens holding P (1: off)")
     p.add_argument("--repetition-penalty", type=arg_float(), default=1.0, help="> 1 discourages repeats (1: off)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=arg_int(low=0, high=SEED_MAX), help="the same seed, the same samples (per device)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end a sample where TEXT appears")
+    p.add_argument("--stop", action="append", default=[], type=text_arg, metavar="TEXT",
+                   help="end a sample where TEXT appears")
     p.add_argument("--no-utf8-guard", action="store_true", help="allow invalid UTF-8 (U+FFFD), as naive samplers do")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

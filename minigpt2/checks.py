@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 
 from minigpt2.errors import CheckpointError, OptionError
@@ -89,6 +90,21 @@ def non_negative_int(name: str, value) -> int:
 def arg_float(**limits):
     """An argparse `type=` accepting a finite float within `limits` (the keywords of `finite`)."""
     return _arg_type(float, "a number", lambda value: finite("value", value, **limits))
+
+
+def text_arg(value: str) -> str:
+    """An argparse `type=` for text typed on the command line (a prompt), as the user typed it.
+
+    Under a locale that is not UTF-8 (LC_ALL=C with PYTHONUTF8=0), Python hands non-ASCII
+    arguments over as their bytes escaped into surrogates ("\\udce4\\udcbd..."): tokenized as they
+    are, a Chinese prompt would silently become other tokens. Those bytes are UTF-8 on any
+    terminal that shows the text, so they are decoded as such."""
+    if not any("\udc80" <= c <= "\udcff" for c in value):
+        return value
+    try:
+        return os.fsencode(value).decode("utf-8")
+    except UnicodeDecodeError:
+        return value
 
 
 def arg_int(**limits):

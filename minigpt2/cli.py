@@ -30,7 +30,8 @@ def start_script() -> None:
     """What each script does first, before it imports anything slow.
 
     - Ctrl-C while Python imports torch (~2 s, far longer on a busy machine) prints "interrupted"
-      and exits 130 at once: a KeyboardInterrupt raised inside torch's import prints a traceback,
+      and exits 130 at once (SIGTERM and SIGHUP likewise say so and exit 128+N): a
+      KeyboardInterrupt raised inside torch's import prints a traceback,
       or even aborts the process from C++. `run_script` restores Python's own Ctrl-C handling
       once torch is imported, so the work itself is interrupted cleanly (temporary files removed).
     - A closed stdin, stdout or stderr (`>&-`) is opened on /dev/null: output there is dropped
@@ -39,6 +40,8 @@ def start_script() -> None:
     - A stream that cannot encode a character writes it as an escape (\\u4eca) instead of failing.
     """
     signal.signal(signal.SIGINT, _interrupted_at_once)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # likewise `kill` or a closed terminal: one line, 128+N
+        signal.signal(sig, _stopped_at_once)
     closed = [fd for fd in (0, 1, 2) if not _is_open(fd)]
     for fd in closed:
         null = os.open(os.devnull, os.O_RDWR)
@@ -52,7 +55,9 @@ def start_script() -> None:
         print("note: standard output is closed: what would be printed there is dropped", file=sys.stderr)
     codecs.register_error(ESCAPES, _escape)
     for stream in (sys.stdout, sys.stderr):
-        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        # strict, or surrogateescape (what Python picks under LC_ALL=C): either fails on a character
+        # the encoding lacks, such as the header's "·" in ASCII
+        if getattr(stream, "errors", None) in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=ESCAPES)
 
 
@@ -69,6 +74,13 @@ def _interrupted_at_once(signum, frame) -> None:
         os.write(2, b"\ninterrupted\n")
     finally:
         os._exit(130)
+
+
+def _stopped_at_once(signum, frame) -> None:
+    try:
+        os.write(2, f"\nstopped by {signal.Signals(signum).name} while starting (nothing was written)\n".encode())
+    finally:
+        os._exit(128 + signum)
 
 
 def _escape(error: UnicodeError) -> tuple[str, int]:
@@ -102,6 +114,9 @@ def run_script(body: Callable[[], int], flags: dict[str, str] | None = None, pre
 
         if signal.getsignal(signal.SIGINT) is _interrupted_at_once:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # the work itself: the OS's default, or the script's own
+            if signal.getsignal(sig) is _stopped_at_once:
+                signal.signal(sig, signal.SIG_DFL)
         with warnings.catch_warnings():
             warnings.simplefilter("always", Notice)
             shown = warnings.showwarning

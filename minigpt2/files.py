@@ -144,6 +144,11 @@ def read_text_file(path: str | os.PathLike, what: str = "text file") -> str:
         ) from None
     if not text:
         raise DataError(f"{what} '{path}' is empty; give a file with text in it")
+    if "\x00" in text:  # no text format uses NUL: as train.py's data check says, a binary file
+        raise DataError(
+            f"{what} '{path}' looks like a binary file (a NUL byte at offset {data.find(0)}), not text; "
+            "give a UTF-8 text file"
+        )
     return text
 
 

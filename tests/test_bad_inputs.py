@@ -115,6 +115,9 @@ def world(tmp_path_factory, test_data, hub_gpt2):
     (rows / "number.jsonl").write_text('{"text": 12}\n', encoding="utf-8")
     (rows / "empty.jsonl").write_text("\n", encoding="utf-8")
     (rows / "blank.txt").write_text("\n\n  \n", encoding="utf-8")
+    (rows / "one-char.txt").write_text("好", encoding="utf-8")
+    (rows / "crlf-only.txt").write_bytes(b"\r\n" * 100)
+    (rows / "nul.txt").write_bytes("今天".encode() * 500 + b"\x00" * 100)
     (rows / "rows.csv").write_text("id,body\n1,x\n", encoding="utf-8")
     (rows / "cut.parquet").write_bytes(b"PAR1" + b"\x00" * 20)
     packed = gzip.compress(good_row.encode() * 2000)
@@ -186,6 +189,8 @@ def rows(w):
         ("max-new-tokens -1", ["hi", "--max-new-tokens", "-1"], "--max-new-tokens"),
         ("seed -1", ["hi", "--seed", "-1"], "--seed"),
         ("seed 2**64", ["hi", "--seed", str(2**64)], "--seed"),
+        ("max-new-tokens 100 million", ["hi", "--max-new-tokens", "100000000"], "--max-new-tokens"),
+        ("prompt file with NUL bytes", ["--prompt-file", str(r / "rows" / "nul.txt")], "binary file"),
         ("unknown option", ["hi", "--temprature", "1"], "--temprature"),
         ("dtype", ["hi", "--dtype", "float8"], "--dtype"),
         # checkpoints trusted too far
@@ -223,6 +228,17 @@ def rows(w):
     compare = [
         ("compare: top -1", [good, good, "--top", "-1"], "--top"),
         ("compare: empty prompt", [good, good, "--prompt", " "], "--prompt is empty"),
+        (
+            "compare: a one-character text",
+            [good, good, "--text", str(r / "rows" / "one-char.txt")],
+            "too little to measure anything",
+        ),
+        (
+            "compare: a text of line ends",
+            [good, good, "--text", str(r / "rows" / "crlf-only.txt")],
+            "holds only blank lines and spaces",
+        ),
+        ("compare: a text with NUL bytes", [good, good, "--text", str(r / "rows" / "nul.txt")], "binary file"),
         ("compare: plot not a .png", [good, good, "--plot", str(r / "plot.txt")], "ending in .png"),
         ("compare: revision of local models", [good, good, "--revision", "v2"], "drop --revision"),
         ("compare: max-eval-tokens 0", [good, good, "--max-eval-tokens", "0"], "--max-eval-tokens"),
@@ -341,6 +357,7 @@ def rows(w):
             ("number.jsonl", [], "line 1: the field 'text' holds a number, not text"),
             ("empty.jsonl", [], "empty.jsonl' holds no rows"),
             ("blank.txt", [], "blank.txt' holds no text, only blank lines"),
+            ("one-char.txt", [], "one-char.txt' is only 3 token(s) long: too little to learn from"),
             ("rows.csv", [], "no column 'text' (its header: 'id', 'body')"),
             ("cut.parquet", [], "cut.parquet' cannot be read as Parquet"),
             ("cut.jsonl.gz", [], "cut.jsonl.gz' is not a valid gzip stream"),
@@ -348,6 +365,8 @@ def rows(w):
         ]
     ] + [
         ("train: --text-field ''", [*data, "--text-field", ""], "--text-field must name a field"),
+        ("train: --eval-data of one character", [*data, "--eval-data", str(r / "rows" / "one-char.txt")],
+         "--eval-data '" + str(r / "rows" / "one-char.txt") + "' is only 3 token(s) long"),
         ("train: --data hf:missing folder", ["--data", f"hf:{r / 'gone'}", *data[2:]], "does not exist"),
         ("train: --data hf:not cached", ["--data", "hf:someone/nothing-here", *data[2:]], "someone/nothing-here"),
         ("train: --eval-data bad row", [*data, "--eval-data", str(r / "rows" / "number.jsonl")], "number.jsonl"),
@@ -609,3 +628,14 @@ def test_ctrl_c_while_importing_prints_interrupted(world, hf_home, script):
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 130 and stderr.strip() == "interrupted", stderr
         assert not out.exists() or not list(out.glob("step-*"))  # nothing trained, nothing half saved
+    # `kill` (SIGTERM) or a closed terminal (SIGHUP) at the same moment: one line, exit 128+N
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        proc = start_script(script, *args[script], env=offline_env(hf_home))
+        deadline = time.monotonic() + 60
+        while not _importing_torch(proc) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        said = f"stopped by {sig.name} while starting (nothing was written)"
+        assert proc.returncode == 128 + sig and stderr.strip() == said, (proc.returncode, stderr)
+        assert not out.exists() or not list(out.glob("step-*"))

@@ -125,3 +125,11 @@ def test_help_and_a_mistyped_option_answer_before_torch_is_imported(script):
         result = subprocess.run([sys.executable, "-c", probe, str(root / script), *args], capture_output=True,
                                 text=True, cwd=root, timeout=120)  # fmt: skip
         assert result.stdout.strip().endswith("torch not imported"), (args, result.stdout[-300:], result.stderr)
+
+
+def test_a_prompt_typed_under_a_c_locale_is_read_as_the_text_typed():
+    from minigpt2.checks import text_arg
+
+    typed = "你好".encode().decode("ascii", "surrogateescape")  # what argv holds under LC_ALL=C
+    assert typed != "你好" and text_arg(typed) == "你好" and text_arg("hello") == "hello"
+    assert text_arg("\udcff") == "\udcff"  # not UTF-8: left as it is (a path's bytes go back unchanged)

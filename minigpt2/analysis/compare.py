@@ -54,7 +54,14 @@ from pathlib import Path
 import torch
 
 from minigpt2.analysis import DEFAULT_MAX_EVAL_TOKENS
-from minigpt2.analysis.evaluate import Score, char_counts, count_characters, score_text, text_stream
+from minigpt2.analysis.evaluate import (
+    Score,
+    char_counts,
+    check_enough_text,
+    count_characters,
+    score_text,
+    text_stream,
+)
 from minigpt2.analysis.snapshots import capture_block_outputs, hidden_drift
 from minigpt2.checks import non_negative_int, positive_int
 from minigpt2.device import resolve_device
@@ -482,8 +489,10 @@ def prepare_texts(paths: list[str], enc_a, enc_b, max_tokens: int) -> list[dict]
     same = enc_b is enc_a or tokenizer_fingerprint(enc_a) == tokenizer_fingerprint(enc_b)
     texts = []
     for path in paths:
-        stream, total = text_stream(enc_a, read_text_file(path, "text file"), max_tokens)
+        text = read_text_file(path, "text file")
+        stream, total = text_stream(enc_a, text, max_tokens)
         ids = stream[1:]
+        check_enough_text(f"text file '{path}'", text, len(ids) if total is None else total)
         stream_b = stream if same else [enc_b.eot_token, *enc_b.encode_ordinary(enc_a.decode(ids).rstrip("\ufffd"))]
         texts.append(
             {

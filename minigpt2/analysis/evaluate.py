@@ -52,8 +52,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minigpt2.errors import DataError
+
 Span = tuple[int, int]  # (stream index of a window's first input, tokens predicted)
 BATCH_TOKENS = 1024  # positions per forward pass when the caller has no batch size of its own
+# The least text a figure is computed from: a loss or bits per character over fewer tokens says
+# nothing about a model (and a text that short is most likely the wrong file).
+MIN_SCORED_TOKENS = 16
+
+
+def check_enough_text(what: str, text: str | None, tokens: int, *, training: bool = False) -> None:
+    """Refuse a text to score (or, `training`, to train on) that is only whitespace or has fewer
+    than MIN_SCORED_TOKENS tokens, naming it (`what`: "text file 'x.txt'")."""
+    if text is not None and not text.strip():
+        raise DataError(f"{what} holds only blank lines and spaces: nothing to score; give a file with text in it")
+    if tokens < MIN_SCORED_TOKENS:
+        raise DataError(
+            f"{what} is only {tokens} token(s) long: too little to {'learn from' if training else 'measure anything'}; "
+            f"give a text of at least {MIN_SCORED_TOKENS} tokens (a sentence or two)"
+        )
 
 
 @dataclass(frozen=True)

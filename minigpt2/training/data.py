@@ -188,10 +188,11 @@ def check_text_file(path: Path, encoding_errors: str = "strict", compression: st
                 "Convert the file to UTF-8, or pass `encoding_errors='replace'`"
             ) from None
     if size == 0:
-        raise DataError(f"'{path}' is empty; remove it from `data` or give the right file")
+        raise DataError(f"'{path}' is empty; remove it from the files given or give the right file")
     if not has_text:
         raise DataError(
-            f"'{path}' holds no text, only blank lines and spaces; remove it from `data` or give the right file"
+            f"'{path}' holds no text, only blank lines and spaces; remove it from the files given or give the "
+            "right file"
         )
     return FileInfo(path=path, sha256=digest.hexdigest(), bytes=size, chars=chars - crlf, compression=compression)
 

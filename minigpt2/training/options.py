@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int, check_embed_warmup
+from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int, check_embed_warmup, text_arg
 from minigpt2.errors import MiniGPT2Error, OptionError
 
 # --sample-tokens' default (watch.py and compare.py use it too): a line of text, a second or two of a
@@ -194,7 +194,7 @@ class TrainOptions:
                                    type=arg_int(low=1))
     sample_prompt: list[str] | None = option("continue this prompt at every evaluation, with a fixed seed "
                                              "(repeatable; default: a Chinese and an English sentence)",
-                                             group="output", action="append", metavar="TEXT")
+                                             group="output", action="append", type=text_arg, metavar="TEXT")
     sample_tokens: int | None = option(f"new tokens per sample (default {SAMPLE_TOKENS}; 0: no samples)",
                                        group="output", default=SAMPLE_TOKENS, type=arg_int(low=0), metavar="N")
     tensorboard: str | None = option("also log to TensorBoard, in DIR (default RUN/tensorboard; needs the "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt2.analysis.evaluate import char_counts
+from minigpt2.analysis.evaluate import MIN_SCORED_TOKENS, char_counts, check_enough_text
 from minigpt2.analysis.snapshots import DEFAULT_PROBE, Snapshotter
 from minigpt2.checks import check_train_memory_fits, check_vocab_fits
 from minigpt2.device import auto_dtype, resolve_dtype
@@ -469,15 +469,26 @@ def _tokenize(o, enc, train_files, val_files, eval_files, ctx, report):
     with ctx.main_first():  # rank 0 fills the cache; the others then read it
         corpus = prepare_corpus(train_files, enc, val_fraction=0.0 if val_files else o.val_fraction,
                                 progress=told("the training text"), **common)  # fmt: skip
+        # Too little text is refused where the user gave it (the training text, --val-data,
+        # --eval-data) and said at the start where it is the held-out tail (data_notes).
+        check_enough_text(_named("the training text of", train_files), None, len(corpus.train), training=True)
         eval_sets = {}
         if val_files:
             eval_sets["val"] = prepare_corpus(val_files, enc, progress=told("--val-data"), **common).train
-        elif corpus.val is not None and len(corpus.val) > 1:
+            check_enough_text(_named("--val-data", val_files), None, len(eval_sets["val"]))
+        elif corpus.val is not None and len(corpus.val) >= MIN_SCORED_TOKENS:
             eval_sets["val"] = corpus.val
         for files in eval_files:
             name = files[0].path.stem
             eval_sets[name] = prepare_corpus(files, enc, progress=told(name), **common).train
+            check_enough_text(_named("--eval-data", files), None, len(eval_sets[name]))
     return corpus, eval_sets
+
+
+def _named(what: str, files) -> str:
+    names = [getattr(f, "path", None) or getattr(f, "spec", f) for f in files]  # a file, or a dataset
+    shown = ", ".join(f"'{n}'" for n in names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+    return f"{what} {shown}"
 
 
 def data_notes(corpus, eval_sets: dict) -> list[str]:
