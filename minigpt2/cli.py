@@ -114,9 +114,9 @@ def run_script(body: Callable[[], int], flags: dict[str, str] | None = None, pre
 
         if signal.getsignal(signal.SIGINT) is _interrupted_at_once:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in (signal.SIGTERM, signal.SIGHUP):  # the work itself: the OS's default, or the script's own
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # the work itself stops as Ctrl-C does (train.py saves first)
             if signal.getsignal(sig) is _stopped_at_once:
-                signal.signal(sig, signal.SIG_DFL)
+                signal.signal(sig, _raise_stopped)
         with warnings.catch_warnings():
             warnings.simplefilter("always", Notice)
             shown = warnings.showwarning
@@ -138,8 +138,23 @@ def run_script(body: Callable[[], int], flags: dict[str, str] | None = None, pre
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Stopped as e:
+        print(f"\nstopped by {e.signal.name}", file=sys.stderr)
+        return 128 + e.signal
     finally:
         _escape_note()
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP during the work: unwinds like Ctrl-C (temporary files are removed on the way)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal = signal.Signals(signum)
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
 
 
 def error(message: str) -> int:
