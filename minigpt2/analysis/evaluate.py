@@ -58,7 +58,7 @@ Span = tuple[int, int]  # (stream index of a window's first input, tokens predic
 BATCH_TOKENS = 1024  # positions per forward pass when the caller has no batch size of its own
 # The least text a figure is computed from: a loss or bits per character over fewer tokens says
 # nothing about a model (and a text that short is most likely the wrong file).
-MIN_SCORED_TOKENS = 16
+MIN_SCORED_TOKENS = 8
 
 
 def check_enough_text(what: str, text: str | None, tokens: int, *, training: bool = False) -> None:
@@ -69,7 +69,7 @@ def check_enough_text(what: str, text: str | None, tokens: int, *, training: boo
     if tokens < MIN_SCORED_TOKENS:
         raise DataError(
             f"{what} is only {tokens} token(s) long: too little to {'learn from' if training else 'measure anything'}; "
-            f"give a text of at least {MIN_SCORED_TOKENS} tokens (a sentence or two)"
+            f"give a text of at least {MIN_SCORED_TOKENS} tokens (a sentence)"
         )
 
 
