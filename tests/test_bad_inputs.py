@@ -273,14 +273,19 @@ def rows(w):
             for what, flag, path in [
                 ("json onto B's config.json", "--json", str(w["run"] / "final" / "config.json")),
                 ("json onto A's weights", "--json", str(Path(good) / "model.safetensors")),
-                ("plot onto A's vocab.json", "--plot", str(Path(good) / "vocab.json")),
+                ("html onto A's vocab.json", "--html", str(Path(good) / "vocab.json")),
                 ("json onto the run's log", "--json", str(w["run"] / "log.jsonl")),
                 ("json onto the --text file", "--json", text),
             ]
         ],  # fmt: skip
         (
+            "compare: plot onto A's vocab.json, with --force",
+            [good, good, "--plot", str(Path(good) / "vocab.json"), "--force"],
+            "ending in .png",
+        ),
+        (
             "compare: json and plot the same file",
-            [good, good, "--json", str(r / "o"), "--plot", str(r / "o")],
+            [good, good, "--json", str(r / "o.png"), "--plot", str(r / "o.png")],
             "--json and --plot both name",
         ),  # fmt: skip
     ]
