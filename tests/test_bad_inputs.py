@@ -601,6 +601,12 @@ def test_the_boundary_holds_for_streams_and_ctrl_c(world, hf_home):
     c_locale = subprocess.run([sys.executable, *map(str, sample)], capture_output=True, timeout=300, env=c_env)
     assert c_locale.returncode == 0 and b"Traceback" not in c_locale.stderr, c_locale.stderr
     assert "你好" in c_locale.stdout.decode("utf-8", errors="replace") or b"\\u4f60" in c_locale.stdout
+    # C locale with UTF-8 mode off: ASCII output with surrogateescape, and the prompt arrives as
+    # escaped bytes; it must still be read as 你好 (the header shows it escaped, \\u4f60\\u597d)
+    strict_c = subprocess.run([sys.executable, *map(str, sample)], capture_output=True, timeout=300,
+                              env={**c_env, "PYTHONUTF8": "0"})  # fmt: skip
+    assert strict_c.returncode == 0 and b"Traceback" not in strict_c.stderr, strict_c.stderr
+    assert b"\\u4f60\\u597d\\xb7" in strict_c.stdout, strict_c.stdout
 
 
 def _importing_torch(proc: subprocess.Popen) -> bool:
@@ -644,3 +650,24 @@ def test_ctrl_c_while_importing_prints_interrupted(world, hf_home, script):
         said = f"stopped by {sig.name} while starting (nothing was written)"
         assert proc.returncode == 128 + sig and stderr.strip() == said, (proc.returncode, stderr)
         assert not out.exists() or not list(out.glob("step-*"))
+
+
+@pytest.mark.slow
+def test_sigterm_while_sampling_stops_like_ctrl_c(world, hf_home):
+    """`kill` (SIGTERM) or a closed terminal (SIGHUP) while sample.py decodes: one line, 128+N."""
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        args = ["hi", "--model", str(world["good"]), "--max-new-tokens", "1000000", "--no-cache", "--seed", "0"]
+        proc = start_script("sample.py", *args, env=offline_env(hf_home))
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:  # until the sample has started
+            line = proc.stdout.readline()
+            if line.startswith("==="):
+                break
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig and "Traceback" not in stderr, (proc.returncode, stderr)
+        assert stderr.strip().endswith(f"stopped by {sig.name}"), stderr
