@@ -125,10 +125,7 @@ class RunDir:
             f.seek(0)
             holder = f.read().strip()
             f.close()
-            raise RunDirError(
-                f"'{self.path}' is in use by another training process ({_describe(holder)}); "
-                "wait for it to finish or stop it, or choose another run directory"
-            ) from None
+            raise self._in_use(holder) from None
         f.seek(0)
         f.truncate()
         f.write(
@@ -150,12 +147,15 @@ class RunDir:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = f.read().strip()
-            raise RunDirError(
-                f"'{self.path}' is in use by another training process ({_describe(holder)}); "
-                "wait for it to finish or stop it, or choose another run directory"
-            ) from None
+            raise self._in_use(holder) from None
         finally:
             f.close()
+
+    def _in_use(self, holder: str) -> RunDirError:
+        return RunDirError(
+            f"'{self.path}' is in use by another training process ({_describe(holder)}); "
+            "wait for it to finish or stop it, or choose another run directory"
+        )
 
     def unlock(self) -> None:
         if self._lock_file is not None:
