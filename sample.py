@@ -15,6 +15,7 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 
 from minigpt2 import MiniGPT2Error, user_message  # noqa: E402
@@ -51,7 +52,7 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (a one-time compile)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole text for every token (slow)")
     p.add_argument("--threads", type=arg_int(low=1),
-                   help="CPU threads (default: the cores that the machine's load leaves free, at least 1)")
+                   help="CPU threads (default: the cores other processes leave free while the model loads, at least 1)")
     p.add_argument("--json", action="store_true", help="print one JSON record per sample instead of text")
     args = p.parse_args(argv)
     from minigpt2.generation.generate import Sampling
@@ -74,10 +75,11 @@ def main(argv=None) -> int:
 def run(args, out) -> int:
     import torch
 
-    from minigpt2.device import machine_load, resolve_device, resolve_dtype, threads_for_decoding
+    from minigpt2.device import BusyCores, resolve_device, resolve_dtype, threads_for_decoding
     from minigpt2.files import read_text_file
     from minigpt2.generation.sampling import load_for_sampling
 
+    others = BusyCores()  # what other processes do with the cores while the models load
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = args.prompts + [read_text_file(f, "prompt file") for f in args.prompt_file]
@@ -99,13 +101,14 @@ def run(args, out) -> int:
                 f"note: '{s.source}' has no config.json; its shape was inferred from the tensors ({shape})",
                 file=sys.stderr,
             )
-    if not args.threads and device.type == "cpu":  # decoding on a CPU: the cores the load leaves free, decided
-        threads = threads_for_decoding()  # once the models are loaded, just before decoding starts
+    if not args.threads and device.type == "cpu":  # decoding on a CPU: the cores other work leaves free,
+        busy = others.others()  # decided once the models are loaded, just before decoding starts
+        threads = threads_for_decoding(busy=busy)
         if threads < torch.get_num_threads():
-            load, cores = machine_load()
             print(
-                f"the machine is busy (load {load:.1f} on {cores} cores): decoding with {threads} "
-                f"thread{'s' if threads > 1 else ''}, as fewer threads wait less for busy cores (--threads to choose)",
+                f"the machine is busy (other work keeps {busy:.1f} of {os.cpu_count()} cores busy): decoding with "
+                f"{threads} thread{'s' if threads > 1 else ''}, as fewer threads wait less for busy cores "
+                "(--threads to choose)",
                 file=sys.stderr,
             )
             torch.set_num_threads(threads)

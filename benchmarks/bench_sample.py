@@ -20,8 +20,9 @@ trained model, see bench_quantize.py. The last line is the ratio minigpt2 int8 /
 Contention: with --beside train, a 124M-shape `train.py` run (random weights, tiny Shakespeare)
 trains in another process the whole time the contestants take turns, as when a user samples one
 run's checkpoints while it trains. minigpt2 decodes with the threads sample.py would choose
-(`threads_for_decoding`: the cores the machine's load leaves free); transformers with torch's
-default (every core), as its users get. The machine's load is printed before and after.
+(`threads_for_decoding`: the cores that other processes left free while the models were built);
+transformers with torch's default (every core), as its users get. Where the choice is not every
+core, int8 with every core joins the rotation, to show what the choice is worth.
 """
 
 import argparse
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error, load_tokenizer
-from minigpt2.device import machine_load, resolve_device, resolve_dtype, threads_for_decoding
+from minigpt2.device import BusyCores, machine_load, resolve_device, resolve_dtype, threads_for_decoding
 from minigpt2.generation.generate import Sampling, generate_tokens, prepare_for_decoding
 from minigpt2.generation.utf8 import Utf8Guard
 from minigpt2.model.quantize import quantize_model
@@ -96,10 +97,10 @@ def race(args):
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    others = BusyCores()  # as sample.py: what other processes do with the cores while the models are built
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     default_threads = torch.get_num_threads()
-    ours_threads = threads_for_decoding() if device.type == "cpu" else default_threads
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=args.layers)).eval().to(device, dtype)
     ours = GPT(GPTConfig(n_layer=args.layers)).eval().to(device, dtype)
@@ -111,6 +112,8 @@ def race(args):
     int8 = prepare_for_decoding(quantize_model(copy.deepcopy(ours)))  # as sample.py --quantize int8 does
     int8_float_head = prepare_for_decoding(quantize_model(copy.deepcopy(ours), lm_head=False))
     prepare_for_decoding(ours)  # as sample.py does
+    busy = others.others()
+    ours_threads = threads_for_decoding(busy=busy) if device.type == "cpu" else default_threads
 
     data = os.environ.get("MINIGPT2_SHARED_DATA")
     guard = None
@@ -188,11 +191,12 @@ def race(args):
         print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()) + " tok/s", flush=True)
     median = {name: statistics.median(r) for name, r in rates.items()}
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
-    busy = machine_load()
-    load = f"load {busy[0]:.1f} on {busy[1]} cores at the end" if busy else "load unknown"
+    at_end = machine_load()
+    load = f"load {at_end[0]:.1f} on {at_end[1]} cores at the end" if at_end else "load unknown"
     print(
-        f"threads: minigpt2 {ours_threads} (as sample.py chooses), transformers {default_threads} (torch's default); "
-        f"{load}; beside: {args.beside}"
+        f"threads: minigpt2 {ours_threads} (as sample.py chooses: other work kept "
+        f"{'?' if busy is None else f'{busy:.2f}'} cores busy while the models were built), "
+        f"transformers {default_threads} (torch's default); {load}; beside: {args.beside}"
     )
     print(
         f"device: {hw}; dtype {str(dtype).removeprefix('torch.')}; {args.layers} layers; batch 1; 16-token prompt; "
@@ -228,8 +232,9 @@ def race(args):
                     "int8_quality": quality,
                     "failed": failed,
                     "threads": {"minigpt2": ours_threads, "transformers": default_threads},
+                    "busy_cores_while_loading": busy,
                     "beside": args.beside,
-                    "load_at_end": busy[0] if busy else None,
+                    "load_at_end": at_end[0] if at_end else None,
                 },
                 indent=2,
             )

@@ -2,7 +2,7 @@
 # Everything minigpt2 claims on a GPU, in one command (at most ~8 minutes on one H100/H200):
 #
 #   bash benchmarks/gpu.sh            # on a CUDA machine
-#   bash benchmarks/gpu.sh --dry-run  # the same parts on the CPU with tiny shapes (CI runs this)
+#   bash benchmarks/gpu.sh --dry-run  # the same parts on the CPU with tiny shapes, side by side (CI runs this)
 #
 # Parts, each under its own `timeout`, each writing its result to a file in $GPU_RESULTS
 # (default: a new temporary folder):
@@ -54,19 +54,24 @@ run_part() {  # run_part NAME SECONDS COMMAND...: log to NAME.log, exit status t
     tail -n 4 "$OUT/$name.log"
 }
 
-run_part checks "$T_CHECKS" "$PY" benchmarks/cuda_checks.py checks "${CHECKS[@]}" --json-out "$OUT/checks.json"
-run_part train "$T_TRAIN" "$PY" benchmarks/bench_train.py "${DEV[@]}" "${TRAIN[@]}" --json-out "$OUT/train.json"
-run_part sample "$T_SAMPLE" "$PY" benchmarks/bench_sample.py "${DEV[@]}" "${SAMPLE[@]}" --json-out "$OUT/sample.json"
+part() {  # a GPU measures one part at a time; the dry run's tiny parts go side by side (CI's time)
+    if [ "$DRY" = 1 ]; then run_part "$@" & else run_part "$@"; fi
+}
+
+part checks "$T_CHECKS" "$PY" benchmarks/cuda_checks.py checks "${CHECKS[@]}" --json-out "$OUT/checks.json"
+part train "$T_TRAIN" "$PY" benchmarks/bench_train.py "${DEV[@]}" "${TRAIN[@]}" --json-out "$OUT/train.json"
+part sample "$T_SAMPLE" "$PY" benchmarks/bench_sample.py "${DEV[@]}" "${SAMPLE[@]}" --json-out "$OUT/sample.json"
 if [ "$GPUS" -gt 1 ]; then
-    run_part distributed "$T_DIST" "$PY" benchmarks/bench_distributed.py --device cuda --ranks 2 --preset gpt2 \
+    part distributed "$T_DIST" "$PY" benchmarks/bench_distributed.py --device cuda --ranks 2 --preset gpt2 \
         --shape 16x1024 --dtype bfloat16
 else
     echo "skipped: 1 GPU" >"$OUT/distributed.log"
     echo skipped >"$OUT/distributed.status"
 fi
-run_part xl-memory "$T_XL" "$PY" benchmarks/cuda_checks.py memory "${XL[@]}" --json-out "$OUT/xl-memory.json"
-run_part xl-memory-ac "$T_XL" "$PY" benchmarks/cuda_checks.py memory "${XL[@]}" --activation-checkpointing \
+part xl-memory "$T_XL" "$PY" benchmarks/cuda_checks.py memory "${XL[@]}" --json-out "$OUT/xl-memory.json"
+part xl-memory-ac "$T_XL" "$PY" benchmarks/cuda_checks.py memory "${XL[@]}" --activation-checkpointing \
     --json-out "$OUT/xl-memory-ac.json"
+wait
 
 "$PY" - "$OUT" <<'EOF'
 import json, re, sys

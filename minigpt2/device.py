@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -118,21 +119,62 @@ def machine_load() -> tuple[float, int] | None:
     return load, os.cpu_count() or 1
 
 
-def threads_for_decoding(available: int | None = None) -> int:
+class BusyCores:
+    """How many cores other processes keep busy, measured while this process does its own work.
+
+    Started before the models load and read just before decoding: over that window, the CPU time
+    the whole machine spent (Linux's /proc/stat) minus this process's own, per second of the
+    window. Unlike the load average it does not lag by a minute, and it does not count this
+    process: sample.py's own start-up (about one core for some seconds) used to read as a busy
+    machine, and a quiet 2-core machine decoded int8 with one thread at 0.72x of its speed with two
+    (docs/speed.md). Where the system has no /proc/stat (macOS), the 1-minute load average
+    stands in (it lags, and counts this process too); on Windows, which has neither, None.
+    """
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float | None, float]:
+        """(now, the machine's busy CPU seconds or None, this process's CPU seconds)."""
+        try:
+            with open("/proc/stat") as f:  # cpu user nice system idle iowait irq softirq steal ...
+                fields = [int(x) for x in f.readline().split()[1:]]
+            machine = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # idle, iowait: not busy
+        except (OSError, ValueError, IndexError, AttributeError):
+            machine = None
+        own = os.times()
+        return time.monotonic(), machine, own.user + own.system
+
+    def others(self, window: float = 0.2) -> float | None:
+        """The cores other processes kept busy since the start (0 on a quiet machine), or None.
+
+        Measured over `window` seconds at least (waiting out the rest: the kernel counts CPU time
+        in ticks of 10 ms, too coarse for a shorter window)."""
+        then, machine_then, own_then = self.start
+        if machine_then is None:  # no /proc/stat
+            load = machine_load()
+            return None if load is None else load[0]
+        time.sleep(max(0.0, then + window - time.monotonic()))
+        now, machine, own = self._sample()
+        if machine is None:
+            return None
+        return max(0.0, (machine - machine_then - (own - own_then)) / (now - then))
+
+
+def threads_for_decoding(available: int | None = None, busy: float | None = None) -> int:
     """How many threads decoding should use: the cores that other work leaves free, at least one.
 
     Decoding runs ~50 small matrix products per token, each split over the threads, which wait
     for each other at its end. On a quiet machine every core helps. When other work holds the
     cores (a training run beside it: this project's own workflow), a thread that has to wait
-    for a core stalls every product, and fewer threads are faster: on our 2-core test machine
-    under load, one thread decoded faster than two (docs/speed.md). `available`: the cores this
-    process may use (default: its CPU affinity).
+    for a core stalls every product, and fewer threads are faster: on our 2-core test machine,
+    with a 124M training run beside it, one thread decoded faster than two (docs/speed.md).
+    `available`: the cores this process may use (default: its CPU affinity). `busy`: the cores
+    other processes keep busy (`BusyCores.others()`); None (not known): every available core.
     """
     if available is None:
         available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = machine_load()
     if busy is None:
         return available
-    load, cores = busy
-    free = cores - load  # the load counts runnable processes; each wants a core
-    return max(1, min(available, round(free)))
+    return max(1, min(available, round((os.cpu_count() or 1) - busy)))

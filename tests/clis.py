@@ -52,15 +52,25 @@ def run_script(script: str, *args, timeout: float, env=None, launcher=None) -> s
     )
 
 
-def start_script(script: str, *args, env=None, launcher=None) -> subprocess.Popen:
-    """Start `script` as `run_script` would and return at once, its stdout and stderr piped."""
+def start_script(script: str, *args, env=None, launcher=None, fresh: bool = False):
+    """Start `script` as `run_script` would and return at once.
+
+    In the zygote where it can (tests/zygote.py): a `ZygoteProcess`, which has what the tests use
+    of a `subprocess.Popen` (pid, poll, wait, communicate, signals) but no pipes. `fresh`: a new
+    interpreter with stdout and stderr piped, for a test of Python's start (a signal during the
+    imports) or one that reads the output while the run goes on. `script` may be a path outside
+    the repository (a test's own program)."""
+    env = offline_env() if env is None else env
+    command = script_command(script, *args, launcher=launcher)
+    if not fresh and launcher is None and _pool.eligible(env):
+        return _pool.start(command, env=env, cwd=ROOT)
     return subprocess.Popen(
-        script_command(script, *args, launcher=launcher),
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         encoding="utf-8",
-        env=offline_env() if env is None else env,
+        env=env,
         cwd=ROOT,
     )
 

@@ -630,7 +630,7 @@ def test_ctrl_c_while_importing_prints_interrupted(world, hf_home, script):
     args = {"sample.py": ["hi", "--model", good], "compare.py": [good, good],
             "train.py": ["--data", world["root"] / "text.txt", "--model", good, "--out", out]}  # fmt: skip
     for later in (0.0, 0.3):
-        proc = start_script(script, *args[script], env=offline_env(hf_home))
+        proc = start_script(script, *args[script], env=offline_env(hf_home), fresh=True)
         deadline = time.monotonic() + 60
         while not _importing_torch(proc) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -641,7 +641,7 @@ def test_ctrl_c_while_importing_prints_interrupted(world, hf_home, script):
         assert not out.exists() or not list(out.glob("step-*"))  # nothing trained, nothing half saved
     # `kill` (SIGTERM) or a closed terminal (SIGHUP) at the same moment: one line, exit 128+N
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        proc = start_script(script, *args[script], env=offline_env(hf_home))
+        proc = start_script(script, *args[script], env=offline_env(hf_home), fresh=True)
         deadline = time.monotonic() + 60
         while not _importing_torch(proc) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -660,7 +660,7 @@ def test_sigterm_while_sampling_stops_like_ctrl_c(world, hf_home):
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         args = ["hi", "--model", str(world["good"]), "--max-new-tokens", "1000000", "--no-cache", "--seed", "0"]
-        proc = start_script("sample.py", *args, env=offline_env(hf_home))
+        proc = start_script("sample.py", *args, env=offline_env(hf_home), fresh=True)
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:  # until the sample has started
             line = proc.stdout.readline()

@@ -1,7 +1,12 @@
 """`python sample.py` as a user runs it: a subprocess, a fresh environment, no network."""
 
 import json
+import os
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +33,25 @@ def test_sample_from_the_hub_cache(hub_gpt2, hf_home):
     assert lines[0] == "=== gpt2 · prompt 1 ==="
     assert "\n".join(lines[1:-1]) == "今天的天气" + expected.text
     assert re.fullmatch(r"\[12 tokens · [\d.]+ tok/s · CJK \d+% · length\]", lines[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file() or (os.cpu_count() or 1) < 2, reason="Linux, 2 cores or more")
+def test_a_busy_machine_decodes_with_fewer_threads_and_says_so(hub_gpt2, hf_home):
+    """Other processes holding every core while sample.py loads its model: it decodes with one
+    thread (fewer threads wait less for busy cores: docs/speed.md) and says why, once."""
+    spin = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(min(os.cpu_count(), 8))]
+    try:
+        time.sleep(0.3)  # they are spinning
+        result = run_sample("hi", "--model", "gpt2", "--max-new-tokens", "2", "--seed", "0", hf_home=hf_home)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert result.returncode == 0, result.stderr
+    busy = [line for line in result.stderr.splitlines() if line.startswith("the machine is busy")]
+    assert len(busy) == 1 and "decoding with 1 thread, as fewer threads wait less" in busy[0], result.stderr
+    assert re.search(rf"other work keeps [\d.]+ of {os.cpu_count()} cores busy", busy[0]), busy[0]
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ first save, signals (Ctrl-C during an evaluation, SIGHUP), and CPU defaults."""
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,8 +50,8 @@ def train(*args, env, timeout=240):
     return run_script("train.py", *args, env=env, timeout=timeout)
 
 
-def start(*args, env):
-    return start_script("train.py", *args, env=env)
+def start(*args, env, fresh=False):
+    return start_script("train.py", *args, env=env, fresh=fresh)
 
 
 def wait_for(run: Path, proc, predicate, timeout=180):
@@ -125,8 +124,10 @@ def test_a_kill_at_any_stage_of_replacing_final_leaves_a_loadable_checkpoint_and
     runs = {stage: tmp_path / stage for stage in STAGES}
     for run in runs.values():
         shutil.copytree(first, run)
-    killed = {stage: subprocess.Popen([sys.executable, "-c", KILL, str(ROOT), stage, "--out", str(run), "--resume",
-                                       "--steps", "5"], stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    program = tmp_path / "kill_at.py"
+    program.write_text(KILL)
+    one = ["--threads", "1"]  # five runs side by side on a few cores: two threads each would only wait for each other
+    killed = {stage: start_script(program, ROOT, stage, "--out", run, "--resume", "--steps", "5", *one, env=env)
               for stage, run in runs.items()}  # fmt: skip
     for stage, proc in killed.items():
         stderr = proc.communicate(timeout=240)[1]
@@ -134,7 +135,7 @@ def test_a_kill_at_any_stage_of_replacing_final_leaves_a_loadable_checkpoint_and
         found = RunDir(runs[stage]).checkpoints()
         assert found and found[-1].step in (3, 5), stage
         assert load_model(runs[stage]).config.n_layer == 2  # the run stands for a complete checkpoint
-    resumed = {stage: start("--out", run, "--resume", "--steps", "6", env=env) for stage, run in runs.items()}
+    resumed = {stage: start("--out", run, "--resume", "--steps", "6", *one, env=env) for stage, run in runs.items()}
     for stage, proc in resumed.items():
         stdout, stderr = proc.communicate(timeout=240)
         run = runs[stage]
@@ -292,7 +293,7 @@ def test_sighup_saves_like_sigterm(base_args, env, tmp_path):
 
 def test_training_goes_on_when_stdout_goes_away(base_args, env, tmp_path):
     run = tmp_path / "run"
-    proc = start(*base_args, "--steps", "8", "--eval-every", "4", "--log-every", "1", "--out", run, env=env)
+    proc = start(*base_args, "--steps", "8", "--eval-every", "4", "--log-every", "1", "--out", run, env=env, fresh=True)
     proc.stdout.readline()
     proc.stdout.close()  # like `| head -1`: the reader is gone
     proc.wait(timeout=240)
