@@ -144,12 +144,17 @@ def read_text_file(path: str | os.PathLike, what: str = "text file") -> str:
         ) from None
     if not text:
         raise DataError(f"{what} '{path}' is empty; give a file with text in it")
-    if "\x00" in text:  # no text format uses NUL: as train.py's data check says, a binary file
-        raise DataError(
-            f"{what} '{path}' looks like a binary file (a NUL byte at offset {data.find(0)}), not text; "
-            "give a UTF-8 text file"
-        )
+    if "\x00" in text:
+        raise binary_file_error(f"{what} '{path}'", data.find(0), "give a UTF-8 text file")
     return text
+
+
+def binary_file_error(named: str, offset: int | str, advice: str):
+    """The `DataError` for a file with a NUL byte at `offset` (`named`: how to name the file): no
+    text format uses NUL, so it is a binary file (or UTF-16, which must be converted first)."""
+    from minigpt2.errors import DataError
+
+    return DataError(f"{named} looks like a binary file (a NUL byte at offset {offset}), not text; {advice}")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from minigpt2.errors import DataError, MiniGPT2Error, OutputError  # noqa: F401  (DataError: re-exported, it used to live here)
-from minigpt2.files import WRITE_ADVICE, write_error
+from minigpt2.files import WRITE_ADVICE, binary_file_error, write_error
 from minigpt2.training.formats import (
     HF_PREFIX,
     DatasetSource,
@@ -159,10 +159,8 @@ def check_text_file(path: Path, encoding_errors: str = "strict", compression: st
         while block := f.read(READ_BLOCK):
             nul = block.find(b"\x00")
             if nul >= 0:
-                raise DataError(
-                    f"'{path}' looks like a binary file (a NUL byte at offset {size + nul}{unpacked}), not text; "
-                    "give plain UTF-8 text files (UTF-16 text must be converted to UTF-8 first)"
-                )
+                advice = "give plain UTF-8 text files (UTF-16 text must be converted to UTF-8 first)"
+                raise binary_file_error(f"'{path}'", f"{size + nul}{unpacked}", advice)
             pending = len(decoder.getstate()[0])  # bytes of a character split across blocks
             try:
                 text = decoder.decode(block)
