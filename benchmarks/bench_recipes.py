@@ -55,6 +55,7 @@ def settings(quick: bool) -> dict:
             "shape": ["--n-layer", 1, "--n-head", 2, "--n-embd", 32, "--context", 32],
             "batch": ["--batch-size", 2, "--seq-len", 32],
             "base_steps": 4,
+            "base_evals": 1,  # each evaluation draws samples too: seconds of a quick run
             "merges": 64,
             "warmup_steps": 2,
             "eval_chars": {"zh": 300, "en": 1200},
@@ -65,6 +66,7 @@ def settings(quick: bool) -> dict:
         "shape": ["--n-layer", 4, "--n-head", 4, "--n-embd", 128, "--context", 128],
         "batch": ["--batch-size", 8, "--seq-len", 128],
         "base_steps": 100,
+        "base_evals": 4,
         "merges": 8000,
         "warmup_steps": 10,
         "eval_chars": {"zh": 3000, "en": 12000},
@@ -254,8 +256,8 @@ def base_model(root: Path, s: dict, t: dict) -> Path:
     if not (base / "final").is_dir():
         shutil.rmtree(base, ignore_errors=True)
         run("train.py", "--data", *t["english"], "--eval-data", t["en"], "--init-preset", "gpt2", *s["shape"],
-            *s["batch"], "--steps",
-            s["base_steps"], "--lr", 2e-3, "--eval-every", max(1, s["base_steps"] // 4), "--save-every", 0,
+            *s["batch"], "--steps", s["base_steps"], "--lr", 2e-3,
+            "--eval-every", max(1, s["base_steps"] // s["base_evals"]), "--save-every", 0,
             "--threads", 1, "--cache-dir", root / "cache", "--out", base)  # fmt: skip
     return base / "final"
 

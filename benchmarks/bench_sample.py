@@ -59,6 +59,8 @@ def main():
     p.add_argument("--compile", action="store_true", help="also minigpt2 with its compiled decode step")
     p.add_argument("--no-cache-tokens", type=int, default=500, help="tokens for the cache vs no-cache run (0: skip)")
     p.add_argument("--layers", type=int, default=12, help="fewer for a quick check")
+    p.add_argument("--vocab", type=int, default=50257, help="a smaller vocabulary for a quick check (random "
+                   "tokens then, and no UTF-8 guard: GPT-2's tokenizer needs its 50,257)")  # fmt: skip
     p.add_argument("--json-out", metavar="FILE", help="also write the figures to this JSON file")
     p.add_argument("--beside", choices=["none", "train"], default="none",
                    help="train: a 124M-shape train.py run beside the contestants (default none)")  # fmt: skip
@@ -102,8 +104,8 @@ def race(args):
     dtype = resolve_dtype(args.dtype, device)
     default_threads = torch.get_num_threads()
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=args.layers)).eval().to(device, dtype)
-    ours = GPT(GPTConfig(n_layer=args.layers)).eval().to(device, dtype)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=args.layers, vocab_size=args.vocab)).eval().to(device, dtype)
+    ours = GPT(GPTConfig(n_layer=args.layers, vocab_size=args.vocab)).eval().to(device, dtype)
     sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
     with torch.no_grad():  # the same weights in both (Conv1D weights transposed)
         for name, param in ours.state_dict().items():
@@ -115,11 +117,11 @@ def race(args):
     busy = others.others()
     ours_threads = threads_for_decoding(busy=busy) if device.type == "cpu" else default_threads
 
-    data = os.environ.get("MINIGPT2_SHARED_DATA")
+    data = os.environ.get("MINIGPT2_SHARED_DATA") if args.vocab == 50257 else None  # GPT-2's tokenizer
     guard = None
     if data and (Path(data) / "gpt2" / "vocab.json").is_file():
         guard = Utf8Guard.for_tokenizer(load_tokenizer(Path(data) / "gpt2"), 50257, device)
-    prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    prompt = torch.randint(0, args.vocab, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
     n = args.new_tokens
 
     def run_hf(n_tokens):
@@ -255,7 +257,7 @@ def int8_quality(ours, int8, data, device, n_tokens=512):
         ids = enc.encode_ordinary(text.read_text(encoding="utf-8")[:20_000])[:n_tokens]
         name = "鲁迅小说集"
     else:
-        ids = torch.randint(0, 50257, (n_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+        ids = torch.randint(0, ours.config.vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
         name = "random tokens"
     windows = torch.tensor(ids[: len(ids) // 128 * 128], device=device).view(-1, 128)  # (W, 128)
     ref, q = ours(windows).float(), int8(windows).float()  # (W, 128, vocab)

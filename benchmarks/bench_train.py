@@ -51,6 +51,7 @@ def transformers_model(config: GPTConfig, device):
             n_head=config.n_head,
             n_embd=config.n_embd,
             n_positions=config.n_positions,
+            vocab_size=config.vocab_size,
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
@@ -85,11 +86,12 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--dtypes", nargs=2, metavar=("A", "B"), help="race minigpt2 in precision A against B instead")
     p.add_argument("--layers", type=int, default=12, help="fewer blocks for a quick check (default 12)")
+    p.add_argument("--vocab", type=int, default=50257, help="a smaller vocabulary for a quick check (default 50257)")
     p.add_argument("--json-out", metavar="FILE", help="also write the figures to this JSON file")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device, training=True)
-    config = GPTConfig.from_preset("gpt2", dropout=0.0, n_layer=args.layers)
+    config = GPTConfig.from_preset("gpt2", dropout=0.0, n_layer=args.layers, vocab_size=args.vocab)
     dtypes = [resolve_dtype(d, device, training=True) for d in args.dtypes] if args.dtypes else None
     shown = " vs ".join(map(str, dtypes)) if dtypes else str(dtype)
     print(f"device {device}, autocast {shown}, torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -231,7 +231,7 @@ def run_checks(args, device) -> int:
 def run_memory(args, device) -> int:
     """Training steps of `--preset` at `--shape`: the second step's peak memory and tokens/s."""
     B, T = map(int, args.shape.split("x"))
-    sizes = dict(n_layer=1, n_positions=T) if args.dry_run else {}
+    sizes = dict(n_layer=1, n_positions=T, vocab_size=1024) if args.dry_run else {}  # the dry run: the code path
     config = GPTConfig.from_preset(args.preset, dropout=0.0, **sizes)
     torch.manual_seed(0)
     model = GPT(config)

@@ -27,8 +27,8 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"  # GPU images often h
 
 if [ "$DRY" = 1 ]; then
     DEV=(--device cpu --dtype float32)
-    TRAIN=(--shapes 1x32 --steps 1 --warmup 1 --layers 1)
-    SAMPLE=(--layers 1 --new-tokens 4 --rounds 1 --no-cache-tokens 0)
+    TRAIN=(--shapes 1x32 --steps 1 --warmup 1 --layers 1 --vocab 1024)
+    SAMPLE=(--layers 1 --vocab 1024 --new-tokens 4 --rounds 1 --no-cache-tokens 0)
     CHECKS=(--dry-run)
     XL=(--dry-run --preset gpt2-xl --shape 1x32)
     GPUS=1

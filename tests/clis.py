@@ -30,6 +30,8 @@ def script_command(script: str, *args, launcher=None) -> list[str]:
 
 _pool = Pool(ROOT)
 atexit.register(_pool.close)
+prestart_zygote = _pool.prestart  # conftest starts it once the tests are collected
+zygote_python = _pool.python_program  # for a program that starts python itself (a shell script)
 
 
 def run_script(script: str, *args, timeout: float, env=None, launcher=None) -> subprocess.CompletedProcess:
@@ -39,7 +41,7 @@ def run_script(script: str, *args, timeout: float, env=None, launcher=None) -> s
     the same script, arguments, environment and folder, without 3-4 s of importing torch again."""
     env = offline_env() if env is None else env
     command = script_command(script, *args, launcher=launcher)
-    if launcher is None and _pool.eligible(env):
+    if _pool.eligible(command, env):
         return _pool.run(command, env=env, cwd=ROOT, timeout=timeout)
     return subprocess.run(
         command,
@@ -62,7 +64,7 @@ def start_script(script: str, *args, env=None, launcher=None, fresh: bool = Fals
     the repository (a test's own program)."""
     env = offline_env() if env is None else env
     command = script_command(script, *args, launcher=launcher)
-    if not fresh and launcher is None and _pool.eligible(env):
+    if not fresh and _pool.eligible(command, env):
         return _pool.start(command, env=env, cwd=ROOT)
     return subprocess.Popen(
         command,

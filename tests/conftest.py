@@ -12,6 +12,7 @@ tier. `shared_data` is the whole shared folder, for the few slow tests that need
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,14 @@ from minigpt2.io.tokenizer import GPT2_DIR, load_tokenizer  # noqa: E402
 
 DATA_ENV = "MINIGPT2_SHARED_DATA"
 TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+def pytest_collection_finish(session):
+    """Tests that run the scripts are collected: start the zygote that runs them (tests/zygote.py)
+    now, its imports beside the first tests, rather than when the first run waits for it."""
+    clis = sys.modules.get("clis")
+    if clis is not None and session.items and not session.config.option.collectonly:
+        clis.prestart_zygote()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -583,30 +583,35 @@ def test_the_boundary_holds_for_streams_and_ctrl_c(world, hf_home):
     """A closed stdout, an ASCII-only or C locale output, and Ctrl-C while Python imports torch:
     the work goes on (or stops) with one line, never a traceback."""
     good = str(world["good"])
-    closed = subprocess.run(  # compare.py ... >&-
-        ["bash", "-c", f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'compare.py'))} {shlex.quote(good)} "
-         f"{shlex.quote(good)} --json {shlex.quote(str(world['root'] / 'closed.json'))} >&-"],
-        capture_output=True, text=True, timeout=300, env=offline_env(hf_home),
-    )  # fmt: skip
-    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
-    assert "standard output is closed" in closed.stderr and (world["root"] / "closed.json").is_file()
-
-    sample = [ROOT / "sample.py", "你好·", "--model", good, "--max-new-tokens", "3", "--seed", "0"]
-    ascii_env = offline_env(hf_home, PYTHONIOENCODING="ascii")
-    narrow = subprocess.run([sys.executable, *map(str, sample)], capture_output=True, timeout=300, env=ascii_env)
-    stdout, stderr = narrow.stdout.decode("ascii"), narrow.stderr.decode("ascii")  # ASCII it must be
-    assert narrow.returncode == 0 and "Traceback" not in stderr, stderr
-    assert "\\u4f60\\u597d\\xb7" in stdout and stderr.count("cannot show some characters") == 1, stderr
+    sample = [sys.executable, str(ROOT / "sample.py"), "你好·", "--model", good, "--max-new-tokens", "3", "--seed", "0"]
     c_env = {k: v for k, v in offline_env(hf_home, LC_ALL="C", LANG="C").items() if k != "PYTHONIOENCODING"}
-    c_locale = subprocess.run([sys.executable, *map(str, sample)], capture_output=True, timeout=300, env=c_env)
-    assert c_locale.returncode == 0 and b"Traceback" not in c_locale.stderr, c_locale.stderr
-    assert "你好" in c_locale.stdout.decode("utf-8", errors="replace") or b"\\u4f60" in c_locale.stdout
-    # C locale with UTF-8 mode off: ASCII output with surrogateescape, and the prompt arrives as
-    # escaped bytes; it must still be read as 你好 (the header shows it escaped, \\u4f60\\u597d)
-    strict_c = subprocess.run([sys.executable, *map(str, sample)], capture_output=True, timeout=300,
-                              env={**c_env, "PYTHONUTF8": "0"})  # fmt: skip
-    assert strict_c.returncode == 0 and b"Traceback" not in strict_c.stderr, strict_c.stderr
-    assert b"\\u4f60\\u597d\\xb7" in strict_c.stdout, strict_c.stdout
+    runs = {  # four fresh interpreters (what Python sets up as it starts is the point), side by side
+        "closed": (["bash", "-c", shlex.join([sys.executable, str(ROOT / "compare.py"), good, good, "--json",
+                                              str(world["root"] / "closed.json")]) + " >&-"],
+                   offline_env(hf_home)),  # compare.py ... >&-
+        "ascii": (sample, offline_env(hf_home, PYTHONIOENCODING="ascii")),
+        "C locale": (sample, c_env),
+        # C locale with UTF-8 mode off: ASCII output with surrogateescape, and the prompt arrives as
+        # escaped bytes; it must still be read as 你好 (the header shows it escaped, \\u4f60\\u597d)
+        "strict C": (sample, {**c_env, "PYTHONUTF8": "0"}),
+    }  # fmt: skip
+    started = {name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+               for name, (argv, env) in runs.items()}  # fmt: skip
+    done = {name: (proc.communicate(timeout=300), proc.returncode) for name, proc in started.items()}
+
+    (stdout, stderr), code = done["closed"]
+    assert code == 0 and b"Traceback" not in stderr, stderr
+    assert b"standard output is closed" in stderr and (world["root"] / "closed.json").is_file()
+    (stdout, stderr), code = done["ascii"]
+    stdout, stderr = stdout.decode("ascii"), stderr.decode("ascii")  # ASCII it must be
+    assert code == 0 and "Traceback" not in stderr, stderr
+    assert "\\u4f60\\u597d\\xb7" in stdout and stderr.count("cannot show some characters") == 1, stderr
+    (stdout, stderr), code = done["C locale"]
+    assert code == 0 and b"Traceback" not in stderr, stderr
+    assert "你好" in stdout.decode("utf-8", errors="replace") or b"\\u4f60" in stdout
+    (stdout, stderr), code = done["strict C"]
+    assert code == 0 and b"Traceback" not in stderr, stderr
+    assert b"\\u4f60\\u597d\\xb7" in stdout, stdout
 
 
 def _importing_torch(proc: subprocess.Popen) -> bool:
@@ -658,9 +663,10 @@ def test_sigterm_while_sampling_stops_like_ctrl_c(world, hf_home):
     import signal
     import time
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        args = ["hi", "--model", str(world["good"]), "--max-new-tokens", "1000000", "--no-cache", "--seed", "0"]
-        proc = start_script("sample.py", *args, env=offline_env(hf_home), fresh=True)
+    args = ["hi", "--model", str(world["good"]), "--max-new-tokens", "1000000", "--no-cache", "--seed", "0"]
+    started = {sig: start_script("sample.py", *args, env=offline_env(hf_home), fresh=True)  # side by side
+               for sig in (signal.SIGTERM, signal.SIGHUP)}  # fmt: skip
+    for sig, proc in started.items():
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:  # until the sample has started
             line = proc.stdout.readline()

@@ -154,8 +154,12 @@ def test_sharded_with_activation_checkpointing_matches_one_rank(setup, one_rank)
 
 def test_lora_on_two_ranks_matches_one(setup):
     one, two = setup[0] / "lora-one", setup[0] / "lora-two"
-    train(setup, one, "--batch-size", "4", "--grad-accum", "2", "--lora", "2")
+    root, common, env = setup
+    alone = start_script("train.py", *common, "--out", one, "--batch-size", "4", "--grad-accum", "2", "--lora", "2",
+                         env=env)  # side by side with the 2-rank run  # fmt: skip
     train(setup, two, "--batch-size", "2", "--grad-accum", "2", "--lora", "2", ranks=2)
+    stdout, stderr = alone.communicate(timeout=180)
+    assert alone.returncode == 0, stdout + stderr
     assert_same_run(one, two)
     assert (two / "final" / "adapter" / "adapter_config.json").is_file()
 
@@ -201,7 +205,8 @@ def test_killing_one_rank_stops_the_job_and_the_last_checkpoint_loads(setup):
     root, common, env = setup
     out = root / "killed"
     args = ["--out", out, "--batch-size", "2", "--steps", "100000", "--save-every", "2", "--eval-every", "0"]
-    proc = start_script("train.py", *common, *args, env=env, launcher=TORCHRUN)
+    # a fresh torchrun: worker_pids finds the ranks by the environment they were started with
+    proc = start_script("train.py", *common, *args, env=env, launcher=TORCHRUN, fresh=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from clis import zygote_python
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.sh"
@@ -33,7 +34,8 @@ def test_gpu_script_is_valid_bash():
 
 @pytest.mark.slow
 def test_gpu_script_dry_run_prints_every_part(tmp_path):
-    env = {**os.environ, "GPU_RESULTS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    # PYTHON: gpu.sh starts each part with it; the tests' stand-in runs them in forks of the zygote
+    env = {**os.environ, "GPU_RESULTS": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHON": zygote_python()}
     result = subprocess.run(
         ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
     )

@@ -27,6 +27,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,43 +35,115 @@ import threading
 from pathlib import Path
 
 # Environment variables a run may set or change and still use the zygote: none of them is read
-# by what the zygote imported (torch and torch._dynamo, numpy, tiktoken, safetensors) when it was imported.
-PER_RUN = re.compile(r"(HF_|HUGGINGFACE_|MINIGPT2_|TIKTOKEN_|TMPDIR$|HOME$)")
-ENCODING = "utf-8"  # PYTHONIOENCODING of every run the zygote takes (tests/clis.py's offline_env)
+# by what the zygote imported (torch and torch._dynamo, numpy, tiktoken, safetensors) when it was
+# imported, or the run does what the fresh interpreter would have done with it (the standard
+# streams' encoding and buffering, PYTHONPATH's folders, OMP_NUM_THREADS's torch.set_num_threads).
+# The Hugging Face cache and offline mode, minigpt2's own variables, pytest's name of the test, what
+# torchrun gives its ranks, what a shell sets (_, SHLVL, PWD) and gpu.sh's own (PYTHON, GPU_RESULTS),
+# and inductor's own (torch._dynamo's import sets its cache folder, and compiling sets private ones,
+# in the tests' process too; inductor reads them when it compiles or loads what it compiled).
+PER_RUN = re.compile(
+    r"(HF_|HUGGINGFACE_|MINIGPT2_|TIKTOKEN_|TORCHELASTIC_|TMPDIR$|HOME$|PYTEST_CURRENT_TEST$|PYTHONIOENCODING$|PYTHONPATH$"
+    r"|PYTHONUNBUFFERED$|OMP_NUM_THREADS$|(LOCAL_|GROUP_|ROLE_)?RANK$|(LOCAL_|GROUP_|ROLE_)?WORLD_SIZE$|ROLE_NAME$"
+    r"|MASTER_ADDR$|MASTER_PORT$|TORCH_NCCL_ASYNC_ERROR_HANDLING$|TORCHINDUCTOR_CACHE_DIR$|_TORCHINDUCTOR_"
+    r"|PYTHON$|GPU_RESULTS$|_$|SHLVL$|PWD$|OLDPWD$)"
+)
+ENCODING = "utf-8"  # how the tests read a run's output (tests/clis.py's offline_env sets PYTHONIOENCODING so)
 
 SERVER = r"""
-import json, os, select, sys
-sys.path.pop(0)  # this -c program's '' entry: a script's run puts its own folder first
+import json, os, re, select, socket, subprocess, sys
+sys.path.pop(0)  # this -c program's '' entry: a run puts its own script's folder (or its cwd, for -m) first
+listener = socket.socket(fileno=int(sys.argv[2]))  # the stand-in python's requests (PROGRAM), listening
+BASE_ENV = dict(os.environ)  # what the imports below saw
 import numpy, safetensors.torch, tiktoken, torch  # noqa: F401  (the slow imports, once)
 import torch._dynamo  # noqa: F401  (what building a torch optimizer imports: 2 s of every training run)
+
+PER_RUN = re.compile(sys.argv[1])
+BASE_PATH = list(sys.path)
+BASE_THREADS = torch.get_num_threads()  # what a fresh interpreter would choose without OMP_NUM_THREADS
+PYTHON = os.path.realpath(sys.executable)
+REAL_EXECUTE_CHILD = subprocess.Popen._execute_child
+
 
 def reply(message):
     os.write(1, (json.dumps(message) + "\n").encode())
 
 
-def child(req):
+def python_argv(argv, env):
+    '''argv's arguments after the interpreter if `argv` runs this Python on a script or a module
+    (`[-u] SCRIPT ...` or `[-u] -m MODULE ...`) in an environment this process can take; else None.'''
+    if not argv or os.path.realpath(shutil_which(argv[0])) != PYTHON:
+        return None
+    rest = list(argv[1:])
+    while rest[:1] == ["-u"]:
+        rest.pop(0)
+    if not rest or (rest[0].startswith("-") and rest[0] != "-m") or rest[:1] == ["-m"] and len(rest) < 2:
+        return None
+    changed = {k for k in BASE_ENV.keys() | env.keys() if BASE_ENV.get(k) != env.get(k)}
+    if not all(PER_RUN.match(k) for k in changed):
+        return None
+    return list(argv[1:])
+
+
+def shutil_which(name):
+    import shutil
+    return name if os.sep in name else (shutil.which(name) or name)
+
+
+def python_path(env):
+    '''sys.path after its first entry, as a fresh interpreter builds it: PYTHONPATH's folders, then the rest.'''
+    given = lambda e: [os.path.abspath(p) for p in e.get("PYTHONPATH", "").split(os.pathsep) if p]  # noqa: E731
+    ours = set(given(BASE_ENV))
+    return [*given(env), *(p for p in BASE_PATH if p not in ours)]
+
+
+def run_main(argv, env, cwd):
+    '''Be `python ARGV` (argv: [-u] SCRIPT ARGS or [-u] -m MODULE ARGS) from here on, in the
+    environment `env` and folder `cwd`, on the standard streams already at fds 0, 1, 2; never returns.'''
     import atexit, io, runpy, signal, threading, traceback
-    os.setpgid(0, 0)  # its own process group: a timeout kills it and whatever it started
-    fd_in = os.open(os.devnull, os.O_RDONLY)
-    fd_out = os.open(req["stdout"], os.O_WRONLY | os.O_TRUNC)
-    fd_err = os.open(req["stderr"], os.O_WRONLY | os.O_TRUNC)
-    for fd, target in ((fd_in, 0), (fd_out, 1), (fd_err, 2)):
-        os.dup2(fd, target)
-        os.close(fd)
+    atexit._clear()  # the forking program's exit functions are not this run's
+    for sig in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:  # signals as Python starts them
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     os.environ.clear()
-    os.environ.update(req["env"])
-    os.chdir(req["cwd"])
-    enc = req["encoding"]
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding=enc)
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding=enc)
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding=enc,
-                                                   errors="backslashreplace", line_buffering=True)
-    script = req["argv"][0]
-    sys.argv = list(req["argv"])
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    unbuffered = False
+    while argv[:1] == ["-u"]:
+        argv, unbuffered = argv[1:], True
+    unbuffered = unbuffered or bool(env.get("PYTHONUNBUFFERED"))
+    encoding, _, errors = env.get("PYTHONIOENCODING", "utf-8").partition(":")
+    encoding = encoding or "utf-8"
+
+    def stream(fd, mode, errors, line_buffering=False):
+        raw = io.FileIO(fd, mode, closefd=False)
+        buffered = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
+        return io.TextIOWrapper(buffered, encoding=encoding, errors=errors, line_buffering=line_buffering,
+                                write_through=unbuffered and mode == "w")
+
+    sys.stdin = sys.__stdin__ = stream(0, "r", errors or "strict")
+    sys.stdout = sys.__stdout__ = stream(1, "w", errors or "strict", line_buffering=os.isatty(1))
+    sys.stderr = sys.__stderr__ = stream(2, "w", "backslashreplace", line_buffering=True)
+    # OMP_NUM_THREADS is read when torch loads, long gone in a fork: set what it would have chosen
+    threads = env.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else BASE_THREADS)
     code = 0
     try:
-        runpy.run_path(script, run_name="__main__")
+        if argv[0] == "-m":
+            sys.argv = argv[1:]
+            sys.path[:] = [os.getcwd(), *python_path(env)]
+            runpy._run_module_as_main(argv[1], alter_argv=True)
+        else:
+            sys.argv = list(argv)
+            sys.path[:] = [os.path.dirname(os.path.abspath(argv[0])), *python_path(env)]
+            runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as e:
         if e.code is None:
             code = 0
@@ -87,9 +160,9 @@ def child(req):
         code = 1
     threading._shutdown()  # as the interpreter does at exit: join the non-daemon threads
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    for s in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            s.flush()
         except (OSError, ValueError):
             pass
     if code < 0:  # died of a signal, as an uncaught KeyboardInterrupt does
@@ -97,11 +170,118 @@ def child(req):
         os.kill(os.getpid(), -code)
     os._exit(code & 0xFF)
 
-children = {}  # pid -> the request's id
+
+def execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo, creationflags,
+                  shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite, restore_signals, gid, gids, uid,
+                  umask, start_new_session, process_group):
+    '''subprocess.Popen's start of a child, in a run: a child that is this Python on a script or module
+    (a benchmark's workers, torchrun's ranks) is forked from here instead, the imports done; any other
+    program is started as usual.'''
+    argv = None
+    if not shell and executable is None and preexec_fn is None and (uid, gid, gids, umask) == (None, None, None, -1):
+        listed = [args] if isinstance(args, (str, bytes)) else list(args)
+        if all(isinstance(a, str) for a in listed):
+            argv = python_argv([os.fspath(a) for a in listed], dict(os.environ if env is None else env))
+    if argv is None:
+        return REAL_EXECUTE_CHILD(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
+                                  creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
+                                  restore_signals, gid, gids, uid, umask, start_new_session, process_group)
+    for stream in (sys.stdout, sys.stderr):  # else the child's copy of what is waiting is written twice
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for fd, target in ((p2cread, 0), (c2pwrite, 1), (errwrite, 2)):
+                if fd != -1:
+                    os.dup2(fd, target, inheritable=True)
+            if close_fds:  # what exec would close: every pipe and socket not passed on (else a pipe's
+                for name in os.listdir("/proc/self/fd"):  # reader waits for this child's end too)
+                    fd = int(name)
+                    try:
+                        kind = os.readlink(f"/proc/self/fd/{fd}")
+                    except OSError:
+                        continue
+                    if fd > 2 and fd not in pass_fds and kind.startswith(("pipe:", "socket:")):
+                        os.close(fd)
+            if start_new_session:
+                os.setsid()
+            if process_group is not None and process_group >= 0:
+                os.setpgid(0, process_group)
+            run_main(argv, dict(os.environ if env is None else env), None if cwd is None else os.fspath(cwd))
+        finally:
+            os._exit(70)
+    self.pid, self._child_created = pid, True
+    self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
+
+
+def child(req):
+    os.setpgid(0, 0)  # its own process group: a timeout kills it and whatever it started
+    fd_in = os.open(os.devnull, os.O_RDONLY)
+    fd_out = os.open(req["stdout"], os.O_WRONLY | os.O_TRUNC)
+    fd_err = os.open(req["stderr"], os.O_WRONLY | os.O_TRUNC)
+    for fd, target in ((fd_in, 0), (fd_out, 1), (fd_err, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    subprocess.Popen._execute_child = execute_child
+    run_main(req["argv"], req["env"], req["cwd"])
+
+
+def client_request(conn):
+    '''A request from the stand-in `python` (PROGRAM): its command, environment and folder, and its
+    standard streams (passed as file descriptors). The pid of its fork, or a refusal (it runs python itself).'''
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+    while not data.endswith(b"\n"):
+        more = conn.recv(1 << 20)
+        if not more:
+            break
+        data += more
+    req = json.loads(data)
+    argv = python_argv([PYTHON, *req["argv"]], req["env"]) if len(fds) == 3 else None
+    if argv is None:
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(b'{"refused": true}\n')
+        conn.close()
+        return None
+    pid = os.fork()
+    if pid == 0:
+        try:
+            listener.close()
+            for other in clients.values():
+                other.close()
+            for fd, target in zip(fds, (0, 1, 2)):
+                os.dup2(fd, target)
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            subprocess.Popen._execute_child = execute_child
+            run_main(argv, req["env"], req["cwd"])
+        finally:
+            os._exit(70)
+    for fd in fds:
+        os.close(fd)
+    conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+    return pid
+
+
+children = {}  # pid -> the request's id (a run the tests asked for on stdin)
+clients = {}  # pid -> the connection of the stand-in python that asked for it
 pending = b""
 while True:  # requests come in on stdin, one JSON line each; replies go out on stdout
-    ready, _, _ = select.select([0], [], [], 0.02 if children else None)
-    if ready:
+    ready, _, _ = select.select([0, listener], [], [], 0.02 if children or clients else None)
+    if listener in ready:
+        conn, _ = listener.accept()
+        try:
+            pid = client_request(conn)
+        except (OSError, ValueError):
+            conn.close()
+            pid = None
+        if pid is not None:
+            clients[pid] = conn
+    if 0 in ready:
         data = os.read(0, 1 << 16)
         if not data:  # the tests ended
             break
@@ -112,16 +292,67 @@ while True:  # requests come in on stdin, one JSON line each; replies go out on 
             pid = os.fork()
             if pid == 0:
                 try:
+                    listener.close()
+                    for other in clients.values():
+                        other.close()
                     child(req)
                 finally:
                     os._exit(70)
             children[pid] = req["id"]
             reply({"id": req["id"], "pid": pid})
-    while children:  # reap every child that ended
+    while children or clients:  # reap every child that ended
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
             break
-        reply({"id": children.pop(pid), "returncode": os.waitstatus_to_exitcode(status)})
+        code = os.waitstatus_to_exitcode(status)
+        if pid in clients:
+            conn = clients.pop(pid)
+            try:
+                conn.sendall((json.dumps({"returncode": code}) + "\n").encode())
+            except OSError:  # the stand-in was killed
+                pass
+            conn.close()
+        elif pid in children:
+            reply({"id": children.pop(pid), "returncode": code})
+"""
+
+
+PROGRAM = """#!{python} -S
+# A stand-in for python, for a program that starts Python itself (gpu.sh's $PYTHON): it hands its
+# command, environment, folder and standard streams to the tests' zygote (tests/zygote.py), which
+# runs it in a fork; signals it receives go to that fork, and it exits as the fork did. A command
+# the zygote cannot take (another option, another environment) runs in {python} itself.
+import json, os, signal, socket, sys
+
+argv = sys.argv[1:]
+try:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect({socket!r})
+    request = {{"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}}
+    socket.send_fds(conn, [json.dumps(request).encode() + b"\\n"], [0, 1, 2])
+    replies = conn.makefile("rb")
+    reply = json.loads(replies.readline() or b"{{}}")
+except (OSError, ValueError):
+    reply = {{}}
+if "pid" not in reply:
+    os.execv({python!r}, [{python!r}, *argv])
+
+
+def forward(sig, frame):
+    try:
+        os.kill(reply["pid"], sig)
+    except ProcessLookupError:
+        pass
+
+
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(sig, forward)
+line = replies.readline()
+code = json.loads(line)["returncode"] if line else 1
+if code < 0:  # the fork died of a signal: so does its stand-in
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code & 0xFF)
 """
 
 
@@ -186,8 +417,17 @@ class Zygote:
 
     def __init__(self, cwd: Path, env: dict[str, str]) -> None:
         self.env = dict(env)
+        self.folder = tempfile.TemporaryDirectory(prefix="zygote-server-")
+        socket_path = str(Path(self.folder.name, "socket"))
+        self.python = Path(self.folder.name, "python")  # the stand-in python: see PROGRAM
+        self.python.write_text(PROGRAM.format(python=sys.executable, socket=socket_path))
+        self.python.chmod(0o755)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # listening from now on: a request
+        listener.bind(socket_path)  # that comes while the zygote imports waits for it
+        listener.listen(64)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER],
+            [sys.executable, "-c", SERVER, PER_RUN.pattern, str(listener.fileno())],
+            pass_fds=[listener.fileno()],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -195,6 +435,7 @@ class Zygote:
             cwd=cwd,
             env=self.env,
         )
+        listener.close()  # the zygote's now
         self.lock = threading.Lock()
         self.replies: dict[int, queue.Queue] = {}
         self.next_id = 0
@@ -217,8 +458,7 @@ class Zygote:
             rid, self.next_id = self.next_id, self.next_id + 1
             replies = self.replies[rid] = queue.Queue()
             out, err = (str(Path(folder.name, name)) for name in ("stdout", "stderr"))
-            request = {"id": rid, "argv": argv[1:], "env": env, "cwd": str(cwd), "encoding": ENCODING, "stdout": out,
-                       "stderr": err}  # fmt: skip
+            request = {"id": rid, "argv": argv[1:], "env": env, "cwd": str(cwd), "stdout": out, "stderr": err}
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
         reply = replies.get(timeout=60)
@@ -239,6 +479,7 @@ class Zygote:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+        self.folder.cleanup()
 
 
 class Pool:
@@ -249,12 +490,31 @@ class Pool:
         self.zygote: Zygote | None = None
         self.lock = threading.Lock()
 
-    def eligible(self, env: dict[str, str]) -> bool:
-        if os.environ.get("MINIGPT2_TEST_ZYGOTE", "1") == "0" or env.get("PYTHONIOENCODING", ENCODING) != ENCODING:
+    def eligible(self, argv: list[str], env: dict[str, str]) -> bool:
+        """Can the zygote run `argv` in `env`? This Python on a script or a module (`-m`), with an
+        environment that differs from the zygote's (this process's when it started) only in `PER_RUN`'s names."""
+        if os.environ.get("MINIGPT2_TEST_ZYGOTE", "1") == "0" or argv[:1] != [sys.executable]:
             return False
-        base = {**os.environ, "PYTHONIOENCODING": ENCODING}
+        rest = argv[1:]
+        while rest[:1] == ["-u"]:
+            rest = rest[1:]
+        if not rest or (rest[0].startswith("-") and rest[0] != "-m"):
+            return False
+        base = self.zygote.env if self.zygote is not None else os.environ
         changed = {k for k in base.keys() | env.keys() if base.get(k) != env.get(k)}
         return all(PER_RUN.match(k) for k in changed)
+
+    def python_program(self) -> str:
+        """A program to use in place of `python` where a test runs a program that starts Python
+        itself (a shell script): it runs each command in a fork of the zygote where it can (see PROGRAM)."""
+        if os.environ.get("MINIGPT2_TEST_ZYGOTE", "1") == "0":
+            return sys.executable
+        return str(self._zygote().python)
+
+    def prestart(self) -> None:
+        """Start the zygote now (its imports take seconds), so that the first run need not wait for them."""
+        if os.environ.get("MINIGPT2_TEST_ZYGOTE", "1") != "0":
+            self._zygote()
 
     def _zygote(self) -> Zygote:
         with self.lock:
