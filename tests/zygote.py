@@ -246,24 +246,34 @@ def client_request(conn):
         conn.sendall(b'{"refused": true}\n')
         conn.close()
         return None
+
+    def start():
+        for fd, target in zip(fds, (0, 1, 2)):
+            os.dup2(fd, target)
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        subprocess.Popen._execute_child = execute_child
+        run_main(argv, req["env"], req["cwd"])
+
+    pid = fork(start)
+    for fd in fds:
+        os.close(fd)
+    conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+    return pid
+
+
+def fork(start):
+    '''A run's fork: it leaves the zygote's sockets behind and calls `start`, which never returns.'''
     pid = os.fork()
     if pid == 0:
         try:
             listener.close()
             for other in clients.values():
                 other.close()
-            for fd, target in zip(fds, (0, 1, 2)):
-                os.dup2(fd, target)
-            for fd in fds:
-                os.close(fd)
-            conn.close()
-            subprocess.Popen._execute_child = execute_child
-            run_main(argv, req["env"], req["cwd"])
+            start()
         finally:
             os._exit(70)
-    for fd in fds:
-        os.close(fd)
-    conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
     return pid
 
 
@@ -289,15 +299,7 @@ while True:  # requests come in on stdin, one JSON line each; replies go out on 
         while b"\n" in pending:
             line, pending = pending.split(b"\n", 1)
             req = json.loads(line)
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    listener.close()
-                    for other in clients.values():
-                        other.close()
-                    child(req)
-                finally:
-                    os._exit(70)
+            pid = fork(lambda req=req: child(req))
             children[pid] = req["id"]
             reply({"id": req["id"], "pid": pid})
     while children or clients:  # reap every child that ended
