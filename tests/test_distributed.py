@@ -153,8 +153,8 @@ def test_sharded_with_activation_checkpointing_matches_one_rank(setup, one_rank)
 
 
 def test_lora_on_two_ranks_matches_one(setup):
-    one, two = setup[0] / "lora-one", setup[0] / "lora-two"
     root, common, env = setup
+    one, two = root / "lora-one", root / "lora-two"
     alone = start_script("train.py", *common, "--out", one, "--batch-size", "4", "--grad-accum", "2", "--lora", "2",
                          env=env)  # side by side with the 2-rank run  # fmt: skip
     train(setup, two, "--batch-size", "2", "--grad-accum", "2", "--lora", "2", ranks=2)

@@ -1,6 +1,7 @@
 """The tiktoken tokenizer built from vocab.json + merges.txt, against transformers' GPT2Tokenizer."""
 
 import json
+import re
 
 import pytest
 
@@ -94,6 +95,35 @@ def test_mismatched_files_are_refused(test_data, tmp_path):
 
     with pytest.raises(CheckpointError, match="does not match"):
         encoding_from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+
+
+def test_sources_with_the_same_files_share_one_read_and_each_is_checked(test_data, tmp_path):
+    """compare.py's `loaded`: byte-identical files in two folders give the same Encoding, read once;
+    each source's model size is still checked, naming that source's file."""
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(test_data / "gpt2" / name, folder / name)
+    loaded = {}
+    first = load_tokenizer(a, vocab_size=50257, loaded=loaded)
+    assert load_tokenizer(b, vocab_size=50304, loaded=loaded) is first and len(loaded) == 1
+    named = re.escape(f"'{b / 'vocab.json'}' holds id 50256, past the model's vocabulary of 1000")
+    with pytest.raises(CheckpointError, match=named):
+        load_tokenizer(b, vocab_size=1000, loaded=loaded)
+    (b / "merges.txt").write_text((a / "merges.txt").read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    assert load_tokenizer(b, loaded=loaded) is not first and len(loaded) == 2  # other bytes: read on their own
+
+
+def test_a_token_that_is_not_in_gpt2s_byte_alphabet_is_named(test_data, tmp_path):
+    vocab = json.loads((test_data / "gpt2" / "vocab.json").read_text(encoding="utf-8"))
+    vocab["a\tb"] = vocab.pop("<|endoftext|>")  # a tab: a control byte, written as ĉ in GPT-2's files
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (tmp_path / "merges.txt").write_bytes((test_data / "gpt2" / "merges.txt").read_bytes())
+    with pytest.raises(CheckpointError, match=r"token 'a\\tb' uses '\\t', not a GPT-2 byte stand-in"):
+        load_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -78,11 +78,12 @@ def reference_merges(texts, enc, n_merges):
 
 
 def test_learner_matches_slow_reference(gpt2, small_corpus):
-    merges = learn_merges_from_counts(count_pretokens([small_corpus]), gpt2, 120)
-    expected, rejected = reference_merges([small_corpus], gpt2, 120)
-    assert len(merges) == 120
+    # 80 merges: the reference checks each candidate against all 50,257 tokens (a second per ~15)
+    merges = learn_merges_from_counts(count_pretokens([small_corpus]), gpt2, 80)
+    expected, rejected = reference_merges([small_corpus], gpt2, 80)
+    assert len(merges) == 80
     assert merges == expected
-    assert rejected > 0  # the rules were exercised: some frequent pairs were refused
+    assert rejected >= 10  # the rules were exercised: frequent pairs were refused (25 of them here)
 
 
 def test_learning_reports_each_phase_from_start_to_end(gpt2, small_corpus):
@@ -174,7 +175,7 @@ def test_tokenizers_agree_at_8000_merges(tmp_path, shared_data, gpt2):
     )
     texts = [(shared_data / "zh" / "鲁迅小说集.txt").read_text(encoding="utf-8"), MIXED * 20]
     texts += [p.read_text(encoding="utf-8")[:100_000] for p in sorted((shared_data / "en").glob("*.txt"))]
-    assert_tokenizers_agree(folder, texts, slow_chars=100_000)
+    assert_tokenizers_agree(folder, texts, slow_chars=50_000)  # transformers' pure-Python BPE: ~20k chars/s
     assert tokens_per_char(load_tokenizer(folder), texts[0]) < 1.0
 
 

@@ -191,3 +191,22 @@ def test_not_a_gpt2(tmp_path):
     save_file({"encoder.weight": torch.zeros(3, 3)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="no tensor 'wte.weight'"):
         load_model(tmp_path / "model.safetensors")
+
+
+def test_loading_draws_no_random_weights_first(official, hf, monkeypatch):
+    """load_model builds the model where it will live and fills it from the file; it never draws
+    random initial values first (on the meta device that imported torch._dynamo: 2-3 s of every
+    sample.py and compare.py start). Every random initialiser fails here, and loading still works."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a random initial value was drawn while loading")
+
+    for name in ("normal_", "uniform_", "bernoulli_", "exponential_"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    model = load_model(official)
+    assert_same_logits(model, hf)
+    assert model.lm_head.weight is model.wte.weight
+    with pytest.raises(AssertionError, match="random initial value"):  # the check can fail: building a GPT draws
+        from minigpt2.model.gpt import GPT
+
+        GPT(model.config)

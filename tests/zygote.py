@@ -22,6 +22,7 @@ MINIGPT2_TEST_ZYGOTE=0 turns the zygote off.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import queue
@@ -48,9 +49,36 @@ PER_RUN = re.compile(
     r"|MASTER_ADDR$|MASTER_PORT$|TORCH_NCCL_ASYNC_ERROR_HANDLING$|TORCHINDUCTOR_CACHE_DIR$|_TORCHINDUCTOR_"
     r"|PYTHON$|GPU_RESULTS$|_$|SHLVL$|PWD$|OLDPWD$)"
 )
+
+
+def python_args(argv, env, python, base_env):
+    """argv's arguments after the interpreter if `argv` runs `python` on a script or a module
+    (`[-u] SCRIPT ...` or `[-u] -m MODULE ...`) in an environment that differs from `base_env` (the
+    zygote's when it started) only in `PER_RUN`'s names; else None. The one rule for both sides: the
+    tests' process asks it before sending a run to the zygote, and the zygote (SERVER, which starts
+    with this function's source) before forking a command one of its runs starts."""
+    import os
+    import shutil
+
+    if not argv:
+        return None
+    program = argv[0] if os.sep in argv[0] else shutil.which(argv[0]) or argv[0]
+    if os.path.realpath(program) != os.path.realpath(python):
+        return None
+    rest = list(argv[1:])
+    while rest[:1] == ["-u"]:
+        rest.pop(0)
+    if not rest or (rest[0].startswith("-") and rest[0] != "-m") or rest == ["-m"]:
+        return None
+    changed = {k for k in base_env.keys() | env.keys() if base_env.get(k) != env.get(k)}
+    if not all(PER_RUN.match(k) for k in changed):
+        return None
+    return list(argv[1:])
+
+
 ENCODING = "utf-8"  # how the tests read a run's output (tests/clis.py's offline_env sets PYTHONIOENCODING so)
 
-SERVER = r"""
+SERVER_BODY = r"""
 import json, os, re, select, socket, subprocess, sys
 sys.path.pop(0)  # this -c program's '' entry: a run puts its own script's folder (or its cwd, for -m) first
 listener = socket.socket(fileno=int(sys.argv[2]))  # the stand-in python's requests (PROGRAM), listening
@@ -59,6 +87,12 @@ import numpy, safetensors.torch, tiktoken, torch  # noqa: F401  (the slow import
 import torch._dynamo  # noqa: F401  (what building a torch optimizer imports: 2 s of every training run)
 
 PER_RUN = re.compile(sys.argv[1])
+# Each run imports minigpt2 and its script's other modules itself, as a fresh interpreter would. Where
+# PYTHONDONTWRITEBYTECODE is set (as on the project's machines), Python compiles every one of them
+# again in every run: ~0.2 s a run, hundreds of runs. The runs keep their compiled modules here instead,
+# in the zygote's own folder (nothing is written beside the sources); Python checks each against its source.
+sys.pycache_prefix = sys.argv[3]
+sys.dont_write_bytecode = False
 BASE_PATH = list(sys.path)
 BASE_THREADS = torch.get_num_threads()  # what a fresh interpreter would choose without OMP_NUM_THREADS
 PYTHON = os.path.realpath(sys.executable)
@@ -67,27 +101,6 @@ REAL_EXECUTE_CHILD = subprocess.Popen._execute_child
 
 def reply(message):
     os.write(1, (json.dumps(message) + "\n").encode())
-
-
-def python_argv(argv, env):
-    '''argv's arguments after the interpreter if `argv` runs this Python on a script or a module
-    (`[-u] SCRIPT ...` or `[-u] -m MODULE ...`) in an environment this process can take; else None.'''
-    if not argv or os.path.realpath(shutil_which(argv[0])) != PYTHON:
-        return None
-    rest = list(argv[1:])
-    while rest[:1] == ["-u"]:
-        rest.pop(0)
-    if not rest or (rest[0].startswith("-") and rest[0] != "-m") or rest[:1] == ["-m"] and len(rest) < 2:
-        return None
-    changed = {k for k in BASE_ENV.keys() | env.keys() if BASE_ENV.get(k) != env.get(k)}
-    if not all(PER_RUN.match(k) for k in changed):
-        return None
-    return list(argv[1:])
-
-
-def shutil_which(name):
-    import shutil
-    return name if os.sep in name else (shutil.which(name) or name)
 
 
 def python_path(env):
@@ -181,7 +194,8 @@ def execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, 
     if not shell and executable is None and preexec_fn is None and (uid, gid, gids, umask) == (None, None, None, -1):
         listed = [args] if isinstance(args, (str, bytes)) else list(args)
         if all(isinstance(a, str) for a in listed):
-            argv = python_argv([os.fspath(a) for a in listed], dict(os.environ if env is None else env))
+            given = dict(os.environ if env is None else env)
+            argv = python_args([os.fspath(a) for a in listed], given, PYTHON, BASE_ENV)
     if argv is None:
         return REAL_EXECUTE_CHILD(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
                                   creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
@@ -239,7 +253,7 @@ def client_request(conn):
             break
         data += more
     req = json.loads(data)
-    argv = python_argv([PYTHON, *req["argv"]], req["env"]) if len(fds) == 3 else None
+    argv = python_args([PYTHON, *req["argv"]], req["env"], PYTHON, BASE_ENV) if len(fds) == 3 else None
     if argv is None:
         for fd in fds:
             os.close(fd)
@@ -317,6 +331,7 @@ while True:  # requests come in on stdin, one JSON line each; replies go out on 
         elif pid in children:
             reply({"id": children.pop(pid), "returncode": code})
 """
+SERVER = inspect.getsource(python_args) + "\n\n" + SERVER_BODY  # the zygote's program: the rule, then its loop
 
 
 PROGRAM = """#!{python} -S
@@ -428,7 +443,14 @@ class Zygote:
         listener.bind(socket_path)  # that comes while the zygote imports waits for it
         listener.listen(64)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER, PER_RUN.pattern, str(listener.fileno())],
+            [
+                sys.executable,
+                "-c",
+                SERVER,
+                PER_RUN.pattern,
+                str(listener.fileno()),
+                str(Path(self.folder.name, "pycache")),
+            ],
             pass_fds=[listener.fileno()],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -493,18 +515,12 @@ class Pool:
         self.lock = threading.Lock()
 
     def eligible(self, argv: list[str], env: dict[str, str]) -> bool:
-        """Can the zygote run `argv` in `env`? This Python on a script or a module (`-m`), with an
-        environment that differs from the zygote's (this process's when it started) only in `PER_RUN`'s names."""
-        if os.environ.get("MINIGPT2_TEST_ZYGOTE", "1") == "0" or argv[:1] != [sys.executable]:
-            return False
-        rest = argv[1:]
-        while rest[:1] == ["-u"]:
-            rest = rest[1:]
-        if not rest or (rest[0].startswith("-") and rest[0] != "-m"):
+        """Can the zygote run `argv` in `env`? (`python_args`'s rule, against the zygote's environment
+        when it started: this process's, if it has not started yet.)"""
+        if os.environ.get("MINIGPT2_TEST_ZYGOTE", "1") == "0":
             return False
         base = self.zygote.env if self.zygote is not None else os.environ
-        changed = {k for k in base.keys() | env.keys() if base.get(k) != env.get(k)}
-        return all(PER_RUN.match(k) for k in changed)
+        return python_args(argv, env, sys.executable, base) is not None
 
     def python_program(self) -> str:
         """A program to use in place of `python` where a test runs a program that starts Python

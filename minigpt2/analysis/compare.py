@@ -68,6 +68,7 @@ from minigpt2.device import resolve_device
 from minigpt2.errors import CheckpointError, MiniGPT2Error, OptionError
 from minigpt2.files import read_text_file
 from minigpt2.generation.sampling import encode_prompt
+from minigpt2.generation.utf8 import Utf8Guard
 from minigpt2.io.tokenizer import TOKENIZER_FILES, load_tokenizer
 from minigpt2.io.weights import (
     MASK_BUFFERS,
@@ -614,11 +615,12 @@ def run_drift(snapshots: list[dict], start_norms: dict[str, float] | None = None
 # ----- the whole comparison ---------------------------------------------------------------
 
 
-def side_tokenizer(checkpoint: str, revision: str | None = None):
+def side_tokenizer(checkpoint: str, revision: str | None = None, loaded: dict | None = None):
     """A checkpoint's own tokenizer (GPT-2's only for one without tokenizer files and with GPT-2's
-    vocabulary; see `load_tokenizer`), read before any model is loaded, so a mismatch fails first."""
+    vocabulary; see `load_tokenizer`), read before any model is loaded, so a mismatch fails first.
+    `loaded`: the tokenizers read for the other sides (most comparisons have one on every side)."""
     vocab_size = read_checkpoint_config(checkpoint, revision).vocab_size
-    return load_tokenizer(checkpoint, revision=revision, vocab_size=vocab_size)
+    return load_tokenizer(checkpoint, revision=revision, vocab_size=vocab_size, loaded=loaded)
 
 
 def resolve_side(source: str) -> dict:
@@ -743,6 +745,7 @@ def _forward_passes(
     hold each model's continuation of it (`watch.draw_samples`: the same seed for A and B)."""
     recorded, scores, continued = {}, {}, {}
     names = [Path(t["file"]).name for t in prepared]
+    per_tokenizer = {}  # characters per token and the UTF-8 guard: made once where both sides share a tokenizer
     for side, info in sides.items():
         _tell(progress, f"loading {side} ({info['source']})", 0, 1)
         model = load_model(info["checkpoint"], device=device, revision=revision, quantize=quantize)
@@ -751,11 +754,19 @@ def _forward_passes(
         if prompts:
             _tell(progress, f"running {side} on the prompts", 0, len(prompts), "prompts")
         recorded[side] = record_prompts(model, enc["A"], list(prompts), device)
-        chars = char_counts(enc[side])
+        key = (id(enc[side]), model.config.vocab_size)
+        if key not in per_tokenizer:
+            guard = None
+            if sample_tokens and prompts:
+                guard = Utf8Guard.for_tokenizer(enc[side], model.config.vocab_size, model.wte.weight.device)
+            per_tokenizer[key] = char_counts(enc[side]), guard
+        chars, guard = per_tokenizer[key]
         streams = [t["ids"][side] for t in prepared]
         scores[side] = score_model(model, streams, chars, names, side, check_window(window, model), device, progress)
         continued[side] = (
-            draw_samples(model, enc[side], list(prompts), sample_tokens) if sample_tokens and prompts else []
+            draw_samples(model, enc[side], list(prompts), sample_tokens, guard=guard)
+            if sample_tokens and prompts
+            else []
         )
         del model
     activations = compare_activations(list(prompts), recorded["A"], recorded["B"], enc["A"], enc["B"])
@@ -817,13 +828,15 @@ def compare(
 
     enc = prepared = None
     if prompts or texts:  # read the texts first: a bad file should fail before minutes of work
-        enc = {"A": side_tokenizer(side_a["checkpoint"], revision), "B": side_tokenizer(side_b["checkpoint"], revision)}
+        loaded = {}  # one read where both sides have the same tokenizer files
+        enc = {k: side_tokenizer(side["checkpoint"], revision, loaded) for k, side in (("A", side_a), ("B", side_b))}
         prepared = prepare_texts(list(texts), enc["A"], enc["B"], max_eval_tokens)
     else:  # weights only: no tokenizer is needed, but files that are there must be sound, never silently bad
+        loaded = {}
         for side in (side_a, side_b):
             folder = Path(side["checkpoint"])
             if folder.is_dir() and any((folder / name).exists() for name in TOKENIZER_FILES):
-                side_tokenizer(side["checkpoint"], revision)
+                side_tokenizer(side["checkpoint"], revision, loaded)
     weights = compare_weights(side_a["checkpoint"], side_b["checkpoint"], revision=revision, progress=progress)
     # A LoRA run's checkpoint has adapter/ beside its merged weights: mark the adapted tensors.
     names = [t["name"] for t in weights["tensors"]]
@@ -877,7 +890,8 @@ def compare_many(
         raise MiniGPT2Error("comparing several models needs at least one text to evaluate them on")
     sides = [resolve_side(source) for source in [a, *others]]
     device = resolve_device(device)
-    encs = [side_tokenizer(side["checkpoint"], revision) for side in sides]
+    loaded = {}
+    encs = [side_tokenizer(side["checkpoint"], revision, loaded) for side in sides]
     prepared = [prepare_texts(list(texts), encs[0], enc, max_eval_tokens) for enc in encs]
     models = []
     for side, enc, side_texts in zip(sides, encs, prepared):

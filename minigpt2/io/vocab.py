@@ -29,7 +29,7 @@ from minigpt2.analysis.evaluate import Score, char_counts, score_text, text_stre
 from minigpt2.errors import MiniGPT2Error
 from minigpt2.io.bpe import Progress, learn_merges, no_progress
 from minigpt2.io.tokenizer import ENDOFTEXT, byte_stand_ins, encoding_from_files
-from minigpt2.io.weights import write_atomically
+from minigpt2.io.weights import empty_model, write_atomically
 from minigpt2.model.gpt import GPT
 from minigpt2.training.data import FileInfo, default_cache_dir, head_text, read_chunks, tokenizer_fingerprint
 
@@ -180,10 +180,7 @@ def grow_model(model: GPT, enc_old, enc_new) -> GPT:
     state["wte.weight"] = state["lm_head.weight"] = wte
 
     config = dataclasses.replace(model.config, vocab_size=n_new)
-    with torch.device("meta"):
-        grown = GPT(config)
-    grown.to_empty(device="cpu")
-    grown.tie_weights()
+    grown = empty_model(config, "cpu")
     grown.load_state_dict(state)
     grown.train(model.training)
     grown.source = None

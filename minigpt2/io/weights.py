@@ -54,10 +54,32 @@ def is_conv1d(name: str) -> bool:
     return name.endswith(CONV1D_WEIGHTS)
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Inside it, torch.nn.init's functions (what modules call to initialise their weights) do nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def empty_model(config: GPTConfig, device: torch.device | str = "meta") -> GPT:
+    """A GPT of this shape whose weights hold no chosen values: on the meta device (the default) only
+    each tensor's name and shape, elsewhere uninitialised memory, for weights that are filled next.
+
+    Its random initialisation is skipped: the values would be thrown away, and it would cost much
+    time, on the meta device most of all: there normal_ imports torch._dynamo (2-3 s of every
+    sample.py and compare.py start), and moving a meta model to a device (`to_empty`) imports
+    PyTorch's shape machinery (another 1-1.5 s), which building it on its device in the first
+    place does not.
+    """
+    with torch.device(device), _SkipInit():
+        return GPT(config)
+
+
 def official_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor an official checkpoint of this shape holds (unprefixed), with its shape."""
-    with torch.device("meta"):
-        model = GPT(config)
+    model = empty_model(config)
     shapes = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
@@ -311,13 +333,11 @@ def read_model(source, device: torch.device, dtype: torch.dtype, revision: str |
         config = checkpoint_config(config_path, stored, weights_path)
         keys = match_keys(stored, official_shapes(config), weights_path)
 
-        # Build the model without allocating or initialising random weights (meta device), then
-        # give it uninitialised storage and fill every tensor from the file, one at a time.
-        with torch.device("meta"):
-            model = GPT(config)
-        model.to_empty(device=device)
+        # Build the model on its device without initialising random weights, then fill every
+        # tensor from the file, one at a time.
+        model = empty_model(config, device)
         model.to(dtype)
-        model.tie_weights()  # to_empty gave wte and lm_head separate storage; share it again
+        model.tie_weights()  # wte and lm_head share one tensor, whatever `to` did
         params = model.state_dict()
         with torch.no_grad():
             for name, key in keys.items():
