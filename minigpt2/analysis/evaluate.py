@@ -117,6 +117,9 @@ def bits_per_char(nats: float, characters: int) -> float:
     return nats / (math.log(2) * characters) if characters else math.nan
 
 
+CONTINUATION = bytes(range(0x80, 0xC0))  # UTF-8's 0b10xxxxxx bytes: inside a character, never its start
+
+
 def char_counts(enc) -> np.ndarray:
     """(n_vocab,) int64: how many characters each token id spells, i.e. the bytes of the token
     that start a UTF-8 character (all but the 0b10xxxxxx continuation bytes). Summed over a
@@ -130,14 +133,13 @@ def char_counts(enc) -> np.ndarray:
             raw = enc.decode_single_token_bytes(i)
         except KeyError:  # an id between the merges and the special tokens
             continue
-        counts[i] = sum(1 for byte in raw if byte & 0xC0 != 0x80)
+        counts[i] = len(raw.translate(None, CONTINUATION))  # the bytes that start a character
     return counts
 
 
 def count_characters(enc, ids: Sequence[int]) -> int:
     """Characters of the text these tokens spell (see `char_counts`)."""
-    data = enc.decode_bytes(list(ids))
-    return sum(1 for byte in data if byte & 0xC0 != 0x80)
+    return len(enc.decode_bytes(list(ids)).translate(None, CONTINUATION))
 
 
 def text_stream(enc, text: str, max_tokens: int | None = None) -> tuple[list[int], int | None]:

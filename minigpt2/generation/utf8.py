@@ -77,15 +77,22 @@ class Utf8Guard:
         """token_bytes: each id's bytes (None: never allowed); special_ids: allowed at a boundary."""
         trans = _utf8_transitions()
         n = len(token_bytes)
-        lengths = np.array([len(b) if b is not None else 0 for b in token_bytes])
-        table = np.zeros((n, max(int(lengths.max()), 1)), dtype=np.int64)  # (vocab, longest token)
-        for i, b in enumerate(token_bytes):
-            if b:
-                table[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
+        lengths = np.array([len(b) if b is not None else 0 for b in token_bytes])  # (vocab,)
+        # The tokens longest first: those still going at byte j are then the first ones, a slice.
+        order = np.argsort(-lengths, kind="stable")  # (vocab,)
+        by_length = lengths[order]
+        table = np.zeros((n, max(int(lengths.max()), 1)), dtype=np.uint8)  # (vocab, longest token), in `order`
+        # Every token's bytes, left-aligned in its row, written at once: all the bytes in one string,
+        # the row of each byte, and its place in the row (its index less where its token starts).
+        data = np.frombuffer(b"".join(token_bytes[i] or b"" for i in order), dtype=np.uint8)  # (total bytes,)
+        rows = np.repeat(np.arange(n), by_length)  # (total bytes,)
+        places = np.arange(len(data)) - np.repeat(np.cumsum(by_length) - by_length, by_length)  # (total bytes,)
+        table[rows, places] = data
         states = np.repeat(np.arange(N_STATES)[:, None], n, axis=1)  # (10, vocab): start state per row
         for j in range(table.shape[1]):  # advance every (state, token) pair one byte at a time
-            live = lengths > j
-            states[:, live] = trans[states[:, live], table[live, j]]
+            live = int((by_length > j).sum())  # the tokens longer than j bytes
+            states[:, :live] = trans[states[:, :live], table[:live, j]]
+        states[:, order] = states.copy()  # back to id order
         states[:, lengths == 0] = REJECT  # no bytes: unknown ids
         special = [i for i in special_ids if i < n]
         states[:, special] = REJECT
