@@ -206,6 +206,8 @@ def test_loading_draws_no_random_weights_first(official, hf, monkeypatch):
     model = load_model(official)
     assert_same_logits(model, hf)
     assert model.lm_head.weight is model.wte.weight
+    half = load_model(official, dtype="bfloat16")
+    assert half.lm_head.weight is half.wte.weight and half.wte.weight.dtype == torch.bfloat16
     with pytest.raises(AssertionError, match="random initial value"):  # the check can fail: building a GPT draws
         from minigpt2.model.gpt import GPT
 

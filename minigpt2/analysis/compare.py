@@ -746,6 +746,7 @@ def _forward_passes(
     recorded, scores, continued = {}, {}, {}
     names = [Path(t["file"]).name for t in prepared]
     per_tokenizer = {}  # characters per token and the UTF-8 guard: made once where both sides share a tokenizer
+    drawing = bool(sample_tokens and prompts)  # each model continues each prompt
     for side, info in sides.items():
         _tell(progress, f"loading {side} ({info['source']})", 0, 1)
         model = load_model(info["checkpoint"], device=device, revision=revision, quantize=quantize)
@@ -757,17 +758,13 @@ def _forward_passes(
         key = (id(enc[side]), model.config.vocab_size)
         if key not in per_tokenizer:
             guard = None
-            if sample_tokens and prompts:
+            if drawing:
                 guard = Utf8Guard.for_tokenizer(enc[side], model.config.vocab_size, model.wte.weight.device)
             per_tokenizer[key] = char_counts(enc[side]), guard
         chars, guard = per_tokenizer[key]
         streams = [t["ids"][side] for t in prepared]
         scores[side] = score_model(model, streams, chars, names, side, check_window(window, model), device, progress)
-        continued[side] = (
-            draw_samples(model, enc[side], list(prompts), sample_tokens, guard=guard)
-            if sample_tokens and prompts
-            else []
-        )
+        continued[side] = draw_samples(model, enc[side], list(prompts), sample_tokens, guard=guard) if drawing else []
         del model
     activations = compare_activations(list(prompts), recorded["A"], recorded["B"], enc["A"], enc["B"])
     for act, sample_a, sample_b in zip(activations, continued["A"], continued["B"]):

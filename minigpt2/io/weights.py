@@ -336,8 +336,7 @@ def read_model(source, device: torch.device, dtype: torch.dtype, revision: str |
         # Build the model on its device without initialising random weights, then fill every
         # tensor from the file, one at a time.
         model = empty_model(config, device)
-        model.to(dtype)
-        model.tie_weights()  # wte and lm_head share one tensor, whatever `to` did
+        model.to(dtype)  # converts each tensor in place: wte and lm_head stay one tensor
         params = model.state_dict()
         with torch.no_grad():
             for name, key in keys.items():
