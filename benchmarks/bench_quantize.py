@@ -34,7 +34,7 @@ import torch
 
 import minigpt2.model.quantize
 from minigpt2 import GPT, GPTConfig, load_model, load_tokenizer, save_model
-from minigpt2.analysis.evaluate import char_counts, score_text, spans, text_stream
+from minigpt2.model.evaluate import char_counts, score_text, spans, text_stream
 from minigpt2.model.quantize import Int8Linear, quantize_model
 from minigpt2.training.data import prepare_corpus
 from minigpt2.training.trainer import TrainConfig, Trainer
@@ -60,7 +60,7 @@ def train_small(data: Path, steps: int, batch_size: int, enc) -> GPT:
 
 
 def held_out(data: Path, enc, n_positions: int, max_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """Lu Xun's text as minigpt2.analysis.evaluate scores it (EOT, then its first `max_tokens` tokens), and
+    """Lu Xun's text as minigpt2.model.evaluate scores it (EOT, then its first `max_tokens` tokens), and
     its full context windows as (windows, n_positions + 1) token rows, for comparing logits."""
     stream, _ = text_stream(enc, (data / "zh" / HELD_OUT).read_text(encoding="utf-8"), max_tokens)
     rows = [stream[s : s + n + 1] for s, n in spans(len(stream), n_positions) if n == n_positions]

@@ -148,8 +148,8 @@ def measure(checkpoint: Path, t: dict, s: dict) -> dict:
     from minigpt2.generation.generate import Sampling, generate_tokens
     from minigpt2.generation.sampling import is_cjk
     from minigpt2.io.tokenizer import load_tokenizer
-    from minigpt2.io.vocab import text_score
     from minigpt2.io.weights import load_model
+    from minigpt2.training.vocab import text_score
 
     model, enc = load_model(checkpoint).eval(), load_tokenizer(checkpoint)
     out = {f"bpc_{k}": text_score(model, enc, held_out(t[k], n), n).bits_per_char for k, n in s["eval_chars"].items()}
@@ -219,8 +219,8 @@ def init_check(root: Path, s: dict, t: dict) -> dict:
     import torch
 
     from minigpt2.io.tokenizer import load_tokenizer
-    from minigpt2.io.vocab import grow_model, old_pieces, text_score
     from minigpt2.io.weights import load_model
+    from minigpt2.training.vocab import grow_model, old_pieces, text_score
 
     torch.set_num_threads(1)
     base_dir = root / "base" / "final"

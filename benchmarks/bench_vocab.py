@@ -115,8 +115,8 @@ def main() -> int:
         )
         print(f"base: {args.base_steps} steps from scratch in {time.time() - t:.0f} s")
     from minigpt2.io.tokenizer import load_tokenizer
-    from minigpt2.io.vocab import learn_merges_cached
     from minigpt2.training.data import check_inputs
+    from minigpt2.training.vocab import learn_merges_cached
 
     t = time.time()
     learn_merges_cached(check_inputs(novels), load_tokenizer(data / "gpt2"), args.merges, root / "cache")

@@ -151,7 +151,7 @@ def _grown(root: Path, test_data: Path) -> tuple[Path, Path, Path]:
     tokenizer files; a copy without them; a copy whose merges.txt lost its new merges."""
     from minigpt2.io.bpe import learn_merges
     from minigpt2.io.tokenizer import encoding_from_files
-    from minigpt2.io.vocab import write_tokenizer_files
+    from minigpt2.training.vocab import write_tokenizer_files
 
     gpt2 = test_data / "gpt2"
     enc = encoding_from_files(gpt2 / "vocab.json", gpt2 / "merges.txt")

@@ -1,4 +1,4 @@
-"""One evaluation protocol (minigpt2.analysis.evaluate): its windows, its character count, its figures against
+"""One evaluation protocol (minigpt2.model.evaluate): its windows, its character count, its figures against
 a separate forward pass, and the same number from the training log and from compare.py."""
 
 import json
@@ -10,7 +10,9 @@ import torch
 from clis import run_script
 
 from minigpt2 import GPT, GPTConfig, save_model
-from minigpt2.analysis.evaluate import (
+from minigpt2.files import read_jsonl
+from minigpt2.io.tokenizer import encoding_from_files
+from minigpt2.model.evaluate import (
     Score,
     batches,
     bits_per_char,
@@ -21,8 +23,6 @@ from minigpt2.analysis.evaluate import (
     spans,
     text_stream,
 )
-from minigpt2.files import read_jsonl
-from minigpt2.io.tokenizer import encoding_from_files
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_the_training_log_and_compare_give_the_same_bits_per_character(test_data
 
 
 def test_extend_vocab_scores_its_before_and_after_by_the_protocol(enc):
-    from minigpt2.io.vocab import text_score
+    from minigpt2.training.vocab import text_score
 
     torch.manual_seed(1)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=16)).train()

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from minigpt2 import MiniGPT2Error, load_model, save_model
 from minigpt2.analysis.compare import compare
 from minigpt2.analysis.report import render
-from minigpt2.analysis.snapshots import Snapshotter
 from minigpt2.errors import CheckpointError
 from minigpt2.io.tokenizer import encoding_from_files
 from minigpt2.model.lora import (
@@ -27,6 +26,7 @@ from minigpt2.model.lora import (
     lora_summary,
     merged_state_dict,
 )
+from minigpt2.model.snapshots import Snapshotter
 from minigpt2.training.data import prepare_corpus
 from minigpt2.training.rundir import STATE_JSON, STATE_TENSORS, RunDir
 from minigpt2.training.setup_run import start_model

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from minigpt2 import MiniGPT2Error
 from minigpt2.io.tokenizer import encoding_from_files, load_tokenizer
-from minigpt2.io.vocab import grow_model
 from minigpt2.io.weights import load_model
 from minigpt2.model.lora import (
     LEGACY_STATE_PREFIX,
@@ -26,6 +25,7 @@ from minigpt2.model.lora import (
 )
 from minigpt2.training.rundir import STATE_TENSORS
 from minigpt2.training.setup_run import start_model
+from minigpt2.training.vocab import grow_model
 
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 32}
 NEW = 40  # new tokens learned in these runs

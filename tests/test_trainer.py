@@ -10,9 +10,9 @@ from checkpoints import tiny_model
 from safetensors.torch import load_file
 
 from minigpt2 import load_model, load_tokenizer
-from minigpt2.analysis.evaluate import char_counts
-from minigpt2.analysis.snapshots import Snapshotter
 from minigpt2.files import read_jsonl
+from minigpt2.model.evaluate import char_counts
+from minigpt2.model.snapshots import Snapshotter
 from minigpt2.training.data import prepare_corpus
 from minigpt2.training.rundir import STATE_JSON, RunDir
 from minigpt2.training.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, param_groups, steps_for

@@ -12,11 +12,11 @@ import torch
 from minigpt2.generation.utf8 import Utf8Guard
 from minigpt2.io.bpe import _MergeRules, count_pretokens, learn_merges_from_counts
 from minigpt2.io.tokenizer import encoding_from_files, load_tokenizer
-from minigpt2.io.vocab import grow_model, learn_merges_cached, old_pieces, tokens_per_char, write_tokenizer_files
 from minigpt2.io.weights import load_model, save_model
 from minigpt2.model.config import GPTConfig
 from minigpt2.model.gpt import GPT
 from minigpt2.training.data import check_inputs, read_chunks
+from minigpt2.training.vocab import grow_model, learn_merges_cached, old_pieces, tokens_per_char, write_tokenizer_files
 
 MIXED = "GPT-2 说：“Hello, 世界！” 😀🎉 naïve café\u200b　全角ＡＢＣ 1234 aaaa  \n\n\t'll 们们们们"
 

@@ -18,9 +18,10 @@ from minigpt2 import GPT, GPTConfig, MiniGPT2Error, save_model
 from minigpt2.analysis.compare import compare, compare_many
 from minigpt2.analysis.htmlreport import render_html, write_html
 from minigpt2.analysis.report import render
-from minigpt2.console import TrainConsole, one_line, visible
+from minigpt2.console import TrainConsole
 from minigpt2.files import append_jsonl, read_jsonl
 from minigpt2.io.tokenizer import load_tokenizer
+from minigpt2.text import one_line, visible
 from minigpt2.training import distributed
 from minigpt2.training import setup_run as launch
 from minigpt2.training.options import TrainOptions

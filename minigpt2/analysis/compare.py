@@ -17,7 +17,7 @@ the new text versus the old. This module answers those four questions:
 2. **Activations** (`compare_activations`): forward hooks on every block record the hidden states
    of both models on a prompt; where they start to differ shows which layer's change matters.
    At the output, the KL divergence of the next-token distributions and each model's top-5.
-3. **Behaviour** (`score_model`, by `minigpt2.analysis.evaluate`'s protocol, which the trainer's log shares):
+3. **Behaviour** (`score_model`, by `minigpt2.model.evaluate`'s protocol, which the trainer's log shares):
    loss, perplexity and bits per character of each model on a text file — the new data (did it
    learn?) and the old (did it forget?).
 4. **Training runs** (`read_run`, `run_drift`): how each layer's drift grew over the steps, from
@@ -47,29 +47,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from minigpt2.analysis import DEFAULT_MAX_EVAL_TOKENS
-from minigpt2.analysis.evaluate import (
-    Score,
-    char_counts,
-    check_enough_text,
-    count_characters,
-    score_text,
-    text_stream,
-)
-from minigpt2.analysis.snapshots import capture_block_outputs, hidden_drift
 from minigpt2.checks import non_negative_int, positive_int
 from minigpt2.device import resolve_device
 from minigpt2.errors import CheckpointError, MiniGPT2Error, OptionError
 from minigpt2.files import read_text_file
-from minigpt2.generation.sampling import encode_prompt
+from minigpt2.generation import SAMPLE_SEED, SAMPLE_TOKENS
+from minigpt2.generation.sampling import draw_samples, encode_prompt
 from minigpt2.generation.utf8 import Utf8Guard
-from minigpt2.io.tokenizer import TOKENIZER_FILES, load_tokenizer
+from minigpt2.io.adapter import adapted_tensors
+from minigpt2.io.runs import LOG, RUN_JSON, SNAPSHOTS, RunFolder
+from minigpt2.io.tokenizer import TOKENIZER_FILES, load_tokenizer, tokenizer_fingerprint
 from minigpt2.io.weights import (
     MASK_BUFFERS,
     PREFIX,
@@ -85,10 +78,15 @@ from minigpt2.io.weights import (
     read_header,
 )
 from minigpt2.model.config import GPTConfig
-from minigpt2.model.lora import adapted_tensors
-from minigpt2.training.data import tokenizer_fingerprint
-from minigpt2.training.rundir import LOG, RUN_JSON, SNAPSHOTS, RunDir
-from minigpt2.training.watch import SAMPLE_SEED, SAMPLE_TOKENS, draw_samples
+from minigpt2.model.evaluate import (
+    Score,
+    char_counts,
+    check_enough_text,
+    count_characters,
+    score_text,
+    text_stream,
+)
+from minigpt2.model.snapshots import capture_block_outputs, hidden_drift, run_drift, tensor_kind
 
 ORIENTATION = (
     "tensors as the official checkpoint stores them: the Conv1D weights attn.c_attn, attn.c_proj, "
@@ -224,15 +222,6 @@ def update_structure(gram: torch.Tensor, energy: float) -> dict[str, float | int
 
 
 # ----- checkpoints: shapes, names, streaming ----------------------------------------------
-
-
-def tensor_kind(name: str) -> tuple[str, str]:
-    """(layer, module kind) of an official tensor name: `h.3.mlp.c_fc.bias` -> ("h.3", "mlp.c_fc")."""
-    m = re.fullmatch(r"(h\.\d+)\.(.+)\.(weight|bias)", name)
-    if m:
-        return m.group(1), m.group(2)
-    module = name.rsplit(".", 1)[0]
-    return module, module  # wte, wpe, ln_f: a "layer" of their own
 
 
 def _architecture_mismatch(config_a: GPTConfig, config_b: GPTConfig, both_have_config: bool) -> list[str]:
@@ -485,7 +474,7 @@ def prepare_texts(paths: list[str], enc_a, enc_b, max_tokens: int) -> list[dict]
     Each side reads the text with its own tokenizer (a grown vocabulary spends fewer tokens on
     it): the cap of `max_tokens` is applied to A's tokens, and B gets the same stretch of text, so
     bits per character compare the two on the same characters. Each side's stream starts with
-    its <|endoftext|> (see `minigpt2.analysis.evaluate`).
+    its <|endoftext|> (see `minigpt2.model.evaluate`).
     """
     same = enc_b is enc_a or tokenizer_fingerprint(enc_a) == tokenizer_fingerprint(enc_b)
     texts = []
@@ -512,7 +501,7 @@ def prepare_texts(paths: list[str], enc_a, enc_b, max_tokens: int) -> list[dict]
 # ----- training runs ----------------------------------------------------------------------
 
 
-def run_start(run: RunDir) -> str:
+def run_start(run: RunFolder) -> str:
     """The model a run started from: run.json's "model", else its first saved step (for a run
     trained from a random initialisation, if it saved one)."""
     info = run.read_info() or {}
@@ -540,30 +529,7 @@ def tensor_norms(source: str, revision: str | None = None) -> dict[str, float]:
     return norms
 
 
-def _layer_drift(changes: dict[str, float], norms: dict[str, float] | None) -> dict[str, float]:
-    """Per layer, from per-tensor relative changes: pooled when the starting norms are known.
-
-    Pooled is the figure of the per-layer weights table, ||all of W - W0|| / ||all of W0||, with
-    ||W - W0|| = change x ||W0|| (or the change itself for a tensor that started at zero, where
-    the trainer records the absolute change). Without the norms, the plain mean of the ratios,
-    in which a small LayerNorm bias counts as much as a large matrix.
-    """
-    groups: dict[str, list[tuple[float, float | None]]] = {}
-    for name, value in changes.items():
-        norm = None if norms is None else norms.get(name)
-        groups.setdefault(tensor_kind(name)[0], []).append((float(value), norm))
-    drift = {}
-    for layer, items in groups.items():
-        if any(norm is None for _, norm in items):
-            drift[layer] = sum(value for value, _ in items) / len(items)
-        else:
-            diff = math.sqrt(sum((value * norm if norm > 0 else value) ** 2 for value, norm in items))
-            base = math.sqrt(sum(norm**2 for _, norm in items))
-            drift[layer] = diff / base if base > 0 else diff
-    return drift
-
-
-def run_curves(run: RunDir) -> dict:
+def run_curves(run: RunFolder) -> dict:
     """The run's learning curves from log.jsonl: training loss per step, and per eval set its loss and
     bits per character at each evaluation (what a person looks at first); and the samples drawn at
     each evaluation (`train.py --sample-prompt`), step by step."""
@@ -581,37 +547,6 @@ def run_curves(run: RunDir) -> dict:
     return {"train": train, "eval": evals, "samples": samples}
 
 
-def run_drift(snapshots: list[dict], start_norms: dict[str, float] | None = None) -> dict:
-    """Drift over steps, per layer, from the trainer's snapshots.
-
-    Weight drift of a layer at a step is its tensors' relative change from the start, pooled with
-    the norms of the starting model when they are given (see `_layer_drift`); activation drift is
-    the relative difference and cosine of each block's output on the probe prompt.
-    """
-    layers = []
-    for snap in snapshots:
-        for layer in list(dict.fromkeys(tensor_kind(n)[0] for n in snap["weights"])) + list(snap["activations"]):
-            if layer not in layers:
-                layers.append(layer)
-    order = {name: i for i, name in enumerate(["wte", "wpe"] + [f"h.{i}" for i in range(10_000)] + ["ln_f"])}
-    layers.sort(key=lambda name: order.get(name, len(order)))
-    steps = []
-    for snap in snapshots:
-        steps.append(
-            {
-                "step": snap["step"],
-                "tokens": snap.get("tokens"),
-                "weight_drift": _layer_drift(snap["weights"], start_norms),
-                "activation_drift": {
-                    b: float(v.get("relative_diff", math.nan)) for b, v in snap["activations"].items()
-                },
-                "activation_cosine": {b: float(v.get("cosine", math.nan)) for b, v in snap["activations"].items()},
-            }
-        )
-    probe = next((s.get("probe") for s in reversed(snapshots) if s.get("probe") is not None), None)
-    return {"layers": layers, "probe": probe, "steps": steps, "pooled": start_norms is not None, "snapshots": snapshots}
-
-
 # ----- the whole comparison ---------------------------------------------------------------
 
 
@@ -625,8 +560,8 @@ def side_tokenizer(checkpoint: str, revision: str | None = None, loaded: dict | 
 
 def resolve_side(source: str) -> dict:
     """What one command-line argument stands for: a model source, or a run and its checkpoint."""
-    if RunDir.is_run(source):
-        checkpoint = RunDir(source).model_checkpoint()
+    if RunFolder.is_run(source):
+        checkpoint = RunFolder(source).model_checkpoint()
         return {"source": source, "checkpoint": str(checkpoint), "run": str(source)}
     return {"source": source, "checkpoint": source, "run": None}
 
@@ -645,7 +580,7 @@ def files_read(sources: list[str], texts: list[str], revision: str | None = None
             continue
         checkpoints.append(side["checkpoint"])
         if side["run"]:
-            run = RunDir(side["run"])
+            run = RunFolder(side["run"])
             found += [run.path / name for name in (RUN_JSON, LOG, SNAPSHOTS)]
             try:
                 checkpoints.append(run_start(run))
@@ -667,9 +602,9 @@ def check_revision_applies(sources: list[str], revision: str | None) -> None:
     counts by the model it started from), it would be ignored without a word, so it is refused."""
 
     def from_hub(source: str) -> bool:
-        if RunDir.is_run(source):
+        if RunFolder.is_run(source):
             try:
-                source = run_start(RunDir(source))
+                source = run_start(RunFolder(source))
             except MiniGPT2Error:
                 return False
         return local_path(source) is None
@@ -693,7 +628,7 @@ def resolve_side_or_none(source: str) -> dict | None:
 def run_record(side: str, path: str, revision: str | None, progress: Progress = None) -> dict:
     """A training run's drift over steps (pooled with its start model's norms when that can be read)
     and its learning curves, for one side of a comparison."""
-    run = RunDir(path)
+    run = RunFolder(path)
     _tell(progress, f"reading the snapshots of {path}", 0, 1)
     try:  # the starting model's norms turn the snapshots' ratios into pooled per-layer figures
         norms = tensor_norms(run_start(run), revision)
@@ -715,7 +650,7 @@ def _tell(progress: Progress, task: str, done: int, total: int, unit: str = "") 
 
 
 def score_model(model, streams: list[list[int]], chars, names: list[str], who: str, window, device, progress) -> list:
-    """One model's scores on several texts (`minigpt2.analysis.evaluate`), telling `progress` of each pass."""
+    """One model's scores on several texts (`minigpt2.model.evaluate`), telling `progress` of each pass."""
     scores = []
     for stream, name in zip(streams, names):
         task = f"scoring {who} on {name}"
@@ -742,7 +677,7 @@ def _forward_passes(
 ) -> tuple[list, list]:
     """(activations per prompt, behaviour per text): each model loaded in turn and freed before the
     next, so memory holds one model at a time. With `sample_tokens`, each prompt's activations also
-    hold each model's continuation of it (`watch.draw_samples`: the same seed for A and B)."""
+    hold each model's continuation of it (`sampling.draw_samples`: the same seed for A and B)."""
     recorded, scores, continued = {}, {}, {}
     names = [Path(t["file"]).name for t in prepared]
     per_tokenizer = {}  # characters per token and the UTF-8 guard: made once where both sides share a tokenizer
@@ -801,22 +736,22 @@ def compare(
     tensor) are kept as `math.inf`; `minigpt2.analysis.report.to_json` writes them as null.
 
     `sample_tokens` > 0: each prompt is also continued by A and by B, that many new tokens drawn
-    with the same seed (`minigpt2.training.watch.draw_samples`), in "continuation_a" / "continuation_b".
+    with the same seed (`minigpt2.generation.sampling.draw_samples`), in "continuation_a" / "continuation_b".
 
     `quantize="int8"` runs the prompts and texts through int8 weight-only models (see
     `minigpt2.model.quantize`): what int8 decoding would score. Whole texts are bound by arithmetic, not
     by reading weights, so on a CPU this is not faster. The weights are always compared as stored.
 
-    Texts are scored by `minigpt2.analysis.evaluate`'s protocol: the first `max_eval_tokens` tokens, in
+    Texts are scored by `minigpt2.model.evaluate`'s protocol: the first `max_eval_tokens` tokens, in
     windows of `window` tokens (default: each model's context). `progress` hears of every phase
     (see `Progress`).
     """
     positive_int("max_eval_tokens", max_eval_tokens)  # the evaluation cap, in tokens
     non_negative_int("sample_tokens", sample_tokens)
     if b is None:
-        if not RunDir.is_run(a):
+        if not RunFolder.is_run(a):
             raise MiniGPT2Error(f"'{a}' is not a training run directory: give two models to compare")
-        start = run_start(RunDir(a))
+        start = run_start(RunFolder(a))
         side_a = {"source": start, "checkpoint": start, "run": None}
         side_b = resolve_side(a)
     else:

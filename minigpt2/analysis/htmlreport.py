@@ -38,8 +38,8 @@ from minigpt2.analysis.report import (
     tensor_rows,
     tradeoff_rows,
 )
-from minigpt2.console import visible
 from minigpt2.files import write_text_atomically
+from minigpt2.text import visible
 
 # matplotlib's tab10, so the page's colours match the PNG's (and need no matplotlib).
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",

@@ -16,9 +16,9 @@ import unicodedata
 import warnings
 from pathlib import Path
 
-from minigpt2.console import one_line
 from minigpt2.errors import MiniGPT2Error, OutputError
 from minigpt2.files import write_atomically
+from minigpt2.text import one_line
 
 # ----- numbers and tables -----------------------------------------------------------------
 

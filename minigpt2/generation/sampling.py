@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from minigpt2.generation import SAMPLE_SEED, SAMPLE_TOKENS
 from minigpt2.generation.generate import GREEDY, Sampling, generate_tokens
 from minigpt2.generation.utf8 import Utf8Guard, Utf8Stream
 from minigpt2.model.gpt import GPT
@@ -238,3 +239,31 @@ def _bytes(enc, token: int) -> bytes:
         return enc.decode_single_token_bytes(token)
     except KeyError:  # an id the tokenizer does not have (only possible without the guard)
         return b""
+
+
+SAMPLING = Sampling(top_k=50)  # what sample.py draws with by default; the watching samples use it too
+
+
+def draw_samples(
+    model: GPT,
+    enc,
+    prompts: Sequence[str],
+    max_new_tokens: int = SAMPLE_TOKENS,
+    *,
+    seed: int = SAMPLE_SEED,
+    guard: Utf8Guard | bool = True,
+) -> list[dict]:
+    """One continuation of each prompt, drawn with `seed` (top-k 50, as sample.py), whole UTF-8
+    characters only: [{"prompt", "text", "tokens", "finish_reason"}]. Dropout is off while it
+    draws; the model's training mode is restored after. The draw has its own generator, so the
+    global random state (dropout, batches) is untouched: a run with samples trains exactly as one
+    without."""
+    was_training = model.training
+    model.eval()
+    try:
+        samples = generate_text(model, enc, list(prompts), max_new_tokens, SAMPLING, seed=seed, utf8_guard=guard)
+    finally:
+        model.train(was_training)
+    return [
+        {"prompt": s.prompt, "text": s.text, "tokens": len(s.tokens), "finish_reason": s.finish_reason} for s in samples
+    ]

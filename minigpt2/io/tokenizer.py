@@ -38,7 +38,7 @@ import tiktoken
 
 from minigpt2.errors import CheckpointError, Notice
 from minigpt2.io.hub import OFFICIAL_REPOS, MissingHubFile, hub_file, local_path
-from minigpt2.training.rundir import RunDir
+from minigpt2.io.runs import RunFolder
 
 ENDOFTEXT = "<|endoftext|>"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -207,8 +207,8 @@ def locate_tokenizer(
     if not path.exists():
         what = "tokenizer folder" if explicit else "model"
         raise CheckpointError(f"{what} '{source}' not found: there is no such file or folder")
-    if RunDir.is_run(path):  # a training run: the tokenizer of the checkpoint it stands for
-        path = RunDir(path).model_checkpoint()
+    if RunFolder.is_run(path):  # a training run: the tokenizer of the checkpoint it stands for
+        path = RunFolder(path).model_checkpoint()
     folder = path if path.is_dir() else path.parent
     files = tuple(folder / name for name in TOKENIZER_FILES)
     present = [f for f in files if f.exists()]
@@ -269,3 +269,15 @@ def load_tokenizer(
     if note:
         warnings.warn(note, TokenizerNotice, stacklevel=2)
     return enc
+
+
+def tokenizer_fingerprint(enc) -> str:
+    """A hash of what the tokenizer does: every token's bytes in id order, and the special tokens."""
+    digest = hashlib.sha256()
+    for i in range(enc.n_vocab):
+        try:
+            digest.update(enc.decode_single_token_bytes(i) + b"\x00")
+        except KeyError:  # ids between the merges and the special tokens, if any
+            digest.update(b"\x01")
+    digest.update(json.dumps(sorted(enc.special_tokens_set)).encode())
+    return digest.hexdigest()

@@ -40,9 +40,9 @@ from minigpt2.device import resolve_device, resolve_dtype
 from minigpt2.errors import CheckpointError
 from minigpt2.files import write_atomically
 from minigpt2.io.hub import OFFICIAL_REPOS, hub_file, local_path
+from minigpt2.io.runs import CONFIG, WEIGHTS, RunFolder, other_checkpoints_hint
 from minigpt2.model.config import GPTConfig
 from minigpt2.model.gpt import GPT
-from minigpt2.training.rundir import CONFIG, WEIGHTS, RunDir, other_checkpoints_hint
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
@@ -95,8 +95,8 @@ def run_checkpoint(source: str | os.PathLike) -> Path | None:
     """The checkpoint a training run's directory stands for (its final, else newest), or None when
     `source` is not a run's directory."""
     path = local_path(source)
-    if path is not None and path.is_dir() and not (path / WEIGHTS).exists() and RunDir.is_run(path):
-        return RunDir(path).model_checkpoint()
+    if path is not None and path.is_dir() and not (path / WEIGHTS).exists() and RunFolder.is_run(path):
+        return RunFolder(path).model_checkpoint()
     return None
 
 

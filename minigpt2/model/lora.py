@@ -25,7 +25,8 @@ The module tree after `apply_lora` (every block, for each targeted layer, here `
     h.N.attn.c_attn.lora_B      nn.Linear(r, out, bias=False): weight (out, r), zeros
 
 Names follow PEFT's (`lora_A.weight`, `lora_B.weight`), so the adapter file is PEFT's layout
-by a prefix alone, and that one name (`adapter_state`) is used in the trainer state too. A grown
+by a prefix alone (`minigpt2/io/adapter.py` writes PEFT's files), and that one name (`adapter_state`)
+is used in the trainer state too. A grown
 vocabulary's new rows can train beside the adapters (`add_trainable_tokens`, PEFT's
 `trainable_token_indices`) while every old row stays frozen. Checkpoints are written *merged*
 (`merged_state_dict`): the plain GPT-2 layout, which every reader of minigpt2 and transformers understands.
@@ -33,12 +34,9 @@ vocabulary's new rows can train beside the adapters (`add_trainable_tokens`, PEF
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,8 +45,6 @@ from minigpt2.errors import CheckpointError, MiniGPT2Error
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 DEFAULT_ALPHA = 8.0  # PEFT's default lora_alpha: see `apply_lora`
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Adapter tensors have one name everywhere (the adapter file, the trainer state, `adapter_state`):
 # PEFT's, i.e. the module path inside PeftModel(GPT2LMHeadModel) → .transformer → h.N...
 PEFT_PREFIX = "base_model.model.transformer."
@@ -402,75 +398,6 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
             params[name[short:]].copy_(tensor)
 
 
-# ----- PEFT's adapter layout ------------------------------------------------------------------------
-
-
-def peft_config(model: nn.Module, base_model_name_or_path: str | os.PathLike | None) -> dict:
-    """adapter_config.json for PEFT: a LoRA of these settings on a transformers GPT2LMHeadModel.
-
-    GPT-2 in transformers uses `Conv1D` layers whose weight is stored (in, out), the transpose of
-    nn.Linear's. A and B are stored the same way either way ((r, in) and (out, r)); only the
-    merge differs, and `fan_in_fan_out: true` tells PEFT to transpose B @ A before adding it
-    to such a weight. Trainable tokens are listed in `trainable_token_indices` (PEFT ties the
-    output layer's rows to them, as GPT-2 ties its weights). Fields left out take PEFT's defaults.
-    """
-    s = lora_settings(model)
-    tokens = trainable_tokens(model)
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path),
-        "r": s["r"],
-        "lora_alpha": s["alpha"],
-        "lora_dropout": s["dropout"],
-        "target_modules": s["targets"],
-        "fan_in_fan_out": True,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "trainable_token_indices": None if tokens is None else tokens.token_adapter.token_indices.tolist(),
-        "inference_mode": True,
-    }
-
-
-def save_peft_adapter(
-    model: nn.Module,
-    directory: str | os.PathLike,
-    base_model_name_or_path: str | os.PathLike | None,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write the adapter as PEFT saves it: adapter_config.json + adapter_model.safetensors.
-
-    `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), directory)` then
-    computes what the merged checkpoint computes. `base_model_name_or_path` is the model the run
-    started from (None for a random initialisation; a grown vocabulary's base is the grown model,
-    which the run keeps). Files are written atomically.
-    """
-    from safetensors.torch import save_file
-
-    from minigpt2.io.weights import write_atomically
-
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"cannot save the adapter to '{directory}': it is a file, not a directory.")
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_state(model, state_dict)
-    config = json.dumps(peft_config(model, base_model_name_or_path), indent=2) + "\n"
-    write_atomically(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_atomically(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(config, encoding="utf-8"))
-    return directory
-
-
-def read_adapter_config(checkpoint: str | os.PathLike) -> dict | None:
-    """The adapter_config.json in `checkpoint/adapter/` (a LoRA run's checkpoint), or None."""
-    from minigpt2.io.weights import read_json_object
-
-    path = Path(checkpoint) / "adapter" / ADAPTER_CONFIG
-    return read_json_object(path, "a PEFT adapter_config.json") if path.is_file() else None
-
-
 # ----- the start line -------------------------------------------------------------------------------
 
 
@@ -496,26 +423,4 @@ def lora_summary(model: nn.Module) -> dict:
         "trainable_share": trainable / total,
         "optimizer_state_bytes": 8 * trainable,
         "full_optimizer_state_bytes": 8 * (total - adapters),
-    }
-
-
-def adapted_tensors(checkpoint: str | os.PathLike, names: Sequence[str]) -> dict | None:
-    """For `compare`: which of `names` (official tensor names) a LoRA checkpoint adapted.
-
-    Reads `checkpoint/adapter/adapter_config.json`; None when there is none (not a LoRA run's
-    checkpoint). Returns {"checkpoint", "r", "alpha", "targets", "adapted": [names]}: the weights
-    (not the biases) of the targeted layers, whose update has rank at most r.
-    """
-    config = read_adapter_config(checkpoint)
-    if config is None:
-        return None
-    targets = config.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    pattern = re.compile(r"h\.\d+\.(" + "|".join(map(re.escape, targets)) + r")\.weight")
-    return {
-        "checkpoint": str(checkpoint),
-        "r": config.get("r"),
-        "alpha": config.get("lora_alpha"),
-        "targets": targets,
-        "adapted": [n for n in names if targets and pattern.fullmatch(n)],
     }

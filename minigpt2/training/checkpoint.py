@@ -29,6 +29,7 @@ import torch
 
 from minigpt2.errors import CheckpointError, OutputError
 from minigpt2.files import parse_json, save_tensors, write_json
+from minigpt2.io.adapter import save_peft_adapter
 from minigpt2.io.weights import load_model, save_model
 from minigpt2.model.lora import (
     adapter_state,
@@ -37,7 +38,6 @@ from minigpt2.model.lora import (
     load_adapter_state,
     lora_settings,
     merged_state_dict,
-    save_peft_adapter,
     unmerged_state_dict,
 )
 from minigpt2.training.rundir import STATE_JSON, STATE_TENSORS, STEP_NAME, RunDir, other_checkpoints_hint, step_name

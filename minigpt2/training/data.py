@@ -43,6 +43,7 @@ import numpy as np
 
 from minigpt2.errors import DataError, MiniGPT2Error, OutputError  # noqa: F401  (DataError: re-exported, it used to live here)
 from minigpt2.files import WRITE_ADVICE, binary_file_error, write_error
+from minigpt2.io.tokenizer import tokenizer_fingerprint
 from minigpt2.training.formats import (
     HF_PREFIX,
     DatasetSource,
@@ -553,18 +554,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "minigpt2" / "tokens"
-
-
-def tokenizer_fingerprint(enc) -> str:
-    """A hash of what the tokenizer does: every token's bytes in id order, and the special tokens."""
-    digest = hashlib.sha256()
-    for i in range(enc.n_vocab):
-        try:
-            digest.update(enc.decode_single_token_bytes(i) + b"\x00")
-        except KeyError:  # ids between the merges and the special tokens, if any
-            digest.update(b"\x01")
-    digest.update(json.dumps(sorted(enc.special_tokens_set)).encode())
-    return digest.hexdigest()
 
 
 @dataclass

@@ -40,11 +40,7 @@ from typing import Any
 
 from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int, check_embed_warmup, text_arg
 from minigpt2.errors import MiniGPT2Error, OptionError
-
-# --sample-tokens' default (watch.py and compare.py use it too): a line of text, a second or two of a
-# 124M model on a CPU. It lives here so that parsing options imports nothing heavy (no torch):
-# `train.py --help` and a mistyped option answer at once.
-SAMPLE_TOKENS = 32
+from minigpt2.generation import SAMPLE_TOKENS  # noqa: F401  (re-exported: compare.py reads it from here)
 
 
 def arg_folder(value: str) -> str:

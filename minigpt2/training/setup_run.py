@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
-from minigpt2.analysis.evaluate import MIN_SCORED_TOKENS, char_counts, check_enough_text
-from minigpt2.analysis.snapshots import DEFAULT_PROBE, Snapshotter
 from minigpt2.checks import check_train_memory_fits, check_vocab_fits
 from minigpt2.device import auto_dtype, resolve_dtype
 from minigpt2.errors import MiniGPT2Error
 from minigpt2.io.tokenizer import load_tokenizer, locate_tokenizer
 from minigpt2.io.weights import load_model
 from minigpt2.model.config import GPTConfig
+from minigpt2.model.evaluate import MIN_SCORED_TOKENS, char_counts, check_enough_text
 from minigpt2.model.gpt import GPT
+from minigpt2.model.snapshots import DEFAULT_PROBE, Snapshotter
 from minigpt2.training import distributed
 from minigpt2.training.data import check_inputs, compile_drop_lines, default_cache_dir, head_text, prepare_corpus
 from minigpt2.training.options import TrainOptions, check_combinations, resolve, saved_options
@@ -388,7 +388,7 @@ def _extended(model, enc, tok_source, o: TrainOptions, run: RunDir, train_files,
     (the checkpoint's weights then replace the grown start).
     """
     from minigpt2.io.tokenizer import encoding_from_files
-    from minigpt2.io.vocab import extend_vocabulary, grow_model
+    from minigpt2.training.vocab import extend_vocabulary, grow_model
 
     folder = run.path / "tokenizer"
     if (folder / "vocab.json").is_file():

@@ -35,15 +35,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from minigpt2.analysis.evaluate import batches, char_counts, score_stream, spans
-from minigpt2.analysis.snapshots import Snapshotter
 from minigpt2.checks import SEED_MAX, check_embed_warmup, finite, integer, non_negative_int, positive_int
 from minigpt2.device import machine_load
 from minigpt2.errors import MiniGPT2Error
 from minigpt2.io.tokenizer import load_tokenizer
+from minigpt2.model.evaluate import batches, char_counts, score_stream, spans
 from minigpt2.model.flops import flops_per_token, peak_flops
 from minigpt2.model.gpt import GPT
 from minigpt2.model.lora import TOKEN_ROWS, is_lora
+from minigpt2.model.snapshots import Snapshotter
 from minigpt2.training.checkpoint import Checkpointer, TrainingState
 from minigpt2.training.data import TokenFile, WindowSampler, gather_windows
 from minigpt2.training.distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp

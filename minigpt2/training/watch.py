@@ -20,43 +20,15 @@ import time
 from collections.abc import Sequence
 
 from minigpt2.errors import MiniGPT2Error
-from minigpt2.generation.generate import Sampling
-from minigpt2.generation.sampling import generate_text
+from minigpt2.generation import SAMPLE_SEED, SAMPLE_TOKENS
+from minigpt2.generation.sampling import draw_samples
 from minigpt2.generation.utf8 import Utf8Guard
 from minigpt2.model.gpt import GPT
-from minigpt2.training.options import SAMPLE_TOKENS
 
 # The same sentence in the language being learned and in the one the model knew: the first
 # sample shows the new language arriving, the second the old one fading (or not).
 DEFAULT_SAMPLE_PROMPTS = ("他走进屋里，看见", "He walked into the room and saw")
-SAMPLE_SEED = 0
-SAMPLING = Sampling(top_k=50)  # what sample.py draws with by default
 TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard: --tensorboard's folder when none is given
-
-
-def draw_samples(
-    model: GPT,
-    enc,
-    prompts: Sequence[str],
-    max_new_tokens: int = SAMPLE_TOKENS,
-    *,
-    seed: int = SAMPLE_SEED,
-    guard: Utf8Guard | bool = True,
-) -> list[dict]:
-    """One continuation of each prompt, drawn with `seed` (top-k 50, as sample.py), whole UTF-8
-    characters only: [{"prompt", "text", "tokens", "finish_reason"}]. Dropout is off while it
-    draws; the model's training mode is restored after. The draw has its own generator, so the
-    global random state (dropout, batches) is untouched: a run with samples trains exactly as one
-    without."""
-    was_training = model.training
-    model.eval()
-    try:
-        samples = generate_text(model, enc, list(prompts), max_new_tokens, SAMPLING, seed=seed, utf8_guard=guard)
-    finally:
-        model.train(was_training)
-    return [
-        {"prompt": s.prompt, "text": s.text, "tokens": len(s.tokens), "finish_reason": s.finish_reason} for s in samples
-    ]
 
 
 class PromptSampler:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator
 
 import torch
@@ -118,9 +119,73 @@ class Snapshotter:
 
     def layer_drift(self, snapshot: dict) -> dict:
         """A snapshot per layer, as `compare.py RUN` shows it: {"weight_drift": {layer: pooled
-        relative change}, "activation_drift": {block: ...}, ...} (see `compare.run_drift`)."""
-        from minigpt2.analysis.compare import run_drift  # (compare reads snapshots; imported here to avoid a cycle)
-
+        relative change}, "activation_drift": {block: ...}, ...} (see `run_drift`)."""
         if self.start_norms is None:
             self.start_norms = {name: torch.linalg.vector_norm(w.double()).item() for name, w in self.w0.items()}
         return run_drift([snapshot], self.start_norms)["steps"][0]
+
+
+# ----- drift per layer, from the snapshots ---------------------------------------------------
+
+
+def tensor_kind(name: str) -> tuple[str, str]:
+    """(layer, module kind) of an official tensor name: `h.3.mlp.c_fc.bias` -> ("h.3", "mlp.c_fc")."""
+    m = re.fullmatch(r"(h\.\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        return m.group(1), m.group(2)
+    module = name.rsplit(".", 1)[0]
+    return module, module  # wte, wpe, ln_f: a "layer" of their own
+
+
+def _layer_drift(changes: dict[str, float], norms: dict[str, float] | None) -> dict[str, float]:
+    """Per layer, from per-tensor relative changes: pooled when the starting norms are known.
+
+    Pooled is the figure of the per-layer weights table, ||all of W - W0|| / ||all of W0||, with
+    ||W - W0|| = change x ||W0|| (or the change itself for a tensor that started at zero, where
+    the trainer records the absolute change). Without the norms, the plain mean of the ratios,
+    in which a small LayerNorm bias counts as much as a large matrix.
+    """
+    groups: dict[str, list[tuple[float, float | None]]] = {}
+    for name, value in changes.items():
+        norm = None if norms is None else norms.get(name)
+        groups.setdefault(tensor_kind(name)[0], []).append((float(value), norm))
+    drift = {}
+    for layer, items in groups.items():
+        if any(norm is None for _, norm in items):
+            drift[layer] = sum(value for value, _ in items) / len(items)
+        else:
+            diff = math.sqrt(sum((value * norm if norm > 0 else value) ** 2 for value, norm in items))
+            base = math.sqrt(sum(norm**2 for _, norm in items))
+            drift[layer] = diff / base if base > 0 else diff
+    return drift
+
+
+def run_drift(snapshots: list[dict], start_norms: dict[str, float] | None = None) -> dict:
+    """Drift over steps, per layer, from the trainer's snapshots.
+
+    Weight drift of a layer at a step is its tensors' relative change from the start, pooled with
+    the norms of the starting model when they are given (see `_layer_drift`); activation drift is
+    the relative difference and cosine of each block's output on the probe prompt.
+    """
+    layers = []
+    for snap in snapshots:
+        for layer in list(dict.fromkeys(tensor_kind(n)[0] for n in snap["weights"])) + list(snap["activations"]):
+            if layer not in layers:
+                layers.append(layer)
+    order = {name: i for i, name in enumerate(["wte", "wpe"] + [f"h.{i}" for i in range(10_000)] + ["ln_f"])}
+    layers.sort(key=lambda name: order.get(name, len(order)))
+    steps = []
+    for snap in snapshots:
+        steps.append(
+            {
+                "step": snap["step"],
+                "tokens": snap.get("tokens"),
+                "weight_drift": _layer_drift(snap["weights"], start_norms),
+                "activation_drift": {
+                    b: float(v.get("relative_diff", math.nan)) for b, v in snap["activations"].items()
+                },
+                "activation_cosine": {b: float(v.get("cosine", math.nan)) for b, v in snap["activations"].items()},
+            }
+        )
+    probe = next((s.get("probe") for s in reversed(snapshots) if s.get("probe") is not None), None)
+    return {"layers": layers, "probe": probe, "steps": steps, "pooled": start_norms is not None, "snapshots": snapshots}

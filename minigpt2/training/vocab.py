@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from minigpt2.analysis.evaluate import Score, char_counts, score_text, text_stream
 from minigpt2.errors import MiniGPT2Error
 from minigpt2.io.bpe import Progress, learn_merges, no_progress
-from minigpt2.io.tokenizer import ENDOFTEXT, byte_stand_ins, encoding_from_files
+from minigpt2.io.tokenizer import ENDOFTEXT, byte_stand_ins, encoding_from_files, tokenizer_fingerprint
 from minigpt2.io.weights import empty_model, write_atomically
+from minigpt2.model.evaluate import Score, char_counts, score_text, text_stream
 from minigpt2.model.gpt import GPT
-from minigpt2.training.data import FileInfo, default_cache_dir, head_text, read_chunks, tokenizer_fingerprint
+from minigpt2.training.data import FileInfo, default_cache_dir, head_text, read_chunks
 
 MERGES_FORMAT = 1  # bump when the learning rules change: old cached merges are then relearned
 MAX_VOCAB = 65536  # token files store ids as uint16
@@ -196,7 +196,7 @@ def tokens_per_char(enc, text: str) -> float:
 
 
 def text_score(model: GPT, enc, text: str, max_chars: int = 2000, device: str | torch.device = "cpu") -> Score:
-    """How `model` scores the first `max_chars` characters of `text` (`minigpt2.analysis.evaluate`'s protocol,
+    """How `model` scores the first `max_chars` characters of `text` (`minigpt2.model.evaluate`'s protocol,
     in windows of the model's context).
 
     Bits per character do not depend on the tokenizer, so models with different vocabularies
