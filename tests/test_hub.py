@@ -37,7 +37,7 @@ def test_unknown_revision(hub_gpt2):
 
 
 def test_hub_model_saved_locally_keeps_its_tokenizer(hub_gpt2, tmp_path, test_data):
-    out = save_model(load_model("gpt2"), tmp_path / "copy")
+    out = save_model(load_model("gpt2"), tmp_path / "copy", tokenizer_source="gpt2")
     assert (out / "merges.txt").read_bytes() == (test_data / "gpt2" / "merges.txt").read_bytes()
     assert load_tokenizer(out).encode("Hello world") == [15496, 995]
 

@@ -74,6 +74,7 @@ def lora_trainer(corpus, base_dir, out, *, seed=1, lora_dropout=0.0, snapshotter
         TrainConfig(**config),
         out,
         tokenizer_source=base_dir,
+        base_model=str(base_dir),
         snapshotter=snapshotter,
     )
 

@@ -9,7 +9,8 @@ from checkpoints import official_state_dict, random_hf_model, write_official_lay
 from safetensors.torch import load_file, save_file
 
 from minigpt2 import CheckpointError, load_model, save_model
-from minigpt2.io.weights import official_shapes
+from minigpt2.io.weights import LoadedModel, official_shapes, open_model
+from minigpt2.model.quantize import is_quantized
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,15 @@ def test_bare_safetensors_file_infers_the_config(hf, official):
     c = model.config
     assert (c.n_layer, c.n_head, c.n_embd, c.n_positions, c.vocab_size) == (2, 2, 128, 64, 50257)
     assert_same_logits(model, hf)
+
+
+def test_open_model_returns_what_it_read_and_pins_nothing_on_the_model(official):
+    folder, bare = open_model(official), open_model(official / "model.safetensors", quantize="int8")
+    assert isinstance(folder, LoadedModel) and folder.source == str(official) and not folder.config_inferred
+    assert bare.source == str(official / "model.safetensors") and bare.config_inferred
+    assert not is_quantized(folder.model) and is_quantized(bare.model)  # the one way to tell: the modules
+    for model in (folder.model, bare.model, load_model(official)):
+        assert not {"source", "inferred_config", "quantized"} & set(vars(model))
 
 
 def test_prefix_and_tied_lm_head_are_accepted(hf, tmp_path):
@@ -99,8 +109,9 @@ def test_save_copies_tokenizer_files(official, tmp_path, test_data):
     out = save_model(model, tmp_path / "saved", tokenizer_source=test_data / "gpt2")
     for name in ("vocab.json", "merges.txt"):
         assert (out / name).read_bytes() == (test_data / "gpt2" / name).read_bytes()
-    # a model loaded from that directory carries them along when saved again
-    out2 = save_model(load_model(out), tmp_path / "again")
+    # a model opened from that directory carries them along when saved again, from the source its record names
+    loaded = open_model(out)
+    out2 = save_model(loaded.model, tmp_path / "again", tokenizer_source=loaded.source)
     assert (out2 / "vocab.json").is_file() and (out2 / "merges.txt").is_file()
 
 

@@ -142,17 +142,18 @@ def load_for_sampling(
     from minigpt2.checks import check_decode_memory, check_vocab_fits
     from minigpt2.generation.generate import prepare_for_decoding
     from minigpt2.io.tokenizer import load_tokenizer
-    from minigpt2.io.weights import load_model, run_checkpoint
+    from minigpt2.io.weights import open_model, run_checkpoint
 
     checkpoint = run_checkpoint(source)
-    model = load_model(source, device=device, dtype=dtype, quantize=quantize)
+    loaded = open_model(source, device=device, dtype=dtype, quantize=quantize)
+    model = loaded.model
     enc = load_tokenizer(source, vocab_size=model.config.vocab_size)
     check_vocab_fits(model.config, enc, model_name=f"model '{source}'", tokenizer_name="its tokenizer")
     longest = max(len(enc.encode_ordinary(p)) for p in prompts) + 1
     check_decode_memory(model.config, num_samples, longest, dtype.itemsize, device)
     model = prepare_for_decoding(model)
     guard = Utf8Guard.for_tokenizer(enc, model.config.vocab_size, device) if utf8_guard else None
-    return Sampler(source, model, enc, guard, getattr(model, "inferred_config", False), checkpoint)
+    return Sampler(source, model, enc, guard, loaded.config_inferred, checkpoint)
 
 
 def encode_prompt(enc, prompt: str, n_ctx: int) -> tuple[list[int], bool]:

@@ -283,11 +283,47 @@ def _names(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_model(
-    source: str | os.PathLike = "gpt2",
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """What `open_model` read, for the callers that need more than the model.
+
+    `source` is the checkpoint as given (a name, a hub repo id, a folder, a run, a file): the
+    tokenizer files to save beside the model come from it (`save_model(tokenizer_source=...)`), and
+    PEFT's adapter names it as its base. `config_inferred` is True for a bare .safetensors file,
+    whose shape was inferred from its tensors (see `infer_config`): a script may say so. Whether
+    the model is quantized is the model's own to tell (`minigpt2.model.quantize.is_quantized`).
+    """
+
+    model: GPT
+    source: str
+    config_inferred: bool
+
+
+def open_model(
+    source: str | os.PathLike,
+    *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+    quantize: str | None = None,
+) -> LoadedModel:
+    """`load_model`, returning what it read as a `LoadedModel`: the model, its source, whether its
+    shape was inferred."""
+    device = resolve_device(device or "cpu")
+    config_path, weights_path = checkpoint_files(source, revision)
+    model = read_model(config_path, weights_path, device, resolve_dtype(dtype or "float32", device))
+    if quantize is not None:  # once the file is closed and nothing else holds the float weights it replaces
+        from minigpt2.model.quantize import quantize_model
+
+        model = quantize_model(model, quantize)
+    return LoadedModel(model, str(source), config_inferred=config_path is None)
+
+
+def load_model(
+    source: str | os.PathLike,
     *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     revision: str | None = None,
     quantize: str | None = None,
 ) -> GPT:
@@ -302,19 +338,11 @@ def load_model(
         quantize: `int8` for int8 weight-only linear layers (faster decoding, inference only;
             see `minigpt2.model.quantize`). The file itself is always the float weights.
 
-    The model is returned in eval mode. It records its `source`, so `save_model` can copy the
-    tokenizer files along. Loading is strict: a missing, unexpected or mis-shaped tensor, an
-    integer or non-finite one, raises a `CheckpointError` naming it. `model.inferred_config` is
-    True for a bare .safetensors file, whose shape was inferred from its tensors (see
-    `infer_config`): a script may say so.
+    The model is returned in eval mode. Loading is strict: a missing, unexpected or mis-shaped
+    tensor, an integer or non-finite one, raises a `CheckpointError` naming it. A caller that needs
+    to know where the model came from, or whether its shape was inferred, calls `open_model`.
     """
-    device = resolve_device(device or "cpu")
-    model = read_model(source, device, resolve_dtype(dtype or "float32", device), revision)
-    if quantize is not None:  # once the file is closed and nothing else holds the float weights it replaces
-        from minigpt2.model.quantize import quantize_model
-
-        model = quantize_model(model, quantize)
-    return model
+    return open_model(source, device=device, dtype=dtype, revision=revision, quantize=quantize).model
 
 
 def read_checkpoint_config(source: str | os.PathLike, revision: str | None = None) -> GPTConfig:
@@ -324,10 +352,8 @@ def read_checkpoint_config(source: str | os.PathLike, revision: str | None = Non
         return checkpoint_config(config_path, read_header(f, weights_path), weights_path)
 
 
-def read_model(source, device: torch.device, dtype: torch.dtype, revision: str | None) -> GPT:
+def read_model(config_path: Path | None, weights_path: Path, device: torch.device, dtype: torch.dtype) -> GPT:
     """The float model of `load_model`, read tensor by tensor from its safetensors file."""
-    config_path, weights_path = checkpoint_files(source, revision)
-
     with open_safetensors(weights_path) as f:
         stored = read_header(f, weights_path)
         config = checkpoint_config(config_path, stored, weights_path)
@@ -351,8 +377,6 @@ def read_model(source, device: torch.device, dtype: torch.dtype, revision: str |
                     "output layer to the token embedding, so an untied checkpoint cannot be loaded faithfully."
                 )
     model.eval()
-    model.source = str(source)
-    model.inferred_config = config_path is None  # the caller may tell the user the shape was guessed
     return model
 
 
@@ -402,19 +426,22 @@ def save_model(
     (`transformer.` prefix, Conv1D orientation, no lm_head: it is tied), so
     `GPT2LMHeadModel.from_pretrained(directory)` and `load_model(directory)` both read it.
 
-    Tokenizer files are copied from `tokenizer_source`, or else from the source the model was
-    loaded from, when that has them. An existing checkpoint in `directory` is never replaced
-    unless `overwrite=True`; files are written under temporary names and renamed into place, so
-    an interrupted save leaves no half-written checkpoint behind.
+    Tokenizer files are copied from `tokenizer_source` (a checkpoint folder, a hub name or a run,
+    e.g. the `source` of `open_model`'s record) when given; without it none are written. An
+    existing checkpoint in `directory` is never replaced unless `overwrite=True`; files are written
+    under temporary names and renamed into place, so an interrupted save leaves no half-written
+    checkpoint behind.
 
     `state_dict` replaces `model.state_dict()` when the model's own tensors are not whole, e.g.
     the full weights gathered from an FSDP-sharded model (`distributed.full_model_state`).
     """
     from safetensors.torch import save_file
 
-    if getattr(model, "quantized", None):
+    from minigpt2.model.quantize import is_quantized
+
+    if is_quantized(model):
         raise CheckpointError(
-            f"this model is quantized ({model.quantized}) for inference; a checkpoint always holds the float "
+            "this model is quantized (int8) for inference; a checkpoint always holds the float "
             "weights: save the model before quantizing it, or load the original checkpoint again."
         )
     directory = Path(directory)
@@ -443,26 +470,19 @@ def save_model(
     vocab_size = model.config.vocab_size
     tokenizer_dir = None
     if tokenizer_source is not None:
-        tokenizer_dir = _tokenizer_dir(tokenizer_source, explicit=True, vocab_size=vocab_size)
-    if tokenizer_dir is None and getattr(model, "source", None) is not None:
-        tokenizer_dir = _tokenizer_dir(model.source, explicit=False, vocab_size=vocab_size)
+        tokenizer_dir = _tokenizer_dir(tokenizer_source, vocab_size)
     if tokenizer_dir is not None and tokenizer_dir.resolve() != directory.resolve():
         for name in TOKENIZER_FILES:
             write_atomically(directory / name, lambda tmp, name=name: shutil.copyfile(tokenizer_dir / name, tmp))
     return directory
 
 
-def _tokenizer_dir(source: str | os.PathLike, *, explicit: bool, vocab_size: int) -> Path | None:
+def _tokenizer_dir(source: str | os.PathLike, vocab_size: int) -> Path | None:
     """The directory holding a source's own vocab.json and merges.txt (fetching them if from the
-    hub); None for a checkpoint that has none."""
+    hub); a `CheckpointError` for a source that has none."""
     from minigpt2.io.tokenizer import locate_tokenizer
 
-    try:
-        (vocab, merges), standing_in = locate_tokenizer(source, explicit=explicit, vocab_size=vocab_size)
-    except CheckpointError:
-        if explicit:
-            raise
-        return None
+    (vocab, merges), standing_in = locate_tokenizer(source, explicit=True, vocab_size=vocab_size)
     if standing_in:
         return None
     if vocab.parent != merges.parent:  # hub cache snapshots keep both in one folder; be safe anyway

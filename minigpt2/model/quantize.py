@@ -213,7 +213,6 @@ def quantize_model(model: GPT, mode: str = "int8", *, lm_head: bool = True) -> G
             setattr(owner, attr, Int8Linear(plain_linear(getattr(owner, attr))))
     if lm_head:
         model.lm_head = Int8Linear(plain_linear(model.lm_head))  # wte keeps the float weight for lookups
-    model.quantized = mode
     return model
 
 

@@ -251,16 +251,18 @@ class Checkpointer:
 
     It holds only where it writes and how: the `RunDir` (crash-safe replacement, pruning, the lock
     the caller took), the process group (under torchrun only rank 0 writes), the device (RNG states),
-    how many step checkpoints to keep, and where the tokenizer files are copied from.
+    how many step checkpoints to keep, where the tokenizer files are copied from, and the model a LoRA
+    adapter applies to (`base_model`, None for a random start).
     """
 
     def __init__(self, run_dir: RunDir, *, dist, device: torch.device, keep_last: int = 0,
-                 tokenizer_source: str | os.PathLike | None = None) -> None:  # fmt: skip
+                 tokenizer_source: str | os.PathLike | None = None, base_model: str | None = None) -> None:  # fmt: skip
         self.run_dir = run_dir
         self.dist = dist
         self.device = torch.device(device)
         self.keep_last = keep_last
         self.tokenizer_source = tokenizer_source
+        self.base_model = base_model
 
     def save(self, states: TrainingState, step: int, tokens: int, name: str | None = None) -> Path:
         """Write weights + trainer state to RUN/step-NNNNNN (or RUN/final), crash-safely.
@@ -292,7 +294,7 @@ class Checkpointer:
             self.run_dir.stage("weights-written")
             tensors, state = self.state(states, step, tokens, optim)
             if lora:
-                save_peft_adapter(model, folder / "adapter", getattr(model, "source", None), weights)
+                save_peft_adapter(model, folder / "adapter", self.base_model, weights)
                 tensors.update(adapter_state(model, weights))
             write_state(folder, tensors, state)
 

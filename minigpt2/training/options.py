@@ -41,6 +41,7 @@ from typing import Any
 from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int, check_embed_warmup, text_arg
 from minigpt2.errors import MiniGPT2Error, OptionError
 from minigpt2.generation import SAMPLE_TOKENS  # noqa: F401  (re-exported: compare.py reads it from here)
+from minigpt2.model.config import PRESETS  # the model sizes --init-preset may name (torch-free)
 
 
 def arg_folder(value: str) -> str:
@@ -50,7 +51,6 @@ def arg_folder(value: str) -> str:
     return value
 
 
-PRESETS = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 GROUPS = {
     "data": "data",
     "model": "model",
@@ -127,7 +127,7 @@ class TrainOptions:
     model: str | None = option("gpt2[-medium|-large|-xl], a hub id or a checkpoint to fine-tune (default gpt2)",
                                group="model", fixed=True)
     init_preset: str | None = option("start from random weights of this shape instead", group="model", fixed=True,
-                                     choices=PRESETS)
+                                     choices=list(PRESETS))
     n_layer: int | None = option("with --init-preset: number of blocks", group="model", fixed=True,
                                  type=arg_int(low=1))
     n_head: int | None = option("with --init-preset: attention heads", group="model", fixed=True,

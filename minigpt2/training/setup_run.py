@@ -118,7 +118,6 @@ def start_model(
             raise MiniGPT2Error(f"preset {preset}: {e}") from None
         torch.manual_seed(seed)
         model = GPT(config)
-        model.source = None
     else:
         model = load_model(source)
     if dropout is not None:
@@ -239,7 +238,7 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
     if o.dtype in (None, "auto"):
         report({"type": "dtype", "dtype": str(dtype).removeprefix("torch."), "why": auto_dtype(ctx.device, True)[1]})
     check_train_memory(o, ctx, dtype)
-    source, model, enc, tok_source = _start(o, run, files, report, ctx)
+    source, model, enc, tok_source, base = _start(o, run, files, report, ctx)
     corpus, eval_sets = _tokenize(o, enc, *files, ctx, report)
     for message in data_notes(corpus, eval_sets):
         report({"type": "note", "message": message})
@@ -255,7 +254,7 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
         snapshotter = Snapshotter(model, enc.encode(probe, disallowed_special=()), probe)
     tok_folder = tokenizer_source_for(tok_source, model.config.vocab_size)
     trainer = Trainer(model, corpus.train, eval_sets, config, run, device=ctx.device, dtype=dtype,
-                      compile=bool(o.compile), tokenizer_source=tok_folder,
+                      compile=bool(o.compile), tokenizer_source=tok_folder, base_model=base,
                       snapshotter=snapshotter, prompt_sampler=_prompt_sampler(o, enc, ctx, report), dist=ctx,
                       shard=bool(o.shard), keep_last=o.keep_last,
                       activation_checkpointing=bool(o.activation_checkpointing),
@@ -306,25 +305,26 @@ def _check_inputs(o: TrainOptions) -> tuple:
 
 
 def _start(o: TrainOptions, run: RunDir, files: tuple, report, ctx) -> tuple:
-    """(source, the model to train, its tokenizer, where the tokenizer's files are): the start
-    model or a preset, grown by `extend_vocab` and wrapped with LoRA when asked."""
+    """(source, the model to train, its tokenizer, where the tokenizer's files are, the base a LoRA
+    adapter applies to): the start model or a preset, grown by `extend_vocab` and wrapped with LoRA
+    when asked."""
     source = None if o.init_preset else (o.model or "gpt2")
     tok_source = o.tokenizer or source or "gpt2"
     model = start_model(source, o.init_preset, preset_sizes(o), seed=o.seed, dropout=o.dropout)
     # After the model: its vocabulary decides whether GPT-2's tokenizer may stand in for missing files.
     enc = load_tokenizer(tok_source, vocab_size=model.config.vocab_size, explicit=bool(o.tokenizer))
     check_vocab_fits(model.config, enc)
-    old_vocab = model.config.vocab_size
+    old_vocab, base = model.config.vocab_size, source
     if o.extend_vocab:
         model, enc, tok_source = _extended(model, enc, tok_source, o, run, files[0], files[2], report, ctx)
         if o.lora:  # PEFT applies the adapter to this grown model: the run keeps it
-            model.source = _grown_base(model, run, tok_source, ctx)
+            base = _grown_base(model, run, tok_source, ctx)
     new_rows = range(old_vocab, model.config.vocab_size)
     if o.lora:
         _with_lora(model, o, report, new_rows)
     elif o.extend_vocab and (o.new_token_lr or o.embed_warmup):
         _with_trainable_tokens(model, new_rows)
-    return source, model, enc, tok_source
+    return source, model, enc, tok_source, base
 
 
 def preset_sizes(o: TrainOptions) -> dict:

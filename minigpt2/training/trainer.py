@@ -203,6 +203,7 @@ class Trainer:
         device, dtype: where, and in which autocast precision, to compute.
         compile: wrap the model in `torch.compile` for training steps.
         tokenizer_source: where checkpoints copy vocab.json + merges.txt from.
+        base_model: the model a LoRA adapter applies to (its `base_model_name_or_path` for PEFT).
         char_counts: characters per token id of the tokenizer that made the data
             (`evaluate.char_counts`), for bits per character; by default read from
             `tokenizer_source` (GPT-2's without one) at the first evaluation.
@@ -229,6 +230,7 @@ class Trainer:
         dtype: torch.dtype = torch.float32,
         compile: bool = False,
         tokenizer_source: str | os.PathLike | None = None,
+        base_model: str | None = None,
         snapshotter: Snapshotter | None = None,
         prompt_sampler: PromptSampler | None = None,
         dist: Dist | None = None,
@@ -280,7 +282,7 @@ class Trainer:
         self.states = TrainingState(self.raw_model, self.optimizer, self.scaler, self.params, self.param_names,
                                     config, self.sharded)  # fmt: skip
         self.checkpointer = Checkpointer(self.run_dir, dist=self.dist, device=self.device, keep_last=keep_last,
-                                         tokenizer_source=tokenizer_source)  # fmt: skip
+                                         tokenizer_source=tokenizer_source, base_model=base_model)  # fmt: skip
         self.tokenizer_source = tokenizer_source
         self.flops_per_token = flops_per_token(self.raw_model.config, config.seq_len)
         self.peak_flops = peak_flops(self.device, dtype)

@@ -183,7 +183,6 @@ def grow_model(model: GPT, enc_old, enc_new) -> GPT:
     grown = empty_model(config, "cpu")
     grown.load_state_dict(state)
     grown.train(model.training)
-    grown.source = None
     return grown
 
 
