@@ -1,2 +1,3 @@
-"""A model's files: where they come from (`hub`), reading and writing checkpoints (`weights`), the
-tokenizer (`tokenizer`) and growing it for new text (`bpe`, `vocab`)."""
+"""A model's files: where they come from (`hub`), reading and writing checkpoints (`weights`), PEFT's
+adapter files (`adapter`), a training run's folder as a reader sees it (`runs`), the tokenizer
+(`tokenizer`) and learning new merges for it (`bpe`)."""
