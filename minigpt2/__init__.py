@@ -22,6 +22,7 @@ _LAZY = {
     "generate": "generation.generate",
     "load_tokenizer": "io.tokenizer",
     "load_model": "io.weights",
+    "open_model": "io.weights",
     "save_model": "io.weights",
 }
 

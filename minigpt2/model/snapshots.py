@@ -9,6 +9,9 @@ compares the model now with the model it started from, in two ways:
   cosine similarity (did the direction of the hidden state change?) and the relative difference
   ||h - h0|| / ||h0|| (how much did it change overall?).
 
+Per layer (`run_drift`), a layer's tensors are pooled: the figure the trainer logs at each snapshot
+and the one `compare.py RUN` draws over a run's steps come from this one computation.
+
 Hooks are always removed in a `finally`, so a failed forward pass never leaves one behind to fire
 during training.
 """
@@ -24,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minigpt2.model.lora import is_adapted, merged_state_dict
+
 DEFAULT_PROBE = "今天的天气很好，我们一起去公园散步。The weather is nice today, so we went for a walk."
 
 
 def official_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under their official names (no lm_head: it is wte, tied); an adapted
     model's merged weights (base + its low-rank update), so drift is measured as for any model."""
-    from minigpt2.model.lora import is_adapted, merged_state_dict
-
     out = {}
     for name, tensor in (merged_state_dict(model) if is_adapted(model) else model.state_dict()).items():
         name = name.removeprefix("_orig_mod.")
