@@ -16,7 +16,9 @@ resume rule in one place, resolved once.
                           clear error naming the file)
 
 A value of None means "not given" until `resolve` has run. The trainer's `TrainConfig` is built
-from the resolved object (`launch.train_config`); run.json records `to_json()`.
+from the resolved object (`setup_run.train_config`); run.json records `to_json()`. The options
+own the defaults and checks the two share: `TrainConfig`'s fields take theirs from here
+(`default`, `check`), so each is written once.
 
 How to add an option (one edit): add a field to `TrainOptions` in the group it belongs to, e.g.
 
@@ -26,7 +28,8 @@ How to add an option (one edit): add a field to `TrainOptions` in the group it b
 and use `o.new_token_lr` where it matters. `fixed=True` if a resumed run must keep it (anything that
 changes the batches or the model); `cpu=`/`gpu=` for a default that depends on the device (it is
 then shown on the start line when used); `default=` otherwise. If it is a `TrainConfig` field too,
-`train_config` passes it on by name. Nothing else names it.
+`train_config` passes it on by name, and the field takes its default and check from here
+(`default("name")`, `check`). Nothing else names it.
 """
 
 from __future__ import annotations
@@ -229,6 +232,8 @@ class TrainOptions:
 OPTIONS = [f for f in fields(TrainOptions) if "help" in f.metadata]
 FIXED_ON_RESUME = tuple(f.name for f in OPTIONS if f.metadata["fixed"])
 FLAGS = {f.name: f"--{f.name.replace('_', '-')}" for f in OPTIONS}  # the script's spelling of each option
+RULES = {f.name: f.metadata["argparse"].get("type") for f in OPTIONS}
+OPTION_RULES = {name: rule for name, rule in RULES.items() if hasattr(rule, "check")}  # the numbers' checks
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -259,6 +264,20 @@ def defaults_for(device_type: str) -> dict:
     """Every option's default on this device (None: decided later, e.g. one epoch of steps)."""
     common = {f.name: f.metadata["default"] for f in OPTIONS}
     return {**common, **device_defaults(device_type)}
+
+
+# The trainer's `TrainConfig` takes its defaults and checks from here: each is written once, in its
+# option above, and the library and the command line cannot drift apart.
+
+
+def default(name: str, device_type: str = "cpu") -> Any:
+    """Option `name`'s default (on `device_type` where it depends on the device)."""
+    return defaults_for(device_type)[name]
+
+
+def check(name: str, value: Any) -> None:
+    """`value` checked by option `name`'s own rule (its `type=`); an `OptionError` naming `name` if it breaks it."""
+    OPTION_RULES[name].check(name, value)
 
 
 @dataclass
@@ -303,7 +322,9 @@ def resolve(given: TrainOptions, saved: dict | None, device_type: str, ranks: in
     merged = {**defaults, **saved, **explicit}
     if any(k in explicit for k in ("epochs", "tokens")):  # a new length in epochs or tokens: not the default steps
         merged["steps"] = explicit.get("steps")
-    before = saved.get("batch_size", 4) * saved.get("grad_accum", 1) * saved.get("ranks", 1)
+    # A run.json from before an option existed ran with its default (and on one process).
+    before = saved.get("batch_size", defaults["batch_size"]) * saved.get("grad_accum", defaults["grad_accum"])
+    before *= saved.get("ranks", 1)
     if merged["batch_size"] * merged["grad_accum"] * ranks != before:
         raise OptionError(
             "batch_size",
