@@ -59,7 +59,8 @@ READ_EVERY = 10  # on a GPU: steps between reads of the loss to the host (the co
 
 
 class TrainingDiverged(MiniGPT2Error):
-    """The loss became NaN or infinite: the run stops before the bad update is applied."""
+    """The loss (or gradient norm) became NaN or infinite: the run stops, and no checkpoint is
+    written after it (read every step, as on a CPU, it stops before the bad update; see `train_step`)."""
 
 
 @dataclass
