@@ -89,18 +89,8 @@ def run(args, out) -> int:
     dtype = resolve_dtype(args.dtype, device)
     loading = dict(device=device, dtype=dtype, quantize=args.quantize, utf8_guard=not args.no_utf8_guard)
     samplers = [load_for_sampling(source, prompts, args.num_samples, **loading) for source in args.model]
-    for s in samplers:
-        if s.checkpoint is not None:
-            which = (
-                "its final checkpoint" if s.checkpoint.name == "final" else "its newest checkpoint (no final one yet)"
-            )
-            print(f"'{s.source}' is a training run: sampling {which}, {s.checkpoint.name}", file=sys.stderr)
-        if s.inferred_config:
-            shape = f"{s.model.config.n_layer} layers, {s.model.config.n_head} heads of 64"
-            print(
-                f"note: '{s.source}' has no config.json; its shape was inferred from the tensors ({shape})",
-                file=sys.stderr,
-            )
+    for note in (note for s in samplers for note in s.notes()):
+        print(note, file=sys.stderr)
     if not args.threads and device.type == "cpu":  # decoding on a CPU: the cores other work leaves free,
         busy = others.others()  # decided once the models are loaded, just before decoding starts
         threads = threads_for_decoding(busy=busy)
@@ -150,23 +140,12 @@ def show(args, index: int, prompt: str, s, out, where: dict) -> None:
     )
     for i, sample in enumerate(samples):
         if args.json:
-            checkpoint = {"checkpoint": str(s.checkpoint)} if s.checkpoint is not None else {}
-            record = {
-                "model": s.source,
-                **checkpoint,
-                "prompt": prompt,
-                "sample": i,
-                **sample.record(),
-                "seed": args.seed,
-                **where,
-            }
+            record = s.record(prompt, i, sample, seed=args.seed, **where)
             print(json.dumps(record, ensure_ascii=False), file=out, flush=True)
             continue
         if i > 0:
             print(f"--- sample {i + 1} ---\n{prompt}{sample.text}", end="", file=out)
-        speed = f"{sample.tokens_per_second:.1f} tok/s"
-        summary = f"{len(sample.tokens)} tokens · {speed} · CJK {sample.cjk_share:.0%} · {sample.finish_reason}"
-        print(f"\n[{summary}]", file=out, flush=True)
+        print(f"\n[{sample.summary()}]", file=out, flush=True)
 
 
 if __name__ == "__main__":

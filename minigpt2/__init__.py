@@ -16,7 +16,7 @@ from minigpt2.errors import CheckpointError, DataError, MiniGPT2Error, OptionErr
 
 _LAZY = {
     "GPT": "model.gpt",
-    "KVCache": "model.gpt",
+    "KVCache": "model.kvcache",
     "GPTConfig": "model.config",
     "PRESETS": "model.config",
     "generate": "generation.generate",

@@ -89,7 +89,7 @@ def non_negative_int(name: str, value) -> int:
 
 def arg_float(**limits):
     """An argparse `type=` accepting a finite float within `limits` (the keywords of `finite`)."""
-    return _arg_type(float, "a number", lambda value: finite("value", value, **limits))
+    return _arg_type(float, "a number", lambda name, value: finite(name, value, **limits))
 
 
 def text_arg(value: str) -> str:
@@ -109,11 +109,14 @@ def text_arg(value: str) -> str:
 
 def arg_int(**limits):
     """An argparse `type=` accepting an integer within `limits` (the keywords of `integer`)."""
-    return _arg_type(int, "an integer", lambda value: integer("value", value, **limits))
+    return _arg_type(int, "an integer", lambda name, value: integer(name, value, **limits))
 
 
 def _arg_type(convert, kind: str, check):
-    """`convert` the text (else "must be {kind}"), then `check` the value; argparse words each error."""
+    """`convert` the text (else "must be {kind}"), then `check` the value; argparse words each error.
+
+    The rule stays reachable as `.check(name, value)` (raising `OptionError(name, ...)`), so code that
+    takes the same value from Python applies the very rule the option declares (`TrainConfig`)."""
 
     def parse(text: str):
         try:
@@ -121,11 +124,12 @@ def _arg_type(convert, kind: str, check):
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
         try:
-            return check(value)
+            return check("value", value)
         except OptionError as e:
             raise argparse.ArgumentTypeError(e.detail) from None
 
     parse.__name__ = kind.split()[-1]  # argparse names the type in "invalid number value: ..."
+    parse.check = check
     return parse
 
 

@@ -1,18 +1,26 @@
 """Text generation: prefill the prompt once, then decode one token at a time from a KV cache.
 
-Small pure functions in the style of gpt-fast. The model knows nothing about sampling, and the
+Small functions in the style of gpt-fast. The model knows nothing about sampling, and the
 sampler nothing about the model:
 
     prefill           run the (left-padded) prompts through the model, filling the KV cache
     EagerDecoding     the decode step against a growing cache (the default; a CPU's compiled step)
     StaticDecoding    the fixed-shape decode step (compiled once, CUDA graphs on a GPU)
     sample_next       turn last-position logits into the next token ids
-    generate_tokens   the loop: prefill, then sample / decode until done (with utf8.Utf8Guard: whole
+    generate_tokens   the loop: prefill, then pick / decode until done (with utf8.Utf8Guard: whole
                       characters only)
 
-All decoding state lives in the cache (`model.KVCache`): the keys and values, which slots hold
-real tokens, each sequence's next position id. The model is called with `cache=cache.append(n)`,
-the only way to obtain cache slots, so nothing can be written to the wrong slot or read unwritten.
+The state of a generation lives in three places, each with one owner:
+
+    the KV cache (`model/kvcache.py`)   keys and values, which slots hold real tokens, each
+                                        sequence's next position id
+    `Decoder`                           the model side: the windows of text in the model's view
+                                        (a sliding window past the context), the cache, the step
+    `Picker`                            the choosing side: the repetition penalty's record of each
+                                        text's tokens, the UTF-8 guard's state, the generator
+
+The model is called with `cache=cache.append(n)`, the only way to obtain cache slots, so nothing
+can be written to the wrong slot or read unwritten.
 
 Batches hold prompts of different lengths by padding them on the *left*: every sequence's
 newest token then sits in the same cache slot, so one decode step serves them all. Each
@@ -32,7 +40,8 @@ from torch import nn
 from minigpt2.checks import finite
 from minigpt2.errors import MiniGPT2Error, OptionError
 from minigpt2.generation.utf8 import ACCEPT, Utf8Guard
-from minigpt2.model.gpt import GPT, CacheSlots, KVCache
+from minigpt2.model.gpt import GPT
+from minigpt2.model.kvcache import CacheSlots, KVCache
 
 # ----- choosing the next token ------------------------------------------------------------
 

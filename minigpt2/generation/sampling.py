@@ -76,6 +76,11 @@ class Sample:
             "cjk_share": round(self.cjk_share, 4),
         }
 
+    def summary(self) -> str:
+        """The line sample.py prints after the sample: length, speed, CJK share, why it ended."""
+        speed = f"{self.tokens_per_second:.1f} tok/s"
+        return f"{len(self.tokens)} tokens · {speed} · CJK {self.cjk_share:.0%} · {self.finish_reason}"
+
 
 class _Row:
     """The text side of one sequence: decoding, stop strings, what was already shown."""
@@ -125,6 +130,24 @@ class Sampler:
     guard: Utf8Guard | None
     inferred_config: bool  # a bare .safetensors file: its shape was inferred from the tensors
     checkpoint: Path | None = None  # for a training run's directory: the checkpoint loaded from it
+
+    def notes(self) -> list[str]:
+        """What the user should know about where the model came from (sample.py prints them)."""
+        notes = []
+        if self.checkpoint is not None:
+            final = self.checkpoint.name == "final"
+            which = "its final checkpoint" if final else "its newest checkpoint (no final one yet)"
+            notes.append(f"'{self.source}' is a training run: sampling {which}, {self.checkpoint.name}")
+        if self.inferred_config:
+            shape = f"{self.model.config.n_layer} layers, {self.model.config.n_head} heads of 64"
+            notes.append(f"note: '{self.source}' has no config.json; its shape was inferred from the tensors ({shape})")
+        return notes
+
+    def record(self, prompt: str, index: int, sample: Sample, **extra) -> dict:
+        """Sample `index` of `prompt` as one JSON-ready record (sample.py --json): which model, then
+        the sample's figures, then `extra` (the seed, the device)."""
+        checkpoint = {"checkpoint": str(self.checkpoint)} if self.checkpoint is not None else {}
+        return {"model": self.source, **checkpoint, "prompt": prompt, "sample": index, **sample.record(), **extra}
 
 
 def load_for_sampling(
@@ -194,14 +217,8 @@ def generate_text(
     n_ctx = model.config.n_positions
     rows = [_Row(p, stop) for p in prompts for _ in range(num_samples)]
     ids = [encode_prompt(enc, p, n_ctx)[0] for p in prompts for _ in range(num_samples)]
-    guard = utf8_guard
-    if guard is True:
-        guard = Utf8Guard.for_tokenizer(enc, model.config.vocab_size, device)
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    guard = Utf8Guard.for_tokenizer(enc, model.config.vocab_size, device) if utf8_guard is True else utf8_guard
+    generator = _generator(device, seed)
 
     def emit(i: int, piece: str) -> None:
         if piece and on_text is not None:
@@ -233,6 +250,16 @@ def generate_text(
             emit(i, row.finish("length"))
             row.sample.seconds = time.perf_counter() - start
     return [row.sample for row in rows]
+
+
+def _generator(device, seed: int | None) -> torch.Generator:
+    """The draws' random numbers: from `seed` (the same samples on the same device), else fresh ones."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 def _bytes(enc, token: int) -> bytes:

@@ -120,7 +120,6 @@ def encoding_from_files(
             f"'{vocab_path}' is not a GPT-2 vocab.json: its first 256 ids must be the 256 single bytes, "
             "and every token must appear once"
         )
-
     # Check: the single bytes first, then merges in file order (skipping the "#version" header, and
     # <|endoftext|>'s id: an extended vocabulary's merges resume after it).
     lines = [line for line in merge_lines if line and not line.startswith("#version")]

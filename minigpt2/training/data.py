@@ -680,17 +680,8 @@ def prepare_corpus(
         _discard_entry(entry)
         cached = False
     if not cached:
-        _build_entry(
-            entry,
-            key_material,
-            files,
-            enc,
-            val_fraction=val_fraction,
-            drop_lines=pattern,
-            encoding_errors=encoding_errors,
-            threads=threads,
-            progress=progress,
-        )
+        _build_entry(entry, key_material, files, enc, val_fraction=val_fraction, drop_lines=pattern,
+                     encoding_errors=encoding_errors, threads=threads, progress=progress)  # fmt: skip
     meta = json.loads((entry / "meta.json").read_text())
     train = TokenFile(entry / "train.bin", meta["train_chars"], name="train")
     val = TokenFile(entry / "val.bin", meta["val_chars"], name="val") if val_fraction > 0 else None

@@ -16,7 +16,9 @@ resume rule in one place, resolved once.
                           clear error naming the file)
 
 A value of None means "not given" until `resolve` has run. The trainer's `TrainConfig` is built
-from the resolved object (`launch.train_config`); run.json records `to_json()`.
+from the resolved object (`setup_run.train_config`); run.json records `to_json()`. The options
+own the defaults and checks the two share: `TrainConfig`'s fields take theirs from here
+(`default`, `check`), so each is written once.
 
 How to add an option (one edit): add a field to `TrainOptions` in the group it belongs to, e.g.
 
@@ -26,7 +28,8 @@ How to add an option (one edit): add a field to `TrainOptions` in the group it b
 and use `o.new_token_lr` where it matters. `fixed=True` if a resumed run must keep it (anything that
 changes the batches or the model); `cpu=`/`gpu=` for a default that depends on the device (it is
 then shown on the start line when used); `default=` otherwise. If it is a `TrainConfig` field too,
-`train_config` passes it on by name. Nothing else names it.
+`train_config` passes it on by name, and the field takes its default and check from here
+(`default("name")`, `check`). Nothing else names it.
 """
 
 from __future__ import annotations
@@ -76,11 +79,22 @@ def option(
     **argparse_kwargs,
 ):
     """A `TrainOptions` field: None until resolved. `cpu`/`gpu`: per-device defaults (then shown on the
-    start line when used); `fixed`: a resumed run may not change it; `saved`: recorded in run.json."""
+    start line when used); `fixed`: a resumed run may not change it; `saved`: recorded in run.json.
+    In `help`, {default}, {cpu} and {gpu} stand for those values (each default is written once)."""
+    help = help.format(default=_shown(default), cpu=_shown(cpu), gpu=_shown(gpu))
     per_device = cpu is not None or gpu is not None
     meta = {"help": help, "group": group, "default": default, "cpu": cpu, "gpu": gpu, "per_device": per_device,
             "fixed": fixed, "saved": saved, "flag": flag, "argparse": argparse_kwargs}  # fmt: skip
     return field(default=None, metadata=meta)
+
+
+def _shown(value: Any) -> str:
+    """A default as the help shows it: 3e-4 rather than 0.0003; 0.1, 1.0 and 4096 as they are."""
+    text = str(value)
+    if isinstance(value, float) and "e" not in text and len(text) > 5:
+        mantissa, exponent = f"{value:e}".split("e")
+        text = f"{float(mantissa):g}e{int(exponent)}"
+    return text
 
 
 def extend(metavar: str) -> dict:
@@ -96,13 +110,13 @@ class TrainOptions:
     data: list[str] | None = option("text files, folders, globs; .jsonl/.json/.csv/.tsv/.parquet (one document per "
                                     "row), .gz/.bz2/.xz/.zst, or a dataset: hf:OWNER/NAME[:CONFIG][@SPLIT] or "
                                     "hf:FOLDER (see docs/data.md)", group="data", fixed=True, **extend("PATH"))
-    text_field: str | None = option("the field (column) of each row that holds its text (default text)",
+    text_field: str | None = option("the field (column) of each row that holds its text (default {default})",
                                     group="data", default="text", fixed=True, metavar="NAME")
     val_data: list[str] | None = option("held-out text (default: a dataset's own validation split, else whole rows "
                                         "of many-row data, else the tail of each document)", group="data",
                                         fixed=True, **extend("PATH"))
     val_fraction: float | None = option("share of each document held out when there is no --val-data (default "
-                                        "0.005)", group="data", default=0.005, fixed=True,
+                                        "{default})", group="data", default=0.005, fixed=True,
                                         type=arg_float(low=0, high=1, high_open=True))
     eval_data: list[str] | None = option("more texts to evaluate on", group="data", **extend("FILE"))
     drop_lines: str | None = option("leave out lines matching this regular expression", group="data", fixed=True,
@@ -152,52 +166,52 @@ class TrainOptions:
                              saved=False, required=True, type=arg_folder)
     resume: bool | None = option("continue the run in --out from its newest good checkpoint", group="training",
                                  saved=False, action="store_true")
-    batch_size: int | None = option("sequences per micro-batch (default 4)", group="training", cpu=4, gpu=4,
+    batch_size: int | None = option("sequences per micro-batch (default {cpu})", group="training", cpu=4, gpu=4,
                                     type=arg_int(low=1))
-    seq_len: int | None = option("tokens per sequence (default 128; the context)", group="training", fixed=True,
+    seq_len: int | None = option("tokens per sequence (default {cpu}; the context)", group="training", fixed=True,
                                  cpu=128, type=arg_int(low=1))
-    steps: int | None = option("optimizer steps (default 500; one epoch)", group="training", cpu=500,
+    steps: int | None = option("optimizer steps (default {cpu}; one epoch)", group="training", cpu=500,
                                type=arg_int(low=1))
     epochs: float | None = option("passes over the training text", group="training",
                                   type=arg_float(low=0, low_open=True))
     tokens: float | None = option("training tokens", group="training", type=arg_float(low=1))
-    grad_accum: int | None = option("micro-batches per optimizer step (default 1)", group="training", default=1,
+    grad_accum: int | None = option("micro-batches per optimizer step (default {default})", group="training", default=1,
                                     type=arg_int(low=1))
-    lr: float | None = option("peak learning rate (default 3e-4)", group="training", default=3e-4,
+    lr: float | None = option("peak learning rate (default {default})", group="training", default=3e-4,
                               type=arg_float(low=0, low_open=True))
     min_lr: float | None = option("final learning rate (default lr / 10)", group="training", type=arg_float(low=0))
     warmup: int | None = option("warm-up steps (default 5%% of the steps, at most 1000)", group="training",
                                 type=arg_int(low=0))
-    weight_decay: float | None = option("AdamW decay of the linear weights (default 0.1)", group="training",
+    weight_decay: float | None = option("AdamW decay of the linear weights (default {default})", group="training",
                                         default=0.1, type=arg_float(low=0))
-    grad_clip: float | None = option("clip the gradient norm; 0: off (default 1.0)", group="training", default=1.0,
-                                     type=arg_float(low=0))
-    seed: int | None = option("for init, batches and dropout (default 0)", group="training", default=0, fixed=True,
-                              type=arg_int(low=0, high=SEED_MAX))
+    grad_clip: float | None = option("clip the gradient norm; 0: off (default {default})", group="training",
+                                     default=1.0, type=arg_float(low=0))
+    seed: int | None = option("for init, batches and dropout (default {default})", group="training", default=0,
+                              fixed=True, type=arg_int(low=0, high=SEED_MAX))
     # evaluation, checkpoints, output
-    eval_every: int | None = option("evaluate every N steps (default 50; steps/10)", group="output", cpu=50,
+    eval_every: int | None = option("evaluate every N steps (default {cpu}; steps/10)", group="output", cpu=50,
                                     type=arg_int(low=0))
-    eval_tokens: int | None = option("tokens per eval set (default 4096; 65536)", group="output", cpu=4096,
+    eval_tokens: int | None = option("tokens per eval set (default {cpu}; {gpu})", group="output", cpu=4096,
                                      gpu=65536, type=arg_int(low=1))
-    save_every: int | None = option("checkpoint every N steps; 0: at the end (100; 1000)", group="output", cpu=100,
+    save_every: int | None = option("checkpoint every N steps; 0: at the end ({cpu}; {gpu})", group="output", cpu=100,
                                     gpu=1000, type=arg_int(low=0))
-    keep_last: int | None = option("step checkpoints kept (final/ always; 0: all; default 3)", group="output",
+    keep_last: int | None = option("step checkpoints kept (final/ always; 0: all; default {default})", group="output",
                                    default=3, type=arg_int(low=0))
     snapshot_every: int | None = option("record weight and activation drift every N steps", group="output",
                                         default=0, type=arg_int(low=0))
     probe: str | None = option("probe prompt for the activation snapshots", group="output")
-    log_every: int | None = option("print a table row every N steps (default 10)", group="output", default=10,
+    log_every: int | None = option("print a table row every N steps (default {default})", group="output", default=10,
                                    type=arg_int(low=1))
     sample_prompt: list[str] | None = option("continue this prompt at every evaluation, with a fixed seed "
                                              "(repeatable; default: a Chinese and an English sentence)",
                                              group="output", action="append", type=text_arg, metavar="TEXT")
-    sample_tokens: int | None = option(f"new tokens per sample (default {SAMPLE_TOKENS}; 0: no samples)",
+    sample_tokens: int | None = option("new tokens per sample (default {default}; 0: no samples)",
                                        group="output", default=SAMPLE_TOKENS, type=arg_int(low=0), metavar="N")
     tensorboard: str | None = option("also log to TensorBoard, in DIR (default RUN/tensorboard; needs the "
                                      "tensorboard package)", group="output", saved=False, nargs="?", const="",
                                      metavar="DIR")
     # hardware
-    device: str | None = option("auto, cpu, cuda, cuda:N or mps (default auto)", group="hardware", default="auto")
+    device: str | None = option("auto, cpu, cuda, cuda:N or mps (default {default})", group="hardware", default="auto")
     dtype: str | None = option("compute precision; auto: bfloat16 on a GPU that has it, on a CPU only where it "
                                "computes bfloat16 natively (AVX-512 BF16, AMX), else float32", group="hardware",
                                default="auto",
@@ -225,6 +239,8 @@ class TrainOptions:
 OPTIONS = [f for f in fields(TrainOptions) if "help" in f.metadata]
 FIXED_ON_RESUME = tuple(f.name for f in OPTIONS if f.metadata["fixed"])
 FLAGS = {f.name: f"--{f.name.replace('_', '-')}" for f in OPTIONS}  # the script's spelling of each option
+RULES = {f.name: f.metadata["argparse"].get("type") for f in OPTIONS}
+OPTION_RULES = {name: rule for name, rule in RULES.items() if hasattr(rule, "check")}  # the numbers' checks
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -255,6 +271,20 @@ def defaults_for(device_type: str) -> dict:
     """Every option's default on this device (None: decided later, e.g. one epoch of steps)."""
     common = {f.name: f.metadata["default"] for f in OPTIONS}
     return {**common, **device_defaults(device_type)}
+
+
+# The trainer's `TrainConfig` takes its defaults and checks from here: each is written once, in its
+# option above, and the library and the command line cannot drift apart.
+
+
+def default(name: str, device_type: str = "cpu") -> Any:
+    """Option `name`'s default (on `device_type` where it depends on the device)."""
+    return defaults_for(device_type)[name]
+
+
+def check(name: str, value: Any) -> None:
+    """`value` checked by option `name`'s own rule (its `type=`); an `OptionError` naming `name` if it breaks it."""
+    OPTION_RULES[name].check(name, value)
 
 
 @dataclass
@@ -299,7 +329,9 @@ def resolve(given: TrainOptions, saved: dict | None, device_type: str, ranks: in
     merged = {**defaults, **saved, **explicit}
     if any(k in explicit for k in ("epochs", "tokens")):  # a new length in epochs or tokens: not the default steps
         merged["steps"] = explicit.get("steps")
-    before = saved.get("batch_size", 4) * saved.get("grad_accum", 1) * saved.get("ranks", 1)
+    # A run.json from before an option existed ran with its default (and on one process).
+    before = saved.get("batch_size", defaults["batch_size"]) * saved.get("grad_accum", defaults["grad_accum"])
+    before *= saved.get("ranks", 1)
     if merged["batch_size"] * merged["grad_accum"] * ranks != before:
         raise OptionError(
             "batch_size",

@@ -1,22 +1,26 @@
 """The training loop: read it top to bottom as one step of gradient descent, repeated.
 
-    for step in range(steps):
+    for step in range(steps):                        `Trainer.run`; one step is `Trainer.train_step`
         lr = schedule(step)                          warm up, then decay (why: see `lr_at`)
         for each of K micro-batches:                 gradient accumulation: a batch K times
-            loss = model(x, y) / K                   bigger than fits in memory at once
+            x, y = batch(...)                        bigger than fits in memory at once
+            loss = model(x, y) / K
             loss.backward()                          gradients add up over the K passes
-        stop if the loss is NaN or infinite          (last good checkpoint left untouched)
         clip the gradient norm to `grad_clip`        (why: see `Trainer.train_step`)
+        stop if the loss is NaN or infinite          (last good checkpoint left untouched)
         optimizer.step(); zero the gradients         AdamW (why these groups: `param_groups`)
         now and then: evaluate, snapshot, save a checkpoint
 
 Around it: mixed precision chosen per device, checkpoints that a resumed run continues from bit
-for bit (their contents: `train_state.py`; where they go and how they are replaced safely:
-`rundir.py`), a stop on request (Ctrl-C, SIGTERM, SIGHUP) that saves first, and a record for
-every event. Under torchrun the same loop runs on every rank, each on its own windows of the
-step's batch, with DDP or FSDP exchanging gradients; rank 0 alone logs and writes (see
-distributed.py). The trainer never prints: `Trainer.run()` yields records (dicts) and appends each
-to RUN/log.jsonl; the front end (`train.py`) decides how to show them.
+for bit (what they hold and how they are read back: `checkpoint.TrainingState` and
+`checkpoint.Checkpointer`; where they go and how they are replaced safely: `rundir.py`), a stop
+on request (Ctrl-C, SIGTERM, SIGHUP) that saves first, and a record for every event. What the loop
+reports about itself (losses read to the host only now and then, step times, the ETA, an
+evaluation's time left) is in `progress.py`, each piece called here in one line. Under torchrun
+the same loop runs on every rank, each on its own windows of the step's batch, with DDP or FSDP
+exchanging gradients; rank 0 alone logs and writes (see distributed.py). The trainer never
+prints: `Trainer.run()` yields records (dicts) and appends each to RUN/log.jsonl; the front end
+(`train.py`) decides how to show them.
 """
 
 from __future__ import annotations
@@ -35,8 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from minigpt2.checks import SEED_MAX, check_embed_warmup, finite, integer, non_negative_int, positive_int
-from minigpt2.device import machine_load
+from minigpt2.checks import check_embed_warmup, finite, positive_int
 from minigpt2.errors import MiniGPT2Error
 from minigpt2.io.tokenizer import load_tokenizer
 from minigpt2.model.evaluate import batches, char_counts, score_stream, spans
@@ -47,6 +50,8 @@ from minigpt2.model.snapshots import Snapshotter
 from minigpt2.training.checkpoint import Checkpointer, TrainingState
 from minigpt2.training.data import TokenFile, WindowSampler, gather_windows
 from minigpt2.training.distributed import Dist, checkpoint_blocks, full_tensor, grad_sync, shard_model, wrap_ddp
+from minigpt2.training.options import OPTION_RULES, check, default
+from minigpt2.training.progress import EvalClock, StepTimer, UnreadSteps, estimate_record
 from minigpt2.training.rundir import RunDir, dir_size
 from minigpt2.training.watch import PromptSampler
 
@@ -54,29 +59,35 @@ READ_EVERY = 10  # on a GPU: steps between reads of the loss to the host (the co
 
 
 class TrainingDiverged(MiniGPT2Error):
-    """The loss became NaN or infinite: the run stops before the bad update is applied."""
+    """The loss (or gradient norm) became NaN or infinite: the run stops, and no checkpoint is
+    written after it (read every step, as on a CPU, it stops before the bad update; see `train_step`)."""
 
 
 @dataclass
 class TrainConfig:
-    """Everything that decides what the loop computes (and must match when resuming)."""
+    """Everything that decides what the loop computes (and must match when resuming).
+
+    A field that is also one of train.py's options takes that option's default and check (both
+    written once, in options.py): `TrainConfig(steps=100)` trains as train.py does on a CPU, but
+    for the evaluation and checkpoint rhythm, whose defaults here suit a library call.
+    """
 
     steps: int
-    batch_size: int = 4
-    seq_len: int = 128
-    grad_accum: int = 1
-    lr: float = 3e-4
+    batch_size: int = default("batch_size")
+    seq_len: int = default("seq_len")  # train.py's CPU default (on a GPU it takes the model's context)
+    grad_accum: int = default("grad_accum")
+    lr: float = default("lr")
     min_lr: float | None = None  # default lr / 10
     warmup: int | None = None  # default 5% of the steps, at most 1,000
-    weight_decay: float = 0.1
+    weight_decay: float = default("weight_decay")
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = default("grad_clip")
     eval_every: int | None = None  # default a tenth of the steps; 0: only at the start and the end
-    eval_tokens: int = 65536  # per eval set and evaluation
+    eval_tokens: int = default("eval_tokens", "cuda")  # per eval set and evaluation (train.py's GPU default)
     save_every: int = 0  # 0: only at the end (and on a stop request)
-    snapshot_every: int = 0
-    seed: int = 0
+    snapshot_every: int = default("snapshot_every")
+    seed: int = default("seed")
     ranks: int = 1  # data-parallel processes (torchrun); each step covers batch x accum x ranks windows
     new_token_lr: float | None = None  # peak learning rate of a grown vocabulary's new rows (default lr)
     embed_warmup: int = 0  # first steps in which only those rows train (see `Trainer.phase`)
@@ -84,15 +95,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Finite first, then the range: NaN passes every `< 0` test and would train one step of
         # garbage before anything noticed. Errors name the field (`OptionError.option`); the
-        # script renders it as its flag.
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "ranks", "eval_tokens"):
-            positive_int(name, getattr(self, name))
-        for name in ("save_every", "snapshot_every"):
-            non_negative_int(name, getattr(self, name))
-        integer("seed", self.seed, low=0, high=SEED_MAX)
-        finite("lr", self.lr, low=0, low_open=True)
-        for name in ("weight_decay", "grad_clip"):
-            finite(name, getattr(self, name), low=0)
+        # script renders it as its flag. Each option's own rule is the option's (`check`).
+        for name in (f.name for f in dataclasses.fields(self) if f.name in OPTION_RULES):
+            if getattr(self, name) is not None:
+                check(name, getattr(self, name))
+        positive_int("ranks", self.ranks)
         for name in ("beta1", "beta2"):
             finite(name, getattr(self, name), low=0, high=1, high_open=True)
         if self.min_lr is None:
@@ -100,12 +107,8 @@ class TrainConfig:
         finite("min_lr", self.min_lr, low=0, high=self.lr)
         if self.warmup is None:
             self.warmup = min(1000, round(0.05 * self.steps))
-        non_negative_int("warmup", self.warmup)
         if self.eval_every is None:
             self.eval_every = max(1, self.steps // 10)
-        non_negative_int("eval_every", self.eval_every)
-        if self.new_token_lr is not None:
-            finite("new_token_lr", self.new_token_lr, low=0, low_open=True)
         check_embed_warmup(self.embed_warmup, self.steps)
 
     @property
@@ -240,29 +243,8 @@ class Trainer:
         char_counts: np.ndarray | None = None,
     ) -> None:
         self.dist = dist or Dist(device=torch.device(device))
-        if config.ranks != self.dist.world_size:
-            raise MiniGPT2Error(f"TrainConfig.ranks is {config.ranks} but the job has {self.dist.world_size} rank(s)")
         self.sharded = shard and self.dist.enabled
-        if self.sharded and snapshotter is not None:
-            raise MiniGPT2Error(
-                "weight snapshots do not work with sharding (each rank holds only a slice of the "
-                "weights); snapshot a run that is not sharded"
-            )
-        if self.sharded and prompt_sampler is not None:
-            raise MiniGPT2Error(
-                "samples while training do not work with sharding (a sharded model's forward pass "
-                "needs every rank); turn them off for a sharded run"
-            )
-        if self.sharded and is_lora(model):
-            raise MiniGPT2Error(
-                "LoRA does not work with a sharded model yet; its adapters and optimizer state "
-                "are small, so train it unsharded"
-            )
-        if config.seq_len > model.config.n_positions:
-            raise MiniGPT2Error(
-                f"the sequence length {config.seq_len} is longer than the model's context of "
-                f"{model.config.n_positions} tokens"
-            )
+        check_setup(model, config, self.dist, self.sharded, snapshotter, prompt_sampler)
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -284,21 +266,20 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, dist=self.dist, device=self.device, keep_last=keep_last,
                                          tokenizer_source=tokenizer_source, base_model=base_model)  # fmt: skip
         self.tokenizer_source = tokenizer_source
-        self.flops_per_token = flops_per_token(self.raw_model.config, config.seq_len)
         self.peak_flops = peak_flops(self.device, dtype)
         if self.peak_flops:
             self.peak_flops *= self.dist.world_size  # MFU of the whole job: all GPUs' peak
+        self.timer = StepTimer(config, self.device, [len(d) for d in eval_sets.values()],
+                               flops_per_token(self.raw_model.config, config.seq_len), self.peak_flops)  # fmt: skip
 
         self.step = 0
         self.tokens = 0
         self.stop_reason: str | None = None
         self.resumed_from: Path | None = None
-        self.timing = {"step": [], "eval": [], "save": []}  # seconds, for the ETA
         # Steps between reads of the loss and gradient norm to the host. Each read waits for the
         # device to finish its queue; on a CPU there is no queue, so every step is read (and a
         # NaN stops the run before its update). See `train_step`.
         self.read_every = 1 if self.device.type == "cpu" else READ_EVERY
-        self.unread: list[dict] = []  # records of steps run but not read yet
         self.last = {"eval": None, "snapshot": None}  # the step each was last done at
         # Dropout's random numbers, reproducibly; each rank its own stream (rank 0's is a
         # one-process run's).
@@ -347,7 +328,7 @@ class Trainer:
         # steps whose gradients overflowed. bf16 has float32's range and needs none of this.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
-    # ----- checkpoints (see train_state.Checkpointer) ------------------------------------------
+    # ----- checkpoints (see checkpoint.Checkpointer) ------------------------------------------
 
     def save_checkpoint(self, name: str | None = None) -> Path:
         """Write a checkpoint of the current step to RUN/step-NNNNNN (or RUN/`name`); return its path."""
@@ -419,13 +400,12 @@ class Trainer:
     def train_step(self, read: bool = True) -> dict:
         """One optimizer step over `grad_accum` micro-batches; returns its train record.
 
-        With `read=False` the record's loss and gradient norm stay on the device as 0-d tensors
-        and nothing waits for the device: a GPU's queue of kernels keeps running ahead of
-        Python. `read_records` later brings the values of many steps to the host in one read.
-        The NaN/inf stop is checked when they are read. Reading every step (`read_every` 1, a
-        CPU's default, where it costs nothing) stops *before* the bad update; reading every N
-        steps (a GPU's default) stops up to N - 1 updates after it: the model in memory is then
-        damaged, but every checkpoint is written only after a read, so no saved one is.
+        With `read=False` the loss and gradient norm stay on the device (0-d tensors) and nothing
+        waits for it: a GPU's queue of kernels keeps running ahead of Python. `read_records` reads
+        many steps in one transfer later, and checks them for NaN/inf then. Reading every step (a
+        CPU's default, where it costs nothing) stops *before* a bad update; reading every N steps
+        (a GPU's) up to N - 1 updates after it: the model in memory is then damaged, but no
+        checkpoint is, as each is written only after a read.
         """
         c = self.config
         started = time.perf_counter()
@@ -463,14 +443,14 @@ class Trainer:
         self.tokens += c.tokens_per_step
         record.update(tokens=self.tokens, epoch=self.tokens / len(self.train_data))
         if read:
-            self._timed_records([record])
+            self.timer.time_steps([record])
         return record
 
     def read_records(self, records: list[dict]) -> list[dict]:
         """Complete the records of steps run with `read=False`: their loss and gradient norm read
         in one transfer (one wait for the device), checked, and the steps' mean time filled in."""
         self._read_values(records, before_update=False)
-        self._timed_records(records)
+        self.timer.time_steps(records)
         return records
 
     def _read_values(self, records: list[dict], before_update: bool) -> None:
@@ -485,17 +465,6 @@ class Trainer:
                 self._diverged(f"the training loss became {loss}", extra, record["step"], before_update)
             if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
                 self._diverged(f"the gradient norm became {grad_norm}", "", record["step"], before_update)
-
-    def _timed_records(self, records: list[dict]) -> None:
-        """Each record's seconds: the mean over `records` of the time since the first began."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()  # the values were read, so this waits for the last update only
-        seconds = (time.perf_counter() - records[0]["started"]) / len(records)
-        tokens_per_s = self.config.tokens_per_step / seconds
-        mfu = tokens_per_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
-        for record in records:
-            del record["started"]
-            record.update(tokens_per_s=tokens_per_s, mfu=mfu, step_s=seconds)
 
     def _diverged(self, what: str, extra: str, step: int, before_update: bool) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -520,12 +489,10 @@ class Trainer:
         evaluated is then dropped, never reported from part of its windows.
         """
         self.raw_model.eval()  # dropout off
-        # For the estimate in each progress record: the batches of all sets, and the clock.
-        self._eval_clock = {"start": time.perf_counter(), "done": 0,
-                            "total": sum(self._eval_rounds(d) for d in self.eval_sets.values())}  # fmt: skip
+        clock = EvalClock(sum(self._eval_rounds(d) for d in self.eval_sets.values()))  # for the time left
         try:
             for name, data in self.eval_sets.items():
-                record = yield from self._evaluate_set(name, data)
+                record = yield from self._evaluate_set(name, data, clock)
                 if record is None:  # stopped part way
                     return
                 if record:  # {}: a set too short for one window
@@ -542,7 +509,7 @@ class Trainer:
         groups = batches(windows, self.config.batch_size) if windows else []
         return math.ceil(len(groups) / self.dist.world_size)
 
-    def _evaluate_set(self, name: str, data: TokenFile) -> Iterator[dict]:
+    def _evaluate_set(self, name: str, data: TokenFile, clock: EvalClock) -> Iterator[dict]:
         """One eval set scored by `evaluate.score_stream` (the protocol every figure shares): the
         first `eval_tokens` tokens in windows of `seq_len`; {} for a set too short to score."""
         window = min(self.config.seq_len, len(data) - 1)
@@ -560,12 +527,8 @@ class Trainer:
             except StopIteration as finished:
                 score = finished.value
                 break
-            clock = self._eval_clock
-            clock["done"] += 1
-            elapsed = time.perf_counter() - clock["start"]  # the evaluation's time left, at its speed so far
-            left = elapsed / clock["done"] * max(clock["total"] - clock["done"], 0)
             yield {"type": "eval_progress", "step": self.step, "set": name, "done": done, "total": total,
-                   "eta_s": left}  # fmt: skip
+                   "eta_s": clock.tick()}  # fmt: skip
         if score is None:  # stopped part way
             return None
         return {
@@ -583,14 +546,77 @@ class Trainer:
 
     # ----- the loop ---------------------------------------------------------------------------
 
+    def run(self) -> Iterator[dict]:
+        """Train to `config.steps`, yielding every record as it happens (see the module docstring)."""
+        c = self.config
+        unread = UnreadSteps(c, first_step=self.step)  # train records whose loss is still on the device
+        yield self._emit(self._start_record())
+        if self.step == 0:
+            yield from self._baseline()  # where the starting model stands, before any step
+        while self.step < c.steps:
+            # A stop request reaches the ranks at different moments: they agree on it first,
+            # so all stop after the same step.
+            if self.dist.any(self.stop_reason is not None):
+                yield from self._report(unread)
+                yield self._stopped(unread.first_step)
+                return
+            record = self.train_step(read=self.read_every == 1)  # batch, forward, backward, clip, step
+            if unread.add(record, self.read_every):
+                yield from self._report(unread)  # losses read and checked, logged with the time left
+            # What is due after this step (none after the last step, which ends with all three anyway,
+            # nor a checkpoint when a stop will save one).
+            if due(c.eval_every, self.step) and self.step < c.steps:
+                yield from self._evaluation()
+            if self.snapshotter is not None and due(c.snapshot_every, self.step):
+                yield self._snapshot()
+            if due(c.save_every, self.step) and self.step < c.steps and self.stop_reason is None:
+                yield self._saved("checkpoint", self._save())
+        if self.last["eval"] != self.step:
+            yield from self._evaluation()
+        if self.snapshotter is not None and c.snapshot_every and self.last["snapshot"] != self.step:
+            yield self._snapshot()  # the drift curves end where the run ends
+        yield self._saved("done", self._save("final"))
+
     def request_stop(self, reason: str) -> None:
         """Ask the loop to stop after the current step, saving a checkpoint first (signal-safe)."""
         self.stop_reason = reason
+
+    # ----- what the loop calls --------------------------------------------------------------
 
     def _emit(self, record: dict) -> dict:
         if self.dist.is_main and record["type"] != "eval_progress":  # every rank yields; rank 0 logs
             self.run_dir.log(record)
         return record
+
+    def _baseline(self) -> Iterator[dict]:
+        """Step 0: evaluate the starting model, the baseline every later evaluation is read against
+        (unless the log has it: a run resumed before its first checkpoint), and snapshot it."""
+        if not self._logged_step0_eval():
+            yield from self._evaluation()
+        self.last["eval"] = 0
+        if self.snapshotter is not None and self.config.snapshot_every and self.stop_reason is None:
+            yield self._snapshot()
+
+    def _logged_step0_eval(self) -> bool:
+        """The step-0 evaluation is in the log already (a run resumed before its first checkpoint)."""
+        done = {r.get("set") for r in self.run_dir.read_log() if r.get("type") == "eval" and r.get("step") == 0}
+        return bool(self.eval_sets) and set(self.eval_sets) <= done
+
+    def _report(self, unread: UnreadSteps) -> Iterator[dict]:
+        """The records of the steps not read yet, completed (see `train_step`), logged and yielded
+        with the time left; at the estimate's step, the estimate too."""
+        records = unread.take()
+        if records and isinstance(records[0]["loss"], torch.Tensor):
+            self.read_records(records)
+        for record in records:
+            self.timer.add("step", record["step_s"])
+            yield self._emit({**record, **self.eta()})
+            if record["step"] == unread.estimate_step:
+                yield estimate_record(record["step"], self.eta(), self.device)
+
+    def eta(self) -> dict:
+        """Seconds left, and the evaluations and saves still due (see `progress.StepTimer.eta`)."""
+        return self.timer.eta(self.step)
 
     def _snapshot(self) -> dict:
         """Measure and store a snapshot; the record yielded (not logged: snapshots.jsonl has it)
@@ -604,13 +630,8 @@ class Trainer:
         record = self._emit({"type": "snapshot", "step": self.step, "tokens": self.tokens})
         return {**record, "drift": drift} if drift is not None else record
 
-    def _timed(self, kind: str, records: Iterator[dict]) -> Iterator[dict]:
-        started = time.perf_counter()
-        yield from records
-        self.timing[kind].append(time.perf_counter() - started)
-
     def _evaluation(self) -> Iterator[dict]:
-        yield from self._timed("eval", self._evaluate_and_sample())
+        yield from self.timer.timed("eval", self._evaluate_and_sample())
         self.last["eval"] = self.step
 
     def _evaluate_and_sample(self) -> Iterator[dict]:
@@ -620,100 +641,8 @@ class Trainer:
             yield self._emit(self.prompt_sampler.draw(self.raw_model, self.step, self.tokens))
 
     def _save(self, name: str | None = None) -> Path:
-        started = time.perf_counter()
-        path = self.save_checkpoint(name)
-        self.timing["save"].append(time.perf_counter() - started)
-        return path
-
-    def _logged_step0_eval(self) -> bool:
-        """The step-0 evaluation is in the log already (a run resumed before its first checkpoint)."""
-        done = {r.get("set") for r in self.run_dir.read_log() if r.get("type") == "eval" and r.get("step") == 0}
-        return bool(self.eval_sets) and set(self.eval_sets) <= done
-
-    def eta(self) -> dict:
-        """Seconds left: steps at the measured step time, plus the evaluations and saves still due
-        at their measured durations (an evaluation's is known from step 0 on)."""
-        c = self.config
-
-        def due(every: int) -> int:
-            return sum(1 for s in range(self.step + 1, c.steps) if every and s % every == 0) + 1
-
-        mean = {k: (sum(v[-20:]) / len(v[-20:]) if v else 0.0) for k, v in self.timing.items()}
-        if not self.timing["eval"] and self.eval_sets:  # not measured yet: a forward pass is ~1/3 of a step
-            tokens = sum(min(c.eval_tokens, len(d)) for d in self.eval_sets.values())
-            mean["eval"] = mean["step"] * tokens / c.tokens_per_step / 3
-        parts = {
-            "steps": (c.steps - self.step) * mean["step"],
-            "evals": due(c.eval_every) * mean["eval"] if self.eval_sets else 0.0,
-            "saves": due(c.save_every) * mean["save"],
-        }
-        return {
-            "eta_s": sum(parts.values()),
-            **{f"{k}_s": v for k, v in parts.items()},
-            "evals_left": due(c.eval_every) if self.eval_sets else 0,
-            "saves_left": due(c.save_every),
-        }
-
-    def run(self) -> Iterator[dict]:
-        """Train to `config.steps`, yielding every record as it happens (see the module docstring)."""
-        c = self.config
-        first_step = self.step
-        yield self._emit(self._start_record())
-        if self.step == 0:
-            # Where the starting model stands: the baseline every later evaluation is read against.
-            if not self._logged_step0_eval():
-                yield from self._evaluation()
-            self.last["eval"] = 0
-            if self.snapshotter is not None and c.snapshot_every and self.stop_reason is None:
-                yield self._snapshot()
-        while self.step < c.steps:
-            # A stop request reaches the ranks at different moments: they agree on it first,
-            # so all stop after the same step.
-            if self.dist.any(self.stop_reason is not None):
-                yield from self._read_unread(first_step)
-                yield self._stopped(first_step)
-                return
-            self.unread.append(self.train_step(read=self.read_every == 1))
-            if len(self.unread) >= self.read_every or self._read_due(first_step):
-                yield from self._read_unread(first_step)
-            yield from self._periodic()
-        if self.last["eval"] != self.step:
-            yield from self._evaluation()
-        if self.snapshotter is not None and c.snapshot_every and self.last["snapshot"] != self.step:
-            yield self._snapshot()  # the drift curves end where the run ends
-        yield self._saved("done", self._save("final"))
-
-    def _read_due(self, first_step: int) -> bool:
-        """Whether this step's record must be read now: at the end, the estimate, and before any
-        evaluation, snapshot or checkpoint (so nothing is saved from unchecked steps)."""
-        c, at = self.config, self.step
-        return at in (c.steps, first_step + 1, first_step + 3) or any(
-            every and at % every == 0 for every in (c.eval_every, c.snapshot_every, c.save_every)
-        )
-
-    def _read_unread(self, first_step: int) -> Iterator[dict]:
-        """The records of the steps not read yet, completed (see `train_step`), logged and yielded."""
-        records, self.unread = self.unread, []
-        if records and isinstance(records[0]["loss"], torch.Tensor):
-            self.read_records(records)
-        for record in records:
-            self.timing["step"].append(record["step_s"])
-            yield self._emit({**record, **self.eta()})
-            if record["step"] == first_step + 3:
-                busy = machine_load() if self.device.type == "cpu" else None
-                load = {"load": busy[0], "cores": busy[1]} if busy else {}
-                yield {"type": "estimate", "step": record["step"], **self.eta(), **load}
-
-    def _periodic(self) -> Iterator[dict]:
-        """What is due after this step: an evaluation, a snapshot, a checkpoint (none after the last
-        step, which ends with all three anyway, nor a checkpoint when a stop will save one)."""
-        c, at = self.config, self.step
-        if c.eval_every and at % c.eval_every == 0 and at < c.steps:
-            yield from self._evaluation()
-        if self.snapshotter is not None and c.snapshot_every and at % c.snapshot_every == 0:
-            yield self._snapshot()
-        if c.save_every and at % c.save_every == 0 and at < c.steps and self.stop_reason is None:
-            yield self._saved("checkpoint", self._save())
+        with self.timer.measure("save"):
+            return self.save_checkpoint(name)
 
     def _start_record(self) -> dict:
         c = self.config
@@ -742,4 +671,35 @@ class Trainer:
                 "reason": self.stop_reason,
                 "checkpoint": path,
             }
+        )
+
+
+def due(every: int, step: int) -> bool:
+    """Whether something done every `every` steps (0: never) is due after `step`."""
+    return bool(every) and step % every == 0
+
+
+def check_setup(model: GPT, config: TrainConfig, dist: Dist, sharded: bool, snapshotter, prompt_sampler) -> None:
+    """The combinations a `Trainer` refuses before it changes anything."""
+    if config.ranks != dist.world_size:
+        raise MiniGPT2Error(f"TrainConfig.ranks is {config.ranks} but the job has {dist.world_size} rank(s)")
+    if sharded and snapshotter is not None:
+        raise MiniGPT2Error(
+            "weight snapshots do not work with sharding (each rank holds only a slice of the "
+            "weights); snapshot a run that is not sharded"
+        )
+    if sharded and prompt_sampler is not None:
+        raise MiniGPT2Error(
+            "samples while training do not work with sharding (a sharded model's forward pass "
+            "needs every rank); turn them off for a sharded run"
+        )
+    if sharded and is_lora(model):
+        raise MiniGPT2Error(
+            "LoRA does not work with a sharded model yet; its adapters and optimizer state "
+            "are small, so train it unsharded"
+        )
+    if config.seq_len > model.config.n_positions:
+        raise MiniGPT2Error(
+            f"the sequence length {config.seq_len} is longer than the model's context of "
+            f"{model.config.n_positions} tokens"
         )

@@ -257,14 +257,8 @@ def extend_vocabulary(
 
     texts = {f"train:{f.path.name}": head_text(f, 1 << 20) for f in files}
     texts.update(eval_texts or {})
-    report = {
-        "merges_requested": n_merges,
-        "merges_learned": len(merges),
-        "vocab_size": new_enc.n_vocab,
-        "learn_seconds": learn_seconds,
-        "cached": cached,
-        "texts": {},
-    }
+    report = {"merges_requested": n_merges, "merges_learned": len(merges), "vocab_size": new_enc.n_vocab,
+              "learn_seconds": learn_seconds, "cached": cached, "texts": {}}  # fmt: skip
     for i, (name, text) in enumerate(texts.items()):
         progress(MEASURING, i, len(texts))
         entry = {
