@@ -79,9 +79,10 @@ def python_args(argv, env, python, base_env):
 ENCODING = "utf-8"  # how the tests read a run's output (tests/clis.py's offline_env sets PYTHONIOENCODING so)
 
 SERVER_BODY = r"""
-import json, os, re, select, socket, subprocess, sys
+import json, os, re, select, socket, sys
 sys.path.pop(0)  # this -c program's '' entry: a run puts its own script's folder (or its cwd, for -m) first
 listener = socket.socket(fileno=int(sys.argv[2]))  # the stand-in python's requests (PROGRAM), listening
+STANDIN = sys.argv[4]  # the stand-in python itself: a run's sys.executable (see become)
 BASE_ENV = dict(os.environ)  # what the imports below saw
 import numpy, safetensors.torch, tiktoken, torch  # noqa: F401  (the slow imports, once)
 import torch._dynamo  # noqa: F401  (what building a torch optimizer imports: 2 s of every training run)
@@ -96,7 +97,6 @@ sys.dont_write_bytecode = False
 BASE_PATH = list(sys.path)
 BASE_THREADS = torch.get_num_threads()  # what a fresh interpreter would choose without OMP_NUM_THREADS
 PYTHON = os.path.realpath(sys.executable)
-REAL_EXECUTE_CHILD = subprocess.Popen._execute_child
 
 
 def reply(message):
@@ -110,11 +110,11 @@ def python_path(env):
     return [*given(env), *(p for p in BASE_PATH if p not in ours)]
 
 
-def run_main(argv, env, cwd):
-    '''Be `python ARGV` (argv: [-u] SCRIPT ARGS or [-u] -m MODULE ARGS) from here on, in the
-    environment `env` and folder `cwd`, on the standard streams already at fds 0, 1, 2; never returns.'''
-    import atexit, io, runpy, signal, threading, traceback
-    atexit._clear()  # the forking program's exit functions are not this run's
+def become(argv, env, cwd):
+    '''Make this fork what `python ARGV` (argv: [-u] SCRIPT ARGS or [-u] -m MODULE ARGS) is as it starts,
+    in the environment `env` and folder `cwd`, on the standard streams already at fds 0, 1, 2; return
+    ARGV without its -u options. Public APIs only: signals, environment, folder, the streams' settings.'''
+    import signal
     for sig in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:  # signals as Python starts them
         try:
             signal.signal(sig, signal.SIG_DFL)
@@ -133,119 +133,38 @@ def run_main(argv, env, cwd):
         argv, unbuffered = argv[1:], True
     unbuffered = unbuffered or bool(env.get("PYTHONUNBUFFERED"))
     encoding, _, errors = env.get("PYTHONIOENCODING", "utf-8").partition(":")
-    encoding = encoding or "utf-8"
-
-    def stream(fd, mode, errors, line_buffering=False):
-        raw = io.FileIO(fd, mode, closefd=False)
-        buffered = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
-        return io.TextIOWrapper(buffered, encoding=encoding, errors=errors, line_buffering=line_buffering,
-                                write_through=unbuffered and mode == "w")
-
-    sys.stdin = sys.__stdin__ = stream(0, "r", errors or "strict")
-    sys.stdout = sys.__stdout__ = stream(1, "w", errors or "strict", line_buffering=os.isatty(1))
-    sys.stderr = sys.__stderr__ = stream(2, "w", "backslashreplace", line_buffering=True)
+    # the zygote's own stream objects, now on the run's fds: nothing was written through them yet
+    sys.stdin.reconfigure(encoding=encoding or "utf-8", errors=errors or "strict")
+    sys.stdout.reconfigure(encoding=encoding or "utf-8", errors=errors or "strict",
+                           line_buffering=unbuffered or os.isatty(1), write_through=unbuffered)
+    sys.stderr.reconfigure(encoding=encoding or "utf-8", errors="backslashreplace", line_buffering=True)
     # OMP_NUM_THREADS is read when torch loads, long gone in a fork: set what it would have chosen
     threads = env.get("OMP_NUM_THREADS", "")
     torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else BASE_THREADS)
-    code = 0
-    try:
-        if argv[0] == "-m":
-            sys.argv = argv[1:]
-            sys.path[:] = [os.getcwd(), *python_path(env)]
-            runpy._run_module_as_main(argv[1], alter_argv=True)
-        else:
-            sys.argv = list(argv)
-            sys.path[:] = [os.path.dirname(os.path.abspath(argv[0])), *python_path(env)]
-            runpy.run_path(argv[0], run_name="__main__")
-    except SystemExit as e:
-        if e.code is None:
-            code = 0
-        elif isinstance(e.code, int):
-            code = e.code
-        else:
-            print(e.code, file=sys.stderr)
-            code = 1
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        code = -signal.SIGINT
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    threading._shutdown()  # as the interpreter does at exit: join the non-daemon threads
-    atexit._run_exitfuncs()
-    for s in (sys.stdout, sys.stderr):
-        try:
-            s.flush()
-        except (OSError, ValueError):
-            pass
-    if code < 0:  # died of a signal, as an uncaught KeyboardInterrupt does
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    os._exit(code & 0xFF)
+    # the Python this run starts (torchrun's ranks, a benchmark's workers) comes back here, through
+    # the stand-in, where python_args allows it; anything else it hands to the real interpreter
+    sys.executable = STANDIN
+    if argv[0] == "-m":
+        sys.argv = argv[1:]
+        sys.path[:] = [os.getcwd(), *python_path(env)]
+    else:
+        sys.argv = list(argv)
+        sys.path[:] = [os.path.dirname(os.path.abspath(argv[0])), *python_path(env)]
+    return argv
 
 
-def execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo, creationflags,
-                  shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite, restore_signals, gid, gids, uid,
-                  umask, start_new_session, process_group):
-    '''subprocess.Popen's start of a child, in a run: a child that is this Python on a script or module
-    (a benchmark's workers, torchrun's ranks) is forked from here instead, the imports done; any other
-    program is started as usual.'''
-    argv = None
-    if not shell and executable is None and preexec_fn is None and (uid, gid, gids, umask) == (None, None, None, -1):
-        listed = [args] if isinstance(args, (str, bytes)) else list(args)
-        if all(isinstance(a, str) for a in listed):
-            given = dict(os.environ if env is None else env)
-            argv = python_args([os.fspath(a) for a in listed], given, PYTHON, BASE_ENV)
-    if argv is None:
-        return REAL_EXECUTE_CHILD(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
-                                  creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
-                                  restore_signals, gid, gids, uid, umask, start_new_session, process_group)
-    for stream in (sys.stdout, sys.stderr):  # else the child's copy of what is waiting is written twice
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
-    pid = os.fork()
-    if pid == 0:
-        try:
-            for fd, target in ((p2cread, 0), (c2pwrite, 1), (errwrite, 2)):
-                if fd != -1:
-                    os.dup2(fd, target, inheritable=True)
-            if close_fds:  # what exec would close: every pipe and socket not passed on (else a pipe's
-                for name in os.listdir("/proc/self/fd"):  # reader waits for this child's end too)
-                    fd = int(name)
-                    try:
-                        kind = os.readlink(f"/proc/self/fd/{fd}")
-                    except OSError:
-                        continue
-                    if fd > 2 and fd not in pass_fds and kind.startswith(("pipe:", "socket:")):
-                        os.close(fd)
-            if start_new_session:
-                os.setsid()
-            if process_group is not None and process_group >= 0:
-                os.setpgid(0, process_group)
-            run_main(argv, dict(os.environ if env is None else env), None if cwd is None else os.fspath(cwd))
-        finally:
-            os._exit(70)
-    self.pid, self._child_created = pid, True
-    self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
-
-
-def child(req):
-    os.setpgid(0, 0)  # its own process group: a timeout kills it and whatever it started
-    fd_in = os.open(os.devnull, os.O_RDONLY)
-    fd_out = os.open(req["stdout"], os.O_WRONLY | os.O_TRUNC)
-    fd_err = os.open(req["stderr"], os.O_WRONLY | os.O_TRUNC)
-    for fd, target in ((fd_in, 0), (fd_out, 1), (fd_err, 2)):
+def streams(fds):
+    '''The fork's fds 0, 1, 2 become `fds` (closed after).'''
+    for fd, target in zip(fds, (0, 1, 2)):
         os.dup2(fd, target)
+    for fd in fds:
         os.close(fd)
-    subprocess.Popen._execute_child = execute_child
-    run_main(req["argv"], req["env"], req["cwd"])
 
 
 def client_request(conn):
     '''A request from the stand-in `python` (PROGRAM): its command, environment and folder, and its
-    standard streams (passed as file descriptors). The pid of its fork, or a refusal (it runs python itself).'''
+    standard streams (passed as file descriptors). None if refused (it runs python itself), else
+    (argv, env, cwd, fds).'''
     data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
     while not data.endswith(b"\n"):
         more = conn.recv(1 << 20)
@@ -260,76 +179,84 @@ def client_request(conn):
         conn.sendall(b'{"refused": true}\n')
         conn.close()
         return None
-
-    def start():
-        for fd, target in zip(fds, (0, 1, 2)):
-            os.dup2(fd, target)
-        for fd in fds:
-            os.close(fd)
-        conn.close()
-        subprocess.Popen._execute_child = execute_child
-        run_main(argv, req["env"], req["cwd"])
-
-    pid = fork(start)
-    for fd in fds:
-        os.close(fd)
-    conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
-    return pid
+    return argv, req["env"], req["cwd"], fds
 
 
-def fork(start):
-    '''A run's fork: it leaves the zygote's sockets behind and calls `start`, which never returns.'''
-    pid = os.fork()
-    if pid == 0:
-        try:
-            listener.close()
-            for other in clients.values():
-                other.close()
-            start()
-        finally:
-            os._exit(70)
-    return pid
-
-
-children = {}  # pid -> the request's id (a run the tests asked for on stdin)
-clients = {}  # pid -> the connection of the stand-in python that asked for it
-pending = b""
-while True:  # requests come in on stdin, one JSON line each; replies go out on stdout
-    ready, _, _ = select.select([0, listener], [], [], 0.02 if children or clients else None)
-    if listener in ready:
-        conn, _ = listener.accept()
-        try:
-            pid = client_request(conn)
-        except (OSError, ValueError):
-            conn.close()
-            pid = None
-        if pid is not None:
-            clients[pid] = conn
-    if 0 in ready:
-        data = os.read(0, 1 << 16)
-        if not data:  # the tests ended
-            break
-        pending += data
-        while b"\n" in pending:
-            line, pending = pending.split(b"\n", 1)
-            req = json.loads(line)
-            pid = fork(lambda req=req: child(req))
-            children[pid] = req["id"]
-            reply({"id": req["id"], "pid": pid})
-    while children or clients:  # reap every child that ended
-        pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid == 0:
-            break
-        code = os.waitstatus_to_exitcode(status)
-        if pid in clients:
-            conn = clients.pop(pid)
+def serve():
+    '''Fork a child for each run asked for, on stdin (the tests, one JSON line each; replies go out on
+    stdout) or on the listening socket (the stand-in python), and say how each ended. Returns only in a
+    fork: (argv, env, cwd) of the run it is to be, its streams in place and the zygote's sockets closed.'''
+    children = {}  # pid -> the request's id (a run the tests asked for on stdin)
+    clients = {}  # pid -> the connection of the stand-in python that asked for it
+    pending = b""
+    while True:
+        ready, _, _ = select.select([0, listener], [], [], 0.02 if children or clients else None)
+        if listener in ready:
+            conn, _ = listener.accept()
             try:
-                conn.sendall((json.dumps({"returncode": code}) + "\n").encode())
-            except OSError:  # the stand-in was killed
-                pass
-            conn.close()
-        elif pid in children:
-            reply({"id": children.pop(pid), "returncode": code})
+                asked = client_request(conn)
+            except (OSError, ValueError):
+                conn.close()
+                asked = None
+            if asked is not None:
+                argv, env, cwd, fds = asked
+                pid = os.fork()
+                if pid == 0:
+                    listener.close()
+                    for other in (*clients.values(), conn):
+                        other.close()
+                    streams(fds)
+                    return argv, env, cwd
+                for fd in fds:
+                    os.close(fd)
+                conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+                clients[pid] = conn
+        if 0 in ready:
+            data = os.read(0, 1 << 16)
+            if not data:  # the tests ended
+                sys.exit(0)
+            pending += data
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                req = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    listener.close()
+                    for other in clients.values():
+                        other.close()
+                    os.setpgid(0, 0)  # its own process group: a timeout kills it and whatever it started
+                    streams([os.open(os.devnull, os.O_RDONLY), os.open(req["stdout"], os.O_WRONLY | os.O_TRUNC),
+                             os.open(req["stderr"], os.O_WRONLY | os.O_TRUNC)])
+                    return req["argv"], req["env"], req["cwd"]
+                children[pid] = req["id"]
+                reply({"id": req["id"], "pid": pid})
+        while children or clients:  # reap every child that ended
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            code = os.waitstatus_to_exitcode(status)
+            if pid in clients:
+                conn = clients.pop(pid)
+                try:
+                    conn.sendall((json.dumps({"returncode": code}) + "\n").encode())
+                except OSError:  # the stand-in was killed
+                    pass
+                conn.close()
+            elif pid in children:
+                reply({"id": children.pop(pid), "returncode": code})
+
+
+# Only a fork gets past serve(). It runs its script or module as `python` would, at this program's top
+# level: an exception it does not catch (SystemExit, KeyboardInterrupt, any other) ends this program as it
+# ends a fresh interpreter (the exit status, the traceback, death by SIGINT), and Python's own shutdown
+# joins the run's threads and calls its exit functions.
+_run = become(*serve())
+import runpy  # noqa: E402
+
+if _run[0] == "-m":
+    runpy.run_module(_run[1], run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(_run[0], run_name="__main__")
 """
 SERVER = inspect.getsource(python_args) + "\n\n" + SERVER_BODY  # the zygote's program: the rule, then its loop
 
@@ -450,6 +377,7 @@ class Zygote:
                 PER_RUN.pattern,
                 str(listener.fileno()),
                 str(Path(self.folder.name, "pycache")),
+                str(self.python),
             ],
             pass_fds=[listener.fileno()],
             stdin=subprocess.PIPE,
