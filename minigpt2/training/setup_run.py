@@ -32,7 +32,7 @@ from minigpt2.analysis.evaluate import MIN_SCORED_TOKENS, char_counts, check_eno
 from minigpt2.analysis.snapshots import DEFAULT_PROBE, Snapshotter
 from minigpt2.checks import check_train_memory_fits, check_vocab_fits
 from minigpt2.device import auto_dtype, resolve_dtype
-from minigpt2.errors import MiniGPT2Error
+from minigpt2.errors import MiniGPT2Error, OptionError
 from minigpt2.io.tokenizer import load_tokenizer, locate_tokenizer
 from minigpt2.io.weights import load_model
 from minigpt2.model.config import GPTConfig
@@ -302,7 +302,12 @@ def _check_inputs(o: TrainOptions) -> tuple:
     val_files = check_inputs(o.val_data, errors, text_field) if o.val_data else None
     if val_files is None and any(f.validation for f in train_files):  # a dataset's own validation split
         val_files = [f.validation for f in train_files if f.validation is not None]
-    return train_files, val_files, [check_inputs([f], errors, text_field) for f in o.eval_data or []]
+    eval_files = [check_inputs([f], errors, text_field) for f in o.eval_data or []]
+    every = [*train_files, *(val_files or []), *(f for files in eval_files for f in files)]
+    if text_field != "text" and all(f.format == "text" for f in every):  # it would be ignored without a word
+        why = "names the field of each row, but every input is a plain text file (read whole); leave it out"
+        raise OptionError("text_field", why + ", or give row files (.jsonl, .json, .csv, .tsv, .parquet, hf:)")
+    return train_files, val_files, eval_files
 
 
 def _start(o: TrainOptions, run: RunDir, files: tuple, report, ctx) -> tuple:
