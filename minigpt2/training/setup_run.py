@@ -142,10 +142,14 @@ class Setup:
 # TENSORBOARD_DIR: train.py --tensorboard's event files.
 GROWN_BASE = "grown-base"  # RUN/grown-base: the model a LoRA run on a grown vocabulary adapts (for PEFT)
 RUN_FILES = {RUN_JSON, "log.jsonl", "snapshots.jsonl", LOCK, "tokenizer", TENSORBOARD_DIR, GROWN_BASE}
+# What set-up writes before run.json (which it writes last): a folder holding only these is a set-up
+# that never finished (stopped, killed or refused on the way), not a run; the next start clears it.
+SETUP_FILES = ("tokenizer", GROWN_BASE, TENSORBOARD_DIR)
 
 
 def judge_out(path: Path) -> str:
-    """What `--out` is, decided before anything is written into it: "missing", "empty", "run", or
+    """What `--out` is, decided before anything is written into it: "missing", "empty", "run",
+    "unfinished" (a set-up that stopped before it wrote run.json: see SETUP_FILES), or
     else a `RunDirError` saying what was found (a checkpoint folder, a file, the user's own files):
     training never writes into a folder it does not own."""
     if not path.exists():
@@ -155,6 +159,8 @@ def judge_out(path: Path) -> str:
     entries = sorted(p.name for p in path.iterdir())
     if all(name == LOCK for name in entries):
         return "empty"
+    if all(name in (LOCK, *SETUP_FILES) or name.startswith(".write-test-") for name in entries):
+        return "unfinished"
     if (path / WEIGHTS).exists() or (path / CONFIG).exists():
         found = "a model checkpoint (config.json, model.safetensors)"
     else:
@@ -201,6 +207,8 @@ def open_run(out: str | os.PathLike, resume: bool, saved: SavedRun, is_main: boo
         )
     check_writable(run.path, "the run directory")
     run.lock()
+    if kind == "unfinished":  # (only now, locked: the set-up of a start still going is never cleared)
+        clear_unfinished(run)
     if not resume and not run.is_empty():  # a run started in it since it was judged
         run.unlock()
         raise RunDirError(f"'{run.path}' already holds a run; continue it with `resume` (nothing was overwritten)")
@@ -215,14 +223,59 @@ def setup(given: TrainOptions, saved: SavedRun, report: Callable[[dict], None], 
     removed again: a typo never leaves a folder behind that the corrected command would refuse.
     """
     created = not Path(given.out).exists()
+    left = ctx.is_main and not created and _is_unfinished(Path(given.out))
     run = open_run(given.out, bool(given.resume), saved, ctx.is_main)
+    if left:
+        report({"type": "note", "message": f"'{run.path}' held what a start that stopped during its set-up left "
+                "(no run.json): removed, starting afresh"})  # fmt: skip
     try:
         return _setup(run, saved, given, report, ctx)
     except BaseException:
+        if ctx.is_main and _is_unfinished(run.path):  # the grown tokenizer, ... written before run.json
+            clear_unfinished(run)
         if created and ctx.is_main and run.is_empty():
             run.unlock()
             shutil.rmtree(run.path, ignore_errors=True)
         raise
+
+
+def _is_unfinished(path: Path) -> bool:
+    try:
+        return path.is_dir() and judge_out(path) == "unfinished"
+    except RunDirError:
+        return False
+
+
+def clear_unfinished(run: RunDir) -> list[str]:
+    """Remove what a set-up that never wrote run.json left (see SETUP_FILES): so that a run folder is
+    either a run `resume` continues or a folder the same command starts in. Returns the names removed."""
+    removed = []
+    for name in SETUP_FILES:
+        path = run.path / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def check_tensorboard_dir(out: str, given: str | None) -> None:
+    """`--tensorboard DIR`: a folder outside the run (made now, so that a bad one fails at once), or
+    none (RUN/tensorboard). A folder of its own inside the run would be made before the run's set-up,
+    never cleared, and make the run folder one that `--resume` refuses."""
+    if not given:
+        return
+    folder, run = Path(given).expanduser().resolve(), Path(out).expanduser().resolve()
+    if folder == run / TENSORBOARD_DIR:
+        return  # the run's own (made with the run)
+    if folder == run or run in folder.parents:
+        own = Path(out) / TENSORBOARD_DIR
+        raise OptionError("tensorboard", f"'{given}' is inside the run folder '{out}': give --tensorboard without a "
+                          f"folder (it writes into {own}), or a folder outside the run")  # fmt: skip
+    check_writable(folder, "the TensorBoard folder")
 
 
 def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[dict], None], ctx) -> Setup:
