@@ -236,8 +236,11 @@ def rows(w):
     compare = [
         ("compare: top -1", [good, good, "--top", "-1"], "--top"),
         ("compare: sample-tokens a billion", [good, good, "--sample-tokens", str(10**9)], "--sample-tokens"),
-        ("compare: a prompt that is not UTF-8", [good, good, "--prompt", "\udcff", "--html", str(r / "p.html")],
-         "--prompt is not valid UTF-8"),  # fmt: skip
+        (
+            "compare: a prompt that is not UTF-8",
+            [good, good, "--prompt", "\udcff", "--html", str(r / "p.html")],
+            "--prompt is not valid UTF-8",
+        ),  # fmt: skip
         ("compare: empty prompt", [good, good, "--prompt", " "], "--prompt is empty"),
         (
             "compare: a one-character text",
