@@ -24,7 +24,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from minigpt2.analysis import DEFAULT_MAX_EVAL_TOKENS  # noqa: E402
-from minigpt2.checks import ArgumentParser, arg_int, text_arg  # noqa: E402
+from minigpt2.checks import MAX_NEW_TOKENS, ArgumentParser, arg_int, text_arg  # noqa: E402
 from minigpt2.training.options import SAMPLE_TOKENS  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
                    "(needs matplotlib)")
     p.add_argument("--html", metavar="PATH.html", help="also write everything into one self-contained HTML page "
                    "(no network needed; readable on a phone)")
-    p.add_argument("--sample-tokens", type=arg_int(low=0), default=SAMPLE_TOKENS, metavar="N",
+    p.add_argument("--sample-tokens", type=arg_int(low=0, high=MAX_NEW_TOKENS), default=SAMPLE_TOKENS, metavar="N",
                    help=f"continue each --prompt by N tokens with A and with B, the same seed for both (default: "
                         f"{SAMPLE_TOKENS}; 0: no continuations)")
     p.add_argument("--force", action="store_true", help="replace existing --json / --plot / --html files")

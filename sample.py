@@ -19,9 +19,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 from minigpt2 import MiniGPT2Error, user_message  # noqa: E402
-from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int, text_arg  # noqa: E402
-
-MAX_NEW_TOKENS = 1_000_000  # a bound that a typo (an extra zero or three) cannot pass unnoticed
+from minigpt2.checks import MAX_NEW_TOKENS, SEED_MAX, ArgumentParser, arg_float, arg_int, text_arg  # noqa: E402
 
 
 # fmt: off

@@ -63,13 +63,11 @@ def train(given) -> int:
     from minigpt2.console import TrainConsole
     from minigpt2.training import distributed
     from minigpt2.training import setup_run as launch
-    from minigpt2.training.rundir import check_writable
     from minigpt2.training.watch import TensorBoardLog, require_tensorboard, tensorboard_dir
 
     if given.tensorboard is not None:  # a missing optional package fails before any work
         require_tensorboard()
-        if given.tensorboard:
-            check_writable(given.tensorboard, "the TensorBoard folder")
+        launch.check_tensorboard_dir(given.out, given.tensorboard)
     saved = launch.read_saved(given.out) if given.resume else launch.SavedRun(None, None)  # run.json, read once
     ctx = distributed.setup(given.device or (saved.args or {}).get("device") or "auto")
     console = TrainConsole()

@@ -21,6 +21,10 @@ import re
 
 from minigpt2.errors import CheckpointError, OptionError
 
+# New tokens per sample, everywhere one is drawn (sample.py --max-new-tokens, train.py and compare.py
+# --sample-tokens, and the same read back from run.json): a bound that a typo (an extra zero or three)
+# cannot pass unnoticed: ~2 MB of text, hours on a CPU.
+MAX_NEW_TOKENS = 1_000_000
 SEED_MAX = 2**63 - 1  # random seeds: 0 .. the largest signed 64-bit integer (torch, numpy and JSON all take it)
 
 
@@ -99,12 +103,30 @@ def text_arg(value: str) -> str:
     arguments over as their bytes escaped into surrogates ("\\udce4\\udcbd..."): tokenized as they
     are, a Chinese prompt would silently become other tokens. Those bytes are UTF-8 on any
     terminal that shows the text, so they are decoded as such."""
-    if not any("\udc80" <= c <= "\udcff" for c in value):
+    if not any("\ud800" <= c <= "\udfff" for c in value):
         return value
     try:
         return os.fsencode(value).decode("utf-8")
-    except UnicodeDecodeError:
-        return value
+    except (UnicodeDecodeError, UnicodeEncodeError) as e:  # (encode: a surrogate no byte came from)
+        raise argparse.ArgumentTypeError(
+            f"is not valid UTF-8 text ({_bad_text(value, e)}); give the text in UTF-8"
+        ) from None
+    # Where it is refused, not kept: a lone surrogate cannot be written as UTF-8, so it would fail as a
+    # traceback much later, when run.json, the merges or the page are written.
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Where `text` holds a lone surrogate (no character, and no UTF-8 for it), said for an error, or None."""
+    found = re.search("[\ud800-\udfff]", text)
+    if found is None:
+        return None
+    return f"\\u{ord(found.group()):04x} at character {found.start()}"
+
+
+def _bad_text(value: str, error: UnicodeError) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return f"byte 0x{error.object[error.start]:02x} at byte {error.start}"
+    return lone_surrogate(value) or "a lone surrogate"
 
 
 def arg_int(**limits):

@@ -105,6 +105,14 @@ def world(tmp_path_factory, test_data, hub_gpt2):
     for name, content in {"deeply-nested": '{"args": ' + deep, "huge-int": huge}.items():
         (root / f"run-{name}").mkdir()
         (root / f"run-{name}" / "run.json").write_text(content)
+    # issue 31 C: values read back from run.json that a typed option could never hold
+    damage = {"sample-tokens-huge": {"sample_tokens": 10**9}, "prompt-surrogate": {"sample_prompt": ["a\ud800"]}}
+    for name, args in damage.items():
+        (root / f"run-{name}").mkdir()
+        (root / f"run-{name}" / "run.json").write_text(json.dumps({"args": {"data": ["x.txt"], **args}}))
+    (root / "mixed").mkdir()
+    (root / "mixed" / "a.txt").write_text("天气很好。\n" * 50, encoding="utf-8")
+    (root / "mixed" / "b.jsonl").write_text('{"text": "x"}\n', encoding="utf-8")
     w["deep-config"] = tampered(model, root / "deep-config", test_data)
     (w["deep-config"] / "config.json").write_text(deep)
     rows = root / "rows"  # --data in other containers, broken (issue 21)
@@ -227,6 +235,12 @@ def rows(w):
     ]
     compare = [
         ("compare: top -1", [good, good, "--top", "-1"], "--top"),
+        ("compare: sample-tokens a billion", [good, good, "--sample-tokens", str(10**9)], "--sample-tokens"),
+        (
+            "compare: a prompt that is not UTF-8",
+            [good, good, "--prompt", "\udcff", "--html", str(r / "p.html")],
+            "--prompt is not valid UTF-8",
+        ),  # fmt: skip
         ("compare: empty prompt", [good, good, "--prompt", " "], "--prompt is empty"),
         (
             "compare: a one-character text",
@@ -375,6 +389,11 @@ def rows(w):
         ("train: --data hf:missing folder", ["--data", f"hf:{r / 'gone'}", *data[2:]], "does not exist"),
         ("train: --data hf:not cached", ["--data", "hf:someone/nothing-here", *data[2:]], "someone/nothing-here"),
         ("train: --eval-data bad row", [*data, "--eval-data", str(r / "rows" / "number.jsonl")], "number.jsonl"),
+        ("train: --sample-tokens a billion", [*data, "--sample-tokens", str(10**9)], "--sample-tokens"),
+        ("train: --sample-prompt not UTF-8", [*data, "--sample-prompt", "\udcff\udcfe"], "is not valid UTF-8"),
+        ("train: --text-field with only .txt data", [*data, "--text-field", "body"], "--text-field names the field"),
+        ("train: --data hf:a/b@", ["--data", "hf:a/b@", *data[2:]], "names no split after '@'"),
+        ("train: --data a folder of .txt and .jsonl", ["--data", str(r / "mixed"), *data[2:]], "also .jsonl files"),
     ]  # fmt: skip
     out_rows = [  # --out judged before anything is written into it: nothing created, not even .lock
         ("train: --out is empty (an unset shell variable)", [*data, "--out", ""], "is empty"),
@@ -391,6 +410,12 @@ def rows(w):
          "nested too deeply"),
         ("train: --resume with a 5000-digit integer in run.json", ["--out", str(r / "run-huge-int"), "--resume"],
          "run.json"),
+        ("train: --resume with sample_tokens a billion in run.json", ["--out", str(r / "run-sample-tokens-huge"),
+         "--resume"], '"args"."sample_tokens" must be an integer in [0, 1000000]'),
+        ("train: --resume with a lone surrogate in run.json", ["--out", str(r / "run-prompt-surrogate"), "--resume"],
+         '"args"."sample_prompt" holds the escape \\ud800'),
+        ("train: --tensorboard inside --out", [*data, "--tensorboard", str(r / "runs" / "tb-inside" / "tb"), "--out",
+         str(r / "runs" / "tb-inside")], "is inside the run folder"),
     ]  # fmt: skip
     train += [
         ("train: --tokenizer missing folder", [*data, "--tokenizer", str(r / "no-such-dir")], "no-such-dir"),

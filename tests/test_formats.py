@@ -188,6 +188,26 @@ def bad_files(folder):
     w["truncated parquet"] = (put("cut.parquet", data[: len(data) // 2]), "text", "cannot be read as Parquet")
     w["parquet column type"] = (folder / "full.parquet", "n", "the column 'n' holds int64, not text")
     w["parquet null"] = (put_parquet(folder / "nulls.parquet", ["a", None]), "text", "row 2: the column 'text' is null")
+    # issue 31 C: JSON that json.loads fails on without a JSONDecodeError, a lone surrogate, data after the array
+    w["deep jsonl"] = (put("deep.jsonl", good + "[" * 100_000 + "\n"), "text", "deep.jsonl' line 2 is not valid JSON")
+    w["deep json"] = (put("deep.json", '[{"text": ' + "[" * 100_000), "text", "object 1 of the array is nested too")
+    w["huge int jsonl"] = (put("int.jsonl", '{"text": "a", "n": ' + "9" * 5000 + "}\n"), "text", "4300 digits")
+    w["huge int json"] = (put("int.json", '[{"text": "a", "n": ' + "9" * 5000 + "}]"), "text", "4300 digits")
+    w["lone surrogate"] = (
+        put("sur.jsonl", good + '{"text": "ab\\ud800c"}\n'),
+        "text",
+        "line 2: the field 'text' holds",
+    )
+    w["two arrays"] = (put("two.json", '[{"text": "a"}]\n[{"text": "b"}]'), "text", "holds more after its JSON array")
+    w["trailing garbage"] = (put("junk.json", '[{"text": "a"}] junk'), "text", "holds more after its JSON array of 1")
+    w["unterminated quote"] = (put("quote.csv", 'id,text\n1,"abc\n2,def\n3,ghi\n'), "text", "begins on line 2")
+    w["csv nul"] = (put("nul.csv", "id,text\n1,ab\x00c\n"), "text", "row 1 (line 2) holds a NUL byte")
+    w["empty split"] = ("hf:a/b@", "text", "names no split after '@'")
+    w["row too long"] = (put("long.jsonl.gz", gzip.compress(b'{"text": "' + b"a" * (65 << 20) + b'"}\n')), "text",
+                         "line 1 is longer than 64 MiB")  # fmt: skip
+    w["csv row too long"] = (put("long.csv.gz", gzip.compress(b"text\n" + b"a" * (65 << 20))), "text", "64 MiB")
+    w["json object too long"] = (put("long.json.gz", gzip.compress(b'[{"text": "' + b"a" * (65 << 20))), "text",
+                                 "object 1 of the array is larger than 64 MiB")  # fmt: skip
     zipped = gzip.compress((good * 1000).encode())
     w["truncated gzip"] = (put("cut.jsonl.gz", zipped[: len(zipped) // 2]), "text", "is not a valid gzip stream")
     w["not gzip"] = (put("fake.txt.gz", "plain text, not gzip"), "text", "fake.txt.gz' is not a valid gzip stream")
@@ -208,6 +228,38 @@ def test_bad_rows_name_the_file_the_row_and_the_field(tmp_path):
             check_inputs([path], text_field=field)
         assert needle in str(e.value), f"{name}: {e.value}"
         assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_dictionary_encoded_parquet_column_is_text(enc, tmp_path):
+    column = pa.array(["天气很好。", "今天的天气不错。", "天气很好。"]).dictionary_encode()
+    pq.write_table(pa.table({"text": column}), tmp_path / "dict.parquet")
+    assert pq.ParquetFile(tmp_path / "dict.parquet").schema_arrow.field("text").type.value_type == pa.string()
+    info = check_inputs([tmp_path / "dict.parquet"])[0]
+    assert (info.rows, info.chars) == (3, 18)
+
+
+def test_row_files_beside_txt_files_in_a_folder_are_said(tmp_path):
+    (tmp_path / "a.txt").write_text("天气很好。\n")
+    (tmp_path / "rows.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "rows.csv").write_text("text\nx\n")
+    with pytest.raises(DataError, match=r"holds .txt files and also .csv, .jsonl files.*\*\*/\*\.txt"):
+        check_inputs([tmp_path])
+
+
+def test_the_chunker_reads_each_line_once(monkeypatch):
+    """A word list has no safe cut: the pending text was re-joined and searched again on every line
+    (quadratic: over 300 s for 1 MB). Now each character is searched about once."""
+    from minigpt2.training import data
+
+    searched = []
+    real = data._last_safe_cut
+    monkeypatch.setattr(data, "_last_safe_cut", lambda text: searched.append(len(text)) or real(text))
+    lines = [f"word{i % 97}x\n".replace("0", "o") for i in range(20_000)]
+    chunker = data._Chunker(4096)
+    chunks = [c for line in lines for c in chunker.add(line)] + list(chunker.flush())
+    assert "".join(chunks) == "".join(lines)
+    assert len(chunks) > 1  # cut at the line ends past 4 x 4096 characters, as before
+    assert sum(searched) <= 2 * len("".join(lines))
 
 
 def test_a_folder_of_row_files_says_how_to_read_it(tmp_path):

@@ -373,3 +373,28 @@ def test_compare_json_that_cannot_be_written_names_the_file(base_args, env, tmp_
                         launcher=limited(1))  # fmt: skip
     one_error_line(result, f"cannot write '{out}'", "File too large")
     assert not out.exists() and not any(p.name.startswith(".diff.json") for p in tmp_path.iterdir())
+
+
+def test_a_set_up_that_never_finished_leaves_a_folder_the_same_command_uses(base_args, env, tmp_path):
+    """issue 31 C1: RUN/tokenizer/ and RUN/grown-base/ are written before run.json; after a stop in
+    between, neither the same command nor --resume may answer "is not a training run"."""
+    run = tmp_path / "run"
+    args = [*base_args, "--extend-vocab", "30", "--eval-every", "0", "--out", run]
+    refused = train(*args, "--epochs", "0.002", "--embed-warmup", "50", env=env)  # refused after the merges
+    one_error_line(refused, "--embed-warmup")
+    assert not run.exists()  # nothing left behind: the corrected command starts here
+    # what a SIGKILL in set-up leaves (it cannot clean up): the next start clears it, saying so
+    (run / "tokenizer").mkdir(parents=True)
+    (run / "tokenizer" / "vocab.json").write_text("{")
+    (run / "grown-base").mkdir()
+    (run / "tensorboard").mkdir()
+    (run / ".lock").write_text("")
+    ok = train(*args, "--steps", "2", "--resume", env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "stopped during its set-up" in ok.stderr and "starting from step 0" in ok.stderr
+    assert json.loads((run / "run.json").read_text())["train"]["steps"] == 2
+    assert json.loads((run / "tokenizer" / "vocab.json").read_text())  # the run's own, learned again
+    inside = train(*base_args, "--steps", "2", "--out", tmp_path / "r2", "--tensorboard", tmp_path / "r2" / "tb",
+                   env=env)  # fmt: skip
+    one_error_line(inside, "--tensorboard", "is inside the run folder")
+    assert not (tmp_path / "r2").exists()

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from minigpt2.analysis import DEFAULT_MAX_EVAL_TOKENS
-from minigpt2.checks import non_negative_int, positive_int
+from minigpt2.checks import MAX_NEW_TOKENS, integer, positive_int
 from minigpt2.device import resolve_device
 from minigpt2.errors import CheckpointError, MiniGPT2Error, OptionError
 from minigpt2.files import read_text_file
@@ -747,7 +747,7 @@ def compare(
     (see `Progress`).
     """
     positive_int("max_eval_tokens", max_eval_tokens)  # the evaluation cap, in tokens
-    non_negative_int("sample_tokens", sample_tokens)
+    integer("sample_tokens", sample_tokens, low=0, high=MAX_NEW_TOKENS)
     if b is None:
         if not RunFolder.is_run(a):
             raise MiniGPT2Error(f"'{a}' is not a training run directory: give two models to compare")

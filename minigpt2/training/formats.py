@@ -27,7 +27,7 @@ import io
 import json
 import lzma
 import os
-import sys
+import re
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -36,6 +36,7 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 
 from minigpt2.errors import DataError
+from minigpt2.files import parse_json
 
 HF_PREFIX = "hf:"
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
@@ -50,6 +51,11 @@ ROW_FORMATS = {
 TEXT_SUFFIXES = (".txt",)  # what a folder given to `data` is searched for (and their compressed forms)
 ROW_BATCH = 1024  # rows per Parquet / datasets batch
 READ_BLOCK = 1 << 20
+# The most one row (a JSON line, a JSON object, a CSV record) may hold. A row is read whole, so without a
+# bound a 2 MB `.jsonl.gz` holding one 1 GiB row (gzip packs repeated text 1000:1) took over 3 GB of memory
+# before it failed. 64 MiB is a long novel in one cell; a longer row is refused, naming its line.
+MAX_ROW_BYTES = 64 << 20
+SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON "\ud800" escape alone: no character, and no UTF-8 for it
 
 
 def format_of(path: str | os.PathLike) -> tuple[str, str | None]:
@@ -124,7 +130,8 @@ def text_lines(path: Path, compression: str | None, encoding_errors: str) -> Ite
     """The lines of a (compressed) text file, line ends made "\\n", as Python's text mode does."""
     with stream_errors(path, compression), open_binary(path, compression) as raw:
         stream = io.TextIOWrapper(raw, encoding="utf-8", errors=encoding_errors, newline=None)
-        yield from stream
+        while line := stream.readline(MAX_ROW_BYTES):  # a longer line comes in pieces: memory stays bounded
+            yield line
 
 
 def normalise(text: str) -> str:
@@ -165,6 +172,12 @@ def row_text(record, field: str, path, where: str) -> str:
     value = record[field]
     if not isinstance(value, str):
         raise DataError(f"'{path}' {where}: the field '{field}' holds {_kind(value)}, not text")
+    bad = SURROGATE.search(value)
+    if bad:
+        raise DataError(
+            f"'{path}' {where}: the field '{field}' holds the escape \\u{ord(bad.group()):04x} at character "
+            f"{bad.start()}, half of a UTF-16 pair and no character; fix the row (write the character itself)"
+        )
     return value
 
 
@@ -188,20 +201,34 @@ def _decode(data: bytes, path: Path, where: str, encoding_errors: str) -> str:
 def _jsonl_rows(path, fmt, compression, field, encoding_errors) -> Iterator[Row]:
     index = 0
     with open_binary(path, compression) as f:
-        first = True
-        for number, line in enumerate(f, 1):
-            if first:
+        for number, line in enumerate(bounded_lines(f, path), 1):
+            if number == 1:
                 line = line.removeprefix(codecs.BOM_UTF8)
-                first = False
             if not line.strip():
                 continue
             where = f"line {number}"
             try:
-                record = json.loads(_decode(line, path, where, encoding_errors))
+                record = parse_json(_decode(line, path, where, encoding_errors))
             except json.JSONDecodeError as e:
                 raise DataError(f"'{path}' {where} is not valid JSON ({e.msg} at column {e.colno})") from None
+            except ValueError as e:  # nested too deeply, a number of thousands of digits (see files.parse_json)
+                raise DataError(f"'{path}' {where} is not valid JSON here: {e}") from None
             yield Row(index, where, row_text(record, field, path, where))
             index += 1
+
+
+def bounded_lines(f, path, limit: int = MAX_ROW_BYTES) -> Iterator:
+    """The lines of a binary (or text) stream, each read with at most `limit` bytes held: a longer
+    line is refused, naming it (see MAX_ROW_BYTES)."""
+    number = 0
+    while line := f.readline(limit + 1):
+        number += 1
+        if len(line) > limit:
+            raise DataError(
+                f"'{path}' line {number} is longer than {limit >> 20} MiB, more than one row may hold; split it "
+                "into rows (or give it as a .txt file, which is read in pieces)"
+            )
+        yield line
 
 
 def _json_rows(path, fmt, compression, field, encoding_errors) -> Iterator[Row]:
@@ -233,6 +260,11 @@ def _json_array(stream, buffer: str, path, field) -> Iterator[Row]:
         except UnicodeDecodeError as e:
             raise DataError(f"'{path}' is not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
         buffer, pos, eof = buffer[pos:] + block, 0, not block
+        if len(buffer) > MAX_ROW_BYTES + READ_BLOCK:  # one object (the unread part starts with it) past the bound
+            raise DataError(
+                f"'{path}' object {index + 1} of the array is larger than {MAX_ROW_BYTES >> 20} MiB, more than one "
+                "row may hold; split it into rows"
+            )
         return bool(block)
 
     while not done:
@@ -262,17 +294,32 @@ def _json_array(stream, buffer: str, path, field) -> Iterator[Row]:
                 if not eof and more():
                     continue
                 raise DataError(f"'{path}' {where} is not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"'{path}' {where} is nested too deeply to be a row") from None
+            except ValueError:  # int()'s digit limit (see files.parse_json)
+                raise DataError(f"'{path}' {where} holds a number of more than 4300 digits, no row's") from None
         pos = end
         yield Row(index, where, row_text(record, field, path, where))
         index, expect_value = index + 1, False
+    pos += 1  # past the "]": nothing but whitespace may follow (a second array would be dropped unread)
+    while True:
+        if buffer[pos:].strip():
+            found = buffer[pos:].strip()[:20]
+            raise DataError(
+                f"'{path}' holds more after its JSON array of {index} objects ({found!r}...): one .json file is one "
+                "array; join the arrays, or write the rows as JSON Lines (.jsonl)"
+            )
+        pos = len(buffer)
+        if not more():
+            return
 
 
 @contextlib.contextmanager
 def _big_csv_fields():
-    """A novel in one CSV cell is more than the csv module's 128 KiB default: lift the limit while
-    reading, and put it back."""
+    """A novel in one CSV cell is more than the csv module's 128 KiB default: lift the limit to a
+    row's bound (MAX_ROW_BYTES) while reading, and put it back."""
     old = csv.field_size_limit()
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    csv.field_size_limit(MAX_ROW_BYTES)
     try:
         yield
     finally:
@@ -280,9 +327,12 @@ def _big_csv_fields():
 
 
 def _csv_rows(path, fmt, compression, field, encoding_errors) -> Iterator[Row]:
+    """Read strictly: a quote opened and never closed would otherwise swallow every later row into
+    one cell without a word; it is refused, naming the line where the record began."""
     with open_binary(path, compression) as raw, _big_csv_fields():
         stream = io.TextIOWrapper(raw, encoding="utf-8-sig", errors=encoding_errors, newline="")
-        reader = csv.reader(stream, delimiter="\t" if fmt == "tsv" else ",")
+        reader = csv.reader(bounded_lines(stream, path), delimiter="\t" if fmt == "tsv" else ",", strict=True)
+        began = 1  # the line the record being read began on
         try:
             header = next(reader, None)
             if header is None:
@@ -293,13 +343,24 @@ def _csv_rows(path, fmt, compression, field, encoding_errors) -> Iterator[Row]:
                     f"'{path}' has no column '{field}' (its header: {columns}); choose the column with `text_field`"
                 )
             column = header.index(field)
+            began = reader.line_num + 1
             for index, values in enumerate(reader):
-                where = f"row {index + 1} (line {reader.line_num})"
+                where = f"row {index + 1} (line {began})"
+                if any("\x00" in v for v in values):
+                    raise DataError(
+                        f"'{path}' {where} holds a NUL byte: a binary file, not text; give UTF-8 text (UTF-16 must "
+                        "be converted to UTF-8 first)"
+                    )
                 if column >= len(values):
                     raise DataError(f"'{path}' {where} has {len(values)} values, no '{field}' value")
                 yield Row(index, where, values[column])
+                began = reader.line_num + 1
         except csv.Error as e:
-            raise DataError(f"'{path}' is not valid {fmt.upper()} near line {reader.line_num}: {e}") from None
+            why = "a quote opened there is never closed" if "end of data" in str(e) else str(e)
+            raise DataError(
+                f"'{path}' is not valid {fmt.upper()} at the record that begins on line {began}: {why}; fix the "
+                'quoting there (a quote inside a cell is written twice: "")'
+            ) from None
         except UnicodeDecodeError as e:
             raise DataError(
                 f"'{path}' is not valid UTF-8 near line {reader.line_num + 1} ({e.reason}). Convert the file to "
@@ -339,6 +400,8 @@ def _parquet_rows(path, fmt, compression, field, encoding_errors) -> Iterator[Ro
                     f"'{path}' has no column '{field}' (its columns: {columns}); choose the column with `text_field`"
                 )
             kind = schema.field(field).type
+            if pa.types.is_dictionary(kind):  # (common in real files: repeated values stored once)
+                kind = kind.value_type
             is_view = getattr(pa.types, "is_string_view", lambda t: False)  # (pyarrow 16 and later)
             if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_view(kind)):
                 raise DataError(f"'{path}': the column '{field}' holds {kind}, not text")
@@ -364,6 +427,8 @@ def parse_dataset_spec(spec: str) -> tuple[str, str | None, str | None]:
     """`hf:OWNER/NAME[:CONFIG][@SPLIT]` -> (name or local folder, config or None, split or None)."""
     rest = spec.removeprefix(HF_PREFIX)
     name, at, split = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    if at and not split.strip():
+        raise DataError(f"'{spec}' names no split after '@'; write hf:OWNER/NAME@SPLIT, or leave out '@' for train")
     config = None
     head, colon, tail = name.rpartition(":")
     if colon and head and "/" not in tail:

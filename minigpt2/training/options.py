@@ -41,7 +41,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from minigpt2.checks import SEED_MAX, ArgumentParser, arg_float, arg_int, check_embed_warmup, text_arg
+from minigpt2.checks import (
+    MAX_NEW_TOKENS,
+    SEED_MAX,
+    ArgumentParser,
+    arg_float,
+    arg_int,
+    check_embed_warmup,
+    lone_surrogate,
+    text_arg,
+)
 from minigpt2.errors import MiniGPT2Error, OptionError
 from minigpt2.generation import SAMPLE_TOKENS  # noqa: F401  (re-exported: compare.py reads it from here)
 from minigpt2.model.config import PRESETS  # the model sizes --init-preset may name (torch-free)
@@ -206,7 +215,8 @@ class TrainOptions:
                                              "(repeatable; default: a Chinese and an English sentence)",
                                              group="output", action="append", type=text_arg, metavar="TEXT")
     sample_tokens: int | None = option("new tokens per sample (default {default}; 0: no samples)",
-                                       group="output", default=SAMPLE_TOKENS, type=arg_int(low=0), metavar="N")
+                                       group="output", default=SAMPLE_TOKENS, type=arg_int(low=0, high=MAX_NEW_TOKENS),
+                                       metavar="N")
     tensorboard: str | None = option("also log to TensorBoard, in DIR (default RUN/tensorboard; needs the "
                                      "tensorboard package)", group="output", saved=False, nargs="?", const="",
                                      metavar="DIR")
@@ -406,6 +416,10 @@ def saved_options(args: Any, where: Path) -> dict:
         if not ok:
             wanted = {"list": "a list of texts", "bool": "true or false", "int": "an integer", "float": "a number"}
             raise bad(f'"args"."{name}" is {value!r}, not {wanted.get(kind, "a text")}')
+        texts = value if kind == "list" else [value] if kind == "str" else []
+        half = next(filter(None, map(lone_surrogate, texts)), None)
+        if half:  # (it could not be written back: run.json is UTF-8)
+            raise bad(f'"args"."{name}" holds the escape {half}, half of a UTF-16 pair and no character')
         check = f.metadata.get("argparse", {}).get("type")
         if check is not None and kind in ("int", "float"):
             try:

@@ -30,7 +30,7 @@ import torch
 
 from minigpt2.checks import check_train_memory_fits, check_vocab_fits
 from minigpt2.device import auto_dtype, resolve_dtype
-from minigpt2.errors import MiniGPT2Error
+from minigpt2.errors import MiniGPT2Error, OptionError
 from minigpt2.io.tokenizer import load_tokenizer, locate_tokenizer
 from minigpt2.io.weights import load_model
 from minigpt2.model.config import GPTConfig
@@ -141,10 +141,14 @@ class Setup:
 # TENSORBOARD_DIR: train.py --tensorboard's event files.
 GROWN_BASE = "grown-base"  # RUN/grown-base: the model a LoRA run on a grown vocabulary adapts (for PEFT)
 RUN_FILES = {RUN_JSON, "log.jsonl", "snapshots.jsonl", LOCK, "tokenizer", TENSORBOARD_DIR, GROWN_BASE}
+# What set-up writes before run.json (which it writes last): a folder holding only these is a set-up
+# that never finished (stopped, killed or refused on the way), not a run; the next start clears it.
+SETUP_FILES = ("tokenizer", GROWN_BASE, TENSORBOARD_DIR)
 
 
 def judge_out(path: Path) -> str:
-    """What `--out` is, decided before anything is written into it: "missing", "empty", "run", or
+    """What `--out` is, decided before anything is written into it: "missing", "empty", "run",
+    "unfinished" (a set-up that stopped before it wrote run.json: see SETUP_FILES), or
     else a `RunDirError` saying what was found (a checkpoint folder, a file, the user's own files):
     training never writes into a folder it does not own."""
     if not path.exists():
@@ -154,6 +158,8 @@ def judge_out(path: Path) -> str:
     entries = sorted(p.name for p in path.iterdir())
     if all(name == LOCK for name in entries):
         return "empty"
+    if all(name in (LOCK, *SETUP_FILES) or name.startswith(".write-test-") for name in entries):
+        return "unfinished"
     if (path / WEIGHTS).exists() or (path / CONFIG).exists():
         found = "a model checkpoint (config.json, model.safetensors)"
     else:
@@ -200,6 +206,8 @@ def open_run(out: str | os.PathLike, resume: bool, saved: SavedRun, is_main: boo
         )
     check_writable(run.path, "the run directory")
     run.lock()
+    if kind == "unfinished":  # (only now, locked: the set-up of a start still going is never cleared)
+        clear_unfinished(run)
     if not resume and not run.is_empty():  # a run started in it since it was judged
         run.unlock()
         raise RunDirError(f"'{run.path}' already holds a run; continue it with `resume` (nothing was overwritten)")
@@ -214,14 +222,59 @@ def setup(given: TrainOptions, saved: SavedRun, report: Callable[[dict], None], 
     removed again: a typo never leaves a folder behind that the corrected command would refuse.
     """
     created = not Path(given.out).exists()
+    left = ctx.is_main and not created and _is_unfinished(Path(given.out))
     run = open_run(given.out, bool(given.resume), saved, ctx.is_main)
+    if left:
+        report({"type": "note", "message": f"'{run.path}' held what a start that stopped during its set-up left "
+                "(no run.json): removed, starting afresh"})  # fmt: skip
     try:
         return _setup(run, saved, given, report, ctx)
     except BaseException:
+        if ctx.is_main and _is_unfinished(run.path):  # the grown tokenizer, ... written before run.json
+            clear_unfinished(run)
         if created and ctx.is_main and run.is_empty():
             run.unlock()
             shutil.rmtree(run.path, ignore_errors=True)
         raise
+
+
+def _is_unfinished(path: Path) -> bool:
+    try:
+        return path.is_dir() and judge_out(path) == "unfinished"
+    except RunDirError:
+        return False
+
+
+def clear_unfinished(run: RunDir) -> list[str]:
+    """Remove what a set-up that never wrote run.json left (see SETUP_FILES): so that a run folder is
+    either a run `resume` continues or a folder the same command starts in. Returns the names removed."""
+    removed = []
+    for name in SETUP_FILES:
+        path = run.path / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def check_tensorboard_dir(out: str, given: str | None) -> None:
+    """`--tensorboard DIR`: a folder outside the run (made now, so that a bad one fails at once), or
+    none (RUN/tensorboard). A folder of its own inside the run would be made before the run's set-up,
+    never cleared, and make the run folder one that `--resume` refuses."""
+    if not given:
+        return
+    folder, run = Path(given).expanduser().resolve(), Path(out).expanduser().resolve()
+    if folder == run / TENSORBOARD_DIR:
+        return  # the run's own (made with the run)
+    if folder == run or run in folder.parents:
+        own = Path(out) / TENSORBOARD_DIR
+        raise OptionError("tensorboard", f"'{given}' is inside the run folder '{out}': give --tensorboard without a "
+                          f"folder (it writes into {own}), or a folder outside the run")  # fmt: skip
+    check_writable(folder, "the TensorBoard folder")
 
 
 def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[dict], None], ctx) -> Setup:
@@ -301,7 +354,12 @@ def _check_inputs(o: TrainOptions) -> tuple:
     val_files = check_inputs(o.val_data, errors, text_field) if o.val_data else None
     if val_files is None and any(f.validation for f in train_files):  # a dataset's own validation split
         val_files = [f.validation for f in train_files if f.validation is not None]
-    return train_files, val_files, [check_inputs([f], errors, text_field) for f in o.eval_data or []]
+    eval_files = [check_inputs([f], errors, text_field) for f in o.eval_data or []]
+    every = [*train_files, *(val_files or []), *(f for files in eval_files for f in files)]
+    if text_field != "text" and all(f.format == "text" for f in every):  # it would be ignored without a word
+        why = "names the field of each row, but every input is a plain text file (read whole); leave it out"
+        raise OptionError("text_field", why + ", or give row files (.jsonl, .json, .csv, .tsv, .parquet, hf:)")
+    return train_files, val_files, eval_files
 
 
 def _start(o: TrainOptions, run: RunDir, files: tuple, report, ctx) -> tuple:
