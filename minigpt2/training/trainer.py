@@ -569,6 +569,7 @@ class Trainer:
                 yield self._snapshot()
             if due(c.save_every, self.step) and self.step < c.steps and self.stop_reason is None:
                 yield self._saved("checkpoint", self._save())
+        # The end: evaluate (unless just done), snapshot, save the final model.
         if self.last["eval"] != self.step:
             yield from self._evaluation()
         if self.snapshotter is not None and c.snapshot_every and self.last["snapshot"] != self.step:
