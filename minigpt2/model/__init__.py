@@ -1,2 +1,3 @@
-"""The model: its shape (`config`), the network box by box (`gpt`: start reading here), and what
-changes it in place: LoRA adapters (`lora`), int8 weights (`quantize`); FLOPs for MFU (`flops`)."""
+"""The model: its shape (`config`), the network box by box (`gpt`: start reading here), generation's
+KV cache (`kvcache`), and what changes it in place: LoRA adapters (`lora`), int8 weights (`quantize`);
+FLOPs for MFU (`flops`)."""
