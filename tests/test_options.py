@@ -133,3 +133,25 @@ def test_a_prompt_typed_under_a_c_locale_is_read_as_the_text_typed():
     typed = "你好".encode().decode("ascii", "surrogateescape")  # what argv holds under LC_ALL=C
     assert typed != "你好" and text_arg(typed) == "你好" and text_arg("hello") == "hello"
     assert text_arg("\udcff") == "\udcff"  # not UTF-8: left as it is (a path's bytes go back unchanged)
+
+
+def test_the_trainer_config_takes_its_defaults_and_checks_from_the_options(capsys):
+    """One owner per default and rule: `TrainConfig` in Python and train.py cannot drift apart."""
+    from minigpt2.training.options import defaults_for
+    from minigpt2.training.trainer import TrainConfig
+
+    config, cpu = TrainConfig(steps=10), defaults_for("cpu")
+    for name in ("batch_size", "seq_len", "grad_accum", "lr", "weight_decay", "grad_clip", "snapshot_every", "seed"):
+        assert getattr(config, name) == cpu[name], name
+    assert config.eval_tokens == defaults_for("cuda")["eval_tokens"]
+    # the same rule refuses the same value in the same words, from Python and on the command line
+    for name, bad in [("lr", float("nan")), ("batch_size", 0), ("weight_decay", -1.0), ("seed", -1)]:
+        with pytest.raises(OptionError) as refused:
+            TrainConfig(steps=10, **{name: bad})
+        assert refused.value.option == name
+        with pytest.raises(SystemExit):
+            parse([*BASE, FLAGS[name], str(bad)])
+        assert capsys.readouterr().err == f"error: {FLAGS[name]} {refused.value.detail}\n"
+    # and the help text shows each default from its one declaration
+    help_text = " ".join(build_parser().format_help().split())
+    assert "peak learning rate (default 3e-4)" in help_text and "(default 0.1)" in help_text

@@ -1,4 +1,4 @@
-"""Generation: the token loop with its KV cache (`generate`), prompts in and whole-character samples
+"""Generation: the token loop over a KV cache (`generate`), prompts in and whole-character samples
 out (`sampling`), and the UTF-8 guard that never lets a sample hold a broken character (`utf8`)."""
 
 # The samples that watch a model (train.py at every evaluation, compare.py for both sides): this many

@@ -328,24 +328,92 @@ class Trainer:
         # steps whose gradients overflowed. bf16 has float32's range and needs none of this.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
-    # ----- checkpoints (see checkpoint.Checkpointer) ------------------------------------------
+    # ----- the loop ---------------------------------------------------------------------------
 
-    def save_checkpoint(self, name: str | None = None) -> Path:
-        """Write a checkpoint of the current step to RUN/step-NNNNNN (or RUN/`name`); return its path."""
-        return self.checkpointer.save(self.states, self.step, self.tokens, name)
+    def run(self) -> Iterator[dict]:
+        """Train to `config.steps`, yielding every record as it happens (see the module docstring)."""
+        c = self.config
+        unread = UnreadSteps(c, first_step=self.step)  # train records whose loss is still on the device
+        yield self._emit(self._start_record())
+        if self.step == 0:
+            yield from self._baseline()  # where the starting model stands, before any step
+        while self.step < c.steps:
+            # A stop request reaches the ranks at different moments: they agree on it first,
+            # so all stop after the same step.
+            if self.dist.any(self.stop_reason is not None):
+                yield from self._report(unread)
+                yield self._stopped(unread.first_step)
+                return
+            record = self.train_step(read=self.read_every == 1)  # batch, forward, backward, clip, step
+            if unread.add(record, self.read_every):
+                yield from self._report(unread)  # losses read and checked, logged with the time left
+            # What is due after this step (none after the last step, which ends with all three anyway,
+            # nor a checkpoint when a stop will save one).
+            if due(c.eval_every, self.step) and self.step < c.steps:
+                yield from self._evaluation()
+            if self.snapshotter is not None and due(c.snapshot_every, self.step):
+                yield self._snapshot()
+            if due(c.save_every, self.step) and self.step < c.steps and self.stop_reason is None:
+                yield self._saved("checkpoint", self._save())
+        # The end: evaluate (unless just done), snapshot, save the final model.
+        if self.last["eval"] != self.step:
+            yield from self._evaluation()
+        if self.snapshotter is not None and c.snapshot_every and self.last["snapshot"] != self.step:
+            yield self._snapshot()  # the drift curves end where the run ends
+        yield self._saved("done", self._save("final"))
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Continue from the checkpoint at `path` (a `CheckpointError` leaves the trainer as it was)."""
-        self.step, self.tokens = self.checkpointer.load(self.states, path)
-        self.resumed_from = Path(path)
+    def train_step(self, read: bool = True) -> dict:
+        """One optimizer step over `grad_accum` micro-batches; returns its train record.
 
-    def resume(self) -> list[dict]:
-        """Continue from the run's newest readable checkpoint, setting damaged ones aside; returns one
-        record per checkpoint skipped ({"path", "why", "kept_as"})."""
-        found = self.checkpointer.resume(self.states)
-        if found.path is not None:
-            self.step, self.tokens, self.resumed_from = found.step, found.tokens, found.path
-        return found.skipped
+        With `read=False` the loss and gradient norm stay on the device (0-d tensors) and nothing
+        waits for it: a GPU's queue of kernels keeps running ahead of Python. `read_records` reads
+        many steps in one transfer later, and checks them for NaN/inf then. Reading every step (a
+        CPU's default, where it costs nothing) stops *before* a bad update; reading every N steps
+        (a GPU's) up to N - 1 updates after it: the model in memory is then damaged, but no
+        checkpoint is, as each is written only after a read.
+        """
+        c = self.config
+        started = time.perf_counter()
+        lr = self.phase()  # the schedule (`lr_at`): warm-up, then cosine; new rows may have their own
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.new_token_lr() if group.get("new_tokens") else lr
+
+        # Forward and backward, K times. Dividing each loss by K makes the summed gradients
+        # those of the mean loss over the whole (K times larger) batch.
+        loss_sum = torch.zeros((), device=self.device)
+        for k in range(c.grad_accum):
+            x, y = self.batch(self.step * c.grad_accum + k)
+            with self.grad_sync(k == c.grad_accum - 1):
+                with self.autocast():
+                    _, loss = self.model(x, y)
+                self.scaler.scale(loss / c.grad_accum).backward()
+            loss_sum += loss.detach()
+
+        # Clipping: one unlucky batch can produce a gradient many times larger than usual; an
+        # AdamW step along it would undo many steps of progress. Rescaling the whole gradient
+        # to norm <= grad_clip keeps its direction but bounds the step. (Unscale first, so the
+        # norm is that of the true gradient, not of the fp16 loss-scaled one.)
+        self.scaler.unscale_(self.optimizer)
+        clip = c.grad_clip if c.grad_clip > 0 else float("inf")
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        record = {"type": "train", "step": self.step + 1, "loss": loss_sum / c.grad_accum, "lr": lr,
+                  "grad_norm": grad_norm, "started": started}  # fmt: skip
+        if read:  # before the update: a non-finite loss stops the run with the weights intact
+            self._read_values([record], before_update=True)
+
+        self.scaler.step(self.optimizer)  # AdamW; the scaler skips the step if fp16 grads overflowed
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until next backward
+        self.step += 1
+        self.tokens += c.tokens_per_step
+        record.update(tokens=self.tokens, epoch=self.tokens / len(self.train_data))
+        if read:
+            self.timer.time_steps([record])
+        return record
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop after the current step, saving a checkpoint first (signal-safe)."""
+        self.stop_reason = reason
 
     # ----- pieces of a step ---------------------------------------------------------------
 
@@ -397,54 +465,7 @@ class Trainer:
         c = self.config
         return lr_at(self.step, c) * (c.new_token_lr or c.lr) / c.lr
 
-    def train_step(self, read: bool = True) -> dict:
-        """One optimizer step over `grad_accum` micro-batches; returns its train record.
-
-        With `read=False` the loss and gradient norm stay on the device (0-d tensors) and nothing
-        waits for it: a GPU's queue of kernels keeps running ahead of Python. `read_records` reads
-        many steps in one transfer later, and checks them for NaN/inf then. Reading every step (a
-        CPU's default, where it costs nothing) stops *before* a bad update; reading every N steps
-        (a GPU's) up to N - 1 updates after it: the model in memory is then damaged, but no
-        checkpoint is, as each is written only after a read.
-        """
-        c = self.config
-        started = time.perf_counter()
-        lr = self.phase()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.new_token_lr() if group.get("new_tokens") else lr
-
-        # Forward and backward, K times. Dividing each loss by K makes the summed gradients
-        # those of the mean loss over the whole (K times larger) batch.
-        loss_sum = torch.zeros((), device=self.device)
-        for k in range(c.grad_accum):
-            x, y = self.batch(self.step * c.grad_accum + k)
-            with self.grad_sync(k == c.grad_accum - 1):
-                with self.autocast():
-                    _, loss = self.model(x, y)
-                self.scaler.scale(loss / c.grad_accum).backward()
-            loss_sum += loss.detach()
-
-        # Clipping: one unlucky batch can produce a gradient many times larger than usual; an
-        # AdamW step along it would undo many steps of progress. Rescaling the whole gradient
-        # to norm <= grad_clip keeps its direction but bounds the step. (Unscale first, so the
-        # norm is that of the true gradient, not of the fp16 loss-scaled one.)
-        self.scaler.unscale_(self.optimizer)
-        clip = c.grad_clip if c.grad_clip > 0 else float("inf")
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        record = {"type": "train", "step": self.step + 1, "loss": loss_sum / c.grad_accum, "lr": lr,
-                  "grad_norm": grad_norm, "started": started}  # fmt: skip
-        if read:  # before the update: a non-finite loss stops the run with the weights intact
-            self._read_values([record], before_update=True)
-
-        self.scaler.step(self.optimizer)  # AdamW; the scaler skips the step if fp16 grads overflowed
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until next backward
-        self.step += 1
-        self.tokens += c.tokens_per_step
-        record.update(tokens=self.tokens, epoch=self.tokens / len(self.train_data))
-        if read:
-            self.timer.time_steps([record])
-        return record
+    # ----- reading steps' losses to the host ------------------------------------------------
 
     def read_records(self, records: list[dict]) -> list[dict]:
         """Complete the records of steps run with `read=False`: their loss and gradient norm read
@@ -477,6 +498,25 @@ class Trainer:
             f"{what} at step {step}; stopping {when} ({last}). "
             f"Lower the learning rate, lengthen the warm-up{', ' + extra if extra else ''}."
         )
+
+    # ----- checkpoints (see checkpoint.Checkpointer) ------------------------------------------
+
+    def save_checkpoint(self, name: str | None = None) -> Path:
+        """Write a checkpoint of the current step to RUN/step-NNNNNN (or RUN/`name`); return its path."""
+        return self.checkpointer.save(self.states, self.step, self.tokens, name)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Continue from the checkpoint at `path` (a `CheckpointError` leaves the trainer as it was)."""
+        self.step, self.tokens = self.checkpointer.load(self.states, path)
+        self.resumed_from = Path(path)
+
+    def resume(self) -> list[dict]:
+        """Continue from the run's newest readable checkpoint, setting damaged ones aside; returns one
+        record per checkpoint skipped ({"path", "why", "kept_as"})."""
+        found = self.checkpointer.resume(self.states)
+        if found.path is not None:
+            self.step, self.tokens, self.resumed_from = found.step, found.tokens, found.path
+        return found.skipped
 
     # ----- evaluation -------------------------------------------------------------------------
 
@@ -543,43 +583,6 @@ class Trainer:
             "window": score.window,
             "chars": score.characters,
         }
-
-    # ----- the loop ---------------------------------------------------------------------------
-
-    def run(self) -> Iterator[dict]:
-        """Train to `config.steps`, yielding every record as it happens (see the module docstring)."""
-        c = self.config
-        unread = UnreadSteps(c, first_step=self.step)  # train records whose loss is still on the device
-        yield self._emit(self._start_record())
-        if self.step == 0:
-            yield from self._baseline()  # where the starting model stands, before any step
-        while self.step < c.steps:
-            # A stop request reaches the ranks at different moments: they agree on it first,
-            # so all stop after the same step.
-            if self.dist.any(self.stop_reason is not None):
-                yield from self._report(unread)
-                yield self._stopped(unread.first_step)
-                return
-            record = self.train_step(read=self.read_every == 1)  # batch, forward, backward, clip, step
-            if unread.add(record, self.read_every):
-                yield from self._report(unread)  # losses read and checked, logged with the time left
-            # What is due after this step (none after the last step, which ends with all three anyway,
-            # nor a checkpoint when a stop will save one).
-            if due(c.eval_every, self.step) and self.step < c.steps:
-                yield from self._evaluation()
-            if self.snapshotter is not None and due(c.snapshot_every, self.step):
-                yield self._snapshot()
-            if due(c.save_every, self.step) and self.step < c.steps and self.stop_reason is None:
-                yield self._saved("checkpoint", self._save())
-        if self.last["eval"] != self.step:
-            yield from self._evaluation()
-        if self.snapshotter is not None and c.snapshot_every and self.last["snapshot"] != self.step:
-            yield self._snapshot()  # the drift curves end where the run ends
-        yield self._saved("done", self._save("final"))
-
-    def request_stop(self, reason: str) -> None:
-        """Ask the loop to stop after the current step, saving a checkpoint first (signal-safe)."""
-        self.stop_reason = reason
 
     # ----- what the loop calls --------------------------------------------------------------
 
