@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-tokens", type=arg_int(low=0), default=SAMPLE_TOKENS, metavar="N",
                    help=f"continue each --prompt by N tokens with A and with B, the same seed for both (default: "
                         f"{SAMPLE_TOKENS}; 0: no continuations)")
+    p.add_argument("--no-layers", action="store_true", help="skip the transplants and the logit lens, which cost "
+                   "2 x (L + 2) evaluations and 2 x (L + 1) read-outs of each --text: a quick look")
     p.add_argument("--force", action="store_true", help="replace existing --json / --plot / --html files")
     p.add_argument("--device", default="cpu",
                    help="where the forward passes for --prompt and --text run: cpu, cuda, mps or auto (default: cpu); "
@@ -122,6 +124,7 @@ def main(argv=None) -> int:
                     args.b[0] if args.b else None,
                     prompts=args.prompt,
                     sample_tokens=args.sample_tokens,
+                    layers=not args.no_layers,
                     **common,
                 )
                 report = render(result, top=args.top)

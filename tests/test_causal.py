@@ -248,7 +248,7 @@ def test_per_character_changes_add_up_and_find_the_passage(enc):
 
 
 def test_compare_json_holds_the_attribution_and_the_lens(tmp_path, test_data):
-    a = random_model()
+    a = random_model(dataclasses.replace(TINY, vocab_size=50257))
     b = changed(a, "h.1")
     tok = test_data / "gpt2"
     pa = save_model(a, tmp_path / "a", tokenizer_source=tok)

@@ -290,3 +290,47 @@ def score_with_tokens(model, stream, chars, *, window=None, device="cpu", progre
     """`score_text` that also returns each predicted token's loss in nats, in the stream's order."""
     nats: list[float] = []
     return score_text(model, stream, chars, window=window, device=device, progress=progress, token_nats=nats), nats
+
+
+# ----- compare.py's sections --------------------------------------------------------------
+
+
+def evaluations(n_layer: int, grown: bool = False) -> int:
+    """What the transplants cost per text: 2 x (L + 2) evaluations (one more for a grown
+    vocabulary: A extended, the gain's starting point); the lens adds 2 x (L + 1) read-outs."""
+    return 2 * (n_layer + 2) + int(grown)
+
+
+def layer_sections(
+    checkpoint_a, checkpoint_b, texts: list[dict], chars: dict, *, window=None, device="cpu", revision=None,
+    progress: Progress = None,
+) -> list[dict]:  # fmt: skip
+    """compare.py's transplants and logit lens, per text of `texts` ({"name", "a": the scoring
+    stream in A's tokens, "b": in B's}; `chars` = {"a", "b"}: each tokenizer's `char_counts`).
+
+    Both models are loaded in float32 (an int8 `--quantize` does not apply here). Per text:
+    {"layer_attribution": see `layer_attribution`, "logit_lens": {"a": [L + 1], "b": [L + 1]},
+    "transplant_base": {"a", "b"}: the bits per character the shares are measured between, and
+    "shares": see `shares`}."""
+    from minigpt2.io.weights import load_model
+
+    if progress is not None:
+        progress("loading A and B for the transplants", 0, 1, "")
+    model_a = load_model(checkpoint_a, device=device, revision=revision)
+    model_b = load_model(checkpoint_b, device=device, revision=revision)
+    lab = Transplanter(model_a, model_b, device)
+    found = []
+    for text in texts:
+        common = dict(window=window, device=device, progress=progress)
+        lens = {
+            "a": logit_lens(model_a, text["a"], chars["a"], name=f"A on {text['name']}", **common),
+            "b": logit_lens(model_b, text["b"], chars["b"], name=f"B on {text['name']}", **common),
+        }
+        base_a = lens["a"][-1]
+        if lab.grown:  # the gain starts from A extended by B's new rows, in B's tokens
+            base_a = lab.score("a", [], text["b"], chars["b"], window=window, device=device).bits_per_char
+        rows = layer_attribution(lab, None, text["b"], chars["b"], name=text["name"], **common)
+        base = {"a": base_a, "b": lens["b"][-1]}
+        found.append({"layer_attribution": rows, "logit_lens": lens, "transplant_base": base,
+                      "shares": shares(rows, base["a"], base["b"])})  # fmt: skip
+    return found

@@ -95,6 +95,8 @@ def render(result: dict, top: int = 10) -> str:
         out += _activations(number, act)
     if result["behaviour"]:
         out += _behaviour(result)
+    for t in result["behaviour"]:
+        out += layer_sections(t, result["config"]["n_layer"])
     for run in result["runs"]:
         out += _run(run) + _run_samples(run)
     return "\n".join(out).rstrip() + "\n"
@@ -269,6 +271,55 @@ def behaviour_rows(result: dict) -> list[list[str]]:
             ]
         )
     return rows
+
+
+# ----- which units, at which depth, where in the text (minigpt2.analysis.causal) -------------
+
+
+def layer_sections(t: dict, n_layer: int) -> list[str]:
+    """The transplants, the logit lens and the passages gained and lost, for one text."""
+    name, out = Path(t["file"]).name, []
+    if t.get("layer_attribution"):
+        base = t["transplant_base"]
+        out += [
+            f"== Which units carry the change on {name}: transplants, 2 x ({n_layer} + 2) = "
+            f"{2 * (n_layer + 2)} evaluations ==",
+            f"   the whole change: bpc {num(base['a'])} (A) -> {num(base['b'])} (B), {base['b'] - base['a']:+.4f}. "
+            "alone: what A gains with B's unit, as a share of the whole gain; needed: what B loses with A's unit "
+            "put back. Over 100%: more than the whole change does (the other units undo part of it); below 0: "
+            "the unit's change works against the gain.",
+        ]
+        rows = [[r["unit"], num(r["bpc_a_with_b"]), pct(s["alone"]), num(r["bpc_b_with_a"]), pct(s["needed"])]
+                for r, s in zip(t["layer_attribution"], t["shares"])]  # fmt: skip
+        out += table(["unit", "A with B's", "alone", "B with A's", "needed"], rows) + [""]
+    if t.get("logit_lens"):
+        lens = t["logit_lens"]
+        out.append(f"== At which depth the prediction forms on {name}: logit lens, bpc read out after each block ==")
+        depths = ["embedding", *(f"h.{i}" for i in range(len(lens["a"]) - 1))]
+        rows = [[d, num(a), num(b), f"{b - a:+.4f}"] for d, a, b in zip(depths, lens["a"], lens["b"])]
+        out += table(["after", "bpc A", "bpc B", "B-A"], rows) + [""]
+    if t.get("changes"):
+        out += passage_lines(name, t["changes"]["passages"])
+    return out
+
+
+def passage_lines(name: str, found: dict) -> list[str]:
+    """The passages of a text where B gained most and lost most, in bits (B - A)."""
+    out = [f"== Where in {name} B gained and lost: bits B - A per passage (about a sentence) =="]
+    for key, title in (("gained", "gained most"), ("lost", "lost most")):
+        out.append(f"{title}:" + ("" if found[key] else " none"))
+        for p in found[key]:
+            text = " ".join(p["text"].split())
+            shown = text if display_width(text) <= 60 else _cut(text, 57) + "..."
+            out.append(f"  {p['delta_bits']:+9.1f}  {shown}")
+    return out + [""]
+
+
+def _cut(text: str, width: int) -> str:
+    """The longest start of `text` that takes at most `width` terminal columns."""
+    while display_width(text) > width:
+        text = text[:-1]
+    return text
 
 
 def _run(run: dict) -> list[str]:
