@@ -40,12 +40,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from minigpt2.analysis.evaluate import Score, score_text
+from minigpt2.analysis.evaluate import Score, char_counts, score_text
 from minigpt2.analysis.snapshots import official_tensors
 from minigpt2.errors import CheckpointError
 from minigpt2.io.weights import empty_model
@@ -302,11 +303,12 @@ def evaluations(n_layer: int, grown: bool = False) -> int:
 
 
 def layer_sections(
-    checkpoint_a, checkpoint_b, texts: list[dict], chars: dict, *, window=None, device="cpu", revision=None,
+    checkpoint_a, checkpoint_b, texts: list[dict], enc: dict, *, window=None, device="cpu", revision=None,
     progress: Progress = None,
 ) -> list[dict]:  # fmt: skip
-    """compare.py's transplants and logit lens, per text of `texts` ({"name", "a": the scoring
-    stream in A's tokens, "b": in B's}; `chars` = {"a", "b"}: each tokenizer's `char_counts`).
+    """compare.py's transplants and logit lens, per text of `texts` (`compare.prepare_texts`': its
+    "file" and "ids" = {"A": the scoring stream in A's tokens, "B": in B's}; `enc` = {"A", "B"}:
+    each side's tokenizer).
 
     Both models are loaded in float32 (an int8 `--quantize` does not apply here). Per text:
     {"layer_attribution": see `layer_attribution`, "logit_lens": {"a": [L + 1], "b": [L + 1]},
@@ -319,8 +321,10 @@ def layer_sections(
     model_a = load_model(checkpoint_a, device=device, revision=revision)
     model_b = load_model(checkpoint_b, device=device, revision=revision)
     lab = Transplanter(model_a, model_b, device)
+    chars = {"a": char_counts(enc["A"]), "b": char_counts(enc["B"])}
     found = []
-    for text in texts:
+    for t in texts:
+        text = {"name": Path(t["file"]).name, "a": t["ids"]["A"], "b": t["ids"]["B"]}
         common = dict(window=window, device=device, progress=progress)
         lens = {
             "a": logit_lens(model_a, text["a"], chars["a"], name=f"A on {text['name']}", **common),

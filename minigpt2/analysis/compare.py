@@ -820,9 +820,8 @@ def compare(
 
     Texts are scored by `minigpt2.analysis.evaluate`'s protocol: the first `max_eval_tokens` tokens, in
     windows of `window` tokens (default: each model's context). `progress` hears of every phase
-    (see `Progress`). Each text's figures also say where in it B gained and lost ("changes", see
-    `causal.text_changes`) and, with `layers`, which units carry the change and at which depth the
-    prediction forms ("layer_attribution", "logit_lens", ...: see `causal.layer_sections`).
+    (see `Progress`). Per text also where B gained and lost ("changes") and, with `layers`, the
+    transplants and the logit lens ("layer_attribution", "logit_lens": `minigpt2.analysis.causal`).
     """
     positive_int("max_eval_tokens", max_eval_tokens)  # the evaluation cap, in tokens
     non_negative_int("sample_tokens", sample_tokens)
@@ -858,12 +857,10 @@ def compare(
         activations, behaviour = _forward_passes(
             sides, enc, prompts, prepared, device, revision, quantize, window, progress, sample_tokens
         )
-    if layers and prepared:
-        streams = [{"name": Path(t["file"]).name, "a": t["ids"]["A"], "b": t["ids"]["B"]} for t in prepared]
-        chars = {"a": char_counts(enc["A"]), "b": char_counts(enc["B"])}
-        sections = layer_sections(side_a["checkpoint"], side_b["checkpoint"], streams, chars, window=window,
-                                  device=device, revision=revision, progress=progress)  # fmt: skip
-        for text, found in zip(behaviour, sections):
+    if layers and prepared:  # which units carry the change, at which depth (causal.layer_sections)
+        for text, found in zip(behaviour, layer_sections(side_a["checkpoint"], side_b["checkpoint"], prepared, enc,
+                                                          window=window, device=device, revision=revision,
+                                                          progress=progress)):  # fmt: skip
             text.update(found)
 
     return {

@@ -480,6 +480,10 @@ def write_plot(result: dict, path: str | os.PathLike, force: bool = False) -> Pa
     cost = cost_bars(result)
     if cost is not None:
         panels.append(lambda fig, ax, font: _plot_cost(ax, cost, font))
+    for number, t in enumerate(result["behaviour"], 1):  # per text: which units, at which depth
+        if t.get("layer_attribution"):
+            panels += [lambda fig, ax, font, t=t, n=number: _plot_transplants(ax, t, n, font),
+                       lambda fig, ax, font, t=t, n=number: _plot_lens(ax, t, n, font)]  # fmt: skip
     if run and run["steps"]:
         panels += [
             lambda fig, ax, font: _plot_steps(ax, run, "weight_drift", "weights: relative change per layer"),
@@ -675,6 +679,40 @@ def _plot_cost(ax, cost: dict, font: str | None) -> None:
     ax.set_title(cost["title"], fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
+
+
+def _plot_transplants(ax, t: dict, number: int, font: str | None) -> None:
+    """Per unit, two bars: the share of the whole change its change brings on its own (A with B's
+    unit) and the share B loses without it (B with A's unit put back)."""
+    units = [s["unit"] for s in t["shares"]]
+    for k, (key, label, colour) in enumerate((("alone", "A with B's unit", "tab:blue"),
+                                              ("needed", "B with A's unit put back", "tab:orange"))):  # fmt: skip
+        values = [100 * s[key] if math.isfinite(s[key]) else 0.0 for s in t["shares"]]
+        ax.bar([i + (k - 0.5) * 0.4 for i in range(len(units))], values, 0.4, color=colour, label=label)
+    step = max(1, len(units) // 16)
+    ax.set_xticks(range(0, len(units), step), units[::step], fontsize=8, rotation=45)
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+    ax.axhline(0, color="black", linewidth=0.8)
+    base = t["transplant_base"]
+    name = text_label(Path(t["file"]).name, number, font)
+    ax.set_title(f"{name}: share of the change (bpc {num(base['a'], 3)} -> {num(base['b'], 3)}) per unit", fontsize=10)
+    ax.set_ylabel("% of bpc A - bpc B")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+
+
+def _plot_lens(ax, t: dict, number: int, font: str | None) -> None:
+    """The logit lens: bits per character read out after the embedding and after each block."""
+    depths = ["emb", *(f"h.{i}" for i in range(len(t["logit_lens"]["a"]) - 1))]
+    for side, colour in (("a", "tab:blue"), ("b", "tab:orange")):
+        ax.plot(range(len(depths)), t["logit_lens"][side], marker="o", color=colour, label=side.upper())
+    step = max(1, len(depths) // 16)
+    ax.set_xticks(range(0, len(depths), step), depths[::step], fontsize=8)
+    ax.set_title(f"{text_label(Path(t['file']).name, number, font)}: logit lens", fontsize=10)
+    ax.set_xlabel("read out after")
+    ax.set_ylabel("bits per character")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def smoothed(values: list[float]) -> tuple[int, list[float]]:
