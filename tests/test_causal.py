@@ -6,6 +6,8 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -253,10 +255,16 @@ def test_compare_json_holds_the_attribution_and_the_lens(tmp_path, test_data):
     tok = test_data / "gpt2"
     pa = save_model(a, tmp_path / "a", tokenizer_source=tok)
     pb = save_model(b, tmp_path / "b", tokenizer_source=tok)
-    out = tmp_path / "c.json"
+    out, page = tmp_path / "c.json", tmp_path / "c.html"
     zh = test_data / "zh" / "水浒传.txt"
-    r = run_script("compare.py", pa, pb, "--text", zh, "--max-eval-tokens", 256, "--json", out, timeout=180)
+    r = run_script("compare.py", pa, pb, "--text", zh, "--max-eval-tokens", 256, "--json", out, "--html", page,
+                   timeout=180)  # fmt: skip
     assert r.returncode == 0, r.stderr
+    assert "transplants on 水浒传.txt: 2 x (3 + 2) = 10 evaluations" in r.stderr or "transplants" in r.stdout
+    html = page.read_text(encoding="utf-8")
+    assert 'id="layers"' in html and 'id="where"' in html
+    where = html[html.index('id="where"') :]
+    assert "《水浒传》" in where and "background:rgba(" in where  # the excerpt, its characters shaded
     behaviour = json.loads(out.read_text(encoding="utf-8"))["behaviour"][0]
     rows = behaviour["layer_attribution"]
     assert [row["unit"] for row in rows] == ["embedding", "h.0", "h.1", "h.2", "ln_f"]
@@ -268,3 +276,36 @@ def test_compare_json_holds_the_attribution_and_the_lens(tmp_path, test_data):
     assert "== Which units carry the change" in r.stdout and "gained most" in r.stdout
     quick = run_script("compare.py", pa, pb, "--text", zh, "--max-eval-tokens", 256, "--no-layers", timeout=180)
     assert quick.returncode == 0 and "Which units" not in quick.stdout
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium fonts-noto-cjk)")
+def test_the_shaded_excerpt_renders_in_a_real_browser(enc, tmp_path):
+    """Headless chromium draws the new sections at a phone's width: not blank, and the shading is
+    there (green and red pixels), under the characters it shades."""
+    from minigpt2.analysis.htmlreport import _layers, _where, page
+
+    text = "话说大宋仁宗天子在位，嘉佑三年三月三日五更三点。The weather is nice today. 天子驾坐紫宸殿。"
+    delta = [(-3.0 if i < 12 else 3.0 if i > len(text) - 10 else 0.0) for i in range(len(text))]
+    rows = [{"unit": u, "bpc_a_with_b": 5.0, "bpc_b_with_a": 4.0} for u in units(2)]
+    t = {"file": "水浒传.txt", "layer_attribution": rows, "shares": shares(rows, 5.5, 4.5),
+         "transplant_base": {"a": 5.5, "b": 4.5}, "logit_lens": {"a": [9, 7, 5.5], "b": [9, 6, 4.5]},
+         "changes": {"excerpt": {"text": text, "delta_bits": delta},
+                     "passages": passages(text, np.array(delta))}}  # fmt: skip
+    path = tmp_path / "r.html"
+    path.write_text(page("causal", [_layers({"behaviour": [t]}), _where({"behaviour": [t]})]), encoding="utf-8")
+    shot = tmp_path / "shot.png"
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=390,1600",
+               f"--screenshot={shot}", path.as_uri()]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, timeout=180)
+    assert done.returncode == 0 and shot.is_file(), done.stderr
+    from matplotlib import image
+
+    pixels = image.imread(shot)[..., :3]  # (height, width, 3)
+    assert pixels.std() > 0.05
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    assert ((g > r + 0.05) & (g > b + 0.05)).sum() > 200  # green behind the characters B gained on
+    assert ((r > g + 0.05) & (r > b + 0.05)).sum() > 200  # red behind those it lost on
