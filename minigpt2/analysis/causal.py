@@ -240,19 +240,20 @@ def char_nats(enc, stream, token_nats: Sequence[float]) -> tuple[str, np.ndarray
     return text[:n], nats[:n]
 
 
-PASSAGE_ENDS = set("。！？!?；;…\n")
-LONGEST_PASSAGE = 80  # characters: a passage without a sentence end is cut here
+PASSAGE_ENDS = set("。！？!?；;\n")
+SHORTEST_PASSAGE, LONGEST_PASSAGE = 8, 80  # characters: a sentence end closes a passage of at least 8; none, at 80
 
 
 def passages(text: str, delta: np.ndarray, count: int = 10) -> dict:
-    """The text cut into passages of about a sentence; the `count` with the largest total gain of B
+    """The text cut into passages of about a sentence (8 to 80 characters); the `count` with the largest total gain of B
     over A (`delta` = B's bits minus A's per character: negative is a gain) and the `count` with
     the largest loss: {"gained": [...], "lost": [...]}, each {"start", "text", "delta_bits",
     "characters"}."""
     cuts, start = [], 0
     for i, ch in enumerate(text):
-        end = ch in PASSAGE_ENDS or (ch == "." and text[i + 1 : i + 2] in (" ", "")) or i + 1 - start >= LONGEST_PASSAGE
-        if end or i == len(text) - 1:
+        length = i + 1 - start
+        sentence = ch in PASSAGE_ENDS or (ch == "." and text[i + 1 : i + 2] in (" ", "\n", ""))
+        if (sentence and length >= SHORTEST_PASSAGE) or length >= LONGEST_PASSAGE or i == len(text) - 1:
             cuts.append((start, i + 1))
             start = i + 1
     found = [

@@ -285,9 +285,9 @@ def layer_sections(t: dict, n_layer: int) -> list[str]:
             f"== Which units carry the change on {name}: transplants, 2 x ({n_layer} + 2) = "
             f"{2 * (n_layer + 2)} evaluations ==",
             f"   the whole change: bpc {num(base['a'])} (A) -> {num(base['b'])} (B), {base['b'] - base['a']:+.4f}. "
-            "alone: what A gains with B's unit, as a share of the whole gain; needed: what B loses with A's unit "
-            "put back. Over 100%: more than the whole change does (the other units undo part of it); below 0: "
-            "the unit's change works against the gain.",
+            "alone: what A gains with B's unit, as a share of the whole change; needed: what B loses with A's "
+            "unit put back. Over 100%: more than the whole change does (the other units undo part of it); below 0: "
+            "the unit's change works against it.",
         ]
         rows = [[r["unit"], num(r["bpc_a_with_b"]), pct(s["alone"]), num(r["bpc_b_with_a"]), pct(s["needed"])]
                 for r, s in zip(t["layer_attribution"], t["shares"])]  # fmt: skip
