@@ -309,3 +309,21 @@ def test_the_shaded_excerpt_renders_in_a_real_browser(enc, tmp_path):
     r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
     assert ((g > r + 0.05) & (g > b + 0.05)).sum() > 200  # green behind the characters B gained on
     assert ((r > g + 0.05) & (r > b + 0.05)).sum() > 200  # red behind those it lost on
+
+
+def test_the_python_api_takes_a_text_and_a_tokenizer_or_a_token_tensor(enc):
+    import sys
+
+    import minigpt2.analysis as analysis
+
+    text = "今天的天气很好。我们去公园散步。The weather is nice today."
+    stream, _ = text_stream(enc, text)
+    model = random_model(dataclasses.replace(TINY, vocab_size=enc.n_vocab))
+    b = changed(model, "h.2")
+    by_text = analysis.logit_lens(model, text, enc=enc)
+    assert by_text == analysis.logit_lens(model, torch.tensor(stream), char_counts(enc))
+    rows = analysis.layer_attribution(model, b, text, enc=enc)
+    assert rows == analysis.layer_attribution(model, b, torch.tensor(stream), enc=enc)
+    found = analysis.where_changed(model, b, text, enc)
+    assert found["excerpt"]["text"] == text
+    assert "torch" in sys.modules and analysis.capture_block_outputs is capture_block_outputs

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from minigpt2.analysis.evaluate import Score, char_counts, score_text
+from minigpt2.analysis.evaluate import Score, char_counts, score_text, text_stream
 from minigpt2.analysis.snapshots import official_tensors
 from minigpt2.errors import CheckpointError
 from minigpt2.io.weights import empty_model
@@ -149,13 +149,32 @@ class Transplanter:
             return score_text(model, stream, chars, window=window, device=device, progress=progress)
 
 
+def as_stream(tokens, chars=None, enc=None, max_tokens: int | None = None):
+    """(scoring stream, characters per token id) from what a notebook has: a text and its tokenizer
+    (`enc`: the stream is `<|endoftext|>` + its first `max_tokens` tokens, as compare.py builds it),
+    or token ids already (a list or a 1-D tensor, `<|endoftext|>` first) with `chars` or `enc`."""
+    if isinstance(tokens, str):
+        if enc is None:
+            raise ValueError("a text needs its tokenizer: pass enc=")
+        tokens = text_stream(enc, tokens, max_tokens)[0]
+    elif isinstance(tokens, torch.Tensor):
+        tokens = tokens.reshape(-1).tolist()
+    if chars is None:
+        if enc is None:
+            raise ValueError("bits per character need the characters each token spells: pass chars= or enc=")
+        chars = char_counts(enc)
+    return tokens, chars
+
+
 def layer_attribution(
-    model_a, model_b, stream, chars, *, window=None, device="cpu", progress: Progress = None, name: str = "the text"
-) -> list[dict]:
+    model_a, model_b, stream, chars=None, *, enc=None, window=None, device="cpu", progress: Progress = None,
+    name: str = "the text",
+) -> list[dict]:  # fmt: skip
     """Per unit: {"unit", "bpc_a_with_b": A given B's unit, "bpc_b_with_a": B given A's unit back},
-    on `stream` in B's tokens (`chars` = `char_counts` of B's tokenizer): 2 x (L + 2) evaluations,
-    `progress` told after each forward pass. `model_a` and `model_b` may also be one `Transplanter`
-    (then `model_b` is None), to reuse its copies."""
+    on `stream` in B's tokens (`chars` = `char_counts` of B's tokenizer; or a text and `enc`, B's
+    tokenizer: see `as_stream`): 2 x (L + 2) evaluations, `progress` told after each forward pass.
+    `model_a` may also be a `Transplanter` (then `model_b` is None), to reuse its copies."""
+    stream, chars = as_stream(stream, chars, enc)
     lab = model_a if isinstance(model_a, Transplanter) else Transplanter(model_a, model_b, device)
     n = 2 * len(lab.units)
     task = f"transplants on {name}: 2 x ({len(lab.units) - 2} + 2) = {n} evaluations"
@@ -208,10 +227,14 @@ class ReadOut(nn.Module):
         return m.lm_head(m.ln_f(x))  # (B, T, vocab_size)
 
 
-def logit_lens(model, stream, chars, *, window=None, device="cpu", progress: Progress = None, name="") -> list[float]:
+def logit_lens(
+    model, stream, chars=None, *, enc=None, window=None, device="cpu", progress: Progress = None, name=""
+) -> list[float]:
     """Bits per character of predicting the next token from the residual stream after the
     embedding (depth 0) and after each block (depth 1 .. L), through ln_f and the output layer:
-    L + 1 evaluations by the one protocol; the last is the model's own bits per character."""
+    L + 1 evaluations by the one protocol; the last is the model's own bits per character.
+    `stream` and `chars`: token ids and `char_counts`, or a text and `enc` (see `as_stream`)."""
+    stream, chars = as_stream(stream, chars, enc)
     depths = model.config.n_layer + 1
     task = f"logit lens{' of ' + name if name else ''}: {depths} read-outs"
     curve = []
@@ -339,3 +362,15 @@ def layer_sections(
         found.append({"layer_attribution": rows, "logit_lens": lens, "transplant_base": base,
                       "shares": shares(rows, base["a"], base["b"])})  # fmt: skip
     return found
+
+
+def where_changed(model_a, model_b, text: str, enc_a, enc_b=None, *, max_tokens=None, window=None, device="cpu"):
+    """`text_changes` of two models on a text, each reading it with its own tokenizer (`enc_b`:
+    A's by default), scored by the one protocol: {"passages": {"gained", "lost"}, "excerpt"}."""
+    enc_b = enc_b or enc_a
+    stream_a, chars_a = as_stream(text, None, enc_a, max_tokens)
+    spelled = enc_a.decode(stream_a[1:]).rstrip("\ufffd")  # B reads the same characters
+    stream_b, chars_b = as_stream(spelled, None, enc_b)
+    _, nats_a = score_with_tokens(model_a, stream_a, chars_a, window=window, device=device)
+    _, nats_b = score_with_tokens(model_b, stream_b, chars_b, window=window, device=device)
+    return text_changes(enc_a, stream_a, nats_a, enc_b, stream_b, nats_b)
