@@ -106,6 +106,17 @@ def run_naive(a: str, b: str) -> dict:
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "figures": figures}
 
 
+def clock() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a machine other jobs share, the CPU time is
+    what the work itself took, the wall time what it took there and then."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    now = clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
 def run_layers(a: str, b: str, tokens: str) -> dict:
     import torch
 
@@ -122,21 +133,21 @@ def run_layers(a: str, b: str, tokens: str) -> dict:
     times = {}
     with torch.inference_mode():
         score_text(model_b, stream, chars)  # warm-up: the first pass of a process pays for allocations
-        start = time.perf_counter()
+        start = clock()
         plain = score_text(model_a, stream, chars)
-        times["one evaluation"] = time.perf_counter() - start
-        start = time.perf_counter()
+        times["one evaluation"] = since(start)
+        start = clock()
         score_with_tokens(model_a, stream, chars)
-        times["one evaluation with per-token losses"] = time.perf_counter() - start
-        start = time.perf_counter()
+        times["one evaluation with per-token losses"] = since(start)
+        start = clock()
         lens = logit_lens(model_a, stream, chars)
-        times[f"logit lens of one model ({len(lens)} read-outs)"] = time.perf_counter() - start
-        start = time.perf_counter()
+        times[f"logit lens of one model ({len(lens)} read-outs)"] = since(start)
+        start = clock()
         lab = Transplanter(model_a, model_b)
-        times["transplants: copies of both models' weights"] = time.perf_counter() - start
-        start = time.perf_counter()
+        times["transplants: copies of both models' weights"] = since(start)
+        start = clock()
         rows = layer_attribution(lab, None, stream, chars)
-        times[f"transplants ({2 * len(rows)} evaluations)"] = time.perf_counter() - start
+        times[f"transplants ({2 * len(rows)} evaluations)"] = since(start)
     assert abs(lens[-1] - plain.bits_per_char) < 1e-5
     threads = torch.get_num_threads()
     return {"seconds": times, "tokens": len(stream) - 1, "peak_rss_mb": peak_rss_mb(), "threads": threads}
@@ -144,15 +155,16 @@ def run_layers(a: str, b: str, tokens: str) -> dict:
 
 def print_layers(found: dict) -> None:
     per = 32768 / found["tokens"]
-    one = found["seconds"]["one evaluation"]
+    one = found["seconds"]["one evaluation"][1]
     print(f"\nper-text sections on {found['tokens']:,} tokens of Chinese ({found['threads']} threads; "
-          f"peak RSS {found['peak_rss_mb']:.0f} MB with both models loaded):")  # fmt: skip
-    for what, seconds in found["seconds"].items():
+          f"peak RSS {found['peak_rss_mb']:.0f} MB with both models loaded); wall s, CPU s, the CPU time in "
+          "evaluations and per 32,768 tokens:")  # fmt: skip
+    for what, (wall, cpu) in found["seconds"].items():
         if what.startswith("transplants: copies"):  # once per comparison, whatever the text's length
-            print(f"  {what:48s} {seconds:8.2f} s  (once)")
+            print(f"  {what:46s} {wall:7.2f} s {cpu:7.2f} s  (once)")
             continue
-        print(f"  {what:48s} {seconds:8.2f} s  = {seconds / one:5.1f} evaluations, {seconds * per / 60:6.1f} min "
-              "per 32,768 tokens")  # fmt: skip
+        print(f"  {what:46s} {wall:7.2f} s {cpu:7.2f} s  = {cpu / one:5.1f} evaluations, {cpu * per / 60:6.1f} "
+              "CPU-min per 32,768 tokens")  # fmt: skip
 
 
 def main() -> int:

@@ -178,13 +178,11 @@ def layer_attribution(
     lab = model_a if isinstance(model_a, Transplanter) else Transplanter(model_a, model_b, device)
     n = 2 * len(lab.units)
     task = f"transplants on {name}: 2 x ({len(lab.units) - 2} + 2) = {n} evaluations"
-    rows = []
-    for i, unit in enumerate(lab.units):
-        row = {"unit": unit}
-        for j, (base, key) in enumerate((("a", "bpc_a_with_b"), ("b", "bpc_b_with_a"))):
-            tell = _sub_progress(progress, task, 2 * i + j, n)
+    rows = [{"unit": unit} for unit in lab.units]
+    for j, (base, key) in enumerate((("a", "bpc_a_with_b"), ("b", "bpc_b_with_a"))):  # A's first: one copy each
+        for i, (unit, row) in enumerate(zip(lab.units, rows)):
+            tell = _sub_progress(progress, task, j * len(rows) + i, n)
             row[key] = lab.score(base, [unit], stream, chars, window=window, device=device, progress=tell).bits_per_char
-        rows.append(row)
     return rows
 
 
