@@ -21,7 +21,6 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from minigpt2.analysis import DEFAULT_MAX_EVAL_TOKENS  # noqa: E402
 from minigpt2.checks import MAX_NEW_TOKENS, ArgumentParser, arg_int, text_arg  # noqa: E402
@@ -52,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-tokens", type=arg_int(low=0, high=MAX_NEW_TOKENS), default=SAMPLE_TOKENS, metavar="N",
                    help=f"continue each --prompt by N tokens with A and with B, the same seed for both (default: "
                         f"{SAMPLE_TOKENS}; 0: no continuations)")
+    p.add_argument("--no-layers", action="store_true", help="skip the transplants and the logit lens, which cost "
+                   "2 x (L + 2) evaluations and 2 x (L + 1) read-outs of each --text: a quick look")
     p.add_argument("--force", action="store_true", help="replace existing --json / --plot / --html files")
     p.add_argument("--device", default="cpu",
                    help="where the forward passes for --prompt and --text run: cpu, cuda, mps or auto (default: cpu); "
@@ -65,84 +66,30 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from minigpt2.analysis.compare import check_revision_applies, compare, compare_many, files_read
-    from minigpt2.analysis.htmlreport import write_html
-    from minigpt2.analysis.report import (
-        check_new_file,
-        cjk_font,
-        missing_font_note,
-        render,
-        render_many,
-        require_matplotlib,
-        write_json,
-        write_plot,
-        write_tradeoff_plot,
-    )
+    from minigpt2.analysis.compare import compare, compare_many
+    from minigpt2.analysis.outputs import check_request, write_outputs
+    from minigpt2.analysis.report import render, render_many
     from minigpt2.console import PhaseProgress
-    from minigpt2.errors import OptionError, OutputError
 
     def body() -> int:
-        # Options that would be ignored or produce nothing are refused first.
-        if any(not prompt.strip() for prompt in args.prompt):
-            raise OptionError("prompt", "is empty: give the text both models should continue")
-        if args.plot and Path(args.plot).suffix.lower() != ".png":
-            raise OptionError("plot", f"writes a PNG image: give a file name ending in .png (got '{args.plot}')")
-        check_revision_applies([args.a, *args.b], args.revision)
-        # Refuse existing or unwritable output files before spending minutes on the comparison, and
-        # an output that is one of the inputs even with --force.
-        named = [(flag, path) for flag, path in (("--json", args.json), ("--plot", args.plot), ("--html", args.html))
-                 if path]  # fmt: skip
-        outputs = [path for _, path in named]
-        for i, (flag, path) in enumerate(named):
-            for other, same in named[i + 1 :]:
-                if Path(path).resolve() == Path(same).resolve():
-                    raise OutputError(f"{flag} and {other} both name '{path}'; give each its own file")
-        reads = files_read([args.a, *args.b], args.text, args.revision) if outputs else []
-        for path in outputs:
-            check_new_file(path, args.force, reads)
-        if args.plot:
-            require_matplotlib()
+        check_request(args)  # before minutes of work: options that do nothing, outputs that cannot be written
         progress = PhaseProgress()
-        common = dict(
-            texts=args.text,
-            device=args.device,
-            max_eval_tokens=args.max_eval_tokens,
-            revision=args.revision,
-            quantize=args.quantize,
-            window=args.window,
-            progress=progress,
-        )
+        common = dict(texts=args.text, device=args.device, max_eval_tokens=args.max_eval_tokens, progress=progress,
+                      revision=args.revision, quantize=args.quantize, window=args.window)  # fmt: skip
         try:
             if len(args.b) > 1:
                 result = compare_many(args.a, args.b, **common)
                 report = render_many(result)
             else:
-                result = compare(
-                    args.a,
-                    args.b[0] if args.b else None,
-                    prompts=args.prompt,
-                    sample_tokens=args.sample_tokens,
-                    **common,
-                )
+                b = args.b[0] if args.b else None
+                result = compare(args.a, b, prompts=args.prompt, sample_tokens=args.sample_tokens,
+                                 layers=not args.no_layers, **common)  # fmt: skip
                 report = render(result, top=args.top)
         finally:
             progress.finish()  # also on an error: its one line must not be followed by a progress line
         sys.stdout.write(report)
-        if args.json:
-            print(f"wrote {write_json(result, args.json, force=args.force)}")
-        if args.plot:
-            draw = write_tradeoff_plot if len(args.b) > 1 else write_plot
-            progress("drawing the plot", 0, 1)
-            try:
-                written = draw(result, args.plot, force=args.force)
-            finally:
-                progress.finish()
-            note = missing_font_note(result, cjk_font())
-            if note:
-                progress.note(f"note: {note}")
-            print(f"wrote {written}")
-        if args.html:
-            print(f"wrote {write_html(result, args.html, force=args.force, top=args.top)}")
+        for line in write_outputs(result, args, progress):
+            print(line)
         return 0
 
     return run_script(body)

@@ -1,6 +1,6 @@
-"""How long `compare.py` takes on two 124M-parameter checkpoints, weights only, and how much memory.
+"""How long `compare.py` takes on two 124M-parameter checkpoints, and how much memory.
 
-    python benchmarks/bench_compare.py [--dir DIR]
+    python benchmarks/bench_compare.py [--dir DIR] [--eval-tokens N] [--quick]
 
 Two GPT-2 (124M) checkpoints are made from random weights (B = A plus a low-rank update and a
 little noise on every matrix, like a fine-tune) and compared twice, each in a fresh process so
@@ -13,8 +13,15 @@ that its peak resident memory is its own:
   `torch.linalg.svdvals` of the difference in float32.
 
 Both compute the same figures (rank for 90% energy, stable rank, relative change); the script
-checks that they agree. The last line is the time ratio naive / ours. Needs transformers (the
-test extra) for the naive side.
+checks that they agree. Then the time ratio naive / ours. Needs transformers (the test extra)
+for the naive side.
+
+Then the per-text sections of `--text` (`minigpt2.analysis.causal`), in a third process on the
+same two checkpoints and the first N tokens (`--eval-tokens`, default 1024) of a Chinese test
+text: one plain evaluation (the behaviour table's, per model), the per-token losses, the logit
+lens of one model (L + 1 read-outs) and the transplants (2 x (L + 2) evaluations), each timed,
+with the cost per 32,768 tokens (compare.py's default --max-eval-tokens) extrapolated linearly.
+`--quick`: the sections alone, on 256 tokens (no naive side).
 """
 
 from __future__ import annotations
@@ -99,14 +106,77 @@ def run_naive(a: str, b: str) -> dict:
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "figures": figures}
 
 
+def clock() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a machine other jobs share, the CPU time is
+    what the work itself took, the wall time what it took there and then."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    now = clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def run_layers(a: str, b: str, tokens: str) -> dict:
+    import torch
+
+    from minigpt2.analysis.causal import Transplanter, layer_attribution, logit_lens, score_with_tokens
+    from minigpt2.io.tokenizer import load_tokenizer
+    from minigpt2.io.weights import load_model
+    from minigpt2.model.evaluate import char_counts, score_text, text_stream
+
+    enc = load_tokenizer("gpt2")
+    text = (Path(__file__).resolve().parents[1] / "tests" / "data" / "zh" / "红楼梦.txt").read_text(encoding="utf-8")
+    stream, _ = text_stream(enc, text, int(tokens))
+    chars = char_counts(enc)
+    model_a, model_b = load_model(a), load_model(b)
+    times = {}
+    with torch.inference_mode():
+        score_text(model_b, stream, chars)  # warm-up: the first pass of a process pays for allocations
+        start = clock()
+        plain = score_text(model_a, stream, chars)
+        times["one evaluation"] = since(start)
+        start = clock()
+        score_with_tokens(model_a, stream, chars)
+        times["one evaluation with per-token losses"] = since(start)
+        start = clock()
+        lens = logit_lens(model_a, stream, chars)
+        times[f"logit lens of one model ({len(lens)} read-outs)"] = since(start)
+        start = clock()
+        lab = Transplanter(model_a, model_b)
+        times["transplants: copies of both models' weights"] = since(start)
+        start = clock()
+        rows = layer_attribution(lab, None, stream, chars)
+        times[f"transplants ({2 * len(rows)} evaluations)"] = since(start)
+    assert abs(lens[-1] - plain.bits_per_char) < 1e-5
+    threads = torch.get_num_threads()
+    return {"seconds": times, "tokens": len(stream) - 1, "peak_rss_mb": peak_rss_mb(), "threads": threads}
+
+
+def print_layers(found: dict) -> None:
+    per = 32768 / found["tokens"]
+    one = found["seconds"]["one evaluation"][1]
+    print(f"\nper-text sections on {found['tokens']:,} tokens of Chinese ({found['threads']} threads; "
+          f"peak RSS {found['peak_rss_mb']:.0f} MB with both models loaded); wall s, CPU s, the CPU time in "
+          "evaluations and per 32,768 tokens:")  # fmt: skip
+    for what, (wall, cpu) in found["seconds"].items():
+        if what.startswith("transplants: copies"):  # once per comparison, whatever the text's length
+            print(f"  {what:46s} {wall:7.2f} s {cpu:7.2f} s  (once)")
+            continue
+        print(f"  {what:46s} {wall:7.2f} s {cpu:7.2f} s  = {cpu / one:5.1f} evaluations, {cpu * per / 60:6.1f} "
+              "CPU-min per 32,768 tokens")  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", help="keep the two checkpoints here (made once, reused on later runs)")
-    p.add_argument("--impl", choices=["ours", "naive"], help=argparse.SUPPRESS)  # the child processes
+    p.add_argument("--eval-tokens", type=int, default=1024, help="tokens of text for the per-text sections")
+    p.add_argument("--quick", action="store_true", help="the per-text sections alone, on 256 tokens")
+    p.add_argument("--impl", choices=["ours", "naive", "layers"], help=argparse.SUPPRESS)  # the child processes
     p.add_argument("checkpoints", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.impl:
-        result = (run_ours if args.impl == "ours" else run_naive)(*args.checkpoints)
+        result = {"ours": run_ours, "naive": run_naive, "layers": run_layers}[args.impl](*args.checkpoints)
         print(json.dumps(result))
         return 0
 
@@ -115,11 +185,15 @@ def main() -> int:
         directory.mkdir(parents=True, exist_ok=True)
         a, b = make_checkpoints(directory)
         results = {}
-        for impl in ("ours", "naive"):
-            child = subprocess.run(
-                [sys.executable, __file__, "--impl", impl, str(a), str(b)], capture_output=True, text=True, check=True
-            )
+        tokens = str(256 if args.quick else args.eval_tokens)
+        for impl in ("layers",) if args.quick else ("ours", "naive", "layers"):
+            extra = [tokens] if impl == "layers" else []
+            child = subprocess.run([sys.executable, __file__, "--impl", impl, str(a), str(b), *extra],
+                                   capture_output=True, text=True, check=True)  # fmt: skip
             results[impl] = json.loads(child.stdout.strip().splitlines()[-1])
+    if args.quick:
+        print_layers(results["layers"])
+        return 0
 
     ours, naive = results["ours"], results["naive"]
     # Zero-initialised biases have an infinite relative change in both; compare the finite ones.
@@ -143,6 +217,7 @@ def main() -> int:
         f"its entries loses digits); rank-90% {'identical' if ranks_agree else 'DIFFERS'} on all tensors"
     )
     print(f"time ratio naive/ours: {naive['seconds'] / ours['seconds']:.2f}x")
+    print_layers(results["layers"])
     return 0
 
 

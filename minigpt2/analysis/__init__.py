@@ -6,3 +6,19 @@ HTML (`htmlreport`)."""
 # characters (a few minutes for two 124M models on a 2-core CPU). Kept here, free of torch, so that
 # compare.py parses its options (and answers --help or a typo) before importing anything heavy.
 DEFAULT_MAX_EVAL_TOKENS = 32768
+
+# The questions a notebook asks of two models (minigpt2.analysis.causal), imported on first use so
+# that importing this package stays free of torch.
+CAUSAL = ("layer_attribution", "logit_lens", "where_changed", "shares", "transplanted", "Transplanter", "units")
+
+
+def __getattr__(name: str):
+    if name in CAUSAL:
+        from minigpt2.analysis import causal
+
+        return getattr(causal, name)
+    if name == "capture_block_outputs":
+        from minigpt2.model.snapshots import capture_block_outputs
+
+        return capture_block_outputs
+    raise AttributeError(f"module 'minigpt2.analysis' has no attribute '{name}'")

@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from minigpt2.analysis import DEFAULT_MAX_EVAL_TOKENS
+from minigpt2.analysis.causal import layer_sections, text_changes
 from minigpt2.checks import MAX_NEW_TOKENS, integer, positive_int
 from minigpt2.device import resolve_device
 from minigpt2.errors import CheckpointError, MiniGPT2Error, OptionError
@@ -649,14 +650,19 @@ def _tell(progress: Progress, task: str, done: int, total: int, unit: str = "") 
         progress(task, done, total, unit)
 
 
-def score_model(model, streams: list[list[int]], chars, names: list[str], who: str, window, device, progress) -> list:
-    """One model's scores on several texts (`minigpt2.model.evaluate`), telling `progress` of each pass."""
+def score_model(
+    model, streams: list[list[int]], chars, names: list[str], who: str, window, device, progress, token_nats=None
+) -> list:
+    """One model's scores on several texts (`minigpt2.model.evaluate`), telling `progress` of each
+    pass; `token_nats` (a list per text) receives each text's per-token losses."""
     scores = []
-    for stream, name in zip(streams, names):
+    for i, (stream, name) in enumerate(zip(streams, names)):
         task = f"scoring {who} on {name}"
         _tell(progress, task, 0, 1, "passes")
         tell = None if progress is None else (lambda done, total, task=task: progress(task, done, total, "passes"))
-        scores.append(score_dict(score_text(model, stream, chars, window=window, device=device, progress=tell)))
+        nats = None if token_nats is None else token_nats[i]
+        score = score_text(model, stream, chars, window=window, device=device, progress=tell, token_nats=nats)
+        scores.append(score_dict(score))
     return scores
 
 
@@ -678,7 +684,7 @@ def _forward_passes(
     """(activations per prompt, behaviour per text): each model loaded in turn and freed before the
     next, so memory holds one model at a time. With `sample_tokens`, each prompt's activations also
     hold each model's continuation of it (`sampling.draw_samples`: the same seed for A and B)."""
-    recorded, scores, continued = {}, {}, {}
+    recorded, scores, continued, nats = {}, {}, {}, {}
     names = [Path(t["file"]).name for t in prepared]
     per_tokenizer = {}  # characters per token and the UTF-8 guard: made once where both sides share a tokenizer
     drawing = bool(sample_tokens and prompts)  # each model continues each prompt
@@ -697,8 +703,10 @@ def _forward_passes(
                 guard = Utf8Guard.for_tokenizer(enc[side], model.config.vocab_size, model.wte.weight.device)
             per_tokenizer[key] = char_counts(enc[side]), guard
         chars, guard = per_tokenizer[key]
-        streams = [t["ids"][side] for t in prepared]
-        scores[side] = score_model(model, streams, chars, names, side, check_window(window, model), device, progress)
+        streams, nats[side] = [t["ids"][side] for t in prepared], [[] for _ in prepared]
+        scores[side] = score_model(
+            model, streams, chars, names, side, check_window(window, model), device, progress, nats[side]
+        )
         continued[side] = draw_samples(model, enc[side], list(prompts), sample_tokens, guard=guard) if drawing else []
         del model
     activations = compare_activations(list(prompts), recorded["A"], recorded["B"], enc["A"], enc["B"])
@@ -706,6 +714,8 @@ def _forward_passes(
         act["continuation_a"], act["continuation_b"] = sample_a["text"], sample_b["text"]
     behaviour = [{k: v for k, v in t.items() if k != "ids"} | {"a": sa, "b": sb}
                  for t, sa, sb in zip(prepared, scores["A"], scores["B"])]  # fmt: skip
+    for t, text, na, nb in zip(behaviour, prepared, nats["A"], nats["B"]):  # where in the text B gained and lost
+        t["changes"] = text_changes(enc["A"], text["ids"]["A"], na, enc["B"], text["ids"]["B"], nb)
     return activations, behaviour
 
 
@@ -721,6 +731,7 @@ def compare(
     quantize: str | None = None,
     sample_tokens: int = SAMPLE_TOKENS,
     window: int | None = None,
+    layers: bool = True,
     progress: Progress = None,
 ) -> dict:
     """Compare checkpoint A (the reference, e.g. before fine-tuning) with B (e.g. after).
@@ -744,7 +755,8 @@ def compare(
 
     Texts are scored by `minigpt2.model.evaluate`'s protocol: the first `max_eval_tokens` tokens, in
     windows of `window` tokens (default: each model's context). `progress` hears of every phase
-    (see `Progress`).
+    (see `Progress`). Per text also where B gained and lost ("changes") and, with `layers`, the
+    transplants and the logit lens ("layer_attribution", "logit_lens": `minigpt2.analysis.causal`).
     """
     positive_int("max_eval_tokens", max_eval_tokens)  # the evaluation cap, in tokens
     integer("sample_tokens", sample_tokens, low=0, high=MAX_NEW_TOKENS)
@@ -780,6 +792,11 @@ def compare(
         activations, behaviour = _forward_passes(
             sides, enc, prompts, prepared, device, revision, quantize, window, progress, sample_tokens
         )
+    if layers and prepared:  # which units carry the change, at which depth (causal.layer_sections)
+        for text, found in zip(behaviour, layer_sections(side_a["checkpoint"], side_b["checkpoint"], prepared, enc,
+                                                          window=window, device=device, revision=revision,
+                                                          progress=progress)):  # fmt: skip
+            text.update(found)
 
     return {
         "a": side_a,

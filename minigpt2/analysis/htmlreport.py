@@ -10,7 +10,9 @@ Sections (each an element with this id): `summary`, `curves` (learning curves of
 `samples` (what a run wrote at each evaluation), `prompts` (activation drift per block and the
 continuations of A and B side by side), `heatmap` (layer x module change), `weights` (the most
 changed tensors, per layer, per module kind), `behaviour` (loss and bits per character on each
-text), `drift` (over the training steps), `tradeoff` (several models), `text` (the terminal report).
+text), `layers` (transplants and logit lens per text), `where` (each text's characters shaded
+by B's gain or loss, and the passages gained and lost), `drift` (over the training steps),
+`tradeoff` (several models), `text` (the terminal report).
 """
 
 from __future__ import annotations
@@ -318,6 +320,99 @@ def _behaviour(result: dict) -> str:
                    "character, comparable across languages")  # fmt: skip
 
 
+# ----- which units, at which depth, where in the text (minigpt2.analysis.causal) -------------
+
+
+def share_bar(share: float, colour: str, top: float) -> str:
+    """A share of the change as a bar in a table cell: 0 in the middle, +-`top` at the ends."""
+    if not math.isfinite(share):
+        return ""
+    half = min(abs(share) / top, 1.0) * 50
+    left = 50 if share >= 0 else 50 - half
+    return (f'<div style="position:relative;height:10px;width:9em;background:#f0f2f5">'
+            f'<div style="position:absolute;left:50%;top:0;bottom:0;border-left:1px solid #888"></div>'
+            f'<div style="position:absolute;left:{left:.1f}%;width:{half:.1f}%;top:1px;bottom:1px;'
+            f'background:{colour}"></div></div>')  # fmt: skip
+
+
+def _layers(result: dict) -> str:
+    """Per text: the transplants as a table with bars, and the logit lens as two curves."""
+    parts = []
+    for t in result["behaviour"]:
+        if not t.get("layer_attribution"):
+            continue
+        base = t["transplant_base"]
+        top = max([1.0, *(abs(s[k]) for s in t["shares"] for k in ("alone", "needed") if math.isfinite(s[k]))])
+        rows = "".join(
+            f"<tr><td>{esc(r['unit'])}</td><td>{r['bpc_a_with_b']:.4g}</td><td>{esc(pct(s['alone']))}</td>"
+            f"<td>{share_bar(s['alone'], PALETTE[0], top)}</td><td>{r['bpc_b_with_a']:.4g}</td>"
+            f"<td>{esc(pct(s['needed']))}</td><td>{share_bar(s['needed'], PALETTE[1], top)}</td></tr>"
+            for r, s in zip(t["layer_attribution"], t["shares"])
+        )
+        head = "".join(f"<th>{h}</th>" for h in ("unit", "A with B's", "alone", "", "B with A's", "needed", ""))
+        lens = t["logit_lens"]
+        depths = ["emb", *(f"h.{i}" for i in range(len(lens["a"]) - 1))]
+        xs = list(range(len(depths)))
+        chart = line_chart([("A", xs, lens["a"]), ("B", xs, lens["b"])], xlabel="read out after",
+                           ylabel="bits per character", categories=depths, dots=True)  # fmt: skip
+        parts.append(
+            f"<h3>{esc(Path(t['file']).name)}: bpc {base['a']:.4g} (A) &rarr; {base['b']:.4g} (B)</h3>"
+            '<div class="grid">'
+            f'<div class="card"><div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody>'
+            f'</table></div></div><div class="card"><h3>logit lens</h3>{chart}</div></div>'
+        )
+    note = (
+        "alone: the share of the whole change (bpc A - bpc B) that A gets with B's unit; needed: the share B "
+        "loses with A's unit put back. Over 100%: the unit does more than the whole change (others undo part "
+        "of it); below 0: it works against it. The logit lens reads the prediction out after each block."
+    )
+    return section("layers", "Which units carry the change, at which depth", "".join(parts), note) if parts else ""
+
+
+def shade(delta: float, top: float) -> str:
+    """A character's background: green where B gained (fewer bits than A), red where it lost, its
+    strength in 6 steps up to `top` bits (light enough to read the character on it)."""
+    level = min(round(6 * abs(delta) / top), 6) if top > 0 else 0
+    if level == 0:
+        return ""
+    rgb = "40,160,70" if delta < 0 else "215,50,40"
+    return f"background:rgba({rgb},{0.08 * level:.2f})"
+
+
+def _where(result: dict) -> str:
+    """Per text: an excerpt with every character shaded by B's gain or loss on it, and the passages
+    of the whole scored text B gained most and lost most on."""
+    parts = []
+    for t in result["behaviour"]:
+        changes = t.get("changes")
+        if not changes or not changes["excerpt"]["text"]:
+            continue
+        text, delta = changes["excerpt"]["text"], changes["excerpt"]["delta_bits"]
+        magnitudes = sorted(abs(d) for d in delta)
+        top = magnitudes[int(0.95 * (len(magnitudes) - 1))] or magnitudes[-1]  # a few extremes do not wash it out
+        spans, run, style = [], [], None
+        for ch, d in zip(text, delta):
+            this = shade(d, top)
+            if this != style and run:
+                spans.append(f'<span style="{style}">{esc("".join(run))}</span>' if style else esc("".join(run)))
+                run = []
+            style = this
+            run.append(ch)
+        if run:
+            spans.append(f'<span style="{style}">{esc("".join(run))}</span>' if style else esc("".join(run)))
+        rows = [[f"{p['delta_bits']:+.1f}", " ".join(p["text"].split())]
+                for key in ("gained", "lost") for p in changes["passages"][key]]  # fmt: skip
+        parts.append(
+            f"<h3>{esc(Path(t['file']).name)}</h3>"
+            f'<div style="white-space:pre-wrap;line-height:1.9;word-break:break-word;max-height:24em;overflow-y:auto;'
+            f'border:1px solid #eceef2;padding:6px">{"".join(spans)}</div>'
+            + html_table(["bits B - A", "passage (gained most, then lost most)"], rows, text_columns=(1,))
+        )
+    note = ("each character shaded by B's loss minus A's on it: green where B predicts it better, red where "
+            "worse (full strength: the 95th percentile of the excerpt's changes, in bits)")  # fmt: skip
+    return section("where", "Where in the text B gained and lost", "".join(parts), note) if parts else ""
+
+
 def _drift(run: dict) -> str:
     steps = run["steps"]
     if not steps:
@@ -369,6 +464,7 @@ def render_html(result: dict, top: int = 10) -> str:
     for run in runs:
         sections += [_curves(run), _samples(run)]
     sections += [_prompts(result), _heatmap(result), _weights(result, top), _behaviour(result)]
+    sections += [_layers(result), _where(result)]
     sections += [_drift(run) for run in runs]
     sections.append(_text(render(result, top=top)))
     return page(f"minigpt2: {result['a']['source']} vs {result['b']['source']}", sections)

@@ -95,6 +95,8 @@ def render(result: dict, top: int = 10) -> str:
         out += _activations(number, act)
     if result["behaviour"]:
         out += _behaviour(result)
+    for t in result["behaviour"]:
+        out += layer_sections(t, result["config"]["n_layer"])
     for run in result["runs"]:
         out += _run(run) + _run_samples(run)
     return "\n".join(out).rstrip() + "\n"
@@ -271,6 +273,55 @@ def behaviour_rows(result: dict) -> list[list[str]]:
     return rows
 
 
+# ----- which units, at which depth, where in the text (minigpt2.analysis.causal) -------------
+
+
+def layer_sections(t: dict, n_layer: int) -> list[str]:
+    """The transplants, the logit lens and the passages gained and lost, for one text."""
+    name, out = Path(t["file"]).name, []
+    if t.get("layer_attribution"):
+        base = t["transplant_base"]
+        out += [
+            f"== Which units carry the change on {name}: transplants, 2 x ({n_layer} + 2) = "
+            f"{2 * (n_layer + 2)} evaluations ==",
+            f"   the whole change: bpc {num(base['a'])} (A) -> {num(base['b'])} (B), {base['b'] - base['a']:+.4f}. "
+            "alone: what A gains with B's unit, as a share of the whole change; needed: what B loses with A's "
+            "unit put back. Over 100%: more than the whole change does (the other units undo part of it); below 0: "
+            "the unit's change works against it.",
+        ]
+        rows = [[r["unit"], num(r["bpc_a_with_b"]), pct(s["alone"]), num(r["bpc_b_with_a"]), pct(s["needed"])]
+                for r, s in zip(t["layer_attribution"], t["shares"])]  # fmt: skip
+        out += table(["unit", "A with B's", "alone", "B with A's", "needed"], rows) + [""]
+    if t.get("logit_lens"):
+        lens = t["logit_lens"]
+        out.append(f"== At which depth the prediction forms on {name}: logit lens, bpc read out after each block ==")
+        depths = ["embedding", *(f"h.{i}" for i in range(len(lens["a"]) - 1))]
+        rows = [[d, num(a), num(b), f"{b - a:+.4f}"] for d, a, b in zip(depths, lens["a"], lens["b"])]
+        out += table(["after", "bpc A", "bpc B", "B-A"], rows) + [""]
+    if t.get("changes"):
+        out += passage_lines(name, t["changes"]["passages"])
+    return out
+
+
+def passage_lines(name: str, found: dict) -> list[str]:
+    """The passages of a text where B gained most and lost most, in bits (B - A)."""
+    out = [f"== Where in {name} B gained and lost: bits B - A per passage (about a sentence) =="]
+    for key, title in (("gained", "gained most"), ("lost", "lost most")):
+        out.append(f"{title}:" + ("" if found[key] else " none"))
+        for p in found[key]:
+            text = " ".join(p["text"].split())
+            shown = text if display_width(text) <= 60 else _cut(text, 57) + "..."
+            out.append(f"  {p['delta_bits']:+9.1f}  {shown}")
+    return out + [""]
+
+
+def _cut(text: str, width: int) -> str:
+    """The longest start of `text` that takes at most `width` terminal columns."""
+    while display_width(text) > width:
+        text = text[:-1]
+    return text
+
+
 def _run(run: dict) -> list[str]:
     steps = evenly(run["steps"], 8)
     heading = f"== Drift over steps: training run {run['path']} (side {run['side']}"
@@ -429,6 +480,10 @@ def write_plot(result: dict, path: str | os.PathLike, force: bool = False) -> Pa
     cost = cost_bars(result)
     if cost is not None:
         panels.append(lambda fig, ax, font: _plot_cost(ax, cost, font))
+    for number, t in enumerate(result["behaviour"], 1):  # per text: which units, at which depth
+        if t.get("layer_attribution"):
+            panels += [lambda fig, ax, font, t=t, n=number: _plot_transplants(ax, t, n, font),
+                       lambda fig, ax, font, t=t, n=number: _plot_lens(ax, t, n, font)]  # fmt: skip
     if run and run["steps"]:
         panels += [
             lambda fig, ax, font: _plot_steps(ax, run, "weight_drift", "weights: relative change per layer"),
@@ -624,6 +679,40 @@ def _plot_cost(ax, cost: dict, font: str | None) -> None:
     ax.set_title(cost["title"], fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
+
+
+def _plot_transplants(ax, t: dict, number: int, font: str | None) -> None:
+    """Per unit, two bars: the share of the whole change its change brings on its own (A with B's
+    unit) and the share B loses without it (B with A's unit put back)."""
+    units = [s["unit"] for s in t["shares"]]
+    for k, (key, label, colour) in enumerate((("alone", "A with B's unit", "tab:blue"),
+                                              ("needed", "B with A's unit put back", "tab:orange"))):  # fmt: skip
+        values = [100 * s[key] if math.isfinite(s[key]) else 0.0 for s in t["shares"]]
+        ax.bar([i + (k - 0.5) * 0.4 for i in range(len(units))], values, 0.4, color=colour, label=label)
+    step = max(1, len(units) // 16)
+    ax.set_xticks(range(0, len(units), step), units[::step], fontsize=8, rotation=45)
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+    ax.axhline(0, color="black", linewidth=0.8)
+    base = t["transplant_base"]
+    name = text_label(Path(t["file"]).name, number, font)
+    ax.set_title(f"{name}: share of the change (bpc {num(base['a'], 3)} -> {num(base['b'], 3)}) per unit", fontsize=10)
+    ax.set_ylabel("% of bpc A - bpc B")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+
+
+def _plot_lens(ax, t: dict, number: int, font: str | None) -> None:
+    """The logit lens: bits per character read out after the embedding and after each block."""
+    depths = ["emb", *(f"h.{i}" for i in range(len(t["logit_lens"]["a"]) - 1))]
+    for side, colour in (("a", "tab:blue"), ("b", "tab:orange")):
+        ax.plot(range(len(depths)), t["logit_lens"][side], marker="o", color=colour, label=side.upper())
+    step = max(1, len(depths) // 16)
+    ax.set_xticks(range(0, len(depths), step), depths[::step], fontsize=8)
+    ax.set_title(f"{text_label(Path(t['file']).name, number, font)}: logit lens", fontsize=10)
+    ax.set_xlabel("read out after")
+    ax.set_ylabel("bits per character")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def smoothed(values: list[float]) -> tuple[int, list[float]]:

@@ -195,6 +195,7 @@ def score_stream(
     dist=None,
     sharded: bool = False,
     stop: Callable[[], bool] | None = None,
+    token_nats: list[float] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Score `model` on `stream` (EOT, then the text's tokens: a list, an array or a token file's
     memory map) by the protocol above. A generator: it yields (batches done, batches in all) after
@@ -204,8 +205,11 @@ def score_stream(
     `chars` is `char_counts` of the tokenizer that made the stream. `batch_size` windows go in one
     forward pass (default: about 1,024 positions). `autocast` is a context-manager factory for
     mixed precision; the cross-entropy is always summed in float32. `dist` (a `distributed.Dist`)
-    splits the batches over its ranks and adds up their sums.
+    splits the batches over its ranks and adds up their sums. `token_nats` (one process only): a
+    list that receives each predicted token's loss in nats, in the stream's order.
     """
+    if token_nats is not None and dist is not None and dist.enabled:
+        raise ValueError("token_nats needs the whole evaluation on one process")
     windows = spans(len(stream), window, max_tokens)
     groups = batches(windows, batch_size or max(1, BATCH_TOKENS // window)) if windows else []
     rank, ranks = (dist.rank, dist.world_size) if dist is not None else (0, 1)
@@ -226,8 +230,13 @@ def score_stream(
             data = torch.from_numpy(rows).to(device)
             with autocast() if autocast is not None else contextlib.nullcontext():
                 logits = model(data[:, :-1])  # (B, n, V)
-            if index < len(groups):
+            if index < len(groups) and token_nats is not None:
+                per_token = F.cross_entropy(logits.flatten(0, 1).float(), data[:, 1:].flatten(), reduction="none")
+                nats += per_token.sum().item()
+                token_nats.extend(per_token.tolist())
+            elif index < len(groups):
                 nats += F.cross_entropy(logits.flatten(0, 1).float(), data[:, 1:].flatten(), reduction="sum").item()
+            if index < len(groups):
                 tokens += rows[:, 1:].size
                 characters += int(chars[rows[:, 1:]].sum())
         yield j + 1, rounds
@@ -236,10 +245,13 @@ def score_stream(
     return Score(nats=nats, tokens=int(tokens), characters=int(characters), window=window)
 
 
-def score_text(model, stream, chars: np.ndarray, *, window: int | None = None, device="cpu", progress=None) -> Score:
+def score_text(
+    model, stream, chars: np.ndarray, *, window: int | None = None, device="cpu", progress=None, token_nats=None
+) -> Score:
     """`score_stream` run to its end on one process, in windows of the model's context by default;
-    `progress(done, total)` is called after every forward pass."""
-    run = score_stream(model, stream, chars, window=window or model.config.n_positions, device=device)
+    `progress(done, total)` is called after every forward pass; `token_nats`: see `score_stream`."""
+    window = window or model.config.n_positions
+    run = score_stream(model, stream, chars, window=window, device=device, token_nats=token_nats)
     while True:
         try:
             done, total = next(run)

@@ -44,17 +44,21 @@ def official_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def capture_block_outputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Inside the `with`, every forward pass stores each block's output under "h.N"."""
+def capture_block_outputs(model: nn.Module, names: list[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside the `with`, every forward pass stores the output of each named module under its name,
+    the name of its tensors in the checkpoint: "h.7" (a block's output, the residual stream after
+    it), "h.7.mlp", "h.7.attn.c_proj", "ln_f", ... By default every block, "h.0" ... "h.{L-1}".
+    The hooks are removed on leaving, also after an error."""
+    names = [f"h.{i}" for i in range(len(model.h))] if names is None else list(names)
     captured: dict[str, torch.Tensor] = {}
     handles = []
     try:
-        for i, block in enumerate(model.h):
+        for name in names:
 
-            def hook(module, inputs, output, name=f"h.{i}"):
+            def hook(module, inputs, output, name=name):
                 captured[name] = output.detach().float()
 
-            handles.append(block.register_forward_hook(hook))
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
         yield captured
     finally:
         for handle in handles:
