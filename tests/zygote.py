@@ -1,23 +1,28 @@
-"""Run a script in a forked copy of a Python that has already imported torch: the tests' fast path.
+"""Run a script in a forked copy of a Python that has already imported torch.
 
-Importing torch takes 3-4 s on the project's 2-core CPU, and the suite runs the three scripts
-hundreds of times: most of its time went into importing torch again. A zygote is a Python started
+The tests call the scripts' `main(argv)` in their own process where they can (tests/clis.py:
+call_main); this is for the runs that need a process of their own (signals, kills, several runs
+side by side, torchrun and its ranks, launchers, benchmark workers) without the 3-4 s a fresh
+interpreter spends importing torch again on the project's 2-core CPU. A zygote is a Python started
 once that imports torch (and numpy, tiktoken, safetensors, and torch._dynamo, which torch imports
-when the first optimizer is built: another 2 s of every training run), then waits. For each run it forks: the
-child sets the run's environment, working directory, argv and output files, and executes the
-script as `__main__` (runpy), exactly as `python SCRIPT ARGS` would from there; its exit status,
-stdout and stderr come back as a `subprocess.CompletedProcess`, or, for a run the test starts
-and then watches, signals or kills, as a `ZygoteProcess` (a `subprocess.Popen` without pipes).
-Runs go side by side, each in its own fork. A child is a real process: its own pid, memory,
-signals and exit status, killed on a timeout.
+when the first optimizer is built: another 2 s of every training run), then waits. For each run it
+forks: the child sets the run's signals, environment, working directory, standard streams, argv and
+sys.path, leaves the zygote's loop for its program's top level and runs the script there as
+`__main__` (runpy.run_path, or runpy.run_module for -m), so that whatever the script does not catch
+ends the child as it ends a fresh interpreter, and Python's own shutdown joins its threads and calls
+its exit functions. Public APIs only: nothing of subprocess, atexit, threading or runpy is replaced.
+Its exit status, stdout and stderr come back as a `subprocess.CompletedProcess`, or, for a run the
+test starts and then watches, signals or kills, as a `ZygoteProcess` (a `subprocess.Popen` without
+pipes). A child is a real process: its own pid, memory, signals and exit status, killed on a timeout.
 
-What a fresh interpreter reads only when it starts cannot be changed in a fork, so a run whose
-environment differs from the zygote's in anything but the names in `PER_RUN` (the Hugging Face
-cache, offline mode, minigpt2's own variables), or that asks for another launcher, runs as a
-plain subprocess instead (`eligible`). So do the tests of what happens while Python starts
-(Ctrl-C during the imports, closed or narrow streams) and those that read a run's output while
-it goes on (`start_script(..., fresh=True)`, or subprocess itself).
-MINIGPT2_TEST_ZYGOTE=0 turns the zygote off.
+A Python the run starts (torchrun's ranks, a benchmark's workers) starts the run's `sys.executable`,
+which is the zygote's stand-in python (PROGRAM): it hands the command to the zygote, which forks it
+too where `python_args` allows, and runs the real interpreter otherwise. What a fresh interpreter
+reads only when it starts cannot be changed in a fork, so a run whose environment differs from the
+zygote's in anything but the names in `PER_RUN`, or that asks for another launcher, runs as a plain
+subprocess instead (`eligible`). So do the tests of what happens while Python starts (Ctrl-C during
+the imports, closed or narrow streams) and those that read a run's output while it goes on
+(`start_script(..., fresh=True)`, or subprocess itself). MINIGPT2_TEST_ZYGOTE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -262,7 +267,7 @@ SERVER = inspect.getsource(python_args) + "\n\n" + SERVER_BODY  # the zygote's p
 
 
 PROGRAM = """#!{python} -S
-# A stand-in for python, for a program that starts Python itself (gpu.sh's $PYTHON): it hands its
+# A stand-in for python, for what starts Python itself (gpu.sh's $PYTHON; a run's sys.executable): it hands its
 # command, environment, folder and standard streams to the tests' zygote (tests/zygote.py), which
 # runs it in a fork; signals it receives go to that fork, and it exits as the fork did. A command
 # the zygote cannot take (another option, another environment) runs in {python} itself.
