@@ -1,9 +1,10 @@
 """Bad input anywhere: one clear `error:` line, never a traceback, never a silent wrong answer.
 
-One table, one row per bad input, each run as a real subprocess of sample.py, compare.py or
-train.py. Every row must exit non-zero with exactly one line starting with `error:` that names
-the culprit, print no traceback, and leave every file already in the test folder byte-identical.
-The rows run a few at a time (each start imports torch, ~3 s on a shared CPU).
+One table, one row per bad input, each a run of sample.py, compare.py or train.py (its
+main(argv) in the tests' process where no process boundary matters: tests/clis.py). Every row
+must exit non-zero with exactly one line starting with `error:` that names the culprit, print no
+traceback, and leave every file already in the test folder byte-identical. The rows run one
+after another (in-process, most fail in well under a second).
 
 A second table holds valid but unusual inputs that must work.
 """
