@@ -115,6 +115,25 @@ def python_path(env):
     return [*given(env), *(p for p in BASE_PATH if p not in ours)]
 
 
+KEPT = []  # the zygote's own stream objects a run replaced: they own fds 0-2 and close them if collected
+
+
+def stream(old, fd, encoding, errors, line_buffering, write_through):
+    '''The run's text stream on `fd`: the zygote's own (`old`, now on the run's fd) where its encoding and
+    error handler are the run's (changing them would seek on a stream that was a file when it was made),
+    else a new one.'''
+    import codecs, io
+    if codecs.lookup(old.encoding).name == codecs.lookup(encoding).name and old.errors == errors:
+        if fd:
+            old.reconfigure(line_buffering=line_buffering, write_through=write_through)
+        return old
+    KEPT.append(old)
+    raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
+    buffered = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+    return io.TextIOWrapper(buffered, encoding=encoding, errors=errors, line_buffering=line_buffering,
+                            write_through=write_through and fd != 0)
+
+
 def become(argv, env, cwd):
     '''Make this fork what `python ARGV` (argv: [-u] SCRIPT ARGS or [-u] -m MODULE ARGS) is as it starts,
     in the environment `env` and folder `cwd`, on the standard streams already at fds 0, 1, 2; return
@@ -138,11 +157,11 @@ def become(argv, env, cwd):
         argv, unbuffered = argv[1:], True
     unbuffered = unbuffered or bool(env.get("PYTHONUNBUFFERED"))
     encoding, _, errors = env.get("PYTHONIOENCODING", "utf-8").partition(":")
-    # the zygote's own stream objects, now on the run's fds: nothing was written through them yet
-    sys.stdin.reconfigure(encoding=encoding or "utf-8", errors=errors or "strict")
-    sys.stdout.reconfigure(encoding=encoding or "utf-8", errors=errors or "strict",
-                           line_buffering=unbuffered or os.isatty(1), write_through=unbuffered)
-    sys.stderr.reconfigure(encoding=encoding or "utf-8", errors="backslashreplace", line_buffering=True)
+    encoding = encoding or "utf-8"
+    sys.stdin = sys.__stdin__ = stream(sys.stdin, 0, encoding, errors or "strict", False, False)
+    sys.stdout = sys.__stdout__ = stream(sys.stdout, 1, encoding, errors or "strict", unbuffered or os.isatty(1),
+                                         unbuffered)
+    sys.stderr = sys.__stderr__ = stream(sys.stderr, 2, encoding, "backslashreplace", True, unbuffered)
     # OMP_NUM_THREADS is read when torch loads, long gone in a fork: set what it would have chosen
     threads = env.get("OMP_NUM_THREADS", "")
     torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else BASE_THREADS)
