@@ -270,17 +270,53 @@ def serve():
                 reply({"id": children.pop(pid), "returncode": code})
 
 
-# Only a fork gets past serve(). It runs its script or module as `python` would, at this program's top
-# level: an exception it does not catch (SystemExit, KeyboardInterrupt, any other) ends this program as it
-# ends a fresh interpreter (the exit status, the traceback, death by SIGINT), and Python's own shutdown
-# joins the run's threads and calls its exit functions.
-_run = become(*serve())
-import runpy  # noqa: E402
+# Only a fork gets past serve(). It runs its script or module as `python` would, and ends as Python
+# ends a program, in what a run can see: the exit status SystemExit gives, an uncaught exception's
+# traceback and status 1, death by SIGINT for an uncaught KeyboardInterrupt, the non-daemon threads
+# joined, logging's handlers flushed, the standard streams flushed. What Python's shutdown does beyond
+# that, tearing down every module the zygote imported, costs ~1-2 s a run here and is skipped: os._exit.
+# (Exit functions a run registers with atexit are therefore not called; minigpt2, its scripts and
+# benchmarks register none.)
+import gc  # noqa: E402
 
-if _run[0] == "-m":
-    runpy.run_module(_run[1], run_name="__main__", alter_sys=True)
-else:
-    runpy.run_path(_run[0], run_name="__main__")
+gc.freeze()  # what the zygote imported is never collected in its runs (their collections stay short)
+_run = become(*serve())
+import runpy, signal, threading, traceback  # noqa: E402
+
+_code = 0
+try:
+    if _run[0] == "-m":
+        runpy.run_module(_run[1], run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(_run[0], run_name="__main__")
+except SystemExit as e:
+    if e.code is None:
+        _code = 0
+    elif isinstance(e.code, int):
+        _code = e.code
+    else:
+        print(e.code, file=sys.stderr)
+        _code = 1
+except KeyboardInterrupt:
+    traceback.print_exc()
+    _code = -signal.SIGINT
+except BaseException:
+    traceback.print_exc()
+    _code = 1
+for _thread in threading.enumerate():
+    if _thread is not threading.current_thread() and not _thread.daemon:
+        _thread.join()
+if "logging" in sys.modules:
+    sys.modules["logging"].shutdown()
+for _stream in (sys.stdout, sys.stderr):
+    try:
+        _stream.flush()
+    except (OSError, ValueError):
+        pass
+if _code < 0:  # died of a signal, as a Python does on an uncaught KeyboardInterrupt
+    signal.signal(-_code, signal.SIG_DFL)
+    os.kill(os.getpid(), -_code)
+os._exit(_code & 0xFF)
 """
 SERVER = inspect.getsource(python_args) + "\n\n" + SERVER_BODY  # the zygote's program: the rule, then its loop
 
