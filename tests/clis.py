@@ -8,6 +8,7 @@ fork of a Python that imported torch already (tests/zygote.py), else as a plain 
 
 import atexit
 import contextlib
+import gc
 import importlib.util
 import io
 import os
@@ -50,7 +51,10 @@ def in_process(script: str, args, env: dict[str, str], launcher=None) -> bool:
     """Can `call_main` run it? One of the three scripts, no launcher, on the main thread (signal handlers
     are set there only, and one run at a time), downloads off, UTF-8 output (the captured text is what
     a UTF-8 stream would carry), no `--compile` (torch.compile's caches would carry over from run to run)
-    and no other change to the environment than `IN_PROCESS_ENV`'s names."""
+    and no other change to the environment than `IN_PROCESS_ENV`'s names. MINIGPT2_TEST_IN_PROCESS=0:
+    never (every run in a fork or a fresh interpreter, as before)."""
+    if os.environ.get("MINIGPT2_TEST_IN_PROCESS", "1") == "0":
+        return False
     if launcher is not None or script not in SCRIPTS or "--compile" in map(str, args):
         return False
     if threading.current_thread() is not threading.main_thread():
@@ -164,6 +168,8 @@ def call_main(script: str, *args, env=None, cwd=ROOT) -> subprocess.CompletedPro
         except Exception:
             traceback.print_exc(file=err)
             code = 1
+        if code and script == "train.py":  # a failed run's lock on its folder goes, as it does when its process ends
+            gc.collect()
     return subprocess.CompletedProcess(
         [sys.executable, str(ROOT / script), *argv], code or 0, out.getvalue(), err.getvalue()
     )

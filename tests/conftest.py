@@ -32,10 +32,13 @@ TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
 def pytest_collection_finish(session):
-    """Tests that run the scripts are collected: start the zygote that runs them (tests/zygote.py)
-    now, its imports beside the first tests, rather than when the first run waits for it."""
+    """Slow tests that run the scripts are collected (the subprocess batteries, torchrun): start the
+    zygote that runs those that need a process of their own (tests/zygote.py) now, its imports beside
+    the first tests, rather than when the first run waits for it. The fast tier calls the scripts in
+    this process (tests/clis.py: call_main) and starts the zygote only if a test asks for it."""
     clis = sys.modules.get("clis")
-    if clis is not None and session.items and not session.config.option.collectonly:
+    slow = any(item.get_closest_marker("slow") is not None for item in session.items)
+    if clis is not None and slow and not session.config.option.collectonly:
         clis.prestart_zygote()
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from minigpt2 import load_model
 
-pytestmark = pytest.mark.slow  # real subprocess runs (torchrun / train.py)
+pytestmark = pytest.mark.slow  # torchrun and its ranks: real processes
 
 TINY = [
     "--init-preset",

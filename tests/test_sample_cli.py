@@ -1,4 +1,5 @@
-"""`python sample.py` as a user runs it: a subprocess, a fresh environment, no network."""
+"""`python sample.py` as a user runs it (tests/clis.py: its main(argv), or a process of its own where
+the test needs one), no network."""
 
 import json
 import os

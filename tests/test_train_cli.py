@@ -1,4 +1,5 @@
-"""`python train.py` as a user runs it: a subprocess, offline, with the shared texts."""
+"""`python train.py` as a user runs it (tests/clis.py: its main(argv), or a process of its own where a
+test signals it), offline, with the shared texts."""
 
 import json
 import signal
@@ -13,7 +14,7 @@ from clis import assert_clean_error, offline_env, run_script, start_script
 from minigpt2 import load_model
 from minigpt2.device import auto_dtype
 
-pytestmark = pytest.mark.slow  # real subprocess runs (torchrun / train.py)
+pytestmark = pytest.mark.slow  # whole training runs of train.py
 
 TINY = ["--init-preset", "gpt2", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--context", "64"]
 

@@ -1,6 +1,6 @@
-"""train.py against what goes wrong on real machines, each as a real subprocess run: a second process on
-the same run, a kill at every stage of a checkpoint save, damaged checkpoints, a run killed before its
-first save, signals (Ctrl-C during an evaluation, SIGHUP), and CPU defaults."""
+"""train.py against what goes wrong on real machines (kills and signals in a real process of its own):
+a second process on the same run, a kill at every stage of a checkpoint save, damaged checkpoints, a
+run killed before its first save, signals (Ctrl-C during an evaluation, SIGHUP), and CPU defaults."""
 
 import json
 import shutil

@@ -1,23 +1,28 @@
-"""Run a script in a forked copy of a Python that has already imported torch: the tests' fast path.
+"""Run a script in a forked copy of a Python that has already imported torch.
 
-Importing torch takes 3-4 s on the project's 2-core CPU, and the suite runs the three scripts
-hundreds of times: most of its time went into importing torch again. A zygote is a Python started
+The tests call the scripts' `main(argv)` in their own process where they can (tests/clis.py:
+call_main); this is for the runs that need a process of their own (signals, kills, several runs
+side by side, torchrun and its ranks, launchers, benchmark workers) without the 3-4 s a fresh
+interpreter spends importing torch again on the project's 2-core CPU. A zygote is a Python started
 once that imports torch (and numpy, tiktoken, safetensors, and torch._dynamo, which torch imports
-when the first optimizer is built: another 2 s of every training run), then waits. For each run it forks: the
-child sets the run's environment, working directory, argv and output files, and executes the
-script as `__main__` (runpy), exactly as `python SCRIPT ARGS` would from there; its exit status,
-stdout and stderr come back as a `subprocess.CompletedProcess`, or, for a run the test starts
-and then watches, signals or kills, as a `ZygoteProcess` (a `subprocess.Popen` without pipes).
-Runs go side by side, each in its own fork. A child is a real process: its own pid, memory,
-signals and exit status, killed on a timeout.
+when the first optimizer is built: another 2 s of every training run), then waits. For each run it
+forks: the child sets the run's signals, environment, working directory, standard streams, argv and
+sys.path, leaves the zygote's loop for its program's top level and runs the script there as
+`__main__` (runpy.run_path, or runpy.run_module for -m), so that whatever the script does not catch
+ends the child as it ends a fresh interpreter, and Python's own shutdown joins its threads and calls
+its exit functions. Public APIs only: nothing of subprocess, atexit, threading or runpy is replaced.
+Its exit status, stdout and stderr come back as a `subprocess.CompletedProcess`, or, for a run the
+test starts and then watches, signals or kills, as a `ZygoteProcess` (a `subprocess.Popen` without
+pipes). A child is a real process: its own pid, memory, signals and exit status, killed on a timeout.
 
-What a fresh interpreter reads only when it starts cannot be changed in a fork, so a run whose
-environment differs from the zygote's in anything but the names in `PER_RUN` (the Hugging Face
-cache, offline mode, minigpt2's own variables), or that asks for another launcher, runs as a
-plain subprocess instead (`eligible`). So do the tests of what happens while Python starts
-(Ctrl-C during the imports, closed or narrow streams) and those that read a run's output while
-it goes on (`start_script(..., fresh=True)`, or subprocess itself).
-MINIGPT2_TEST_ZYGOTE=0 turns the zygote off.
+A Python the run starts (torchrun's ranks, a benchmark's workers) starts the run's `sys.executable`,
+which is the zygote's stand-in python (PROGRAM): it hands the command to the zygote, which forks it
+too where `python_args` allows, and runs the real interpreter otherwise. What a fresh interpreter
+reads only when it starts cannot be changed in a fork, so a run whose environment differs from the
+zygote's in anything but the names in `PER_RUN`, or that asks for another launcher, runs as a plain
+subprocess instead (`eligible`). So do the tests of what happens while Python starts (Ctrl-C during
+the imports, closed or narrow streams) and those that read a run's output while it goes on
+(`start_script(..., fresh=True)`, or subprocess itself). MINIGPT2_TEST_ZYGOTE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -110,6 +115,25 @@ def python_path(env):
     return [*given(env), *(p for p in BASE_PATH if p not in ours)]
 
 
+KEPT = []  # the zygote's own stream objects a run replaced: they own fds 0-2 and close them if collected
+
+
+def stream(old, fd, encoding, errors, line_buffering, write_through):
+    '''The run's text stream on `fd`: the zygote's own (`old`, now on the run's fd) where its encoding and
+    error handler are the run's (changing them would seek on a stream that was a file when it was made),
+    else a new one.'''
+    import codecs, io
+    if codecs.lookup(old.encoding).name == codecs.lookup(encoding).name and old.errors == errors:
+        if fd:
+            old.reconfigure(line_buffering=line_buffering, write_through=write_through)
+        return old
+    KEPT.append(old)
+    raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
+    buffered = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+    return io.TextIOWrapper(buffered, encoding=encoding, errors=errors, line_buffering=line_buffering,
+                            write_through=write_through and fd != 0)
+
+
 def become(argv, env, cwd):
     '''Make this fork what `python ARGV` (argv: [-u] SCRIPT ARGS or [-u] -m MODULE ARGS) is as it starts,
     in the environment `env` and folder `cwd`, on the standard streams already at fds 0, 1, 2; return
@@ -133,11 +157,11 @@ def become(argv, env, cwd):
         argv, unbuffered = argv[1:], True
     unbuffered = unbuffered or bool(env.get("PYTHONUNBUFFERED"))
     encoding, _, errors = env.get("PYTHONIOENCODING", "utf-8").partition(":")
-    # the zygote's own stream objects, now on the run's fds: nothing was written through them yet
-    sys.stdin.reconfigure(encoding=encoding or "utf-8", errors=errors or "strict")
-    sys.stdout.reconfigure(encoding=encoding or "utf-8", errors=errors or "strict",
-                           line_buffering=unbuffered or os.isatty(1), write_through=unbuffered)
-    sys.stderr.reconfigure(encoding=encoding or "utf-8", errors="backslashreplace", line_buffering=True)
+    encoding = encoding or "utf-8"
+    sys.stdin = sys.__stdin__ = stream(sys.stdin, 0, encoding, errors or "strict", False, False)
+    sys.stdout = sys.__stdout__ = stream(sys.stdout, 1, encoding, errors or "strict", unbuffered or os.isatty(1),
+                                         unbuffered)
+    sys.stderr = sys.__stderr__ = stream(sys.stderr, 2, encoding, "backslashreplace", True, unbuffered)
     # OMP_NUM_THREADS is read when torch loads, long gone in a fork: set what it would have chosen
     threads = env.get("OMP_NUM_THREADS", "")
     torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else BASE_THREADS)
@@ -246,23 +270,59 @@ def serve():
                 reply({"id": children.pop(pid), "returncode": code})
 
 
-# Only a fork gets past serve(). It runs its script or module as `python` would, at this program's top
-# level: an exception it does not catch (SystemExit, KeyboardInterrupt, any other) ends this program as it
-# ends a fresh interpreter (the exit status, the traceback, death by SIGINT), and Python's own shutdown
-# joins the run's threads and calls its exit functions.
-_run = become(*serve())
-import runpy  # noqa: E402
+# Only a fork gets past serve(). It runs its script or module as `python` would, and ends as Python
+# ends a program, in what a run can see: the exit status SystemExit gives, an uncaught exception's
+# traceback and status 1, death by SIGINT for an uncaught KeyboardInterrupt, the non-daemon threads
+# joined, logging's handlers flushed, the standard streams flushed. What Python's shutdown does beyond
+# that, tearing down every module the zygote imported, costs ~1-2 s a run here and is skipped: os._exit.
+# (Exit functions a run registers with atexit are therefore not called; minigpt2, its scripts and
+# benchmarks register none.)
+import gc  # noqa: E402
 
-if _run[0] == "-m":
-    runpy.run_module(_run[1], run_name="__main__", alter_sys=True)
-else:
-    runpy.run_path(_run[0], run_name="__main__")
+gc.freeze()  # what the zygote imported is never collected in its runs (their collections stay short)
+_run = become(*serve())
+import runpy, signal, threading, traceback  # noqa: E402
+
+_code = 0
+try:
+    if _run[0] == "-m":
+        runpy.run_module(_run[1], run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(_run[0], run_name="__main__")
+except SystemExit as e:
+    if e.code is None:
+        _code = 0
+    elif isinstance(e.code, int):
+        _code = e.code
+    else:
+        print(e.code, file=sys.stderr)
+        _code = 1
+except KeyboardInterrupt:
+    traceback.print_exc()
+    _code = -signal.SIGINT
+except BaseException:
+    traceback.print_exc()
+    _code = 1
+for _thread in threading.enumerate():
+    if _thread is not threading.current_thread() and not _thread.daemon:
+        _thread.join()
+if "logging" in sys.modules:
+    sys.modules["logging"].shutdown()
+for _stream in (sys.stdout, sys.stderr):
+    try:
+        _stream.flush()
+    except (OSError, ValueError):
+        pass
+if _code < 0:  # died of a signal, as a Python does on an uncaught KeyboardInterrupt
+    signal.signal(-_code, signal.SIG_DFL)
+    os.kill(os.getpid(), -_code)
+os._exit(_code & 0xFF)
 """
 SERVER = inspect.getsource(python_args) + "\n\n" + SERVER_BODY  # the zygote's program: the rule, then its loop
 
 
 PROGRAM = """#!{python} -S
-# A stand-in for python, for a program that starts Python itself (gpu.sh's $PYTHON): it hands its
+# A stand-in for python, for what starts Python itself (gpu.sh's $PYTHON; a run's sys.executable): it hands its
 # command, environment, folder and standard streams to the tests' zygote (tests/zygote.py), which
 # runs it in a fork; signals it receives go to that fork, and it exits as the fork did. A command
 # the zygote cannot take (another option, another environment) runs in {python} itself.
