@@ -702,3 +702,32 @@ def test_sigterm_while_sampling_stops_like_ctrl_c(world, hf_home):
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 128 + sig and "Traceback" not in stderr, (proc.returncode, stderr)
         assert stderr.strip().endswith(f"stopped by {sig.name}"), stderr
+
+
+@pytest.mark.slow
+def test_a_damaged_log_costs_its_lines_not_the_report(world, hf_home, tmp_path):
+    """issue 31 C3: records that are valid JSON of the wrong shape are left out, named in one note."""
+    run = shutil.copytree(world["run"], tmp_path / "run")
+    good = [
+        {"type": "train", "step": 1, "loss": 10.0},
+        {"type": "eval", "step": 1, "set": "val", "loss": 9.0, "bpc": 3},
+    ]
+    bad = [{"type": "train", "step": 2}, {"type": "eval", "step": 2, "loss": 9.0},
+           {"type": "samples", "step": "3", "samples": []}, {"type": "samples", "step": 3, "samples": "x"},
+           {"type": "train", "step": 4, "loss": "1"}]  # fmt: skip
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good + bad) + "[1]\n{cut")
+    (run / "snapshots.jsonl").write_text('{"step": 1, "weights": {"wte.weight": "x"}}\n{"step": "2"}\n')
+    result = run_script("compare.py", world["good"], run, "--html", tmp_path / "r.html", "--json",
+                        tmp_path / "r.json", env=offline_env(hf_home), timeout=180)  # fmt: skip
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "note: log.jsonl: lines 3, 4, 5, 6, 7, 8 left out" in result.stdout, result.stdout
+    assert "note: snapshots.jsonl: lines 1, 2 left out" in result.stdout
+    curves = json.loads((tmp_path / "r.json").read_text())["runs"][0]["curves"]
+    assert [p["step"] for p in curves["train"]] == [1] and list(curves["eval"]) == ["val"]
+    assert "lines 3, 4, 5, 6, 7, 8 left out" in (tmp_path / "r.html").read_text()
+    for targets in (5, [1, 2]):  # a LoRA run's final/adapter/adapter_config.json, damaged
+        (run / "final" / "adapter").mkdir(exist_ok=True)
+        (run / "final" / "adapter" / "adapter_config.json").write_text(json.dumps({"target_modules": targets}))
+        refused = run_script("compare.py", world["good"], run / "final", env=offline_env(hf_home), timeout=180)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+        assert refused.stderr.startswith("error:") and '"target_modules" is ' in refused.stderr, refused.stderr

@@ -275,7 +275,7 @@ def _run(run: dict) -> list[str]:
     steps = evenly(run["steps"], 8)
     heading = f"== Drift over steps: training run {run['path']} (side {run['side']}"
     heading += f", probe {quoted(run['probe'])}) ==" if run["probe"] is not None else ") =="
-    out = [heading]
+    out = [heading] + [f"note: {n}" for n in (run.get("note"), run.get("curves", {}).get("note")) if n]
     if not steps:
         return out + ["(snapshots.jsonl holds no snapshots)", ""]
     if len(steps) < len(run["steps"]):
