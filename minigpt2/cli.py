@@ -14,6 +14,7 @@ and writes only to the standard streams.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import signal
 import sys
@@ -83,6 +84,13 @@ def _stopped_at_once(signum, frame) -> None:
         os._exit(128 + signum)
 
 
+def _stopped_at_exit(signum, frame) -> None:
+    try:
+        os.write(2, f"\nstopped by {signal.Signals(signum).name}\n".encode())
+    finally:
+        os._exit(128 + signum)
+
+
 def _escape(error: UnicodeError) -> tuple[str, int]:
     """Write a character the stream's encoding lacks as a Python escape, and remember that it was."""
     if not isinstance(error, UnicodeEncodeError):
@@ -109,6 +117,7 @@ def run_script(body: Callable[[], int], flags: dict[str, str] | None = None, pre
     The library's `Notice` warnings (e.g. GPT-2's tokenizer standing in for a checkpoint without
     one) are printed as one `note: ...` line on stderr each, every time they are raised.
     """
+    script = signal.getsignal(signal.SIGINT) is _interrupted_at_once  # (started by start_script)
     try:
         import torch  # noqa: F401  (every script needs it: imported while Ctrl-C still exits at once)
 
@@ -136,13 +145,28 @@ def run_script(body: Callable[[], int], flags: dict[str, str] | None = None, pre
     except OSError as e:
         return error(prefix + f"{e.strerror or e}" + (f": '{e.filename}'" if e.filename else ""))
     except KeyboardInterrupt:
+        _at_once(script)
         print("\ninterrupted", file=sys.stderr)
         return 130
     except Stopped as e:
+        _at_once(script)
         print(f"\nstopped by {e.signal.name}", file=sys.stderr)
         return 128 + e.signal
     finally:
+        _at_once(script)
         _escape_note()
+
+
+def _at_once(script: bool) -> None:
+    """Once the work is over (done, failed or stopped), a signal ends the script at once, as while it
+    started: raised during the exit path (an atexit callback, threads joined at exit, the cleanup of
+    a first Ctrl-C) it printed "Exception ignored ... Stopped" or a traceback, and exited 0."""
+    if script:
+        with contextlib.suppress(OSError, ValueError):  # (what is printed is out before os._exit could drop it)
+            sys.stdout.flush()
+        signal.signal(signal.SIGINT, _interrupted_at_once)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stopped_at_exit)
 
 
 class Stopped(BaseException):

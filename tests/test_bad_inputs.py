@@ -14,8 +14,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,6 +112,7 @@ def world(tmp_path_factory, test_data, hub_gpt2):
     for name, args in damage.items():
         (root / f"run-{name}").mkdir()
         (root / f"run-{name}" / "run.json").write_text(json.dumps({"args": {"data": ["x.txt"], **args}}))
+    os.mkfifo(root / "fifo.html")  # an output path that is not a regular file (issue 31 C8)
     (root / "mixed").mkdir()
     (root / "mixed" / "a.txt").write_text("天气很好。\n" * 50, encoding="utf-8")
     (root / "mixed" / "b.jsonl").write_text('{"text": "x"}\n', encoding="utf-8")
@@ -235,6 +238,11 @@ def rows(w):
     ]
     compare = [
         ("compare: top -1", [good, good, "--top", "-1"], "--top"),
+        (
+            "compare: --html onto a FIFO, forced",
+            [good, good, "--html", str(r / "fifo.html"), "--force"],
+            "is not a regular file",
+        ),  # fmt: skip
         ("compare: sample-tokens a billion", [good, good, "--sample-tokens", str(10**9)], "--sample-tokens"),
         (
             "compare: a prompt that is not UTF-8",
@@ -489,6 +497,7 @@ def test_every_bad_input_is_one_clear_error_line(world, hf_home):
                 failures.append(f"{name} ({script}): {', '.join(problems)}\n{stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)
     assert tree_digest(world["root"]) == before  # nothing that was there changed
+    assert (world["root"] / "fifo.html").is_fifo()  # not replaced by a file, --force or not
 
 
 @pytest.mark.slow
@@ -731,3 +740,30 @@ def test_a_damaged_log_costs_its_lines_not_the_report(world, hf_home, tmp_path):
         refused = run_script("compare.py", world["good"], run / "final", env=offline_env(hf_home), timeout=180)
         assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
         assert refused.stderr.startswith("error:") and '"target_modules" is ' in refused.stderr, refused.stderr
+
+
+EXIT_PATH = """
+import atexit, os, sys, time
+from minigpt2.cli import run_script, start_script
+start_script()
+def body():
+    atexit.register(time.sleep, 30)  # an exit path that takes a while (threads joined, files closed)
+    print("done", flush=True)
+    return 0
+sys.exit(run_script(body))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_on_the_exit_path_ends_the_script_in_one_line(sig):
+    """issue 31 C7: the work is over; a signal while the process exits (an atexit callback) said
+    "Exception ignored in atexit callback ... Stopped" and exited 0."""
+    proc = subprocess.Popen([sys.executable, "-c", EXIT_PATH], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline() == "done\n"
+    time.sleep(1.0)  # in the atexit callback by now
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 128 + sig, stderr
+    assert "Exception ignored" not in stderr and "Traceback" not in stderr, stderr
+    assert stderr.strip() == ("interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}")

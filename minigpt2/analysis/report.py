@@ -18,7 +18,7 @@ from pathlib import Path
 
 from minigpt2.console import one_line
 from minigpt2.errors import MiniGPT2Error, OutputError
-from minigpt2.files import write_atomically
+from minigpt2.files import check_replaceable, write_atomically
 
 # ----- numbers and tables -----------------------------------------------------------------
 
@@ -347,6 +347,7 @@ def check_new_file(path: str | os.PathLike, force: bool, reads: list[Path] = ())
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"'{path}' is a directory; give a file name")
+    check_replaceable(path)
     if path.exists() and any(_same_file(path, other) for other in reads):
         raise OutputError(
             f"'{path}' is one of this command's inputs; an output never replaces an input, even with --force: "
@@ -357,10 +358,9 @@ def check_new_file(path: str | os.PathLike, force: bool, reads: list[Path] = ())
     if not path.parent.is_dir():
         what = "is not a folder" if path.parent.exists() else "does not exist"
         raise OutputError(f"cannot write '{path}': '{path.parent}' {what}")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
+    try:  # a file with no name (O_TMPFILE): nothing is left behind, whenever a signal comes
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
     except OSError as e:
         raise OutputError(f"cannot write '{path}': {e.strerror or e} (in '{path.parent}')") from None
     return path
