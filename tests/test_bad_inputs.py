@@ -376,7 +376,7 @@ def rows(w):
          "--batch-size 10000000 at sequence length 16 needs at least"),
     ]  # fmt: skip
     train += [
-        (f"train: --data {name}", ["--data", str(r / "rows" / name), *data[2:], *extra], needle)
+        (" ".join(["train: --data", name, *extra]), ["--data", str(r / "rows" / name), *data[2:], *extra], needle)
         for name, extra, needle in [
             ("bad.jsonl", [], "bad.jsonl' line 4 is not valid JSON"),
             ("field.jsonl", [], "line 2 has no field 'text' (its fields: 'body'); choose the field with --text-field"),
