@@ -1010,7 +1010,10 @@ def new_watch_cases(train_base: list) -> list[Case]:
             no_new=("run",),
         ),
         Case(
-            "new/watch/train-sample-prompt-surrogate", "train.py", [*out, "--sample-prompt", "a\ud800"], no_new=("run",)
+            "new/watch/train-sample-prompt-surrogate",  # U+D800 as UTF-8 (ED A0 80): what a command line can hold
+            "train.py",
+            [*out, "--sample-prompt", "a\udced\udca0\udc80"],
+            no_new=("run",),
         ),
         Case(
             "new/watch/compare-sample-tokens-1e9", "compare.py", ["{F}/ck", "{F}/run", "--sample-tokens", "1000000000"]
@@ -1453,6 +1456,7 @@ def run_case(case: Case, fixtures: Path, work: Path) -> tuple[str, str]:
         return "traceback", err.strip().splitlines()[-1][:200]
     if lost and case.expect != "ok":
         return "lost", f"changed: {lost[:3]}"
+    litter = [p for p in case.no_new if (d / p).exists() and p not in before_d]  # (before the next command)
     if case.follow is not None:  # the folder it left must serve the next command: the same one, or a resume
         again = follow_up(case, fixtures, d, env)
         if again.returncode != 0 or "Traceback" in again.stderr:
@@ -1462,7 +1466,6 @@ def run_case(case: Case, fixtures: Path, work: Path) -> tuple[str, str]:
     if case.expect == "error":
         if rc == 0:
             return "silent", f"exit 0; {tail}"
-        litter = [p for p in case.no_new if (d / p).exists() and p not in before_d]
         if litter:
             return "litter", f"left {litter}; {tail}"
         errors = [line for line in err.splitlines() if line.startswith("error:")]
