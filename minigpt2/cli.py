@@ -13,6 +13,7 @@ and writes only to the standard streams.
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import contextlib
 import os
@@ -43,6 +44,7 @@ def start_script() -> None:
     signal.signal(signal.SIGINT, _interrupted_at_once)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # likewise `kill` or a closed terminal: one line, 128+N
         signal.signal(sig, _stopped_at_once)
+    atexit.register(_quiet_teardown)  # registered first, so it runs last: after every other atexit callback
     closed = [fd for fd in (0, 1, 2) if not _is_open(fd)]
     for fd in closed:
         null = os.open(os.devnull, os.O_RDWR)
@@ -60,6 +62,13 @@ def start_script() -> None:
         # the encoding lacks, such as the header's "·" in ASCII
         if getattr(stream, "errors", None) in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=ESCAPES)
+
+
+def _quiet_teardown() -> None:
+    """The last thing before Python tears itself down: it puts the default signal handlers back
+    there, and a SIGTERM in that moment killed a script that had already said how it ended (exit
+    -15 after "interrupted"). The work and its exit path are over: the signals wait, unanswered."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def _is_open(fd: int) -> bool:
