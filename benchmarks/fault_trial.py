@@ -60,6 +60,7 @@ class Case:
     stdout_closed: bool = False
     no_new: tuple = ()  # paths (relative to the case dir) that must not exist after a refusal
     says: str = ""  # an `ok` case must say this (stdout or stderr): e.g. that it fell back past damage
+    follow: list | None = None  # then run the same script with these arguments: it must exit 0 (the folder is usable)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +107,9 @@ def build_fixtures(base: Path) -> None:
         str(base / "cache"),
     ]
     grown = [*run[:7], str(base / "grown"), *run[8:], "--extend-vocab", "40"]
-    for command in (run, grown):
+    grownlora = [*run[:7], str(base / "grownlora"), *run[8:], "--extend-vocab", "40", "--lora", "2"]
+    warm = [*run[:7], str(base / "warm"), *run[8:], "--extend-vocab", "40", "--embed-warmup", "2"]
+    for command in (run, grown, grownlora, warm):
         result = subprocess.run(command, env=env_for(base), capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
             raise SystemExit(f"could not train a fixture run:\n{result.stderr}")
@@ -761,6 +764,8 @@ def cases() -> list[Case]:
     for spec in ("hf:nobody/nothing", "hf:", "hf:a/b:c@nosplit", "hf:../../etc"):
         C.append(Case(f"format/{spec}", "train.py", [*train_base, "--data", spec, "--out", "{D}/run"], no_new=("run",)))
 
+    C += new_surfaces(train_base)
+
     # --- 12. what should simply work
     C.append(Case("works/sample", "sample.py", ["今天", "--model", "{F}/ck", "--max-new-tokens", "8"], expect="ok"))
     C.append(
@@ -769,6 +774,591 @@ def cases() -> list[Case]:
     C.append(Case("works/compare-run", "compare.py", ["{F}/run"], expect="ok"))
     C.append(Case("works/train", "train.py", [*train_base, "--out", "{D}/run"], expect="ok"))
     return C
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 31: the new surfaces (data formats, watching, the recipes, signals), as a new user and an
+# attacker would try them. Their names start with "new/": `--only new/` runs just these.
+
+ROW = '{"text": "今天的天气很好。我们去公园散步，看见了很多花。"}\n'
+DEEP = "[" * 100_000
+HUGE = "9" * 5000
+
+
+def gz(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=1)
+
+
+def big_row(kind: str) -> bytes:
+    """A gzip file holding one row of 100 MiB (a 100 KB download): past the 64 MiB row bound."""
+    import gzip
+    import io
+
+    out = io.BytesIO()
+    head, tail = {"jsonl": (b'{"text": "', b'"}\n'), "json": (b'[{"text": "', b'"}]'), "csv": (b"text\n", b"\n")}[kind]
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1) as f:
+        f.write(head)
+        for _ in range(100):
+            f.write(b"a" * (1 << 20))
+        f.write(tail)
+    return out.getvalue()
+
+
+def parquet(path: Path, column, name: str = "text") -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({name: column}), path)
+
+
+def word_list(path: Path) -> None:
+    import random
+
+    rng = random.Random(0)
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 10))) for _ in range(120_000)
+    ]
+    path.write_text("\n".join(words) + "\n")
+
+
+def put(name: str, content):
+    def prep(d: Path, f: Path):
+        target = d / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if callable(content):
+            content(target)
+        else:
+            write(target, content)
+
+    return prep
+
+
+def new_data_cases(train_base: list) -> list[Case]:
+    """Rows, arrays, CSV, Parquet, compression, folders and datasets: broken, odd, hostile."""
+    bad = {  # name -> (file name, content), each refused in one line
+        "jsonl-deep": ("x.jsonl", ROW * 20 + DEEP + "\n"),
+        "jsonl-huge-int": ("x.jsonl", ROW * 20 + '{"text": "a", "n": ' + HUGE + "}\n"),
+        "jsonl-surrogate": ("x.jsonl", ROW * 20 + '{"text": "a\\ud800b"}\n'),
+        "jsonl-low-surrogate": ("x.jsonl", '{"text": "\\udc00"}\n' + ROW * 20),
+        "jsonl-100MiB-row.gz": ("x.jsonl.gz", lambda p: write(p, big_row("jsonl"))),
+        "jsonl-list-line": ("x.jsonl", ROW * 20 + "[1, 2]\n"),
+        "jsonl-string-line": ("x.jsonl", ROW * 20 + '"text"\n'),
+        "jsonl-null-field": ("x.jsonl", ROW * 20 + '{"text": null}\n'),
+        "jsonl-list-field": ("x.jsonl", ROW * 20 + '{"text": ["a"]}\n'),
+        "jsonl-object-field": ("x.jsonl", ROW * 20 + '{"text": {"a": 1}}\n'),
+        "jsonl-latin1": ("x.jsonl", ROW.encode() * 20 + b'{"text": "caf\xe9"}\n'),
+        "jsonl-all-blank": ("x.jsonl", '{"text": "  "}\n' * 30),
+        "jsonl-nan-literal": ("x.jsonl", ROW * 20 + '{"text": NaN}\n'),
+        "jsonl-utf16": ("x.jsonl", (ROW * 20).encode("utf-16")),
+        "jsonl-binary": ("x.jsonl", os.urandom(4000)),
+        "json-two-arrays": ("x.json", "[" + ROW.strip() + "]\n[" + ROW.strip() + "]"),
+        "json-trailing-garbage": ("x.json", "[" + ROW.strip() + "] and more"),
+        "json-trailing-comma": ("x.json", "[" + ROW.strip() + ",]"),
+        "json-empty-array": ("x.json", "[]"),
+        "json-deep": ("x.json", "[" + DEEP),
+        "json-deep-in-object": ("x.json", '[{"text": "a", "x": ' + DEEP + "}]"),
+        "json-huge-int": ("x.json", '[{"text": "a", "n": ' + HUGE + "}]"),
+        "json-surrogate": ("x.json", '[{"text": "\\ud83d"}]'),
+        "json-strings": ("x.json", '["a", "b"]'),
+        "json-cut": ("x.json", "[" + ROW.strip() + ", " + ROW.strip()[:20]),
+        "json-100MiB-object.gz": ("x.json.gz", lambda p: write(p, big_row("json"))),
+        "json-object-not-array": ("x.json", '{\n  "text": "a"\n}\n'),
+        "csv-unterminated-quote": ("x.csv", 'id,text\n1,"今天\n' + "2,明天\n" * 30),
+        "csv-quote-inside": ("x.csv", 'id,text\n1,"今天"x\n'),
+        "csv-nul": ("x.csv", "id,text\n1,今天\x00\n" + "2,明天\n" * 30),
+        "csv-no-column": ("x.csv", "id,body\n1,今天\n"),
+        "csv-header-only": ("x.csv", "id,text\n"),
+        "csv-empty": ("x.csv", ""),
+        "csv-short-row": ("x.csv", "id,text\n1,今天\n2\n"),
+        "csv-latin1": ("x.csv", b"id,text\n1,caf\xe9\n"),
+        "csv-100MiB-cell.gz": ("x.csv.gz", lambda p: write(p, big_row("csv"))),
+        "tsv-with-commas": ("x.tsv", "id,text\n1,今天\n"),
+        "parquet-int-column": ("x.parquet", lambda p: parquet(p, list(range(10)))),
+        "parquet-null": ("x.parquet", lambda p: parquet(p, ["今天", None])),
+        "parquet-list-column": ("x.parquet", lambda p: parquet(p, [["a"], ["b"]])),
+        "parquet-no-column": ("x.parquet", lambda p: parquet(p, ["今天"], "body")),
+        "parquet-empty": ("x.parquet", lambda p: parquet(p, __import__("pyarrow").array([], "string"))),
+        "parquet-cut": ("x.parquet", lambda p: (parquet(p, ["今天"] * 500), truncate(p, 0.5))),
+        "gz-cut": ("x.jsonl.gz", lambda p: (write(p, gz(ROW.encode() * 3000)), truncate(p, 0.5))),
+        "gz-empty-inside": ("x.txt.gz", gz(b"")),
+        "gz-of-gz": ("x.txt.gz", gz(gz(b"today" * 1000))),
+        "zst-garbage": ("x.txt.zst", b"\x28\xb5\x2f\xfd" + os.urandom(2000)),
+        "bz2-cut": (
+            "x.jsonl.bz2",
+            lambda p: (write(p, __import__("bz2").compress(ROW.encode() * 3000)), truncate(p, 0.5)),
+        ),
+        "xz-garbage": ("x.csv.xz", b"\xfd7zXZ\x00" + os.urandom(2000)),
+    }
+    C = [
+        Case(
+            f"new/data/{name}",
+            "train.py",
+            [*train_base, "--data", "{D}/" + fname, "--out", "{D}/run"],
+            prep=put(fname, content),
+            no_new=("run",),
+        )
+        for name, (fname, content) in bad.items()
+    ]
+    good = {  # name -> (file name, content), each trained on
+        "jsonl-bom-crlf": ("x.jsonl", "\ufeff" + ROW.replace("\n", "\r\n") * 40),
+        "jsonl-blank-lines": ("x.jsonl", (ROW + "\n\n") * 40),
+        "jsonl-some-blank-rows": ("x.jsonl", (ROW + '{"text": " "}\n') * 40),
+        "jsonl-nul-escape": ("x.jsonl", ROW * 40 + '{"text": "a\\u0000b"}\n'),
+        "jsonl-emoji-pair": ("x.jsonl", ROW * 40 + '{"text": "\\ud83d\\ude00 今天"}\n'),
+        "jsonl-many-rows": ("x.jsonl", ROW * 20_000),
+        "jsonl-extra-fields": ("x.jsonl", '{"id": 1, "text": "今天的天气很好。", "meta": {"a": [1, 2]}}\n' * 60),
+        "json-pretty": ("x.json", "[\n" + ",\n".join([ROW.strip()] * 60) + "\n]\n"),
+        "json-trailing-newlines": ("x.json", "[" + ",".join([ROW.strip()] * 60) + "]\n\n  \n"),
+        "json-as-lines": ("x.json", ROW * 60),
+        "csv-multiline-cell": ("x.csv", "id,text\n" + '1,"今天的天气很好。\n我们去公园。"\n' * 60),
+        "csv-crlf-bom": ("x.csv", "\ufeffid,text\r\n" + "1,今天的天气很好。\r\n" * 60),
+        "csv-extra-columns": ("x.csv", "id,text,x\n" + "1,今天的天气很好。,y,z\n" * 60),
+        "tsv": ("x.tsv", "id\ttext\n" + "1\t今天的天气很好。\n" * 60),
+        "parquet-dictionary": (
+            "x.parquet",
+            lambda p: parquet(p, __import__("pyarrow").array(["今天的天气很好。"] * 60 + ["明天"]).dictionary_encode()),
+        ),
+        "parquet-large-string": (
+            "x.parquet",
+            lambda p: parquet(p, __import__("pyarrow").array(["今天的天气很好。"] * 60, "large_string")),
+        ),
+        "parquet.gz": (
+            "x.parquet.gz",
+            lambda p: (
+                parquet(p.with_suffix(""), ["今天的天气很好。"] * 60),
+                write(p, gz(p.with_suffix("").read_bytes())),
+            ),
+        ),
+        "txt-word-list-1MB": ("x.txt", word_list),
+        "txt.xz": ("x.txt.xz", __import__("lzma").compress("今天的天气很好。\n".encode() * 300)),
+        "txt-crlf-only-ends": ("x.txt", "今天的天气很好。\r\n" * 300),
+    }
+    C += [
+        Case(
+            f"new/data-ok/{name}",
+            "train.py",
+            [*train_base, "--data", "{D}/" + fname, "--out", "{D}/run"],
+            prep=put(fname, content),
+            expect="ok",
+        )
+        for name, (fname, content) in good.items()
+    ]
+
+    def mixed(d: Path, f: Path):
+        (d / "in").mkdir()
+        write(d / "in" / "a.txt", "今天的天气很好。\n" * 300)
+        write(d / "in" / "b.jsonl", ROW)
+
+    def save_to_disk(d: Path, f: Path):
+        import datasets
+
+        datasets.Dataset.from_dict({"text": ["今天的天气很好。" * 20] * 50, "n": list(range(50))}).save_to_disk(
+            str(d / "ds")
+        )
+
+    other = [
+        ("folder-txt-and-jsonl", ["--data", "{D}/in"], mixed, "error"),
+        ("folder-empty", ["--data", "{D}/in"], lambda d, f: (d / "in").mkdir(), "error"),
+        ("glob-no-match", ["--data", "{D}/*.jsonl"], None, "error"),
+        ("text-field-with-txt", ["--text-field", "body"], None, "error"),
+        ("text-field-empty", ["--text-field", ""], None, "error"),
+        ("hf-empty-split", ["--data", "hf:a/b@"], None, "error"),
+        ("hf-empty-split-spaces", ["--data", "hf:a/b@ "], None, "error"),
+        ("hf-only-at", ["--data", "hf:@"], None, "error"),
+        ("hf-missing-folder", ["--data", "hf:./nowhere"], None, "error"),
+        ("hf-saved-no-field", ["--data", "hf:{D}/ds", "--text-field", "body"], save_to_disk, "error"),
+        ("hf-saved-int-field", ["--data", "hf:{D}/ds", "--text-field", "n"], save_to_disk, "error"),
+        ("hf-saved-config", ["--data", "hf:{D}/ds:cfg"], save_to_disk, "error"),
+        ("hf-saved-no-split", ["--data", "hf:{D}/ds@validation"], save_to_disk, "error"),
+        ("hf-saved", ["--data", "hf:{D}/ds"], save_to_disk, "ok"),
+        (
+            "vocab-from-bad-rows",
+            ["--extend-vocab", "8", "--vocab-from", "{D}/x.jsonl"],
+            put("x.jsonl", "{oops\n"),
+            "error",
+        ),
+        ("eval-data-two-arrays", ["--eval-data", "{D}/x.json"], put("x.json", "[]\n[]"), "error"),
+        ("val-data-surrogate", ["--val-data", "{D}/x.jsonl"], put("x.jsonl", '{"text": "\\udfff"}\n'), "error"),
+    ]
+    for name, extra, prep, expect in other:
+        args = [*train_base, "--out", "{D}/run", *extra]
+        C.append(
+            Case(
+                f"new/data/{name}",
+                "train.py",
+                args,
+                expect=expect,
+                prep=prep,
+                no_new=("run",) if expect == "error" else (),
+            )
+        )
+    return C
+
+
+def new_watch_cases(train_base: list) -> list[Case]:
+    """What a run shows and writes: samples, TensorBoard, compare's outputs, the logs read back."""
+    out = [*train_base, "--out", "{D}/run"]
+    C = [
+        Case("new/watch/train-sample-tokens-1e9", "train.py", [*out, "--sample-tokens", "1000000000"], no_new=("run",)),
+        Case("new/watch/train-sample-tokens-neg", "train.py", [*out, "--sample-tokens", "-1"], no_new=("run",)),
+        Case(
+            "new/watch/train-sample-prompt-not-utf8",
+            "train.py",
+            [*out, "--sample-prompt", "\udcff\udcfe"],
+            no_new=("run",),
+        ),
+        Case(
+            "new/watch/train-sample-prompt-surrogate",  # U+D800 as UTF-8 (ED A0 80): what a command line can hold
+            "train.py",
+            [*out, "--sample-prompt", "a\udced\udca0\udc80"],
+            no_new=("run",),
+        ),
+        Case(
+            "new/watch/compare-sample-tokens-1e9", "compare.py", ["{F}/ck", "{F}/run", "--sample-tokens", "1000000000"]
+        ),
+        Case(
+            "new/watch/compare-prompt-not-utf8-html",
+            "compare.py",
+            ["{F}/ck", "{F}/run", "--prompt", "\udcff", "--html", "{D}/r.html"],
+            no_new=("r.html",),
+        ),
+        Case(
+            "new/watch/tensorboard-inside-out",
+            "train.py",
+            [*train_base, "--out", "{D}/run", "--tensorboard", "{D}/run/tb"],
+            no_new=("run",),
+        ),
+        Case(
+            "new/watch/tensorboard-is-a-file",
+            "train.py",
+            [*out, "--tensorboard", "{D}/tb"],
+            prep=put("tb", "x"),
+            no_new=("run",),
+        ),
+        Case("new/watch/tensorboard-default", "train.py", [*out, "--tensorboard"], expect="ok"),
+        Case("new/watch/tensorboard-outside", "train.py", [*out, "--tensorboard", "{D}/tb"], expect="ok"),
+        Case(
+            "new/watch/train-sample-prompt-long",
+            "train.py",
+            [*out, "--sample-prompt", "今天" * 500, "--eval-every", "2", "--sample-tokens", "2"],
+            expect="ok",
+        ),
+    ]
+    for what, flag in (("html", "--html"), ("json", "--json"), ("plot", "--plot")):
+        name = "{D}/fifo." + ("png" if what == "plot" else what)
+        C.append(
+            Case(
+                f"new/watch/compare-{what}-onto-fifo-forced",
+                "compare.py",
+                ["{F}/ck", "{F}/run", flag, name, "--force"],
+                prep=lambda d, f, n=name: os.mkfifo(n.replace("{D}", str(d))),
+            )
+        )
+        C.append(
+            Case(
+                f"new/watch/compare-{what}-onto-link-to-fifo",
+                "compare.py",
+                ["{F}/ck", "{F}/run", flag, "{D}/link", "--force"],
+                prep=lambda d, f: (os.mkfifo(d / "p"), os.symlink(d / "p", d / "link")),
+            )
+        )
+    logs = {  # damaged log.jsonl lines: the report goes on without them, saying so
+        "train-no-loss": '{"type": "train", "step": 3}',
+        "train-loss-text": '{"type": "train", "step": 3, "loss": "2.0"}',
+        "eval-no-set": '{"type": "eval", "step": 3, "loss": 2.0}',
+        "eval-set-number": '{"type": "eval", "step": 3, "set": 5, "loss": 2.0}',
+        "samples-step-text": '{"type": "samples", "step": "3", "samples": []}',
+        "samples-not-list": '{"type": "samples", "step": 3, "samples": "x"}',
+        "samples-items-bad": '{"type": "samples", "step": 3, "samples": [1, 2]}',
+        "samples-seed-html": '{"type": "samples", "step": 3, "seed": "<script>", "samples": []}',
+        "step-negative": '{"type": "train", "step": -1, "loss": 1.0}',
+        "a-list": "[1, 2, 3]",
+        "deep": DEEP,
+        "huge-int": '{"type": "train", "step": ' + HUGE + ', "loss": 1.0}',
+    }
+    for name, line in logs.items():
+
+        def damage(r: Path, line=line):
+            with open(r / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(line + "\n" + '{"type": "train", "step": 4, "loss": 1.0}\n')
+
+        C.append(
+            Case(
+                f"new/watch/log-{name}",
+                "compare.py",
+                ["{F}/ck", "{D}/run", "--html", "{D}/r.html"],
+                prep=then(copy_of("run", "run"), damage),
+                expect="ok",
+                says="left out",
+            )
+        )
+    snaps = {
+        "weights-text": '{"step": 2, "weights": {"wte.weight": "x"}}',
+        "step-text": '{"step": "2"}',
+        "activations-list": '{"step": 2, "activations": [1]}',
+    }
+    for name, line in snaps.items():
+        C.append(
+            Case(
+                f"new/watch/snapshots-{name}",
+                "compare.py",
+                ["{F}/ck", "{D}/run"],
+                expect="ok",
+                says="left out",
+                prep=then(copy_of("run", "run"), lambda r, line=line: write(r / "snapshots.jsonl", line + "\n")),
+            )
+        )
+    adapters = {
+        "targets-number": {"target_modules": 5},
+        "targets-numbers": {"target_modules": [1, 2]},
+        "r-negative": {"target_modules": ["c_attn"], "r": -1},
+        "alpha-text": {"target_modules": ["c_attn"], "lora_alpha": "x"},
+        "not-object": None,
+    }
+
+    def adapter_damage(config):
+        def damage(r: Path):
+            (r / "final" / "adapter").mkdir(exist_ok=True)
+            write(r / "final" / "adapter" / "adapter_config.json", "[1]" if config is None else json.dumps(config))
+
+        return damage
+
+    for name, config in adapters.items():
+        C.append(
+            Case(
+                f"new/watch/adapter-{name}",
+                "compare.py",
+                ["{F}/ck", "{D}/run/final"],
+                prep=then(copy_of("run", "run"), adapter_damage(config)),
+            )
+        )
+    for name, args in {
+        "sample-tokens-1e9": {"sample_tokens": 10**9},
+        "prompt-surrogate": {"sample_prompt": ["\ud800"]},
+        "prompt-number": {"sample_prompt": [5]},
+        "sample-tokens-text": {"sample_tokens": "9"},
+    }.items():
+        C.append(
+            Case(
+                f"new/watch/resume-run.json-{name}",
+                "train.py",
+                ["--out", "{D}/run", "--resume", "--steps", "6"],
+                prep=then(copy_of("run", "run"), lambda r, a=args: merge_args(r, a)),
+            )
+        )
+    return C
+
+
+def merge_args(run: Path, args: dict) -> None:
+    edit_json(run / "run.json", args={**json.loads((run / "run.json").read_text())["args"], **args})
+
+
+def new_recipe_cases(train_base: list) -> list[Case]:
+    """--extend-vocab, --embed-warmup, --new-token-lr and LoRA on a grown vocabulary: set-ups that
+    stop half way, resumes that change them, their files damaged."""
+    grow = [*train_base, "--extend-vocab", "30", "--out", "{D}/run"]
+    at = train_base.index("--steps")
+    epochs = [*train_base[:at], *train_base[at + 2 :], "--extend-vocab", "30", "--out", "{D}/run", "--epochs", "0.002"]
+    C = [
+        Case(
+            "new/recipe/refused-after-merges",
+            "train.py",
+            [*epochs, "--embed-warmup", "50"],
+            no_new=("run",),
+            follow=[*epochs, "--embed-warmup", "1"],
+        ),
+        Case(
+            "new/recipe/embed-warmup-without-grow",
+            "train.py",
+            [*train_base, "--out", "{D}/run", "--embed-warmup", "1"],
+            no_new=("run",),
+        ),
+        Case(
+            "new/recipe/embed-warmup-too-long",
+            "train.py",
+            [*grow, "--steps", "2", "--embed-warmup", "2"],
+            no_new=("run",),
+        ),
+        Case("new/recipe/embed-warmup-neg", "train.py", [*grow, "--embed-warmup", "-1"], no_new=("run",)),
+        Case("new/recipe/new-token-lr-nan", "train.py", [*grow, "--new-token-lr", "nan"], no_new=("run",)),
+        Case("new/recipe/new-token-lr-0", "train.py", [*grow, "--new-token-lr", "0"], no_new=("run",)),
+        Case(
+            "new/recipe/new-token-lr-without-grow",
+            "train.py",
+            [*train_base, "--out", "{D}/run", "--new-token-lr", "1e-3"],
+            no_new=("run",),
+        ),
+        Case(
+            "new/recipe/extend-vocab-huge",
+            "train.py",
+            [*train_base, "--out", "{D}/run", "--extend-vocab", "100000"],
+            no_new=("run",),
+        ),
+        Case("new/recipe/vocab-from-missing", "train.py", [*grow, "--vocab-from", "{D}/none.txt"], no_new=("run",)),
+        Case("new/recipe/lora-grow-ok", "train.py", [*grow, "--lora", "2"], expect="ok"),
+        Case("new/recipe/embed-warmup-ok", "train.py", [*grow, "--steps", "3", "--embed-warmup", "1"], expect="ok"),
+    ]
+    leftovers = {  # what a SIGKILL in set-up leaves: the same command, and --resume, must work
+        "tokenizer": lambda r: (r / "tokenizer").mkdir(parents=True) or write(r / "tokenizer" / "vocab.json", "{"),
+        "grown-base": lambda r: (r / "grown-base").mkdir(parents=True) or write(r / "grown-base" / "config.json", "{"),
+        "tensorboard": lambda r: (r / "tensorboard").mkdir(parents=True) or write(r / "tensorboard" / "events.x", "x"),
+        "all-three-and-lock": lambda r: (
+            [(r / n).mkdir(parents=True) for n in ("tokenizer", "grown-base", "tensorboard")] and write(r / ".lock", "")
+        ),
+    }
+    for name, make in leftovers.items():
+        for resume in ([], ["--resume"]):
+            C.append(
+                Case(
+                    f"new/recipe/leftover-{name}{'-resume' if resume else ''}",
+                    "train.py",
+                    [*grow, "--steps", "2", *resume],
+                    prep=lambda d, f, make=make: make(d / "run"),
+                    expect="ok",
+                    says="stopped during its set-up",
+                )
+            )
+    C.append(
+        Case(
+            "new/recipe/leftover-resume-no-data",
+            "train.py",
+            ["--out", "{D}/run", "--resume"],
+            prep=lambda d, f: leftovers["tokenizer"](d / "run"),
+        )
+    )
+    C.append(
+        Case(
+            "new/recipe/leftover-with-user-file",
+            "train.py",
+            [*grow, "--steps", "2"],
+            prep=lambda d, f: (leftovers["tokenizer"](d / "run"), write(d / "run" / "notes.txt", "mine")),
+        )
+    )
+    resume = ["--out", "{D}/run", "--resume"]
+    changes = {  # resuming the warm run (--extend-vocab 40 --embed-warmup 2, 4 steps) and the grown one
+        "warm-longer": ("warm", ["--steps", "8", "--embed-warmup", "6"], "ok"),
+        "warm-drop-warmup": ("warm", ["--steps", "8", "--embed-warmup", "0"], "error"),
+        "warm-new-lr-too": ("warm", ["--steps", "8", "--new-token-lr", "1e-3"], "ok"),
+        "warm-warmup-past-steps": ("warm", ["--steps", "6", "--embed-warmup", "6"], "error"),
+        "grown-add-warmup": ("grown", ["--steps", "8", "--embed-warmup", "2"], "error"),
+        "grown-add-new-lr": ("grown", ["--steps", "8", "--new-token-lr", "1e-3"], "error"),
+        "grown-longer": ("grown", ["--steps", "6"], "ok"),
+        "grownlora-add-new-lr": ("grownlora", ["--steps", "6", "--new-token-lr", "1e-3"], "ok"),
+        "grownlora-extend-more": ("grownlora", ["--steps", "6", "--extend-vocab", "50"], "error"),
+    }
+    for name, (src, extra, expect) in changes.items():
+        C.append(
+            Case(
+                f"new/recipe/resume-{name}",
+                "train.py",
+                [*resume, *extra],
+                prep=copy_of(src, "run"),
+                expect=expect,
+                follow=[*resume, "--steps", "9"] if expect == "error" else None,
+            )
+        )
+    base_damage = {
+        "weights-cut": (lambda r: truncate(r / "grown-base" / "model.safetensors", 0.5), "was damaged"),
+        "config-deleted": (lambda r: (r / "grown-base" / "config.json").unlink(), "was damaged"),
+        "vocab-deleted": (lambda r: (r / "grown-base" / "vocab.json").unlink(), "was damaged"),
+        "config-garbage": (lambda r: write(r / "grown-base" / "config.json", "{x"), "was damaged"),
+        "folder-deleted": (lambda r: shutil.rmtree(r / "grown-base"), ""),
+        "weights-zero": (lambda r: write(r / "grown-base" / "model.safetensors", b""), "was damaged"),
+    }
+    for name, (damage, says) in base_damage.items():
+        C.append(
+            Case(
+                f"new/recipe/grown-base-{name}",
+                "train.py",
+                [*resume, "--steps", "6"],
+                expect="ok",
+                says=says,
+                prep=then(copy_of("grownlora", "run"), damage),
+            )
+        )
+    C.append(  # (learned again from the same data and options: the same merges)
+        Case(
+            "new/recipe/tokenizer-deleted-resume",
+            "train.py",
+            [*resume, "--steps", "6"],
+            prep=then(copy_of("grown", "run"), lambda r: shutil.rmtree(r / "tokenizer")),
+            expect="ok",
+        )
+    )
+    return C
+
+
+def new_signal_cases(train_base: list) -> list[Case]:
+    """Signals in the new phases: learning merges, tokenizing, set-up; and compare.py's last moments."""
+    grow = [*train_base, "--extend-vocab", "300", "--out", "{D}/run", "--steps", "2"]
+    C = []
+    for t in (1.0, 2.5, 4.0, 6.0, 9.0):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            C.append(
+                Case(f"new/signal/merges-{sig.name}@{t}", "train.py", grow, expect="signal", send=(sig, t), follow=grow)
+            )
+        C.append(
+            Case(
+                f"new/signal/merges-SIGKILL@{t}",
+                "train.py",
+                grow,
+                expect="killed",
+                send=(signal.SIGKILL, t),
+                follow=grow,
+            )
+        )
+    for t in (2.0, 4.0, 6.0):
+        C.append(
+            Case(
+                f"new/signal/merges-two-SIGINT@{t}",
+                "train.py",
+                grow,
+                expect="signal",
+                send=[(signal.SIGINT, t), (signal.SIGINT, t + 0.3)],
+                follow=grow,
+            )
+        )
+        C.append(
+            Case(
+                f"new/signal/merges-SIGINT-SIGTERM@{t}",
+                "train.py",
+                grow,
+                expect="signal",
+                send=[(signal.SIGINT, t), (signal.SIGTERM, t + 0.2)],
+                follow=grow,
+            )
+        )
+    html = ["{F}/ck", "{F}/run", "--html", "{D}/r.html", "--json", "{D}/r.json"]
+    for t in (3.0, 5.0, 7.0, 9.0, 12.0):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            C.append(
+                Case(f"new/signal/compare-html-{sig.name}@{t}", "compare.py", html, expect="signal", send=(sig, t))
+            )
+    words = ["--data", "{D}/w.txt", *train_base[2:], "--out", "{D}/run"]
+    for t in (2.0, 5.0):
+        C.append(
+            Case(
+                f"new/signal/tokenizing-word-list-SIGINT@{t}",
+                "train.py",
+                words,
+                expect="signal",
+                send=(signal.SIGINT, t),
+                prep=put("w.txt", word_list),
+                follow=words,
+            )
+        )
+    return C
+
+
+def new_surfaces(train_base: list) -> list[Case]:
+    return (
+        new_data_cases(train_base)
+        + new_watch_cases(train_base)
+        + new_recipe_cases(train_base)
+        + new_signal_cases(train_base)
+    )
 
 
 def nan_state(ck: Path):
@@ -800,13 +1390,27 @@ def checksums(folder: Path) -> dict[str, str]:
     return out
 
 
+def follow_up(case: Case, fixtures: Path, d: Path, env: dict):
+    """The command after a case: its `follow` arguments, and when they meet a run (it got that far),
+    the same with --resume."""
+    command = [sys.executable, str(ROOT / case.script), *fill(case.follow, fixtures, d)]
+    again = subprocess.run(command, env=env, cwd=d, capture_output=True, text=True, timeout=TIMEOUT)
+    if again.returncode != 0 and "already holds a run" in again.stderr and "--resume" not in command:
+        again = subprocess.run([*command, "--resume"], env=env, cwd=d, capture_output=True, text=True, timeout=TIMEOUT)
+    return again
+
+
+def fill(args: list, fixtures: Path, d: Path) -> list[str]:
+    return [str(a).replace("{F}", str(fixtures)).replace("{D}", str(d)) for a in args]
+
+
 def run_case(case: Case, fixtures: Path, work: Path) -> tuple[str, str]:
     d = work / case.name.replace("/", "_").replace(" ", "_")[:120]
     d.mkdir(parents=True)
     if case.prep:
         case.prep(d, fixtures)
     before_d, before_f = checksums(d), checksums(fixtures / "ck")
-    args = [a.replace("{F}", str(fixtures)).replace("{D}", str(d)) for a in case.args]
+    args = fill(case.args, fixtures, d)
     env = env_for(fixtures, **case.env)
     limit = int(case.env.get("MINIGPT2_TRIAL_FSIZE", 0))
 
@@ -832,10 +1436,9 @@ def run_case(case: Case, fixtures: Path, work: Path) -> tuple[str, str]:
     )
     start = time.monotonic()
     try:
-        if case.send:
-            sig, after = case.send
+        for sig, after in [case.send] if isinstance(case.send, tuple) else case.send or []:
             try:
-                proc.wait(timeout=after)
+                proc.wait(timeout=max(0.0, after - (time.monotonic() - start)))
             except subprocess.TimeoutExpired:
                 proc.send_signal(sig)
         out, err = proc.communicate(timeout=TIMEOUT - (time.monotonic() - start))
@@ -849,14 +1452,20 @@ def run_case(case: Case, fixtures: Path, work: Path) -> tuple[str, str]:
     lost = [k for k, v in before_d.items() if after_d.get(k) != v and not k.startswith("run/") and k != "run.json"]
     lost += [k for k, v in checksums(fixtures / "ck").items() if before_f.get(k) != v]
     tail = err.strip().splitlines()[-1][:200] if err.strip() else f"(no stderr; exit {rc})"
-    if "Traceback (most recent call last)" in err:
+    if "Traceback (most recent call last)" in err or "Exception ignored" in err:
         return "traceback", err.strip().splitlines()[-1][:200]
     if lost and case.expect != "ok":
         return "lost", f"changed: {lost[:3]}"
+    litter = [p for p in case.no_new if (d / p).exists() and p not in before_d]  # (before the next command)
+    if case.follow is not None:  # the folder it left must serve the next command: the same one, or a resume
+        again = follow_up(case, fixtures, d, env)
+        if again.returncode != 0 or "Traceback" in again.stderr:
+            return "lost", f"then unusable: {(again.stderr.strip().splitlines() or ['?'])[-1][:160]}"
+    if case.expect == "killed":
+        return "right", f"exit {rc}; the next command works"
     if case.expect == "error":
         if rc == 0:
             return "silent", f"exit 0; {tail}"
-        litter = [p for p in case.no_new if (d / p).exists() and p not in before_d]
         if litter:
             return "litter", f"left {litter}; {tail}"
         errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -864,9 +1473,10 @@ def run_case(case: Case, fixtures: Path, work: Path) -> tuple[str, str]:
             return "unclear", f"exit {rc}; {tail}"
         return "right", errors[0][:200]
     if case.expect == "signal":
-        if rc == 0 and case.send and case.send[1] > 2:
+        sent = [case.send] if isinstance(case.send, tuple) else case.send
+        if rc == 0 and sent and sent[0][1] > 2:
             return "right", f"finished before the signal; {tail}"
-        if rc not in (128 + case.send[0], 0, 130):
+        if rc not in (*(128 + s for s, _ in sent), 0, 130):
             return "unclear", f"exit {rc}; {tail}"
         return "right", tail
     if rc != 0:

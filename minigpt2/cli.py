@@ -13,7 +13,9 @@ and writes only to the standard streams.
 
 from __future__ import annotations
 
+import atexit
 import codecs
+import contextlib
 import os
 import signal
 import sys
@@ -42,6 +44,7 @@ def start_script() -> None:
     signal.signal(signal.SIGINT, _interrupted_at_once)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # likewise `kill` or a closed terminal: one line, 128+N
         signal.signal(sig, _stopped_at_once)
+    atexit.register(_quiet_teardown)  # registered first, so it runs last: after every other atexit callback
     closed = [fd for fd in (0, 1, 2) if not _is_open(fd)]
     for fd in closed:
         null = os.open(os.devnull, os.O_RDWR)
@@ -59,6 +62,13 @@ def start_script() -> None:
         # the encoding lacks, such as the header's "·" in ASCII
         if getattr(stream, "errors", None) in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=ESCAPES)
+
+
+def _quiet_teardown() -> None:
+    """The last thing before Python tears itself down: it puts the default signal handlers back
+    there, and a SIGTERM in that moment killed a script that had already said how it ended (exit
+    -15 after "interrupted"). The work and its exit path are over: the signals wait, unanswered."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def _is_open(fd: int) -> bool:
@@ -79,6 +89,13 @@ def _interrupted_at_once(signum, frame) -> None:
 def _stopped_at_once(signum, frame) -> None:
     try:
         os.write(2, f"\nstopped by {signal.Signals(signum).name} while starting (nothing was written)\n".encode())
+    finally:
+        os._exit(128 + signum)
+
+
+def _stopped_at_exit(signum, frame) -> None:
+    try:
+        os.write(2, f"\nstopped by {signal.Signals(signum).name}\n".encode())
     finally:
         os._exit(128 + signum)
 
@@ -109,6 +126,7 @@ def run_script(body: Callable[[], int], flags: dict[str, str] | None = None, pre
     The library's `Notice` warnings (e.g. GPT-2's tokenizer standing in for a checkpoint without
     one) are printed as one `note: ...` line on stderr each, every time they are raised.
     """
+    script = signal.getsignal(signal.SIGINT) is _interrupted_at_once  # (started by start_script)
     try:
         import torch  # noqa: F401  (every script needs it: imported while Ctrl-C still exits at once)
 
@@ -136,13 +154,28 @@ def run_script(body: Callable[[], int], flags: dict[str, str] | None = None, pre
     except OSError as e:
         return error(prefix + f"{e.strerror or e}" + (f": '{e.filename}'" if e.filename else ""))
     except KeyboardInterrupt:
+        _at_once(script)
         print("\ninterrupted", file=sys.stderr)
         return 130
     except Stopped as e:
+        _at_once(script)
         print(f"\nstopped by {e.signal.name}", file=sys.stderr)
         return 128 + e.signal
     finally:
+        _at_once(script)
         _escape_note()
+
+
+def _at_once(script: bool) -> None:
+    """Once the work is over (done, failed or stopped), a signal ends the script at once, as while it
+    started: raised during the exit path (an atexit callback, threads joined at exit, the cleanup of
+    a first Ctrl-C) it printed "Exception ignored ... Stopped" or a traceback, and exited 0."""
+    if script:
+        with contextlib.suppress(OSError, ValueError):  # (what is printed is out before os._exit could drop it)
+            sys.stdout.flush()
+        signal.signal(signal.SIGINT, _interrupted_at_once)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stopped_at_exit)
 
 
 class Stopped(BaseException):

@@ -58,6 +58,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
     disk, a file size limit, a read-only or forbidden folder is an `OutputError` naming `path`.
     """
     path = Path(path)
+    check_replaceable(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
@@ -75,6 +76,20 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
         if failure is None:
             raise
         raise failure from None
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """An output may be written where nothing is or over a regular file, never over anything else:
+    renaming a file over a device, a FIFO or a socket replaces the node itself (as root, `--json
+    /dev/null --force` would replace /dev/null). An `OutputError`, `--force` or not."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return  # a dangling link: replaced like a file
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise OutputError(
+            f"'{path}' is not a regular file (a device, pipe or socket): an output is never written over one, "
+            "--force or not; choose a file name"
+        )
 
 
 def _umask() -> int:

@@ -15,8 +15,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,7 @@ def world(tmp_path_factory, test_data, hub_gpt2):
     for name, args in damage.items():
         (root / f"run-{name}").mkdir()
         (root / f"run-{name}" / "run.json").write_text(json.dumps({"args": {"data": ["x.txt"], **args}}))
+    os.mkfifo(root / "fifo.html")  # an output path that is not a regular file (issue 31 C8)
     (root / "mixed").mkdir()
     (root / "mixed" / "a.txt").write_text("天气很好。\n" * 50, encoding="utf-8")
     (root / "mixed" / "b.jsonl").write_text('{"text": "x"}\n', encoding="utf-8")
@@ -234,6 +237,11 @@ def rows(w):
     ]
     compare = [
         ("compare: top -1", [good, good, "--top", "-1"], "--top"),
+        (
+            "compare: --html onto a FIFO, forced",
+            [good, good, "--html", str(r / "fifo.html"), "--force"],
+            "is not a regular file",
+        ),  # fmt: skip
         ("compare: sample-tokens a billion", [good, good, "--sample-tokens", str(10**9)], "--sample-tokens"),
         (
             "compare: a prompt that is not UTF-8",
@@ -367,7 +375,7 @@ def rows(w):
          "--batch-size 10000000 at sequence length 16 needs at least"),
     ]  # fmt: skip
     train += [
-        (f"train: --data {name}", ["--data", str(r / "rows" / name), *data[2:], *extra], needle)
+        (" ".join(["train: --data", name, *extra]), ["--data", str(r / "rows" / name), *data[2:], *extra], needle)
         for name, extra, needle in [
             ("bad.jsonl", [], "bad.jsonl' line 4 is not valid JSON"),
             ("field.jsonl", [], "line 2 has no field 'text' (its fields: 'body'); choose the field with --text-field"),
@@ -489,6 +497,7 @@ def test_every_bad_input_is_one_clear_error_line(world, hf_home):
             failures.append(f"{name} ({script}): {', '.join(problems)}\n{stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)
     assert tree_digest(world["root"]) == before  # nothing that was there changed
+    assert (world["root"] / "fifo.html").is_fifo()  # not replaced by a file, --force or not
 
 
 @pytest.mark.slow
@@ -702,3 +711,59 @@ def test_sigterm_while_sampling_stops_like_ctrl_c(world, hf_home):
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 128 + sig and "Traceback" not in stderr, (proc.returncode, stderr)
         assert stderr.strip().endswith(f"stopped by {sig.name}"), stderr
+
+
+@pytest.mark.slow
+def test_a_damaged_log_costs_its_lines_not_the_report(world, hf_home, tmp_path):
+    """issue 31 C3: records that are valid JSON of the wrong shape are left out, named in one note."""
+    run = shutil.copytree(world["run"], tmp_path / "run")
+    good = [
+        {"type": "train", "step": 1, "loss": 10.0},
+        {"type": "eval", "step": 1, "set": "val", "loss": 9.0, "bpc": 3},
+    ]
+    bad = [{"type": "train", "step": 2}, {"type": "eval", "step": 2, "loss": 9.0},
+           {"type": "samples", "step": "3", "samples": []}, {"type": "samples", "step": 3, "samples": "x"},
+           {"type": "train", "step": 4, "loss": "1"}]  # fmt: skip
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good + bad) + "[1]\n{cut")
+    (run / "snapshots.jsonl").write_text('{"step": 1, "weights": {"wte.weight": "x"}}\n{"step": "2"}\n')
+    result = run_script("compare.py", world["good"], run, "--html", tmp_path / "r.html", "--json",
+                        tmp_path / "r.json", env=offline_env(hf_home), timeout=180)  # fmt: skip
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "note: log.jsonl: lines 3, 4, 5, 6, 7, 8 left out" in result.stdout, result.stdout
+    assert "note: snapshots.jsonl: lines 1, 2 left out" in result.stdout
+    curves = json.loads((tmp_path / "r.json").read_text())["runs"][0]["curves"]
+    assert [p["step"] for p in curves["train"]] == [1] and list(curves["eval"]) == ["val"]
+    assert "lines 3, 4, 5, 6, 7, 8 left out" in (tmp_path / "r.html").read_text()
+    for targets in (5, [1, 2]):  # a LoRA run's final/adapter/adapter_config.json, damaged
+        (run / "final" / "adapter").mkdir(exist_ok=True)
+        (run / "final" / "adapter" / "adapter_config.json").write_text(json.dumps({"target_modules": targets}))
+        refused = run_script("compare.py", world["good"], run / "final", env=offline_env(hf_home), timeout=180)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+        assert refused.stderr.startswith("error:") and '"target_modules" is ' in refused.stderr, refused.stderr
+
+
+EXIT_PATH = """
+import atexit, os, sys, time
+from minigpt2.cli import run_script, start_script
+start_script()
+def body():
+    atexit.register(time.sleep, 30)  # an exit path that takes a while (threads joined, files closed)
+    print("done", flush=True)
+    return 0
+sys.exit(run_script(body))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_on_the_exit_path_ends_the_script_in_one_line(sig):
+    """issue 31 C7: the work is over; a signal while the process exits (an atexit callback) said
+    "Exception ignored in atexit callback ... Stopped" and exited 0."""
+    proc = subprocess.Popen([sys.executable, "-c", EXIT_PATH], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline() == "done\n"
+    time.sleep(1.0)  # in the atexit callback by now
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 128 + sig, stderr
+    assert "Exception ignored" not in stderr and "Traceback" not in stderr, stderr
+    assert stderr.strip() == ("interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}")

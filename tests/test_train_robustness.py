@@ -398,3 +398,32 @@ def test_a_set_up_that_never_finished_leaves_a_folder_the_same_command_uses(base
                    env=env)  # fmt: skip
     one_error_line(inside, "--tensorboard", "is inside the run folder")
     assert not (tmp_path / "r2").exists()
+
+
+def test_resuming_the_new_recipes(base_args, env, tmp_path):
+    """issue 31 C6: a longer run with a longer embedding warm-up resumes; adding or dropping the
+    warm-up names the option; a damaged grown-base/ is written again, said in one line."""
+    run = tmp_path / "run"
+    args = [*base_args, "--extend-vocab", "30", "--eval-every", "0", "--sample-tokens", "0", "--out", run]
+    first = train(*args, "--steps", "4", "--embed-warmup", "2", env=env)
+    assert first.returncode == 0, first.stderr
+    longer = train(*args, "--resume", "--steps", "8", "--embed-warmup", "6", env=env)
+    assert longer.returncode == 0, longer.stderr
+    assert json.loads((run / "run.json").read_text())["train"]["steps"] == 8
+    dropped = train(*args, "--resume", "--steps", "9", "--embed-warmup", "0", env=env)
+    one_error_line(dropped, "--embed-warmup cannot be dropped from a resumed run")
+    assert json.loads((run / "run.json").read_text())["train"]["steps"] == 8  # refused: run.json as it was
+    lora = tmp_path / "lora"
+    largs = [*base_args, "--extend-vocab", "30", "--lora", "2", "--eval-every", "0", "--sample-tokens", "0"]
+    assert train(*largs, "--steps", "2", "--out", lora, env=env).returncode == 0
+    added = train(*largs, "--steps", "3", "--out", lora, "--resume", "--new-token-lr", "1e-3", env=env)
+    assert added.returncode == 0, added.stderr  # (LoRA keeps the new rows apart anyway)
+    weights = lora / "grown-base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    repaired = train(*largs, "--steps", "4", "--out", lora, "--resume", env=env)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "grown-base' was damaged" in repaired.stderr
+    (lora / "grown-base" / "config.json").unlink()
+    repaired = train(*largs, "--steps", "5", "--out", lora, "--resume", env=env)
+    assert repaired.returncode == 0 and "config.json missing" in repaired.stderr, repaired.stderr
+    load_model(lora / "grown-base")

@@ -54,6 +54,7 @@ import torch
 
 from minigpt2.analysis import DEFAULT_MAX_EVAL_TOKENS
 from minigpt2.analysis.causal import layer_sections, text_changes
+from minigpt2.analysis.runlog import read_records, skipped_note, snapshot_shape
 from minigpt2.checks import MAX_NEW_TOKENS, integer, positive_int
 from minigpt2.device import resolve_device
 from minigpt2.errors import CheckpointError, MiniGPT2Error, OptionError
@@ -535,7 +536,8 @@ def run_curves(run: RunFolder) -> dict:
     bits per character at each evaluation (what a person looks at first); and the samples drawn at
     each evaluation (`train.py --sample-prompt`), step by step."""
     train, evals, samples = [], {}, []
-    for r in run.read_log():
+    records, skipped = read_records(run.path / LOG)  # each checked: a damaged line costs itself, not the report
+    for r in records:
         if r.get("type") == "train":
             train.append({"step": r["step"], "tokens": r.get("tokens"), "loss": r["loss"]})
         elif r.get("type") == "eval":
@@ -545,7 +547,7 @@ def run_curves(run: RunFolder) -> dict:
         elif r.get("type") == "samples":
             samples = [s for s in samples if s["step"] < r["step"]]  # a resumed run drew these steps again
             samples.append({k: r.get(k) for k in ("step", "tokens", "seed", "max_new_tokens", "samples")})
-    return {"train": train, "eval": evals, "samples": samples}
+    return {"train": train, "eval": evals, "samples": samples, "note": skipped_note(LOG, skipped)}
 
 
 # ----- the whole comparison ---------------------------------------------------------------
@@ -635,7 +637,11 @@ def run_record(side: str, path: str, revision: str | None, progress: Progress = 
         norms = tensor_norms(run_start(run), revision)
     except MiniGPT2Error:
         norms = None  # a start that cannot be read (not cached, not saved): plain means
-    record = {"side": side, "path": path, **run_drift(run.read_snapshots(), norms), "curves": run_curves(run)}
+    snapshots, skipped = read_records(run.path / SNAPSHOTS, snapshot_shape)
+    snapshots = sorted(({"weights": {}, "activations": {}} | {k: v for k, v in s.items() if v is not None}
+                        for s in snapshots), key=lambda s: s["step"])  # fmt: skip
+    record = {"side": side, "path": path, **run_drift(snapshots, norms), "curves": run_curves(run),
+              "note": skipped_note(SNAPSHOTS, skipped)}  # fmt: skip
     _tell(progress, f"reading the snapshots of {path}", 1, 1)
     return record
 

@@ -220,8 +220,9 @@ def _curves(run: dict) -> str:
         chart = line_chart(series, xlabel="step", ylabel="bits per character", dots=True)
         cards.append(f'<div class="card"><h3>evaluation: bits per character (lower is better)</h3>{chart}</div>')
     return section(
-        f"curves-{run['side']}", f"Learning curves: run {run['path']}", f'<div class="grid">{"".join(cards)}</div>'
-    )
+        f"curves-{run['side']}", f"Learning curves: run {run['path']}", f'<div class="grid">{"".join(cards)}</div>',
+        curves.get("note") or "",
+    )  # fmt: skip
 
 
 def _samples(run: dict) -> str:

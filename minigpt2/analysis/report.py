@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from minigpt2.errors import MiniGPT2Error, OutputError
-from minigpt2.files import write_atomically
+from minigpt2.files import check_replaceable, write_atomically
 from minigpt2.text import one_line
 
 # ----- numbers and tables -----------------------------------------------------------------
@@ -326,7 +326,7 @@ def _run(run: dict) -> list[str]:
     steps = evenly(run["steps"], 8)
     heading = f"== Drift over steps: training run {run['path']} (side {run['side']}"
     heading += f", probe {quoted(run['probe'])}) ==" if run["probe"] is not None else ") =="
-    out = [heading]
+    out = [heading] + [f"note: {n}" for n in (run.get("note"), run.get("curves", {}).get("note")) if n]
     if not steps:
         return out + ["(snapshots.jsonl holds no snapshots)", ""]
     if len(steps) < len(run["steps"]):
@@ -398,6 +398,7 @@ def check_new_file(path: str | os.PathLike, force: bool, reads: list[Path] = ())
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"'{path}' is a directory; give a file name")
+    check_replaceable(path)
     if path.exists() and any(_same_file(path, other) for other in reads):
         raise OutputError(
             f"'{path}' is one of this command's inputs; an output never replaces an input, even with --force: "
@@ -408,10 +409,9 @@ def check_new_file(path: str | os.PathLike, force: bool, reads: list[Path] = ())
     if not path.parent.is_dir():
         what = "is not a folder" if path.parent.exists() else "does not exist"
         raise OutputError(f"cannot write '{path}': '{path.parent}' {what}")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
+    try:  # a file with no name (O_TMPFILE): nothing is left behind, whenever a signal comes
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
     except OSError as e:
         raise OutputError(f"cannot write '{path}': {e.strerror or e} (in '{path.parent}')") from None
     return path

@@ -10,6 +10,7 @@ module only reads and writes the files.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -86,7 +87,20 @@ def save_peft_adapter(
 def read_adapter_config(checkpoint: str | os.PathLike) -> dict | None:
     """The adapter_config.json in `checkpoint/adapter/` (a LoRA run's checkpoint), or None."""
     path = Path(checkpoint) / ADAPTER_DIR / ADAPTER_CONFIG
-    return read_json_object(path, "a PEFT adapter_config.json", CheckpointError) if path.is_file() else None
+    if not path.is_file():
+        return None
+    config = read_json_object(path, "a PEFT adapter_config.json", CheckpointError)
+    targets, r, alpha = config.get("target_modules"), config.get("r"), config.get("lora_alpha")
+    names = [targets] if isinstance(targets, str) else targets if isinstance(targets, list) else [0]
+    for name, ok in (
+        ("target_modules", targets is None or all(isinstance(t, str) for t in names)),
+        ("r", r is None or type(r) is int and r > 0),
+        ("lora_alpha", alpha is None or type(alpha) in (int, float) and math.isfinite(alpha)),
+    ):  # (checked as run.json is: a damaged file is one line naming the field, not a traceback later)
+        if not ok:
+            raise CheckpointError(f"'{path}' is damaged: \"{name}\" is {config.get(name)!r:.60}; it should hold "
+                                  f"{'module names' if name == 'target_modules' else 'a positive number'}")  # fmt: skip
+    return config
 
 
 def adapted_tensors(checkpoint: str | os.PathLike, names: Sequence[str]) -> dict | None:

@@ -349,7 +349,27 @@ def resolve(given: TrainOptions, saved: dict | None, device_type: str, ranks: in
             f"accumulation x ranks); with {ranks} rank(s), give a batch size and accumulation whose product is "
             f"{before / ranks:g}",
         )
+    _check_new_rows_kept(saved, merged, explicit)
     return Resolved(TrainOptions(**{**merged, "ranks": ranks}), [])
+
+
+def _check_new_rows_kept(saved: dict, merged: dict, explicit: dict) -> None:
+    """A grown vocabulary's new rows are a parameter of their own with `new_token_lr` or
+    `embed_warmup` (see setup_run), and part of the embedding without: a resumed run may change
+    their values, not whether there are any, or its checkpoints no longer fit its parameters."""
+
+    def split(options: dict) -> bool:
+        return bool(options.get("extend_vocab")) and bool(options.get("new_token_lr") or options.get("embed_warmup"))
+
+    if merged.get("lora") or split(saved) == split(merged):
+        return
+    name = next(k for k in ("embed_warmup", "new_token_lr") if k in explicit)
+    raise OptionError(
+        name,
+        f"cannot be {'added to' if split(merged) else 'dropped from'} a resumed run: it decides whether the new "
+        "tokens' rows train as a parameter of their own, and the run's checkpoints were saved "
+        f"{'without' if split(merged) else 'with'} them apart; resume as it was, or start a new run directory",
+    )
 
 
 def check_combinations(o: TrainOptions) -> None:

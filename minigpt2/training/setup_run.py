@@ -318,6 +318,8 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
     if resume and trainer.step == 0:
         report({"type": "note", "message": f"no checkpoint in '{run.path}' to resume from: starting from step 0"})
     previous = _check_steps(trainer, saved if resume else SavedRun(None, None), run)
+    # (before run.json is rewritten: a schedule that cannot be worked out must not leave a changed run.json)
+    change = schedule_change(config, previous, trainer.step, o, saved.args) if previous is not None else None
     if ctx.is_main:
         size = checkpoint_bytes(model, sum(p.numel() for p in trainer.params))
         check_free_space(run, size)
@@ -327,7 +329,6 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
             run.write_info(_run_info(source, tok_source, o, model, config, corpus, eval_sets, ctx.device, dtype))
         elif previous is not None:
             update_steps(run, saved.info, config.steps)
-    change = schedule_change(config, previous, trainer.step, o) if previous is not None else None
     return Setup(trainer, run, o, resolved.defaults_used, skipped, change)
 
 
@@ -376,7 +377,7 @@ def _start(o: TrainOptions, run: RunDir, files: tuple, report, ctx) -> tuple:
     if o.extend_vocab:
         model, enc, tok_source = _extended(model, enc, tok_source, o, run, files[0], files[2], report, ctx)
         if o.lora:  # PEFT applies the adapter to this grown model: the run keeps it
-            base = _grown_base(model, run, tok_source, ctx)
+            base = _grown_base(model, run, tok_source, ctx, report)
     new_rows = range(old_vocab, model.config.vocab_size)
     if o.lora:
         _with_lora(model, o, report, new_rows)
@@ -430,10 +431,15 @@ def train_config(o: TrainOptions, train_tokens: int, ranks: int) -> TrainConfig:
     return TrainConfig(**{**given, "steps": steps, "ranks": ranks})
 
 
-def schedule_change(config: TrainConfig, previous_steps: int, step: int, o: TrainOptions) -> dict:
-    """How a resumed run's learning rate changes when its step count does (the cosine is stretched)."""
+def schedule_change(
+    config: TrainConfig, previous_steps: int, step: int, o: TrainOptions, saved_args: dict | None = None
+) -> dict:
+    """How a resumed run's learning rate changes when its step count does (the cosine is stretched).
+    The old schedule is the saved one: its own embedding warm-up (the new one may not fit in its steps)."""
+    before = (saved_args or {}).get("embed_warmup") or 0
+    before = before if before < previous_steps else 0
     old = TrainConfig(**{**dataclasses.asdict(config), "steps": previous_steps, "warmup": o.warmup,
-                         "eval_every": o.eval_every})  # fmt: skip
+                         "eval_every": o.eval_every, "embed_warmup": before})  # fmt: skip
     return {"before": previous_steps, "after": config.steps, "step": step, "lr_before": lr_at(step, old),
             "lr_after": lr_at(step, config)}  # fmt: skip
 
@@ -472,15 +478,36 @@ def _extended(model, enc, tok_source, o: TrainOptions, run: RunDir, train_files,
     return grown, new_enc, folder
 
 
-def _grown_base(model: GPT, run: RunDir, tokenizer_dir, ctx) -> str:
+def _grown_base(model: GPT, run: RunDir, tokenizer_dir, ctx, report) -> str:
     """Save the grown model (before LoRA) as RUN/grown-base, once, and return its absolute path:
     the adapter's `base_model_name_or_path`, so that PEFT finds the base it was trained on."""
     from minigpt2.io.weights import save_model
 
     folder = (run.path / GROWN_BASE).resolve()
-    if ctx.is_main and not (folder / "model.safetensors").is_file():
+    damage = grown_base_damage(folder, model.config) if ctx.is_main and folder.exists() else None
+    if ctx.is_main and (damage or not folder.exists()):  # the grown model is rebuilt the same way each time
         save_model(model, folder, tokenizer_source=tokenizer_dir, overwrite=True)
+    if damage:
+        report({"type": "note", "message": f"'{folder}' was damaged ({damage}): written again from the run's "
+                "start model and tokenizer"})  # fmt: skip
     return str(folder)
+
+
+def grown_base_damage(folder: Path, expected: GPTConfig) -> str | None:
+    """What is wrong with RUN/grown-base (a file missing, weights cut short, another shape), or None."""
+    from minigpt2.io.weights import checkpoint_config, open_safetensors, read_header
+
+    missing = [n for n in (CONFIG, WEIGHTS, "vocab.json", "merges.txt") if not (folder / n).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        with open_safetensors(folder / WEIGHTS) as f:
+            config = checkpoint_config(folder / CONFIG, read_header(f, folder / WEIGHTS), folder / WEIGHTS)
+    except (MiniGPT2Error, OSError) as e:
+        return str(e).split(";")[0][:200]
+    shape = ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions")
+    same = all(getattr(config, k) == getattr(expected, k) for k in shape)
+    return None if same else "its config.json is not the grown model's shape"
 
 
 def _with_trainable_tokens(model: GPT, new_rows: range) -> None:
