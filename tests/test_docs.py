@@ -17,12 +17,13 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from checkpoints import TINY, populate_hub_cache, random_hf_model
+from checkpoints import populate_hub_cache, random_hf_model
 from clis import ROOT, offline_env
 
 from minigpt2.io.tokenizer import GPT2_DIR
@@ -124,14 +125,17 @@ def run_env(hf_home: Path, workdir: Path) -> dict[str, str]:
     return env
 
 
-def as_run(command: str) -> str:
+def as_run(command: str, workdir: Path) -> str:
     """The command as this test runs it: SHORTER's substitutions; a train.py without --steps gets
-    TRAIN_STEPS (the defaults train 500)."""
+    TRAIN_STEPS (the defaults train 500). A new run (train.py without --resume) starts in a fresh
+    --out, as a user's would: the folder an earlier block's example made under that name is removed."""
     for old, new in SHORTER.items():
         command = command.replace(old, new)
     words = shlex.split(command, comments=True)
     if "train.py" in words and "--steps" not in words:
         command = f"{command.split(' #')[0]} {shlex.join(TRAIN_STEPS)}"
+    if "train.py" in words and "--resume" not in words and "--out" in words:
+        shutil.rmtree(workdir / words[words.index("--out") + 1], ignore_errors=True)
     return command
 
 
@@ -211,7 +215,7 @@ def test_bash_blocks_run(docs_hub, workdir):
     env = run_env(docs_hub, workdir)
     ran = []
     for where, command in bash_commands():
-        command = as_run(command)
+        command = as_run(command, workdir)
         result = subprocess.run(
             ["bash", "-c", command], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
         )

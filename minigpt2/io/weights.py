@@ -39,6 +39,7 @@ from minigpt2 import files
 from minigpt2.device import resolve_device, resolve_dtype
 from minigpt2.errors import CheckpointError
 from minigpt2.files import write_atomically
+from minigpt2.io.adapters import adapter_checkpoint, is_adapter_folder, load_adapted
 from minigpt2.io.hub import OFFICIAL_REPOS, hub_file, local_path
 from minigpt2.model.config import GPTConfig
 from minigpt2.model.gpt import GPT
@@ -106,6 +107,7 @@ def checkpoint_files(source: str | os.PathLike, revision: str | None = None) -> 
     if path is None:
         return hub_file(str(source), CONFIG, revision=revision), hub_file(str(source), WEIGHTS, revision=revision)
     path = run_checkpoint(path) or path  # a training run stands for its final (or newest) checkpoint
+    path = adapter_checkpoint(path)  # a run's adapter/ stands for the merged model beside it
     if path.is_dir():
         weights = path / WEIGHTS
         if not weights.is_file():
@@ -326,6 +328,8 @@ def read_checkpoint_config(source: str | os.PathLike, revision: str | None = Non
 
 def read_model(source, device: torch.device, dtype: torch.dtype, revision: str | None) -> GPT:
     """The float model of `load_model`, read tensor by tensor from its safetensors file."""
+    if (path := local_path(source)) is not None and is_adapter_folder(path):  # its base, adapted and merged
+        return load_adapted(path, device, dtype, revision)
     config_path, weights_path = checkpoint_files(source, revision)
 
     with open_safetensors(weights_path) as f:

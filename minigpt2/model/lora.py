@@ -464,10 +464,12 @@ def save_peft_adapter(
 
 
 def read_adapter_config(checkpoint: str | os.PathLike) -> dict | None:
-    """The adapter_config.json in `checkpoint/adapter/` (a LoRA run's checkpoint), or None."""
+    """The adapter_config.json in `checkpoint/adapter/` (a LoRA run's checkpoint) or in `checkpoint`
+    itself (the adapter folder given as the model), or None."""
     from minigpt2.io.weights import read_json_object
 
     path = Path(checkpoint) / "adapter" / ADAPTER_CONFIG
+    path = path if path.is_file() else Path(checkpoint) / ADAPTER_CONFIG
     return read_json_object(path, "a PEFT adapter_config.json") if path.is_file() else None
 
 

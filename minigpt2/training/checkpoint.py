@@ -29,6 +29,7 @@ import torch
 
 from minigpt2.errors import CheckpointError, OutputError
 from minigpt2.files import parse_json, save_tensors, write_json
+from minigpt2.io.adapters import base_reference
 from minigpt2.io.weights import load_model, save_model
 from minigpt2.model.lora import (
     adapter_state,
@@ -292,7 +293,9 @@ class Checkpointer:
             self.run_dir.stage("weights-written")
             tensors, state = self.state(states, step, tokens, optim)
             if lora:
-                save_peft_adapter(model, folder / "adapter", getattr(model, "source", None), weights)
+                where = self.run_dir.path / name / "adapter"  # where it lands: a base in the run is stored relative
+                base = base_reference(getattr(model, "source", None), where, self.run_dir.path)
+                save_peft_adapter(model, folder / "adapter", base, weights)
                 tensors.update(adapter_state(model, weights))
             write_state(folder, tensors, state)
 
