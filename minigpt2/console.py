@@ -261,6 +261,15 @@ class TrainConsole(Display):
             f"(about {format_bytes(r['bytes'])}, as {r['path']})"
         )
 
+    def _disk(self, r):
+        kept = "--keep-last 0 keeps all" if not r["keep_last"] else f"--keep-last {r['keep_last']}"
+        where = "final/ alone" if r["folders"] == 1 else f"{plural(r['folders'], 'checkpoint')}: {kept}, and final/"
+        self.line(
+            f"checkpoints: {format_bytes(r['weights'])} of weights each, + {format_bytes(r['state'])} of optimizer "
+            f"state in the newest two only (for --resume); about {format_bytes(r['total'])} in all "
+            f"({where})"
+        )
+
     def _lora(self, r):
         rows = f" + the rows of {r['trainable_tokens']:,} new tokens" if r.get("trainable_tokens") else ""
         self.line(

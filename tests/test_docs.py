@@ -128,7 +128,8 @@ def run_env(hf_home: Path, workdir: Path) -> dict[str, str]:
 def as_run(command: str, workdir: Path) -> str:
     """The command as this test runs it: SHORTER's substitutions; a train.py without --steps gets
     TRAIN_STEPS (the defaults train 500). A new run (train.py without --resume) starts in a fresh
-    --out, as a user's would: the folder an earlier block's example made under that name is removed."""
+    --out, as a user's would: the folder an earlier block's example made under that name is removed;
+    so is a report file (compare.py's --plot, --html, --json) an earlier block wrote."""
     for old, new in SHORTER.items():
         command = command.replace(old, new)
     words = shlex.split(command, comments=True)
@@ -136,6 +137,9 @@ def as_run(command: str, workdir: Path) -> str:
         command = f"{command.split(' #')[0]} {shlex.join(TRAIN_STEPS)}"
     if "train.py" in words and "--resume" not in words and "--out" in words:
         shutil.rmtree(workdir / words[words.index("--out") + 1], ignore_errors=True)
+    for flag in ("--plot", "--html", "--json") if "compare.py" in words else ():  # a report an earlier block wrote
+        if flag in words:
+            (workdir / words[words.index(flag) + 1]).unlink(missing_ok=True)
     return command
 
 

@@ -314,7 +314,7 @@ class RunDir:
 
     def prune(self, keep_last: int, protect: set[Path] = frozenset()) -> list[Path]:
         """Delete all but the newest `keep_last` step checkpoints (never `final/` or `protect`)."""
-        steps = [c.path for c in self.checkpoints() if STEP_NAME.fullmatch(c.path.name)]
+        steps = self.step_checkpoints()  # complete ones and those kept with weights only
         doomed = [
             p for p in steps[: max(0, len(steps) - keep_last)] if p.resolve() not in {q.resolve() for q in protect}
         ]

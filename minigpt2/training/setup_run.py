@@ -271,6 +271,7 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
         check_free_space(run, size)
         if not config.save_every:
             report({"type": "final_only", "bytes": size, "path": str(run.path / "final")})
+        report(disk_use(model, sum(p.numel() for p in trainer.params), config.steps, config.save_every, o.keep_last))
         if saved.args is None or not resume or trainer.step == 0:
             run.write_info(_run_info(source, tok_source, o, model, config, corpus, eval_sets, ctx.device, dtype))
         elif previous is not None:
@@ -545,6 +546,18 @@ def update_steps(run: RunDir, info: dict, steps: int) -> None:
 def checkpoint_bytes(model: GPT, trainable: int) -> int:
     """About what one checkpoint takes on disk: float32 weights + two AdamW moments per trainable weight."""
     return 4 * model.num_params() + 8 * trainable
+
+
+def disk_use(model: GPT, trainable: int, steps: int, save_every: int, keep_last: int) -> dict:
+    """What the run's checkpoints take, for the start line: float32 weights in every checkpoint, the
+    optimizer state (two AdamW moments per trainable weight) only in the newest two (`final/` and
+    the step folder before it; see `checkpoint.drop_old_optimizer_state`)."""
+    weights, state = 4 * model.num_params(), 8 * trainable
+    step_folders = (steps - 1) // save_every if save_every else 0  # the last step is saved as final/ alone
+    kept = min(keep_last, step_folders) if keep_last else step_folders
+    folders = kept + 1
+    return {"type": "disk", "weights": weights, "state": state, "folders": folders, "keep_last": keep_last,
+            "total": folders * weights + min(2, folders) * state}  # fmt: skip
 
 
 def check_free_space(run: RunDir, needed: int) -> None:

@@ -1,0 +1,52 @@
+"""What a new user meets in the first hour (issue 31 B): what the start lines and the progress line
+say, and that the advice given works. Real subprocess runs of train.py on tiny models."""
+
+import re
+
+import pytest
+from clis import offline_env, run_script
+
+from minigpt2.training.rundir import STATE_TENSORS, RunDir
+
+TINY = ["--init-preset", "gpt2", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--context", "64"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return offline_env(tmp_path_factory.mktemp("hf"), MINIGPT2_CACHE=str(tmp_path_factory.mktemp("tokens")))
+
+
+@pytest.fixture(scope="module")
+def base_args(test_data):
+    return ["--data", test_data / "zh" / "西游记.txt", *TINY, "--tokenizer", test_data / "gpt2", "--batch-size", 2,
+            "--seq-len", 16, "--eval-tokens", 64, "--device", "cpu"]  # fmt: skip
+
+
+def train(*args, env, timeout=300):
+    return run_script("train.py", *args, env=env, timeout=timeout)
+
+
+def mb(text: str) -> float:
+    value, unit = text.split()
+    return float(value) * (1000 if unit == "GB" else 1)
+
+
+def test_the_start_line_says_the_disk_use_and_the_files_hold_it(base_args, env, tmp_path):
+    run = tmp_path / "run"
+    result = train(*base_args, "--steps", 6, "--save-every", 1, "--keep-last", 3, "--eval-every", 0, "--out", run,
+                   env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    line = re.search(r"checkpoints: ([\d.]+ [MG]B) of weights each, \+ ([\d.]+ [MG]B) of optimizer state in the "
+                     r"newest two only \(for --resume\); about ([\d.]+ [MG]B) in all \(4 checkpoints: --keep-last 3, "
+                     r"and final/\)", result.stdout)  # fmt: skip
+    assert line, result.stdout
+    weights, state, total = map(mb, line.groups())
+    folders = [p for p in run.iterdir() if p.name == "final" or p.name.startswith("step-")]
+    assert sorted(p.name for p in folders) == ["final", "step-000003", "step-000004", "step-000005"]
+    assert sorted(p.name for p in folders if (p / STATE_TENSORS).is_file()) == ["final", "step-000005"]
+    sizes = {p.name: {f.name: f.stat().st_size / 1e6 for f in p.iterdir()} for p in folders}
+    assert sizes["final"]["model.safetensors"] == pytest.approx(weights, rel=0.02)
+    assert sizes["final"][STATE_TENSORS] == pytest.approx(state, rel=0.02)
+    on_disk = sum(s.get("model.safetensors", 0) + s.get(STATE_TENSORS, 0) for s in sizes.values())
+    assert on_disk == pytest.approx(total, rel=0.02)
+    assert RunDir(run).model_checkpoint().name == "final"
