@@ -1,6 +1,7 @@
 """What a new user meets in the first hour (issue 31 B): what the start lines and the progress line
 say, and that the advice given works. Real subprocess runs of train.py on tiny models."""
 
+import os
 import re
 
 import pytest
@@ -50,3 +51,8 @@ def test_the_start_line_says_the_disk_use_and_the_files_hold_it(base_args, env, 
     on_disk = sum(s.get("model.safetensors", 0) + s.get(STATE_TENSORS, 0) for s in sizes.values())
     assert on_disk == pytest.approx(total, rel=0.02)
     assert RunDir(run).model_checkpoint().name == "final"
+    # every file with the user's umask (model.safetensors was 0600, the others 0644)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (run / "final").iterdir() if f.is_file()}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert set(modes.values()) == {0o666 & ~mask}, modes
