@@ -391,7 +391,4 @@ class TrainConsole(Display):
         if r["checkpoint"]:
             self.note(f"stopped by {r['reason']} at step {r['step']}: saved {r['checkpoint']}; continue with --resume")
         else:
-            self.note(
-                f"stopped by {r['reason']} before the first step: nothing to save; "
-                "run the same command again (or with --resume)"
-            )
+            self.note(f"stopped by {r['reason']} before the first step: nothing to save")

@@ -3,9 +3,11 @@ say, and that the advice given works. Real subprocess runs of train.py on tiny m
 
 import os
 import re
+import signal
+import time
 
 import pytest
-from clis import offline_env, run_script
+from clis import offline_env, run_script, start_script
 
 from minigpt2.training.rundir import STATE_TENSORS, RunDir
 
@@ -56,3 +58,33 @@ def test_the_start_line_says_the_disk_use_and_the_files_hold_it(base_args, env, 
     mask = os.umask(0)
     os.umask(mask)
     assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def wait_for(run, proc, predicate, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate(RunDir(run).read_log()):
+            return
+        assert proc.poll() is None, "the run ended before it was stopped"
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_ctrl_c_before_the_first_step_gives_advice_that_works(base_args, env, test_data, tmp_path):
+    """Stopped during the step-0 evaluation: nothing saved, and the same command then works (it was
+    refused as "already holds a run")."""
+    run = tmp_path / "run"
+    args = [*base_args, "--eval-data", test_data / "zh" / "鲁迅小说集.txt", "--eval-tokens", 30_000, "--steps", 2,
+            "--out", run]  # fmt: skip
+    proc = start_script("train.py", *args, env=env)
+    wait_for(run, proc, lambda log: any(r["type"] == "eval" and r["set"] == "val" for r in log))
+    time.sleep(0.3)  # inside the long evaluation of the second set
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "stopped by SIGINT before the first step: nothing to save" in stderr
+    assert f"note: '{run}' is empty again (the run had not started): run the same command to start it" in stderr
+    assert run.is_dir() and not any(run.iterdir())
+    again = run_script("train.py", *args, env=env, timeout=600)  # the same command
+    assert again.returncode == 0, again.stderr
+    assert (run / "final" / "model.safetensors").is_file()

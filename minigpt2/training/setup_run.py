@@ -548,6 +548,20 @@ def checkpoint_bytes(model: GPT, trainable: int) -> int:
     return 4 * model.num_params() + 8 * trainable
 
 
+def discard_unstarted(run: RunDir, *, resumed: bool) -> str:
+    """A new run stopped before its first step holds nothing worth keeping (its step-0 evaluation, its
+    settings): empty its folder, so that the same command starts it again; the advice, as a sentence.
+    A resumed run's folder is the user's run: it stays, and --resume starts it from step 0."""
+    if resumed:
+        return f"run the same command again: it starts '{run.path}' from step 0"
+    for entry in run.path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return f"'{run.path}' is empty again (the run had not started): run the same command to start it"
+
+
 def disk_use(model: GPT, trainable: int, steps: int, save_every: int, keep_last: int) -> dict:
     """What the run's checkpoints take, for the start line: float32 weights in every checkpoint, the
     optimizer state (two AdamW moments per trainable weight) only in the newest two (`final/` and
