@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from clis import offline_env, run_script, start_script
+from clis import assert_clean_error, offline_env, run_script, start_script
 
 from minigpt2.training.rundir import STATE_TENSORS, RunDir
 
@@ -88,3 +88,16 @@ def test_ctrl_c_before_the_first_step_gives_advice_that_works(base_args, env, te
     again = run_script("train.py", *args, env=env, timeout=600)  # the same command
     assert again.returncode == 0, again.stderr
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_sampling_a_run_that_has_not_saved_says_whether_it_is_still_training(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.lock()  # as a training process holds it
+    (run.path / "run.json").write_text("{}")
+    try:
+        training = run_script("sample.py", "x", "--model", run.path, timeout=120)
+    finally:
+        run.unlock()
+    assert_clean_error(training, "has no checkpoint yet: it is still training and has not saved yet")
+    stopped = run_script("sample.py", "x", "--model", run.path, timeout=120)
+    assert_clean_error(stopped, "has no checkpoint yet: it stopped before its first save")

@@ -157,6 +157,14 @@ class RunDir:
             "wait for it to finish or stop it, or choose another run directory"
         )
 
+    def _why_no_checkpoint(self) -> str:
+        """A run still training "has not saved yet"; one no process holds stopped before its first save."""
+        try:
+            self.check_not_in_use()
+        except RunDirError:
+            return "it is still training and has not saved yet (try again after its first checkpoint)"
+        return "it stopped before its first save"
+
     def unlock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()  # closing the file releases the flock
@@ -244,7 +252,7 @@ class RunDir:
             return complete[-1].path
         steps = [p for p in self.step_checkpoints() if (p / CONFIG).is_file()]
         if not steps:
-            raise RunDirError(f"training run '{self.path}' has no checkpoint yet: it stopped before its first save")
+            raise RunDirError(f"training run '{self.path}' has no checkpoint yet: {self._why_no_checkpoint()}")
         return steps[-1]
 
     def step_checkpoints(self) -> list[Path]:
