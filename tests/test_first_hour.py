@@ -101,3 +101,18 @@ def test_sampling_a_run_that_has_not_saved_says_whether_it_is_still_training(tmp
     assert_clean_error(training, "has no checkpoint yet: it is still training and has not saved yet")
     stopped = run_script("sample.py", "x", "--model", run.path, timeout=120)
     assert_clean_error(stopped, "has no checkpoint yet: it stopped before its first save")
+
+
+def test_compare_names_each_vocabulary_and_no_empty_drift_section(hub_gpt2, test_data, tmp_path):
+    """A grown B: the architecture line says both vocabularies (it said 50257 for a B of 50,287);
+    a run that took no snapshots gets no "(snapshots.jsonl holds no snapshots)" section."""
+    run = tmp_path / "grown"
+    trained = run_script("train.py", "--data", test_data / "zh" / "西游记.txt", "--model", "gpt2", "--extend-vocab", 30,
+                         "--seq-len", 32, "--batch-size", 2, "--steps", 2, "--eval-every", 0, "--val-fraction", 0,
+                         "--device", "cpu", "--out", run, timeout=600)  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert not (run / "snapshots.jsonl").exists()
+    result = run_script("compare.py", "gpt2", run, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "vocabulary A 50,257, B 50,287 (30 new rows in B), context 128" in result.stdout, result.stdout
+    assert "holds no snapshots" not in result.stdout and "Drift over steps" not in result.stdout

@@ -699,7 +699,8 @@ def run_record(side: str, path: str, revision: str | None, progress: Progress = 
         norms = tensor_norms(run_start(run), revision)
     except MiniGPT2Error:
         norms = None  # a start that cannot be read (not cached, not saved): plain means
-    record = {"side": side, "path": path, **run_drift(run.read_snapshots(), norms), "curves": run_curves(run)}
+    record = {"side": side, "path": path, **run_drift(run.read_snapshots(), norms), "curves": run_curves(run),
+              "snapshots_asked": (run.path / SNAPSHOTS).exists()}  # fmt: skip
     _tell(progress, f"reading the snapshots of {path}", 1, 1)
     return record
 

@@ -112,7 +112,7 @@ def _header(result: dict) -> list[str]:
         f"A: {_side(result['a'])}",
         f"B: {_side(result['b'])}",
         f"architecture: {c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads, "
-        f"vocabulary {c['vocab_size']}, context {c['n_positions']}",
+        f"{_vocabularies(c['vocab_size'], (result.get('weights') or {}).get('new_rows'))}, context {c['n_positions']}",
         "",
     ]
 
@@ -271,11 +271,22 @@ def behaviour_rows(result: dict) -> list[list[str]]:
     return rows
 
 
+def _vocabularies(vocab_a: int, new_rows: dict | None) -> str:
+    """ "vocabulary 50,257", or each side's where one was grown: "vocabulary A 50,257, B 58,257"."""
+    if not new_rows:
+        return f"vocabulary {vocab_a:,}"
+    shared = vocab_a - new_rows["count"] if new_rows["side"] == "A" else vocab_a
+    sizes = {"A": shared, "B": shared, new_rows["side"]: shared + new_rows["count"]}
+    return f"vocabulary A {sizes['A']:,}, B {sizes['B']:,} ({new_rows['count']:,} new rows in {new_rows['side']})"
+
+
 def _run(run: dict) -> list[str]:
     steps = evenly(run["steps"], 8)
     heading = f"== Drift over steps: training run {run['path']} (side {run['side']}"
     heading += f", probe {quoted(run['probe'])}) ==" if run["probe"] is not None else ") =="
     out = [heading]
+    if not steps and not run.get("snapshots_asked", True):
+        return []  # the run took no snapshots (no --snapshot-every): nothing to say, no empty section
     if not steps:
         return out + ["(snapshots.jsonl holds no snapshots)", ""]
     if len(steps) < len(run["steps"]):
