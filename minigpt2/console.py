@@ -217,6 +217,13 @@ class TrainConsole(Display):
                 f"({d['tokens_per_char']:.2f} per character)"
             )
 
+    def _rows(self, r):
+        fields = " and ".join(f"'{f}'" for f in r["fields"])
+        self.line(
+            f"rows: {r['rows']:,} in {plural(r['sources'], 'source')}, the text of field {fields}; the first row "
+            f'begins "{visible(r["first"])}"'
+        )
+
     def _vocab(self, r):
         cached = ", from the cache" if r["cached"] else f" in {format_duration(r['learn_seconds'])}"
         self.line(f"vocabulary: {r['merges_learned']:,} new tokens learned{cached}; {r['vocab_size']:,} in all")

@@ -245,6 +245,8 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
         report({"type": "note", "message": message})
     sets = {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char} for n, d in eval_sets.items()}
     report({"type": "data", **corpus.summary(), "eval_sets": sets})
+    if (rows := rows_record(files[0], o.encoding_errors)) is not None:
+        report(rows)
 
     if "seq_len" in resolved.defaults_used or not o.seq_len:  # a default is a cap: a shorter context is used whole
         o.seq_len = min(o.seq_len or 1024, model.config.n_positions)
@@ -475,8 +477,9 @@ def _tokenize(o, enc, train_files, val_files, eval_files, ctx, report):
         check_enough_text(_named("the training text of", train_files), None, len(corpus.train), training=True)
         eval_sets = {}
         if val_files:
-            eval_sets["val"] = prepare_corpus(val_files, enc, progress=told("--val-data"), **common).train
-            check_enough_text(_named("--val-data", val_files), None, len(eval_sets["val"]))
+            given = "--val-data" if o.val_data else "the dataset's validation split"  # else it came with --data
+            eval_sets["val"] = prepare_corpus(val_files, enc, progress=told(given), **common).train
+            check_enough_text(_named(given, val_files), None, len(eval_sets["val"]))
         elif corpus.val is not None and len(corpus.val) >= MIN_SCORED_TOKENS:
             eval_sets["val"] = corpus.val
         for files in eval_files:
@@ -546,6 +549,20 @@ def update_steps(run: RunDir, info: dict, steps: int) -> None:
 def checkpoint_bytes(model: GPT, trainable: int) -> int:
     """About what one checkpoint takes on disk: float32 weights + two AdamW moments per trainable weight."""
     return 4 * model.num_params() + 8 * trainable
+
+
+def rows_record(train_files, encoding_errors: str) -> dict | None:
+    """For row inputs (JSON Lines, CSV, Parquet, a dataset): how many rows, the field read, and the
+    start of the first row, so a user sees at once that the text, not the raw record, is trained on."""
+    from minigpt2.training.data import documents
+
+    row_files = [f for f in train_files if f.format != "text"]
+    if not row_files:
+        return None
+    texts = (text for f in row_files for _, _, text in documents(f, encoding_errors) if isinstance(text, str))
+    first = next(texts, "")
+    return {"type": "rows", "rows": sum(f.rows for f in row_files), "sources": len(row_files),
+            "fields": sorted({f.text_field for f in row_files if f.text_field}), "first": first[:60]}  # fmt: skip
 
 
 def discard_unstarted(run: RunDir, *, resumed: bool) -> str:
