@@ -74,7 +74,7 @@ def test_ctrl_c_before_the_first_step_gives_advice_that_works(base_args, env, te
     """Stopped during the step-0 evaluation: nothing saved, and the same command then works (it was
     refused as "already holds a run")."""
     run = tmp_path / "run"
-    args = [*base_args, "--eval-data", test_data / "zh" / "鲁迅小说集.txt", "--eval-tokens", 30_000, "--steps", 2,
+    args = [*base_args, "--eval-data", test_data / "zh" / "鲁迅小说集.txt", "--eval-tokens", 4000, "--steps", 2,
             "--out", run]  # fmt: skip
     proc = start_script("train.py", *args, env=env)
     wait_for(run, proc, lambda log: any(r["type"] == "eval" and r["set"] == "val" for r in log))
@@ -116,3 +116,16 @@ def test_compare_names_each_vocabulary_and_no_empty_drift_section(hub_gpt2, test
     assert result.returncode == 0, result.stderr
     assert "vocabulary A 50,257, B 50,287 (30 new rows in B), context 128" in result.stdout, result.stdout
     assert "holds no snapshots" not in result.stdout and "Drift over steps" not in result.stdout
+
+
+def test_embed_warmup_names_its_phase_and_logs_the_rate_of_what_trains(base_args, env, tmp_path):
+    result = train(*base_args, "--extend-vocab", 20, "--embed-warmup", 2, "--new-token-lr", 3e-3, "--steps", 4,
+                   "--eval-every", 0, "--log-every", 1, "--out", tmp_path / "run", env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (
+        "note: steps 1-2 train only the grown vocabulary's new rows (--embed-warmup 2; learning rate up to 3.00e-03, "
+        "the rate the log shows); from step 3 everything trains (learning rate 3.00e-04, with a warm-up and cosine "
+        "of its own)"
+    ) in result.stderr, result.stderr
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\s+[12] \|", line)]
+    assert len(rows) == 2 and "0.00e+00" not in "".join(rows), result.stdout

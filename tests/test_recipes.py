@@ -150,7 +150,8 @@ def test_embed_warmup_trains_the_new_rows_alone_first_and_resumes_bit_for_bit(te
     assert not torch.equal(after["wte.weight"][:50257], start["wte.weight"][:50257])  # phase 2: everything
     assert sum(not torch.equal(after[k], start[k]) for k in body) == len(body)
     lrs = [r["lr"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["type"] == "train"]
-    assert lrs[:3] == [0.0, 0.0, 0.0] and lrs[3] > 0  # the body's rate: zero in phase 1
+    # the rate of what trains: the new rows' in phase 1 (it showed the frozen body's 0.0), then the body's
+    assert all(0 < lr <= 1e-2 for lr in lrs[:3]) and 0 < lrs[3] <= 3e-4, lrs
 
 
 @pytest.mark.parametrize(

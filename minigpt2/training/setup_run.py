@@ -262,6 +262,8 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
                       shard=bool(o.shard), keep_last=o.keep_last,
                       activation_checkpointing=bool(o.activation_checkpointing),
                       char_counts=char_counts(enc))  # fmt: skip
+    if config.embed_warmup:
+        report({"type": "note", "message": embed_warmup_phase(config)})
     skipped = trainer.resume() if resume else []
     for record in skipped:
         report({"type": "skipped", **record})
@@ -549,6 +551,16 @@ def update_steps(run: RunDir, info: dict, steps: int) -> None:
 def checkpoint_bytes(model: GPT, trainable: int) -> int:
     """About what one checkpoint takes on disk: float32 weights + two AdamW moments per trainable weight."""
     return 4 * model.num_params() + 8 * trainable
+
+
+def embed_warmup_phase(config) -> str:
+    """The start's word on --embed-warmup: which steps train only the new rows, at what rate, then what."""
+    k = config.embed_warmup
+    return (
+        f"steps 1-{k} train only the grown vocabulary's new rows (--embed-warmup {k}; learning rate up to "
+        f"{config.new_token_lr or config.lr:.2e}, the rate the log shows); from step {k + 1} everything "
+        f"trains (learning rate {config.lr:.2e}, with a warm-up and cosine of its own)"
+    )
 
 
 def rows_record(train_files, encoding_errors: str) -> dict | None:

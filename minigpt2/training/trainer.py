@@ -449,6 +449,8 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = c.grad_clip if c.grad_clip > 0 else float("inf")
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if self.step < c.embed_warmup:  # the new rows train alone: their rate is the one that acts
+            lr = self.new_token_lr()
         record = {"type": "train", "step": self.step + 1, "loss": loss_sum / c.grad_accum, "lr": lr,
                   "grad_norm": grad_norm, "started": started}  # fmt: skip
         if read:  # before the update: a non-finite loss stops the run with the weights intact
