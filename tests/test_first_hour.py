@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from clis import assert_clean_error, offline_env, run_script, start_script
@@ -129,3 +130,50 @@ def test_embed_warmup_names_its_phase_and_logs_the_rate_of_what_trains(base_args
     ) in result.stderr, result.stderr
     rows = [line for line in result.stdout.splitlines() if re.match(r"\s+[12] \|", line)]
     assert len(rows) == 2 and "0.00e+00" not in "".join(rows), result.stdout
+
+
+def cjk_test_font(path, family="Test CJK Sans", characters="中国文"):
+    """A real TrueType font (fontTools) with a glyph of its own for each of `characters`."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    names = [".notdef", *(f"uni{ord(c):04X}" for c in characters)]
+    glyphs = {}
+    for i, name in enumerate(names):
+        pen = TTGlyphPen(None)
+        pen.moveTo((50, 0)), pen.lineTo((50, 100 + 50 * i)), pen.lineTo((500, 700)), pen.closePath()
+        glyphs[name] = pen.glyph()
+    builder = FontBuilder(1000, isTTF=True)
+    builder.setupGlyphOrder(names)
+    builder.setupCharacterMap({ord(c): f"uni{ord(c):04X}" for c in characters})
+    builder.setupGlyf(glyphs)
+    builder.setupHorizontalMetrics({name: (600, 50) for name in names})
+    builder.setupHorizontalHeader(ascent=800, descent=-200)
+    builder.setupNameTable({"familyName": family, "styleName": "Regular"})
+    builder.setupOS2()
+    builder.setupPost()
+    builder.save(str(path))
+    return path
+
+
+def test_a_font_that_only_claims_chinese_is_not_picked_and_a_new_real_one_is_found(tmp_path):
+    """matplotlib's Last Resort font maps every character to a box: never the CJK font. With no CJK
+    font in matplotlib's list, one installed since in a font folder is found and added."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    from minigpt2.analysis.report import cjk_font, draws_chinese
+
+    last_resort = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "LastResortHE-Regular.ttf"
+    assert last_resort.is_file() and not draws_chinese(last_resort)
+    assert cjk_font(folders=()) != "Last Resort High-Efficiency"
+    boxes_only = cjk_test_font(tmp_path / "boxes.ttf", "Boxes Only", characters="中")  # claims one, not three
+    assert not draws_chinese(boxes_only)
+    folder = tmp_path / "fonts"
+    folder.mkdir()
+    real = cjk_test_font(folder / "cjk.ttf")
+    assert draws_chinese(real)
+    if cjk_font(folders=()) is None:  # this machine has none installed: the folder's is found and added
+        assert cjk_font(folders=(str(folder),)) == "Test CJK Sans"
+        assert str(real) in {f.fname for f in font_manager.fontManager.ttflist}
+        assert cjk_font(folders=()) == "Test CJK Sans"  # in the list from now on
