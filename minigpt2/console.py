@@ -377,6 +377,13 @@ class TrainConsole(Display):
             self.plain_at = time.monotonic()
             self.bar(f"step {r['step']}/{self.steps}: evaluating {r['set']}, batch {r['done']} of {r['total']}{left}")
 
+    def _sampling(self, r):
+        what = f"sampling {plural(r['prompts'], 'prompt')} ({r['tokens']} new tokens each; Ctrl-C stops it)"
+        if self.tty:
+            self._progress(r["step"], None, f" · {what}")
+        else:
+            self.bar(f"step {r['step']}/{self.steps}: {what}")
+
     def _eval(self, r):
         self.line(
             f"eval step {r['step']:>5} | {r['set']}: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, "

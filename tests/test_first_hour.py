@@ -177,3 +177,24 @@ def test_a_font_that_only_claims_chinese_is_not_picked_and_a_new_real_one_is_fou
         assert cjk_font(folders=(str(folder),)) == "Test CJK Sans"
         assert str(real) in {f.fname for f in font_manager.fontManager.ttflist}
         assert cjk_font(folders=()) == "Test CJK Sans"  # in the list from now on
+
+
+def test_sampling_at_an_evaluation_is_shown_and_ctrl_c_stops_it_within_seconds(test_data, env, tmp_path):
+    """Samples of many tokens on a model wide enough that they take a while: the progress line says
+    it samples, and Ctrl-C ends the draw between tokens (it waited for the whole draw: 13.7 s)."""
+    run = tmp_path / "run"
+    proc = start_script("train.py", "--data", test_data / "zh" / "西游记.txt", "--init-preset", "gpt2", "--n-layer", 2,
+                        "--n-head", 4, "--n-embd", 256, "--context", 1024, "--tokenizer", test_data / "gpt2",
+                        "--batch-size", 1, "--seq-len", 16, "--eval-tokens", 64, "--sample-tokens", 1000, "--steps", 2,
+                        "--device", "cpu", "--out", run, env=env)  # fmt: skip
+    wait_for(run, proc, lambda log: any(r["type"] == "eval" for r in log))
+    time.sleep(1.0)  # drawing the samples now (a thousand tokens of each prompt)
+    assert proc.poll() is None
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    seconds = time.time() - sent
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "step 0/2: sampling 2 prompts (1000 new tokens each; Ctrl-C stops it)" in stderr, stderr
+    assert "stopped by SIGINT before the first step" in stderr
+    assert seconds < 4, seconds  # the draw ends between two tokens; then the exit

@@ -617,7 +617,11 @@ class Trainer:
         """The evaluation's records, then (rank 0, unless a stop was asked for) the samples."""
         yield from (self._emit(r) for r in self.evaluate())
         if self.prompt_sampler is not None and self.dist.is_main and self.stop_reason is None:
-            yield self._emit(self.prompt_sampler.draw(self.raw_model, self.step, self.tokens))
+            s = self.prompt_sampler  # a phase of its own on the progress line; Ctrl-C ends it between tokens
+            yield {"type": "sampling", "step": self.step, "prompts": len(s.prompts), "tokens": s.max_new_tokens}
+            record = s.draw(self.raw_model, self.step, self.tokens, stop=lambda: self.stop_reason is not None)
+            if record is not None:
+                yield self._emit(record)
 
     def _save(self, name: str | None = None) -> Path:
         started = time.perf_counter()
