@@ -198,3 +198,16 @@ def test_sampling_at_an_evaluation_is_shown_and_ctrl_c_stops_it_within_seconds(t
     assert "step 0/2: sampling 2 prompts (1000 new tokens each; Ctrl-C stops it)" in stderr, stderr
     assert "stopped by SIGINT before the first step" in stderr
     assert seconds < 4, seconds  # the draw ends between two tokens; then the exit
+
+
+def test_the_html_drift_chart_has_a_colour_per_layer_and_is_never_scaled_up():
+    from minigpt2.analysis.htmlreport import CSS, PALETTE, line_chart, series_colours
+
+    layers = ["wte", *(f"h.{i}" for i in range(12)), "ln_f"]  # 124M's drift chart: 14 series
+    svg = line_chart([(name, [0, 10], [0.0, i + 1.0]) for i, name in enumerate(layers)], xlabel="step", ylabel="%")
+    strokes = re.findall(r'<path d="[^"]*" fill="none" stroke="(#[0-9a-f]{6})"', svg)
+    assert len(strokes) == 14 and len(set(strokes)) == 14, strokes  # wte and h.8 shared tab10's blue
+    assert "stroke-dasharray" not in svg
+    assert series_colours(3) == list(PALETTE[:3])  # as the PNG, where tab10 suffices
+    width = re.search(r'<svg viewBox="0 0 (\d+) ', svg).group(1)
+    assert f"svg{{width:100%;max-width:{width}px;" in CSS  # its 14px text never grows past its neighbours'
