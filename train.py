@@ -100,6 +100,8 @@ def train(given) -> int:
     if board is not None:
         board.close()
     s.run.unlock()
+    if stopped and ctx.is_main and trainer.resumed_from is None and trainer.step == 0:
+        print(f"note: {launch.discard_unstarted(s.run, resumed=bool(given.resume))}", file=sys.stderr)
     distributed.teardown(finished=True)
     return 128 + getattr(signal, trainer.stop_reason, signal.SIGINT) if stopped else 0
 

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from minigpt2.text import format_bytes, format_duration, one_line, plural
+from minigpt2.text import format_bytes, format_duration, one_line, plural, visible
 from minigpt2.training.options import FLAGS
 
 # Without a terminal (a log file), a long phase still writes a progress line at least this often.
@@ -181,6 +181,13 @@ class TrainConsole(Display):
                 f"({d['tokens_per_char']:.2f} per character)"
             )
 
+    def _rows(self, r):
+        fields = " and ".join(f"'{f}'" for f in r["fields"])
+        self.line(
+            f"rows: {r['rows']:,} in {plural(r['sources'], 'source')}, the text of field {fields}; the first row "
+            f'begins "{visible(r["first"])}"'
+        )
+
     def _vocab(self, r):
         cached = ", from the cache" if r["cached"] else f" in {format_duration(r['learn_seconds'])}"
         self.line(f"vocabulary: {r['merges_learned']:,} new tokens learned{cached}; {r['vocab_size']:,} in all")
@@ -223,6 +230,15 @@ class TrainConsole(Display):
         self.note(
             f"note: {FLAGS['save_every']} 0: no checkpoints along the way, but the final one is always written "
             f"(about {format_bytes(r['bytes'])}, as {r['path']})"
+        )
+
+    def _disk(self, r):
+        kept = "--keep-last 0 keeps all" if not r["keep_last"] else f"--keep-last {r['keep_last']}"
+        where = "final/ alone" if r["folders"] == 1 else f"{plural(r['folders'], 'checkpoint')}: {kept}, and final/"
+        self.line(
+            f"checkpoints: {format_bytes(r['weights'])} of weights each, + {format_bytes(r['state'])} of optimizer "
+            f"state in the newest two only (for --resume); about {format_bytes(r['total'])} in all "
+            f"({where})"
         )
 
     def _lora(self, r):
@@ -325,6 +341,13 @@ class TrainConsole(Display):
             self.plain_at = time.monotonic()
             self.bar(f"step {r['step']}/{self.steps}: evaluating {r['set']}, batch {r['done']} of {r['total']}{left}")
 
+    def _sampling(self, r):
+        what = f"sampling {plural(r['prompts'], 'prompt')} ({r['tokens']} new tokens each; Ctrl-C stops it)"
+        if self.tty:
+            self._progress(r["step"], None, f" · {what}")
+        else:
+            self.bar(f"step {r['step']}/{self.steps}: {what}")
+
     def _eval(self, r):
         self.line(
             f"eval step {r['step']:>5} | {r['set']}: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, "
@@ -346,7 +369,4 @@ class TrainConsole(Display):
         if r["checkpoint"]:
             self.note(f"stopped by {r['reason']} at step {r['step']}: saved {r['checkpoint']}; continue with --resume")
         else:
-            self.note(
-                f"stopped by {r['reason']} before the first step: nothing to save; "
-                "run the same command again (or with --resume)"
-            )
+            self.note(f"stopped by {r['reason']} before the first step: nothing to save")

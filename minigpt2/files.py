@@ -65,8 +65,10 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) ->
         raise write_error(path, e) from None
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); give it the usual mode
         write(tmp)
+        # mkstemp makes it private (0600), and safetensors replaces the file with a private one of its
+        # own: give it the mode every other file gets, after the write
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -213,6 +215,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
 
     try:
         save_file(tensors, str(path), metadata=metadata)
+        os.chmod(path, 0o666 & ~_umask())  # safetensors writes it private (0600): the usual mode
     except Exception as e:
         failure = write_error(path, e)
         if failure is None:

@@ -349,6 +349,10 @@ def test_train_py_reads_a_dataset_and_its_own_validation_split(docs, tmp_path, t
                         tmp_path / "run", env=env, timeout=240)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "note: 1 empty or blank rows left out" in result.stderr
+    # issue 31 B: the rows, the field read and the first row's start; the split named as what it is
+    rows_line = "rows: 301 in 1 source, the text of field 'body'; the first row begins \"第0句。今天天气很好"
+    assert rows_line in result.stdout, result.stdout
+    assert "tokenizing the dataset's validation split" in result.stderr and "--val-data" not in result.stderr
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["eval_sets"]["val"]["chars"] == len("验证集的第一句。" * 20)
     assert info["args"]["text_field"] == "body"

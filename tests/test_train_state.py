@@ -38,7 +38,8 @@ def one_step(states):
 def saved(tmp_path):
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
-    checkpointer = Checkpointer(run, dist=Dist(device=torch.device("cpu")), device="cpu", keep_last=0)
+    # every checkpoint keeps its optimizer state here (keep_state=0): these tests fall back past several
+    checkpointer = Checkpointer(run, dist=Dist(device=torch.device("cpu")), device="cpu", keep_last=0, keep_state=0)
     states = state_of()
     for step in (1, 2, 3):
         one_step(states)
@@ -137,3 +138,28 @@ def test_resume_sets_damaged_checkpoints_aside_and_falls_back(saved):
         str(run.path / "step-000002.damaged-1"),
     ]
     assert (run.path / "step-000003.damaged-1").is_dir() and not (run.path / "step-000003").exists()
+
+
+def test_only_the_newest_two_steps_keep_the_optimizer_state_and_the_fallback_still_resumes(tmp_path):
+    """AdamW's moments stay where a resume can use them: the newest checkpoint and the one it falls
+    back to; older ones keep their weights (loadable as models) and are no resume candidates."""
+    from minigpt2.io.weights import load_model
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    checkpointer = Checkpointer(run, dist=Dist(device=torch.device("cpu")), device="cpu", keep_last=0)
+    states = state_of()
+    for step in (1, 2, 3, 4):
+        one_step(states)
+        checkpointer.save(states, step, step * 16)
+    checkpointer.save(states, 4, 64, "final")
+    has_state = {p.name: (p / STATE_TENSORS).is_file() for p in run.path.iterdir() if not p.name.startswith(".")}
+    has_state = {k: v for k, v in has_state.items() if k.startswith(("step-", "final"))}
+    assert has_state == {"step-000001": False, "step-000002": False, "step-000003": True, "step-000004": True,
+                         "final": True}  # fmt: skip
+    assert load_model(run.path / "step-000001").config == states.model.config  # still a model
+    for name in ("final", "step-000004"):  # the newest damaged: the fallback is the step before
+        (run.path / name / STATE_JSON).write_text("{")
+    found = checkpointer.resume(state_of(seed=1))
+    assert found.path == run.path / "step-000003" and found.step == 3
+    assert [s["path"] for s in found.skipped] == [str(run.path / "final"), str(run.path / "step-000004")]

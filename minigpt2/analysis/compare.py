@@ -641,7 +641,7 @@ def run_record(side: str, path: str, revision: str | None, progress: Progress = 
     snapshots = sorted(({"weights": {}, "activations": {}} | {k: v for k, v in s.items() if v is not None}
                         for s in snapshots), key=lambda s: s["step"])  # fmt: skip
     record = {"side": side, "path": path, **run_drift(snapshots, norms), "curves": run_curves(run),
-              "note": skipped_note(SNAPSHOTS, skipped)}  # fmt: skip
+              "note": skipped_note(SNAPSHOTS, skipped), "snapshots_asked": (run.path / SNAPSHOTS).exists()}  # fmt: skip
     _tell(progress, f"reading the snapshots of {path}", 1, 1)
     return record
 

@@ -17,6 +17,7 @@ by B's gain or loss, and the passages gained and lost), `drift` (over the traini
 
 from __future__ import annotations
 
+import colorsys
 import html
 import math
 import os
@@ -69,7 +70,7 @@ th.text{text-align:left}td.text{white-space:pre-wrap;text-align:left;min-width:1
 .card h3{margin-top:0}
 .sample{white-space:pre-wrap;word-break:break-word}
 .prompt{font-weight:600;color:#2a4d8f}
-svg{width:100%;max-width:760px;height:auto;display:block}
+svg{width:100%;max-width:480px;height:auto;display:block}
 svg text{font-size:14px;fill:#333}
 .legend{display:flex;flex-wrap:wrap;gap:4px 12px;font-size:.82em;margin:4px 0 0}
 .legend span{white-space:nowrap}.legend i{display:inline-block;width:14px;height:3px;vertical-align:middle;
@@ -148,9 +149,9 @@ def line_chart(series: list[tuple[str, list, list]], *, xlabel: str, ylabel: str
         f"{esc(ylabel)}</text>"
     )
     legend = []
+    colours = series_colours(len(series))
     for i, (label, xs, ys) in enumerate(series):
-        colour = PALETTE[i % len(PALETTE)] if len(series) > 1 or label else PALETTE[0]
-        dash = ' stroke-dasharray="5 3"' if i // len(PALETTE) % 2 else ""
+        colour, dash = colours[i], ""
         path, pen = [], "M"
         for x, y in zip(xs, ys):
             if y is None or not math.isfinite(y):
@@ -165,6 +166,19 @@ def line_chart(series: list[tuple[str, list, list]], *, xlabel: str, ylabel: str
             legend.append(f'<span><i style="background:{colour}"></i>{esc(label)}</span>')
     parts.append("</svg>")
     return "".join(parts) + (f'<div class="legend">{"".join(legend)}</div>' if legend else "")
+
+
+def series_colours(n: int) -> list[str]:
+    """`n` colours no two alike: matplotlib's tab10 (as the PNG) for up to 10 series, else `n` hues
+    spread around the colour wheel, alternately darker and lighter (a drift chart's 14 layers: tab10
+    and dashes made wte and h.8 look alike)."""
+    if n <= len(PALETTE):
+        return list(PALETTE[:n])
+    out = []
+    for i in range(n):
+        r, g, b = colorsys.hls_to_rgb(i / n, 0.38 if i % 2 else 0.52, 0.75)
+        out.append(f"#{round(255 * r):02x}{round(255 * g):02x}{round(255 * b):02x}")
+    return out
 
 
 def heat_colour(value: float, top: float) -> tuple[str, bool]:

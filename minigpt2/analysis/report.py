@@ -114,7 +114,7 @@ def _header(result: dict) -> list[str]:
         f"A: {_side(result['a'])}",
         f"B: {_side(result['b'])}",
         f"architecture: {c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads, "
-        f"vocabulary {c['vocab_size']}, context {c['n_positions']}",
+        f"{_vocabularies(c['vocab_size'], (result.get('weights') or {}).get('new_rows'))}, context {c['n_positions']}",
         "",
     ]
 
@@ -322,11 +322,22 @@ def _cut(text: str, width: int) -> str:
     return text
 
 
+def _vocabularies(vocab_a: int, new_rows: dict | None) -> str:
+    """ "vocabulary 50,257", or each side's where one was grown: "vocabulary A 50,257, B 58,257"."""
+    if not new_rows:
+        return f"vocabulary {vocab_a:,}"
+    shared = vocab_a - new_rows["count"] if new_rows["side"] == "A" else vocab_a
+    sizes = {"A": shared, "B": shared, new_rows["side"]: shared + new_rows["count"]}
+    return f"vocabulary A {sizes['A']:,}, B {sizes['B']:,} ({new_rows['count']:,} new rows in {new_rows['side']})"
+
+
 def _run(run: dict) -> list[str]:
     steps = evenly(run["steps"], 8)
     heading = f"== Drift over steps: training run {run['path']} (side {run['side']}"
     heading += f", probe {quoted(run['probe'])}) ==" if run["probe"] is not None else ") =="
     out = [heading] + [f"note: {n}" for n in (run.get("note"), run.get("curves", {}).get("note")) if n]
+    if not steps and not run.get("snapshots_asked", True):
+        return []  # the run took no snapshots (no --snapshot-every): nothing to say, no empty section
     if not steps:
         return out + ["(snapshots.jsonl holds no snapshots)", ""]
     if len(steps) < len(run["steps"]):
@@ -542,12 +553,17 @@ def missing_font_note(result: dict, font: str | None) -> str | None:
     names = [t["file"] for t in result.get("behaviour", []) + result.get("texts", [])]
     names += [a["prompt"] for a in result.get("activations", [])]
     names += [n for r in result.get("runs", []) for n in r.get("curves", {}).get("eval", {})]
-    if font is not None or all(Path(n).name.isascii() for n in names):
+    if all(Path(n).name.isascii() for n in names):
         return None
+    if font is not None:
+        return f"the plot draws its Chinese names with the font '{font}'"
     return (
-        "no installed font has Chinese characters, so the plot numbers the names it cannot draw "
-        "('text 1', 'eval set 2'); install one and draw it again (Debian/Ubuntu: sudo apt-get install "
-        "fonts-noto-cjk; Fedora: google-noto-sans-cjk-fonts; macOS and Windows have one)"
+        "no installed font draws Chinese characters (matplotlib's 'Last Resort' font only draws boxes), so "
+        "the plot numbers the names it cannot draw ('text 1', 'eval set 2'); install one and draw it again "
+        "(Debian/Ubuntu: sudo apt-get install fonts-noto-cjk; Fedora: google-noto-sans-cjk-fonts; macOS and "
+        "Windows have one). A font installed elsewhere than the usual folders: add it with "
+        "matplotlib.font_manager.fontManager.addfont(PATH), or delete matplotlib's font list "
+        "(fontlist-*.json in matplotlib.get_cachedir()) so that it is built again"
     )
 
 
@@ -591,22 +607,42 @@ CJK_FONTS = (
 )
 
 
-def cjk_font() -> str | None:
-    """An installed font that has Chinese glyphs (matplotlib's own fonts have none), or None: a
-    well-known one by name, else any font whose character map holds 中 (U+4E2D)."""
-    from matplotlib import font_manager, ft2font
+CJK_PROBE = (0x4E2D, 0x56FD, 0x6587)  # 中 国 文: a font that draws Chinese has a glyph of its own for each
+FONT_FOLDERS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.fonts", "~/.local/share/fonts",
+                "/System/Library/Fonts", "/Library/Fonts", "~/Library/Fonts", "C:/Windows/Fonts")  # fmt: skip
+
+
+def draws_chinese(path: str | Path) -> bool:
+    """The font file has real Chinese glyphs: 中, 国 and 文 map to three different glyphs. A font
+    that only claims them (matplotlib's "Last Resort High-Efficiency" maps every character of a
+    block to one placeholder box) does not count."""
+    from matplotlib import ft2font
+
+    try:
+        charmap = ft2font.FT2Font(str(path)).get_charmap()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    glyphs = [charmap.get(c) for c in CJK_PROBE]
+    return all(glyphs) and len(set(glyphs)) == len(glyphs)
+
+
+def cjk_font(folders: tuple[str, ...] = FONT_FOLDERS) -> str | None:
+    """An installed font that really draws Chinese (`draws_chinese`), or None: a well-known one by
+    name first, else any in matplotlib's font list, else (a font installed since matplotlib cached
+    its list) one found in the usual font folders, added to that list with the public `addfont`."""
+    from matplotlib import font_manager
 
     fonts = font_manager.fontManager.ttflist
-    installed = {f.name for f in fonts}
-    known = next((name for name in CJK_FONTS if name in installed), None)
-    if known is not None:
-        return known
-    for f in fonts:
-        try:
-            if 0x4E2D in ft2font.FT2Font(f.fname).get_charmap():
-                return f.name
-        except (OSError, RuntimeError, ValueError):
-            continue
+    by_rank = sorted(fonts, key=lambda f: CJK_FONTS.index(f.name) if f.name in CJK_FONTS else len(CJK_FONTS))
+    for f in by_rank:
+        if draws_chinese(f.fname):
+            return f.name
+    known = {f.fname for f in fonts}
+    for folder in folders:
+        for path in sorted(Path(folder).expanduser().glob("**/*"))[:5000] if Path(folder).expanduser().is_dir() else []:
+            if path.suffix.lower() in (".ttf", ".otf", ".ttc") and str(path) not in known and draws_chinese(path):
+                font_manager.fontManager.addfont(str(path))
+                return font_manager.FontProperties(fname=str(path)).get_name()
     return None
 
 

@@ -280,6 +280,7 @@ def draw_samples(
     *,
     seed: int = SAMPLE_SEED,
     guard: Utf8Guard | bool = True,
+    on_text=None,
 ) -> list[dict]:
     """One continuation of each prompt, drawn with `seed` (top-k 50, as sample.py), whole UTF-8
     characters only: [{"prompt", "text", "tokens", "finish_reason"}]. Dropout is off while it
@@ -289,7 +290,8 @@ def draw_samples(
     was_training = model.training
     model.eval()
     try:
-        samples = generate_text(model, enc, list(prompts), max_new_tokens, SAMPLING, seed=seed, utf8_guard=guard)
+        samples = generate_text(model, enc, list(prompts), max_new_tokens, SAMPLING, seed=seed, utf8_guard=guard,
+                                on_text=on_text)  # fmt: skip
     finally:
         model.train(was_training)
     return [

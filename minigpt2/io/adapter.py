@@ -5,6 +5,13 @@
 
 The adapters themselves (`LoRALinear`, their names, merging) are `minigpt2/model/lora.py`'s; this
 module only reads and writes the files.
+
+An adapter folder is also a model to the project's tools (`load_model`, sample.py, compare.py):
+the model it stands for is its base (`base_model_name_or_path`) with the adapter applied and
+merged (`minigpt2.io.weights.read_adapted`), which is what the run's merged model.safetensors
+holds too. Where the base lives inside the run (a grown vocabulary's `grown-base/`), the path is
+stored relative to the adapter folder (`../../grown-base`), so a run moved or copied whole keeps
+working; a base outside the run is stored as given (a hub name, an absolute path).
 """
 
 from __future__ import annotations
@@ -85,8 +92,10 @@ def save_peft_adapter(
 
 
 def read_adapter_config(checkpoint: str | os.PathLike) -> dict | None:
-    """The adapter_config.json in `checkpoint/adapter/` (a LoRA run's checkpoint), or None."""
+    """The adapter_config.json in `checkpoint/adapter/` (a LoRA run's checkpoint) or in `checkpoint`
+    itself (an adapter folder given as the model), checked; None where there is none."""
     path = Path(checkpoint) / ADAPTER_DIR / ADAPTER_CONFIG
+    path = path if path.is_file() else Path(checkpoint) / ADAPTER_CONFIG
     if not path.is_file():
         return None
     config = read_json_object(path, "a PEFT adapter_config.json", CheckpointError)
@@ -123,3 +132,77 @@ def adapted_tensors(checkpoint: str | os.PathLike, names: Sequence[str]) -> dict
         "targets": targets,
         "adapted": [n for n in names if targets and pattern.fullmatch(n)],
     }
+
+
+# ----- an adapter folder as a model ----------------------------------------------------------------
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """A folder holding a PEFT LoRA adapter and no model.safetensors of its own."""
+    path = Path(path)
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "model.safetensors").exists()
+
+
+def base_reference(base: str | os.PathLike | None, adapter_dir: Path, run_root: Path) -> str | None:
+    """`base_model_name_or_path` to store in `adapter_dir`: relative to it when the base is a folder
+    inside `run_root` (the run), absolute for a local model outside it, else as given (a hub name)."""
+    if base is None:
+        return None
+    path = Path(base).expanduser()
+    if path.exists():
+        resolved, root = path.resolve(), run_root.resolve()
+        if resolved == root or root in resolved.parents:
+            return os.path.relpath(resolved, adapter_dir.resolve())
+        return str(resolved)  # outside the run: absolute, so the adapter works from any folder
+    return str(base)
+
+
+def merged_checkpoint(adapter_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint folder a run's `adapter/` belongs to, when it holds the merged model beside it."""
+    parent = Path(adapter_dir).resolve().parent
+    return parent if (parent / "model.safetensors").is_file() and (parent / "config.json").is_file() else None
+
+
+def adapter_base(adapter_dir: str | os.PathLike) -> tuple[str, dict]:
+    """(the base model source, the adapter's config): a relative base resolved from the adapter folder."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        beside = merged_checkpoint(adapter_dir)
+        hint = f"; the merged model is '{beside}'" if beside else ""
+        raise CheckpointError(
+            f"'{adapter_dir}' is a LoRA adapter whose adapter_config.json names no base model "
+            f"(base_model_name_or_path), so it cannot be applied{hint}"
+        )
+    relative = adapter_dir / base
+    if not Path(base).expanduser().is_absolute() and relative.exists():
+        return str(relative), config
+    return base, config
+
+
+def adapter_targets(adapter_dir: Path, config: dict) -> list[str]:
+    """The module names an adapter's LoRA targets (`read_adapter_config` checked their type): one at least."""
+    targets = config.get("target_modules")
+    targets = [targets] if isinstance(targets, str) else targets
+    if not targets or config.get("r") is None:
+        raise CheckpointError(
+            f"'{adapter_dir / ADAPTER_CONFIG}' names no target_modules or no r: it is no LoRA adapter"
+        )
+    return targets
+
+
+def adapter_checkpoint(path: Path) -> Path:
+    """`path`, or for a run's adapter folder the checkpoint holding its merged model: what reads a
+    model's files (its shape, its tensors one by one) reads that. A lone adapter has no such file."""
+    if not is_adapter_folder(path):
+        return path
+    beside = merged_checkpoint(path)
+    if beside is not None:
+        return beside
+    base, _ = adapter_base(path)
+    raise CheckpointError(
+        f"'{path}' is a LoRA adapter of '{base}' with no merged model beside it: load it with "
+        f"minigpt2.load_model('{path}') (which applies it to its base) and save_model() the result to get a folder "
+        "with model.safetensors"
+    )

@@ -152,7 +152,7 @@ class RunFolder:
             return complete[-1].path
         steps = [p for p in self.step_checkpoints() if (p / CONFIG).is_file()]
         if not steps:
-            raise RunDirError(f"training run '{self.path}' has no checkpoint yet: it stopped before its first save")
+            raise RunDirError(f"training run '{self.path}' has no checkpoint yet: {self._why_no_checkpoint()}")
         return steps[-1]
 
     def step_checkpoints(self) -> list[Path]:
@@ -163,6 +163,36 @@ class RunFolder:
             if (m := STEP_NAME.fullmatch(p.name)) and (p / WEIGHTS).is_file()
         ]
         return [p for _, p in sorted(steps)]
+
+    def check_not_in_use(self) -> None:
+        """Raise as `lock` does when another process holds the run, without taking it or writing."""
+        import fcntl
+
+        try:
+            f = open(self.path / LOCK, encoding="utf-8")  # noqa: SIM115 (closed below)
+        except OSError:
+            return  # no lock file: nobody holds it
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip()
+            raise self._in_use(holder) from None
+        finally:
+            f.close()
+
+    def _in_use(self, holder: str) -> RunDirError:
+        return RunDirError(
+            f"'{self.path}' is in use by another training process ({_describe(holder)}); "
+            "wait for it to finish or stop it, or choose another run directory"
+        )
+
+    def _why_no_checkpoint(self) -> str:
+        """A run still training "has not saved yet"; one no process holds stopped before its first save."""
+        try:
+            self.check_not_in_use()
+        except RunDirError:
+            return "it is still training and has not saved yet (try again after its first checkpoint)"
+        return "it stopped before its first save"
 
 
 def other_checkpoints_hint(source: str | os.PathLike) -> str:
@@ -188,6 +218,14 @@ def other_checkpoints_hint(source: str | os.PathLike) -> str:
         f" The run has other checkpoints ({', '.join(others[-3:])}): load one of those folders instead, or resume "
         "the training, which sets a damaged checkpoint aside and goes on from the newest good one."
     )
+
+
+def _describe(holder: str) -> str:
+    try:
+        info = parse_json(holder)
+        return f"pid {info['pid']} on {info['host']}, since {info['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "its pid is not recorded yet"
 
 
 def _base_name(path: Path) -> str:

@@ -37,6 +37,7 @@ from pathlib import Path
 import tiktoken
 
 from minigpt2.errors import CheckpointError, Notice
+from minigpt2.io.adapter import adapter_base, is_adapter_folder, merged_checkpoint
 from minigpt2.io.hub import OFFICIAL_REPOS, MissingHubFile, hub_file, local_path
 from minigpt2.io.runs import RunFolder
 
@@ -208,6 +209,11 @@ def locate_tokenizer(
         raise CheckpointError(f"{what} '{source}' not found: there is no such file or folder")
     if RunFolder.is_run(path):  # a training run: the tokenizer of the checkpoint it stands for
         path = RunFolder(path).model_checkpoint()
+    if is_adapter_folder(path):  # a LoRA adapter: its checkpoint's tokenizer, else its base's
+        beside = merged_checkpoint(path)
+        if beside is None:
+            return locate_tokenizer(adapter_base(path)[0], revision=revision, vocab_size=vocab_size)
+        path = beside
     folder = path if path.is_dir() else path.parent
     files = tuple(folder / name for name in TOKENIZER_FILES)
     present = [f for f in files if f.exists()]

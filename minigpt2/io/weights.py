@@ -39,6 +39,15 @@ from minigpt2 import files
 from minigpt2.device import resolve_device, resolve_dtype
 from minigpt2.errors import CheckpointError
 from minigpt2.files import write_atomically
+from minigpt2.io.adapter import (
+    ADAPTER_WEIGHTS,
+    adapter_base,
+    adapter_checkpoint,
+    adapter_targets,
+    is_adapter_folder,
+    merged_checkpoint,
+    read_adapter_config,
+)
 from minigpt2.io.hub import OFFICIAL_REPOS, hub_file, local_path
 from minigpt2.io.runs import CONFIG, WEIGHTS, RunFolder, other_checkpoints_hint
 from minigpt2.model.config import GPTConfig
@@ -106,6 +115,7 @@ def checkpoint_files(source: str | os.PathLike, revision: str | None = None) -> 
     if path is None:
         return hub_file(str(source), CONFIG, revision=revision), hub_file(str(source), WEIGHTS, revision=revision)
     path = run_checkpoint(path) or path  # a training run stands for its final (or newest) checkpoint
+    path = adapter_checkpoint(path)  # a run's adapter/ stands for the merged model beside it
     if path.is_dir():
         weights = path / WEIGHTS
         if not weights.is_file():
@@ -310,13 +320,17 @@ def open_model(
     """`load_model`, returning what it read as a `LoadedModel`: the model, its source, whether its
     shape was inferred."""
     device = resolve_device(device or "cpu")
-    config_path, weights_path = checkpoint_files(source, revision)
-    model = read_model(config_path, weights_path, device, resolve_dtype(dtype or "float32", device))
+    dtype = resolve_dtype(dtype or "float32", device)
+    if (path := local_path(source)) is not None and is_adapter_folder(path):  # its base, adapted and merged
+        model, inferred = read_adapted(path, device, dtype, revision), False
+    else:
+        config_path, weights_path = checkpoint_files(source, revision)
+        model, inferred = read_model(config_path, weights_path, device, dtype), config_path is None
     if quantize is not None:  # once the file is closed and nothing else holds the float weights it replaces
         from minigpt2.model.quantize import quantize_model
 
         model = quantize_model(model, quantize)
-    return LoadedModel(model, str(source), config_inferred=config_path is None)
+    return LoadedModel(model, str(source), config_inferred=inferred)
 
 
 def load_model(
@@ -378,6 +392,31 @@ def read_model(config_path: Path | None, weights_path: Path, device: torch.devic
                 )
     model.eval()
     return model
+
+
+def read_adapted(adapter_dir: Path, device: torch.device, dtype: torch.dtype, revision: str | None) -> GPT:
+    """The base of a LoRA adapter folder with the adapter (and its trainable token rows) applied and
+    merged: a plain GPT, what the run's merged model.safetensors holds too (see `minigpt2.io.adapter`)."""
+    from safetensors.torch import load_file
+
+    from minigpt2.model.lora import add_trainable_tokens, apply_lora, load_adapter_state, merged_state_dict
+
+    beside = merged_checkpoint(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    if beside is not None and not config.get("base_model_name_or_path"):  # a random start: the merged model
+        return read_model(*checkpoint_files(beside), device, dtype)
+    base, config = adapter_base(adapter_dir)
+    try:
+        model = read_model(*checkpoint_files(base, revision), device, torch.float32)
+    except CheckpointError as e:
+        raise CheckpointError(f"'{adapter_dir}' is a LoRA adapter of '{base}', which cannot be loaded: {e}") from None
+    apply_lora(model, config["r"], config.get("lora_alpha"), 0.0, adapter_targets(adapter_dir, config))
+    if config.get("trainable_token_indices"):
+        add_trainable_tokens(model, config["trainable_token_indices"])
+    load_adapter_state(model, load_file(str(adapter_dir / ADAPTER_WEIGHTS), device=str(device)))
+    plain = empty_model(model.config, device)
+    plain.load_state_dict(merged_state_dict(model), strict=True)
+    return plain.to(dtype).eval()
 
 
 def get_tensor(f, key: str, where: Path) -> torch.Tensor:

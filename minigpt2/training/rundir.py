@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from minigpt2.files import append_jsonl, parse_json, read_jsonl, rewrite_jsonl, write_json
+from minigpt2.files import append_jsonl, read_jsonl, rewrite_jsonl, write_json
 from minigpt2.io.runs import (  # noqa: F401  (the layout's names, re-exported for the trainer's modules)
     CHECKPOINT_FILES,
     CONFIG,
@@ -92,28 +92,6 @@ class RunDir(RunFolder):
         )
         f.flush()
         self._lock_file = f
-
-    def check_not_in_use(self) -> None:
-        """Raise as `lock` does when another process holds the run, without taking it or writing."""
-        import fcntl
-
-        try:
-            f = open(self.path / LOCK, encoding="utf-8")  # noqa: SIM115 (closed below)
-        except OSError:
-            return  # no lock file: nobody holds it
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = f.read().strip()
-            raise self._in_use(holder) from None
-        finally:
-            f.close()
-
-    def _in_use(self, holder: str) -> RunDirError:
-        return RunDirError(
-            f"'{self.path}' is in use by another training process ({_describe(holder)}); "
-            "wait for it to finish or stop it, or choose another run directory"
-        )
 
     def unlock(self) -> None:
         if self._lock_file is not None:
@@ -202,7 +180,7 @@ class RunDir(RunFolder):
 
     def prune(self, keep_last: int, protect: set[Path] = frozenset()) -> list[Path]:
         """Delete all but the newest `keep_last` step checkpoints (never `final/` or `protect`)."""
-        steps = [c.path for c in self.checkpoints() if STEP_NAME.fullmatch(c.path.name)]
+        steps = self.step_checkpoints()  # complete ones and those kept with weights only
         doomed = [
             p for p in steps[: max(0, len(steps) - keep_last)] if p.resolve() not in {q.resolve() for q in protect}
         ]
@@ -223,14 +201,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _describe(holder: str) -> str:
-    try:
-        info = parse_json(holder)
-        return f"pid {info['pid']} on {info['host']}, since {info['since']}"
-    except (ValueError, KeyError, TypeError):
-        return "its pid is not recorded yet"
 
 
 def dir_size(path: Path) -> int:

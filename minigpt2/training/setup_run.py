@@ -297,6 +297,8 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
         report({"type": "note", "message": message})
     sets = {n: {"chars": d.chars, "tokens": len(d), "tokens_per_char": d.tokens_per_char} for n, d in eval_sets.items()}
     report({"type": "data", **corpus.summary(), "eval_sets": sets})
+    if (rows := rows_record(files[0], o.encoding_errors)) is not None:
+        report(rows)
 
     if "seq_len" in resolved.defaults_used or not o.seq_len:  # a default is a cap: a shorter context is used whole
         o.seq_len = min(o.seq_len or 1024, model.config.n_positions)
@@ -312,6 +314,8 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
                       shard=bool(o.shard), keep_last=o.keep_last,
                       activation_checkpointing=bool(o.activation_checkpointing),
                       char_counts=char_counts(enc))  # fmt: skip
+    if config.embed_warmup:
+        report({"type": "note", "message": embed_warmup_phase(config)})
     skipped = trainer.resume() if resume else []
     for record in skipped:
         report({"type": "skipped", **record})
@@ -325,6 +329,7 @@ def _setup(run: RunDir, saved: SavedRun, given: TrainOptions, report: Callable[[
         check_free_space(run, size)
         if not config.save_every:
             report({"type": "final_only", "bytes": size, "path": str(run.path / "final")})
+        report(disk_use(model, sum(p.numel() for p in trainer.params), config.steps, config.save_every, o.keep_last))
         if saved.args is None or not resume or trainer.step == 0:
             run.write_info(_run_info(source, tok_source, o, model, config, corpus, eval_sets, ctx.device, dtype))
         elif previous is not None:
@@ -559,8 +564,9 @@ def _tokenize(o, enc, train_files, val_files, eval_files, ctx, report):
         check_enough_text(_named("the training text of", train_files), None, len(corpus.train), training=True)
         eval_sets = {}
         if val_files:
-            eval_sets["val"] = prepare_corpus(val_files, enc, progress=told("--val-data"), **common).train
-            check_enough_text(_named("--val-data", val_files), None, len(eval_sets["val"]))
+            given = "--val-data" if o.val_data else "the dataset's validation split"  # else it came with --data
+            eval_sets["val"] = prepare_corpus(val_files, enc, progress=told(given), **common).train
+            check_enough_text(_named(given, val_files), None, len(eval_sets["val"]))
         elif corpus.val is not None and len(corpus.val) >= MIN_SCORED_TOKENS:
             eval_sets["val"] = corpus.val
         for files in eval_files:
@@ -630,6 +636,56 @@ def update_steps(run: RunDir, info: dict, steps: int) -> None:
 def checkpoint_bytes(model: GPT, trainable: int) -> int:
     """About what one checkpoint takes on disk: float32 weights + two AdamW moments per trainable weight."""
     return 4 * model.num_params() + 8 * trainable
+
+
+def embed_warmup_phase(config) -> str:
+    """The start's word on --embed-warmup: which steps train only the new rows, at what rate, then what."""
+    k = config.embed_warmup
+    return (
+        f"steps 1-{k} train only the grown vocabulary's new rows (--embed-warmup {k}; learning rate up to "
+        f"{config.new_token_lr or config.lr:.2e}, the rate the log shows); from step {k + 1} everything "
+        f"trains (learning rate {config.lr:.2e}, with a warm-up and cosine of its own)"
+    )
+
+
+def rows_record(train_files, encoding_errors: str) -> dict | None:
+    """For row inputs (JSON Lines, CSV, Parquet, a dataset): how many rows, the field read, and the
+    start of the first row, so a user sees at once that the text, not the raw record, is trained on."""
+    from minigpt2.training.data import documents
+
+    row_files = [f for f in train_files if f.format != "text"]
+    if not row_files:
+        return None
+    texts = (text for f in row_files for _, _, text in documents(f, encoding_errors) if isinstance(text, str))
+    first = next(texts, "")
+    return {"type": "rows", "rows": sum(f.rows for f in row_files), "sources": len(row_files),
+            "fields": sorted({f.text_field for f in row_files if f.text_field}), "first": first[:60]}  # fmt: skip
+
+
+def discard_unstarted(run: RunDir, *, resumed: bool) -> str:
+    """A new run stopped before its first step holds nothing worth keeping (its step-0 evaluation, its
+    settings): empty its folder, so that the same command starts it again; the advice, as a sentence.
+    A resumed run's folder is the user's run: it stays, and --resume starts it from step 0."""
+    if resumed:
+        return f"run the same command again: it starts '{run.path}' from step 0"
+    for entry in run.path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return f"'{run.path}' is empty again (the run had not started): run the same command to start it"
+
+
+def disk_use(model: GPT, trainable: int, steps: int, save_every: int, keep_last: int) -> dict:
+    """What the run's checkpoints take, for the start line: float32 weights in every checkpoint, the
+    optimizer state (two AdamW moments per trainable weight) only in the newest two (`final/` and
+    the step folder before it; see `checkpoint.drop_old_optimizer_state`)."""
+    weights, state = 4 * model.num_params(), 8 * trainable
+    step_folders = (steps - 1) // save_every if save_every else 0  # the last step is saved as final/ alone
+    kept = min(keep_last, step_folders) if keep_last else step_folders
+    folders = kept + 1
+    return {"type": "disk", "weights": weights, "state": state, "folders": folders, "keep_last": keep_last,
+            "total": folders * weights + min(2, folders) * state}  # fmt: skip
 
 
 def check_free_space(run: RunDir, needed: int) -> None:

@@ -396,8 +396,8 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = c.grad_clip if c.grad_clip > 0 else float("inf")
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        record = {"type": "train", "step": self.step + 1, "loss": loss_sum / c.grad_accum, "lr": lr,
-                  "grad_norm": grad_norm, "started": started}  # fmt: skip
+        record = {"type": "train", "step": self.step + 1, "loss": loss_sum / c.grad_accum, "grad_norm": grad_norm,
+                  "lr": self.new_token_lr() if self.step < c.embed_warmup else lr, "started": started}  # fmt: skip
         if read:  # before the update: a non-finite loss stops the run with the weights intact
             self._read_values([record], before_update=True)
 
@@ -641,7 +641,11 @@ class Trainer:
         """The evaluation's records, then (rank 0, unless a stop was asked for) the samples."""
         yield from (self._emit(r) for r in self.evaluate())
         if self.prompt_sampler is not None and self.dist.is_main and self.stop_reason is None:
-            yield self._emit(self.prompt_sampler.draw(self.raw_model, self.step, self.tokens))
+            s = self.prompt_sampler  # a phase of its own on the progress line; Ctrl-C ends it between tokens
+            yield {"type": "sampling", "step": self.step, "prompts": len(s.prompts), "tokens": s.max_new_tokens}
+            record = s.draw(self.raw_model, self.step, self.tokens, stop=lambda: self.stop_reason is not None)
+            if record is not None:
+                yield self._emit(record)
 
     def _save(self, name: str | None = None) -> Path:
         with self.timer.measure("save"):

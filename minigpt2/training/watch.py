@@ -31,6 +31,10 @@ DEFAULT_SAMPLE_PROMPTS = ("他走进屋里，看见", "He walked into the room a
 TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard: --tensorboard's folder when none is given
 
 
+class _SamplingStopped(Exception):
+    """A stop request (Ctrl-C) reached a draw of samples: it ends between two tokens."""
+
+
 class PromptSampler:
     """The trainer's samples while training: fixed prompts, a fixed seed, at every evaluation."""
 
@@ -40,14 +44,25 @@ class PromptSampler:
         self.enc, self.prompts, self.max_new_tokens, self.seed = enc, list(prompts), max_new_tokens, seed
         self.guard: Utf8Guard | None = None  # built once, on the model's device, at the first draw
 
-    def draw(self, model: GPT, step: int, tokens: int) -> dict:
+    def draw(self, model: GPT, step: int, tokens: int, stop=None) -> dict | None:
         """The `samples` record of this step: each prompt's continuation and the seconds it took.
         (In the weights' own precision, float32, whatever the training's autocast: a few dozen
-        tokens cost little, and the samples do not depend on the mixed-precision setting.)"""
+        tokens cost little, and the samples do not depend on the mixed-precision setting.)
+        `stop()` is asked as the text comes (every token or few): once it says yes (Ctrl-C), the
+        draw ends there and None is returned, so a stop request waits for no sample."""
         started = time.perf_counter()
         if self.guard is None:
             self.guard = Utf8Guard.for_tokenizer(self.enc, model.config.vocab_size, model.wte.weight.device)
-        samples = draw_samples(model, self.enc, self.prompts, self.max_new_tokens, seed=self.seed, guard=self.guard)
+
+        def check(i: int, piece: str) -> None:
+            if stop is not None and stop():
+                raise _SamplingStopped
+
+        try:
+            samples = draw_samples(model, self.enc, self.prompts, self.max_new_tokens, seed=self.seed,
+                                   guard=self.guard, on_text=check)  # fmt: skip
+        except _SamplingStopped:
+            return None
         return {
             "type": "samples",
             "step": step,
