@@ -67,8 +67,11 @@ def start_script() -> None:
 def _quiet_teardown() -> None:
     """The last thing before Python tears itself down: it puts the default signal handlers back
     there, and a SIGTERM in that moment killed a script that had already said how it ended (exit
-    -15 after "interrupted"). The work and its exit path are over: the signals wait, unanswered."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    -15 after "interrupted"). The work and its exit path are over: the signals are ignored (not
+    blocked: a mask is the main thread's alone, and torch's threads would take the signal; Python
+    leaves an ignored signal ignored)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _is_open(fd: int) -> bool:
