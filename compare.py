@@ -6,12 +6,16 @@
     python compare.py runs/zh                      # a run alone: from its starting model to its final one
     python compare.py runs/zh --prompt "他走进屋里" --html report.html   # one page to open anywhere, or share
     python compare.py base runs/full runs/lora4 --text zh.txt --text en.txt --plot tradeoff.png   # several
+    python compare.py gpt2 runs/zh --text zh.txt --max-eval-tokens 2048   # which units carry the change, where
 
 A (the first argument) is the reference, usually the model before fine-tuning; B the one after.
 Each is anything --model takes in sample.py (a name, a hub repo id, a checkpoint directory, a
 .safetensors file) or a training run directory, which stands for its final checkpoint and adds
 its drift over the training steps. With several B's, one table (and plot) of what each learned
 on the first --text and lost on the second: a trade-off, e.g. full fine-tuning against LoRA.
+With one B, each --text also gets the transplants (each unit of B in A, of A in B: 2 x (L + 2)
+evaluations), the logit lens and the passages B gained and lost most on; --no-layers skips the
+first two.
 """
 
 from minigpt2.cli import run_script, start_script  # light: nothing below is imported yet

@@ -327,3 +327,17 @@ def test_the_python_api_takes_a_text_and_a_tokenizer_or_a_token_tensor(enc):
     found = analysis.where_changed(model, b, text, enc)
     assert found["excerpt"]["text"] == text
     assert "torch" in sys.modules and analysis.capture_block_outputs is capture_block_outputs
+
+
+def test_compare_skips_the_transplants_in_one_line_where_b_has_fewer_rows(enc, tmp_path):
+    from minigpt2.analysis.causal import layer_sections
+
+    config = dataclasses.replace(TINY, vocab_size=enc.n_vocab)
+    b = random_model(config)
+    a = GPT(dataclasses.replace(config, vocab_size=enc.n_vocab + 8)).eval()  # A grown, B not: no transplants
+    a_path, b_path = save_model(a, tmp_path / "a"), save_model(b, tmp_path / "b")
+    stream, _ = text_stream(enc, "今天的天气很好。我们去公园散步。")
+    texts = [{"file": "t.txt", "ids": {"A": stream, "B": stream}}]
+    (found,) = layer_sections(a_path, b_path, texts, {"A": enc, "B": enc})
+    assert found["layer_attribution"] == [] and "fewer vocabulary rows" in found["transplants_skipped"]
+    assert found["logit_lens"]["b"][-1] == pytest.approx(bpc(b, (stream, char_counts(enc))), abs=1e-5)

@@ -522,12 +522,14 @@ def test_the_plot_shows_what_it_cost_and_leaves_no_panel_empty(tmp_path, test_da
     weights_only = compare(a, b)
     write_plot(weights_only, tmp_path / "w.png")
     assert png_height(tmp_path / "w.png") == 500  # the heatmap alone: no "no --prompt given" quarter
-    with_text = compare(a, b, texts=[str(text)])
+    with_text = compare(a, b, texts=[str(text)], layers=False)  # the transplants and lens add a row: below
     cost = cost_bars(with_text)
     assert cost["names"] == ["鲁迅.txt"] and list(cost["bars"]) == ["A", "B"]
     assert cost["bars"]["B"] == [with_text["behaviour"][0]["b"]["bits_per_char"]]
     write_plot(with_text, tmp_path / "t.png")
     assert png_height(tmp_path / "t.png") == 500  # heatmap and what it cost, side by side
+    write_plot(compare(a, b, texts=[str(text)]), tmp_path / "l.png")
+    assert png_height(tmp_path / "l.png") == 1000  # then the text's transplant shares and logit lens
 
     # Without --text, a run's own eval sets say what it cost: its first and last evaluation.
     evals = {"val": [{"step": 0, "bpc": 12.0}, {"step": 1, "bpc": 11.0}], "鲁迅": [{"step": 0, "bpc": 9.0}]}

@@ -342,7 +342,10 @@ def layer_sections(
         progress("loading A and B for the transplants", 0, 1, "")
     model_a = load_model(checkpoint_a, device=device, revision=revision)
     model_b = load_model(checkpoint_b, device=device, revision=revision)
-    lab = Transplanter(model_a, model_b, device)
+    try:
+        lab, skipped = Transplanter(model_a, model_b, device), None
+    except CheckpointError as e:  # B with fewer vocabulary rows than A: the lens still runs
+        lab, skipped = None, str(e)
     chars = {"a": char_counts(enc["A"]), "b": char_counts(enc["B"])}
     found = []
     for t in texts:
@@ -352,6 +355,9 @@ def layer_sections(
             "a": logit_lens(model_a, text["a"], chars["a"], name=f"A on {text['name']}", **common),
             "b": logit_lens(model_b, text["b"], chars["b"], name=f"B on {text['name']}", **common),
         }
+        if lab is None:
+            found.append({"layer_attribution": [], "logit_lens": lens, "transplants_skipped": skipped})
+            continue
         base_a = lens["a"][-1]
         if lab.grown:  # the gain starts from A extended by B's new rows, in B's tokens
             base_a = lab.score("a", [], text["b"], chars["b"], window=window, device=device).bits_per_char

@@ -279,6 +279,8 @@ def behaviour_rows(result: dict) -> list[list[str]]:
 def layer_sections(t: dict, n_layer: int) -> list[str]:
     """The transplants, the logit lens and the passages gained and lost, for one text."""
     name, out = Path(t["file"]).name, []
+    if t.get("transplants_skipped"):
+        out += [f"== No transplants on {name}: {t['transplants_skipped']} ==", ""]
     if t.get("layer_attribution"):
         base = t["transplant_base"]
         out += [
