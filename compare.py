@@ -6,7 +6,7 @@
     python compare.py runs/zh                      # a run alone: from its starting model to its final one
     python compare.py runs/zh --prompt "他走进屋里" --html report.html   # one page to open anywhere, or share
     python compare.py base runs/full runs/lora4 --text zh.txt --text en.txt --plot tradeoff.png   # several
-    python compare.py gpt2 runs/zh --text zh.txt --max-eval-tokens 2048   # which units carry the change, where
+    python compare.py gpt2 runs/zh --text zh.txt --layer-tokens 2048   # which units carry the change, where
 
 A (the first argument) is the reference, usually the model before fine-tuning; B the one after.
 Each is anything --model takes in sample.py (a name, a hub repo id, a checkpoint directory, a
@@ -14,8 +14,8 @@ Each is anything --model takes in sample.py (a name, a hub repo id, a checkpoint
 its drift over the training steps. With several B's, one table (and plot) of what each learned
 on the first --text and lost on the second: a trade-off, e.g. full fine-tuning against LoRA.
 With one B, each --text also gets the transplants (each unit of B in A, of A in B: 2 x (L + 2)
-evaluations), the logit lens and the passages B gained and lost most on; --no-layers skips the
-first two.
+evaluations of its first --layer-tokens tokens), the logit lens and the passages B gained and
+lost most on; --no-layers skips the first two.
 """
 
 from minigpt2.cli import run_script, start_script  # light: nothing below is imported yet
@@ -26,7 +26,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from minigpt2.analysis import DEFAULT_MAX_EVAL_TOKENS  # noqa: E402
+from minigpt2.analysis import DEFAULT_LAYER_TOKENS, DEFAULT_MAX_EVAL_TOKENS  # noqa: E402
 from minigpt2.checks import MAX_NEW_TOKENS, ArgumentParser, arg_int, text_arg  # noqa: E402
 from minigpt2.training.options import SAMPLE_TOKENS  # noqa: E402
 
@@ -55,8 +55,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-tokens", type=arg_int(low=0, high=MAX_NEW_TOKENS), default=SAMPLE_TOKENS, metavar="N",
                    help=f"continue each --prompt by N tokens with A and with B, the same seed for both (default: "
                         f"{SAMPLE_TOKENS}; 0: no continuations)")
-    p.add_argument("--no-layers", action="store_true", help="skip the transplants and the logit lens, which cost "
-                   "2 x (L + 2) evaluations and 2 x (L + 1) read-outs of each --text: a quick look")
+    p.add_argument("--layer-tokens", type=arg_int(low=1), default=DEFAULT_LAYER_TOKENS, metavar="N",
+                   help=f"the transplants and the logit lens read the first N tokens of each --text (default: "
+                        f"{DEFAULT_LAYER_TOKENS}; they cost 2 x (L + 2) evaluations and 2 x (L + 1) read-outs of it)")
+    p.add_argument("--no-layers", action="store_true", help="skip the transplants and the logit lens: a quick look")
     p.add_argument("--force", action="store_true", help="replace existing --json / --plot / --html files")
     p.add_argument("--device", default="cpu",
                    help="where the forward passes for --prompt and --text run: cpu, cuda, mps or auto (default: cpu); "
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
             else:
                 b = args.b[0] if args.b else None
                 result = compare(args.a, b, prompts=args.prompt, sample_tokens=args.sample_tokens,
-                                 layers=not args.no_layers, **common)  # fmt: skip
+                                 layers=not args.no_layers, layer_tokens=args.layer_tokens, **common)  # fmt: skip
                 report = render(result, top=args.top)
         finally:
             progress.finish()  # also on an error: its one line must not be followed by a progress line

@@ -7,6 +7,11 @@ HTML (`htmlreport`)."""
 # compare.py parses its options (and answers --help or a typo) before importing anything heavy.
 DEFAULT_MAX_EVAL_TOKENS = 32768
 
+# How much of each --text the transplants and the logit lens read: they cost about 63 evaluations per
+# text on 124M (2 x (12 + 2) transplants, 2 x 13 read-outs, the copies; benchmarks/bench_compare.py), so
+# at the scoring cap they would take hours on a CPU. 1,024 tokens: minutes, and ~500 Chinese characters.
+DEFAULT_LAYER_TOKENS = 1024
+
 # The questions a notebook asks of two models (minigpt2.analysis.causal), imported on first use so
 # that importing this package stays free of torch.
 CAUSAL = ("layer_attribution", "logit_lens", "where_changed", "shares", "transplanted", "Transplanter", "units")

@@ -326,11 +326,12 @@ def evaluations(n_layer: int, grown: bool = False) -> int:
 
 def layer_sections(
     checkpoint_a, checkpoint_b, texts: list[dict], enc: dict, *, window=None, device="cpu", revision=None,
-    progress: Progress = None,
+    max_tokens: int | None = None, progress: Progress = None,
 ) -> list[dict]:  # fmt: skip
     """compare.py's transplants and logit lens, per text of `texts` (`compare.prepare_texts`': its
     "file" and "ids" = {"A": the scoring stream in A's tokens, "B": in B's}; `enc` = {"A", "B"}:
-    each side's tokenizer).
+    each side's tokenizer). With `max_tokens`, each text is cut to its first `max_tokens` tokens of A
+    and the same characters in B's tokens (`first_tokens`): these sections cost ~63 evaluations a text.
 
     Both models are loaded in float32 (an int8 `--quantize` does not apply here). Per text:
     {"layer_attribution": see `layer_attribution`, "logit_lens": {"a": [L + 1], "b": [L + 1]},
@@ -349,7 +350,8 @@ def layer_sections(
     chars = {"a": char_counts(enc["A"]), "b": char_counts(enc["B"])}
     found = []
     for t in texts:
-        text = {"name": Path(t["file"]).name, "a": t["ids"]["A"], "b": t["ids"]["B"]}
+        ids_a, ids_b = first_tokens(t["ids"]["A"], t["ids"]["B"], enc, max_tokens)
+        text = {"name": Path(t["file"]).name, "a": ids_a, "b": ids_b}
         common = dict(window=window, device=device, progress=progress)
         lens = {
             "a": logit_lens(model_a, text["a"], chars["a"], name=f"A on {text['name']}", **common),
@@ -365,7 +367,20 @@ def layer_sections(
         base = {"a": base_a, "b": lens["b"][-1]}
         found.append({"layer_attribution": rows, "logit_lens": lens, "transplant_base": base,
                       "shares": shares(rows, base["a"], base["b"])})  # fmt: skip
+    for record in found:
+        record["layer_tokens"] = max_tokens
     return found
+
+
+def first_tokens(stream_a: list[int], stream_b: list[int], enc: dict, max_tokens: int | None):
+    """The two sides' scoring streams (each `<|endoftext|>` first) cut to A's first `max_tokens`
+    tokens, B's stream read from the same characters (as `compare.prepare_texts` does)."""
+    if max_tokens is None or len(stream_a) <= max_tokens + 1:
+        return stream_a, stream_b
+    cut = stream_a[: max_tokens + 1]
+    if stream_b is stream_a or enc["B"] is enc["A"]:
+        return cut, cut
+    return cut, [enc["B"].eot_token, *enc["B"].encode_ordinary(enc["A"].decode(cut[1:]).rstrip("\ufffd"))]
 
 
 def where_changed(model_a, model_b, text: str, enc_a, enc_b=None, *, max_tokens=None, window=None, device="cpu"):

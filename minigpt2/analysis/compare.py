@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt2.analysis import DEFAULT_MAX_EVAL_TOKENS
+from minigpt2.analysis import DEFAULT_LAYER_TOKENS, DEFAULT_MAX_EVAL_TOKENS
 from minigpt2.analysis.causal import layer_sections, text_changes
 from minigpt2.analysis.runlog import read_records, skipped_note, snapshot_shape
 from minigpt2.checks import MAX_NEW_TOKENS, integer, positive_int
@@ -104,6 +104,42 @@ ENERGY = 0.9  # "rank for 90% energy": singular directions holding this share of
 CHUNK_ELEMENTS = 1 << 22  # float64 entries per chunk: 32 MB, so wte's diff never exists whole
 
 
+def _chunk_sums(rows_a: torch.Tensor, rows_b: torch.Tensor, tall: bool) -> dict:
+    """`tensor_metrics`' running sums over chunks of rows, in float64: |D|'s sum and max, the row
+    cosines' and distances' sums, ||A||² and ||D||², D's count, mean and sum of squared deviations
+    (chunks combined with Chan's formula) and, for a tall matrix, the Gram matrix DᵀD."""
+    n_rows, n_cols = rows_a.shape
+    gram = torch.zeros(n_cols, n_cols, dtype=torch.float64) if tall else None
+    count, mean, m2 = 0, 0.0, 0.0  # running count, mean and sum of squared deviations of D
+    abs_sum = abs_max = cos_sum = dist_sum = sq_a = sq_d = 0.0
+    step = max(1, CHUNK_ELEMENTS // n_cols)
+    for i in range(0, n_rows, step):
+        ca = rows_a[i : i + step].to(torch.float64)  # (r, cols)
+        cb = rows_b[i : i + step].to(torch.float64)
+        cd = ca - cb
+        row_dist = torch.linalg.vector_norm(cd, dim=1)  # (r,)
+        row_a = torch.linalg.vector_norm(ca, dim=1)  # (r,)
+        cosine = row_cosine(ca, cb, row_a, torch.linalg.vector_norm(cb, dim=1))  # (r,)
+        cosine = torch.where(row_dist == 0, torch.ones_like(cosine), cosine.clamp(-1.0, 1.0))
+        cos_sum += cosine.sum().item()
+        dist_sum += row_dist.sum().item()
+        sq_d += (row_dist * row_dist).sum().item()
+        sq_a += (row_a * row_a).sum().item()
+        abs_sum += torch.linalg.vector_norm(cd, ord=1).item()  # sum |d|, without a temporary |D|
+        abs_max = max(abs_max, torch.linalg.vector_norm(cd, ord=math.inf).item())
+        n = cd.numel()
+        var, chunk_mean = (v.item() for v in torch.var_mean(cd, correction=0))
+        delta = chunk_mean - mean
+        m2 += var * n + delta * delta * count * n / (count + n)
+        mean += delta * n / (count + n)
+        count += n
+        if tall:
+            gram += cd.T @ cd  # (cols, cols)
+        del ca, cb, cd
+    return {"count": count, "m2": m2, "abs_sum": abs_sum, "abs_max": abs_max, "cos_sum": cos_sum,
+            "dist_sum": dist_sum, "sq_a": sq_a, "sq_d": sq_d, "gram": gram}  # fmt: skip
+
+
 def tensor_metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, float | int | None]:
     """Every figure for one tensor, A (the reference) against B, in float64.
 
@@ -130,43 +166,16 @@ def tensor_metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, float | int | 
     rows_b = b.detach() if b.dim() == 2 else b.detach().reshape(1, -1)
     n_rows, n_cols = rows_a.shape
     tall = a.dim() == 2 and n_rows >= n_cols
-    gram = torch.zeros(n_cols, n_cols, dtype=torch.float64) if tall else None
-    count, mean, m2 = 0, 0.0, 0.0  # running count, mean and sum of squared deviations of D
-    abs_sum = abs_max = cos_sum = dist_sum = sq_a = sq_d = 0.0
-    step = max(1, CHUNK_ELEMENTS // n_cols)
-    for i in range(0, n_rows, step):
-        ca = rows_a[i : i + step].to(torch.float64)  # (r, cols)
-        cb = rows_b[i : i + step].to(torch.float64)
-        cd = ca - cb
-        row_dist = torch.linalg.vector_norm(cd, dim=1)  # (r,)
-        row_a = torch.linalg.vector_norm(ca, dim=1)  # (r,)
-        cosine = row_cosine(ca, cb, row_a, torch.linalg.vector_norm(cb, dim=1))  # (r,)
-        cosine = torch.where(row_dist == 0, torch.ones_like(cosine), cosine.clamp(-1.0, 1.0))
-        cos_sum += cosine.sum().item()
-        dist_sum += row_dist.sum().item()
-        sq_d += (row_dist * row_dist).sum().item()
-        sq_a += (row_a * row_a).sum().item()
-        abs_sum += torch.linalg.vector_norm(cd, ord=1).item()  # sum |d|, without a temporary |D|
-        abs_max = max(abs_max, torch.linalg.vector_norm(cd, ord=math.inf).item())
-        n = cd.numel()
-        var, chunk_mean = (v.item() for v in torch.var_mean(cd, correction=0))
-        chunk_m2 = var * n
-        delta = chunk_mean - mean
-        m2 += chunk_m2 + delta * delta * count * n / (count + n)
-        mean += delta * n / (count + n)
-        count += n
-        if tall:
-            gram += cd.T @ cd  # (cols, cols)
-        del ca, cb, cd
-
+    sums = _chunk_sums(rows_a, rows_b, tall)
+    count, m2, sq_a, sq_d, gram = sums["count"], sums["m2"], sums["sq_a"], sums["sq_d"], sums["gram"]
     norm_d, norm_a = math.sqrt(sq_d), math.sqrt(sq_a)
     relative = 0.0 if norm_d == 0.0 else (math.inf if norm_a == 0.0 else norm_d / norm_a)
     out: dict[str, float | int | None] = {
-        "mean_abs_diff": abs_sum / count,
-        "max_abs_diff": abs_max,
+        "mean_abs_diff": sums["abs_sum"] / count,
+        "max_abs_diff": sums["abs_max"],
         "std_diff": math.sqrt(m2 / (count - 1)) if count > 1 else 0.0,
-        "mean_row_cosine": cos_sum / n_rows,
-        "mean_row_distance": dist_sum / n_rows,
+        "mean_row_cosine": sums["cos_sum"] / n_rows,
+        "mean_row_distance": sums["dist_sum"] / n_rows,
         "relative_change": relative,
         "norm_a": norm_a,
         "norm_diff": norm_d,
@@ -725,6 +734,31 @@ def _forward_passes(
     return activations, behaviour
 
 
+def resolve_sides(a: str, b: str | None) -> tuple[dict, dict]:
+    """What A and B stand for (see `resolve_side`); with `b` None, `a` is a run compared from its start."""
+    if b is not None:
+        return resolve_side(a), resolve_side(b)
+    if not RunFolder.is_run(a):
+        raise MiniGPT2Error(f"'{a}' is not a training run directory: give two models to compare")
+    start = run_start(RunFolder(a))
+    return {"source": start, "checkpoint": start, "run": None}, resolve_side(a)
+
+
+def side_tokenizers(side_a: dict, side_b: dict, texts, revision, max_eval_tokens: int):
+    """({"A", "B"}: each side's tokenizer, the --text files read and tokenized) where there are prompts
+    or texts (`texts` not None), read first: a bad file fails before minutes of work. Else (None, None),
+    and the tokenizer files a side has are still read: files that are there must be sound."""
+    loaded = {}  # one read where both sides have the same tokenizer files
+    if texts is None:
+        for side in (side_a, side_b):
+            folder = Path(side["checkpoint"])
+            if folder.is_dir() and any((folder / name).exists() for name in TOKENIZER_FILES):
+                side_tokenizer(side["checkpoint"], revision, loaded)
+        return None, None
+    enc = {k: side_tokenizer(side["checkpoint"], revision, loaded) for k, side in (("A", side_a), ("B", side_b))}
+    return enc, prepare_texts(list(texts), enc["A"], enc["B"], max_eval_tokens)
+
+
 def compare(
     a: str,
     b: str | None = None,
@@ -738,6 +772,7 @@ def compare(
     sample_tokens: int = SAMPLE_TOKENS,
     window: int | None = None,
     layers: bool = True,
+    layer_tokens: int | None = DEFAULT_LAYER_TOKENS,
     progress: Progress = None,
 ) -> dict:
     """Compare checkpoint A (the reference, e.g. before fine-tuning) with B (e.g. after).
@@ -762,31 +797,16 @@ def compare(
     Texts are scored by `minigpt2.model.evaluate`'s protocol: the first `max_eval_tokens` tokens, in
     windows of `window` tokens (default: each model's context). `progress` hears of every phase
     (see `Progress`). Per text also where B gained and lost ("changes") and, with `layers`, the
-    transplants and the logit lens ("layer_attribution", "logit_lens": `minigpt2.analysis.causal`).
+    transplants and the logit lens ("layer_attribution", "logit_lens": `minigpt2.analysis.causal`) on
+    its first `layer_tokens` tokens (None: as many as are scored).
     """
     positive_int("max_eval_tokens", max_eval_tokens)  # the evaluation cap, in tokens
     integer("sample_tokens", sample_tokens, low=0, high=MAX_NEW_TOKENS)
-    if b is None:
-        if not RunFolder.is_run(a):
-            raise MiniGPT2Error(f"'{a}' is not a training run directory: give two models to compare")
-        start = run_start(RunFolder(a))
-        side_a = {"source": start, "checkpoint": start, "run": None}
-        side_b = resolve_side(a)
-    else:
-        side_a, side_b = resolve_side(a), resolve_side(b)
+    if layer_tokens is not None:
+        positive_int("layer_tokens", layer_tokens)
+    side_a, side_b = resolve_sides(a, b)
     device = resolve_device(device)
-
-    enc = prepared = None
-    if prompts or texts:  # read the texts first: a bad file should fail before minutes of work
-        loaded = {}  # one read where both sides have the same tokenizer files
-        enc = {k: side_tokenizer(side["checkpoint"], revision, loaded) for k, side in (("A", side_a), ("B", side_b))}
-        prepared = prepare_texts(list(texts), enc["A"], enc["B"], max_eval_tokens)
-    else:  # weights only: no tokenizer is needed, but files that are there must be sound, never silently bad
-        loaded = {}
-        for side in (side_a, side_b):
-            folder = Path(side["checkpoint"])
-            if folder.is_dir() and any((folder / name).exists() for name in TOKENIZER_FILES):
-                side_tokenizer(side["checkpoint"], revision, loaded)
+    enc, prepared = side_tokenizers(side_a, side_b, texts if (prompts or texts) else None, revision, max_eval_tokens)
     weights = compare_weights(side_a["checkpoint"], side_b["checkpoint"], revision=revision, progress=progress)
     # A LoRA run's checkpoint has adapter/ beside its merged weights: mark the adapted tensors.
     names = [t["name"] for t in weights["tensors"]]
@@ -799,10 +819,10 @@ def compare(
             sides, enc, prompts, prepared, device, revision, quantize, window, progress, sample_tokens
         )
     if layers and prepared:  # which units carry the change, at which depth (causal.layer_sections)
-        for text, found in zip(behaviour, layer_sections(side_a["checkpoint"], side_b["checkpoint"], prepared, enc,
-                                                          window=window, device=device, revision=revision,
-                                                          progress=progress)):  # fmt: skip
-            text.update(found)
+        found = layer_sections(side_a["checkpoint"], side_b["checkpoint"], prepared, enc, window=window, device=device,
+                               revision=revision, max_tokens=layer_tokens, progress=progress)  # fmt: skip
+        for text, sections in zip(behaviour, found):
+            text.update(sections)
 
     return {
         "a": side_a,

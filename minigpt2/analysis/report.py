@@ -285,7 +285,7 @@ def layer_sections(t: dict, n_layer: int) -> list[str]:
         base = t["transplant_base"]
         out += [
             f"== Which units carry the change on {name}: transplants, 2 x ({n_layer} + 2) = "
-            f"{2 * (n_layer + 2)} evaluations ==",
+            f"{2 * (n_layer + 2)} evaluations{_of_tokens(t)} ==",
             f"   the whole change: bpc {num(base['a'])} (A) -> {num(base['b'])} (B), {base['b'] - base['a']:+.4f}. "
             "alone: what A gains with B's unit, as a share of the whole change; needed: what B loses with A's "
             "unit put back. Over 100%: more than the whole change does (the other units undo part of it); below 0: "
@@ -303,6 +303,13 @@ def layer_sections(t: dict, n_layer: int) -> list[str]:
     if t.get("changes"):
         out += passage_lines(name, t["changes"]["passages"])
     return out
+
+
+def _of_tokens(t: dict) -> str:
+    """ " of its first 1,024 tokens" where the sections read less of the text than its scores did."""
+    cap = t.get("layer_tokens")
+    scored = (t.get("a") or {}).get("tokens") or 0  # what the behaviour table scored, in A's tokens
+    return f" of its first {cap:,} tokens" if cap is not None and cap < scored else ""
 
 
 def passage_lines(name: str, found: dict) -> list[str]:
