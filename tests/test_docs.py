@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from checkpoints import populate_hub_cache, random_hf_model
-from clis import ROOT, offline_env
+from clis import ROOT, offline_env, run_script
 
 from minigpt2.io.tokenizer import GPT2_DIR
 
@@ -35,12 +35,15 @@ TEST_DATA = ROOT / "tests" / "data"
 # ```python blocks that are excerpts of the package's source, not programs: each must appear in
 # that file verbatim (so it cannot go stale), which is what this test checks of them.
 EXCERPTS = {"docs/training-options.md": ROOT / "minigpt2" / "training" / "options.py"}
+# A page whose ```python blocks are one program, run in order (test_comparing_python_blocks_run).
+RUN_TOGETHER = "docs/comparing.md"
 
 # Lines of ```bash blocks that are not run, with the reason.
 NOT_RUN = {
     "python -m venv": "makes a virtual environment: CI runs the quick start so (.ci/quickstart)",
     "pip install": "installs packages (needs the network): CI's .ci/quickstart runs it",
     "ruff check": "the lint, run by CI itself",
+    "lint-imports": "the import contracts, run by CI itself",
     "python -m pytest": "the test suite itself",
     "torchrun": "several processes on GPUs (tests/test_distributed.py runs torchrun on CPU)",
     "hf:": "a Hugging Face dataset download (tests/test_formats.py reads a dataset folder offline)",
@@ -166,9 +169,31 @@ print("claims hold")
     assert "claims hold" in result.stdout
 
 
+def test_comparing_python_blocks_run(docs_hub, workdir):
+    """docs/comparing.md's blocks, one program in order, on a run of the tiny GPT-2 (`runs/zh`)."""
+    blocks = [text for path, _, text in fenced_blocks("python") if path == RUN_TOGETHER]
+    assert len(blocks) >= 2
+    env = run_env(docs_hub, workdir)
+    shutil.rmtree(workdir / "runs" / "zh", ignore_errors=True)
+    trained = run_script("train.py", "--data", workdir / "my-novel.txt", "--out", workdir / "runs" / "zh",
+                         *TRAIN_STEPS, env=env, timeout=300)  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    claims = """
+assert [r["unit"] for r in rows] == ["embedding", *(f"h.{i}" for i in range(8)), "ln_f"]
+assert len(lens_a) == len(lens_b) == 9 and seen["h.7.mlp"].shape == (1, ids.shape[1], b.config.n_embd)
+print("claims hold")
+"""
+    program = workdir / "comparing_blocks.py"
+    program.write_text("\n".join(blocks) + claims, encoding="utf-8")
+    result = subprocess.run([sys.executable, program.name], cwd=workdir, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "claims hold" in result.stdout
+
+
 def test_python_excerpts_are_in_the_source():
     for path, line, text in fenced_blocks("python"):
-        if path == "README.md":
+        if path in ("README.md", RUN_TOGETHER):
             continue
         assert path in EXCERPTS, f"{path}:{line}: a ```python block that is neither run nor a listed excerpt"
 
