@@ -8,7 +8,6 @@ fork of a Python that imported torch already (tests/zygote.py), else as a plain 
 
 import atexit
 import contextlib
-import gc
 import importlib.util
 import io
 import os
@@ -168,8 +167,6 @@ def call_main(script: str, *args, env=None, cwd=ROOT) -> subprocess.CompletedPro
         except Exception:
             traceback.print_exc(file=err)
             code = 1
-        if code and script == "train.py":  # a failed run's lock on its folder goes, as it does when its process ends
-            gc.collect()
     return subprocess.CompletedProcess(
         [sys.executable, str(ROOT / script), *argv], code or 0, out.getvalue(), err.getvalue()
     )
