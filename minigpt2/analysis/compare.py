@@ -815,28 +815,16 @@ def compare(
     runs = [run_record(side, info["run"], revision, progress) for side, info in sides.items() if info["run"]]
     activations, behaviour = [], []
     if enc is not None:
-        activations, behaviour = _forward_passes(
-            sides, enc, prompts, prepared, device, revision, quantize, window, progress, sample_tokens
-        )
+        activations, behaviour = _forward_passes(sides, enc, prompts, prepared, device, revision, quantize, window,
+                                                 progress, sample_tokens)  # fmt: skip
     if layers and prepared:  # which units carry the change, at which depth (causal.layer_sections)
         found = layer_sections(side_a["checkpoint"], side_b["checkpoint"], prepared, enc, window=window, device=device,
                                revision=revision, max_tokens=layer_tokens, progress=progress)  # fmt: skip
         for text, sections in zip(behaviour, found):
             text.update(sections)
-
-    return {
-        "a": side_a,
-        "b": side_b,
-        "orientation": ORIENTATION,
-        "config": weights.pop("config"),
-        "weights": weights,
-        "activations": activations,
-        "behaviour": behaviour,
-        "max_eval_tokens": max_eval_tokens,
-        "runs": runs,
-        "sample_tokens": sample_tokens,
-        "sample_seed": SAMPLE_SEED,
-    }
+    return {"a": side_a, "b": side_b, "orientation": ORIENTATION, "config": weights.pop("config"), "weights": weights,
+            "activations": activations, "behaviour": behaviour, "max_eval_tokens": max_eval_tokens, "runs": runs,
+            "sample_tokens": sample_tokens, "sample_seed": SAMPLE_SEED}  # fmt: skip
 
 
 def compare_many(
