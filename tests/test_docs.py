@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from checkpoints import populate_hub_cache, random_hf_model
-from clis import ROOT, offline_env, run_script
+from clis import ROOT, offline_env, run_script, zygote_python
 
 from minigpt2.io.tokenizer import GPT2_DIR
 
@@ -244,7 +244,12 @@ def bash_commands() -> list[tuple[str, str]]:
 
 @pytest.mark.slow
 def test_bash_blocks_run(docs_hub, workdir):
-    """Each command in order (a later one reads the runs an earlier one made), exit status 0."""
+    """Each command in order (a later one reads the runs an earlier one made), exit status 0.
+    `python` is the tests' stand-in (tests/zygote.py): each command runs in a fork of a Python that
+    imported torch once, as `python SCRIPT ...` would (25 fresh interpreters took minutes)."""
+    python = workdir / ".bin" / "python"
+    python.unlink()
+    python.symlink_to(zygote_python())
     env = run_env(docs_hub, workdir)
     ran = []
     for where, command in bash_commands():

@@ -45,14 +45,15 @@ from pathlib import Path
 # imported, or the run does what the fresh interpreter would have done with it (the standard
 # streams' encoding and buffering, PYTHONPATH's folders, OMP_NUM_THREADS's torch.set_num_threads).
 # The Hugging Face cache and offline mode, minigpt2's own variables, pytest's name of the test, what
-# torchrun gives its ranks, what a shell sets (_, SHLVL, PWD) and gpu.sh's own (PYTHON, GPU_RESULTS),
+# torchrun gives its ranks, what a shell sets (_, SHLVL, PWD), PATH (read when a run starts a program,
+# and a fork's os.environ is the run's) and gpu.sh's own (PYTHON, GPU_RESULTS),
 # and inductor's own (torch._dynamo's import sets its cache folder, and compiling sets private ones,
 # in the tests' process too; inductor reads them when it compiles or loads what it compiled).
 PER_RUN = re.compile(
     r"(HF_|HUGGINGFACE_|MINIGPT2_|TIKTOKEN_|TORCHELASTIC_|TMPDIR$|HOME$|PYTEST_CURRENT_TEST$|PYTHONIOENCODING$|PYTHONPATH$"
     r"|PYTHONUNBUFFERED$|OMP_NUM_THREADS$|(LOCAL_|GROUP_|ROLE_)?RANK$|(LOCAL_|GROUP_|ROLE_)?WORLD_SIZE$|ROLE_NAME$"
     r"|MASTER_ADDR$|MASTER_PORT$|TORCH_NCCL_ASYNC_ERROR_HANDLING$|TORCHINDUCTOR_CACHE_DIR$|_TORCHINDUCTOR_"
-    r"|PYTHON$|GPU_RESULTS$|_$|SHLVL$|PWD$|OLDPWD$)"
+    r"|PYTHON$|GPU_RESULTS$|_$|SHLVL$|PWD$|OLDPWD$|PATH$)"
 )
 
 
