@@ -78,6 +78,10 @@ def setup(test_data, tmp_path_factory):
         "1",
         "--device",
         "cpu",
+        # float32 everywhere: where the CPU computes bfloat16 natively (AVX512-BF16, AMX), --dtype auto
+        # trains in bfloat16 autocast, whose rounding differs between 1 rank and 2 far beyond 1e-5
+        "--dtype",
+        "float32",
     ]
     env = offline_env(OMP_NUM_THREADS="1")
     return root, common, env

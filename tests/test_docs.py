@@ -51,6 +51,7 @@ NOT_RUN = {
     "compare.py base ": "`base`, runs/full, runs/lora4/8 stand for the benchmark's models: the same command on "
     "real runs runs here as `compare.py gpt2 runs/zh runs/zh-lora`",
     "train.py ...": "an elided command line (the torchrun example's second machine)",
+    "DIR/": "a template over bench_recipes.py's output folder (DIR, RECIPE): docs/recipes.md's own runs",
 }
 
 # The one change made to a command: train.py's defaults train 500 steps, and --resume --steps 1000
