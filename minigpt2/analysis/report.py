@@ -648,11 +648,19 @@ def cjk_font(folders: tuple[str, ...] = FONT_FOLDERS) -> str | None:
             return f.name
     known = {f.fname for f in fonts}
     for folder in folders:
-        for path in sorted(Path(folder).expanduser().glob("**/*"))[:5000] if Path(folder).expanduser().is_dir() else []:
+        found = sorted(Path(folder).expanduser().glob("**/*"))[:5000] if Path(folder).expanduser().is_dir() else []
+        for path in sorted(found, key=_regular_first):  # a Bold file first made matplotlib warn at each label
             if path.suffix.lower() in (".ttf", ".otf", ".ttc") and str(path) not in known and draws_chinese(path):
                 font_manager.fontManager.addfont(str(path))
                 return font_manager.FontProperties(fname=str(path)).get_name()
     return None
+
+
+def _regular_first(path: Path) -> tuple[int, str]:
+    """Font files in the order to try them: a regular weight first (NotoSansCJK-Regular before -Bold)."""
+    name = path.stem.lower()
+    weighted = any(w in name for w in ("bold", "black", "heavy", "light", "thin", "medium", "semi", "demi"))
+    return (0 if "regular" in name else 2 if weighted else 1, str(path))
 
 
 def cjk_fallback(matplotlib, font: str | None):
