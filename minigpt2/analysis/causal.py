@@ -48,10 +48,13 @@ from torch import nn
 
 from minigpt2.errors import CheckpointError
 from minigpt2.io.weights import empty_model
-from minigpt2.model.evaluate import Score, char_counts, score_text, text_stream
+from minigpt2.model.evaluate import Score, char_counts, same_text_stream, score_text, text_stream
 from minigpt2.model.snapshots import official_tensors
 
-Progress = Callable[[str, int, int, str], None] | None  # (task, done, total, unit), as compare's
+Progress = Callable[[str, int, int, str], None] | None
+"""`progress(task, done, total, unit)`: told when a phase starts (done = 0) and as it goes on, so
+that a script can show what is being done and how far it is (compare's phases too). The package
+never prints."""
 
 
 def units(n_layer: int) -> list[str]:
@@ -380,7 +383,7 @@ def first_tokens(stream_a: list[int], stream_b: list[int], enc: dict, max_tokens
     cut = stream_a[: max_tokens + 1]
     if stream_b is stream_a or enc["B"] is enc["A"]:
         return cut, cut
-    return cut, [enc["B"].eot_token, *enc["B"].encode_ordinary(enc["A"].decode(cut[1:]).rstrip("\ufffd"))]
+    return cut, same_text_stream(cut[1:], enc["A"], enc["B"])
 
 
 def where_changed(model_a, model_b, text: str, enc_a, enc_b=None, *, max_tokens=None, window=None, device="cpu"):

@@ -47,13 +47,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from minigpt2.analysis import DEFAULT_LAYER_TOKENS, DEFAULT_MAX_EVAL_TOKENS
-from minigpt2.analysis.causal import layer_sections, text_changes
+from minigpt2.analysis.causal import Progress, layer_sections, text_changes
 from minigpt2.analysis.runlog import read_records, skipped_note, snapshot_shape
 from minigpt2.checks import MAX_NEW_TOKENS, integer, positive_int
 from minigpt2.device import resolve_device
@@ -85,6 +84,7 @@ from minigpt2.model.evaluate import (
     char_counts,
     check_enough_text,
     count_characters,
+    same_text_stream,
     score_text,
     text_stream,
 )
@@ -494,7 +494,7 @@ def prepare_texts(paths: list[str], enc_a, enc_b, max_tokens: int) -> list[dict]
         stream, total = text_stream(enc_a, text, max_tokens)
         ids = stream[1:]
         check_enough_text(f"text file '{path}'", text, len(ids) if total is None else total)
-        stream_b = stream if same else [enc_b.eot_token, *enc_b.encode_ordinary(enc_a.decode(ids).rstrip("\ufffd"))]
+        stream_b = stream if same else same_text_stream(ids, enc_a, enc_b)
         texts.append(
             {
                 "file": str(path),
@@ -653,11 +653,6 @@ def run_record(side: str, path: str, revision: str | None, progress: Progress = 
               "note": skipped_note(SNAPSHOTS, skipped), "snapshots_asked": (run.path / SNAPSHOTS).exists()}  # fmt: skip
     _tell(progress, f"reading the snapshots of {path}", 1, 1)
     return record
-
-
-Progress = Callable[[str, int, int, str], None] | None
-"""`progress(task, done, total, unit)`: told when a phase starts (done = 0) and as it goes on, so
-that a script can show what is being done and how far it is. The package never prints."""
 
 
 def _tell(progress: Progress, task: str, done: int, total: int, unit: str = "") -> None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from minigpt2.errors import CheckpointError
 from minigpt2.files import read_json_object, write_atomically
+from minigpt2.io.runs import CONFIG, WEIGHTS
 from minigpt2.model.lora import adapter_state, lora_settings, trainable_tokens
 
 ADAPTER_DIR = "adapter"  # inside a LoRA run's checkpoint folder
@@ -140,7 +141,7 @@ def adapted_tensors(checkpoint: str | os.PathLike, names: Sequence[str]) -> dict
 def is_adapter_folder(path: str | os.PathLike) -> bool:
     """A folder holding a PEFT LoRA adapter and no model.safetensors of its own."""
     path = Path(path)
-    return path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "model.safetensors").exists()
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / WEIGHTS).exists()
 
 
 def base_reference(base: str | os.PathLike | None, adapter_dir: Path, run_root: Path) -> str | None:
@@ -160,13 +161,14 @@ def base_reference(base: str | os.PathLike | None, adapter_dir: Path, run_root: 
 def merged_checkpoint(adapter_dir: str | os.PathLike) -> Path | None:
     """The checkpoint folder a run's `adapter/` belongs to, when it holds the merged model beside it."""
     parent = Path(adapter_dir).resolve().parent
-    return parent if (parent / "model.safetensors").is_file() and (parent / "config.json").is_file() else None
+    return parent if (parent / WEIGHTS).is_file() and (parent / CONFIG).is_file() else None
 
 
-def adapter_base(adapter_dir: str | os.PathLike) -> tuple[str, dict]:
-    """(the base model source, the adapter's config): a relative base resolved from the adapter folder."""
+def adapter_base(adapter_dir: str | os.PathLike, config: dict | None = None) -> tuple[str, dict]:
+    """(the base model source, the adapter's config): a relative base resolved from the adapter folder.
+    `config`: the adapter's config already read (`read_adapter_config`), else it is read here."""
     adapter_dir = Path(adapter_dir)
-    config = read_adapter_config(adapter_dir)
+    config = read_adapter_config(adapter_dir) if config is None else config
     base = config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         beside = merged_checkpoint(adapter_dir)

@@ -405,7 +405,7 @@ def read_adapted(adapter_dir: Path, device: torch.device, dtype: torch.dtype, re
     config = read_adapter_config(adapter_dir)
     if beside is not None and not config.get("base_model_name_or_path"):  # a random start: the merged model
         return read_model(*checkpoint_files(beside), device, dtype)
-    base, config = adapter_base(adapter_dir)
+    base, config = adapter_base(adapter_dir, config)
     try:
         model = read_model(*checkpoint_files(base, revision), device, torch.float32)
     except CheckpointError as e:

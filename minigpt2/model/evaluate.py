@@ -161,6 +161,12 @@ def text_stream(enc, text: str, max_tokens: int | None = None) -> tuple[list[int
     return [enc.eot_token, *(ids if max_tokens is None else ids[:max_tokens])], len(ids)
 
 
+def same_text_stream(ids: list[int], enc, other) -> list[int]:
+    """The scoring stream, in `other`'s tokens, of the characters `enc`'s token ids spell (an EOT
+    first): two tokenizers scored on the same stretch of text. A trailing partial character is dropped."""
+    return [other.eot_token, *other.encode_ordinary(enc.decode(ids).rstrip("\ufffd"))]
+
+
 def spans(stream_len: int, window: int, max_tokens: int | None = None) -> list[Span]:
     """The protocol's windows over a stream of `stream_len` tokens (EOT first): consecutive,
     non-overlapping, from the start, predicting the first `max_tokens` tokens after the EOT (all
